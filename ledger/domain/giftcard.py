@@ -1,0 +1,452 @@
+"""The gift card aggregate: the rules of a native VTEX gift card, and nothing else.
+
+One verb per VTEX operation (``issue``, ``credit``, ``debit``, ``settle``,
+``cancel``), one event per fact (``Issued``, ``Credited``, ``Debited``,
+``Settled``, ``Cancelled``), one guard per rule. Guards live in the plain
+command methods, because the bodies of ``@event`` methods run again on every
+replay and must only apply facts that were already decided.
+
+Money is in integer minor units of the card's currency. Every transaction's
+value is first *held*: a settlement captures part of what is held, a
+cancellation first releases what is held and then refunds what was captured.
+So for every transaction ``settled + released <= value`` and
+``refunded <= settled``. A Debit lowers the available balance at once, a
+Credit raises it at once; cancelling either undoes that part of it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import msgspec
+from eventsourcing.domain import Aggregate, event
+
+from ledger.domain import errors
+from ledger.money import AMOUNT_MINOR_MAX, exponent_of
+
+CREDIT = "Credit"
+DEBIT = "Debit"
+OPERATIONS = (CREDIT, DEBIT)
+
+
+class Client(msgspec.Struct, frozen=True):
+    """Whoever a request names as the shopper; any of these may identify a card's owner."""
+
+    id: str | None = None
+    email: str | None = None
+    document: str | None = None
+    corporate_document: str | None = None
+
+    def identifiers(self) -> set[str]:
+        return {v for v in (self.id, self.email, self.document, self.corporate_document) if v}
+
+
+class Operation(msgspec.Struct):
+    """A settlement or cancellation of a transaction (VTEX's ``{oid, value, date}``)."""
+
+    oid: str
+    value: int
+    date: str
+    request_id: str
+
+
+class Transaction(msgspec.Struct):
+    id: str
+    operation: str
+    value: int
+    description: str
+    request_id: str
+    date: str
+    order_info: dict[str, Any] | None = None
+    settled: int = 0
+    released: int = 0
+    refunded: int = 0
+    settlements: list[Operation] = msgspec.field(default_factory=list)
+    cancellations: list[Operation] = msgspec.field(default_factory=list)
+
+    @property
+    def held(self) -> int:
+        return self.value - self.settled - self.released
+
+    @property
+    def cancelled(self) -> int:
+        return self.released + self.refunded
+
+    @property
+    def cancellable(self) -> int:
+        return self.held + self.settled - self.refunded
+
+    @property
+    def in_force(self) -> bool:
+        """Still moves money: not wholly cancelled."""
+        return self.cancelled < self.value
+
+
+class IdempotencyRecord(msgspec.Struct, frozen=True):
+    """What a requestId was first used for, so that a retry gets the same answer."""
+
+    fingerprint: str
+    transaction_id: str
+    oid: str | None = None
+
+
+def _fingerprint(*parts: object) -> str:
+    return "|".join(str(p) for p in parts)
+
+
+def _after_datetime(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+class GiftCard(Aggregate):
+    # ---- issue -------------------------------------------------------------
+
+    @classmethod
+    def issue(
+        cls,
+        *,
+        relation_name: str,
+        caption: str,
+        profile_id: str,
+        currency: str,
+        emission_date: datetime,
+        expiring_date: datetime,
+        restricted_to_owner: bool,
+        multiple_credits: bool,
+        multiple_redemptions: bool,
+        code_tail: str,
+        issued_at: datetime,
+    ) -> GiftCard:
+        exponent_of(currency)  # refuses an unknown currency
+        cls.check_text("relationName", relation_name)
+        cls.check_text("caption", caption)
+        cls.check_text("profileId", profile_id)
+        cls.check_validity_window(emission_date, expiring_date)
+        return cls(
+            relation_name=relation_name,
+            caption=caption,
+            profile_id=profile_id,
+            currency=currency,
+            emission_date=emission_date.isoformat(),
+            expiring_date=expiring_date.isoformat(),
+            restricted_to_owner=restricted_to_owner,
+            multiple_credits=multiple_credits,
+            multiple_redemptions=multiple_redemptions,
+            code_tail=code_tail,
+            issued_at=issued_at.isoformat(),
+        )
+
+    @event("Issued")
+    def __init__(
+        self,
+        *,
+        relation_name: str,
+        caption: str,
+        profile_id: str,
+        currency: str,
+        emission_date: str,
+        expiring_date: str,
+        restricted_to_owner: bool,
+        multiple_credits: bool,
+        multiple_redemptions: bool,
+        code_tail: str,
+        issued_at: str,
+    ) -> None:
+        self.relation_name = relation_name
+        self.caption = caption
+        self.profile_id = profile_id
+        self.currency = currency
+        self.emission_date = _after_datetime(emission_date)
+        self.expiring_date = _after_datetime(expiring_date)
+        self.restricted_to_owner = restricted_to_owner
+        self.multiple_credits = multiple_credits
+        self.multiple_redemptions = multiple_redemptions
+        self.code_tail = code_tail
+        self.issued_at = _after_datetime(issued_at)
+        self.balance = 0
+        self.transactions: dict[str, Transaction] = {}
+        self.request_ids: dict[str, IdempotencyRecord] = {}
+
+    # ---- transactions ------------------------------------------------------
+
+    def credit(
+        self,
+        *,
+        transaction_id: str,
+        value: int,
+        description: str,
+        request_id: str,
+        order_info: dict[str, Any] | None,
+        now: datetime,
+    ) -> Transaction:
+        replayed = self.replayed_transaction(request_id, CREDIT, value)
+        if replayed is not None:
+            return replayed
+        self.check_positive(value)
+        self.check_not_expired(now)
+        self.check_credit_allowed()
+        self.check_balance_limit(value)
+        self._credited(
+            transaction_id=transaction_id,
+            value=value,
+            description=description,
+            request_id=request_id,
+            order_info=order_info,
+            date=now.isoformat(),
+        )
+        return self.transactions[transaction_id]
+
+    def debit(
+        self,
+        *,
+        transaction_id: str,
+        value: int,
+        description: str,
+        request_id: str,
+        order_info: dict[str, Any] | None,
+        client: Client | None,
+        now: datetime,
+    ) -> Transaction:
+        replayed = self.replayed_transaction(request_id, DEBIT, value)
+        if replayed is not None:
+            return replayed
+        self.check_positive(value)
+        self.check_within_validity(now)
+        self.check_owner(client)
+        self.check_redemption_allowed()
+        self.check_sufficient_funds(value)
+        self._debited(
+            transaction_id=transaction_id,
+            value=value,
+            description=description,
+            request_id=request_id,
+            order_info=order_info,
+            date=now.isoformat(),
+        )
+        return self.transactions[transaction_id]
+
+    @event("Credited")
+    def _credited(
+        self, *, transaction_id: str, value: int, description: str, request_id: str, order_info: Any, date: str
+    ) -> None:
+        self._record_transaction(CREDIT, transaction_id, value, description, request_id, order_info, date)
+        self.balance += value
+
+    @event("Debited")
+    def _debited(
+        self, *, transaction_id: str, value: int, description: str, request_id: str, order_info: Any, date: str
+    ) -> None:
+        self._record_transaction(DEBIT, transaction_id, value, description, request_id, order_info, date)
+        self.balance -= value
+
+    def _record_transaction(
+        self, operation: str, transaction_id: str, value: int, description: str, request_id: str, order_info: Any, date: str
+    ) -> None:
+        self.transactions[transaction_id] = Transaction(
+            id=transaction_id,
+            operation=operation,
+            value=value,
+            description=description,
+            request_id=request_id,
+            date=date,
+            order_info=order_info,
+        )
+        self.request_ids[transaction_key(request_id)] = IdempotencyRecord(
+            fingerprint=_fingerprint(operation, value), transaction_id=transaction_id
+        )
+
+    # ---- settlements and cancellations --------------------------------------
+
+    def settle(self, *, transaction_id: str, oid: str, value: int, request_id: str, now: datetime) -> Operation:
+        transaction = self.transaction(transaction_id)
+        replayed = self.replayed_operation(
+            settlement_key(transaction_id, request_id), request_id, value, transaction.settlements
+        )
+        if replayed is not None:
+            return replayed
+        self.check_positive(value)
+        self.check_settlement_within_held(transaction, value)
+        self._settled(transaction_id=transaction_id, oid=oid, value=value, request_id=request_id, date=now.isoformat())
+        return transaction.settlements[-1]
+
+    def cancel(self, *, transaction_id: str, oid: str, value: int, request_id: str, now: datetime) -> Operation:
+        transaction = self.transaction(transaction_id)
+        replayed = self.replayed_operation(
+            cancellation_key(transaction_id, request_id), request_id, value, transaction.cancellations
+        )
+        if replayed is not None:
+            return replayed
+        self.check_positive(value)
+        self.check_cancellation_within_cancellable(transaction, value)
+        if transaction.operation == CREDIT:
+            self.check_sufficient_funds(value)
+        else:
+            self.check_balance_limit(value)
+        released = min(value, transaction.held)
+        self._cancelled(
+            transaction_id=transaction_id,
+            oid=oid,
+            value=value,
+            released=released,
+            refunded=value - released,
+            request_id=request_id,
+            date=now.isoformat(),
+        )
+        return transaction.cancellations[-1]
+
+    @event("Settled")
+    def _settled(self, *, transaction_id: str, oid: str, value: int, request_id: str, date: str) -> None:
+        transaction = self.transactions[transaction_id]
+        transaction.settled += value
+        transaction.settlements.append(Operation(oid=oid, value=value, date=date, request_id=request_id))
+        self.request_ids[settlement_key(transaction_id, request_id)] = IdempotencyRecord(
+            fingerprint=_fingerprint(value), transaction_id=transaction_id, oid=oid
+        )
+
+    @event("Cancelled")
+    def _cancelled(
+        self,
+        *,
+        transaction_id: str,
+        oid: str,
+        value: int,
+        released: int,
+        refunded: int,
+        request_id: str,
+        date: str,
+    ) -> None:
+        transaction = self.transactions[transaction_id]
+        transaction.released += released
+        transaction.refunded += refunded
+        transaction.cancellations.append(Operation(oid=oid, value=value, date=date, request_id=request_id))
+        self.balance += value if transaction.operation == DEBIT else -value
+        self.request_ids[cancellation_key(transaction_id, request_id)] = IdempotencyRecord(
+            fingerprint=_fingerprint(value), transaction_id=transaction_id, oid=oid
+        )
+
+    # ---- queries -----------------------------------------------------------
+
+    def transaction(self, transaction_id: str) -> Transaction:
+        try:
+            return self.transactions[transaction_id]
+        except KeyError:
+            raise errors.TransactionNotFound(f"transaction {transaction_id!r} not found on card {self.id}") from None
+
+    def is_expired(self, now: datetime) -> bool:
+        return now > self.expiring_date
+
+    def is_usable(self, now: datetime) -> bool:
+        """What ``_search`` offers a shopper: valid now and with money on it."""
+        return self.balance > 0 and self.emission_date <= now <= self.expiring_date
+
+    def is_owned_by(self, client: Client) -> bool:
+        return self.profile_id in client.identifiers()
+
+    # ---- idempotency -------------------------------------------------------
+
+    def replayed_transaction(self, request_id: str, operation: str, value: int) -> Transaction | None:
+        self.check_text("requestId", request_id)
+        record = self.request_ids.get(transaction_key(request_id))
+        if record is None:
+            return None
+        self.check_same_request(record, _fingerprint(operation, value), request_id)
+        return self.transactions[record.transaction_id]
+
+    def replayed_operation(
+        self, key: str, request_id: str, value: int, operations: list[Operation]
+    ) -> Operation | None:
+        self.check_text("requestId", request_id)
+        record = self.request_ids.get(key)
+        if record is None:
+            return None
+        self.check_same_request(record, _fingerprint(value), request_id)
+        return next(op for op in operations if op.oid == record.oid)
+
+    # ---- guards: one per rule ------------------------------------------------
+
+    @staticmethod
+    def check_text(field: str, value: str) -> None:
+        if not value or not value.strip():
+            raise errors.InvalidRequest(f"{field} must be a non-empty string")
+
+    @staticmethod
+    def check_validity_window(emission_date: datetime, expiring_date: datetime) -> None:
+        if emission_date.tzinfo is None or expiring_date.tzinfo is None:
+            raise errors.InvalidCard("emissionDate and expiringDate must carry a time zone")
+        if expiring_date <= emission_date:
+            raise errors.InvalidCard("expiringDate must be later than emissionDate")
+
+    @staticmethod
+    def check_positive(value: int) -> None:
+        if value <= 0:
+            raise errors.InvalidAmount(f"value must be greater than zero, got {value} minor units")
+        if value > AMOUNT_MINOR_MAX:
+            raise errors.InvalidAmount("value exceeds the largest amount a card may hold")
+
+    @staticmethod
+    def check_same_request(record: IdempotencyRecord, fingerprint: str, request_id: str) -> None:
+        if record.fingerprint != fingerprint:
+            raise errors.RequestIdReused(
+                f"requestId {request_id!r} was already used on this card for a different request"
+            )
+
+    def check_not_expired(self, now: datetime) -> None:
+        if self.is_expired(now):
+            raise errors.CardExpired(f"card {self.id} expired at {self.expiring_date.isoformat()}")
+
+    def check_within_validity(self, now: datetime) -> None:
+        self.check_not_expired(now)
+        if now < self.emission_date:
+            raise errors.CardNotYetValid(f"card {self.id} is valid from {self.emission_date.isoformat()}")
+
+    def check_credit_allowed(self) -> None:
+        if not self.multiple_credits and any(t.operation == CREDIT and t.in_force for t in self.transactions.values()):
+            raise errors.CreditNotAllowed(f"card {self.id} does not accept multiple credits")
+
+    def check_redemption_allowed(self) -> None:
+        if not self.multiple_redemptions and any(
+            t.operation == DEBIT and t.in_force for t in self.transactions.values()
+        ):
+            raise errors.RedemptionNotAllowed(f"card {self.id} does not allow multiple redemptions")
+
+    def check_owner(self, client: Client | None) -> None:
+        if self.restricted_to_owner and client is not None and client.identifiers() and not self.is_owned_by(client):
+            raise errors.NotOwner(f"card {self.id} is restricted to its owner")
+
+    def check_sufficient_funds(self, value: int) -> None:
+        if value > self.balance:
+            raise errors.InsufficientFunds(
+                f"card {self.id} has {self.balance} minor units available, {value} requested"
+            )
+
+    def check_balance_limit(self, value: int) -> None:
+        if self.balance + value > AMOUNT_MINOR_MAX:
+            raise errors.BalanceLimitExceeded(f"card {self.id} cannot hold more than {AMOUNT_MINOR_MAX} minor units")
+
+    @staticmethod
+    def check_settlement_within_held(transaction: Transaction, value: int) -> None:
+        if value > transaction.held:
+            raise errors.OverSettlement(
+                f"transaction {transaction.id} holds {transaction.held} minor units, cannot settle {value}"
+            )
+
+    @staticmethod
+    def check_cancellation_within_cancellable(transaction: Transaction, value: int) -> None:
+        if value > transaction.cancellable:
+            raise errors.OverCancellation(
+                f"transaction {transaction.id} has {transaction.cancellable} minor units left to cancel, "
+                f"cannot cancel {value}"
+            )
+
+
+def transaction_key(request_id: str) -> str:
+    return f"transaction:{request_id}"
+
+
+def settlement_key(transaction_id: str, request_id: str) -> str:
+    return f"settlement:{transaction_id}:{request_id}"
+
+
+def cancellation_key(transaction_id: str, request_id: str) -> str:
+    return f"cancellation:{transaction_id}:{request_id}"

@@ -1,0 +1,272 @@
+"""The gift card's rules, on the aggregate alone: no database, no I/O."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from ledger.domain import errors
+from ledger.domain.codes import CODE_ENTROPY_BITS, hash_code, mask_code, new_redemption_code, visible_tail
+from ledger.domain.giftcard import Client, GiftCard
+from ledger.domain.snapshot import restore_snapshot, take_snapshot
+
+NOW = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
+
+
+def new_card(**overrides) -> GiftCard:
+    fields = dict(
+        relation_name="rel-1",
+        caption="Loyalty",
+        profile_id="owner@example.com",
+        currency="USD",
+        emission_date=NOW,
+        expiring_date=NOW + timedelta(days=30),
+        restricted_to_owner=False,
+        multiple_credits=True,
+        multiple_redemptions=True,
+        code_tail="WXYZ",
+        issued_at=NOW,
+    )
+    fields.update(overrides)
+    return GiftCard.issue(**fields)
+
+
+_counter = iter(range(1, 10**9))
+
+
+def credit(card: GiftCard, value: int, request_id: str | None = None, now: datetime = NOW):
+    return card.credit(
+        transaction_id=f"t{next(_counter)}",
+        value=value,
+        description="load",
+        request_id=request_id or f"r{next(_counter)}",
+        order_info=None,
+        now=now,
+    )
+
+
+def debit(card: GiftCard, value: int, request_id: str | None = None, now: datetime = NOW, client: Client | None = None):
+    return card.debit(
+        transaction_id=f"t{next(_counter)}",
+        value=value,
+        description="order",
+        request_id=request_id or f"r{next(_counter)}",
+        order_info=None,
+        client=client,
+        now=now,
+    )
+
+
+def settle(card, tx, value, request_id=None):
+    return card.settle(transaction_id=tx.id, oid=f"o{next(_counter)}", value=value, request_id=request_id or "s", now=NOW)
+
+
+def cancel(card, tx, value, request_id=None):
+    return card.cancel(
+        transaction_id=tx.id, oid=f"o{next(_counter)}", value=value, request_id=request_id or f"c{next(_counter)}", now=NOW
+    )
+
+
+def test_a_new_card_has_balance_zero():
+    assert new_card().balance == 0
+
+
+def test_vtex_worked_example():
+    card = new_card()
+    credit(card, 50000, "1")
+    assert card.balance == 50000
+    spend = debit(card, 12000, "2")
+    assert card.balance == 38000
+    cancel(card, spend, 2000, "4")
+    assert card.balance == 40000
+    credit(card, 50000, "1")  # a retried request changes nothing
+    assert card.balance == 40000
+
+
+def test_debit_reduces_available_balance_at_once_and_never_below_zero():
+    card = new_card()
+    credit(card, 100)
+    debit(card, 60)
+    assert card.balance == 40
+    with pytest.raises(errors.InsufficientFunds):
+        debit(card, 41)
+    assert card.balance == 40
+
+
+def test_settlement_captures_at_most_what_is_held():
+    card = new_card()
+    credit(card, 1000)
+    spend = debit(card, 300)
+    settle(card, spend, 200, "s1")
+    settle(card, spend, 100, "s2")
+    with pytest.raises(errors.OverSettlement):
+        settle(card, spend, 1, "s3")
+    assert spend.settled == 300
+
+
+def test_cancellation_releases_held_first_then_refunds_captured():
+    card = new_card()
+    credit(card, 1000)
+    spend = debit(card, 300)
+    settle(card, spend, 200, "s1")
+    cancel(card, spend, 150)  # 100 still held, then 50 of the 200 captured
+    assert (spend.released, spend.refunded) == (100, 50)
+    assert card.balance == 700 + 150
+    with pytest.raises(errors.OverSettlement):
+        settle(card, spend, 1, "s2")  # nothing is held any more
+    cancel(card, spend, 150)
+    with pytest.raises(errors.OverCancellation):
+        cancel(card, spend, 1)
+    assert spend.settled + spend.released <= spend.value
+    assert spend.refunded <= spend.settled
+    assert sum(c.value for c in spend.cancellations) == spend.released + spend.refunded
+    assert card.balance == 1000
+
+
+def test_cancelling_a_credit_debits_the_card_but_never_below_zero():
+    card = new_card()
+    load = credit(card, 500)
+    debit(card, 400)
+    with pytest.raises(errors.InsufficientFunds):
+        cancel(card, load, 200)
+    cancel(card, load, 100)
+    assert card.balance == 0
+
+
+def test_no_debit_outside_the_validity_window():
+    card = new_card(emission_date=NOW + timedelta(days=1))
+    credit(card, 100)
+    with pytest.raises(errors.CardNotYetValid):
+        debit(card, 10)
+    with pytest.raises(errors.CardExpired):
+        debit(card, 10, now=NOW + timedelta(days=31))
+    debit(card, 10, now=NOW + timedelta(days=2))
+
+
+def test_no_credit_on_an_expired_card():
+    card = new_card()
+    with pytest.raises(errors.CardExpired):
+        credit(card, 100, now=NOW + timedelta(days=31))
+
+
+def test_no_second_credit_without_multiple_credits():
+    card = new_card(multiple_credits=False)
+    first = credit(card, 100)
+    with pytest.raises(errors.CreditNotAllowed):
+        credit(card, 100)
+    cancel(card, first, 100)  # a wholly cancelled credit no longer counts
+    credit(card, 100)
+
+
+def test_no_second_debit_without_multiple_redemptions():
+    card = new_card(multiple_redemptions=False)
+    credit(card, 100)
+    first = debit(card, 10)
+    with pytest.raises(errors.RedemptionNotAllowed):
+        debit(card, 10)
+    cancel(card, first, 10)
+    debit(card, 10)
+
+
+def test_restricted_to_owner_is_enforced_when_the_caller_names_the_client():
+    card = new_card(restricted_to_owner=True)
+    credit(card, 100)
+    with pytest.raises(errors.NotOwner):
+        debit(card, 10, client=Client(email="thief@example.com", document="999"))
+    debit(card, 10, client=Client(email="owner@example.com"))
+    debit(card, 10, client=None)  # a caller that names nobody is not refused
+    unrestricted = new_card(relation_name="rel-2")
+    credit(unrestricted, 100)
+    debit(unrestricted, 10, client=Client(email="anyone@example.com"))
+
+
+def test_request_id_replay_returns_the_original_and_a_different_payload_conflicts():
+    card = new_card()
+    first = credit(card, 100, "same")
+    assert credit(card, 100, "same") is first
+    assert len(card.collect_events()) == 2  # Issued, Credited: the replay recorded nothing
+    with pytest.raises(errors.RequestIdReused):
+        credit(card, 200, "same")
+    with pytest.raises(errors.RequestIdReused):
+        debit(card, 100, "same")
+
+
+def test_settlement_and_cancellation_request_ids_are_idempotent_per_transaction():
+    card = new_card()
+    credit(card, 1000)
+    spend = debit(card, 300)
+    first = settle(card, spend, 100, "pay-1")
+    assert settle(card, spend, 100, "pay-1") is first
+    with pytest.raises(errors.RequestIdReused):
+        settle(card, spend, 50, "pay-1")
+    undo = cancel(card, spend, 10, "undo-1")
+    assert cancel(card, spend, 10, "undo-1") is undo
+    assert card.balance == 710
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error"),
+    [
+        ({"currency": "XXX"}, errors.UnknownCurrency),
+        ({"caption": "  "}, errors.InvalidRequest),
+        ({"relation_name": ""}, errors.InvalidRequest),
+        ({"profile_id": ""}, errors.InvalidRequest),
+        ({"expiring_date": NOW - timedelta(days=1)}, errors.InvalidCard),
+        ({"expiring_date": datetime(2030, 1, 1)}, errors.InvalidCard),
+    ],
+)
+def test_bad_card_fields_are_refused(overrides, error):
+    with pytest.raises(error):
+        new_card(**overrides)
+
+
+@pytest.mark.parametrize("value", [0, -1, 10**16])
+def test_bad_amounts_are_refused_and_change_nothing(value):
+    card = new_card()
+    credit(card, 100)
+    card.collect_events()
+    for attempt in (lambda: credit(card, value), lambda: debit(card, value)):
+        with pytest.raises(errors.InvalidAmount):
+            attempt()
+    assert card.collect_events() == []
+    assert card.balance == 100
+
+
+def test_unknown_transaction_is_refused():
+    card = new_card()
+    with pytest.raises(errors.TransactionNotFound):
+        card.settle(transaction_id="nope", oid="o", value=1, request_id="r", now=NOW)
+
+
+def test_empty_request_id_is_refused():
+    card = new_card()
+    with pytest.raises(errors.InvalidRequest, match="requestId"):
+        credit(card, 100, request_id=" ")
+
+
+def test_snapshot_round_trip_gives_the_same_state_and_accepts_new_commands():
+    card = new_card()
+    load = credit(card, 1000)
+    spend = debit(card, 300)
+    settle(card, spend, 100, "s")
+    cancel(card, load, 50)
+    restored = restore_snapshot(take_snapshot(card))
+    assert restored.balance == card.balance
+    assert restored.version == card.version
+    assert restored.transactions == card.transactions
+    assert restored.request_ids == card.request_ids
+    debit(restored, 10)
+    assert restored.collect_events()[0].originator_version == card.version + 1
+
+
+def test_redemption_codes_have_enough_entropy_and_are_only_kept_hashed():
+    code = new_redemption_code()
+    assert CODE_ENTROPY_BITS >= 64
+    assert len(code) == 19 and code.count("-") == 3
+    assert len({new_redemption_code() for _ in range(1000)}) == 1000
+    key = b"k" * 32
+    assert hash_code(code, key) == hash_code(code.lower(), key)
+    assert hash_code(code, key) != hash_code(code, b"other" * 8)
+    assert code.encode() not in hash_code(code, key)
+    assert mask_code(visible_tail(code)) == "*" * 15 + code[-4:]
