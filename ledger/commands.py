@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -49,7 +50,9 @@ T = TypeVar("T")
 
 SNAPSHOT_INTERVAL_EVENTS = 100
 CACHE_CARDS_MAX = 10_000
-CONFLICT_RETRIES_MAX = 10
+CONFLICT_RETRIES_MAX = 25
+CONFLICT_BACKOFF_S = 0.002
+CONFLICT_BACKOFF_MAX_S = 0.1
 LOCK_STRIPES = 1024
 
 
@@ -247,7 +250,7 @@ class Ledger:
             fresh = loaded is None
             if loaded is None:
                 loaded = await self._load(card_id)
-            for _ in range(CONFLICT_RETRIES_MAX):
+            for attempt in range(CONFLICT_RETRIES_MAX):
                 try:
                     result = decide(loaded.card)
                 except errors.DomainError:
@@ -269,6 +272,7 @@ class Ledger:
                     )
                 except errors.ConcurrentUpdate:
                     self._forget(card_id)
+                    await _back_off(attempt)
                     loaded, fresh = await self._load(card_id), True
                     continue
                 except BaseException:
@@ -351,6 +355,12 @@ class Ledger:
                     f"relationName {command.relation_name!r} is already used by another gift card"
                 ) from e
             raise
+
+
+async def _back_off(attempt: int) -> None:
+    """Jittered exponential pause after a lost race, so that the loser is not starved by a
+    winner whose cached card lets it append again before the loser has even reloaded."""
+    await asyncio.sleep(random.uniform(0, min(CONFLICT_BACKOFF_MAX_S, CONFLICT_BACKOFF_S * 2**attempt)))
 
 
 def _stream_id(card_id: str) -> str:

@@ -1,0 +1,144 @@
+"""The event store against a real PostgreSQL: optimistic appends, immutability, the hash
+chain, and a global order that never skips a late commit."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from ledger.codec import canonical_json
+from ledger.domain.errors import ConcurrentUpdate, InvalidRequest
+from ledger.store import GENESIS_HASH, ChainBroken, Checkpoint, EventStore, NewEvent, verify_chain
+
+
+def ev(n: int, type_: str = "Tested") -> NewEvent:
+    return NewEvent(type_, canonical_json(b'{"n": %d, "text": "caf\\u00e9"}' % n))
+
+
+async def test_append_and_read_a_stream(store: EventStore):
+    last = await store.append("s1", 0, [ev(1), ev(2)], metadata={"actor": "test"})
+    last = await store.append("s1", 2, [ev(3)], previous_hash=last)
+    events = await store.read_stream("s1")
+    assert [e.version for e in events] == [1, 2, 3]
+    assert events[0].metadata == {"actor": "test"}
+    assert verify_chain(events) == last
+    assert [e.version for e in await store.read_stream("s1", from_version=2)] == [2, 3]
+
+
+async def test_a_stale_expected_version_is_a_conflict(store: EventStore):
+    last = await store.append("s1", 0, [ev(1)])
+    await store.append("s1", 1, [ev(2)], previous_hash=last)
+    with pytest.raises(ConcurrentUpdate):
+        await store.append("s1", 1, [ev(3)], previous_hash=last)
+    with pytest.raises(ConcurrentUpdate):
+        await store.append("s1", 0, [ev(3)])
+
+
+async def test_an_append_cannot_leave_a_gap_or_chain_onto_a_wrong_hash(store: EventStore):
+    last = await store.append("s1", 0, [ev(1)])
+    with pytest.raises(ConcurrentUpdate):
+        await store.append("s1", 5, [ev(6)], previous_hash=last)
+    with pytest.raises(ConcurrentUpdate):
+        await store.append("s1", 1, [ev(2)], previous_hash=b"\x00" * 32)
+    assert len(await store.read_stream("s1")) == 1
+
+
+async def test_concurrent_appends_at_the_same_version_one_wins(store: EventStore):
+    last = await store.append("s1", 0, [ev(1)])
+    results = await asyncio.gather(
+        *(store.append("s1", 1, [ev(i)], previous_hash=last) for i in range(10)), return_exceptions=True
+    )
+    assert sum(not isinstance(r, Exception) for r in results) == 1
+    assert all(isinstance(r, ConcurrentUpdate) for r in results if isinstance(r, Exception))
+
+
+async def test_an_idempotency_key_is_unique_per_stream(store: EventStore):
+    last = await store.append("s1", 0, [ev(1)], idempotency_key="k")
+    with pytest.raises(ConcurrentUpdate):
+        await store.append("s1", 1, [ev(2)], previous_hash=last, idempotency_key="k")
+    await store.append("s2", 0, [ev(1)], idempotency_key="k")
+
+
+async def test_text_postgres_cannot_store_is_a_clear_client_error(store: EventStore):
+    with pytest.raises(InvalidRequest):
+        await store.append("s1", 0, [NewEvent("Tested", b'{"text":"nul \\u0000 here"}')])
+    assert await store.read_stream("s1") == []
+
+
+@pytest.mark.parametrize(
+    "statement",
+    ["update events set type = 'Forged'", "delete from events", "truncate events"],
+)
+async def test_the_event_table_refuses_update_delete_and_truncate(store: EventStore, pool, statement):
+    await store.append("s1", 0, [ev(1)])
+    with pytest.raises(asyncpg.PostgresError, match="immutable"):
+        await pool.execute(statement)
+    assert len(await store.read_stream("s1")) == 1
+
+
+async def test_an_altered_event_is_detected_by_the_hash_chain(store: EventStore, pool):
+    last = await store.append("s1", 0, [ev(1), ev(2)])
+    await store.append("s1", 2, [ev(3)], previous_hash=last)
+    async with pool.acquire() as connection, connection.transaction():
+        # A superuser can switch the triggers off; the chain still tells.
+        await connection.execute("alter table events disable trigger user")
+        await connection.execute("""update events set data = '{"n": 99, "text": "café"}' where version = 2""")
+        await connection.execute("alter table events enable trigger user")
+    with pytest.raises(ChainBroken, match="version 2"):
+        verify_chain(await store.read_stream("s1"))
+
+
+async def test_a_removed_event_is_detected_by_the_hash_chain(store: EventStore, pool):
+    await store.append("s1", 0, [ev(1), ev(2), ev(3)])
+    async with pool.acquire() as connection, connection.transaction():
+        await connection.execute("alter table events disable trigger user")
+        await connection.execute("delete from events where version = 2")
+        await connection.execute("alter table events enable trigger user")
+    with pytest.raises(ChainBroken, match="version 2 missing"):
+        verify_chain(await store.read_stream("s1"))
+
+
+async def test_read_all_follows_commit_order_in_batches(store: EventStore):
+    await store.append("a", 0, [ev(1), ev(2)])
+    await store.append("b", 0, [ev(3)])
+    first = await store.read_all(limit=2)
+    rest = await store.read_all(after=first[-1].checkpoint, limit=10)
+    assert [(e.stream_id, e.version) for e in first + rest] == [("a", 1), ("a", 2), ("b", 1)]
+    assert await store.read_all(after=rest[-1].checkpoint) == []
+
+
+async def test_read_all_never_skips_a_transaction_that_commits_late(store: EventStore, database_url: str):
+    held = await asyncpg.connect(database_url)
+    try:
+        transaction = held.transaction()
+        await transaction.start()
+        # This transaction takes its id and a position first, then commits last.
+        await store.append("late", 0, [ev(1)], connection=held)
+        await store.append("early", 0, [ev(2)])
+        seen = await store.read_all()
+        assert seen == [], "an event behind an open transaction must wait, not be skipped"
+        await transaction.commit()
+    finally:
+        await held.close()
+    seen = await store.read_all()
+    assert [e.stream_id for e in seen] == ["late", "early"]
+    checkpoint = Checkpoint()
+    collected = []
+    while batch := await store.read_all(after=checkpoint, limit=1):
+        collected += batch
+        checkpoint = batch[-1].checkpoint
+    assert [e.stream_id for e in collected] == ["late", "early"]
+
+
+async def test_snapshots_keep_only_the_newest(store: EventStore):
+    await store.save_snapshot("s1", 200, b"h2", b'{"v":2}')
+    await store.save_snapshot("s1", 100, b"h1", b'{"v":1}')
+    version, hash_, state = await store.load_snapshot("s1")
+    assert (version, hash_, canonical_json(state)) == (200, b"h2", b'{"v":2}')
+    assert await store.load_snapshot("other") is None
+
+
+def test_verify_chain_of_nothing_is_the_genesis():
+    assert verify_chain([]) == GENESIS_HASH
