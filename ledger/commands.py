@@ -206,7 +206,7 @@ class Ledger:
 
     async def card(self, card_id: str) -> GiftCard:
         """The card with every committed event applied (cached state caught up with one query)."""
-        card_id = _stream_id(card_id)
+        card_id = parse_card_id(card_id)
         async with self._lock(card_id):
             loaded = self._cache.get(card_id)
             loaded = await (self._load(card_id) if loaded is None else self._catch_up(card_id, loaded))
@@ -215,7 +215,7 @@ class Ledger:
 
     async def card_as_of(self, card_id: str, instant: datetime) -> GiftCard:
         """The card as it stood at ``instant``, replayed from its first event (for auditors)."""
-        events = await self.store.read_stream(_stream_id(card_id), until=instant)
+        events = await self.store.read_stream(parse_card_id(card_id), until=instant)
         if not events:
             raise errors.CardNotFound(f"gift card {card_id!r} had no events at {instant.isoformat()}")
         return self._replay(None, events, GENESIS_HASH).card
@@ -244,7 +244,7 @@ class Ledger:
         idempotency_key: str,
         metadata: dict[str, Any] | None,
     ) -> T:
-        card_id = _stream_id(card_id)
+        card_id = parse_card_id(card_id)
         async with self._lock(card_id):
             loaded = self._cache.get(card_id)
             fresh = loaded is None
@@ -286,7 +286,7 @@ class Ledger:
     # ---- loading -------------------------------------------------------------
 
     async def _load(self, card_id: str) -> _Loaded:
-        stream_id = _stream_id(card_id)
+        stream_id = parse_card_id(card_id)
         snapshot = await self.store.load_snapshot(stream_id)
         if snapshot is None:
             events = await self.store.read_stream(stream_id)
@@ -363,7 +363,7 @@ async def _back_off(attempt: int) -> None:
     await asyncio.sleep(random.uniform(0, min(CONFLICT_BACKOFF_MAX_S, CONFLICT_BACKOFF_S * 2**attempt)))
 
 
-def _stream_id(card_id: str) -> str:
+def parse_card_id(card_id: str) -> str:
     """Card ids are UUIDs; anything else names no card (and must not reach the database as one)."""
     try:
         return str(uuid.UUID(card_id))

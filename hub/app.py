@@ -1,0 +1,102 @@
+"""The aiohttp application: middlewares, routes, and the resources they share.
+
+Resources (pool, ledger, credentials, background tasks) live in cleanup contexts,
+so a test can start the whole service on a loopback port and stop it cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+
+from aiohttp import web
+
+from hub import auth
+from hub.config import Settings
+from hub.errors import error_middleware, error_response
+from hub.native import NativeHandlers, Surface, json_response
+from hub.state import LEDGER, POOL, SETTINGS
+from ledger.commands import Ledger, utc_now
+from ledger.database import create_pool
+from ledger.instance_keys import instance_key
+from ledger.migrate import upgrade
+from ledger.store import EventStore
+
+READY_TIMEOUT_S = 2.0
+REQUEST_ID_CHARS_MAX = 128
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Carries the caller's correlation id (VTEX sends ``x-vtex-operation-id``) into events and logs."""
+    given = request.headers.get("X-Request-Id") or request.headers.get("x-vtex-operation-id") or ""
+    request_id = given[:REQUEST_ID_CHARS_MAX] if given.isprintable() and given else uuid.uuid4().hex
+    request["request_id"] = request_id
+    response = await handler(request)
+    response.headers["X-Request-Id"] = request_id
+    return response
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "alive"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            await request.app[POOL].fetchval("select 1")
+    except Exception as e:  # any failure to reach the database means "not ready", never a 500
+        return error_response(503, "not_ready", f"database unreachable: {type(e).__name__}")
+    return json_response({"status": "ready"})
+
+
+def create_app(
+    settings: Settings,
+    database_url: str,
+    *,
+    clock: Callable[[], datetime] = utc_now,
+    announce: Callable[[str, tuple[str, str]], None] = auth.announce,
+) -> web.Application:
+    rings = {
+        auth.HUB: auth.KeyRing(auth.HUB, _pair(settings.app_key, settings.app_token)),
+        auth.PROVIDER: auth.KeyRing(auth.PROVIDER, _pair(settings.provider_app_key, settings.provider_app_token)),
+    }
+    app = web.Application(
+        client_max_size=settings.body_bytes_max,
+        middlewares=[request_id_middleware, error_middleware, auth.make_auth_middleware(rings)],
+    )
+    app[SETTINGS] = settings
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        pool = await create_pool(database_url, size_max=settings.pool_size_max)
+        try:
+            async with pool.acquire() as connection:
+                await upgrade(connection)
+            app[POOL] = pool
+            app[LEDGER] = Ledger(EventStore(pool), await instance_key(pool, "redemption-codes"), clock=clock)
+            for ring in rings.values():
+                pair = await auth.bootstrap_pair(pool, ring)
+                if pair is not None:
+                    announce(ring.audience, pair)
+                await ring.refresh(pool)
+            refresher = asyncio.create_task(auth.keep_refreshed(pool, list(rings.values())))
+            yield
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+        finally:
+            await pool.close()
+
+    app.cleanup_ctx.append(resources)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_routes(NativeHandlers(Surface.PROTOCOL, "/native").routes())
+    app.router.add_routes(NativeHandlers(Surface.GIFTCARD_API, "/api").routes())
+    return app
+
+
+def _pair(key: str | None, token: str | None) -> tuple[str, str] | None:
+    return (key, token) if key and token else None

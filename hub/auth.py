@@ -1,0 +1,129 @@
+"""Who may call what: hub consumers (``X-VTEX-API-AppKey/AppToken``) and Provider Protocol
+callers (``X-PROVIDER-API-AppKey/AppToken``).
+
+A pair configured in the environment is compared in constant time. Stored pairs
+(generated on a first start, or created by operators) are kept as SHA-256 hashes
+of their tokens: the tokens are random and long, so a plain hash is enough.
+Missing headers answer 401 and wrong ones 403, both with an empty body, as the
+VTEX guide requires of providers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import secrets
+import sys
+from dataclasses import dataclass, field
+
+import asyncpg
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+HUB = "hub"
+PROVIDER = "provider"
+KEY_REFRESH_S = 2.0
+TOKEN_BYTES = 32
+
+HEADERS = {
+    HUB: ("X-VTEX-API-AppKey", "X-VTEX-API-AppToken"),
+    PROVIDER: ("X-PROVIDER-API-AppKey", "X-PROVIDER-API-AppToken"),
+}
+
+
+def token_hash(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+@dataclass
+class KeyRing:
+    """The credentials one audience accepts; stored ones are refreshed from the database."""
+
+    audience: str
+    configured: tuple[str, str] | None = None
+    stored: dict[str, bytes] = field(default_factory=dict)
+
+    def verdict(self, key: str | None, token: str | None) -> int:
+        """200 when the pair is accepted, 401 when absent, 403 when wrong."""
+        if not key or not token:
+            return 401
+        if self.configured is not None:
+            key_ok = hmac.compare_digest(key.encode(), self.configured[0].encode())
+            token_ok = hmac.compare_digest(token.encode(), self.configured[1].encode())
+            if key_ok and token_ok:
+                return 200
+        expected = self.stored.get(key)
+        if expected is not None and hmac.compare_digest(token_hash(token), expected):
+            return 200
+        return 403
+
+    async def refresh(self, pool: asyncpg.Pool) -> None:
+        rows = await pool.fetch(
+            "select app_key, token_hash from api_keys where audience = $1 and revoked_at is null", self.audience
+        )
+        self.stored = {row["app_key"]: bytes(row["token_hash"]) for row in rows}
+
+
+async def bootstrap_pair(pool: asyncpg.Pool, ring: KeyRing) -> tuple[str, str] | None:
+    """Generates and stores the audience's first pair when none is configured; returns it once."""
+    if ring.configured is not None:
+        return None
+    app_key = f"giftcard-{ring.audience}-{secrets.token_hex(6)}"
+    app_token = secrets.token_urlsafe(TOKEN_BYTES)
+    inserted = await pool.fetchval(
+        """
+        insert into api_keys (app_key, token_hash, audience, bootstrap) values ($1, $2, $3, true)
+        on conflict do nothing returning app_key
+        """,
+        app_key,
+        token_hash(app_token),
+        ring.audience,
+    )
+    return (app_key, app_token) if inserted else None
+
+
+def announce(audience: str, pair: tuple[str, str]) -> None:
+    """Printed once, on the terminal that started the first run; never logged, never stored in clear."""
+    key_header, token_header = HEADERS[audience]
+    print(
+        f"Generated {audience} credentials (shown once; only a hash is kept):\n"
+        f"  {key_header}: {pair[0]}\n  {token_header}: {pair[1]}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+async def keep_refreshed(pool: asyncpg.Pool, rings: list[KeyRing]) -> None:
+    while True:
+        await asyncio.sleep(KEY_REFRESH_S)
+        for ring in rings:
+            try:
+                await ring.refresh(pool)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                log.warning("could not refresh %s credentials; keeping the previous set", ring.audience)
+
+
+def audience_of(path: str) -> str | None:
+    if path == "/native" or path.startswith("/native/"):
+        return PROVIDER
+    if path.startswith("/api/"):
+        return HUB
+    return None
+
+
+def make_auth_middleware(rings: dict[str, KeyRing]):
+    @web.middleware
+    async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
+        audience = audience_of(request.path)
+        if audience is not None:
+            key_header, token_header = HEADERS[audience]
+            status = rings[audience].verdict(request.headers.get(key_header), request.headers.get(token_header))
+            if status != 200:
+                return web.Response(status=status)
+            request["actor"] = request.headers[key_header]
+        return await handler(request)
+
+    return auth_middleware

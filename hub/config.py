@@ -1,0 +1,40 @@
+"""Settings, all from ``GIFTCARD_*`` environment variables (documented in the README)."""
+
+from __future__ import annotations
+
+import os
+
+import msgspec
+
+
+class Settings(msgspec.Struct, kw_only=True, frozen=True):
+    database_url: str | None = None
+    native_provider_id: str = "VtexGiftCard"
+    provider_app_key: str | None = None
+    provider_app_token: str | None = None
+    app_key: str | None = None
+    app_token: str | None = None
+    default_currency: str = "USD"
+    default_validity_days: int = 5 * 365
+    body_bytes_max: int = 64 * 1024
+    pool_size_max: int = 20
+    shutdown_timeout_s: float = 10.0
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        env = os.environ
+        defaults = cls()
+        values: dict[str, object] = {
+            "database_url": env.get("GIFTCARD_DATABASE_URL") or None,
+            "native_provider_id": env.get("GIFTCARD_NATIVE_PROVIDER_ID", defaults.native_provider_id),
+            "provider_app_key": env.get("GIFTCARD_PROVIDER_APP_KEY") or None,
+            "provider_app_token": env.get("GIFTCARD_PROVIDER_APP_TOKEN") or None,
+            "app_key": env.get("GIFTCARD_APP_KEY") or None,
+            "app_token": env.get("GIFTCARD_APP_TOKEN") or None,
+            "default_currency": env.get("GIFTCARD_DEFAULT_CURRENCY", defaults.default_currency),
+            "default_validity_days": int(env.get("GIFTCARD_DEFAULT_VALIDITY_DAYS", defaults.default_validity_days)),
+            "body_bytes_max": int(env.get("GIFTCARD_BODY_BYTES_MAX", defaults.body_bytes_max)),
+            "pool_size_max": int(env.get("GIFTCARD_POOL_SIZE_MAX", defaults.pool_size_max)),
+        }
+        values.update(overrides)
+        return cls(**values)

@@ -1,0 +1,345 @@
+"""The native provider on the wire: the same ledger behind two VTEX surfaces.
+
+- ``/native``: the Gift Card Provider Protocol (11 operations), so that any
+  VTEX-style hub, ours or VTEX's, can register this ledger as a provider;
+- ``/api``: the native Gift Card API (11 operations), for store back offices.
+
+The two differ only in the shapes of create, get and ``_search``; everything
+about transactions, settlements and cancellations is shared. Every handler
+decodes its request at the edge, calls one ledger method and renders the result.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import Enum
+from typing import Any
+
+from aiohttp import web
+
+from hub.paging import RestRange, parse_rest_range
+from hub.state import LEDGER, SETTINGS
+from hub.wire import (
+    CreateCardRequest,
+    CreateTransactionRequest,
+    OperationRequest,
+    SearchRequest,
+    decode,
+    encode,
+    format_datetime,
+    order_info_client,
+    parse_datetime,
+)
+from ledger.commands import IssueCard, Ledger, parse_card_id
+from ledger.domain.codes import mask_code
+from ledger.domain.errors import InvalidRequest
+from ledger.domain.giftcard import Client, GiftCard, Operation, Transaction
+from ledger.money import to_major
+
+_JSON_MEDIA_SUFFIXES = ("/json", "+json")
+
+
+class Surface(Enum):
+    PROTOCOL = "protocol"
+    GIFTCARD_API = "giftcard-api"
+
+
+@dataclass(frozen=True)
+class Hrefs:
+    """Relative links in the form VTEX callers follow: ``{base}/giftcards/{id}/transactions/{tid}``."""
+
+    base: str
+
+    def card(self, card_id: str) -> str:
+        return f"{self.base}/giftcards/{card_id}"
+
+    def transactions(self, card_id: str) -> str:
+        return f"{self.card(card_id)}/transactions"
+
+    def transaction(self, card_id: str, transaction_id: str) -> str:
+        return f"{self.transactions(card_id)}/{transaction_id}"
+
+
+# ---- rendering ---------------------------------------------------------------
+
+
+def render_card(card: GiftCard, hrefs: Hrefs, redemption_code: str | None = None) -> dict[str, Any]:
+    """A card as GET returns it; the full code only on creation, masked ever after."""
+    card_id = str(card.id)
+    code = redemption_code or mask_code(card.code_tail)
+    link = {"href": hrefs.transactions(card_id)}
+    return {
+        "id": card_id,
+        "redemptionToken": code,
+        "redemptionCode": code,
+        "balance": to_major(card.balance, card.currency),
+        "relationName": card.relation_name,
+        "caption": card.caption,
+        "emissionDate": format_datetime(card.emission_date),
+        "expiringDate": format_datetime(card.expiring_date),
+        "currencyCode": card.currency,
+        "discount": False,
+        "transaction": link,
+        "transactions": link,
+    }
+
+
+def render_created_for_protocol(card: GiftCard, redemption_code: str) -> dict[str, Any]:
+    """The Provider Protocol's create answer echoes the request plus ``id`` (and the code, once)."""
+    return {
+        "id": str(card.id),
+        "relationName": card.relation_name,
+        "emissionDate": format_datetime(card.emission_date),
+        "expiringDate": format_datetime(card.expiring_date),
+        "caption": card.caption,
+        "restrictedToOwner": card.restricted_to_owner,
+        "multipleRedemptions": card.multiple_redemptions,
+        "multipleCredits": card.multiple_credits,
+        "profileId": card.profile_id,
+        "currencyCode": card.currency,
+        "redemptionCode": redemption_code,
+    }
+
+
+def render_transaction_ref(card_id: str, transaction: Transaction, hrefs: Hrefs) -> dict[str, Any]:
+    return {"cardId": card_id, "id": transaction.id, "_self": {"href": hrefs.transaction(card_id, transaction.id)}}
+
+
+def render_transaction(card: GiftCard, transaction: Transaction, hrefs: Hrefs) -> dict[str, Any]:
+    card_id = str(card.id)
+    href = hrefs.transaction(card_id, transaction.id)
+    return {
+        "cardId": card_id,
+        "id": transaction.id,
+        "operation": transaction.operation,
+        "value": to_major(transaction.value, card.currency),
+        "description": transaction.description,
+        "date": format_datetime(transaction.date),
+        "requestId": transaction.request_id,
+        "settlement": {"href": f"{href}/settlements"},
+        "cancellation": {"href": f"{href}/cancellations"},
+        "authorization": {"href": f"{href}/authorization"},
+    }
+
+
+def render_operation(card: GiftCard, operation: Operation) -> dict[str, Any]:
+    return {"oid": operation.oid, "value": to_major(operation.value, card.currency), "date": format_datetime(operation.date)}
+
+
+def render_authorization(card: GiftCard, transaction: Transaction) -> dict[str, Any]:
+    return {
+        "oid": transaction.id,
+        "value": to_major(transaction.value, card.currency),
+        "date": format_datetime(transaction.date),
+    }
+
+
+def json_response(body: Any, headers: dict[str, str] | None = None) -> web.Response:
+    response = web.Response(body=encode(body), content_type="application/json", headers=headers)
+    response.headers["Cache-Control"] = "no-cache, no-store"
+    return response
+
+
+# ---- request plumbing ------------------------------------------------------------
+
+
+async def read_json(request: web.Request, type_: type[Any]) -> Any:
+    media = request.content_type
+    if request.headers.get("Content-Type") and not media.endswith(_JSON_MEDIA_SUFFIXES):
+        raise web.HTTPUnsupportedMediaType(reason=f"Content-Type must be JSON, got {media!r}")
+    return decode(await request.read(), type_)
+
+
+def event_metadata(request: web.Request) -> dict[str, Any]:
+    return {"requestId": request.get("request_id"), "actor": request.get("actor"), "route": request.path}
+
+
+def search_client(body: SearchRequest) -> Client:
+    c = body.client
+    if c is None:
+        return Client()
+    return Client(id=c.id, email=c.email, document=c.document, corporate_document=c.corporate_document)
+
+
+async def find_usable_cards(ledger: Ledger, body: SearchRequest) -> list[GiftCard]:
+    """A voucher by its code (exactly one, or none), else the client's loyalty cards.
+
+    A card with no money or outside its validity is never offered: VTEX's checkout
+    breaks on ``balance: 0``. A restricted card found by code needs its owner named.
+    """
+    client = search_client(body)
+    now = ledger.clock()
+    code = body.cart.redemption_code if body.cart else None
+    if code and code.strip():
+        card = await ledger.find_by_code(code)
+        if card is None or (card.restricted_to_owner and not card.is_owned_by(client)):
+            return []
+        candidates = [card]
+    else:
+        candidates = await ledger.find_by_owner(client)
+    return [card for card in candidates if card.is_usable(now)]
+
+
+def page_of(items: list[Any], window: RestRange) -> list[Any]:
+    return items[window.start : window.end + 1]
+
+
+def content_range(window: RestRange, shown: int, total: int) -> dict[str, str]:
+    last = window.start + shown - 1 if shown else window.start
+    return {"REST-Content-Range": f"resources {window.start}-{last}/{total}"}
+
+
+# ---- handlers ----------------------------------------------------------------------
+
+
+class NativeHandlers:
+    """The 11 operations of one surface."""
+
+    def __init__(self, surface: Surface, base: str) -> None:
+        self.surface = surface
+        self.hrefs = Hrefs(base)
+
+    async def search(self, request: web.Request) -> web.Response:
+        body = await read_json(request, SearchRequest)
+        window = parse_rest_range(request.headers.get("REST-Range"))
+        cards = await find_usable_cards(request.app[LEDGER], body)
+        page = page_of(cards, window)
+        headers = content_range(window, len(page), len(cards))
+        if self.surface is Surface.GIFTCARD_API:
+            per_page = window.size
+            items = [{"id": str(c.id), "_self": {"href": self.hrefs.card(str(c.id))}} for c in page]
+            paging = {
+                "page": window.start // per_page + 1,
+                "perPage": per_page,
+                "total": len(cards),
+                "pages": math.ceil(len(cards) / per_page),
+            }
+            return json_response({"items": items, "paging": paging}, headers)
+        provider = request.app[SETTINGS].native_provider_id
+        items = [
+            {
+                "id": str(c.id),
+                "provider": provider,
+                "balance": to_major(c.balance, c.currency),
+                "caption": c.caption,
+                "relationName": c.relation_name,
+                "currencyCode": c.currency,
+                "_self": {"href": self.hrefs.card(str(c.id))},
+            }
+            for c in page
+        ]
+        return json_response(items, headers)
+
+    async def create_card(self, request: web.Request) -> web.Response:
+        body = await read_json(request, CreateCardRequest)
+        settings = request.app[SETTINGS]
+        ledger = request.app[LEDGER]
+        now = ledger.clock()
+        emission = parse_datetime(body.emission_date, "emissionDate") if body.emission_date else now
+        if body.expiring_date:
+            expiring = parse_datetime(body.expiring_date, "expiringDate")
+        elif self.surface is Surface.GIFTCARD_API:
+            raise InvalidRequest("expiringDate is required")
+        else:
+            expiring = emission + timedelta(days=settings.default_validity_days)
+        issued = await ledger.issue(
+            IssueCard(
+                relation_name=body.relation_name,
+                caption=body.caption,
+                profile_id=body.profile_id,
+                currency=body.currency_code or settings.default_currency,
+                emission_date=emission,
+                expiring_date=expiring,
+                restricted_to_owner=body.restricted_to_owner,
+                multiple_credits=body.multiple_credits,
+                multiple_redemptions=body.multiple_redemptions,
+            ),
+            metadata=event_metadata(request),
+        )
+        if self.surface is Surface.PROTOCOL:
+            return json_response(render_created_for_protocol(issued.card, issued.redemption_code))
+        return json_response(render_card(issued.card, self.hrefs, issued.redemption_code))
+
+    async def get_card(self, request: web.Request) -> web.Response:
+        card = await request.app[LEDGER].card(request.match_info["card_id"])
+        return json_response(render_card(card, self.hrefs))
+
+    async def list_transactions(self, request: web.Request) -> web.Response:
+        card = await request.app[LEDGER].card(request.match_info["card_id"])
+        card_id = str(card.id)
+        return json_response([render_transaction_ref(card_id, t, self.hrefs) for t in card.transactions.values()])
+
+    async def create_transaction(self, request: web.Request) -> web.Response:
+        body = await read_json(request, CreateTransactionRequest)
+        profile = order_info_client(body.order_info)
+        client = Client(email=profile.email, document=profile.document) if profile else None
+        card_id = request.match_info["card_id"]
+        transaction = await request.app[LEDGER].create_transaction(
+            card_id,
+            operation=body.operation,
+            value=body.value,
+            description=body.description,
+            request_id=body.request_id,
+            order_info=body.order_info,
+            client=client,
+            metadata=event_metadata(request),
+        )
+        return json_response(render_transaction_ref(parse_card_id(card_id), transaction, self.hrefs))
+
+    async def get_transaction(self, request: web.Request) -> web.Response:
+        card, transaction = await self._card_and_transaction(request)
+        return json_response(render_transaction(card, transaction, self.hrefs))
+
+    async def get_authorization(self, request: web.Request) -> web.Response:
+        card, transaction = await self._card_and_transaction(request)
+        return json_response(render_authorization(card, transaction))
+
+    async def list_settlements(self, request: web.Request) -> web.Response:
+        card, transaction = await self._card_and_transaction(request)
+        return json_response([render_operation(card, op) for op in transaction.settlements])
+
+    async def list_cancellations(self, request: web.Request) -> web.Response:
+        card, transaction = await self._card_and_transaction(request)
+        return json_response([render_operation(card, op) for op in transaction.cancellations])
+
+    async def settle(self, request: web.Request) -> web.Response:
+        body = await read_json(request, OperationRequest)
+        ledger = request.app[LEDGER]
+        card_id, transaction_id = request.match_info["card_id"], request.match_info["transaction_id"]
+        operation = await ledger.settle(
+            card_id, transaction_id, value=body.value, request_id=body.request_id, metadata=event_metadata(request)
+        )
+        return json_response(render_operation(await ledger.card(card_id), operation))
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        body = await read_json(request, OperationRequest)
+        ledger = request.app[LEDGER]
+        card_id, transaction_id = request.match_info["card_id"], request.match_info["transaction_id"]
+        operation = await ledger.cancel(
+            card_id, transaction_id, value=body.value, request_id=body.request_id, metadata=event_metadata(request)
+        )
+        return json_response(render_operation(await ledger.card(card_id), operation))
+
+    async def _card_and_transaction(self, request: web.Request) -> tuple[GiftCard, Transaction]:
+        card = await request.app[LEDGER].card(request.match_info["card_id"])
+        return card, card.transaction(request.match_info["transaction_id"])
+
+    def routes(self) -> list[web.RouteDef]:
+        cards = f"{self.hrefs.base}/giftcards"
+        card = f"{cards}/{{card_id}}"
+        transaction = f"{card}/transactions/{{transaction_id}}"
+        return [
+            web.post(f"{cards}/_search", self.search),
+            web.post(cards, self.create_card),
+            web.get(card, self.get_card),
+            web.get(f"{card}/transactions", self.list_transactions),
+            web.post(f"{card}/transactions", self.create_transaction),
+            web.get(transaction, self.get_transaction),
+            web.get(f"{transaction}/authorization", self.get_authorization),
+            web.get(f"{transaction}/settlements", self.list_settlements),
+            web.post(f"{transaction}/settlements", self.settle),
+            web.get(f"{transaction}/cancellations", self.list_cancellations),
+            web.post(f"{transaction}/cancellations", self.cancel),
+        ]

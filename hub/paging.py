@@ -1,0 +1,35 @@
+"""``REST-Range`` as VTEX sends it (``resources=0-49``) and as other clients do (``0-49``)."""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+from ledger.domain.errors import InvalidRequest
+
+PAGE_ITEMS_DEFAULT = 50
+PAGE_ITEMS_MAX = 1000
+_RANGE = re.compile(r"^\s*(?:resources\s*=\s*)?(\d{1,9})\s*-\s*(\d{1,9})\s*$")
+
+
+class RestRange(NamedTuple):
+    start: int
+    end: int  # inclusive, as in the header
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start + 1
+
+
+def parse_rest_range(header: str | None) -> RestRange:
+    if header is None or not header.strip():
+        return RestRange(0, PAGE_ITEMS_DEFAULT - 1)
+    match = _RANGE.match(header)
+    if not match:
+        raise InvalidRequest(f"REST-Range must look like 'resources=0-49' or '0-49', got {header!r}")
+    start, end = int(match[1]), int(match[2])
+    if end < start:
+        raise InvalidRequest(f"REST-Range ends before it starts: {header!r}")
+    if end - start + 1 > PAGE_ITEMS_MAX:
+        raise InvalidRequest(f"REST-Range asks for more than {PAGE_ITEMS_MAX} items")
+    return RestRange(start, end)

@@ -1,0 +1,135 @@
+"""The VTEX shapes on the wire: one msgspec Struct per request, decoded once at the edge.
+
+Names are camelCase on the wire (``rename="camel"``); unknown fields are accepted
+and ignored, as VTEX callers send more than the specs list. Amounts decode to
+exact ``Decimal``; the ledger refuses anything the currency cannot represent.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+
+from ledger.domain.errors import InvalidRequest
+
+JSON_DEPTH_MAX = 32
+
+
+class SearchClient(msgspec.Struct, rename="camel"):
+    id: str | None = None
+    email: str | None = None
+    document: str | None = None
+    corporate_document: str | None = None
+
+
+class SearchCart(msgspec.Struct, rename="camel"):
+    redemption_code: str | None = None
+    relation_name: str | None = None
+
+
+class SearchRequest(msgspec.Struct, rename="camel"):
+    client: SearchClient | None = None
+    cart: SearchCart | None = None
+
+
+class CreateCardRequest(msgspec.Struct, rename="camel"):
+    relation_name: str
+    caption: str
+    profile_id: str
+    emission_date: str | None = None
+    expiring_date: str | None = None
+    currency_code: str | None = None
+    restricted_to_owner: bool = False
+    multiple_credits: bool = True
+    multiple_redemptions: bool = True
+
+
+class ClientProfile(msgspec.Struct, rename="camel"):
+    email: str | None = None
+    document: str | None = None
+
+
+class OrderInfo(msgspec.Struct, rename="camel"):
+    client_profile: ClientProfile | None = None
+
+
+class CreateTransactionRequest(msgspec.Struct, rename="camel"):
+    operation: str
+    value: Decimal
+    request_id: str
+    description: str = ""
+    redemption_token: str | None = None
+    redemption_code: str | None = None
+    order_info: dict[str, Any] | None = None
+
+
+class OperationRequest(msgspec.Struct, rename="camel"):
+    """A settlement or cancellation: ``{value, requestId}``."""
+
+    value: Decimal
+    request_id: str
+
+
+_decoders: dict[type, msgspec.json.Decoder] = {}
+# Untyped parts (orderInfo) keep their numbers exact, so no float ever reaches an event.
+_order_info_decoder = msgspec.json.Decoder(OrderInfo)
+
+
+def decode(body: bytes, type_: type[Any]) -> Any:
+    decoder = _decoders.get(type_)
+    if decoder is None:
+        decoder = _decoders[type_] = msgspec.json.Decoder(type_, float_hook=Decimal)
+    if not body.strip():
+        raise InvalidRequest("request body must be a JSON object")
+    value = decoder.decode(body)
+    check_depth(value)
+    return value
+
+
+def check_depth(value: Any, depth: int = 0) -> None:
+    """msgspec bounds recursion itself; this keeps stored orderInfo documents small and flat enough."""
+    if depth > JSON_DEPTH_MAX:
+        raise InvalidRequest(f"JSON nested deeper than {JSON_DEPTH_MAX} levels")
+    if isinstance(value, dict):
+        for item in value.values():
+            check_depth(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            check_depth(item, depth + 1)
+    elif isinstance(value, msgspec.Struct):
+        for field in value.__struct_fields__:
+            check_depth(getattr(value, field), depth + 1)
+
+
+def order_info_client(order_info: dict[str, Any] | None) -> ClientProfile | None:
+    if not order_info:
+        return None
+    try:
+        return msgspec.convert(order_info, OrderInfo).client_profile
+    except msgspec.ValidationError as e:
+        raise InvalidRequest(f"orderInfo: {e}") from None
+
+
+def parse_datetime(value: str, field: str) -> datetime:
+    """ISO 8601 as VTEX writes it (``2016-01-01T00:00:00``, ``...Z``, 7-digit fractions); naive means UTC."""
+    try:
+        parsed = datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"{field} must be an ISO 8601 date-time, got {value!r}") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def format_datetime(value: datetime | str) -> str:
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_encoder = msgspec.json.Encoder(decimal_format="number")
+
+
+def encode(value: Any) -> bytes:
+    return _encoder.encode(value)
