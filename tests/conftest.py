@@ -3,6 +3,7 @@ fresh, migrated database for every test, cloned from a template so each starts e
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -101,3 +102,55 @@ def clock() -> Clock:
 @pytest.fixture
 def ledger(store: EventStore, clock: Clock) -> Ledger:
     return Ledger(store, code_key=b"k" * 32, clock=clock)
+
+
+# ---- the service on a loopback port ----------------------------------------------
+
+HUB_KEY, HUB_TOKEN = "hub-key", "hub-token"
+PROVIDER_KEY, PROVIDER_TOKEN = "provider-key", "provider-token"
+
+
+class Service:
+    """The whole service on 127.0.0.1, and a client that speaks to it with valid credentials."""
+
+    def __init__(self, base_url: str, session, app) -> None:
+        self.base_url = base_url
+        self.session = session
+        self.app = app
+
+    def headers(self, path: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+        if path.startswith("/native"):
+            auth = {"X-PROVIDER-API-AppKey": PROVIDER_KEY, "X-PROVIDER-API-AppToken": PROVIDER_TOKEN}
+        else:
+            auth = {"X-VTEX-API-AppKey": HUB_KEY, "X-VTEX-API-AppToken": HUB_TOKEN}
+        return {"Accept": "application/json", "Content-Type": "application/json", **auth, **(extra or {})}
+
+    async def call(self, method: str, path: str, body=None, *, headers=None, data=None):
+        """(status, decoded JSON or None, response headers)."""
+        async with self.session.request(
+            method, self.base_url + path, json=body, data=data, headers=self.headers(path, headers)
+        ) as response:
+            raw = await response.read()
+            return response.status, (json.loads(raw) if raw else None), response.headers
+
+
+@pytest.fixture
+async def service(database_url: str, clock: Clock) -> AsyncIterator[Service]:
+    import aiohttp
+    from aiohttp import web
+
+    from hub.app import create_app
+    from hub.config import Settings
+
+    settings = Settings(
+        app_key=HUB_KEY, app_token=HUB_TOKEN, provider_app_key=PROVIDER_KEY, provider_app_token=PROVIDER_TOKEN
+    )
+    app = create_app(settings, database_url, clock=clock)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    async with aiohttp.ClientSession() as session:
+        yield Service(f"http://127.0.0.1:{port}", session, app)
+    await runner.cleanup()
