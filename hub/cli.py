@@ -24,7 +24,9 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 def serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     url, embedded = resolve_database_url()
-    print(f"giftcard serving on http://{args.host}:{args.port} ({args.workers} process(es))", file=sys.stderr, flush=True)
+    print(
+        f"giftcard serving on http://{args.host}:{args.port} ({args.workers} process(es))", file=sys.stderr, flush=True
+    )
     try:
         if args.workers == 1:
             run_worker(settings, url, args.host, args.port, reuse_port=False)

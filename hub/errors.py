@@ -61,8 +61,12 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     except web.HTTPRequestEntityTooLarge as e:
         return error_response(413, "body_too_large", e.text or "request body too large")
     except web.HTTPMethodNotAllowed as e:
-        return error_response(405, "method_not_allowed", f"{request.method} is not allowed on {request.path}",
-                              headers={"Allow": ",".join(sorted(e.allowed_methods))})
+        return error_response(
+            405,
+            "method_not_allowed",
+            f"{request.method} is not allowed on {request.path}",
+            headers={"Allow": ",".join(sorted(e.allowed_methods))},
+        )
     except web.HTTPNotFound:
         return error_response(404, "unknown_operation", f"no operation at {request.method} {request.path}")
     except web.HTTPUnsupportedMediaType as e:
@@ -73,8 +77,9 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         raise
     except _UNAVAILABLE as e:
         log.warning("database unavailable during %s %s: %r", request.method, request.path, e)
-        return error_response(503, "unavailable", "the ledger database is unavailable; retry the request",
-                              headers={"Retry-After": "1"})
+        return error_response(
+            503, "unavailable", "the ledger database is unavailable; retry the request", headers={"Retry-After": "1"}
+        )
     except asyncio.CancelledError:
         raise
     except Exception:

@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from hub.config import Settings
 from hub.paging import RestRange, parse_rest_range
 from hub.state import LEDGER, SETTINGS
 from hub.wire import (
@@ -32,7 +33,7 @@ from hub.wire import (
     order_info_client,
     parse_datetime,
 )
-from ledger.commands import IssueCard, Ledger, parse_card_id
+from ledger.commands import IssueCard, IssuedCard, Ledger, parse_card_id
 from ledger.domain.codes import mask_code
 from ledger.domain.errors import InvalidRequest
 from ledger.domain.giftcard import Client, GiftCard, Operation, Transaction
@@ -125,7 +126,11 @@ def render_transaction(card: GiftCard, transaction: Transaction, hrefs: Hrefs) -
 
 
 def render_operation(card: GiftCard, operation: Operation) -> dict[str, Any]:
-    return {"oid": operation.oid, "value": to_major(operation.value, card.currency), "date": format_datetime(operation.date)}
+    return {
+        "oid": operation.oid,
+        "value": to_major(operation.value, card.currency),
+        "date": format_datetime(operation.date),
+    }
 
 
 def render_authorization(card: GiftCard, transaction: Transaction) -> dict[str, Any]:
@@ -145,11 +150,12 @@ def json_response(body: Any, headers: dict[str, str] | None = None) -> web.Respo
 # ---- request plumbing ------------------------------------------------------------
 
 
-async def read_json(request: web.Request, type_: type[Any]) -> Any:
+async def read_body(request: web.Request) -> bytes:
+    """The raw JSON body, after checking it claims to be JSON (``application/json`` or a vnd type)."""
     media = request.content_type
     if request.headers.get("Content-Type") and not media.endswith(_JSON_MEDIA_SUFFIXES):
         raise web.HTTPUnsupportedMediaType(reason=f"Content-Type must be JSON, got {media!r}")
-    return decode(await request.read(), type_)
+    return await request.read()
 
 
 def event_metadata(request: web.Request) -> dict[str, Any]:
@@ -191,37 +197,30 @@ def content_range(window: RestRange, shown: int, total: int) -> dict[str, str]:
     return {"REST-Content-Range": f"resources {window.start}-{last}/{total}"}
 
 
-# ---- handlers ----------------------------------------------------------------------
+# ---- the Provider Protocol, in process ---------------------------------------------
 
 
-class NativeHandlers:
-    """The 11 operations of one surface."""
+class NativeProvider:
+    """The 11 Provider Protocol operations on the ledger, returning the protocol's shapes.
 
-    def __init__(self, surface: Surface, base: str) -> None:
-        self.surface = surface
-        self.hrefs = Hrefs(base)
+    ``/native`` serves these over HTTP; the hub calls them in process for the native
+    provider, with no HTTP hop. Bodies arrive as raw JSON bytes and are decoded here.
+    """
 
-    async def search(self, request: web.Request) -> web.Response:
-        body = await read_json(request, SearchRequest)
-        window = parse_rest_range(request.headers.get("REST-Range"))
-        cards = await find_usable_cards(request.app[LEDGER], body)
+    def __init__(self, ledger: Ledger, settings: Settings, hrefs: Hrefs) -> None:
+        self.ledger = ledger
+        self.settings = settings
+        self.hrefs = hrefs
+
+    async def search(self, body: bytes, rest_range: str | None) -> tuple[list[dict[str, Any]], dict[str, str]]:
+        request = decode(body, SearchRequest)
+        window = parse_rest_range(rest_range)
+        cards = await find_usable_cards(self.ledger, request)
         page = page_of(cards, window)
-        headers = content_range(window, len(page), len(cards))
-        if self.surface is Surface.GIFTCARD_API:
-            per_page = window.size
-            items = [{"id": str(c.id), "_self": {"href": self.hrefs.card(str(c.id))}} for c in page]
-            paging = {
-                "page": window.start // per_page + 1,
-                "perPage": per_page,
-                "total": len(cards),
-                "pages": math.ceil(len(cards) / per_page),
-            }
-            return json_response({"items": items, "paging": paging}, headers)
-        provider = request.app[SETTINGS].native_provider_id
         items = [
             {
                 "id": str(c.id),
-                "provider": provider,
+                "provider": self.settings.native_provider_id,
                 "balance": to_major(c.balance, c.currency),
                 "caption": c.caption,
                 "relationName": c.relation_name,
@@ -230,101 +229,159 @@ class NativeHandlers:
             }
             for c in page
         ]
-        return json_response(items, headers)
+        return items, content_range(window, len(page), len(cards))
 
-    async def create_card(self, request: web.Request) -> web.Response:
-        body = await read_json(request, CreateCardRequest)
-        settings = request.app[SETTINGS]
-        ledger = request.app[LEDGER]
-        now = ledger.clock()
-        emission = parse_datetime(body.emission_date, "emissionDate") if body.emission_date else now
-        if body.expiring_date:
-            expiring = parse_datetime(body.expiring_date, "expiringDate")
-        elif self.surface is Surface.GIFTCARD_API:
+    async def issue(self, body: bytes, metadata: dict[str, Any], *, expiring_required: bool) -> IssuedCard:
+        request = decode(body, CreateCardRequest)
+        now = self.ledger.clock()
+        emission = parse_datetime(request.emission_date, "emissionDate") if request.emission_date else now
+        if request.expiring_date:
+            expiring = parse_datetime(request.expiring_date, "expiringDate")
+        elif expiring_required:
             raise InvalidRequest("expiringDate is required")
         else:
-            expiring = emission + timedelta(days=settings.default_validity_days)
-        issued = await ledger.issue(
+            expiring = emission + timedelta(days=self.settings.default_validity_days)
+        return await self.ledger.issue(
             IssueCard(
-                relation_name=body.relation_name,
-                caption=body.caption,
-                profile_id=body.profile_id,
-                currency=body.currency_code or settings.default_currency,
+                relation_name=request.relation_name,
+                caption=request.caption,
+                profile_id=request.profile_id,
+                currency=request.currency_code or self.settings.default_currency,
                 emission_date=emission,
                 expiring_date=expiring,
-                restricted_to_owner=body.restricted_to_owner,
-                multiple_credits=body.multiple_credits,
-                multiple_redemptions=body.multiple_redemptions,
+                restricted_to_owner=request.restricted_to_owner,
+                multiple_credits=request.multiple_credits,
+                multiple_redemptions=request.multiple_redemptions,
             ),
-            metadata=event_metadata(request),
+            metadata=metadata,
         )
+
+    async def create_card(self, body: bytes, metadata: dict[str, Any]) -> dict[str, Any]:
+        issued = await self.issue(body, metadata, expiring_required=False)
+        return render_created_for_protocol(issued.card, issued.redemption_code)
+
+    async def get_card(self, card_id: str) -> dict[str, Any]:
+        return render_card(await self.ledger.card(card_id), self.hrefs)
+
+    async def list_transactions(self, card_id: str) -> list[dict[str, Any]]:
+        card = await self.ledger.card(card_id)
+        return [render_transaction_ref(str(card.id), t, self.hrefs) for t in card.transactions.values()]
+
+    async def create_transaction(self, card_id: str, body: bytes, metadata: dict[str, Any]) -> dict[str, Any]:
+        request = decode(body, CreateTransactionRequest)
+        profile = order_info_client(request.order_info)
+        transaction = await self.ledger.create_transaction(
+            card_id,
+            operation=request.operation,
+            value=request.value,
+            description=request.description,
+            request_id=request.request_id,
+            order_info=request.order_info,
+            client=Client(email=profile.email, document=profile.document) if profile else None,
+            metadata=metadata,
+        )
+        return render_transaction_ref(parse_card_id(card_id), transaction, self.hrefs)
+
+    async def get_transaction(self, card_id: str, transaction_id: str) -> dict[str, Any]:
+        card = await self.ledger.card(card_id)
+        return render_transaction(card, card.transaction(transaction_id), self.hrefs)
+
+    async def get_authorization(self, card_id: str, transaction_id: str) -> dict[str, Any]:
+        card = await self.ledger.card(card_id)
+        return render_authorization(card, card.transaction(transaction_id))
+
+    async def list_settlements(self, card_id: str, transaction_id: str) -> list[dict[str, Any]]:
+        card = await self.ledger.card(card_id)
+        return [render_operation(card, op) for op in card.transaction(transaction_id).settlements]
+
+    async def list_cancellations(self, card_id: str, transaction_id: str) -> list[dict[str, Any]]:
+        card = await self.ledger.card(card_id)
+        return [render_operation(card, op) for op in card.transaction(transaction_id).cancellations]
+
+    async def settle(self, card_id: str, transaction_id: str, body: bytes, metadata: dict[str, Any]) -> dict[str, Any]:
+        request = decode(body, OperationRequest)
+        operation = await self.ledger.settle(
+            card_id, transaction_id, value=request.value, request_id=request.request_id, metadata=metadata
+        )
+        return render_operation(await self.ledger.card(card_id), operation)
+
+    async def cancel(self, card_id: str, transaction_id: str, body: bytes, metadata: dict[str, Any]) -> dict[str, Any]:
+        request = decode(body, OperationRequest)
+        operation = await self.ledger.cancel(
+            card_id, transaction_id, value=request.value, request_id=request.request_id, metadata=metadata
+        )
+        return render_operation(await self.ledger.card(card_id), operation)
+
+
+# ---- handlers ----------------------------------------------------------------------
+
+
+class NativeHandlers:
+    """The 11 operations of one surface over HTTP; the Gift Card API differs only in create,
+    get and ``_search``."""
+
+    def __init__(self, surface: Surface, base: str) -> None:
+        self.surface = surface
+        self.hrefs = Hrefs(base)
+
+    def provider(self, request: web.Request) -> NativeProvider:
+        return NativeProvider(request.app[LEDGER], request.app[SETTINGS], self.hrefs)
+
+    async def search(self, request: web.Request) -> web.Response:
+        body = await read_body(request)
+        items, headers = await self.provider(request).search(body, request.headers.get("REST-Range"))
         if self.surface is Surface.PROTOCOL:
-            return json_response(render_created_for_protocol(issued.card, issued.redemption_code))
+            return json_response(items, headers)
+        window = parse_rest_range(request.headers.get("REST-Range"))
+        total = int(headers["REST-Content-Range"].rsplit("/", 1)[1])
+        paging = {
+            "page": window.start // window.size + 1,
+            "perPage": window.size,
+            "total": total,
+            "pages": math.ceil(total / window.size),
+        }
+        return json_response(
+            {"items": [{"id": i["id"], "_self": i["_self"]} for i in items], "paging": paging}, headers
+        )
+
+    async def create_card(self, request: web.Request) -> web.Response:
+        provider = self.provider(request)
+        body = await read_body(request)
+        if self.surface is Surface.PROTOCOL:
+            return json_response(await provider.create_card(body, event_metadata(request)))
+        issued = await provider.issue(body, event_metadata(request), expiring_required=True)
         return json_response(render_card(issued.card, self.hrefs, issued.redemption_code))
 
     async def get_card(self, request: web.Request) -> web.Response:
-        card = await request.app[LEDGER].card(request.match_info["card_id"])
-        return json_response(render_card(card, self.hrefs))
+        return json_response(await self.provider(request).get_card(request.match_info["card_id"]))
 
     async def list_transactions(self, request: web.Request) -> web.Response:
-        card = await request.app[LEDGER].card(request.match_info["card_id"])
-        card_id = str(card.id)
-        return json_response([render_transaction_ref(card_id, t, self.hrefs) for t in card.transactions.values()])
+        return json_response(await self.provider(request).list_transactions(request.match_info["card_id"]))
 
     async def create_transaction(self, request: web.Request) -> web.Response:
-        body = await read_json(request, CreateTransactionRequest)
-        profile = order_info_client(body.order_info)
-        client = Client(email=profile.email, document=profile.document) if profile else None
+        body = await read_body(request)
         card_id = request.match_info["card_id"]
-        transaction = await request.app[LEDGER].create_transaction(
-            card_id,
-            operation=body.operation,
-            value=body.value,
-            description=body.description,
-            request_id=body.request_id,
-            order_info=body.order_info,
-            client=client,
-            metadata=event_metadata(request),
-        )
-        return json_response(render_transaction_ref(parse_card_id(card_id), transaction, self.hrefs))
+        return json_response(await self.provider(request).create_transaction(card_id, body, event_metadata(request)))
 
     async def get_transaction(self, request: web.Request) -> web.Response:
-        card, transaction = await self._card_and_transaction(request)
-        return json_response(render_transaction(card, transaction, self.hrefs))
+        return json_response(await self.provider(request).get_transaction(*_ids(request)))
 
     async def get_authorization(self, request: web.Request) -> web.Response:
-        card, transaction = await self._card_and_transaction(request)
-        return json_response(render_authorization(card, transaction))
+        return json_response(await self.provider(request).get_authorization(*_ids(request)))
 
     async def list_settlements(self, request: web.Request) -> web.Response:
-        card, transaction = await self._card_and_transaction(request)
-        return json_response([render_operation(card, op) for op in transaction.settlements])
+        return json_response(await self.provider(request).list_settlements(*_ids(request)))
 
     async def list_cancellations(self, request: web.Request) -> web.Response:
-        card, transaction = await self._card_and_transaction(request)
-        return json_response([render_operation(card, op) for op in transaction.cancellations])
+        return json_response(await self.provider(request).list_cancellations(*_ids(request)))
 
     async def settle(self, request: web.Request) -> web.Response:
-        body = await read_json(request, OperationRequest)
-        ledger = request.app[LEDGER]
-        card_id, transaction_id = request.match_info["card_id"], request.match_info["transaction_id"]
-        operation = await ledger.settle(
-            card_id, transaction_id, value=body.value, request_id=body.request_id, metadata=event_metadata(request)
-        )
-        return json_response(render_operation(await ledger.card(card_id), operation))
+        body = await read_body(request)
+        return json_response(await self.provider(request).settle(*_ids(request), body, event_metadata(request)))
 
     async def cancel(self, request: web.Request) -> web.Response:
-        body = await read_json(request, OperationRequest)
-        ledger = request.app[LEDGER]
-        card_id, transaction_id = request.match_info["card_id"], request.match_info["transaction_id"]
-        operation = await ledger.cancel(
-            card_id, transaction_id, value=body.value, request_id=body.request_id, metadata=event_metadata(request)
-        )
-        return json_response(render_operation(await ledger.card(card_id), operation))
-
-    async def _card_and_transaction(self, request: web.Request) -> tuple[GiftCard, Transaction]:
-        card = await request.app[LEDGER].card(request.match_info["card_id"])
-        return card, card.transaction(request.match_info["transaction_id"])
+        body = await read_body(request)
+        return json_response(await self.provider(request).cancel(*_ids(request), body, event_metadata(request)))
 
     def routes(self) -> list[web.RouteDef]:
         cards = f"{self.hrefs.base}/giftcards"
@@ -343,3 +400,7 @@ class NativeHandlers:
             web.get(f"{transaction}/cancellations", self.list_cancellations),
             web.post(f"{transaction}/cancellations", self.cancel),
         ]
+
+
+def _ids(request: web.Request) -> tuple[str, str]:
+    return request.match_info["card_id"], request.match_info["transaction_id"]

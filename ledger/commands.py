@@ -171,7 +171,13 @@ class Ledger:
         return await self._execute(card_id, decide, transaction_key(request_id), metadata)
 
     async def settle(
-        self, card_id: str, transaction_id: str, *, value: Decimal, request_id: str, metadata: dict[str, Any] | None = None
+        self,
+        card_id: str,
+        transaction_id: str,
+        *,
+        value: Decimal,
+        request_id: str,
+        metadata: dict[str, Any] | None = None,
     ) -> Operation:
         oid = uuid.uuid4().hex
 
@@ -187,7 +193,13 @@ class Ledger:
         return await self._execute(card_id, decide, settlement_key(transaction_id, request_id), metadata)
 
     async def cancel(
-        self, card_id: str, transaction_id: str, *, value: Decimal, request_id: str, metadata: dict[str, Any] | None = None
+        self,
+        card_id: str,
+        transaction_id: str,
+        *,
+        value: Decimal,
+        request_id: str,
+        metadata: dict[str, Any] | None = None,
     ) -> Operation:
         oid = uuid.uuid4().hex
 
@@ -340,7 +352,9 @@ class Ledger:
         return [NewEvent(s.topic, s.state) for s in map(self._mapper.to_stored_event, pending)]
 
     @staticmethod
-    async def _insert_lookup(connection: asyncpg.Connection, card_id: str, code_hash: bytes, command: IssueCard) -> None:
+    async def _insert_lookup(
+        connection: asyncpg.Connection, card_id: str, code_hash: bytes, command: IssueCard
+    ) -> None:
         try:
             await connection.execute(
                 "insert into card_lookup (card_id, code_hash, relation_name, profile_id) values ($1, $2, $3, $4)",

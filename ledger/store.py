@@ -50,6 +50,9 @@ class Checkpoint(NamedTuple):
     position: int = 0
 
 
+START = Checkpoint()
+
+
 class ChainBroken(Exception):
     """A stream's stored hashes do not follow from its events: something was altered or removed."""
 
@@ -147,7 +150,7 @@ class EventStore:
         rows = await self.pool.fetch(_READ_STREAM, stream_id, from_version, until)
         return [_recorded(row) for row in rows]
 
-    async def read_all(self, after: Checkpoint = Checkpoint(), limit: int = 1000) -> list[RecordedEvent]:
+    async def read_all(self, after: Checkpoint = START, limit: int = 1000) -> list[RecordedEvent]:
         async with self.pool.acquire() as connection:
             rows = await connection.fetch(_READ_ALL, str(after.tx), after.position, limit)
         return [_recorded(row) for row in rows]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -29,16 +31,20 @@ def with_database(url: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server_url() -> Iterator[str]:
     configured = os.environ.get("GIFTCARD_TEST_DATABASE_URL")
     if configured:
         yield configured
         return
-    embedded = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "pgdata")
+    # A folder of its own, not pytest's tmp_path: pytest prunes old base folders, and a second
+    # pytest run on the same machine would delete a running server's data from under it.
+    folder = Path(tempfile.mkdtemp(prefix="giftcard-test-pg-"))
+    embedded = EmbeddedPostgres(folder / "pgdata")
     try:
         yield embedded.url
     finally:
         embedded.stop()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

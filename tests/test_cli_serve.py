@@ -38,11 +38,26 @@ async def wait_healthy(url: str, timeout_s: float = 20.0) -> None:
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_serve_runs_and_stops_cleanly_on_sigterm(database_url, workers):
     port = free_port()
-    env = {**os.environ, "GIFTCARD_DATABASE_URL": database_url, "GIFTCARD_APP_KEY": HUB_KEY,
-           "GIFTCARD_APP_TOKEN": HUB_TOKEN, "GIFTCARD_PROVIDER_APP_KEY": "p", "GIFTCARD_PROVIDER_APP_TOKEN": "p"}
+    env = {
+        **os.environ,
+        "GIFTCARD_DATABASE_URL": database_url,
+        "GIFTCARD_APP_KEY": HUB_KEY,
+        "GIFTCARD_APP_TOKEN": HUB_TOKEN,
+        "GIFTCARD_PROVIDER_APP_KEY": "p",
+        "GIFTCARD_PROVIDER_APP_TOKEN": "p",
+    }
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "hub.cli", "serve", "--port", str(port), "--workers", str(workers), env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "hub.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         base = f"http://127.0.0.1:{port}"

@@ -59,12 +59,18 @@ def debit(card: GiftCard, value: int, request_id: str | None = None, now: dateti
 
 
 def settle(card, tx, value, request_id=None):
-    return card.settle(transaction_id=tx.id, oid=f"o{next(_counter)}", value=value, request_id=request_id or "s", now=NOW)
+    return card.settle(
+        transaction_id=tx.id, oid=f"o{next(_counter)}", value=value, request_id=request_id or "s", now=NOW
+    )
 
 
 def cancel(card, tx, value, request_id=None):
     return card.cancel(
-        transaction_id=tx.id, oid=f"o{next(_counter)}", value=value, request_id=request_id or f"c{next(_counter)}", now=NOW
+        transaction_id=tx.id,
+        oid=f"o{next(_counter)}",
+        value=value,
+        request_id=request_id or f"c{next(_counter)}",
+        now=NOW,
     )
 
 

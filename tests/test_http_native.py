@@ -173,8 +173,11 @@ async def test_missing_credentials_401_and_wrong_ones_403_with_empty_bodies(serv
         wrong = {key_header: "provider-key", token_header: "wrong"}
         async with bare.get(service.base_url + path, headers=wrong) as response:
             assert response.status == 403 and await response.read() == b""
-        swapped = {key_header: "hub-key", token_header: "hub-token"} if "PROVIDER" in key_header else {
-            key_header: "provider-key", token_header: "provider-token"}
+        swapped = (
+            {key_header: "hub-key", token_header: "hub-token"}
+            if "PROVIDER" in key_header
+            else {key_header: "provider-key", token_header: "provider-token"}
+        )
         async with bare.get(service.base_url + path, headers=swapped) as response:
             assert response.status == 403, "one audience's credentials must not open the other"
 
@@ -209,7 +212,9 @@ async def test_vnd_media_types_unknown_fields_and_headers_are_accepted(service):
 async def test_unsupported_media_type_is_a_clear_415(service):
     card = await create_card(service)
     status, body, _ = await service.call(
-        "POST", f"/native/giftcards/{card['id']}/transactions", data=b"operation=Credit",
+        "POST",
+        f"/native/giftcards/{card['id']}/transactions",
+        data=b"operation=Credit",
         headers={"Content-Type": "application/x-www-form-urlencoded"},
     )
     assert status == 415 and body["error"]["code"] == "unsupported_media_type"
@@ -292,7 +297,9 @@ async def test_bad_card_creation_is_refused(service, pool):
     for body, status in cases:
         got, answer, _ = await service.call("POST", "/native/giftcards", body)
         assert got == status and answer["error"]["message"], (body, answer)
-    status, answer, _ = await service.call("POST", "/api/giftcards", {"relationName": "r", "caption": "c", "profileId": "p"})
+    status, answer, _ = await service.call(
+        "POST", "/api/giftcards", {"relationName": "r", "caption": "c", "profileId": "p"}
+    )
     assert status == 400 and "expiringDate" in answer["error"]["message"]
     await create_card(service, relationName="dup")
     status, answer, _ = await service.call(
@@ -320,9 +327,7 @@ async def test_deeply_nested_order_info_is_refused(service):
 async def test_200_concurrent_debits_over_http_exactly_100_succeed(service):
     card = await create_card(service)
     await transact(service, "/native", card["id"], "Credit", 100, "load")
-    results = await asyncio.gather(
-        *(transact(service, "/native", card["id"], "Debit", 1, f"d{i}") for i in range(200))
-    )
+    results = await asyncio.gather(*(transact(service, "/native", card["id"], "Debit", 1, f"d{i}") for i in range(200)))
     statuses = [status for status, _, _ in results]
     assert statuses.count(200) == 100 and statuses.count(422) == 100
     assert (await service.call("GET", f"/native/giftcards/{card['id']}"))[1]["balance"] == 0

@@ -187,9 +187,9 @@ async def test_find_by_code_and_owner(ledger: Ledger):
 
 async def test_redemption_code_is_never_stored_in_clear(ledger: Ledger, pool):
     issued = await issue(ledger)
-    dump = await pool.fetchval(
-        "select string_agg(t::text, ' ') from (select * from events) t"
-    ) + await pool.fetchval("select string_agg(t::text, ' ') from (select * from card_lookup) t")
+    dump = await pool.fetchval("select string_agg(t::text, ' ') from (select * from events) t") + await pool.fetchval(
+        "select string_agg(t::text, ' ') from (select * from card_lookup) t"
+    )
     assert issued.redemption_code not in dump
     assert issued.redemption_code.replace("-", "") not in dump
 

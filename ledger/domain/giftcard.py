@@ -241,7 +241,14 @@ class GiftCard(Aggregate):
         self.balance -= value
 
     def _record_transaction(
-        self, operation: str, transaction_id: str, value: int, description: str, request_id: str, order_info: Any, date: str
+        self,
+        operation: str,
+        transaction_id: str,
+        value: int,
+        description: str,
+        request_id: str,
+        order_info: Any,
+        date: str,
     ) -> None:
         self.transactions[transaction_id] = Transaction(
             id=transaction_id,
