@@ -150,7 +150,7 @@ def _one_or_many(array_schema: dict) -> dict:
     return {"anyOf": [array_schema, array_schema["items"]]}
 
 
-def _priceTags_as_array(object_schema: dict) -> dict:
+def _price_tags_as_array(object_schema: dict) -> dict:
     return {"type": "array", "items": object_schema}
 
 
@@ -184,7 +184,7 @@ DEVIATIONS: tuple[Deviation, ...] = (
     Deviation(
         "hub",
         "/components/schemas/Item1/properties/priceTags",
-        _priceTags_as_array,
+        _price_tags_as_array,
         "NOTES 8.2 and 3.5: the Hub spec types orderInfo.cart.items[].priceTags as one object; that is a "
         "spec bug, it is an array of {name,value} in the Provider and native specs and on the wire.",
     ),
