@@ -7,26 +7,31 @@ so a test can start the whole service on a loopback port and stop it cleanly.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 
+import aiohttp
 from aiohttp import web
 
 from hub import auth
 from hub.config import Settings
+from hub.directory import ProviderDirectory
 from hub.errors import error_middleware, error_response
+from hub.hub_api import HubHandlers
 from hub.native import NativeHandlers, Surface, json_response
-from hub.state import LEDGER, POOL, SETTINGS
+from hub.state import DIRECTORY, LEDGER, POOL, REGISTRY, SETTINGS
 from ledger.commands import Ledger, utc_now
+from ledger.credentials_cipher import CredentialsCipher
 from ledger.database import create_pool
 from ledger.instance_keys import instance_key
 from ledger.migrate import upgrade
+from ledger.providers import ProviderRegistry
 from ledger.store import EventStore
 
 READY_TIMEOUT_S = 2.0
 REQUEST_ID_CHARS_MAX = 128
+PROVIDER_CONNECTIONS_MAX = 256
 
 
 @web.middleware
@@ -58,6 +63,7 @@ def create_app(
     database_url: str,
     *,
     clock: Callable[[], datetime] = utc_now,
+    cipher: CredentialsCipher | None = None,
     announce: Callable[[str, tuple[str, str]], None] = auth.announce,
 ) -> web.Application:
     rings = {
@@ -69,6 +75,7 @@ def create_app(
         middlewares=[request_id_middleware, error_middleware, auth.make_auth_middleware(rings)],
     )
     app[SETTINGS] = settings
+    cipher = cipher or CredentialsCipher.from_env()
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         pool = await create_pool(database_url, size_max=settings.pool_size_max)
@@ -76,17 +83,27 @@ def create_app(
             async with pool.acquire() as connection:
                 await upgrade(connection)
             app[POOL] = pool
-            app[LEDGER] = Ledger(EventStore(pool), await instance_key(pool, "redemption-codes"), clock=clock)
+            store = EventStore(pool)
+            app[LEDGER] = Ledger(store, await instance_key(pool, "redemption-codes"), clock=clock)
             for ring in rings.values():
                 pair = await auth.bootstrap_pair(pool, ring)
                 if pair is not None:
                     announce(ring.audience, pair)
                 await ring.refresh(pool)
-            refresher = asyncio.create_task(auth.keep_refreshed(pool, list(rings.values())))
-            yield
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
+            app[REGISTRY] = ProviderRegistry(store, cipher, settings.native_provider_id)
+            async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=PROVIDER_CONNECTIONS_MAX), auto_decompress=True
+            ) as session:
+                app[DIRECTORY] = ProviderDirectory(app[REGISTRY], session, store, settings)
+                await app[DIRECTORY].refresh()
+                background = [
+                    asyncio.create_task(auth.keep_refreshed(pool, list(rings.values()))),
+                    asyncio.create_task(app[DIRECTORY].keep_refreshed()),
+                ]
+                yield
+                for task in background:
+                    task.cancel()
+                await asyncio.gather(*background, return_exceptions=True)
         finally:
             await pool.close()
 
@@ -95,6 +112,7 @@ def create_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_routes(NativeHandlers(Surface.PROTOCOL, "/native").routes())
     app.router.add_routes(NativeHandlers(Surface.GIFTCARD_API, "/api").routes())
+    app.router.add_routes(HubHandlers().routes())
     return app
 
 

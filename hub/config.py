@@ -19,6 +19,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     body_bytes_max: int = 64 * 1024
     pool_size_max: int = 20
     shutdown_timeout_s: float = 10.0
+    provider_get_card_timeout_s: float = 1.5
+    provider_timeout_s: float = 15.0
+    provider_retries_max: int = 2
+    provider_breaker_failures_max: int = 5
+    provider_breaker_open_s: float = 5.0
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -35,6 +40,17 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             "default_validity_days": int(env.get("GIFTCARD_DEFAULT_VALIDITY_DAYS", defaults.default_validity_days)),
             "body_bytes_max": int(env.get("GIFTCARD_BODY_BYTES_MAX", defaults.body_bytes_max)),
             "pool_size_max": int(env.get("GIFTCARD_POOL_SIZE_MAX", defaults.pool_size_max)),
+            "provider_get_card_timeout_s": float(
+                env.get("GIFTCARD_PROVIDER_GET_CARD_TIMEOUT_S", defaults.provider_get_card_timeout_s)
+            ),
+            "provider_timeout_s": float(env.get("GIFTCARD_PROVIDER_TIMEOUT_S", defaults.provider_timeout_s)),
+            "provider_retries_max": int(env.get("GIFTCARD_PROVIDER_RETRIES_MAX", defaults.provider_retries_max)),
+            "provider_breaker_failures_max": int(
+                env.get("GIFTCARD_PROVIDER_BREAKER_FAILURES_MAX", defaults.provider_breaker_failures_max)
+            ),
+            "provider_breaker_open_s": float(
+                env.get("GIFTCARD_PROVIDER_BREAKER_OPEN_S", defaults.provider_breaker_open_s)
+            ),
         }
         values.update(overrides)
         return cls(**values)

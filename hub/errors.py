@@ -37,6 +37,20 @@ _UNAVAILABLE = (
 )
 
 
+class ApiError(Exception):
+    """A failure that is not the ledger's: a provider that timed out, refused, or answered garbage."""
+
+    def __init__(
+        self, status: int, code: str, message: str, *, detail: object = None, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.detail = detail
+        self.headers = headers
+
+
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
         status=status,
@@ -56,6 +70,11 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     except errors.DomainError as e:
         return error_response(status_of(e), e.code, e.message)
+    except ApiError as e:
+        response = error_response(e.status, e.code, e.message, headers=e.headers)
+        if e.detail is not None:
+            response.body = encode({"error": {"code": e.code, "message": e.message, "detail": e.detail}})
+        return response
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
         return error_response(400, "invalid_request", f"invalid request body: {e}")
     except web.HTTPRequestEntityTooLarge as e:

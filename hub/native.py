@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from hub.config import Settings
-from hub.paging import RestRange, parse_rest_range
+from hub.paging import content_range, page_of, parse_rest_range
 from hub.state import LEDGER, SETTINGS
 from hub.wire import (
     CreateCardRequest,
@@ -186,15 +186,6 @@ async def find_usable_cards(ledger: Ledger, body: SearchRequest) -> list[GiftCar
     else:
         candidates = await ledger.find_by_owner(client)
     return [card for card in candidates if card.is_usable(now)]
-
-
-def page_of(items: list[Any], window: RestRange) -> list[Any]:
-    return items[window.start : window.end + 1]
-
-
-def content_range(window: RestRange, shown: int, total: int) -> dict[str, str]:
-    last = window.start + shown - 1 if shown else window.start
-    return {"REST-Content-Range": f"resources {window.start}-{last}/{total}"}
 
 
 # ---- the Provider Protocol, in process ---------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ledger.domain.errors import InvalidRequest
 
@@ -33,3 +33,12 @@ def parse_rest_range(header: str | None) -> RestRange:
     if end - start + 1 > PAGE_ITEMS_MAX:
         raise InvalidRequest(f"REST-Range asks for more than {PAGE_ITEMS_MAX} items")
     return RestRange(start, end)
+
+
+def page_of(items: list[Any], window: RestRange) -> list[Any]:
+    return items[window.start : window.end + 1]
+
+
+def content_range(window: RestRange, shown: int, total: int) -> dict[str, str]:
+    last = window.start + shown - 1 if shown else window.start
+    return {"REST-Content-Range": f"resources {window.start}-{last}/{total}"}

@@ -6,8 +6,12 @@ import asyncpg
 from aiohttp import web
 
 from hub.config import Settings
+from hub.directory import ProviderDirectory
 from ledger.commands import Ledger
+from ledger.providers import ProviderRegistry
 
 SETTINGS = web.AppKey("settings", Settings)
 POOL = web.AppKey("pool", asyncpg.Pool)
 LEDGER = web.AppKey("ledger", Ledger)
+REGISTRY = web.AppKey("registry", ProviderRegistry)
+DIRECTORY = web.AppKey("directory", ProviderDirectory)

@@ -140,23 +140,48 @@ class Service:
             return response.status, (json.loads(raw) if raw else None), response.headers
 
 
+TEST_SECRET_KEY = "test-secret-key"
+
+
 @pytest.fixture
-async def service(database_url: str, clock: Clock) -> AsyncIterator[Service]:
+async def start_service(database_url: str, clock: Clock) -> AsyncIterator:
+    """Starts the service with the given setting overrides; every one started is stopped after the test."""
     import aiohttp
     from aiohttp import web
 
     from hub.app import create_app
     from hub.config import Settings
+    from ledger.credentials_cipher import CredentialsCipher
 
-    settings = Settings(
-        app_key=HUB_KEY, app_token=HUB_TOKEN, provider_app_key=PROVIDER_KEY, provider_app_token=PROVIDER_TOKEN
-    )
-    app = create_app(settings, database_url, clock=clock)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    async with aiohttp.ClientSession() as session:
-        yield Service(f"http://127.0.0.1:{port}", session, app)
-    await runner.cleanup()
+    runners = []
+    sessions = []
+
+    async def start(**overrides) -> Service:
+        settings = Settings(
+            app_key=HUB_KEY,
+            app_token=HUB_TOKEN,
+            provider_app_key=PROVIDER_KEY,
+            provider_app_token=PROVIDER_TOKEN,
+            **overrides,
+        )
+        app = create_app(settings, database_url, clock=clock, cipher=CredentialsCipher(TEST_SECRET_KEY))
+        runner = web.AppRunner(app)
+        await runner.setup()
+        runners.append(runner)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        session = aiohttp.ClientSession()
+        sessions.append(session)
+        return Service(f"http://127.0.0.1:{port}", session, app)
+
+    yield start
+    for session in sessions:
+        await session.close()
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def service(start_service) -> Service:
+    return await start_service()

@@ -1,0 +1,334 @@
+"""The VTEX Gift Card Hub API: a provider registry, and every gift card call routed to the
+native ledger (in process) or to an external provider (over the Provider Protocol).
+
+The hub validates what it is sent before forwarding it, adds ``provider`` to cards
+and rewrites every link into its own ``/api/giftcardproviders/{pid}/...`` form.
+Settlements and cancellations are posted only for what remains: the hub first
+lists what the provider already recorded, as VTEX's hub does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from hub.errors import ApiError
+from hub.external import ExternalProvider
+from hub.native import Hrefs, NativeProvider, event_metadata, json_response, read_body
+from hub.paging import content_range, page_of, parse_rest_range
+from hub.state import DIRECTORY, LEDGER, REGISTRY, SETTINGS
+from hub.wire import CreateCardRequest, CreateTransactionRequest, OperationRequest, SearchRequest, decode, encode
+from ledger.domain.errors import InvalidRequest
+from ledger.domain.provider import ProviderSpec, check_provider_id
+from ledger.providers import Credentials, ProviderNotFound, RegisteredProvider
+
+PROVIDERS = "/api/giftcardproviders"
+CANCELLATIONS_DISABLED = "cancellations_disabled"
+
+Port = NativeProvider | ExternalProvider
+
+
+class ProviderPut(msgspec.Struct, rename="camel"):
+    service_url: str
+    oauth_provider: str = "vtex"
+    pre_auth_enabled: bool = True
+    cancel_enabled: bool = True
+    id: str | None = None
+    caption: str | None = None
+    app_key: str | None = None
+    app_token: str | None = None
+
+
+def provider_href(provider_id: str) -> str:
+    return f"{PROVIDERS}/{provider_id}"
+
+
+def hub_hrefs(provider_id: str) -> Hrefs:
+    return Hrefs(provider_href(provider_id))
+
+
+# ---- rendering -------------------------------------------------------------------------
+
+
+def render_provider(registered: RegisteredProvider) -> dict[str, Any]:
+    spec = registered.spec
+    return {
+        "id": spec.id,
+        "serviceUrl": spec.service_url,
+        "oauthProvider": spec.oauth_provider,
+        "caption": spec.caption,
+        "preAuthEnabled": spec.pre_auth_enabled,
+        "cancelEnabled": spec.cancel_enabled,
+        "_self": {"href": provider_href(spec.id)},
+    }
+
+
+def render_native_provider(request: web.Request) -> dict[str, Any]:
+    native_id = request.app[SETTINGS].native_provider_id
+    return {
+        "id": native_id,
+        "serviceUrl": f"{request.scheme}://{request.host}/native",
+        "oauthProvider": "vtex",
+        "caption": "Gift card",
+        "preAuthEnabled": True,
+        "cancelEnabled": True,
+        "_self": {"href": provider_href(native_id)},
+    }
+
+
+def link_card(card: dict[str, Any], provider_id: str) -> dict[str, Any]:
+    hrefs = hub_hrefs(provider_id)
+    card_id = str(card.get("id", ""))
+    link = {"href": hrefs.transactions(card_id)}
+    return {
+        **card,
+        "provider": provider_id,
+        "_self": {"href": hrefs.card(card_id)},
+        "transaction": link,
+        "transactions": link,
+    }
+
+
+def link_transaction_ref(ref: dict[str, Any], provider_id: str, card_id: str) -> dict[str, Any]:
+    href = hub_hrefs(provider_id).transaction(card_id, str(ref.get("id", "")))
+    return {**ref, "cardId": card_id, "_self": {"href": href}}
+
+
+def link_transaction(detail: dict[str, Any], provider_id: str, card_id: str, transaction_id: str) -> dict[str, Any]:
+    href = hub_hrefs(provider_id).transaction(card_id, transaction_id)
+    return {
+        **detail,
+        "settlement": {"href": f"{href}/settlements"},
+        "cancellation": {"href": f"{href}/cancellations"},
+        "authorization": {"href": f"{href}/authorization"},
+    }
+
+
+def total_of(operations: list[dict[str, Any]]) -> Decimal:
+    return sum((Decimal(str(op.get("value", 0))) for op in operations), Decimal(0))
+
+
+def check_positive_value(body: bytes) -> OperationRequest:
+    request = decode(body, OperationRequest)
+    if not request.value.is_finite() or request.value <= 0:
+        raise InvalidRequest(f"value must be a positive number, got {request.value}")
+    if not request.request_id.strip():
+        raise InvalidRequest("requestId must be a non-empty string")
+    return request
+
+
+# ---- handlers ----------------------------------------------------------------------------
+
+
+class HubHandlers:
+    # ---- registry ----
+
+    async def list_providers(self, request: web.Request) -> web.Response:
+        window = parse_rest_range(request.headers.get("REST-Range"))
+        directory = request.app[DIRECTORY]
+        await directory.refresh()
+        everything = [render_native_provider(request)] + [render_provider(r) for r in directory.registered.values()]
+        page = page_of(everything, window)
+        return json_response(page, content_range(window, len(page), len(everything)))
+
+    async def get_provider(self, request: web.Request) -> web.Response:
+        provider_id = request.match_info["provider_id"]
+        if provider_id == request.app[SETTINGS].native_provider_id:
+            return json_response(render_native_provider(request))
+        directory = request.app[DIRECTORY]
+        await directory.refresh()
+        registered = directory.registered.get(provider_id)
+        if registered is None:
+            raise ProviderNotFound(f"gift card provider {provider_id!r} not found")
+        return json_response(render_provider(registered))
+
+    async def put_provider(self, request: web.Request) -> web.Response:
+        provider_id = request.match_info["provider_id"]
+        check_provider_id(provider_id)
+        body = decode(await read_body(request), ProviderPut)
+        if body.id is not None and body.id != provider_id:
+            raise InvalidRequest(f"id {body.id!r} in the body must equal the provider id {provider_id!r} in the path")
+        spec = ProviderSpec(
+            id=provider_id,
+            service_url=body.service_url,
+            oauth_provider=body.oauth_provider,
+            caption=body.caption,
+            pre_auth_enabled=body.pre_auth_enabled,
+            cancel_enabled=body.cancel_enabled,
+        )
+        credentials = Credentials(body.app_key, body.app_token) if body.app_key and body.app_token else None
+        registered = await request.app[REGISTRY].put(spec, credentials, metadata=event_metadata(request))
+        await request.app[DIRECTORY].refresh()
+        return json_response(render_provider(registered))
+
+    async def delete_provider(self, request: web.Request) -> web.Response:
+        await request.app[REGISTRY].remove(request.match_info["provider_id"], metadata=event_metadata(request))
+        await request.app[DIRECTORY].refresh()
+        return web.Response(status=200)
+
+    # ---- routing ----
+
+    def port(self, request: web.Request, provider_id: str) -> Port:
+        settings = request.app[SETTINGS]
+        if provider_id == settings.native_provider_id:
+            return NativeProvider(request.app[LEDGER], settings, hub_hrefs(provider_id))
+        external = request.app[DIRECTORY].external(provider_id)
+        if external is None:
+            raise ProviderNotFound(f"gift card provider {provider_id!r} not found")
+        return external
+
+    async def routed(self, request: web.Request) -> tuple[str, Port]:
+        provider_id = request.match_info["provider_id"]
+        is_native = provider_id == request.app[SETTINGS].native_provider_id
+        if not is_native and provider_id not in request.app[DIRECTORY].registered:
+            await request.app[DIRECTORY].refresh()  # registered a moment ago through another process?
+        return provider_id, self.port(request, provider_id)
+
+    async def create_card(self, request: web.Request) -> web.Response:
+        provider_id, port = await self.routed(request)
+        body = await read_body(request)
+        decode(body, CreateCardRequest)  # refuse what no provider could accept, before forwarding
+        created = await port.create_card(body, event_metadata(request))
+        card = link_card(created, provider_id)
+        card.setdefault("discount", False)
+        return json_response(card)
+
+    async def search(self, request: web.Request) -> web.Response:
+        provider_id, port = await self.routed(request)
+        body = await read_body(request)
+        decode(body, SearchRequest)
+        items, headers = await port.search(body, request.headers.get("REST-Range"))
+        return json_response([self._search_item(item, provider_id) for item in items], headers)
+
+    async def search_everywhere(self, request: web.Request) -> web.Response:
+        """Our extension: ``_search`` on every provider at once, merged, with each one's outcome."""
+        body = await read_body(request)
+        decode(body, SearchRequest)
+        directory = request.app[DIRECTORY]
+        await directory.refresh()
+        provider_ids = [request.app[SETTINGS].native_provider_id, *directory.registered]
+        outcomes = await asyncio.gather(*(self._search_one(request, pid, body) for pid in provider_ids))
+        items = [item for found, _ in outcomes for item in found]
+        return json_response({"items": items, "providers": [report for _, report in outcomes]})
+
+    async def _search_one(self, request: web.Request, provider_id: str, body: bytes) -> tuple[list, dict[str, Any]]:
+        started = time.monotonic()
+        report: dict[str, Any] = {"id": provider_id}
+        try:
+            found, _ = await self.port(request, provider_id).search(body, request.headers.get("REST-Range"))
+        except ApiError as e:
+            status = {504: "timeout", 503: "unavailable"}.get(e.status, "failed")
+            report.update(status=status, error={"code": e.code, "message": e.message}, count=0)
+            found = []
+        else:
+            found = [self._search_item(item, provider_id) for item in found]
+            report.update(status="ok", count=len(found))
+        report["latencyMs"] = round((time.monotonic() - started) * 1000, 1)
+        return found, report
+
+    @staticmethod
+    def _search_item(item: dict[str, Any], provider_id: str) -> dict[str, Any]:
+        return {**item, "provider": provider_id, "_self": {"href": hub_hrefs(provider_id).card(str(item.get("id")))}}
+
+    async def get_card(self, request: web.Request) -> web.Response:
+        provider_id, port = await self.routed(request)
+        card = await port.get_card(request.match_info["card_id"])
+        return json_response(link_card(card, provider_id))
+
+    async def list_transactions(self, request: web.Request) -> web.Response:
+        provider_id, port = await self.routed(request)
+        card_id = request.match_info["card_id"]
+        refs = await port.list_transactions(card_id)
+        return json_response([link_transaction_ref(ref, provider_id, card_id) for ref in refs])
+
+    async def create_transaction(self, request: web.Request) -> web.Response:
+        provider_id, port = await self.routed(request)
+        card_id = request.match_info["card_id"]
+        body = await read_body(request)
+        decode(body, CreateTransactionRequest)
+        ref = await port.create_transaction(card_id, body, event_metadata(request))
+        return json_response(link_transaction_ref(ref, provider_id, card_id))
+
+    async def get_transaction(self, request: web.Request) -> web.Response:
+        provider_id, port = await self.routed(request)
+        card_id, transaction_id = request.match_info["card_id"], request.match_info["transaction_id"]
+        detail = await port.get_transaction(card_id, transaction_id)
+        return json_response(link_transaction(detail, provider_id, card_id, transaction_id))
+
+    async def get_authorization(self, request: web.Request) -> web.Response:
+        _, port = await self.routed(request)
+        return json_response(
+            await port.get_authorization(request.match_info["card_id"], request.match_info["transaction_id"])
+        )
+
+    async def list_settlements(self, request: web.Request) -> web.Response:
+        _, port = await self.routed(request)
+        return json_response(
+            await port.list_settlements(request.match_info["card_id"], request.match_info["transaction_id"])
+        )
+
+    async def list_cancellations(self, request: web.Request) -> web.Response:
+        _, port = await self.routed(request)
+        return json_response(
+            await port.list_cancellations(request.match_info["card_id"], request.match_info["transaction_id"])
+        )
+
+    async def settle(self, request: web.Request) -> web.Response:
+        """Settles up to ``value`` in all: only the part not yet settled is posted. Answers the list."""
+        _, port = await self.routed(request)
+        card_id, transaction_id = request.match_info["card_id"], request.match_info["transaction_id"]
+        wanted = check_positive_value(await read_body(request))
+        settlements = await port.list_settlements(card_id, transaction_id)
+        remainder = wanted.value - total_of(settlements)
+        if remainder > 0:
+            body = encode({"value": remainder, "requestId": wanted.request_id})
+            settlements = [*settlements, await port.settle(card_id, transaction_id, body, event_metadata(request))]
+        return json_response(settlements)
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        """Cancels up to ``value`` in all: only the part not yet cancelled is posted.
+
+        Answers the new cancellation, or the latest one when nothing remained to cancel.
+        """
+        provider_id, port = await self.routed(request)
+        if isinstance(port, ExternalProvider) and not port.registered.spec.cancel_enabled:
+            raise ApiError(
+                422, CANCELLATIONS_DISABLED, f"gift card provider {provider_id} does not allow cancellations"
+            )
+        card_id, transaction_id = request.match_info["card_id"], request.match_info["transaction_id"]
+        wanted = check_positive_value(await read_body(request))
+        cancellations = await port.list_cancellations(card_id, transaction_id)
+        remainder = wanted.value - total_of(cancellations)
+        if remainder <= 0:
+            return json_response(cancellations[-1])
+        body = encode({"value": remainder, "requestId": wanted.request_id})
+        return json_response(await port.cancel(card_id, transaction_id, body, event_metadata(request)))
+
+    def routes(self) -> list[web.RouteDef]:
+        provider = f"{PROVIDERS}/{{provider_id}}"
+        cards = f"{provider}/giftcards"
+        card = f"{cards}/{{card_id}}"
+        transaction = f"{card}/transactions/{{transaction_id}}"
+        return [
+            web.get(PROVIDERS, self.list_providers),
+            web.post(f"{PROVIDERS}/_search", self.search_everywhere),
+            web.get(provider, self.get_provider),
+            web.put(provider, self.put_provider),
+            web.delete(provider, self.delete_provider),
+            web.post(cards, self.create_card),
+            web.post(f"{cards}/_search", self.search),
+            web.get(card, self.get_card),
+            web.get(f"{card}/transactions", self.list_transactions),
+            web.post(f"{card}/transactions", self.create_transaction),
+            web.get(transaction, self.get_transaction),
+            web.get(f"{transaction}/authorization", self.get_authorization),
+            web.get(f"{transaction}/settlements", self.list_settlements),
+            web.post(f"{transaction}/settlements", self.settle),
+            web.get(f"{transaction}/cancellations", self.list_cancellations),
+            web.post(f"{transaction}/cancellations", self.cancel),
+        ]
