@@ -17,10 +17,11 @@ from aiohttp import web
 from hub import auth
 from hub.config import Settings
 from hub.directory import ProviderDirectory
+from hub.egress import EgressPolicy, GuardedResolver
 from hub.errors import error_middleware, error_response
 from hub.hub_api import HubHandlers
 from hub.native import NativeHandlers, Surface, json_response
-from hub.state import DIRECTORY, LEDGER, POOL, REGISTRY, SETTINGS
+from hub.state import DIRECTORY, EGRESS, LEDGER, POOL, REGISTRY, SETTINGS
 from ledger.commands import Ledger, utc_now
 from ledger.credentials_cipher import CredentialsCipher
 from ledger.database import create_pool
@@ -76,6 +77,7 @@ def create_app(
     )
     app[SETTINGS] = settings
     cipher = cipher or CredentialsCipher.from_env()
+    app[EGRESS] = EgressPolicy(settings.provider_allowlist)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         pool = await create_pool(database_url, size_max=settings.pool_size_max)
@@ -91,10 +93,11 @@ def create_app(
                     announce(ring.audience, pair)
                 await ring.refresh(pool)
             app[REGISTRY] = ProviderRegistry(store, cipher, settings.native_provider_id)
-            async with aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=PROVIDER_CONNECTIONS_MAX), auto_decompress=True
-            ) as session:
-                app[DIRECTORY] = ProviderDirectory(app[REGISTRY], session, store, settings)
+            connector = aiohttp.TCPConnector(
+                limit=PROVIDER_CONNECTIONS_MAX, resolver=GuardedResolver(app[EGRESS]), use_dns_cache=False
+            )
+            async with aiohttp.ClientSession(connector=connector) as session:
+                app[DIRECTORY] = ProviderDirectory(app[REGISTRY], session, store, settings, app[EGRESS])
                 await app[DIRECTORY].refresh()
                 background = [
                     asyncio.create_task(auth.keep_refreshed(pool, list(rings.values()))),

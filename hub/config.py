@@ -24,6 +24,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     provider_retries_max: int = 2
     provider_breaker_failures_max: int = 5
     provider_breaker_open_s: float = 5.0
+    provider_allowlist: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -47,6 +48,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             "provider_retries_max": int(env.get("GIFTCARD_PROVIDER_RETRIES_MAX", defaults.provider_retries_max)),
             "provider_breaker_failures_max": int(
                 env.get("GIFTCARD_PROVIDER_BREAKER_FAILURES_MAX", defaults.provider_breaker_failures_max)
+            ),
+            "provider_allowlist": tuple(
+                entry.strip() for entry in env.get("GIFTCARD_PROVIDER_ALLOWLIST", "").split(",") if entry.strip()
             ),
             "provider_breaker_open_s": float(
                 env.get("GIFTCARD_PROVIDER_BREAKER_OPEN_S", defaults.provider_breaker_open_s)

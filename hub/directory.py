@@ -12,6 +12,7 @@ import asyncpg
 
 from hub.breaker import CircuitBreaker
 from hub.config import Settings
+from hub.egress import EgressPolicy
 from hub.external import ExternalProvider
 from ledger.providers import ProviderRegistry, RegisteredProvider
 from ledger.store import EventStore
@@ -23,8 +24,14 @@ REFRESH_S = 0.5
 
 class ProviderDirectory:
     def __init__(
-        self, registry: ProviderRegistry, session: aiohttp.ClientSession, store: EventStore, settings: Settings
+        self,
+        registry: ProviderRegistry,
+        session: aiohttp.ClientSession,
+        store: EventStore,
+        settings: Settings,
+        egress: EgressPolicy,
     ) -> None:
+        self.egress = egress
         self.registry = registry
         self.session = session
         self.store = store
@@ -52,4 +59,4 @@ class ProviderDirectory:
             breaker = self.breakers[provider_id] = CircuitBreaker(
                 failures_max=self.settings.provider_breaker_failures_max, open_s=self.settings.provider_breaker_open_s
             )
-        return ExternalProvider(registered, self.session, breaker, self.store, self.settings)
+        return ExternalProvider(registered, self.session, breaker, self.store, self.settings, self.egress)

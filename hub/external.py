@@ -25,6 +25,7 @@ import msgspec
 
 from hub.breaker import CircuitBreaker
 from hub.config import Settings
+from hub.egress import EgressPolicy, refuses_literal
 from hub.errors import ApiError
 from hub.wire import encode
 from ledger.codec import canonical_json
@@ -103,7 +104,9 @@ class ExternalProvider:
         breaker: CircuitBreaker,
         store: EventStore,
         settings: Settings,
+        egress: EgressPolicy,
     ) -> None:
+        self.egress = egress
         self.registered = registered
         self.id = registered.spec.id
         self.session = session
@@ -276,6 +279,8 @@ class ExternalProvider:
         if call.rest_range:
             headers["REST-Range"] = call.rest_range
         url = self.registered.spec.service_url + call.path
+        if refuses_literal(self.egress, url):
+            raise OSError("the provider's address is internal and not in GIFTCARD_PROVIDER_ALLOWLIST")
         async with asyncio.timeout(remaining_s):
             async with self.session.request(
                 call.method, url, data=call.body, headers=headers, allow_redirects=False

@@ -21,10 +21,10 @@ from hub.errors import ApiError
 from hub.external import ExternalProvider
 from hub.native import Hrefs, NativeProvider, event_metadata, json_response, read_body
 from hub.paging import content_range, page_of, parse_rest_range
-from hub.state import DIRECTORY, LEDGER, REGISTRY, SETTINGS
+from hub.state import DIRECTORY, EGRESS, LEDGER, REGISTRY, SETTINGS
 from hub.wire import CreateCardRequest, CreateTransactionRequest, OperationRequest, SearchRequest, decode, encode
 from ledger.domain.errors import InvalidRequest
-from ledger.domain.provider import ProviderSpec, check_provider_id
+from ledger.domain.provider import ProviderSpec, check_provider_id, check_registration
 from ledger.providers import Credentials, ProviderNotFound, RegisteredProvider
 
 PROVIDERS = "/api/giftcardproviders"
@@ -162,6 +162,10 @@ class HubHandlers:
             cancel_enabled=body.cancel_enabled,
         )
         credentials = Credentials(body.app_key, body.app_token) if body.app_key and body.app_token else None
+        check_registration(spec, request.app[SETTINGS].native_provider_id)
+        if credentials is None:
+            raise InvalidRequest("appKey and appToken are required for an external provider")
+        await request.app[EGRESS].check_url(spec.service_url)
         registered = await request.app[REGISTRY].put(spec, credentials, metadata=event_metadata(request))
         await request.app[DIRECTORY].refresh()
         return json_response(render_provider(registered))

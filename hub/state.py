@@ -7,6 +7,7 @@ from aiohttp import web
 
 from hub.config import Settings
 from hub.directory import ProviderDirectory
+from hub.egress import EgressPolicy
 from ledger.commands import Ledger
 from ledger.providers import ProviderRegistry
 
@@ -15,3 +16,4 @@ POOL = web.AppKey("pool", asyncpg.Pool)
 LEDGER = web.AppKey("ledger", Ledger)
 REGISTRY = web.AppKey("registry", ProviderRegistry)
 DIRECTORY = web.AppKey("directory", ProviderDirectory)
+EGRESS = web.AppKey("egress", EgressPolicy)

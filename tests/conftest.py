@@ -157,6 +157,7 @@ async def start_service(database_url: str, clock: Clock) -> AsyncIterator:
     sessions = []
 
     async def start(**overrides) -> Service:
+        overrides.setdefault("provider_allowlist", ("127.0.0.0/8",))  # test providers live on loopback
         settings = Settings(
             app_key=HUB_KEY,
             app_token=HUB_TOKEN,

@@ -429,3 +429,56 @@ def test_secret_key_used_by_tests_is_not_a_real_default():
     from hub.config import Settings
 
     assert TEST_SECRET_KEY not in str(Settings())
+
+
+# ---- egress: no SSRF through serviceUrl ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/v1",
+        "http://localhost:9/v1",
+        "http://10.1.2.3/v1",
+        "http://169.254.169.254/latest",
+        "http://[::1]:9/v1",
+        "http://[::ffff:127.0.0.1]/v1",
+        "http://0.0.0.0/v1",
+    ],
+)
+async def test_service_url_cannot_point_at_internal_addresses_without_an_allowlist(start_service, pool, url):
+    service = await start_service(provider_allowlist=())
+    status, body, _ = await service.call("PUT", f"{HUB}/Evil", {"serviceUrl": url, "appKey": "k", "appToken": "t"})
+    assert status == 400 and body["error"]["code"] == "service_url_not_allowed", body
+    assert await pool.fetchval("select count(*) from providers") == 0
+
+
+async def test_the_allowlist_admits_named_networks_only(start_service):
+    service = await start_service(provider_allowlist=("127.0.0.0/8",))
+    ok = await service.call(
+        "PUT", f"{HUB}/Local", {"serviceUrl": "http://127.0.0.1:9/v1", "appKey": "k", "appToken": "t"}
+    )
+    refused = await service.call(
+        "PUT", f"{HUB}/Lan", {"serviceUrl": "http://10.0.0.1/v1", "appKey": "k", "appToken": "t"}
+    )
+    assert ok[0] == 200 and refused[0] == 400
+
+
+async def test_a_provider_already_registered_is_not_called_once_the_allowlist_no_longer_admits_it(
+    start_service, database_url
+):
+    permissive = await start_service(provider_allowlist=("127.0.0.0/8",))
+    async with start_reference_provider() as provider:
+        await register(permissive, "Acme", provider)
+        card = provider.state.issue_card(balance="5.00")
+        strict = await start_service(provider_allowlist=())
+        before = len(provider.state.requests)
+        status, body, _ = await strict.call("GET", f"{HUB}/Acme/giftcards/{card.id}")
+        assert status == 502 and body["error"]["code"] == "provider_unreachable"
+        assert len(provider.state.requests) == before
+        named = await start_service(provider_allowlist=())
+        named_host = provider.service_url.replace("127.0.0.1", "localhost")
+        await register(permissive, "Named", provider, serviceUrl=named_host)
+        status, body, _ = await named.call("GET", f"{HUB}/Named/giftcards/{card.id}")
+        assert status == 502, "a name resolving to loopback is refused at connection time too"
+        assert len(provider.state.requests) == before

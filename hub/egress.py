@@ -1,0 +1,117 @@
+"""Where the hub may send requests: never to internal addresses, unless an operator allows them.
+
+A ``serviceUrl`` is chosen by whoever can edit the registry; without this check it
+would let them make the hub call loopback admin ports, cloud metadata services or
+the private network (SSRF). Internal means loopback, private, link-local, shared,
+reserved, multicast or unspecified. ``GIFTCARD_PROVIDER_ALLOWLIST`` lists CIDRs
+(``10.0.0.0/8``) or host names (``giftcards.internal``) that are allowed anyway.
+The check runs when a provider is registered and again at every connection, so a
+name that later resolves elsewhere (DNS rebinding) is caught too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from urllib.parse import urlsplit
+
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import ThreadedResolver
+
+from ledger.domain.errors import InvalidRequest
+
+RESOLVE_TIMEOUT_S = 2.0
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class DestinationRefused(InvalidRequest):
+    code = "service_url_not_allowed"
+
+
+def is_internal(address: IPAddress) -> bool:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return (
+        address.is_private
+        or address.is_loopback
+        or address.is_link_local
+        or address.is_reserved
+        or address.is_multicast
+        or address.is_unspecified
+        or (isinstance(address, ipaddress.IPv4Address) and address in ipaddress.ip_network("100.64.0.0/10"))
+    )
+
+
+class EgressPolicy:
+    def __init__(self, allowlist: tuple[str, ...] = ()) -> None:
+        self.networks = []
+        self.hostnames = set()
+        for entry in (e.strip() for e in allowlist if e.strip()):
+            try:
+                self.networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                self.hostnames.add(entry.lower().rstrip("."))
+
+    def permits_address(self, address: IPAddress) -> bool:
+        return not is_internal(address) or any(address in network for network in self.networks)
+
+    def permits_hostname(self, hostname: str) -> bool:
+        return hostname.lower().rstrip(".") in self.hostnames
+
+    async def check_url(self, url: str) -> None:
+        """Refuses a serviceUrl whose host is, or resolves to, an address the hub may not call."""
+        host = urlsplit(url).hostname or ""
+        if self.permits_hostname(host):
+            return
+        for address in await self._addresses(host):
+            if not self.permits_address(address):
+                raise DestinationRefused(
+                    f"serviceUrl host {host!r} is an internal address ({address}); "
+                    "add it to GIFTCARD_PROVIDER_ALLOWLIST to allow it"
+                )
+
+    async def _addresses(self, host: str) -> list[IPAddress]:
+        try:
+            return [ipaddress.ip_address(host)]
+        except ValueError:
+            pass
+        try:
+            async with asyncio.timeout(RESOLVE_TIMEOUT_S):
+                infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except (OSError, TimeoutError):
+            raise InvalidRequest(f"serviceUrl host {host!r} cannot be resolved") from None
+        return [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves names for the provider client, dropping every address the policy refuses."""
+
+    def __init__(self, policy: EgressPolicy) -> None:
+        self.policy = policy
+        self.inner = ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self.inner.resolve(host, port, family)
+        if self.policy.permits_hostname(host):
+            return results
+        allowed = [r for r in results if self.policy.permits_address(ipaddress.ip_address(r["host"].split("%")[0]))]
+        if not allowed:
+            raise OSError(f"{host} resolves only to internal addresses the hub may not call")
+        return allowed
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def refuses_literal(policy: EgressPolicy, url: str) -> bool:
+    """IP literals skip the resolver, so the client checks them itself before connecting."""
+    host = urlsplit(url).hostname or ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return not policy.permits_address(address)
