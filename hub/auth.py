@@ -21,12 +21,19 @@ from dataclasses import dataclass, field
 import asyncpg
 from aiohttp import web
 
+from hub.errors import error_response
+
 log = logging.getLogger(__name__)
 
 HUB = "hub"
 PROVIDER = "provider"
 KEY_REFRESH_S = 2.0
 TOKEN_BYTES = 32
+
+VIEW = "view"
+EDIT = "edit"
+ROLES = (VIEW, EDIT)
+ALL_ROLES = frozenset(ROLES)
 
 HEADERS = {
     HUB: ("X-VTEX-API-AppKey", "X-VTEX-API-AppToken"),
@@ -44,27 +51,61 @@ class KeyRing:
 
     audience: str
     configured: tuple[str, str] | None = None
-    stored: dict[str, bytes] = field(default_factory=dict)
+    stored: dict[str, tuple[bytes, frozenset[str]]] = field(default_factory=dict)
 
-    def verdict(self, key: str | None, token: str | None) -> int:
-        """200 when the pair is accepted, 401 when absent, 403 when wrong."""
+    def verdict(self, key: str | None, token: str | None) -> tuple[int, frozenset[str]]:
+        """(200, roles) when the pair is accepted, 401 when absent, 403 when wrong."""
         if not key or not token:
-            return 401
+            return 401, frozenset()
         if self.configured is not None:
             key_ok = hmac.compare_digest(key.encode(), self.configured[0].encode())
             token_ok = hmac.compare_digest(token.encode(), self.configured[1].encode())
             if key_ok and token_ok:
-                return 200
+                return 200, ALL_ROLES  # the environment's pair bootstraps everything else
         expected = self.stored.get(key)
-        if expected is not None and hmac.compare_digest(token_hash(token), expected):
-            return 200
-        return 403
+        if expected is not None and hmac.compare_digest(token_hash(token), expected[0]):
+            return 200, expected[1]
+        return 403, frozenset()
 
     async def refresh(self, pool: asyncpg.Pool) -> None:
         rows = await pool.fetch(
-            "select app_key, token_hash from api_keys where audience = $1 and revoked_at is null", self.audience
+            "select app_key, token_hash, roles from api_keys where audience = $1 and revoked_at is null", self.audience
         )
-        self.stored = {row["app_key"]: bytes(row["token_hash"]) for row in rows}
+        self.stored = {row["app_key"]: (bytes(row["token_hash"]), frozenset(row["roles"])) for row in rows}
+
+
+# ---- operators' key management (giftcard keys create|list|revoke) ------------------------
+
+
+async def create_key(pool: asyncpg.Pool, audience: str, roles: tuple[str, ...]) -> tuple[str, str]:
+    """A new pair with these roles; the token is returned once and only its hash is stored."""
+    unknown = set(roles) - ALL_ROLES
+    if audience not in HEADERS or unknown or not roles:
+        raise ValueError(f"audience must be one of {sorted(HEADERS)} and roles a non-empty subset of {list(ROLES)}")
+    app_key = f"giftcard-{audience}-{secrets.token_hex(6)}"
+    app_token = secrets.token_urlsafe(TOKEN_BYTES)
+    await pool.execute(
+        "insert into api_keys (app_key, token_hash, audience, roles) values ($1, $2, $3, $4)",
+        app_key,
+        token_hash(app_token),
+        audience,
+        sorted(roles),
+    )
+    return app_key, app_token
+
+
+async def list_keys(pool: asyncpg.Pool) -> list[asyncpg.Record]:
+    return await pool.fetch(
+        "select app_key, audience, roles, bootstrap, created_at, revoked_at from api_keys order by created_at"
+    )
+
+
+async def revoke_key(pool: asyncpg.Pool, app_key: str) -> bool:
+    revoked = await pool.fetchval(
+        "update api_keys set revoked_at = clock_timestamp() where app_key = $1 and revoked_at is null returning 1",
+        app_key,
+    )
+    return revoked is not None
 
 
 async def bootstrap_pair(pool: asyncpg.Pool, ring: KeyRing) -> tuple[str, str] | None:
@@ -114,15 +155,25 @@ def audience_of(path: str) -> str | None:
     return None
 
 
+def role_needed(request: web.Request) -> str:
+    """VTEX's License Manager split: reading (GETs and searches) is "view", anything else "edit"."""
+    if request.method in ("GET", "HEAD") or request.path.endswith("/_search"):
+        return VIEW
+    return EDIT
+
+
 def make_auth_middleware(rings: dict[str, KeyRing]):
     @web.middleware
     async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
         audience = audience_of(request.path)
         if audience is not None:
             key_header, token_header = HEADERS[audience]
-            status = rings[audience].verdict(request.headers.get(key_header), request.headers.get(token_header))
+            status, roles = rings[audience].verdict(request.headers.get(key_header), request.headers.get(token_header))
             if status != 200:
                 return web.Response(status=status)
+            needed = role_needed(request)
+            if audience == HUB and needed not in roles:
+                return error_response(403, "forbidden", f"this key lacks the {needed!r} role for {request.method}")
             request["actor"] = request.headers[key_header]
         return await handler(request)
 

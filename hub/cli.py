@@ -9,15 +9,19 @@ import multiprocessing
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import asyncpg
 from aiohttp import web
 
+from hub import auth
 from hub.app import create_app
 from hub.config import Settings
-from ledger.database import resolve_database_url
+from ledger.database import create_pool, resolve_database_url
 from ledger.migrate import upgrade
 
+T = TypeVar("T")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
@@ -81,22 +85,60 @@ def _worker_main(settings: Settings, url: str, host: str, port: int) -> None:
     run_worker(settings, url, host, port, reuse_port=True)
 
 
-def db_upgrade(args: argparse.Namespace) -> int:
-    async def run() -> list[str]:
-        connection = await asyncpg.connect(url)
+def with_pool(work: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
+    """Runs ``work`` against the configured (or embedded) database with its schema current."""
+
+    async def run() -> T:
+        pool = await create_pool(url, size_min=1, size_max=4)
         try:
-            return await upgrade(connection)
+            async with pool.acquire() as connection:
+                await upgrade(connection)
+            return await work(pool)
         finally:
-            await connection.close()
+            await pool.close()
 
     url, embedded = resolve_database_url()
     try:
-        applied = asyncio.run(run())
+        return asyncio.run(run())
     finally:
         if embedded is not None:
             embedded.stop()
+
+
+def db_upgrade(args: argparse.Namespace) -> int:
+    async def apply(pool: asyncpg.Pool) -> list[str]:
+        async with pool.acquire() as connection:
+            return await upgrade(connection)
+
+    applied = with_pool(apply)
     print("applied: " + ", ".join(applied) if applied else "database schema is current")
     return 0
+
+
+def keys_create(args: argparse.Namespace) -> int:
+    roles = tuple(args.role or auth.ROLES)
+    app_key, app_token = with_pool(lambda pool: auth.create_key(pool, args.audience, roles))
+    key_header, token_header = auth.HEADERS[args.audience]
+    print(f"{key_header}: {app_key}\n{token_header}: {app_token}\n(the token is shown once; only its hash is kept)")
+    return 0
+
+
+def keys_list(args: argparse.Namespace) -> int:
+    rows = with_pool(auth.list_keys)
+    print(f"{'app key':<34} {'audience':<9} {'roles':<10} {'created':<20} revoked")
+    for row in rows:
+        revoked = row["revoked_at"].strftime("%Y-%m-%d %H:%M:%S") if row["revoked_at"] else "-"
+        roles = ",".join(row["roles"]) + (" (bootstrap)" if row["bootstrap"] else "")
+        print(f"{row['app_key']:<34} {row['audience']:<9} {roles:<10} {row['created_at']:%Y-%m-%d %H:%M:%S}  {revoked}")
+    return 0
+
+
+def keys_revoke(args: argparse.Namespace) -> int:
+    if with_pool(lambda pool: auth.revoke_key(pool, args.app_key)):
+        print(f"revoked {args.app_key}; every process refuses it within {auth.KEY_REFRESH_S:g} s")
+        return 0
+    print(f"no active key {args.app_key!r}", file=sys.stderr)
+    return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
     db_commands.add_parser("upgrade", help="apply pending migrations (serve does this at start)").set_defaults(
         run=db_upgrade
     )
+
+    keys = commands.add_parser("keys", help="API credentials: key/token pairs with roles")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_commands.add_parser("create", help="create a pair; the token is printed once")
+    create.add_argument("--audience", choices=sorted(auth.HEADERS), default=auth.HUB, help="who uses it (default hub)")
+    create.add_argument(
+        "--role", action="append", choices=auth.ROLES, help="view (reads and searches) or edit; repeat for both"
+    )
+    create.set_defaults(run=keys_create)
+    keys_commands.add_parser("list", help="list pairs (never their tokens)").set_defaults(run=keys_list)
+    revoke = keys_commands.add_parser("revoke", help="revoke a pair by its app key")
+    revoke.add_argument("app_key")
+    revoke.set_defaults(run=keys_revoke)
     return parser
 
 
