@@ -21,7 +21,8 @@ from hub.egress import EgressPolicy, GuardedResolver
 from hub.errors import error_middleware, error_response
 from hub.hub_api import HubHandlers
 from hub.native import NativeHandlers, Surface, json_response
-from hub.state import DIRECTORY, EGRESS, LEDGER, POOL, REGISTRY, SETTINGS
+from hub.state import DIRECTORY, EGRESS, LEDGER, POOL, REGISTRY, SETTINGS, THROTTLE
+from hub.throttle import LookupThrottle
 from ledger.commands import Ledger, utc_now
 from ledger.credentials_cipher import CredentialsCipher
 from ledger.database import create_pool
@@ -86,6 +87,12 @@ def create_app(
                 await upgrade(connection)
             app[POOL] = pool
             store = EventStore(pool)
+            app[THROTTLE] = LookupThrottle(
+                pool,
+                client_failures_max=settings.lookup_client_failures_max,
+                address_failures_max=settings.lookup_address_failures_max,
+                window_s=settings.lookup_window_s,
+            )
             app[LEDGER] = Ledger(store, await instance_key(pool, "redemption-codes"), clock=clock)
             for ring in rings.values():
                 pair = await auth.bootstrap_pair(pool, ring)

@@ -25,6 +25,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     provider_breaker_failures_max: int = 5
     provider_breaker_open_s: float = 5.0
     provider_allowlist: tuple[str, ...] = ()
+    lookup_client_failures_max: int = 10
+    lookup_address_failures_max: int = 100
+    lookup_window_s: int = 600
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -49,6 +52,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             "provider_breaker_failures_max": int(
                 env.get("GIFTCARD_PROVIDER_BREAKER_FAILURES_MAX", defaults.provider_breaker_failures_max)
             ),
+            "lookup_client_failures_max": int(
+                env.get("GIFTCARD_LOOKUP_CLIENT_FAILURES_MAX", defaults.lookup_client_failures_max)
+            ),
+            "lookup_address_failures_max": int(
+                env.get("GIFTCARD_LOOKUP_ADDRESS_FAILURES_MAX", defaults.lookup_address_failures_max)
+            ),
+            "lookup_window_s": int(env.get("GIFTCARD_LOOKUP_WINDOW_S", defaults.lookup_window_s)),
             "provider_allowlist": tuple(
                 entry.strip() for entry in env.get("GIFTCARD_PROVIDER_ALLOWLIST", "").split(",") if entry.strip()
             ),

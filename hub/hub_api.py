@@ -21,7 +21,7 @@ from hub.errors import ApiError
 from hub.external import ExternalProvider
 from hub.native import Hrefs, NativeProvider, event_metadata, json_response, read_body
 from hub.paging import content_range, page_of, parse_rest_range
-from hub.state import DIRECTORY, EGRESS, LEDGER, REGISTRY, SETTINGS
+from hub.state import DIRECTORY, EGRESS, LEDGER, REGISTRY, SETTINGS, THROTTLE
 from hub.wire import CreateCardRequest, CreateTransactionRequest, OperationRequest, SearchRequest, decode, encode
 from ledger.domain.errors import InvalidRequest
 from ledger.domain.provider import ProviderSpec, check_provider_id, check_registration
@@ -180,7 +180,9 @@ class HubHandlers:
     def port(self, request: web.Request, provider_id: str) -> Port:
         settings = request.app[SETTINGS]
         if provider_id == settings.native_provider_id:
-            return NativeProvider(request.app[LEDGER], settings, hub_hrefs(provider_id))
+            return NativeProvider(
+                request.app[LEDGER], settings, hub_hrefs(provider_id), request.app[THROTTLE], request.remote
+            )
         external = request.app[DIRECTORY].external(provider_id)
         if external is None:
             raise ProviderNotFound(f"gift card provider {provider_id!r} not found")

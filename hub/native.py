@@ -21,7 +21,8 @@ from aiohttp import web
 
 from hub.config import Settings
 from hub.paging import content_range, page_of, parse_rest_range
-from hub.state import LEDGER, SETTINGS
+from hub.state import LEDGER, SETTINGS, THROTTLE
+from hub.throttle import LookupThrottle, lookup_subjects
 from hub.wire import (
     CreateCardRequest,
     CreateTransactionRequest,
@@ -169,18 +170,24 @@ def search_client(body: SearchRequest) -> Client:
     return Client(id=c.id, email=c.email, document=c.document, corporate_document=c.corporate_document)
 
 
-async def find_usable_cards(ledger: Ledger, body: SearchRequest) -> list[GiftCard]:
+async def find_usable_cards(
+    ledger: Ledger, body: SearchRequest, throttle: LookupThrottle, origin: str | None
+) -> list[GiftCard]:
     """A voucher by its code (exactly one, or none), else the client's loyalty cards.
 
     A card with no money or outside its validity is never offered: VTEX's checkout
     breaks on ``balance: 0``. A restricted card found by code needs its owner named.
+    Codes that match nothing count against the shopper and the caller (see hub.throttle).
     """
     client = search_client(body)
     now = ledger.clock()
     code = body.cart.redemption_code if body.cart else None
     if code and code.strip():
+        subjects = lookup_subjects(client.identifiers(), origin)
+        await throttle.check(subjects)
         card = await ledger.find_by_code(code)
         if card is None or (card.restricted_to_owner and not card.is_owned_by(client)):
+            await throttle.record_failure(subjects)
             return []
         candidates = [card]
     else:
@@ -198,15 +205,19 @@ class NativeProvider:
     provider, with no HTTP hop. Bodies arrive as raw JSON bytes and are decoded here.
     """
 
-    def __init__(self, ledger: Ledger, settings: Settings, hrefs: Hrefs) -> None:
+    def __init__(
+        self, ledger: Ledger, settings: Settings, hrefs: Hrefs, throttle: LookupThrottle, origin: str | None
+    ) -> None:
         self.ledger = ledger
         self.settings = settings
         self.hrefs = hrefs
+        self.throttle = throttle
+        self.origin = origin
 
     async def search(self, body: bytes, rest_range: str | None) -> tuple[list[dict[str, Any]], dict[str, str]]:
         request = decode(body, SearchRequest)
         window = parse_rest_range(rest_range)
-        cards = await find_usable_cards(self.ledger, request)
+        cards = await find_usable_cards(self.ledger, request, self.throttle, self.origin)
         page = page_of(cards, window)
         items = [
             {
@@ -316,7 +327,9 @@ class NativeHandlers:
         self.hrefs = Hrefs(base)
 
     def provider(self, request: web.Request) -> NativeProvider:
-        return NativeProvider(request.app[LEDGER], request.app[SETTINGS], self.hrefs)
+        return NativeProvider(
+            request.app[LEDGER], request.app[SETTINGS], self.hrefs, request.app[THROTTLE], request.remote
+        )
 
     async def search(self, request: web.Request) -> web.Response:
         body = await read_body(request)

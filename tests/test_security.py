@@ -97,3 +97,62 @@ def test_every_cli_subcommand_has_help():
 
 async def _is(awaitable, expected: int) -> bool:
     return await awaitable == expected
+
+
+# ---- redemption-code brute force -------------------------------------------------------------
+
+
+async def funded_voucher(service) -> dict:
+    status, card, _ = await service.call(
+        "POST", "/native/giftcards", {"relationName": f"v-{time.monotonic()}", "caption": "c", "profileId": "owner"}
+    )
+    await service.call(
+        "POST", f"/native/giftcards/{card['id']}/transactions", {"operation": "Credit", "value": 5, "requestId": "l"}
+    )
+    return card
+
+
+async def search_code(service, code: str, client_id: str):
+    return await service.call(
+        "POST", "/native/giftcards/_search", {"client": {"id": client_id}, "cart": {"redemptionCode": code}}
+    )
+
+
+async def test_failed_code_lookups_are_limited_per_shopper(start_service):
+    service = await start_service(lookup_client_failures_max=5, lookup_address_failures_max=1000)
+    card = await funded_voucher(service)
+    for i in range(5):
+        status, found, _ = await search_code(service, f"AAAA-BBBB-CCCC-{i:04d}", "guesser")
+        assert (status, found) == (200, [])
+    status, body, headers = await search_code(service, card["redemptionCode"], "guesser")
+    assert status == 429 and body["error"]["code"] == "too_many_failed_lookups"
+    assert int(headers["Retry-After"]) >= 1, "even the right code is not answered once blocked"
+    status, found, _ = await search_code(service, card["redemptionCode"], "rightful-holder")
+    assert status == 200 and [c["id"] for c in found] == [card["id"]], "others are not slowed"
+
+
+async def test_failed_code_lookups_are_limited_per_calling_address(start_service):
+    service = await start_service(lookup_client_failures_max=1000, lookup_address_failures_max=5)
+    for i in range(5):
+        await search_code(service, f"AAAA-BBBB-CCCC-{i:04d}", f"rotating-{i}")
+    status, _, _ = await search_code(service, "AAAA-BBBB-CCCC-9999", "yet-another")
+    assert status == 429
+
+
+async def test_the_limit_holds_across_processes(start_service):
+    first = await start_service(lookup_client_failures_max=4, lookup_address_failures_max=1000)
+    second = await start_service(lookup_client_failures_max=4, lookup_address_failures_max=1000)
+    card = await funded_voucher(first)
+    for i in range(2):
+        await search_code(first, f"AAAA-BBBB-CCCC-{i:04d}", "guesser")
+        await search_code(second, f"AAAA-BBBB-DDDD-{i:04d}", "guesser")
+    # four failures in all, two through each process: both refuse the guesser, right code or not
+    assert (await search_code(first, card["redemptionCode"], "guesser"))[0] == 429
+    assert (await search_code(second, card["redemptionCode"], "guesser"))[0] == 429
+
+
+async def test_successful_lookups_write_nothing(service, pool):
+    card = await funded_voucher(service)
+    for _ in range(3):
+        assert (await search_code(service, card["redemptionCode"], "holder"))[0] == 200
+    assert await pool.fetchval("select count(*) from lookup_failures") == 0
