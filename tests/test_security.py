@@ -19,9 +19,11 @@ CARD = "/api/giftcards/00000000-0000-0000-0000-000000000000"
 
 async def status_with(service, key: str, token: str, method: str = "GET", path: str = CARD, body=None) -> int:
     headers = {"X-VTEX-API-AppKey": key, "X-VTEX-API-AppToken": token}
-    async with aiohttp.ClientSession() as session:
-        async with session.request(method, service.base_url + path, json=body, headers=headers) as response:
-            return response.status
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, service.base_url + path, json=body, headers=headers) as response,
+    ):
+        return response.status
 
 
 async def eventually(check, timeout_s: float = 2 * auth.KEY_REFRESH_S + 1) -> None:
