@@ -25,8 +25,22 @@ def migration_files() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
+async def pending(connection: asyncpg.Connection) -> list[int]:
+    """Versions shipped but not applied; reading this needs no DDL rights."""
+    if await connection.fetchval("select to_regclass('schema_migrations')") is None:
+        return [version for version, _, _ in migration_files()]
+    done = {r["version"] for r in await connection.fetch("select version from schema_migrations")}
+    return [version for version, _, _ in migration_files() if version not in done]
+
+
 async def upgrade(connection: asyncpg.Connection) -> list[str]:
-    """Applies every migration not yet recorded; returns the names applied (empty when current)."""
+    """Applies every migration not yet recorded; returns the names applied (empty when current).
+
+    A current schema is left alone without taking the lock or running any DDL, so the
+    service can run as a role that may not change the schema (see grant_service_role).
+    """
+    if not await pending(connection):
+        return []
     applied_now = []
     async with connection.transaction():
         await connection.execute("select pg_advisory_xact_lock($1)", _LOCK_KEY)
@@ -47,3 +61,20 @@ async def upgrade(connection: asyncpg.Connection) -> list[str]:
             await connection.execute("insert into schema_migrations (version, name) values ($1, $2)", version, name)
             applied_now.append(f"{version:04d}_{name}")
     return applied_now
+
+
+def grant_service_role_statements(role: str) -> list[str]:
+    """What the service's own role may do: everything it needs, and never rewrite history.
+
+    Run by the schema's owner (``giftcard db grant``). Events can be appended and read,
+    but not updated, deleted or truncated; the triggers stay as a second wall.
+    """
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", role):
+        raise ValueError(f"role name {role!r} must be a lower-case SQL identifier")
+    return [
+        f"grant usage on schema public to {role}",
+        f"grant select, insert, update, delete on all tables in schema public to {role}",
+        f"grant usage, select on all sequences in schema public to {role}",
+        f"revoke update, delete, truncate, trigger, references on events from {role}",
+        f"revoke insert, update, delete, truncate on schema_migrations from {role}",
+    ]

@@ -1,0 +1,74 @@
+"""The service's database role can append and read events but never change or remove them,
+even with the triggers switched off: permissions are the first wall, triggers the second."""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from ledger.commands import Ledger
+from ledger.database import create_pool
+from ledger.migrate import grant_service_role_statements, upgrade
+from ledger.store import EventStore
+from tests.cards import issue
+
+
+def as_user(url: str, user: str) -> str:
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, f"{user}@{host}", parts.path, parts.query, parts.fragment))
+
+
+@pytest.fixture
+async def service_role_url(database_url: str, pool) -> str:
+    role = f"giftcard_app_{uuid.uuid4().hex[:8]}"
+    await pool.execute(f"create role {role} login")
+    for statement in grant_service_role_statements(role):
+        await pool.execute(statement)
+    yield as_user(database_url, role)
+    await pool.execute(f"drop owned by {role}")
+    await pool.execute(f"drop role {role}")
+
+
+async def test_the_service_role_runs_the_ledger(service_role_url, clock):
+    pool = await create_pool(service_role_url, size_min=1, size_max=2)
+    try:
+        async with pool.acquire() as connection:
+            assert await upgrade(connection) == [], "a current schema needs no DDL rights"
+        ledger = Ledger(EventStore(pool), code_key=b"k" * 32, clock=clock)
+        card = (await issue(ledger)).card
+        await ledger.create_transaction(
+            str(card.id), operation="Credit", value=Decimal(5), description="x", request_id="r"
+        )
+        assert (await ledger.card(str(card.id))).balance == 500
+    finally:
+        await pool.close()
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "update events set type = 'Forged'",
+        "delete from events",
+        "truncate events",
+        "alter table events disable trigger user",
+        "insert into schema_migrations (version, name) values (999, 'x')",
+    ],
+)
+async def test_the_service_role_cannot_rewrite_history(service_role_url, ledger, statement):
+    await issue(ledger)
+    connection = await asyncpg.connect(service_role_url)
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+def test_role_names_are_checked():
+    with pytest.raises(ValueError):
+        grant_service_role_statements("app; drop table events")
