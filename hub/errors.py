@@ -28,9 +28,16 @@ _STATUS_BY_FAMILY: tuple[tuple[type[errors.DomainError], int], ...] = (
 
 _UNAVAILABLE = (
     asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
+    # SQLSTATE class 57: the server shut down, crashed, is starting, or an operator ended the
+    # session or statement (admin_shutdown, crash_shutdown, cannot_connect_now, query_canceled).
+    asyncpg.OperatorInterventionError,
     asyncpg.TooManyConnectionsError,
     asyncpg.InterfaceError,
+    # When the server ends a pooled connection (pg_terminate_backend), its FATAL message can arrive
+    # before the EOF: the next query, or the pool's reset on release, then fails with "cannot switch
+    # to state N; another operation (2) is in progress" (asyncpg issues #784, #1069). The pool drops
+    # that connection, so a retry works: it is an outage, not a bug of ours.
+    asyncpg.InternalClientError,
     ConnectionError,
     OSError,
     asyncio.TimeoutError,

@@ -331,7 +331,10 @@ class Ledger:
             return
         try:
             await self.store.save_snapshot(card_id, version, loaded.last_hash, take_snapshot(loaded.card))
-        except (OSError, asyncpg.PostgresError):
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError):
+            # The command is already committed and a snapshot is a disposable cache: a connection
+            # cut here (InterfaceError, or asyncpg's InternalClientError race, see hub.errors) must
+            # not turn the committed command's answer into an error.
             log.warning("snapshot of card %s at version %d not saved", card_id, version, exc_info=True)
 
     # ---- cache and locks -------------------------------------------------------

@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 POOL_SIZE_MIN = 2
 POOL_SIZE_MAX = 20
 STATEMENT_TIMEOUT_MS = 15_000
+# A server that accepts connections but never answers must become a 503 quickly, not after
+# asyncpg's default 60 s.
+CONNECT_TIMEOUT_S = 5.0
 
 
 def data_dir() -> Path:
@@ -60,5 +63,6 @@ async def create_pool(url: str, *, size_min: int = POOL_SIZE_MIN, size_max: int 
         min_size=size_min,
         max_size=size_max,
         command_timeout=STATEMENT_TIMEOUT_MS / 1000,
+        timeout=CONNECT_TIMEOUT_S,
         server_settings={"statement_timeout": str(STATEMENT_TIMEOUT_MS), "application_name": "giftcard"},
     )
