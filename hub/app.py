@@ -14,14 +14,15 @@ from datetime import datetime
 import aiohttp
 from aiohttp import web
 
-from hub import auth
+from hub import auth, openapi, read_api
 from hub.config import Settings
 from hub.directory import ProviderDirectory
 from hub.egress import EgressPolicy, GuardedResolver
 from hub.errors import error_middleware, error_response
 from hub.hub_api import HubHandlers
+from hub.metrics import Metrics, make_metrics_middleware, metrics_handler
 from hub.native import NativeHandlers, Surface, json_response
-from hub.state import DIRECTORY, EGRESS, LEDGER, POOL, REGISTRY, SETTINGS, THROTTLE
+from hub.state import DIRECTORY, EGRESS, LEDGER, METRICS, POOL, REGISTRY, SETTINGS, THROTTLE
 from hub.throttle import LookupThrottle
 from ledger.commands import Ledger, utc_now
 from ledger.credentials_cipher import CredentialsCipher
@@ -30,6 +31,8 @@ from ledger.instance_keys import instance_key
 from ledger.migrate import upgrade
 from ledger.providers import ProviderRegistry
 from ledger.store import EventStore
+from projections import read_models
+from projections.runner import ProjectionRunner
 
 READY_TIMEOUT_S = 2.0
 REQUEST_ID_CHARS_MAX = 128
@@ -72,10 +75,17 @@ def create_app(
         auth.HUB: auth.KeyRing(auth.HUB, _pair(settings.app_key, settings.app_token)),
         auth.PROVIDER: auth.KeyRing(auth.PROVIDER, _pair(settings.provider_app_key, settings.provider_app_token)),
     }
+    metrics = Metrics()
     app = web.Application(
         client_max_size=settings.body_bytes_max,
-        middlewares=[request_id_middleware, error_middleware, auth.make_auth_middleware(rings)],
+        middlewares=[
+            make_metrics_middleware(metrics),
+            request_id_middleware,
+            error_middleware,
+            auth.make_auth_middleware(rings),
+        ],
     )
+    app[METRICS] = metrics
     app[SETTINGS] = settings
     cipher = cipher or CredentialsCipher.from_env()
     app[EGRESS] = EgressPolicy(settings.provider_allowlist)
@@ -86,7 +96,7 @@ def create_app(
             async with pool.acquire() as connection:
                 await upgrade(connection)
             app[POOL] = pool
-            store = EventStore(pool)
+            store = EventStore(pool, observe_append=metrics.observe_append)
             app[THROTTLE] = LookupThrottle(
                 pool,
                 client_failures_max=settings.lookup_client_failures_max,
@@ -104,12 +114,15 @@ def create_app(
                 limit=PROVIDER_CONNECTIONS_MAX, resolver=GuardedResolver(app[EGRESS]), use_dns_cache=False
             )
             async with aiohttp.ClientSession(connector=connector) as session:
-                app[DIRECTORY] = ProviderDirectory(app[REGISTRY], session, store, settings, app[EGRESS])
+                app[DIRECTORY] = ProviderDirectory(app[REGISTRY], session, store, settings, app[EGRESS], metrics)
                 await app[DIRECTORY].refresh()
                 background = [
                     asyncio.create_task(auth.keep_refreshed(pool, list(rings.values()))),
                     asyncio.create_task(app[DIRECTORY].keep_refreshed()),
                 ]
+                if settings.run_projections:  # read models; runners in other processes share the work safely
+                    runner = ProjectionRunner(pool, read_models(settings.native_provider_id))
+                    background.append(asyncio.create_task(runner.run_forever()))
                 yield
                 for task in background:
                     task.cancel()
@@ -120,9 +133,12 @@ def create_app(
     app.cleanup_ctx.append(resources)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler(metrics))
     app.router.add_routes(NativeHandlers(Surface.PROTOCOL, "/native").routes())
     app.router.add_routes(NativeHandlers(Surface.GIFTCARD_API, "/api").routes())
     app.router.add_routes(HubHandlers().routes())
+    openapi.add_routes(app)
+    app.router.add_routes(read_api.routes())
     return app
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -18,11 +18,12 @@ from aiohttp import web
 from hub import auth
 from hub.app import create_app
 from hub.config import Settings
+from hub.logs import JsonAccessLogger, configure_logging
 from ledger.database import create_pool, resolve_database_url
-from ledger.migrate import upgrade
+from ledger.migrate import grant_service_role_statements, upgrade
+from projections import cli as projections_cli
 
 T = TypeVar("T")
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -51,7 +52,7 @@ def run_worker(settings: Settings, url: str, host: str, port: int, *, reuse_port
         reuse_port=reuse_port,
         shutdown_timeout=settings.shutdown_timeout_s,
         print=None,
-        access_log_format='%a "%r" %s %b %Tfs',
+        access_log_class=JsonAccessLogger,
     )
 
 
@@ -61,6 +62,8 @@ def run_workers(settings: Settings, url: str, host: str, port: int, count: int) 
     They share nothing but the database, which is all the ledger needs: every
     invariant is checked against the card's stream at append time.
     """
+    # Every worker writes its metrics here, so whichever answers /metrics answers for all.
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="giftcard-metrics-"))
     context = multiprocessing.get_context("spawn")
     workers = [
         context.Process(target=_worker_main, args=(settings, url, host, port), name=f"giftcard-worker-{n}")
@@ -81,7 +84,7 @@ def run_workers(settings: Settings, url: str, host: str, port: int, count: int) 
 
 
 def _worker_main(settings: Settings, url: str, host: str, port: int) -> None:
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    configure_logging()
     run_worker(settings, url, host, port, reuse_port=True)
 
 
@@ -112,6 +115,17 @@ def db_upgrade(args: argparse.Namespace) -> int:
 
     applied = with_pool(apply)
     print("applied: " + ", ".join(applied) if applied else "database schema is current")
+    return 0
+
+
+def db_grant(args: argparse.Namespace) -> int:
+    async def grant(pool: asyncpg.Pool) -> None:
+        async with pool.acquire() as connection, connection.transaction():
+            for statement in grant_service_role_statements(args.role):
+                await connection.execute(statement)
+
+    with_pool(grant)
+    print(f"granted {args.role}: read and append events, never update, delete or truncate them")
     return 0
 
 
@@ -158,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     db_commands.add_parser("upgrade", help="apply pending migrations (serve does this at start)").set_defaults(
         run=db_upgrade
     )
+    grant = db_commands.add_parser("grant", help="grant the service's role what it needs, and no rewriting of events")
+    grant.add_argument("role", help="the existing PostgreSQL role the service connects as")
+    grant.set_defaults(run=db_grant)
 
     keys = commands.add_parser("keys", help="API credentials: key/token pairs with roles")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
@@ -171,11 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = keys_commands.add_parser("revoke", help="revoke a pair by its app key")
     revoke.add_argument("app_key")
     revoke.set_defaults(run=keys_revoke)
+
+    projections_cli.add_commands(commands, native_provider_id=lambda: Settings.from_env().native_provider_id)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    configure_logging()
     args = build_parser().parse_args(argv)
     return args.run(args)
 

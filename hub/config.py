@@ -28,6 +28,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     lookup_client_failures_max: int = 10
     lookup_address_failures_max: int = 100
     lookup_window_s: int = 600
+    run_projections: bool = True
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -59,6 +60,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
                 env.get("GIFTCARD_LOOKUP_ADDRESS_FAILURES_MAX", defaults.lookup_address_failures_max)
             ),
             "lookup_window_s": int(env.get("GIFTCARD_LOOKUP_WINDOW_S", defaults.lookup_window_s)),
+            "run_projections": env.get("GIFTCARD_RUN_PROJECTIONS", "true").strip().lower()
+            not in ("0", "false", "no", "off"),
             "provider_allowlist": tuple(
                 entry.strip() for entry in env.get("GIFTCARD_PROVIDER_ALLOWLIST", "").split(",") if entry.strip()
             ),

@@ -14,6 +14,7 @@ from hub.breaker import CircuitBreaker
 from hub.config import Settings
 from hub.egress import EgressPolicy
 from hub.external import ExternalProvider
+from hub.metrics import Metrics
 from ledger.providers import ProviderRegistry, RegisteredProvider
 from ledger.store import EventStore
 
@@ -30,8 +31,10 @@ class ProviderDirectory:
         store: EventStore,
         settings: Settings,
         egress: EgressPolicy,
+        metrics: Metrics,
     ) -> None:
         self.egress = egress
+        self.metrics = metrics
         self.registry = registry
         self.session = session
         self.store = store
@@ -59,4 +62,4 @@ class ProviderDirectory:
             breaker = self.breakers[provider_id] = CircuitBreaker(
                 failures_max=self.settings.provider_breaker_failures_max, open_s=self.settings.provider_breaker_open_s
             )
-        return ExternalProvider(registered, self.session, breaker, self.store, self.settings, self.egress)
+        return ExternalProvider(registered, self.session, breaker, self.store, self.settings, self.egress, self.metrics)

@@ -27,6 +27,7 @@ from hub.breaker import CircuitBreaker
 from hub.config import Settings
 from hub.egress import EgressPolicy, refuses_literal
 from hub.errors import ApiError
+from hub.metrics import Metrics
 from hub.wire import encode
 from ledger.codec import canonical_json
 from ledger.providers import RegisteredProvider
@@ -105,8 +106,10 @@ class ExternalProvider:
         store: EventStore,
         settings: Settings,
         egress: EgressPolicy,
+        metrics: Metrics,
     ) -> None:
         self.egress = egress
+        self.metrics = metrics
         self.registered = registered
         self.id = registered.spec.id
         self.session = session
@@ -323,6 +326,8 @@ class ExternalProvider:
 
     async def _record(self, call: Call, outcome: str, status: int | None, started: float) -> None:
         """Audit and finance see external providers' activity as events too."""
+        elapsed_s = time.monotonic() - started
+        self.metrics.observe_provider_call(self.id, call.operation, outcome, elapsed_s, self.breaker.state.value)
         data = {
             "operation": call.operation,
             "providerId": self.id,
@@ -332,7 +337,7 @@ class ExternalProvider:
             "requestId": call.request_id,
             "outcome": outcome,
             "httpStatus": status,
-            "latencyMs": round((time.monotonic() - started) * 1000, 1),
+            "latencyMs": round(elapsed_s * 1000, 1),
         }
         try:
             await self.store.append(f"forwarded-{uuid.uuid4()}", 0, [NewEvent(FORWARDED, canonical_json(encode(data)))])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 
@@ -195,6 +195,15 @@ async def find_usable_cards(
     return [card for card in candidates if card.is_usable(now)]
 
 
+def default_expiry(emission: datetime, validity_days: int) -> datetime:
+    try:
+        return emission + timedelta(days=validity_days)
+    except OverflowError:
+        raise InvalidRequest(
+            f"emissionDate {emission.isoformat()} leaves no room for the default validity; send expiringDate"
+        ) from None
+
+
 # ---- the Provider Protocol, in process ---------------------------------------------
 
 
@@ -242,7 +251,7 @@ class NativeProvider:
         elif expiring_required:
             raise InvalidRequest("expiringDate is required")
         else:
-            expiring = emission + timedelta(days=self.settings.default_validity_days)
+            expiring = default_expiry(emission, self.settings.default_validity_days)
         return await self.ledger.issue(
             IssueCard(
                 relation_name=request.relation_name,

@@ -8,6 +8,7 @@ from aiohttp import web
 from hub.config import Settings
 from hub.directory import ProviderDirectory
 from hub.egress import EgressPolicy
+from hub.metrics import Metrics
 from hub.throttle import LookupThrottle
 from ledger.commands import Ledger
 from ledger.providers import ProviderRegistry
@@ -19,3 +20,4 @@ REGISTRY = web.AppKey("registry", ProviderRegistry)
 DIRECTORY = web.AppKey("directory", ProviderDirectory)
 EGRESS = web.AppKey("egress", EgressPolicy)
 THROTTLE = web.AppKey("throttle", LookupThrottle)
+METRICS = web.AppKey("metrics", Metrics)

@@ -84,24 +84,33 @@ def decode(body: bytes, type_: type[Any]) -> Any:
         decoder = _decoders[type_] = msgspec.json.Decoder(type_, float_hook=Decimal)
     if not body.strip():
         raise InvalidRequest("request body must be a JSON object")
+    try:
+        body.decode("utf-8")  # strict: msgspec lets encoded surrogates through, PostgreSQL would not
+    except UnicodeDecodeError:
+        raise InvalidRequest("request body is not valid UTF-8") from None
     value = decoder.decode(body)
-    check_depth(value)
+    check_storable(value)
     return value
 
 
-def check_depth(value: Any, depth: int = 0) -> None:
-    """msgspec bounds recursion itself; this keeps stored orderInfo documents small and flat enough."""
+def check_storable(value: Any, depth: int = 0) -> None:
+    """What PostgreSQL would refuse later is refused here, as a 400 naming it: documents nested
+    deeper than we keep, and the NUL character, which no text or jsonb column can hold."""
     if depth > JSON_DEPTH_MAX:
         raise InvalidRequest(f"JSON nested deeper than {JSON_DEPTH_MAX} levels")
-    if isinstance(value, dict):
-        for item in value.values():
-            check_depth(item, depth + 1)
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise InvalidRequest("text must not contain the NUL character (\\u0000)")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_storable(key, depth + 1)
+            check_storable(item, depth + 1)
     elif isinstance(value, list):
         for item in value:
-            check_depth(item, depth + 1)
+            check_storable(item, depth + 1)
     elif isinstance(value, msgspec.Struct):
         for field in value.__struct_fields__:
-            check_depth(getattr(value, field), depth + 1)
+            check_storable(getattr(value, field), depth + 1)
 
 
 def order_info_client(order_info: dict[str, Any] | None) -> ClientProfile | None:
@@ -113,13 +122,20 @@ def order_info_client(order_info: dict[str, Any] | None) -> ClientProfile | None
         raise InvalidRequest(f"orderInfo: {e}") from None
 
 
+YEAR_MIN = 1900  # VTEX's "never expires" is 9999-12-31; anything before 1900 is a typo
+
+
 def parse_datetime(value: str, field: str) -> datetime:
     """ISO 8601 as VTEX writes it (``2016-01-01T00:00:00``, ``...Z``, 7-digit fractions); naive means UTC."""
     try:
         parsed = datetime.fromisoformat(value)
-    except (TypeError, ValueError):
+        parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        in_utc = parsed.astimezone(UTC)
+    except (TypeError, ValueError, OverflowError):
         raise InvalidRequest(f"{field} must be an ISO 8601 date-time, got {value!r}") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    if in_utc.year < YEAR_MIN:
+        raise InvalidRequest(f"{field} must be after the year {YEAR_MIN}, got {value!r}")
+    return in_utc
 
 
 def format_datetime(value: datetime | str) -> str:

@@ -9,7 +9,8 @@ skips an event whose transaction commits after a newer one.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -96,8 +97,9 @@ _metadata_encoder = msgspec.json.Encoder()
 
 
 class EventStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, observe_append: Callable[[float], None] | None = None) -> None:
         self.pool = pool
+        self.observe_append = observe_append
 
     async def append(
         self,
@@ -131,6 +133,7 @@ class EventStore:
             idempotency_key,
             previous_hash,
         )
+        started = time.perf_counter()
         try:
             if connection is None:
                 rows = await self.pool.fetch(_APPEND, *args)
@@ -142,6 +145,8 @@ class EventStore:
             raise InvalidRequest(f"request contains text PostgreSQL cannot store: {e.args[0]}") from e
         if len(rows) != len(events):
             raise ConcurrentUpdate(f"stream {stream_id} is not at version {expected_version}")
+        if self.observe_append is not None:
+            self.observe_append(time.perf_counter() - started)
         return last
 
     async def read_stream(
@@ -150,8 +155,14 @@ class EventStore:
         rows = await self.pool.fetch(_READ_STREAM, stream_id, from_version, until)
         return [_recorded(row) for row in rows]
 
-    async def read_all(self, after: Checkpoint = START, limit: int = 1000) -> list[RecordedEvent]:
-        async with self.pool.acquire() as connection:
+    async def read_all(
+        self, after: Checkpoint = START, limit: int = 1000, *, connection: asyncpg.Connection | None = None
+    ) -> list[RecordedEvent]:
+        """Events after ``after`` in commit order; pass ``connection`` to read inside its transaction
+        (a projection batch reads, applies and moves its checkpoint in one)."""
+        if connection is None:
+            rows = await self.pool.fetch(_READ_ALL, str(after.tx), after.position, limit)
+        else:
             rows = await connection.fetch(_READ_ALL, str(after.tx), after.position, limit)
         return [_recorded(row) for row in rows]
 

@@ -1,0 +1,116 @@
+"""Prometheus metrics: what an operator watches (``GET /metrics``).
+
+Each application owns its registry, so several apps in one process (tests) do
+not share counters. With ``serve --workers N`` every worker writes to
+``PROMETHEUS_MULTIPROC_DIR`` and any worker answers for all of them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0)
+BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "giftcard_http_requests", "HTTP requests answered", ["method", "route", "status"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "giftcard_http_request_seconds",
+            "HTTP request latency",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.provider_calls = Counter(
+            "giftcard_provider_calls",
+            "Calls forwarded to external providers",
+            ["provider", "operation", "outcome"],
+            registry=r,
+        )
+        self.provider_seconds = Histogram(
+            "giftcard_provider_call_seconds",
+            "Latency of calls forwarded to external providers",
+            ["provider"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            "giftcard_provider_breaker_state",
+            "Circuit breaker per provider: 0 closed, 1 half-open, 2 open",
+            ["provider"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.append_seconds = Histogram(
+            "giftcard_event_append_seconds", "Event store append latency", buckets=LATENCY_BUCKETS_S, registry=r
+        )
+        self.projection_lag_events = Gauge(
+            "giftcard_projection_lag_events",
+            "Events not yet applied by a projection",
+            ["projection"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.projection_lag_seconds = Gauge(
+            "giftcard_projection_lag_seconds",
+            "Age of the oldest event a projection has not applied",
+            ["projection"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+
+    def observe_append(self, seconds: float) -> None:
+        self.append_seconds.observe(seconds)
+
+    def observe_provider_call(self, provider: str, operation: str, outcome: str, seconds: float, breaker: str) -> None:
+        self.provider_calls.labels(provider, operation, outcome).inc()
+        self.provider_seconds.labels(provider).observe(seconds)
+        self.breaker_state.labels(provider).set(BREAKER_STATES[breaker])
+
+    def render(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+
+def make_metrics_middleware(metrics: Metrics):
+    @web.middleware
+    async def metrics_middleware(request: web.Request, handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as e:
+            status = e.status
+            raise
+        finally:
+            route = request.match_info.route.resource
+            label = route.canonical if route is not None else "unmatched"
+            metrics.requests.labels(request.method, label, str(status)).inc()
+            metrics.request_seconds.labels(request.method, label).observe(time.perf_counter() - started)
+
+    return metrics_middleware
+
+
+def metrics_handler(metrics: Metrics):
+    async def handler(request: web.Request) -> web.Response:
+        response = web.Response(body=metrics.render())
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    return handler

@@ -1,0 +1,174 @@
+"""Read model: the balance of every native card, and how it came to be.
+
+``available`` is the card's balance; ``credited`` and ``debited`` are its Credits and Debits
+net of their cancellations (so available = credited - debited), ``authorized`` what its
+Debits still hold, ``settled`` what settlements captured less what was refunded (so
+debited = authorized + settled). The table's checks hold the runner to that arithmetic.
+Only native cards have balances here: an external provider keeps its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+
+from ledger.store import RecordedEvent
+from projections import events as ev
+from projections.projection import Handler, Projection, execute_one
+
+NAME = "card_balances"
+
+_INSERT_CARD = """
+insert into read_card_balances
+    (card_id, currency, relation_name, emission_date, expiring_date, issued_at, last_activity_at)
+values ($1, $2, $3, $4, $5, $6, $6)
+"""
+
+_REMEMBER_TRANSACTION = """
+insert into read_card_balance_transactions (card_id, transaction_id, operation) values ($1, $2, $3)
+"""
+
+_CREDIT = """
+update read_card_balances
+set available = available + $2::bigint, credited = credited + $2::bigint,
+    last_activity_at = greatest(last_activity_at, $3)
+where card_id = $1
+"""
+
+_DEBIT = """
+update read_card_balances
+set available = available - $2::bigint, debited = debited + $2::bigint, authorized = authorized + $2::bigint,
+    last_activity_at = greatest(last_activity_at, $3)
+where card_id = $1
+"""
+
+# A settlement of a Debit moves its amount from authorized to settled; a Credit's changes no balance.
+_SETTLE = """
+update read_card_balances b
+set authorized = b.authorized - case t.operation when 'Debit' then $3::bigint else 0 end,
+    settled = b.settled + case t.operation when 'Debit' then $3::bigint else 0 end,
+    last_activity_at = greatest(b.last_activity_at, $4)
+from read_card_balance_transactions t
+where b.card_id = $1 and t.card_id = $1 and t.transaction_id = $2
+"""
+
+# $3 value = $4 released (from the hold) + $5 refunded (from what was settled).
+# Cancelling a Debit gives the money back to the card; cancelling a Credit takes it back.
+_CANCEL = """
+update read_card_balances b
+set available = b.available + case t.operation when 'Debit' then $3::bigint else -$3::bigint end,
+    credited = b.credited - case t.operation when 'Credit' then $3::bigint else 0 end,
+    debited = b.debited - case t.operation when 'Debit' then $3::bigint else 0 end,
+    authorized = b.authorized - case t.operation when 'Debit' then $4::bigint else 0 end,
+    settled = b.settled - case t.operation when 'Debit' then $5::bigint else 0 end,
+    last_activity_at = greatest(b.last_activity_at, $6)
+from read_card_balance_transactions t
+where b.card_id = $1 and t.card_id = $1 and t.transaction_id = $2
+"""
+
+# ---- reads ---------------------------------------------------------------------------------
+
+_STATUS = """
+case when b.expiring_date < now() then 'expired'
+     when b.emission_date > now() then 'not_yet_valid'
+     else 'active' end
+"""
+
+_COLUMNS = f"""
+b.card_id, b.currency, b.available, b.authorized, b.settled, b.credited, b.debited, b.relation_name,
+b.emission_date, b.expiring_date, b.issued_at, b.last_activity_at, {_STATUS} as status
+"""
+
+_FILTER = f"""
+from read_card_balances b
+where ($1::text is null or b.currency = $1) and ($2::text is null or {_STATUS} = $2)
+"""
+
+_COUNT = f"select count(*) {_FILTER}"
+_PAGE = f"select {_COLUMNS} {_FILTER} order by b.issued_at, b.card_id offset $3 limit $4"
+_ONE = f"select {_COLUMNS} from read_card_balances b where b.card_id = $1"
+
+STATUSES = ("active", "expired", "not_yet_valid")
+
+
+@dataclass(frozen=True)
+class BalanceFilter:
+    currency: str | None = None
+    status: str | None = None
+
+
+class CardBalances(Projection):
+    name = NAME
+    tables = ("read_card_balances", "read_card_balance_transactions")
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            ev.ISSUED: self.issued,
+            ev.CREDITED: self.transaction_created,
+            ev.DEBITED: self.transaction_created,
+            ev.SETTLED: self.settled,
+            ev.CANCELLED: self.cancelled,
+        }
+
+    async def issued(self, connection: asyncpg.Connection, event: RecordedEvent) -> None:
+        card = ev.decode(event, ev.Issued)
+        await connection.execute(
+            _INSERT_CARD,
+            event.stream_id,
+            card.currency,
+            card.relation_name,
+            ev.instant(card.emission_date),
+            ev.instant(card.expiring_date),
+            ev.instant(card.issued_at),
+        )
+
+    async def transaction_created(self, connection: asyncpg.Connection, event: RecordedEvent) -> None:
+        created = ev.decode(event, ev.TransactionCreated)
+        operation = ev.OPERATION_OF[event.type]
+        await connection.execute(_REMEMBER_TRANSACTION, event.stream_id, created.transaction_id, operation)
+        sql = _CREDIT if event.type == ev.CREDITED else _DEBIT
+        await execute_one(connection, sql, event.stream_id, created.value, ev.instant(created.date), event=event)
+
+    async def settled(self, connection: asyncpg.Connection, event: RecordedEvent) -> None:
+        settled = ev.decode(event, ev.Settled)
+        await execute_one(
+            connection,
+            _SETTLE,
+            event.stream_id,
+            settled.transaction_id,
+            settled.value,
+            ev.instant(settled.date),
+            event=event,
+        )
+
+    async def cancelled(self, connection: asyncpg.Connection, event: RecordedEvent) -> None:
+        cancelled = ev.decode(event, ev.Cancelled)
+        await execute_one(
+            connection,
+            _CANCEL,
+            event.stream_id,
+            cancelled.transaction_id,
+            cancelled.value,
+            cancelled.released,
+            cancelled.refunded,
+            ev.instant(cancelled.date),
+            event=event,
+        )
+
+
+# ---- queries for the read API ----------------------------------------------------------------
+
+
+async def list_balances(
+    connection: asyncpg.Connection, where: BalanceFilter, offset: int, limit: int
+) -> tuple[list[asyncpg.Record], int]:
+    """A page of balances in issue order, and how many match in all (one snapshot for both)."""
+    async with connection.transaction(isolation="repeatable_read", readonly=True):
+        total = await connection.fetchval(_COUNT, where.currency, where.status)
+        rows = await connection.fetch(_PAGE, where.currency, where.status, offset, limit)
+    return rows, total
+
+
+async def one_balance(connection: asyncpg.Connection, card_id: str) -> asyncpg.Record | None:
+    return await connection.fetchrow(_ONE, card_id)

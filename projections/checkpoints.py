@@ -1,0 +1,142 @@
+"""Checkpoints and the lock that makes one projection advance in one place at a time.
+
+All of the checkpoint SQL is here. A batch takes ``pg_try_advisory_xact_lock`` on its
+projection (a second runner skips instead of waiting), and moves the checkpoint with a
+compare-and-set on the position it started from: even without the lock, two batches that
+started from the same checkpoint could not both commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+import asyncpg
+import msgspec
+
+from ledger.store import Checkpoint, RecordedEvent
+
+# Advisory lock namespaces (the two-int4 form; the second key is hashtext(projection name)).
+BATCH_LOCK_CLASS = 0x70726F6A  # "proj": held by the transaction applying a batch, or swapping a rebuild in
+REBUILD_LOCK_CLASS = 0x72656275  # "rebu": held by the session rebuilding a projection
+LAG_EVENTS_COUNTED_MAX = 100_000  # status counts at most this many unapplied events (then says "at least")
+
+_ENSURE = """
+insert into projection_checkpoints (name) select unnest($1::text[]) on conflict (name) do nothing
+"""
+
+_TRY_LOCK = "select pg_try_advisory_xact_lock($1, hashtext($2))"
+_WAIT_FOR_LOCK = "select pg_advisory_xact_lock($1, hashtext($2))"
+
+_LOAD = "select tx::text::bigint as tx, position from projection_checkpoints where name = $1"
+
+_ADVANCE = """
+update projection_checkpoints
+set tx = $4::text::xid8, position = $5, events_applied = events_applied + $6, last_event_at = $7,
+    updated_at = clock_timestamp()
+where name = $1 and tx = $2::text::xid8 and position = $3
+"""
+
+_REPLACE = """
+update projection_checkpoints
+set tx = $2::text::xid8, position = $3, events_applied = $4, last_event_at = $5,
+    updated_at = clock_timestamp(), rebuilt_at = clock_timestamp()
+where name = $1
+"""
+
+# Lag: how many committed events lie after the checkpoint, and how long the next one has waited.
+_STATUS = """
+select c.name, c.tx::text::bigint as tx, c.position, c.events_applied, c.last_event_at, c.updated_at, c.rebuilt_at,
+       (select count(*) from (select 1 from events e where (e.tx, e.position) > (c.tx, c.position) limit $2) behind)
+           as lag_events,
+       (select e.recorded_at from events e where (e.tx, e.position) > (c.tx, c.position)
+        order by e.tx, e.position limit 1) as next_event_at,
+       clock_timestamp() as now,
+       exists (select 1 from pg_locks l where l.locktype = 'advisory' and l.granted and l.objsubid = 2
+               and l.classid = $3::int4::oid and l.objid = hashtext(c.name)::oid) as rebuilding
+from projection_checkpoints c
+where $1::text[] is null or c.name = any($1::text[])
+order by c.name
+"""
+
+
+class CheckpointMoved(Exception):
+    """Another runner committed this projection's batch first; this batch is rolled back."""
+
+
+class ProjectionStatus(msgspec.Struct, frozen=True):
+    name: str
+    checkpoint: Checkpoint
+    events_applied: int
+    last_event_at: datetime | None
+    updated_at: datetime
+    rebuilt_at: datetime | None
+    lag_events: int
+    lag_events_capped: bool  # lag_events is a lower bound: counting stopped at LAG_EVENTS_COUNTED_MAX
+    lag_s: float  # how long the oldest unapplied event has waited; 0 when caught up
+    rebuilding: bool
+
+
+async def ensure_checkpoints(connection: asyncpg.Connection, names: Sequence[str]) -> None:
+    await connection.execute(_ENSURE, list(names))
+
+
+async def try_lock(connection: asyncpg.Connection, name: str) -> bool:
+    return await connection.fetchval(_TRY_LOCK, BATCH_LOCK_CLASS, name)
+
+
+async def wait_for_lock(connection: asyncpg.Connection, name: str) -> None:
+    await connection.execute(_WAIT_FOR_LOCK, BATCH_LOCK_CLASS, name)
+
+
+async def load(connection: asyncpg.Connection, name: str) -> Checkpoint:
+    row = await connection.fetchrow(_LOAD, name)
+    if row is None:
+        raise LookupError(f"projection {name!r} has no checkpoint; the runner creates it at start")
+    return Checkpoint(row["tx"], row["position"])
+
+
+async def advance(
+    connection: asyncpg.Connection, name: str, after: Checkpoint, events: Sequence[RecordedEvent]
+) -> None:
+    last = events[-1]
+    status = await connection.execute(
+        _ADVANCE, name, str(after.tx), after.position, str(last.tx), last.position, len(events), last.recorded_at
+    )
+    if status != "UPDATE 1":
+        raise CheckpointMoved(f"projection {name!r} moved past {after} while this batch was applied")
+
+
+async def replace(
+    connection: asyncpg.Connection,
+    name: str,
+    checkpoint: Checkpoint,
+    events_applied: int,
+    last_event_at: datetime | None,
+) -> None:
+    await connection.execute(_REPLACE, name, str(checkpoint.tx), checkpoint.position, events_applied, last_event_at)
+
+
+async def statuses(
+    connection: asyncpg.Connection | asyncpg.Pool, names: Sequence[str] | None = None
+) -> list[ProjectionStatus]:
+    rows = await connection.fetch(
+        _STATUS, None if names is None else list(names), LAG_EVENTS_COUNTED_MAX, REBUILD_LOCK_CLASS
+    )
+    return [_status(row) for row in rows]
+
+
+def _status(row: asyncpg.Record) -> ProjectionStatus:
+    waited = row["now"] - row["next_event_at"] if row["next_event_at"] is not None else None
+    return ProjectionStatus(
+        name=row["name"],
+        checkpoint=Checkpoint(row["tx"], row["position"]),
+        events_applied=row["events_applied"],
+        last_event_at=row["last_event_at"],
+        updated_at=row["updated_at"],
+        rebuilt_at=row["rebuilt_at"],
+        lag_events=row["lag_events"],
+        lag_events_capped=row["lag_events"] >= LAG_EVENTS_COUNTED_MAX,
+        lag_s=max(0.0, waited.total_seconds()) if waited is not None else 0.0,
+        rebuilding=row["rebuilding"],
+    )

@@ -1,0 +1,172 @@
+"""``giftcard projections run | status | rebuild NAME``.
+
+``hub/cli.py`` adds these with one call to ``add_commands``; the native provider's id (which
+the read models mark native cards with) is passed in, so this package needs nothing of the hub.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import asyncpg
+from tqdm import tqdm
+
+from ledger.database import create_pool, resolve_database_url
+from ledger.migrate import upgrade
+from projections import checkpoints, names, read_model, read_models
+from projections.checkpoints import ProjectionStatus
+from projections.rebuild import RebuildInProgress, count_events, rebuild
+from projections.runner import BATCH_EVENTS_MAX, POLL_INTERVAL_S, ProjectionRunner
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+POOL_SIZE_MAX = 2  # a runner or a rebuild holds one connection at a time; one spare for status
+
+
+def add_commands(commands: argparse._SubParsersAction, native_provider_id: Callable[[], str]) -> None:
+    """Adds the ``projections`` command group; ``native_provider_id`` reads it from the settings."""
+    group = commands.add_parser("projections", help="read models: run the projection runner, status, rebuild")
+    sub = group.add_subparsers(dest="projections_command", required=True)
+
+    run = sub.add_parser("run", help="keep every read model current (also runs inside serve by default)")
+    run.add_argument("--once", action="store_true", help="catch up, then exit")
+    _batch_option(run)
+    run.add_argument(
+        "--poll-interval-s",
+        type=float,
+        default=POLL_INTERVAL_S,
+        help=f"wait when caught up (default {POLL_INTERVAL_S})",
+    )
+    run.set_defaults(run=lambda args: run_command(args, native_provider_id()))
+
+    status = sub.add_parser("status", help="each projection's position and lag")
+    status.add_argument("--json", action="store_true", help="one JSON object per projection")
+    status.set_defaults(run=status_command)
+
+    again = sub.add_parser("rebuild", help="rebuild one read model from zero while the service keeps running")
+    again.add_argument("name", choices=names(), help="the projection to rebuild")
+    _batch_option(again)
+    again.set_defaults(run=lambda args: rebuild_command(args, native_provider_id()))
+
+
+def _batch_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--batch-events-max",
+        type=int,
+        default=BATCH_EVENTS_MAX,
+        help=f"events per transaction (default {BATCH_EVENTS_MAX})",
+    )
+
+
+# ---- commands ------------------------------------------------------------------------------
+
+
+def run_command(args: argparse.Namespace, native_provider_id: str) -> int:
+    async def work(pool: asyncpg.Pool) -> None:
+        runner = ProjectionRunner(
+            pool,
+            read_models(native_provider_id),
+            batch_events_max=args.batch_events_max,
+            poll_interval_s=args.poll_interval_s,
+            on_batch=lambda name, count: log.info("projection %s applied %d event(s)", name, count),
+        )
+        if args.once:
+            applied = await runner.catch_up()
+            print(f"caught up: {applied} event(s) applied")
+            return
+        await _until_signalled(runner.run_forever())
+
+    _with_pool(work)
+    return 0
+
+
+def status_command(args: argparse.Namespace) -> int:
+    found = _with_pool(checkpoints.statuses)
+    if args.json:
+        for status in found:
+            print(json.dumps(_status_json(status)))
+        return 0
+    print(f"{'projection':<20} {'position (tx:pos)':<22} {'applied':>9} {'lag events':>11} {'lag s':>8}  last event")
+    for status in found:
+        position = f"{status.checkpoint.tx}:{status.checkpoint.position}"
+        lag = f"{status.lag_events}{'+' if status.lag_events_capped else ''}"
+        last = "-" if status.last_event_at is None else f"{status.last_event_at:%Y-%m-%d %H:%M:%S}"
+        note = "  (rebuilding)" if status.rebuilding else ""
+        print(
+            f"{status.name:<20} {position:<22} {status.events_applied:>9} {lag:>11} {status.lag_s:>8.1f}  {last}{note}"
+        )
+    return 0
+
+
+def rebuild_command(args: argparse.Namespace, native_provider_id: str) -> int:
+    projection = read_model(args.name, native_provider_id)
+
+    async def work(pool: asyncpg.Pool) -> int:
+        with tqdm(total=await count_events(pool), unit="event", desc=f"rebuild {projection.name}") as bar:
+            result = await rebuild(pool, projection, batch_events_max=args.batch_events_max, on_progress=bar.update)
+        return result.events_applied
+
+    try:
+        applied = _with_pool(work)
+    except RebuildInProgress as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    print(f"rebuilt {projection.name}: {applied} event(s) replayed, swapped in")
+    return 0
+
+
+# ---- plumbing ------------------------------------------------------------------------------
+
+
+def _status_json(status: ProjectionStatus) -> dict[str, object]:
+    return {
+        "name": status.name,
+        "tx": status.checkpoint.tx,
+        "position": status.checkpoint.position,
+        "eventsApplied": status.events_applied,
+        "lagEvents": status.lag_events,
+        "lagEventsCapped": status.lag_events_capped,
+        "lagSeconds": round(status.lag_s, 3),
+        "lastEventAt": None if status.last_event_at is None else status.last_event_at.isoformat(),
+        "rebuilding": status.rebuilding,
+    }
+
+
+async def _until_signalled(work: Awaitable[None]) -> None:
+    """Runs ``work`` until SIGTERM or SIGINT, then cancels it: an open batch rolls back, nothing is lost."""
+    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        log.info("projection runner stopped")
+
+
+def _with_pool(work: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
+    """Runs ``work`` against the configured (or embedded) database, its schema brought current first."""
+
+    async def run() -> T:
+        pool = await create_pool(url, size_min=1, size_max=POOL_SIZE_MAX)
+        try:
+            async with pool.acquire() as connection:
+                await upgrade(connection)
+            return await work(pool)
+        finally:
+            await pool.close()
+
+    url, embedded = resolve_database_url()
+    try:
+        return asyncio.run(run())
+    finally:
+        if embedded is not None:
+            embedded.stop()

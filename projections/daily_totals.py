@@ -1,0 +1,243 @@
+"""Read model: what happened each UTC day, per currency and provider, and what is still owed.
+
+What is counted (amounts in minor units of the currency; gross flows, each on the day it
+happened by the ledger's clock, or when the hub recorded a forwarded call):
+
+- ``cards_issued``: cards issued (native), or created through the hub at an external provider;
+- ``transactions``: transactions created;
+- ``loaded``: Credit transactions' values; ``redeemed``: Debit transactions' values (the
+  authorization); ``unclassified``: forwarded transactions, whose direction the hub does not record;
+- ``settled``: settlements' values; ``cancelled``: cancellations' values (released and refunded);
+- ``balance_change``: the net change of what native cards hold (Credits, less Debits, plus
+  cancelled Debits, less cancelled Credits). Its running sum, computed when read, is the
+  outstanding liability at the end of each day.
+
+External providers count only calls the provider answered "ok" (a timeout's effect is unknown);
+their currency is not recorded (null, amounts in 10^-4 units) and their balances are theirs,
+so they have no liability here. A create-transaction replayed with the same requestId counts once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import astuple, dataclass
+from datetime import date
+
+import asyncpg
+
+from ledger.store import RecordedEvent
+from projections import events as ev
+from projections.projection import Handler, Projection, execute_one
+
+log = logging.getLogger(__name__)
+
+NAME = "daily_totals"
+
+
+@dataclass(frozen=True)
+class Flows:
+    """One event's contribution to its day's row, in the table's column order."""
+
+    cards_issued: int = 0
+    transactions: int = 0
+    loaded: int = 0
+    redeemed: int = 0
+    unclassified: int = 0
+    settled: int = 0
+    cancelled: int = 0
+    balance_change: int = 0
+
+
+_ACCUMULATE = """
+on conflict (day, provider, (coalesce(currency, ''))) do update set
+    cards_issued = t.cards_issued + excluded.cards_issued,
+    transactions = t.transactions + excluded.transactions,
+    loaded = t.loaded + excluded.loaded,
+    redeemed = t.redeemed + excluded.redeemed,
+    unclassified = t.unclassified + excluded.unclassified,
+    settled = t.settled + excluded.settled,
+    cancelled = t.cancelled + excluded.cancelled,
+    balance_change = t.balance_change + excluded.balance_change
+"""
+
+_INTO = """
+insert into read_daily_totals as t
+    (day, currency, provider, cards_issued, transactions, loaded, redeemed, unclassified, settled, cancelled,
+     balance_change)
+"""
+
+# $1 day, $2 currency, $3 provider, $4..$11 Flows
+_ADD = f"{_INTO} values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) {_ACCUMULATE}"
+
+# $2 is the card: its currency comes from its Issued event
+_ADD_FOR_CARD = f"""
+{_INTO} select $1, c.currency, $3, $4, $5, $6, $7, $8, $9, $10, $11
+from read_daily_totals_cards c where c.card_id = $2
+{_ACCUMULATE}
+"""
+
+# A cancellation gives the card back a Debit's money and takes back a Credit's: $11 is its value.
+_ADD_CANCELLATION = f"""
+{_INTO} select $1, c.currency, $3, $4, $5, $6, $7, $8, $9, $10,
+               case x.operation when 'Debit' then $11::bigint else -$11::bigint end
+from read_daily_totals_cards c
+join read_daily_totals_transactions x on x.card_id = c.card_id and x.transaction_id = $12
+where c.card_id = $2
+{_ACCUMULATE}
+"""
+
+_REMEMBER_CARD = "insert into read_daily_totals_cards (card_id, currency) values ($1, $2)"
+_REMEMBER_TRANSACTION = """
+insert into read_daily_totals_transactions (card_id, transaction_id, operation) values ($1, $2, $3)
+"""
+_FIRST_FORWARDED_REQUEST = """
+insert into read_daily_totals_forwarded_requests (provider, card_id, request_id) values ($1, $2, $3)
+on conflict do nothing returning true
+"""
+
+# ---- reads ---------------------------------------------------------------------------------
+# Every day from a group's first activity to the last day with any activity (or `until`, up to
+# today), so that a quiet day still shows the liability carried over from the day before.
+
+_ROWS = """
+with flows as (
+    select * from read_daily_totals
+    where ($1::text is null or currency = $1) and ($2::text is null or provider = $2)
+), groups as (
+    select provider, currency, min(day) as first_day from flows group by provider, currency
+), calendar as (
+    select g.provider, g.currency, d::date as day
+    from groups g,
+         generate_series(
+             g.first_day,
+             case when $4::date is null then (select max(day) from read_daily_totals)
+                  else greatest((select max(day) from read_daily_totals), least($4::date, current_date)) end,
+             interval '1 day') as d
+), running as (
+    select c.day, c.currency, c.provider,
+           coalesce(f.cards_issued, 0) as cards_issued, coalesce(f.transactions, 0) as transactions,
+           coalesce(f.loaded, 0) as loaded, coalesce(f.redeemed, 0) as redeemed,
+           coalesce(f.unclassified, 0) as unclassified, coalesce(f.settled, 0) as settled,
+           coalesce(f.cancelled, 0) as cancelled, coalesce(f.balance_change, 0) as balance_change,
+           sum(coalesce(f.balance_change, 0)) over (partition by c.provider, c.currency order by c.day) as liability
+    from calendar c
+    left join flows f on f.day = c.day and f.provider = c.provider and f.currency is not distinct from c.currency
+)
+select * from running where ($3::date is null or day >= $3) and ($4::date is null or day <= $4)
+"""
+
+_COUNT = f"select count(*) from ({_ROWS}) counted"
+_PAGE = f"{_ROWS} order by day, provider, currency nulls first offset $5 limit $6"
+
+
+@dataclass(frozen=True)
+class TotalsFilter:
+    currency: str | None = None
+    provider: str | None = None
+    since: date | None = None  # inclusive
+    until: date | None = None  # inclusive
+
+
+class DailyTotals(Projection):
+    name = NAME
+    tables = (
+        "read_daily_totals",
+        "read_daily_totals_cards",
+        "read_daily_totals_transactions",
+        "read_daily_totals_forwarded_requests",
+    )
+
+    def __init__(self, native_provider_id: str) -> None:
+        self.native = native_provider_id
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            ev.ISSUED: self.issued,
+            ev.CREDITED: self.transaction_created,
+            ev.DEBITED: self.transaction_created,
+            ev.SETTLED: self.settled,
+            ev.CANCELLED: self.cancelled,
+            ev.FORWARDED: self.forwarded,
+        }
+
+    async def issued(self, connection: asyncpg.Connection, event: RecordedEvent) -> None:
+        card = ev.decode(event, ev.Issued)
+        await connection.execute(_REMEMBER_CARD, event.stream_id, card.currency)
+        day = ev.utc_day(ev.instant(card.issued_at))
+        await connection.execute(_ADD, day, card.currency, self.native, *astuple(Flows(cards_issued=1)))
+
+    async def transaction_created(self, connection: asyncpg.Connection, event: RecordedEvent) -> None:
+        created = ev.decode(event, ev.TransactionCreated)
+        operation = ev.OPERATION_OF[event.type]
+        await connection.execute(_REMEMBER_TRANSACTION, event.stream_id, created.transaction_id, operation)
+        if event.type == ev.CREDITED:
+            flows = Flows(transactions=1, loaded=created.value, balance_change=created.value)
+        else:
+            flows = Flows(transactions=1, redeemed=created.value, balance_change=-created.value)
+        day = ev.utc_day(ev.instant(created.date))
+        await execute_one(connection, _ADD_FOR_CARD, day, event.stream_id, self.native, *astuple(flows), event=event)
+
+    async def settled(self, connection: asyncpg.Connection, event: RecordedEvent) -> None:
+        settled = ev.decode(event, ev.Settled)
+        day = ev.utc_day(ev.instant(settled.date))
+        flows = Flows(settled=settled.value)
+        await execute_one(connection, _ADD_FOR_CARD, day, event.stream_id, self.native, *astuple(flows), event=event)
+
+    async def cancelled(self, connection: asyncpg.Connection, event: RecordedEvent) -> None:
+        cancelled = ev.decode(event, ev.Cancelled)
+        day = ev.utc_day(ev.instant(cancelled.date))
+        flows = Flows(cancelled=cancelled.value, balance_change=cancelled.value)  # signed by direction in SQL
+        await execute_one(
+            connection,
+            _ADD_CANCELLATION,
+            day,
+            event.stream_id,
+            self.native,
+            *astuple(flows),
+            cancelled.transaction_id,
+            event=event,
+        )
+
+    async def forwarded(self, connection: asyncpg.Connection, event: RecordedEvent) -> None:
+        call = ev.decode(event, ev.Forwarded)
+        if not ev.forwarded_money(call):
+            return
+        flows = await self._forwarded_flows(connection, event, call)
+        if flows is not None:
+            day = ev.utc_day(event.recorded_at)
+            await connection.execute(_ADD, day, None, call.provider_id, *astuple(flows))
+
+    async def _forwarded_flows(
+        self, connection: asyncpg.Connection, event: RecordedEvent, call: ev.Forwarded
+    ) -> Flows | None:
+        """What a forwarded call adds, or None: not exact, or a replay already counted."""
+        if call.operation == ev.FORWARDED_CREATE_CARD:
+            return Flows(cards_issued=1)
+        amount = ev.forwarded_amount(call.value)
+        if amount is None:
+            log.warning("forwarded call at position %d has no exact amount; not counted", event.position)
+            return None
+        if call.operation == ev.FORWARDED_SETTLE:
+            return Flows(settled=amount)
+        if call.operation == ev.FORWARDED_CANCEL:
+            return Flows(cancelled=amount)
+        request_id = (call.request_id or "").strip()
+        if request_id and call.card_id is not None:
+            first = await connection.fetchval(_FIRST_FORWARDED_REQUEST, call.provider_id, call.card_id, request_id)
+            if not first:
+                return None
+        return Flows(transactions=1, unclassified=amount)
+
+
+# ---- queries for the read API ----------------------------------------------------------------
+
+
+async def list_totals(
+    connection: asyncpg.Connection, where: TotalsFilter, offset: int, limit: int
+) -> tuple[list[asyncpg.Record], int]:
+    """A page of days (oldest first) with their flows and end-of-day liability, and the total."""
+    filters = (where.currency, where.provider, where.since, where.until)
+    async with connection.transaction(isolation="repeatable_read", readonly=True):
+        total = await connection.fetchval(_COUNT, *filters)
+        rows = await connection.fetch(_PAGE, *filters, offset, limit)
+    return rows, total

@@ -1,0 +1,564 @@
+"""Projections: exactly once under SIGKILL and with two runners side by side (real OS processes),
+rebuild while the service runs, and the read models over real loopback HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from decimal import Decimal
+
+import asyncpg
+import pytest
+
+from ledger.codec import canonical_json
+from ledger.commands import IssueCard, Ledger
+from ledger.store import EventStore, NewEvent
+from projections import checkpoints, names, read_model, read_models
+from projections.events import SETTLED
+from projections.rebuild import rebuild
+from projections.runner import ProjectionRunner
+from tests.conftest import Clock
+from tests.projection_worker import PROBE, PROBE_TABLE_SQL
+from tests.providers.reference import start_reference_provider
+
+NATIVE = "VtexGiftCard"
+READ_MODEL_TABLES = [table for projection in read_models(NATIVE) for table in projection.tables]
+EVENTS_PER_CARD = 6
+WAIT_S = 30.0
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+async def write_cards(ledger: Ledger, clock: Clock, count: int, tag: str) -> list[str]:
+    """``count`` cards, each: issued, loaded 100, debited 30.5, settled 20, then part of both cancelled.
+
+    Balance 100 - 30.5 + 15 - 5 = 79.5; the Debit's cancellation of 15 releases 10.5 and refunds 4.5.
+    """
+
+    async def one(n: int) -> str:
+        issued = await ledger.issue(
+            IssueCard(
+                relation_name=f"{tag}-{n}",
+                caption="c",
+                profile_id=f"{tag}-{n}@example.com",
+                currency="USD",
+                expiring_date=clock.now + timedelta(days=365),
+            )
+        )
+        card_id = str(issued.card.id)
+        credit = await ledger.create_transaction(
+            card_id,
+            operation="Credit",
+            value=Decimal(100),
+            description="load",
+            request_id="load",
+            order_info={"orderId": f"order-{tag}-{n}"},
+        )
+        debit = await ledger.create_transaction(
+            card_id, operation="Debit", value=Decimal("30.5"), description="order", request_id="order"
+        )
+        await ledger.settle(card_id, debit.id, value=Decimal(20), request_id="s1")
+        await ledger.cancel(card_id, debit.id, value=Decimal(15), request_id="c1")
+        await ledger.cancel(card_id, credit.id, value=Decimal(5), request_id="c2")
+        return card_id
+
+    return list(await asyncio.gather(*(one(n) for n in range(count))))
+
+
+async def wait_for(condition: Callable[[], Awaitable[bool]], what: str, timeout_s: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def all_caught_up(pool: asyncpg.Pool, projection_names: list[str]) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        total = await pool.fetchval("select count(*) from events")
+        applied = await pool.fetch(
+            "select events_applied from projection_checkpoints where name = any($1)", projection_names
+        )
+        return len(applied) == len(projection_names) and all(r["events_applied"] == total for r in applied)
+
+    return check
+
+
+async def snapshot(pool: asyncpg.Pool) -> dict[str, list[str]]:
+    """Every read model table's rows, in a stable order."""
+    return {
+        t: [r[0] for r in await pool.fetch(f"select x::text from {t} x order by x::text")] for t in READ_MODEL_TABLES
+    }
+
+
+async def rebuilt_from_scratch(pool: asyncpg.Pool) -> dict[str, list[str]]:
+    for projection in read_models(NATIVE):
+        await rebuild(pool, projection, batch_events_max=97)
+    return await snapshot(pool)
+
+
+async def assert_balances_match_the_ledger(pool: asyncpg.Pool, ledger: Ledger, card_ids: list[str]) -> None:
+    projected = dict(await pool.fetch("select card_id, available from read_card_balances"))
+    assert len(projected) == len(card_ids)
+    for card_id in card_ids:
+        assert projected[card_id] == (await ledger.card(card_id)).balance
+
+
+async def assert_probe_applied_each_event_once(pool: asyncpg.Pool) -> set[str]:
+    """Every event up to the probe's checkpoint is in the probe table exactly once, and nothing past it."""
+    expected = await pool.fetch(
+        """
+        select e.position from events e, projection_checkpoints c
+        where c.name = $1 and (e.tx, e.position) <= (c.tx, c.position) order by e.position
+        """,
+        PROBE,
+    )
+    applied = await pool.fetch("select position from projection_probe order by position")
+    assert [r["position"] for r in applied] == [r["position"] for r in expected]
+    assert await pool.fetchval("select events_applied from projection_checkpoints where name = $1", PROBE) == len(
+        expected
+    )
+    return {r["runner"] for r in await pool.fetch("select distinct runner from projection_probe")}
+
+
+async def start_worker(database_url: str, runner_name: str, *options: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.projection_worker",
+        database_url,
+        runner_name,
+        *options,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def stop(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        process.terminate()
+    _, stderr = await process.communicate()
+    assert b"Traceback" not in stderr, stderr.decode()[-3000:]
+
+
+def open_batch_of(pool: asyncpg.Pool, runner_name: str) -> Callable[[], Awaitable[bool]]:
+    """True while the runner's connection is inside a transaction that has written (has an xid)."""
+
+    async def check() -> bool:
+        return await pool.fetchval(
+            """
+            select exists (select 1 from pg_stat_activity
+                           where application_name = $1 and state = 'idle in transaction' and backend_xid is not null)
+            """,
+            runner_name,
+        )
+
+    return check
+
+
+async def probe_applied(pool: asyncpg.Pool) -> int:
+    return await pool.fetchval("select events_applied from projection_checkpoints where name = $1", PROBE) or 0
+
+
+def probe_advanced(pool: asyncpg.Pool, before: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await probe_applied(pool) > before
+
+    return check
+
+
+def gone(pool: asyncpg.Pool, runner_name: str) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return not await pool.fetchval(
+            "select exists (select 1 from pg_stat_activity where application_name = $1)", runner_name
+        )
+
+    return check
+
+
+# ---- exactly once -------------------------------------------------------------------------------
+
+
+async def test_a_runner_killed_mid_batch_resumes_exactly_once(pool, ledger, clock, database_url):
+    await pool.execute(PROBE_TABLE_SQL)
+    card_ids = await write_cards(ledger, clock, 60, "crash")
+    total = len(card_ids) * EVENTS_PER_CARD
+    every = [*names(), PROBE]
+
+    for kill in range(3):
+        applied_before = await probe_applied(pool)
+        victim = await start_worker(database_url, f"victim{kill}", "--batch-events-max", "25", "--delay-s", "0.05")
+        await wait_for(probe_advanced(pool, applied_before), "the runner to commit a probe batch")
+        await wait_for(open_batch_of(pool, f"victim{kill}"), "a batch in progress")
+        victim.send_signal(signal.SIGKILL)  # no cleanup, no rollback from the client: the server aborts it
+        await victim.wait()
+        await wait_for(gone(pool, f"victim{kill}"), "the killed runner's connection to close")
+        await assert_probe_applied_each_event_once(pool)
+    assert 0 < await probe_applied(pool) < total, "the kills landed mid-run"
+
+    survivor = await start_worker(database_url, "survivor", "--batch-events-max", "50")
+    try:
+        await wait_for(all_caught_up(pool, every), "the restarted runner to catch up")
+    finally:
+        await stop(survivor)
+    await assert_probe_applied_each_event_once(pool)
+    assert await pool.fetchval("select count(*) from projection_probe") == total
+
+    after_crashes = await snapshot(pool)
+    assert await rebuilt_from_scratch(pool) == after_crashes, "read models equal a replay from zero"
+    await assert_balances_match_the_ledger(pool, ledger, card_ids)
+
+
+async def test_two_runners_side_by_side_apply_every_event_exactly_once(pool, ledger, clock, database_url):
+    await pool.execute(PROBE_TABLE_SQL)
+    card_ids = await write_cards(ledger, clock, 50, "before")
+    options = ("--batch-events-max", "10", "--delay-s", "0.01", "--poll-interval-s", "0.01")
+    runners = [await start_worker(database_url, name, *options) for name in ("A", "B")]
+    try:
+        card_ids += await write_cards(ledger, clock, 50, "during")  # events keep arriving while they run
+        await wait_for(all_caught_up(pool, [*names(), PROBE]), "both runners to catch up")
+    finally:
+        for runner in runners:
+            await stop(runner)
+
+    assert await assert_probe_applied_each_event_once(pool) == {"A", "B"}, "both runners took batches"
+    assert await pool.fetchval("select count(*) from projection_probe") == len(card_ids) * EVENTS_PER_CARD
+    side_by_side = await snapshot(pool)
+    assert await rebuilt_from_scratch(pool) == side_by_side
+    await assert_balances_match_the_ledger(pool, ledger, card_ids)
+
+
+async def test_a_checkpoint_moved_by_another_batch_rolls_this_one_back(pool, ledger, clock):
+    """The second wall behind the lock: a batch started from a stale checkpoint cannot commit."""
+    await write_cards(ledger, clock, 1, "cas")
+    runner = ProjectionRunner(pool, read_models(NATIVE))
+    await runner.prepare()
+    async with pool.acquire() as connection:
+        stale = await checkpoints.load(connection, "card_balances")
+    assert await runner.run_batch(read_model("card_balances", NATIVE)) == EVENTS_PER_CARD
+    events = await EventStore(pool).read_all(stale)
+    async with pool.acquire() as connection:
+        with pytest.raises(checkpoints.CheckpointMoved):
+            async with connection.transaction():
+                await checkpoints.advance(connection, "card_balances", stale, events)
+
+
+async def test_an_event_a_projection_cannot_place_stops_that_projection_just_before_it(pool, ledger, clock, store):
+    [card_id] = await write_cards(ledger, clock, 1, "ok")
+    # A settlement of a transaction the card never had: balances and history cannot place it,
+    # daily totals only needs the card's currency.
+    last = (await store.read_stream(card_id))[-1]
+    bad = canonical_json(
+        json.dumps(
+            {"transaction_id": "nope", "oid": "o", "value": 1, "date": "2026-01-15T12:00:00+00:00", "request_id": "r"}
+        )
+    )
+    await store.append(card_id, last.version, [NewEvent(SETTLED, bad)], previous_hash=last.hash)
+    await write_cards(ledger, clock, 1, "after")
+    runner = ProjectionRunner(pool, read_models(NATIVE), failure_backoff_s=0.0)
+    await runner.prepare()
+    for _ in range(30):  # each failure halves the batch, down to the one event that fails
+        await runner.run_round()
+
+    status = {s.name: s for s in await checkpoints.statuses(pool)}
+    for stopped in ("card_balances", "transaction_history"):
+        assert status[stopped].events_applied == EVENTS_PER_CARD, "stopped just before the event"
+        assert status[stopped].lag_events == EVENTS_PER_CARD + 1, "and says how far behind it is"
+    assert status["daily_totals"].lag_events == 0
+    assert await pool.fetchval("select count(*) from read_card_balances") == 1
+
+
+# ---- rebuild while the service runs ---------------------------------------------------------------
+
+
+async def test_rebuild_while_the_service_runs(start_service, pool, database_url):
+    service = await start_service()
+    card_ids = [await create_native_card(service, f"live-{n}", load=50) for n in range(5)]
+    await wait_for(service_caught_up(service), "the service's runner")
+    await pool.execute("update read_card_balances set relation_name = 'corrupted'")  # a bug to repair
+    await pool.execute("delete from read_card_balances where card_id = $1", card_ids[0])
+
+    env = {**os.environ, "GIFTCARD_DATABASE_URL": database_url}
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "hub.cli", "projections", "rebuild", "card_balances", "--batch-events-max", "2"),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    communicating = asyncio.ensure_future(cli.communicate())
+    n = 0
+    while not communicating.done():  # the service keeps writing and answering meanwhile
+        card_ids.append(await create_native_card(service, f"during-{n}", load=7))
+        status, body, _ = await service.call("GET", "/api/ledger/balances")
+        assert status == 200 and "freshness" in body
+        n += 1
+    stdout, stderr = await communicating
+    assert cli.returncode == 0, stderr.decode()[-3000:]
+    assert n > 0, "the service wrote while the rebuild ran"
+    assert b"rebuilt card_balances" in stdout
+    assert b"rebuild card_balances" in stderr and b"event" in stderr, "a tqdm progress bar"
+
+    await wait_for(service_caught_up(service), "the service's runner after the swap")
+    status, body, headers = await service.call("GET", "/api/ledger/balances", headers={"REST-Range": "0-999"})
+    listed = {item["cardId"]: item for item in body["items"]}
+    assert (
+        set(listed) == set(card_ids)
+        and headers["REST-Content-Range"] == f"resources 0-{len(card_ids) - 1}/{len(card_ids)}"
+    )
+    assert all(item["relationName"] != "corrupted" for item in listed.values())
+    for card_id in card_ids:
+        card = (await service.call("GET", f"/api/giftcards/{card_id}"))[1]
+        assert listed[card_id]["balance"] == card["balance"]
+    projected = {s["name"]: s for s in (await service.call("GET", "/api/projections"))[1]["items"]}
+    assert projected["card_balances"]["rebuiltAt"] is not None and not projected["card_balances"]["rebuilding"]
+
+
+async def create_native_card(service, relation: str, *, load: int) -> str:
+    status, card, _ = await service.call(
+        "POST",
+        "/api/giftcards",
+        {"relationName": relation, "caption": "c", "profileId": "p", "expiringDate": "2030-01-01T00:00:00Z"},
+    )
+    assert status == 200, card
+    status, _, _ = await service.call(
+        "POST", f"/api/giftcards/{card['id']}/transactions", {"operation": "Credit", "value": load, "requestId": "l"}
+    )
+    assert status == 200
+    return card["id"]
+
+
+def service_caught_up(service) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        status, body, _ = await service.call("GET", "/api/projections")
+        return status == 200 and all(item["lagEvents"] == 0 for item in body["items"])
+
+    return check
+
+
+# ---- the read API -------------------------------------------------------------------------------
+
+
+async def native_history(service, clock: Clock) -> dict[str, str]:
+    """Two USD cards and a JPY one, over two days; returns their ids."""
+    usd = await create_native_card(service, "usd-1", load=100)
+    other = await create_native_card(service, "usd-2", load=40)
+    tx = f"/api/giftcards/{usd}/transactions"
+    status, debit, _ = await service.call(
+        "POST", tx, {"operation": "Debit", "value": 30.5, "requestId": "d", "orderInfo": {"orderId": "order-7"}}
+    )
+    assert status == 200
+    await service.call("POST", f"{tx}/{debit['id']}/settlements", {"value": 20, "requestId": "s"})
+    await service.call("POST", f"{tx}/{debit['id']}/cancellations", {"value": 15, "requestId": "c"})
+    clock.advance(timedelta(days=2))
+    status, yen, _ = await service.call(
+        "POST",
+        "/api/giftcards",
+        {
+            "relationName": "jpy",
+            "caption": "c",
+            "profileId": "p",
+            "expiringDate": "2030-01-01T00:00:00Z",
+            "currencyCode": "JPY",
+        },
+    )
+    await service.call(
+        "POST", f"/api/giftcards/{yen['id']}/transactions", {"operation": "Credit", "value": 500, "requestId": "l"}
+    )
+    await service.call(
+        "POST", f"/api/giftcards/{other}/transactions", {"operation": "Debit", "value": 10, "requestId": "d"}
+    )
+    return {"usd": usd, "other": other, "jpy": yen["id"], "debit": debit["id"]}
+
+
+async def test_read_models_over_http(service, clock):
+    ids = await native_history(service, clock)
+    await wait_for(service_caught_up(service), "the service's runner")
+
+    status, body, headers = await service.call("GET", "/api/ledger/balances")
+    assert status == 200 and headers["REST-Content-Range"] == "resources 0-2/3"
+    assert body["freshness"]["projection"] == "card_balances" and body["freshness"]["lagEvents"] == 0
+    usd = (await service.call("GET", f"/api/ledger/balances/{ids['usd']}"))[1]
+    assert {k: usd[k] for k in ("provider", "currency", "balance", "authorized", "settled", "credited", "debited")} == {
+        "provider": NATIVE,
+        "currency": "USD",
+        "balance": 84.5,  # 100 - 30.5 + 15
+        "authorized": 0,  # 30.5 - 20 settled - 10.5 released
+        "settled": 15.5,  # 20 - 4.5 refunded
+        "credited": 100,
+        "debited": 15.5,
+    }
+    assert usd["status"] == "active" and "freshness" in usd
+    assert (await service.call("GET", "/api/ledger/balances?currency=JPY"))[1]["items"][0]["balance"] == 500
+    page = await service.call("GET", "/api/ledger/balances", headers={"REST-Range": "resources=1-1"})
+    assert page[2]["REST-Content-Range"] == "resources 1-1/3" and len(page[1]["items"]) == 1
+    status, error, _ = await service.call("GET", "/api/ledger/balances/no-such-card")
+    assert status == 404 and error["error"]["code"] == "card_not_found"
+
+    status, body, headers = await service.call("GET", f"/api/ledger/transactions?card={ids['usd']}")
+    assert status == 200 and headers["REST-Content-Range"] == "resources 0-1/2"
+    credit, debit = body["items"]
+    assert (credit["operation"], credit["value"], credit["currency"]) == ("Credit", 100, "USD")
+    assert debit["id"] == ids["debit"] and debit["orderId"] == "order-7" and debit["source"] == "ledger"
+    assert [s["value"] for s in debit["settlements"]] == [20]
+    assert [(c["value"], c["released"], c["refunded"]) for c in debit["cancellations"]] == [(15, 10.5, 4.5)]
+    found = (await service.call("GET", "/api/ledger/transactions?orderId=order-7"))[1]["items"]
+    assert [t["id"] for t in found] == [ids["debit"]]
+    debits = (await service.call("GET", f"/api/ledger/transactions?operation=Debit&provider={NATIVE}"))[1]["items"]
+    assert sorted(t["value"] for t in debits) == [10, 30.5]
+    later = (await service.call("GET", "/api/ledger/transactions?since=2026-01-16T00:00:00Z"))[1]["items"]
+    assert sorted((t["currency"], t["value"]) for t in later) == [("JPY", 500), ("USD", 10)]
+    earlier = (await service.call("GET", "/api/ledger/transactions?until=2026-01-16T00:00:00Z"))[1]
+    assert len(earlier["items"]) == 3 and earlier["freshness"]["projection"] == "transaction_history"
+
+    status, body, _ = await service.call("GET", "/api/ledger/daily-totals?currency=USD")
+    days = [
+        (d["day"], d["cardsIssued"], d["loaded"], d["redeemed"], d["settled"], d["cancelled"], d["liability"])
+        for d in body["items"]
+    ]
+    assert days == [
+        ("2026-01-15", 2, 140, 30.5, 20, 15, 124.5),
+        ("2026-01-16", 0, 0, 0, 0, 0, 124.5),  # a quiet day carries the liability over
+        ("2026-01-17", 0, 0, 10, 0, 0, 114.5),
+    ]
+    yen_days = (await service.call("GET", "/api/ledger/daily-totals?currency=JPY&since=2026-01-17"))[1]["items"]
+    assert [(d["day"], d["loaded"], d["liability"]) for d in yen_days] == [("2026-01-17", 500, 500)]
+    status, body, headers = await service.call(
+        "GET", "/api/ledger/daily-totals?until=2026-01-16", headers={"REST-Range": "0-0"}
+    )
+    assert headers["REST-Content-Range"] == "resources 0-0/2" and body["items"][0]["day"] == "2026-01-15"
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "/api/ledger/transactions?since=yesterday",
+        "/api/ledger/transactions?operation=Refund",
+        "/api/ledger/transactions?since=2026-02-01T00:00:00Z&until=2026-01-01T00:00:00Z",
+        "/api/ledger/transactions?card=",
+        "/api/ledger/transactions?until=0001-01-01T00:00:00%2B14:00",
+        "/api/ledger/balances?currency=XYZ",
+        "/api/ledger/balances?status=frozen",
+        "/api/ledger/daily-totals?since=2026-13-01",
+    ],
+)
+async def test_bad_query_parameters_are_a_400_naming_them(service, query):
+    status, body, _ = await service.call("GET", query)
+    assert status == 400 and body["error"]["message"], body
+
+
+async def test_listings_need_hub_credentials_and_a_valid_range(service):
+    async with service.session.get(service.base_url + "/api/ledger/balances") as response:
+        assert response.status == 401
+    status, body, _ = await service.call("GET", "/api/ledger/transactions", headers={"REST-Range": "5-1"})
+    assert status == 400 and "REST-Range" in body["error"]["message"]
+
+
+async def test_forwarded_operations_appear_marked_with_their_provider(service, clock):
+    async with start_reference_provider() as provider:
+        status, _, _ = await service.call(
+            "PUT",
+            "/api/giftcardproviders/Acme",
+            {
+                "id": "Acme",
+                "serviceUrl": provider.service_url,
+                "oauthProvider": "vtex",
+                "preAuthEnabled": True,
+                "cancelEnabled": True,
+                "appKey": provider.app_key,
+                "appToken": provider.app_token,
+            },
+        )
+        assert status == 200
+        voucher = provider.state.issue_card(balance="75.00")
+        base = f"/api/giftcardproviders/Acme/giftcards/{voucher.id}/transactions"
+        body = {
+            "operation": "Debit",
+            "value": 40.5,
+            "requestId": "order-9",
+            "redemptionCode": voucher.redemption_code,
+            "redemptionToken": voucher.redemption_token,
+        }
+        status, debit, _ = await service.call("POST", base, body)
+        assert status == 200
+        assert (await service.call("POST", base, body))[0] == 200  # a replay: the provider answers the original
+        await service.call("POST", f"{base}/{debit['id']}/settlements", {"value": 30, "requestId": "s"})
+        await service.call("POST", f"{base}/{debit['id']}/cancellations", {"value": 10.5, "requestId": "c"})
+        refused = {**body, "value": 1000, "requestId": "too-much"}
+        assert (await service.call("POST", base, refused))[0] >= 400  # refused: moves nothing
+    await wait_for(service_caught_up(service), "the service's runner")
+
+    items = (await service.call("GET", "/api/ledger/transactions?provider=Acme"))[1]["items"]
+    created = [t for t in items if t["value"] is not None]
+    assert [(t["provider"], t["source"], t["value"], t["currency"], t["operation"]) for t in created] == [
+        ("Acme", "forwarded", 40.5, None, None)  # once, though forwarded twice; direction and currency not recorded
+    ]
+    operated = [t for t in items if t["settlements"] or t["cancellations"]]
+    assert [(t["id"], t["settled"], t["cancelled"]) for t in operated] == [(debit["id"], 30, 10.5)]
+    assert [c["value"] for c in operated[0]["cancellations"]] == [10.5]
+
+    [day] = (await service.call("GET", "/api/ledger/daily-totals?provider=Acme"))[1]["items"]
+    assert (day["currency"], day["transactions"], day["unclassified"], day["settled"], day["cancelled"]) == (
+        None,
+        1,
+        40.5,
+        30,
+        10.5,
+    )
+    assert day["liability"] is None, "an external provider's balances are its own"
+    assert (await service.call("GET", f"/api/ledger/transactions?provider={NATIVE}"))[1]["items"] == []
+
+
+async def test_forwarded_calls_that_did_not_succeed_move_nothing(pool, store):
+    for outcome in ("ok", "timeout", "refused", "error", "circuit_open"):
+        data = {
+            "operation": "CreateGiftCardTransactionSettlement",
+            "providerId": "Acme",
+            "cardId": "7",
+            "transactionId": "t1",
+            "value": "2.5",
+            "requestId": outcome,
+            "outcome": outcome,
+            "httpStatus": None,
+            "latencyMs": 1.0,
+        }
+        await store.append(
+            f"forwarded-{outcome}", 0, [NewEvent("ProviderCallForwarded", canonical_json(json.dumps(data)))]
+        )
+    await ProjectionRunner(pool, read_models(NATIVE)).catch_up()
+    assert await pool.fetchval("select settled from read_daily_totals where provider = 'Acme'") == 25000  # 10^-4 units
+    assert await pool.fetchval("select count(*) from read_transaction_operations") == 1
+
+
+# ---- the command line ---------------------------------------------------------------------------
+
+
+async def test_cli_run_once_and_status(pool, ledger, clock, database_url):
+    await write_cards(ledger, clock, 3, "cli")
+    env = {**os.environ, "GIFTCARD_DATABASE_URL": database_url}
+
+    async def giftcard(*args: str) -> str:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "hub.cli",
+            *args,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await process.communicate()
+        assert process.returncode == 0, stderr.decode()[-3000:]
+        return stdout.decode()
+
+    before = await giftcard("projections", "status")
+    assert all(name in before for name in names()) and " 18 " in before  # 18 events behind
+    assert "caught up: 54 event(s) applied" in await giftcard("projections", "run", "--once")
+    status = await giftcard("projections", "status", "--json")
+    assert status.count('"lagEvents": 0') == 3 and status.count('"eventsApplied": 18') == 3
