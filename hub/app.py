@@ -7,6 +7,7 @@ so a test can start the whole service on a loopback port and stop it cleanly.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
@@ -31,8 +32,10 @@ from ledger.instance_keys import instance_key
 from ledger.migrate import upgrade
 from ledger.providers import ProviderRegistry
 from ledger.store import EventStore
-from projections import read_models
+from projections import checkpoints, read_models
 from projections.runner import ProjectionRunner
+
+log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 2.0
 REQUEST_ID_CHARS_MAX = 128
@@ -61,6 +64,19 @@ async def readyz(request: web.Request) -> web.Response:
     except Exception as e:  # any failure to reach the database means "not ready", never a 500
         return error_response(503, "not_ready", f"database unreachable: {type(e).__name__}")
     return json_response({"status": "ready"})
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """Projection lag is read when scraped, so it is as fresh as the scrape."""
+    metrics = request.app[METRICS]
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            for status in await checkpoints.statuses(request.app[POOL]):
+                metrics.projection_lag_events.labels(status.name).set(status.lag_events)
+                metrics.projection_lag_seconds.labels(status.name).set(status.lag_s)
+    except Exception:  # a database that is down must not take the metrics of the outage down with it
+        log.warning("projection lag not refreshed for /metrics", exc_info=True)
+    return await metrics_handler(metrics)(request)
 
 
 def create_app(
@@ -133,7 +149,7 @@ def create_app(
     app.cleanup_ctx.append(resources)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_handler(metrics))
+    app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_routes(NativeHandlers(Surface.PROTOCOL, "/native").routes())
     app.router.add_routes(NativeHandlers(Surface.GIFTCARD_API, "/api").routes())
     app.router.add_routes(HubHandlers().routes())

@@ -95,6 +95,7 @@ class Call:
     value: Decimal | None = None
     request_id: str | None = None
     rest_range: str | None = None
+    direction: str | None = None  # Credit or Debit, for a created transaction
 
 
 class ExternalProvider:
@@ -152,6 +153,7 @@ class ExternalProvider:
             value=fields.get("value"),
             request_id=fields.get("requestId"),
             idempotent=bool(fields.get("requestId")),
+            direction=fields.get("operation") if fields.get("operation") in ("Credit", "Debit") else None,
         )
         answer, _ = await self.call(call, metadata)
         return answer
@@ -249,7 +251,7 @@ class ExternalProvider:
                 outcome, answer_or_failure = self._judge(call, status, raw)
                 if not isinstance(answer_or_failure, ApiError):
                     self.breaker.record_success()
-                    await self._record(call, outcome, status, started)
+                    await self._record(call, outcome, status, started, answer_or_failure)
                     return answer_or_failure, headers
                 failure = answer_or_failure
                 if outcome == "refused":  # the provider is healthy; it said no
@@ -324,15 +326,19 @@ class ExternalProvider:
             )
         return "ok", body
 
-    async def _record(self, call: Call, outcome: str, status: int | None, started: float) -> None:
+    async def _record(self, call: Call, outcome: str, status: int | None, started: float, answer: Any = None) -> None:
         """Audit and finance see external providers' activity as events too."""
+        transaction_id = call.transaction_id
+        if transaction_id is None and call.operation == "CreateGiftCardTransaction" and isinstance(answer, dict):
+            transaction_id = str(answer.get("id"))  # the provider's id: its settlements join on it
         elapsed_s = time.monotonic() - started
         self.metrics.observe_provider_call(self.id, call.operation, outcome, elapsed_s, self.breaker.state.value)
         data = {
             "operation": call.operation,
             "providerId": self.id,
             "cardId": call.card_id,
-            "transactionId": call.transaction_id,
+            "transactionId": transaction_id,
+            "transactionOperation": call.direction,
             "value": None if call.value is None else str(call.value),
             "requestId": call.request_id,
             "outcome": outcome,

@@ -6,7 +6,7 @@ happened by the ledger's clock, or when the hub recorded a forwarded call):
 - ``cards_issued``: cards issued (native), or created through the hub at an external provider;
 - ``transactions``: transactions created;
 - ``loaded``: Credit transactions' values; ``redeemed``: Debit transactions' values (the
-  authorization); ``unclassified``: forwarded transactions, whose direction the hub does not record;
+  authorization); ``unclassified``: forwarded transactions recorded before the hub noted their direction;
 - ``settled``: settlements' values; ``cancelled``: cancellations' values (released and refunded);
 - ``balance_change``: the net change of what native cards hold (Credits, less Debits, plus
   cancelled Debits, less cancelled Credits). Its running sum, computed when read, is the
@@ -25,6 +25,7 @@ from datetime import date
 
 import asyncpg
 
+from ledger.domain.giftcard import CREDIT, DEBIT
 from ledger.store import RecordedEvent
 from projections import events as ev
 from projections.projection import Handler, Projection, execute_one
@@ -226,6 +227,10 @@ class DailyTotals(Projection):
             first = await connection.fetchval(_FIRST_FORWARDED_REQUEST, call.provider_id, call.card_id, request_id)
             if not first:
                 return None
+        if call.transaction_operation == CREDIT:
+            return Flows(transactions=1, loaded=amount)
+        if call.transaction_operation == DEBIT:
+            return Flows(transactions=1, redeemed=amount)
         return Flows(transactions=1, unclassified=amount)
 
 

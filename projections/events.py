@@ -92,6 +92,7 @@ class Forwarded(msgspec.Struct, rename="camel"):
     transaction_id: str | None = None
     value: str | None = None
     request_id: str | None = None
+    transaction_operation: str | None = None  # Credit or Debit; absent from events recorded before it was
 
 
 _decoders: dict[type, msgspec.json.Decoder] = {}

@@ -39,8 +39,8 @@ from read_history_cards c where c.card_id = $2
 
 # A replay of a forwarded create-transaction (same provider, card and requestId) is skipped.
 _INSERT_FORWARDED = """
-insert into read_transactions (provider, card_id, transaction_id, source, value, request_id, date, position)
-values ($1, $2, $3, 'forwarded', $4, $5, $6, $7)
+insert into read_transactions (provider, card_id, transaction_id, source, value, request_id, date, position, operation)
+values ($1, $2, $3, 'forwarded', $4, $5, $6, $7, $8)
 on conflict do nothing
 """
 
@@ -205,6 +205,7 @@ class TransactionHistory(Projection):
             (call.request_id or "").strip() or None,  # a blank requestId identifies nothing
             event.recorded_at,
             event.position,
+            call.transaction_operation,
         )
 
     async def _forwarded_operation(

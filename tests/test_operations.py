@@ -49,3 +49,4 @@ async def test_metrics_count_requests_and_appends(service):
     assert 'giftcard_http_requests_total{method="POST",route="/native/giftcards",status="200"} 1.0' in text
     assert 'route="/native/giftcards/{card_id}",status="404"' in text
     assert "giftcard_event_append_seconds_count 1.0" in text
+    assert 'giftcard_projection_lag_events{projection="card_balances"}' in text

@@ -495,22 +495,22 @@ async def test_forwarded_operations_appear_marked_with_their_provider(service, c
     await wait_for(service_caught_up(service), "the service's runner")
 
     items = (await service.call("GET", "/api/ledger/transactions?provider=Acme"))[1]["items"]
-    created = [t for t in items if t["value"] is not None]
-    assert [(t["provider"], t["source"], t["value"], t["currency"], t["operation"]) for t in created] == [
-        ("Acme", "forwarded", 40.5, None, None)  # once, though forwarded twice; direction and currency not recorded
-    ]
-    operated = [t for t in items if t["settlements"] or t["cancellations"]]
-    assert [(t["id"], t["settled"], t["cancelled"]) for t in operated] == [(debit["id"], 30, 10.5)]
-    assert [c["value"] for c in operated[0]["cancellations"]] == [10.5]
+    # once, though forwarded twice; joined with its settlements by the provider's transaction id
+    assert [
+        (t["provider"], t["source"], t["id"], t["value"], t["currency"], t["operation"], t["settled"], t["cancelled"])
+        for t in items
+    ] == [("Acme", "forwarded", debit["id"], 40.5, None, "Debit", 30, 10.5)]
+    assert [c["value"] for c in items[0]["cancellations"]] == [10.5]
 
     [day] = (await service.call("GET", "/api/ledger/daily-totals?provider=Acme"))[1]["items"]
-    assert (day["currency"], day["transactions"], day["unclassified"], day["settled"], day["cancelled"]) == (
-        None,
-        1,
-        40.5,
-        30,
-        10.5,
-    )
+    assert (
+        day["currency"],
+        day["transactions"],
+        day["redeemed"],
+        day["unclassified"],
+        day["settled"],
+        day["cancelled"],
+    ) == (None, 1, 40.5, 0, 30, 10.5)  # the currency of an external provider's card is its own
     assert day["liability"] is None, "an external provider's balances are its own"
     assert (await service.call("GET", f"/api/ledger/transactions?provider={NATIVE}"))[1]["items"] == []
 
