@@ -10,7 +10,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import aiohttp
 from aiohttp import web
@@ -33,6 +33,7 @@ from ledger.migrate import upgrade
 from ledger.providers import ProviderRegistry
 from ledger.store import EventStore
 from projections import checkpoints, read_models
+from projections.hold_expiry import run_hold_expiry
 from projections.runner import ProjectionRunner
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,18 @@ def create_app(
                     asyncio.create_task(auth.keep_refreshed(pool, list(rings.values()))),
                     asyncio.create_task(app[DIRECTORY].keep_refreshed()),
                 ]
+                if settings.hold_ttl_s > 0:
+                    background.append(
+                        asyncio.create_task(
+                            run_hold_expiry(
+                                pool,
+                                app[LEDGER],
+                                timedelta(seconds=settings.hold_ttl_s),
+                                settings.native_provider_id,
+                                settings.hold_sweep_interval_s,
+                            )
+                        )
+                    )
                 if settings.run_projections:  # read models; runners in other processes share the work safely
                     runner = ProjectionRunner(pool, read_models(settings.native_provider_id))
                     background.append(asyncio.create_task(runner.run_forever()))

@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 import os
+import re
 
 import msgspec
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration_s(text: str) -> float:
+    """``3600``, ``90s``, ``30m``, ``72h``, ``7d``; empty or 0 means off."""
+    if not text.strip():
+        return 0.0
+    match = _DURATION.match(text.lower())
+    if not match:
+        raise ValueError(f"a duration looks like 3600, 30m, 72h or 7d; got {text!r}")
+    return float(match[1]) * _UNIT_S[match[2]]
 
 
 class Settings(msgspec.Struct, kw_only=True, frozen=True):
@@ -25,6 +39,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     provider_breaker_failures_max: int = 5
     provider_breaker_open_s: float = 5.0
     provider_allowlist: tuple[str, ...] = ()
+    hold_ttl_s: float = 0.0  # off: holds last until settled or cancelled
+    hold_sweep_interval_s: float = 30.0
     lookup_client_failures_max: int = 10
     lookup_address_failures_max: int = 100
     lookup_window_s: int = 600
@@ -62,6 +78,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             "lookup_window_s": int(env.get("GIFTCARD_LOOKUP_WINDOW_S", defaults.lookup_window_s)),
             "run_projections": env.get("GIFTCARD_RUN_PROJECTIONS", "true").strip().lower()
             not in ("0", "false", "no", "off"),
+            "hold_ttl_s": parse_duration_s(env.get("GIFTCARD_HOLD_TTL", "")),
+            "hold_sweep_interval_s": float(env.get("GIFTCARD_HOLD_SWEEP_INTERVAL_S", defaults.hold_sweep_interval_s)),
             "provider_allowlist": tuple(
                 entry.strip() for entry in env.get("GIFTCARD_PROVIDER_ALLOWLIST", "").split(",") if entry.strip()
             ),

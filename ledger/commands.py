@@ -18,7 +18,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -39,6 +39,7 @@ from ledger.domain.giftcard import (
     cancellation_key,
     settlement_key,
     transaction_key,
+    void_key,
 )
 from ledger.domain.snapshot import restore_snapshot, take_snapshot
 from ledger.money import to_minor
@@ -213,6 +214,21 @@ class Ledger:
             )
 
         return await self._execute(card_id, decide, cancellation_key(transaction_id, request_id), metadata)
+
+    async def void_expired_hold(
+        self, card_id: str, transaction_id: str, *, hold_ttl: timedelta, metadata: dict[str, Any] | None = None
+    ) -> Operation | None:
+        """Voids an authorization's remaining hold if it has expired; None when there was nothing to void.
+
+        Safe to call from every process at once: the decision is taken on the card's fresh
+        state and the append is guarded by the card's version and a per-transaction key.
+        """
+        oid = f"void-{uuid.uuid4().hex}"
+
+        def decide(card: GiftCard) -> Operation | None:
+            return card.void_expired_hold(transaction_id=transaction_id, oid=oid, hold_ttl=hold_ttl, now=self.clock())
+
+        return await self._execute(card_id, decide, void_key(transaction_id), metadata)
 
     # ---- strongly consistent reads ----------------------------------------------
 

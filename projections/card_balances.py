@@ -109,6 +109,7 @@ class CardBalances(Projection):
             ev.DEBITED: self.transaction_created,
             ev.SETTLED: self.settled,
             ev.CANCELLED: self.cancelled,
+            ev.VOIDED: self.cancelled,
         }
 
     async def issued(self, connection: asyncpg.Connection, event: RecordedEvent) -> None:

@@ -158,6 +158,7 @@ class DailyTotals(Projection):
             ev.DEBITED: self.transaction_created,
             ev.SETTLED: self.settled,
             ev.CANCELLED: self.cancelled,
+            ev.VOIDED: self.cancelled,
             ev.FORWARDED: self.forwarded,
         }
 

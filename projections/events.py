@@ -24,6 +24,8 @@ CREDITED = get_topic(GiftCard.Credited)
 DEBITED = get_topic(GiftCard.Debited)
 SETTLED = get_topic(GiftCard.Settled)
 CANCELLED = get_topic(GiftCard.Cancelled)
+# An expired hold voided by the ledger: the same fields as a cancellation that only releases.
+VOIDED = get_topic(GiftCard.Voided)
 FORWARDED = "ProviderCallForwarded"  # hub/external.py FORWARDED; projections do not import the hub
 
 OPERATION_OF = {CREDITED: CREDIT, DEBITED: DEBIT}

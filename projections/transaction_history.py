@@ -113,6 +113,7 @@ class TransactionHistory(Projection):
             ev.DEBITED: self.transaction_created,
             ev.SETTLED: self.settled,
             ev.CANCELLED: self.cancelled,
+            ev.VOIDED: self.cancelled,
             ev.FORWARDED: self.forwarded,
         }
 

@@ -55,6 +55,10 @@ class DuplicateRelationName(Conflict):
     code = "duplicate_relation_name"
 
 
+class HoldVoided(Conflict):
+    code = "hold_voided"
+
+
 class ConcurrentUpdate(Conflict):
     """Another writer appended to the card first; retried inside the ledger before it ever escapes."""
 

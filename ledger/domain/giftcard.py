@@ -16,7 +16,7 @@ Credit raises it at once; cancelling either undoes that part of it.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -26,6 +26,7 @@ from ledger.domain import errors
 from ledger.money import AMOUNT_MINOR_MAX, exponent_of
 
 CREDIT = "Credit"
+VOID_REQUEST_ID = "hold-expired"
 DEBIT = "Debit"
 OPERATIONS = (CREDIT, DEBIT)
 
@@ -64,6 +65,7 @@ class Transaction(msgspec.Struct):
     refunded: int = 0
     settlements: list[Operation] = msgspec.field(default_factory=list)
     cancellations: list[Operation] = msgspec.field(default_factory=list)
+    voided_at: str | None = None  # when its expired hold was released by the ledger itself
 
     @property
     def held(self) -> int:
@@ -273,6 +275,7 @@ class GiftCard(Aggregate):
         if replayed is not None:
             return replayed
         self.check_positive(value)
+        self.check_hold_not_voided(transaction)
         self.check_settlement_within_held(transaction, value)
         self._settled(transaction_id=transaction_id, oid=oid, value=value, request_id=request_id, date=now.isoformat())
         return transaction.settlements[-1]
@@ -331,6 +334,51 @@ class GiftCard(Aggregate):
         self.request_ids[cancellation_key(transaction_id, request_id)] = IdempotencyRecord(
             fingerprint=_fingerprint(value), transaction_id=transaction_id, oid=oid
         )
+
+    # ---- hold expiry -----------------------------------------------------------
+
+    def void_expired_hold(
+        self, *, transaction_id: str, oid: str, hold_ttl: timedelta, now: datetime
+    ) -> Operation | None:
+        """Releases what an authorization still holds once ``hold_ttl`` has passed; None when there
+        is nothing to void (not a Debit, nothing held, already voided, or not yet expired).
+
+        The void is listed among the transaction's cancellations, so a hub that sums them before
+        cancelling (as VTEX's does) never asks to release what is already released.
+        """
+        transaction = self.transaction(transaction_id)
+        if transaction.operation != DEBIT or transaction.held == 0 or transaction.voided_at is not None:
+            return None
+        if now < datetime.fromisoformat(transaction.date) + hold_ttl:
+            return None
+        self._voided(
+            transaction_id=transaction_id,
+            oid=oid,
+            value=transaction.held,
+            released=transaction.held,
+            refunded=0,
+            request_id=VOID_REQUEST_ID,
+            date=now.isoformat(),
+        )
+        return transaction.cancellations[-1]
+
+    @event("Voided")
+    def _voided(
+        self,
+        *,
+        transaction_id: str,
+        oid: str,
+        value: int,
+        released: int,
+        refunded: int,
+        request_id: str,
+        date: str,
+    ) -> None:
+        transaction = self.transactions[transaction_id]
+        transaction.released += released
+        transaction.voided_at = date
+        transaction.cancellations.append(Operation(oid=oid, value=value, date=date, request_id=request_id))
+        self.balance += value
 
     # ---- queries -----------------------------------------------------------
 
@@ -432,6 +480,14 @@ class GiftCard(Aggregate):
             raise errors.BalanceLimitExceeded(f"card {self.id} cannot hold more than {AMOUNT_MINOR_MAX} minor units")
 
     @staticmethod
+    def check_hold_not_voided(transaction: Transaction) -> None:
+        if transaction.voided_at is not None:
+            raise errors.HoldVoided(
+                f"transaction {transaction.id}'s authorization expired and was voided at {transaction.voided_at}; "
+                "nothing is left to settle"
+            )
+
+    @staticmethod
     def check_settlement_within_held(transaction: Transaction, value: int) -> None:
         if value > transaction.held:
             raise errors.OverSettlement(
@@ -457,3 +513,7 @@ def settlement_key(transaction_id: str, request_id: str) -> str:
 
 def cancellation_key(transaction_id: str, request_id: str) -> str:
     return f"cancellation:{transaction_id}:{request_id}"
+
+
+def void_key(transaction_id: str) -> str:
+    return f"void:{transaction_id}"
