@@ -15,7 +15,7 @@ from typing import TypeVar
 import asyncpg
 from aiohttp import web
 
-from hub import auth
+from hub import auth, demo
 from hub.app import create_app
 from hub.config import Settings
 from hub.logs import JsonAccessLogger, configure_logging
@@ -129,6 +129,32 @@ def db_grant(args: argparse.Namespace) -> int:
     return 0
 
 
+def demo_fill(args: argparse.Namespace) -> int:
+    native_id = Settings.from_env().native_provider_id
+
+    async def fill(pool: asyncpg.Pool) -> demo.DemoSummary | None:
+        if await demo.has_demo_data(pool):
+            return None
+        return await demo.fill(pool, cards=args.cards, seed=args.seed, native_id=native_id, base_url=args.base_url)
+
+    summary = with_pool(fill)
+    if summary is None:
+        print("this database already holds demo data; point GIFTCARD_DATA_DIR or GIFTCARD_DATABASE_URL elsewhere")
+        return 1
+    print(
+        f"{summary.cards} cards, {summary.transactions} transactions, {summary.settlements} settlements, "
+        f"{summary.cancellations} cancellations ({summary.refused} realistic refusals, nothing written for them)"
+    )
+    if summary.partner_registered:
+        print(
+            f"external provider {demo.PARTNER_ID} registered at {args.base_url}/native "
+            "(serve with GIFTCARD_PROVIDER_ALLOWLIST=127.0.0.1 to let the hub call it)"
+        )
+    else:
+        print("no external provider registered: set GIFTCARD_SECRET_KEY so its credentials can be encrypted")
+    return 0
+
+
 def keys_create(args: argparse.Namespace) -> int:
     roles = tuple(args.role or auth.ROLES)
     app_key, app_token = with_pool(lambda pool: auth.create_key(pool, args.audience, roles))
@@ -175,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     grant = db_commands.add_parser("grant", help="grant the service's role what it needs, and no rewriting of events")
     grant.add_argument("role", help="the existing PostgreSQL role the service connects as")
     grant.set_defaults(run=db_grant)
+
+    demo_cmd = commands.add_parser("demo", help="fill a fresh database with a realistic data set to try things out")
+    demo_cmd.add_argument("--cards", type=int, default=3000, help="how many cards (default 3000)")
+    demo_cmd.add_argument("--seed", type=int, default=7, help="random seed, for a repeatable data set")
+    demo_cmd.add_argument(
+        "--base-url", default="http://127.0.0.1:8080", help="where `giftcard serve` will listen (for the partner)"
+    )
+    demo_cmd.set_defaults(run=demo_fill)
 
     keys = commands.add_parser("keys", help="API credentials: key/token pairs with roles")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
