@@ -180,18 +180,8 @@ class Ledger:
         request_id: str,
         metadata: dict[str, Any] | None = None,
     ) -> Operation:
-        oid = uuid.uuid4().hex
-
-        def decide(card: GiftCard) -> Operation:
-            return card.settle(
-                transaction_id=transaction_id,
-                oid=oid,
-                value=to_minor(value, card.currency),
-                request_id=request_id,
-                now=self.clock(),
-            )
-
-        return await self._execute(card_id, decide, settlement_key(transaction_id, request_id), metadata)
+        key = settlement_key(transaction_id, request_id)
+        return await self._operate(GiftCard.settle, card_id, transaction_id, value, request_id, key, metadata)
 
     async def cancel(
         self,
@@ -202,18 +192,29 @@ class Ledger:
         request_id: str,
         metadata: dict[str, Any] | None = None,
     ) -> Operation:
+        key = cancellation_key(transaction_id, request_id)
+        return await self._operate(GiftCard.cancel, card_id, transaction_id, value, request_id, key, metadata)
+
+    async def _operate(
+        self,
+        verb: Callable[..., Operation],
+        card_id: str,
+        transaction_id: str,
+        value: Decimal,
+        request_id: str,
+        idempotency_key: str,
+        metadata: dict[str, Any] | None,
+    ) -> Operation:
+        """A settlement or cancellation: the same shape of command, a different verb of the card."""
         oid = uuid.uuid4().hex
 
         def decide(card: GiftCard) -> Operation:
-            return card.cancel(
-                transaction_id=transaction_id,
-                oid=oid,
-                value=to_minor(value, card.currency),
-                request_id=request_id,
-                now=self.clock(),
+            minor = to_minor(value, card.currency)
+            return verb(
+                card, transaction_id=transaction_id, oid=oid, value=minor, request_id=request_id, now=self.clock()
             )
 
-        return await self._execute(card_id, decide, cancellation_key(transaction_id, request_id), metadata)
+        return await self._execute(card_id, decide, idempotency_key, metadata)
 
     async def void_expired_hold(
         self, card_id: str, transaction_id: str, *, hold_ttl: timedelta, metadata: dict[str, Any] | None = None
