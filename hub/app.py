@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 import aiohttp
 from aiohttp import web
 
-from hub import auth, openapi, read_api
+from hub import audit_api, auth, openapi, read_api
 from hub.config import Settings
 from hub.directory import ProviderDirectory
 from hub.egress import EgressPolicy, GuardedResolver
@@ -168,6 +168,7 @@ def create_app(
     app.router.add_routes(HubHandlers().routes())
     openapi.add_routes(app)
     app.router.add_routes(read_api.routes())
+    app.router.add_routes(audit_api.routes())
     return app
 
 

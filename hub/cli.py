@@ -22,6 +22,7 @@ from hub.logs import JsonAccessLogger, configure_logging
 from ledger.database import create_pool, resolve_database_url
 from ledger.migrate import grant_service_role_statements, upgrade
 from projections import cli as projections_cli
+from projections import finance_cli
 
 T = TypeVar("T")
 
@@ -224,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.set_defaults(run=keys_revoke)
 
     projections_cli.add_commands(commands, native_provider_id=lambda: Settings.from_env().native_provider_id)
+
+    finance_cli.add_commands(commands, native_provider_id=lambda: Settings.from_env().native_provider_id)
     return parser
 
 

@@ -1,0 +1,38 @@
+"""Audit over HTTP: one card's history replayed, with its state at an instant (hub-consumer credentials).
+
+``GET /api/audit/cards/{card_id}?asOf=ISO8601`` answers what ``giftcard audit card --json``
+prints: every event of the card, replayed through the domain, with the balance after each,
+the card's state as of the instant (effective time: the ledger's clock inside each event,
+which the hash chain covers), and every failure of its hash chain or invariants. It reads the
+card's own events, so it is strongly consistent. ``audit verify`` walks the whole ledger and
+is a CLI command only: it is not bounded by a request's time.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from hub import openapi
+from hub.native import json_response
+from hub.read_api import instant_param
+from hub.state import LEDGER, SETTINGS
+from projections.audit import audit_card, render_card_audit
+
+BASE = "/api/audit"
+
+# Documented here, beside the route, so that wiring routes() in is the only edit app.py needs.
+openapi.OPERATIONS[("GET", f"{BASE}/cards/{{card_id}}")] = (
+    "Audit",
+    "A card's events replayed with the balance after each, its state as of ?asOf= (ISO 8601), and any failure",
+    None,
+)
+
+
+async def get_card_audit(request: web.Request) -> web.Response:
+    as_of = instant_param(request, "asOf")
+    audit = await audit_card(request.app[LEDGER].store, request.match_info["card_id"], as_of)
+    return json_response(render_card_audit(audit, request.app[SETTINGS].native_provider_id))
+
+
+def routes() -> list[web.RouteDef]:
+    return [web.get(f"{BASE}/cards/{{card_id}}", get_card_audit)]

@@ -1,0 +1,426 @@
+"""The auditors: one card's history replayed step by step, and ``verify`` over the whole ledger.
+
+``audit_card`` reads one card's stream, checks its hash chain, replays it through the domain
+and keeps every step with the balance after it, plus the card as it stood at an instant
+(effective time: the ledger's clock inside each event, which the hash chain covers).
+
+``verify`` walks every stream in (stream_id, version) order through one server-side cursor,
+in batches of ``batch_events_max``, inside one read-only repeatable-read transaction (a
+consistent snapshot that takes no transaction id, so it never holds back the projection
+runners). Only the current stream's state is in memory. For each stream it checks versions
+and the hash chain; for a card, replays it and checks the invariants after every event; it
+compares every read model with that replay (``projections.audit_read_models``) and adds up
+the money moved into the same totals ``export transactions`` computes. A card's snapshot (the
+cache the ledger loads long histories from) must equal the replay at its version, byte for byte.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from ledger.codec import canonical_json
+from ledger.commands import parse_card_id
+from ledger.domain.errors import CardNotFound
+from ledger.domain.giftcard import Transaction
+from ledger.domain.snapshot import restore_snapshot, take_snapshot
+from ledger.money import to_major
+from ledger.store import EventStore, RecordedEvent
+from projections import events as ev
+from projections.audit_read_models import CARDS_PER_CHECK_MAX, ReadModelCheck, ReadModelResult, load_checkpoints
+from projections.forwarded import FORWARDED_REPLAYS_CTE, forwarded_move
+from projections.replay import (
+    CARD_TOPICS,
+    EVENT_COLUMNS,
+    RULE_REPLAY,
+    BalanceFigures,
+    CardReplay,
+    ChainWalk,
+    Failure,
+    Step,
+    balance_figures,
+    cursor_batches,
+    effective_at,
+    recorded,
+    short_type,
+)
+from projections.totals import TotalKey, Totals
+
+VERIFY_BATCH_EVENTS = 1_000
+FAILURES_KEPT_MAX = 1_000  # in the report; every failure is still passed to on_failure and counted
+
+RULE_SNAPSHOT = "snapshot_matches_replay"
+SNAPSHOTS_ORPHANED_NAMED_MAX = 10  # snapshots of a version no event has, named in the report
+
+# Every event in (stream_id, version) order, with whether it is a forwarded replay (not counted again,
+# see projections.forwarded) and whether the stream's snapshot was taken at it.
+_VERIFY_EVENTS = f"""
+with {FORWARDED_REPLAYS_CTE}
+select {EVENT_COLUMNS}, e.position in (select position from forwarded_replays) as forwarded_replay,
+       s.version is not null as snapshot_here
+from events e
+left join snapshots s on s.stream_id = e.stream_id and s.version = e.version
+order by e.stream_id, e.version
+"""
+
+_SNAPSHOT = "select version, hash, state::text as state from snapshots where stream_id = $1"
+
+_ORPHANED_SNAPSHOTS = """
+select s.stream_id, s.version from snapshots s
+where not exists (select 1 from events e where e.stream_id = s.stream_id and e.version = s.version)
+order by s.stream_id limit $1
+"""
+
+
+# ---- one card --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CardState:
+    """A card as it stood after ``version`` (figures only, in minor units)."""
+
+    version: int
+    balances: BalanceFigures
+    transactions: list[Transaction]
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    event: RecordedEvent
+    effective_at: datetime
+    step: Step | None  # None once the replay broke: the event is listed, not applied
+    after_as_of: bool
+
+
+@dataclass(frozen=True)
+class CardAudit:
+    card_id: str
+    currency: str | None
+    as_of: datetime | None
+    entries: list[AuditEntry]
+    state: CardState | None  # at as_of (the latest state without one); None: no card yet then
+    failures: list[Failure]
+
+
+async def audit_card(store: EventStore, card_id: str, as_of: datetime | None = None) -> CardAudit:
+    """A card's whole history, replayed and checked; raises CardNotFound when no card has that id."""
+    stream_id = parse_card_id(card_id)
+    events = await store.read_stream(stream_id)
+    if not any(event.type in CARD_TOPICS for event in events):  # not first only: its issue may be the one removed
+        raise CardNotFound(f"gift card {card_id!r} not found")
+    chain, replay = ChainWalk(), CardReplay(stream_id)
+    entries: list[AuditEntry] = []
+    failures: list[Failure] = []
+    state: CardState | None = None
+    reached_as_of = False
+    for event in events:
+        at = effective_at(event)
+        after = reached_as_of or (as_of is not None and at > as_of)  # a stream is cut once, as a prefix
+        if after and not reached_as_of:
+            state, reached_as_of = _state_of(replay), True
+        failures += chain.check(event)
+        step, broken = replay.apply(event)
+        failures += broken
+        entries.append(AuditEntry(event, at, step, after))
+    if not reached_as_of:
+        state = _state_of(replay)
+    return CardAudit(stream_id, replay.currency, as_of, entries, state, failures)
+
+
+def _state_of(replay: CardReplay) -> CardState | None:
+    if replay.card is None or replay.last_event is None:
+        return None
+    transactions = [msgspec.structs.replace(t) for t in replay.card.transactions.values()]
+    return CardState(replay.last_event.version, balance_figures(replay.card), transactions)
+
+
+def render_card_audit(audit: CardAudit, provider: str) -> dict[str, Any]:
+    """The JSON document the CLI prints and the HTTP API answers (amounts in major units)."""
+    currency = audit.currency
+    return {
+        "cardId": audit.card_id,
+        "provider": provider,
+        "currency": currency,
+        "asOf": None if audit.as_of is None else iso(audit.as_of),
+        "valid": not audit.failures,
+        "failures": [render_failure(f) for f in audit.failures],
+        "state": None if audit.state is None or currency is None else _render_state(audit.state, currency),
+        "events": [_render_entry(entry, currency) for entry in audit.entries],
+    }
+
+
+def _render_state(state: CardState, currency: str) -> dict[str, Any]:
+    figures = state.balances
+    return {
+        "version": state.version,
+        "balance": to_major(figures.available, currency),
+        "authorized": to_major(figures.authorized, currency),
+        "settled": to_major(figures.settled, currency),
+        "credited": to_major(figures.credited, currency),
+        "debited": to_major(figures.debited, currency),
+        "transactions": [_render_transaction(t, currency) for t in state.transactions],
+    }
+
+
+def _render_transaction(transaction: Transaction, currency: str) -> dict[str, Any]:
+    return {
+        "id": transaction.id,
+        "operation": transaction.operation,
+        "date": _iso_or_as_written(transaction.date),
+        "value": to_major(transaction.value, currency),
+        "settled": to_major(transaction.settled, currency),
+        "released": to_major(transaction.released, currency),
+        "refunded": to_major(transaction.refunded, currency),
+        "held": to_major(transaction.held, currency),
+    }
+
+
+def _render_entry(entry: AuditEntry, currency: str | None) -> dict[str, Any]:
+    event, step = entry.event, entry.step
+
+    def amount(minor: int | None) -> Decimal | None:
+        return None if minor is None or currency is None else to_major(minor, currency)
+
+    rendered: dict[str, Any] = {
+        "version": event.version,
+        "position": event.position,
+        "type": short_type(event.type),
+        "effectiveAt": iso(entry.effective_at),
+        "recordedAt": iso(event.recorded_at),
+        "hash": event.hash.hex(),
+        "afterAsOf": entry.after_as_of,
+        "applied": step is not None,
+    }
+    if step is not None:
+        transaction = step.transaction
+        rendered |= {
+            "kind": step.kind,
+            "transactionId": None if transaction is None else transaction.id,
+            "operation": None if transaction is None else transaction.operation,
+            "amount": amount(step.amount),
+            "released": amount(step.released),
+            "refunded": amount(step.refunded),
+            "balance": amount(step.balance),
+        }
+    return rendered
+
+
+def render_failure(failure: Failure) -> dict[str, Any]:
+    return {
+        "streamId": failure.stream_id,
+        "version": failure.version,
+        "position": failure.position,
+        "rule": failure.rule,
+        "message": failure.message,
+    }
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _iso_or_as_written(value: str) -> str:
+    """A date from an event; one that does not parse (an altered event) is shown as it was written."""
+    try:
+        return iso(ev.instant(value))
+    except ValueError:
+        return value
+
+
+# ---- the whole ledger ------------------------------------------------------------------------
+
+
+@dataclass
+class VerifyReport:
+    events: int = 0
+    streams: int = 0
+    cards: int = 0
+    failures: list[Failure] = field(default_factory=list)  # the first FAILURES_KEPT_MAX
+    failures_total: int = 0
+    totals: Totals = field(default_factory=Totals)
+    read_models: list[ReadModelResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.failures_total == 0
+
+    def add(self, failure: Failure) -> None:
+        self.failures_total += 1
+        if len(self.failures) < FAILURES_KEPT_MAX:
+            self.failures.append(failure)
+
+
+class _StreamWalk:
+    """One stream of the verify walk: chain always; for a card, the domain replay, its snapshot and the
+    money it moved; for a forwarded call, the money it moved."""
+
+    def __init__(
+        self, stream_id: str, native: str, report: VerifyReport, models: ReadModelCheck, found: Callable
+    ) -> None:
+        self.stream_id = stream_id
+        self.native = native
+        self.report = report
+        self.models = models
+        self.found = found
+        self.chain = ChainWalk()
+        self.replay: CardReplay | None = None
+        self.snapshot_replayed: tuple[RecordedEvent, bytes] | None = None  # the card as replayed at its snapshot
+
+    def apply(self, event: RecordedEvent, forwarded_replay: bool, snapshot_here: bool) -> None:
+        for failure in self.chain.check(event):
+            self.found(failure)
+        if self.replay is None and event.type in CARD_TOPICS:
+            self.replay = CardReplay(self.stream_id)
+            self.report.cards += 1
+            self.models.card_started()
+        if self.replay is not None:  # everything in a card's stream goes through the domain
+            self._card_event(self.replay, event, snapshot_here)
+        elif event.type == ev.FORWARDED:
+            self._forwarded(event, forwarded_replay)
+        # Any other stream (the provider registry) is checked for its chain only.
+
+    def _card_event(self, replay: CardReplay, event: RecordedEvent, snapshot_here: bool) -> None:
+        self.models.before_card_event(replay, event)
+        step, failures = replay.apply(event)
+        for failure in failures:
+            self.found(failure)
+        if step is None:
+            return
+        if snapshot_here and replay.card is not None:
+            self.snapshot_replayed = (event, take_snapshot(replay.card))
+        self.models.card_step(replay, step)
+        transaction = step.transaction
+        if step.kind is not None and transaction is not None and step.amount is not None:
+            key = TotalKey(self.native, replay.currency, step.kind, transaction.operation)
+            self.report.totals.add(key, step.amount)
+
+    def _forwarded(self, event: RecordedEvent, forwarded_replay: bool) -> None:
+        try:
+            call = ev.decode(event, ev.Forwarded)
+            move = forwarded_move(event)
+        except msgspec.MsgspecError as e:
+            self.found(
+                Failure(event.stream_id, event.version, event.position, RULE_REPLAY, f"not a forwarded call: {e}")
+            )
+            return
+        self.models.forwarded(event, call, move, forwarded_replay)
+        if move is not None and not forwarded_replay:
+            self.report.totals.add(TotalKey(move.provider, None, move.kind, None), move.amount)
+
+    async def finish(self, connection: asyncpg.Connection) -> None:
+        if self.replay is not None:
+            await self.models.card_done(self.replay)
+        if self.snapshot_replayed is not None:
+            event, replayed = self.snapshot_replayed
+            for failure in await _snapshot_failures(connection, event, replayed):
+                self.found(failure)
+
+
+async def _snapshot_failures(connection: asyncpg.Connection, event: RecordedEvent, replayed: bytes) -> list[Failure]:
+    """A snapshot is a cache the ledger loads cards from: it must be the replay at its version, exactly."""
+    row = await connection.fetchrow(_SNAPSHOT, event.stream_id)
+    failures = []
+    if row["hash"] != event.hash:
+        message = "the snapshot's hash is not the stored hash of the event at its version"
+        failures.append(Failure(event.stream_id, event.version, event.position, RULE_SNAPSHOT, message))
+    if canonical_json(row["state"]) != canonical_json(replayed):
+        message = f"the snapshot differs from the replay at its version: {_snapshot_difference(row['state'], replayed)}"
+        failures.append(Failure(event.stream_id, event.version, event.position, RULE_SNAPSHOT, message))
+    return failures
+
+
+def _snapshot_difference(stored: str, replayed: bytes) -> str:
+    try:
+        held = balance_figures(restore_snapshot(stored.encode()))
+    except (msgspec.MsgspecError, ValueError) as e:
+        return f"it does not decode ({e})"
+    expected = balance_figures(restore_snapshot(replayed))
+    differing = [
+        f"{name} {getattr(held, name)} in the snapshot, {getattr(expected, name)} by replay"
+        for name in held.__struct_fields__
+        if getattr(held, name) != getattr(expected, name)
+    ]
+    return "; ".join(differing) or "its transactions or idempotency records differ"
+
+
+async def _orphaned_snapshots(connection: asyncpg.Connection) -> list[Failure]:
+    rows = await connection.fetch(_ORPHANED_SNAPSHOTS, SNAPSHOTS_ORPHANED_NAMED_MAX)
+    return [
+        Failure(r["stream_id"], r["version"], None, RULE_SNAPSHOT, "a snapshot of a version no event has") for r in rows
+    ]
+
+
+async def verify(
+    pool: asyncpg.Pool,
+    native_provider_id: str,
+    *,
+    batch_events_max: int = VERIFY_BATCH_EVENTS,
+    cards_per_check_max: int = CARDS_PER_CHECK_MAX,
+    on_failure: Callable[[Failure], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> VerifyReport:
+    """Walks every stream; every failure goes to ``on_failure`` as it is found, and into the report.
+
+    Memory: one batch of ``batch_events_max`` events, one stream's replay, and the expected figures of
+    at most ``cards_per_check_max`` cards waiting to be compared with their read-model rows.
+    """
+    report = VerifyReport()
+
+    def found(failure: Failure) -> None:
+        report.add(failure)
+        if on_failure is not None:
+            on_failure(failure)
+
+    async with pool.acquire() as connection, connection.transaction(isolation="repeatable_read", readonly=True):
+        checkpoints = await load_checkpoints(connection)
+        models = ReadModelCheck(
+            connection, native_provider_id, checkpoints, found, cards_per_check_max=cards_per_check_max
+        )
+        walk: _StreamWalk | None = None
+        async for batch in cursor_batches(connection, _VERIFY_EVENTS, (), batch_events_max):
+            for row in batch:
+                event = recorded(row)
+                if walk is None or walk.stream_id != event.stream_id:
+                    if walk is not None:
+                        await walk.finish(connection)
+                    walk = _StreamWalk(event.stream_id, native_provider_id, report, models, found)
+                    report.streams += 1
+                walk.apply(event, row["forwarded_replay"], row["snapshot_here"])
+                models.count_event(event)
+                report.events += 1
+            if on_progress is not None:
+                on_progress(len(batch))
+        if walk is not None:
+            await walk.finish(connection)
+        for failure in await _orphaned_snapshots(connection):
+            found(failure)
+        report.read_models = await models.finish()
+    return report
+
+
+def render_report(report: VerifyReport) -> dict[str, Any]:
+    return {
+        "ok": report.ok,
+        "events": report.events,
+        "streams": report.streams,
+        "cards": report.cards,
+        "failuresTotal": report.failures_total,
+        "failures": [render_failure(f) for f in report.failures],
+        "failuresTruncated": report.failures_total > len(report.failures),
+        "totals": report.totals.render(),
+        "readModels": [
+            {
+                "name": result.name,
+                "checkpoint": {"tx": result.checkpoint.tx, "position": result.checkpoint.position},
+                "compared": result.compared,
+                "lagEvents": result.lag_events,
+            }
+            for result in report.read_models
+        ],
+    }

@@ -1,0 +1,402 @@
+"""``audit verify``'s comparison of every read model with a fresh replay of the events.
+
+A read model is exactly as fresh as its checkpoint: it has applied every event at or below
+it in the global (tx, position) order and none after. So each card is compared as it stood
+after the last event its projection applied (inside one stream that is a prefix: a stream's
+versions commit in order), and later events are counted as lag, never as a difference.
+Everything runs inside verify's one read-only repeatable-read transaction, in which the
+read-model rows and their checkpoint are one consistent snapshot.
+
+Memory stays bounded: a card's expected figures wait in a buffer of at most
+``CARDS_PER_CHECK_MAX`` cards (``TRANSACTIONS_PER_CHECK_MAX`` transactions), which one query
+per read model then compares; daily totals are accumulated per (day, currency, provider),
+which grows with the calendar, not with the number of events.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import asyncpg
+
+from ledger.domain.giftcard import DEBIT
+from ledger.store import START, Checkpoint, RecordedEvent
+from projections import card_balances, daily_totals, transaction_history
+from projections import events as ev
+from projections.daily_totals import Flows
+from projections.forwarded import ForwardedMove
+from projections.replay import (
+    CANCELLATION,
+    SETTLEMENT,
+    TRANSACTION,
+    TRANSACTION_TOPICS,
+    BalanceFigures,
+    CardReplay,
+    Failure,
+    Step,
+    TransactionFigures,
+    balance_figures,
+    effective_at,
+    is_applied,
+    transaction_figures,
+)
+from projections.totals import major
+
+CARDS_PER_CHECK_MAX = 500
+TRANSACTIONS_PER_CHECK_MAX = 5_000
+PHANTOMS_NAMED_MAX = 10  # rows with no events behind them, named per read model
+
+RULE_CARD_BALANCES = f"read_model_{card_balances.NAME}"
+RULE_TRANSACTION_HISTORY = f"read_model_{transaction_history.NAME}"
+RULE_DAILY_TOTALS = f"read_model_{daily_totals.NAME}"
+PROJECTIONS = (card_balances.NAME, transaction_history.NAME, daily_totals.NAME)
+
+_CHECKPOINTS = "select name, tx::text::bigint as tx, position from projection_checkpoints where name = any($1::text[])"
+
+_BALANCES_OF = """
+select card_id, currency, available, authorized, settled, credited, debited
+from read_card_balances where card_id = any($1::text[])
+"""
+
+_TRANSACTIONS_OF = """
+select t.card_id, t.transaction_id, t.operation, t.currency, t.value, t.settled, t.cancelled, t.released, t.refunded,
+       (select count(*) from read_transaction_operations o
+        where o.provider = t.provider and o.card_id = t.card_id and o.transaction_id = t.transaction_id) as operations
+from read_transactions t where t.provider = $1 and t.card_id = any($2::text[])
+"""
+
+# Rows whose card (or transaction) no event at or below the checkpoint creates.
+_PHANTOM_CARDS = """
+select b.card_id from read_card_balances b
+where not exists (select 1 from events e where e.stream_id = b.card_id and e.version = 1 and e.type = $1
+                  and (e.tx, e.position) <= ($2::text::xid8, $3))
+order by b.card_id limit $4
+"""
+
+_PHANTOM_TRANSACTIONS = """
+select t.card_id, t.transaction_id from read_transactions t
+where t.provider = $1
+  and not exists (select 1 from events e where e.stream_id = t.card_id and e.type = any($2::text[])
+                  and e.data->>'transaction_id' = t.transaction_id and (e.tx, e.position) <= ($3::text::xid8, $4))
+order by t.card_id, t.transaction_id limit $5
+"""
+
+_FORWARDED_TOTALS = """
+select provider, count(value) as transactions, coalesce(sum(value), 0) as value,
+       sum(settled) as settled, sum(cancelled) as cancelled
+from read_transactions where source = 'forwarded' group by provider order by provider
+"""
+
+_DAILY_TOTALS = """
+select day, currency, provider, cards_issued, transactions, loaded, redeemed, unclassified, settled, cancelled,
+       balance_change
+from read_daily_totals order by day, provider, currency
+"""
+
+_FLOW_NAMES = [f.name for f in fields(Flows)]
+
+
+@dataclass(frozen=True)
+class ReadModelResult:
+    name: str
+    checkpoint: Checkpoint
+    compared: int  # rows (cards, transactions, days) compared
+    lag_events: int  # events after the checkpoint: not projected yet, so not compared
+
+
+@dataclass
+class _CardExpectation:
+    card_id: str
+    version: int | None  # the last event the projection applied, named in any failure
+    position: int | None
+    balances: BalanceFigures | None = None  # None: no card yet at the checkpoint
+    transactions: dict[str, TransactionFigures] | None = None
+
+
+async def load_checkpoints(connection: asyncpg.Connection) -> dict[str, Checkpoint]:
+    rows = await connection.fetch(_CHECKPOINTS, list(PROJECTIONS))
+    found = {row["name"]: Checkpoint(row["tx"], row["position"]) for row in rows}
+    return {name: found.get(name, START) for name in PROJECTIONS}
+
+
+class ReadModelCheck:
+    def __init__(
+        self,
+        connection: asyncpg.Connection,
+        native_provider_id: str,
+        checkpoints: dict[str, Checkpoint],
+        found: Callable[[Failure], None],
+        *,
+        cards_per_check_max: int = CARDS_PER_CHECK_MAX,
+        transactions_per_check_max: int = TRANSACTIONS_PER_CHECK_MAX,
+    ) -> None:
+        self.connection = connection
+        self.cards_per_check_max = cards_per_check_max
+        self.transactions_per_check_max = transactions_per_check_max
+        self.native = native_provider_id
+        self.checkpoints = checkpoints
+        self.found = found
+        self.compared: defaultdict[str, int] = defaultdict(int)
+        self.lag_events: defaultdict[str, int] = defaultdict(int)
+        self._balances: list[_CardExpectation] = []
+        self._transactions: list[_CardExpectation] = []
+        self._buffered_transactions = 0
+        self._pending: set[str] = set()
+        self._days: defaultdict[tuple, list[int]] = defaultdict(lambda: [0] * len(_FLOW_NAMES))
+        self._forwarded: defaultdict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+
+    def applied(self, name: str, event: RecordedEvent) -> bool:
+        return is_applied(event, self.checkpoints[name])
+
+    def count_event(self, event: RecordedEvent) -> None:
+        for name in PROJECTIONS:
+            if not self.applied(name, event):
+                self.lag_events[name] += 1
+
+    # ---- cards ---------------------------------------------------------------------------
+
+    def card_started(self) -> None:
+        self._pending = {card_balances.NAME, transaction_history.NAME}
+
+    def before_card_event(self, replay: CardReplay, event: RecordedEvent) -> None:
+        """The first event a projection has not applied: the card as it stands now is what it holds."""
+        for name in [n for n in self._pending if not self.applied(n, event)]:
+            self._capture(name, replay)
+
+    def card_step(self, replay: CardReplay, step: Step) -> None:
+        if self.applied(daily_totals.NAME, step.event):
+            self._add_day_flows(replay, step)
+
+    async def card_done(self, replay: CardReplay) -> None:
+        for name in list(self._pending):
+            self._capture(name, replay)
+        if len(self._balances) >= self.cards_per_check_max:
+            await self._compare_balances()
+        if (
+            len(self._transactions) >= self.cards_per_check_max
+            or self._buffered_transactions >= self.transactions_per_check_max
+        ):
+            await self._compare_transactions()
+
+    def _capture(self, name: str, replay: CardReplay) -> None:
+        self._pending.discard(name)
+        if replay.broken:
+            return  # already reported; what the read model holds cannot be derived
+        last = replay.last_event
+        expectation = _CardExpectation(
+            replay.stream_id, None if last is None else last.version, None if last is None else last.position
+        )
+        if name == card_balances.NAME:
+            expectation.balances = None if replay.card is None else balance_figures(replay.card)
+            self._balances.append(expectation)
+        else:
+            expectation.transactions = {} if replay.card is None else transaction_figures(replay.card)
+            self._buffered_transactions += len(expectation.transactions)
+            self._transactions.append(expectation)
+
+    def _add_day_flows(self, replay: CardReplay, step: Step) -> None:
+        assert replay.card is not None
+        day = ev.utc_day(effective_at(step.event))
+        flows = self._days[(day, replay.card.currency, self.native)]
+        transaction = step.transaction
+        amount = step.amount or 0
+        if step.event.type == ev.ISSUED:
+            flows[_FLOW_NAMES.index("cards_issued")] += 1
+        elif step.kind == TRANSACTION and transaction is not None:
+            debit = transaction.operation == DEBIT
+            flows[_FLOW_NAMES.index("transactions")] += 1
+            flows[_FLOW_NAMES.index("redeemed" if debit else "loaded")] += amount
+            flows[_FLOW_NAMES.index("balance_change")] += -amount if debit else amount
+        elif step.kind == SETTLEMENT:
+            flows[_FLOW_NAMES.index("settled")] += amount
+        elif step.kind == CANCELLATION and transaction is not None:
+            flows[_FLOW_NAMES.index("cancelled")] += amount
+            flows[_FLOW_NAMES.index("balance_change")] += amount if transaction.operation == DEBIT else -amount
+
+    # ---- forwarded calls ---------------------------------------------------------------------
+
+    def forwarded(self, event: RecordedEvent, call: ev.Forwarded, move: ForwardedMove | None, replay: bool) -> None:
+        """A forwarded call, as transaction_history and daily_totals count it."""
+        if self.applied(transaction_history.NAME, event) and move is not None and not replay:
+            figures = self._forwarded[move.provider]
+            if move.kind == TRANSACTION:
+                figures[0] += 1
+                figures[1] += move.amount
+            else:
+                figures[2 if move.kind == SETTLEMENT else 3] += move.amount
+        if self.applied(daily_totals.NAME, event) and ev.forwarded_money(call) and not replay:
+            self._add_forwarded_day_flows(event, call)
+
+    def _add_forwarded_day_flows(self, event: RecordedEvent, call: ev.Forwarded) -> None:
+        if call.operation == ev.FORWARDED_CREATE_CARD:
+            added = {"cards_issued": 1}
+        else:
+            amount = ev.forwarded_amount(call.value)
+            if amount is None:
+                return
+            added = {
+                ev.FORWARDED_SETTLE: {"settled": amount},
+                ev.FORWARDED_CANCEL: {"cancelled": amount},
+            }.get(call.operation, {"transactions": 1, "unclassified": amount})
+        flows = self._days[(ev.utc_day(event.recorded_at), None, call.provider_id)]
+        for name, value in added.items():
+            flows[_FLOW_NAMES.index(name)] += value
+
+    # ---- comparisons ---------------------------------------------------------------------------
+
+    async def finish(self) -> list[ReadModelResult]:
+        await self._compare_balances()
+        await self._compare_transactions()
+        await self._name_phantoms()
+        await self._compare_forwarded()
+        await self._compare_days()
+        return [
+            ReadModelResult(name, self.checkpoints[name], self.compared[name], self.lag_events[name])
+            for name in PROJECTIONS
+        ]
+
+    async def _compare_balances(self) -> None:
+        expectations, self._balances = self._balances, []
+        if not expectations:
+            return
+        rows = await self.connection.fetch(_BALANCES_OF, [e.card_id for e in expectations])
+        held = {row["card_id"]: row for row in rows}
+        for expected in expectations:
+            row = held.get(expected.card_id)
+            self.compared[card_balances.NAME] += 1
+            if expected.balances is None:
+                if row is not None:
+                    self._differs(
+                        expected, RULE_CARD_BALANCES, "a row exists for a card not yet issued at the checkpoint"
+                    )
+                continue
+            if row is None:
+                self._differs(expected, RULE_CARD_BALANCES, "the card has no row")
+                continue
+            differences = _differences(expected.balances, row, expected.balances.currency)
+            if differences:
+                self._differs(expected, RULE_CARD_BALANCES, "; ".join(differences))
+
+    async def _compare_transactions(self) -> None:
+        expectations, self._transactions, self._buffered_transactions = self._transactions, [], 0
+        if not expectations:
+            return
+        rows = await self.connection.fetch(_TRANSACTIONS_OF, self.native, [e.card_id for e in expectations])
+        held: defaultdict[str, dict[str, asyncpg.Record]] = defaultdict(dict)
+        for row in rows:
+            held[row["card_id"]][row["transaction_id"]] = row
+        for expected in expectations:
+            self._compare_card_transactions(expected, held.get(expected.card_id, {}))
+
+    def _compare_card_transactions(self, expected: _CardExpectation, rows: dict[str, asyncpg.Record]) -> None:
+        assert expected.transactions is not None
+        for transaction_id, figures in expected.transactions.items():
+            self.compared[transaction_history.NAME] += 1
+            row = rows.get(transaction_id)
+            if row is None:
+                self._differs(expected, RULE_TRANSACTION_HISTORY, f"transaction {transaction_id} has no row")
+                continue
+            differences = _differences(figures, row, figures.currency)
+            if differences:
+                self._differs(
+                    expected, RULE_TRANSACTION_HISTORY, f"transaction {transaction_id}: " + "; ".join(differences)
+                )
+        for transaction_id in rows.keys() - expected.transactions.keys():
+            self._differs(expected, RULE_TRANSACTION_HISTORY, f"transaction {transaction_id} has a row but no event")
+
+    async def _name_phantoms(self) -> None:
+        """Rows of cards (or transactions) that no event behind the checkpoint creates at all."""
+        balances = self.checkpoints[card_balances.NAME]
+        for row in await self.connection.fetch(
+            _PHANTOM_CARDS, ev.ISSUED, str(balances.tx), balances.position, PHANTOMS_NAMED_MAX
+        ):
+            self.found(
+                Failure(row["card_id"], None, None, RULE_CARD_BALANCES, "a row exists for a card with no events")
+            )
+        history = self.checkpoints[transaction_history.NAME]
+        for row in await self.connection.fetch(
+            _PHANTOM_TRANSACTIONS,
+            self.native,
+            list(TRANSACTION_TOPICS),
+            str(history.tx),
+            history.position,
+            PHANTOMS_NAMED_MAX,
+        ):
+            message = f"transaction {row['transaction_id']} has a row but no event"
+            self.found(Failure(row["card_id"], None, None, RULE_TRANSACTION_HISTORY, message))
+
+    async def _compare_forwarded(self) -> None:
+        names = ("transactions", "value", "settled", "cancelled")
+        expected = dict(self._forwarded)
+        for row in await self.connection.fetch(_FORWARDED_TOTALS):
+            figures = expected.pop(row["provider"], [0, 0, 0, 0])
+            self.compared[transaction_history.NAME] += 1
+            held = [row[name] for name in names]
+            if held != figures:
+                message = f"forwarded totals of provider {row['provider']}: " + _listed(names, held, figures, None)
+                self.found(Failure(None, None, None, RULE_TRANSACTION_HISTORY, message))
+        for provider, figures in expected.items():
+            if any(figures):
+                message = f"forwarded totals of provider {provider}: no rows, replay has " + _listed(
+                    names, [0] * len(names), figures, None
+                )
+                self.found(Failure(None, None, None, RULE_TRANSACTION_HISTORY, message))
+
+    async def _compare_days(self) -> None:
+        expected = self._days
+        for row in await self.connection.fetch(_DAILY_TOTALS):
+            key = (row["day"], row["currency"], row["provider"])
+            figures = expected.pop(key, [0] * len(_FLOW_NAMES))
+            self.compared[daily_totals.NAME] += 1
+            held = [row[name] for name in _FLOW_NAMES]
+            if held != figures:
+                self._day_differs(key, held, figures)
+        for key, figures in expected.items():
+            if any(figures):
+                self._day_differs(key, [0] * len(_FLOW_NAMES), figures)
+        self._days = defaultdict(lambda: [0] * len(_FLOW_NAMES))
+
+    def _day_differs(self, key: tuple, held: list[int], figures: list[int]) -> None:
+        day, currency, provider = key
+        counts = {"cards_issued", "transactions"}
+        differing = [
+            f"{name} {_shown(h, None if name in counts else currency, name in counts)} in read model, "
+            f"{_shown(f, None if name in counts else currency, name in counts)} by replay"
+            for name, h, f in zip(_FLOW_NAMES, held, figures, strict=True)
+            if h != f
+        ]
+        message = f"day {day.isoformat()} {currency or '(currency not recorded)'} {provider}: " + "; ".join(differing)
+        self.found(Failure(None, None, None, RULE_DAILY_TOTALS, message))
+
+    def _differs(self, expected: _CardExpectation, rule: str, message: str) -> None:
+        self.found(Failure(expected.card_id, expected.version, expected.position, rule, message))
+
+
+def _differences(figures: BalanceFigures | TransactionFigures, row: asyncpg.Record, currency: str) -> list[str]:
+    """``name X in read model, Y by replay`` for every field that differs (amounts in major units)."""
+    differences = []
+    for name in type(figures).__struct_fields__:
+        value, held = getattr(figures, name), row[name]
+        if held != value:
+            plain = name == "operations"  # a count, not an amount
+            differences.append(
+                f"{name} {_shown(held, currency, plain)} in read model, {_shown(value, currency, plain)} by replay"
+            )
+    return differences
+
+
+def _listed(names: tuple[str, ...], held: list[int], figures: list[int], currency: str | None) -> str:
+    return "; ".join(
+        f"{name} {_shown(h, currency, name == 'transactions')} in read model, "
+        f"{_shown(f, currency, name == 'transactions')} by replay"
+        for name, h, f in zip(names, held, figures, strict=True)
+        if h != f
+    )
+
+
+def _shown(value: object, currency: str | None, plain: bool) -> str:
+    if plain or not isinstance(value, int):
+        return str(value)
+    return str(major(value, currency))

@@ -1,0 +1,372 @@
+"""``giftcard audit card | verify`` and ``giftcard export transactions | liabilities``.
+
+``hub/cli.py`` adds them with one call to ``add_commands`` (as it does ``projections.cli``); the
+native provider's id is passed in, so this package needs nothing of the hub. ``python -m
+projections.finance_cli`` runs the same commands on their own.
+
+Exit codes: 0 when everything holds (or the export is written); 1 when verify (or a card's audit)
+finds a failure, or the ledger cannot be turned into exact figures; 2 for a bad argument or an
+unknown card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import msgspec
+from tqdm import tqdm
+
+from ledger.database import create_pool, resolve_database_url
+from ledger.domain.errors import CardNotFound, DomainError
+from ledger.migrate import upgrade
+from ledger.money import exponent_of
+from ledger.store import EventStore
+from projections.audit import (
+    VERIFY_BATCH_EVENTS,
+    CardAudit,
+    VerifyReport,
+    audit_card,
+    render_card_audit,
+    render_report,
+    verify,
+)
+from projections.exports import (
+    EXPORT_BATCH_ROWS,
+    FORMATS,
+    LIABILITY_FORMATS,
+    ExportFilter,
+    LedgerInconsistent,
+    LiabilityFile,
+    count_card_events,
+    count_export_events,
+    export_liabilities,
+    export_transactions,
+    render_liabilities,
+)
+from projections.replay import Failure
+from projections.totals import Totals, major
+
+T = TypeVar("T")
+
+POOL_SIZE_MAX = 2  # one connection holds the cursor's transaction; one spare for a progress bar's count
+NATIVE_PROVIDER_ID_DEFAULT = "VtexGiftCard"  # as hub.config; only for running this module on its own
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+_json = msgspec.json.Encoder(decimal_format="number")  # as the HTTP API writes amounts
+
+
+def add_commands(commands: argparse._SubParsersAction, native_provider_id: Callable[[], str]) -> None:
+    """Adds the ``audit`` and ``export`` command groups."""
+    _add_audit(commands, native_provider_id)
+    _add_export(commands, native_provider_id)
+
+
+def _add_audit(commands: argparse._SubParsersAction, native_provider_id: Callable[[], str]) -> None:
+    group = commands.add_parser("audit", help="replay a card's history; verify the whole ledger")
+    sub = group.add_subparsers(dest="audit_command", required=True)
+
+    card = sub.add_parser("card", help="a card's events replayed, with the balance after each, and its state")
+    card.add_argument("card_id")
+    card.add_argument("--as-of", type=parse_instant, help="ISO 8601 instant (naive: UTC) to show the card's state at")
+    card.add_argument("--json", action="store_true", help="the JSON document GET /api/audit/cards/{id} answers")
+    card.set_defaults(run=lambda args: audit_card_command(args, native_provider_id()))
+
+    check = sub.add_parser("verify", help="hash chains, invariants and read models; exit 1 naming every failure")
+    check.add_argument("--json", action="store_true", help="one JSON report instead of lines")
+    check.add_argument(
+        "--batch-events-max",
+        type=positive_int,
+        default=VERIFY_BATCH_EVENTS,
+        help=f"events per cursor fetch (default {VERIFY_BATCH_EVENTS})",
+    )
+    check.set_defaults(run=lambda args: verify_command(args, native_provider_id()))
+
+
+def _add_export(commands: argparse._SubParsersAction, native_provider_id: Callable[[], str]) -> None:
+    group = commands.add_parser("export", help="finance exports, streamed from the events")
+    sub = group.add_subparsers(dest="export_command", required=True)
+
+    transactions = sub.add_parser("transactions", help="one row per transaction, settlement and cancellation")
+    transactions.add_argument("--format", choices=FORMATS, required=True)
+    transactions.add_argument("--output", type=Path, required=True, help="the file to write")
+    transactions.add_argument("--since", type=parse_instant, help="effective date from (inclusive), ISO 8601")
+    transactions.add_argument("--until", type=parse_instant, help="effective date up to (exclusive), ISO 8601")
+    transactions.add_argument("--provider", help="only this provider's rows (the native one's id, or an external)")
+    transactions.add_argument("--currency", type=parse_currency, help="only rows in this currency (native cards)")
+    transactions.add_argument("--json", action="store_true", help="print the summary (rows, totals) as JSON")
+    transactions.add_argument(
+        "--batch-rows",
+        type=positive_int,
+        default=EXPORT_BATCH_ROWS,
+        help=f"events per cursor fetch and Parquet row group (default {EXPORT_BATCH_ROWS})",
+    )
+    transactions.set_defaults(run=lambda args: export_transactions_command(args, native_provider_id()))
+
+    liabilities = sub.add_parser("liabilities", help="outstanding balance per card, total per currency")
+    liabilities.add_argument("--as-of", type=parse_day, required=True, help="a date (UTC): balances at its end")
+    liabilities.add_argument("--output", type=Path, help="also write one row per card with a balance to this file")
+    liabilities.add_argument("--format", choices=LIABILITY_FORMATS, default="csv", help="of --output (default csv)")
+    liabilities.add_argument("--json", action="store_true", help="print the totals as JSON")
+    liabilities.set_defaults(run=export_liabilities_command)
+
+
+# ---- argument types ----------------------------------------------------------------------------
+
+
+def parse_instant(value: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 instant: {value!r}") from None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
+
+
+def parse_day(value: str) -> date:
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date like 2026-01-31: {value!r}") from None
+
+
+def parse_currency(value: str) -> str:
+    try:
+        exponent_of(value)
+    except DomainError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+# ---- audit ---------------------------------------------------------------------------------------
+
+
+def audit_card_command(args: argparse.Namespace, native_provider_id: str) -> int:
+    try:
+        audit = _with_pool(lambda pool: audit_card(EventStore(pool), args.card_id, args.as_of))
+    except CardNotFound as e:
+        print(e.message, file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(_json.encode(render_card_audit(audit, native_provider_id)).decode())
+    else:
+        _print_card_audit(audit, native_provider_id)
+    return EXIT_OK if not audit.failures else EXIT_FAILED
+
+
+def _print_card_audit(audit: CardAudit, provider: str) -> None:
+    document = render_card_audit(audit, provider)
+    as_of = f", as of {document['asOf']}" if audit.as_of else ""
+    print(f"card {audit.card_id} ({audit.currency}, provider {provider}){as_of}")
+    print(
+        f"{'ver':>5}  {'effective at':<27} {'event':<10} {'transaction':<32} {'op':<6} {'amount':>14} {'balance':>14}"
+    )
+    for entry in document["events"]:
+        mark = " (after as-of)" if entry["afterAsOf"] else ""
+        balance = entry.get("balance", "not applied")
+        print(
+            f"{entry['version']:>5}  {entry['effectiveAt']:<27} {entry['type']:<10} "
+            f"{entry.get('transactionId') or '':<32} {entry.get('operation') or '':<6} "
+            f"{_text(entry.get('amount')):>14} {_text(balance):>14}{mark}"
+        )
+    state = document["state"]
+    if state is None:
+        print("state: the card did not exist yet")
+    else:
+        print(
+            f"state at version {state['version']}: balance {state['balance']}, authorized {state['authorized']}, "
+            f"settled {state['settled']}, credited {state['credited']}, debited {state['debited']}"
+        )
+    _print_failures(audit.failures)
+
+
+# ---- verify ----------------------------------------------------------------------------------------
+
+
+def verify_command(args: argparse.Namespace, native_provider_id: str) -> int:
+    print_each = None if args.json else (lambda failure: print(f"FAIL {failure.line()}", flush=True))
+
+    async def work(pool: asyncpg.Pool) -> VerifyReport:
+        async with _progress(pool, "verify", _count_events) as bar:
+            return await verify(
+                pool,
+                native_provider_id,
+                batch_events_max=args.batch_events_max,
+                on_failure=print_each,
+                on_progress=bar.update,
+            )
+
+    report = _with_pool(work)
+    if args.json:
+        print(_json.encode(render_report(report)).decode())
+    else:
+        _print_verify_summary(report)
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _print_verify_summary(report: VerifyReport) -> None:
+    verdict = "all hold" if report.ok else f"{report.failures_total} failure(s)"
+    print(f"verified {report.events} event(s) in {report.streams} stream(s), {report.cards} card(s): {verdict}")
+    for result in report.read_models:
+        print(
+            f"read model {result.name}: {result.compared} row(s) compared at checkpoint "
+            f"{result.checkpoint.tx}:{result.checkpoint.position}, {result.lag_events} later event(s) not projected yet"
+        )
+    _print_totals(report.totals)
+
+
+# ---- exports ---------------------------------------------------------------------------------------
+
+
+def export_transactions_command(args: argparse.Namespace, native_provider_id: str) -> int:
+    where = ExportFilter(since=args.since, until=args.until, provider=args.provider, currency=args.currency)
+    if where.since and where.until and where.until < where.since:
+        print("--until must not be before --since", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def work(pool: asyncpg.Pool):
+        async with _progress(pool, "export", count_export_events) as bar:
+            return await export_transactions(
+                pool,
+                args.output,
+                args.format,
+                native_provider_id,
+                where,
+                batch_rows=args.batch_rows,
+                on_progress=bar.update,
+            )
+
+    try:
+        result = _with_pool(work)
+    except LedgerInconsistent as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        summary = {"output": str(args.output), "format": args.format, "rows": result.rows}
+        print(_json.encode({**summary, "totals": result.totals.render()}).decode())
+    else:
+        print(f"exported {result.rows} row(s) to {args.output} ({args.format})")
+        _print_totals(result.totals)
+    return EXIT_OK
+
+
+def export_liabilities_command(args: argparse.Namespace) -> int:
+    async def work(pool: asyncpg.Pool):
+        rows = None if args.output is None else LiabilityFile(args.output, args.format)
+        try:
+            async with _progress(pool, "liabilities", count_card_events) as bar:
+                result = await export_liabilities(
+                    pool, args.as_of, on_card=None if rows is None else rows.write, on_progress=bar.update
+                )
+        except BaseException:
+            if rows is not None:
+                rows.discard()
+            raise
+        if rows is not None:
+            rows.commit()
+        return result
+
+    try:
+        result = _with_pool(work)
+    except LedgerInconsistent as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_FAILED
+    document = render_liabilities(result)
+    if args.json:
+        print(_json.encode(document).decode())
+        return EXIT_OK
+    print(f"outstanding at the end of {document['asOf']} (UTC, before {document['cutoff']}):")
+    for total in document["totals"]:
+        print(f"  {total['currency']:<4} {total['outstanding']:>20}  over {total['cards']} card(s)")
+    if not document["totals"]:
+        print("  nothing outstanding")
+    return EXIT_OK
+
+
+# ---- plumbing ----------------------------------------------------------------------------------------
+
+
+def _print_totals(totals: Totals) -> None:
+    print("totals (provider, currency, kind, operation: count, amount):")
+    for key in totals.sorted_keys():
+        amount = major(totals.units(key), key.currency)
+        currency = key.currency or "(not recorded)"
+        print(f"  {key.provider} {currency} {key.kind} {key.operation or '-'}: {totals.count(key)}, {amount}")
+
+
+def _print_failures(failures: list[Failure]) -> None:
+    if not failures:
+        print("hash chain and invariants: ok")
+        return
+    print(f"{len(failures)} failure(s):")
+    for failure in failures:
+        print(f"FAIL {failure.line()}")
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+async def _count_events(pool: asyncpg.Pool) -> int:
+    return await pool.fetchval("select count(*) from events")
+
+
+@contextlib.asynccontextmanager
+async def _progress(
+    pool: asyncpg.Pool, what: str, count: Callable[[asyncpg.Pool], Awaitable[int]]
+) -> AsyncIterator[tqdm]:
+    """A tqdm bar on stderr when stderr is a terminal (its total counted only then); a no-op otherwise."""
+    shown = sys.stderr.isatty()
+    total = await count(pool) if shown else None
+    with tqdm(total=total, desc=what, unit="event", file=sys.stderr, disable=not shown) as bar:
+        yield bar
+
+
+def _with_pool(work: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
+    """Runs ``work`` against the configured (or embedded) database, its schema brought current first."""
+
+    async def run() -> T:
+        pool = await create_pool(url, size_min=1, size_max=POOL_SIZE_MAX)
+        try:
+            async with pool.acquire() as connection:
+                await upgrade(connection)
+            return await work(pool)
+        finally:
+            await pool.close()
+
+    url, embedded = resolve_database_url()
+    try:
+        return asyncio.run(run())
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def build_parser(native_provider_id: Callable[[], str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="giftcard", description="Gift card ledger: auditors and finance exports")
+    add_commands(parser.add_subparsers(dest="command", required=True), native_provider_id)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    native = lambda: os.environ.get("GIFTCARD_NATIVE_PROVIDER_ID", NATIVE_PROVIDER_ID_DEFAULT)  # noqa: E731
+    args = build_parser(native).parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
