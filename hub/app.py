@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 import aiohttp
 from aiohttp import web
 
-from hub import audit_api, auth, openapi, read_api
+from hub import audit_api, auth, openapi, read_api, webhooks
 from hub.config import Settings
 from hub.directory import ProviderDirectory
 from hub.egress import EgressPolicy, GuardedResolver
@@ -149,6 +149,10 @@ def create_app(
                             )
                         )
                     )
+                if webhooks.run_in_serve():  # GIFTCARD_RUN_WEBHOOKS; deliverers in other processes share the work
+                    background.append(
+                        asyncio.create_task(webhooks.run_deliveries(pool, settings, asyncio.Event(), cipher=cipher))
+                    )
                 if settings.run_projections:  # read models; runners in other processes share the work safely
                     runner = ProjectionRunner(pool, read_models(settings.native_provider_id))
                     background.append(asyncio.create_task(runner.run_forever()))
@@ -168,6 +172,7 @@ def create_app(
     app.router.add_routes(HubHandlers().routes())
     openapi.add_routes(app)
     app.router.add_routes(read_api.routes())
+    app.router.add_routes(webhooks.routes())
     app.router.add_routes(audit_api.routes())
     return app
 

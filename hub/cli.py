@@ -15,7 +15,7 @@ from typing import TypeVar
 import asyncpg
 from aiohttp import web
 
-from hub import auth, demo
+from hub import auth, demo, webhooks
 from hub.app import create_app
 from hub.config import Settings
 from hub.logs import JsonAccessLogger, configure_logging
@@ -227,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     projections_cli.add_commands(commands, native_provider_id=lambda: Settings.from_env().native_provider_id)
 
     finance_cli.add_commands(commands, native_provider_id=lambda: Settings.from_env().native_provider_id)
+
+    webhooks.add_commands(commands)
     return parser
 
 

@@ -13,6 +13,7 @@ import msgspec
 from aiohttp import web
 
 from hub import wire
+from hub.webhooks.wire import CreateWebhookRequest, ReplayWebhookRequest
 
 SWAGGER_STATIC = "/docs/static"
 
@@ -42,6 +43,18 @@ _CARD_OPERATIONS = [
 _describe("Native Provider Protocol", "/native", _CARD_OPERATIONS)
 _describe("Native Gift Card API", "/api", _CARD_OPERATIONS)
 _describe(
+    "Native Gift Card API",
+    "/api",
+    [
+        (
+            "POST",
+            "/giftcards/_batches",
+            "Extension: issue a batch of cards (resumable by batchId); the only answer that shows their codes",
+            wire.CreateBatchRequest,
+        )
+    ],
+)
+_describe(
     "Gift Card Hub",
     "/api/giftcardproviders",
     [
@@ -70,6 +83,19 @@ _describe(
     ],
 )
 _describe(
+    "Webhooks",
+    "/api/webhooks",
+    [
+        ("GET", "", "Webhook subscriptions, with position, lag, failures and dead letters", None),
+        ("POST", "", "Subscribe a URL to ledger events; the only answer that shows the signing secret", CreateWebhookRequest),
+        ("GET", "/{webhook_id}", "One webhook subscription", None),
+        ("DELETE", "/{webhook_id}", "Remove a webhook subscription and its dead letters", None),
+        ("GET", "/{webhook_id}/dead-letters", "Events given up on after the maximum attempts (REST-Range)", None),
+        ("POST", "/{webhook_id}/dead-letters/retry", "One more delivery attempt at each dead letter", None),
+        ("POST", "/{webhook_id}/replay", "Deliver again every event from a position on", ReplayWebhookRequest),
+    ],
+)  # fmt: skip
+_describe(
     "Operations",
     "",
     [
@@ -97,6 +123,7 @@ _SECURITY = {
     "Native Provider Protocol": [{"providerKey": [], "providerToken": []}],
     "Native Gift Card API": [{"hubKey": [], "hubToken": []}],
     "Gift Card Hub": [{"hubKey": [], "hubToken": []}],
+    "Webhooks": [{"hubKey": [], "hubToken": []}],
 }
 
 

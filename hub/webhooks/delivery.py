@@ -1,0 +1,391 @@
+"""The deliverer: follows the global event order per subscription and POSTs each event, signed.
+
+Per subscription, one batch at a time: take the subscription's advisory lock (a deliverer in
+another process that holds it is skipped, so one process sends a subscription's events at a
+time), read the events after its checkpoint in the gap-safe global order, and POST those it
+wants, one after another. Each 2xx moves the checkpoint past that event; a failure blocks the
+subscription on that event (so every card's events arrive in ledger order), to be retried
+after an exponential backoff; after ``attempts_max`` failures the event is moved to the dead
+letters and delivery goes on with the next one.
+
+At least once: a deliverer that dies between a receiver's 2xx and the checkpoint update
+sends that event again. Receivers dedupe by ``X-Giftcard-Event-Id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+from urllib.parse import urlsplit
+
+import aiohttp
+import asyncpg
+
+from hub.config import Settings
+from hub.egress import EgressPolicy, GuardedResolver, refuses_literal
+from hub.webhooks import events as public_events
+from hub.webhooks import storage
+from hub.webhooks.signing import EVENT_ID_HEADER, EVENT_TYPE_HEADER, SIGNATURE_HEADER, sign
+from hub.webhooks.subscriptions import open_secret
+from ledger.credentials_cipher import CredentialsCipher
+from ledger.store import Checkpoint, EventStore, RecordedEvent
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "giftcard-webhooks/1"
+SUBSCRIPTIONS_LISTED_MAX = 1000  # due subscriptions read per round (more than may exist)
+_DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+@dataclass(frozen=True)
+class DeliveryOptions:
+    """Limits of the deliverer, with units; tests shrink the waits to keep the suite fast."""
+
+    attempts_max: int = 10  # failures of one event in a row before it becomes a dead letter
+    backoff_base_s: float = 1.0  # wait after the first failure; doubled after each further one
+    backoff_max_s: float = 300.0  # and never longer than this
+    timeout_s: float = 10.0  # one POST, connection included
+    batch_events_max: int = 100  # events read per batch (filtered-out ones included)
+    batches_per_turn_max: int = 10  # then the subscription yields its slot to the others
+    poll_interval_s: float = 0.5  # how often due subscriptions are looked for
+    subscriptions_concurrent_max: int = 4  # each one delivering holds a database connection
+    failure_pause_s: float = 5.0  # after an unexpected error (database down) before trying again
+    cards_cached_max: int = 10_000  # card currencies remembered
+    error_chars_max: int = 300  # of a failure's description, as stored and shown
+    run_in_serve: bool = True  # GIFTCARD_RUN_WEBHOOKS: whether `giftcard serve` delivers
+
+    def __post_init__(self) -> None:
+        counts = (self.attempts_max, self.batch_events_max, self.batches_per_turn_max)
+        if min(counts) < 1 or self.subscriptions_concurrent_max < 1:
+            raise ValueError("attempts, batch sizes and concurrency must be at least 1")
+        if min(self.backoff_base_s, self.backoff_max_s, self.timeout_s, self.poll_interval_s) <= 0:
+            raise ValueError("backoff, timeout and poll interval must be positive seconds")
+        if self.cards_cached_max < self.batch_events_max:  # a batch's cards must all stay remembered
+            raise ValueError("cards_cached_max must be at least batch_events_max")
+
+    def backoff_s(self, attempts: int) -> float:
+        """Wait after the ``attempts``-th failure in a row: base, 2 × base, 4 × base, ... up to the max.
+
+        No jitter: one deliverer at a time retries a subscription, so there is no herd to spread.
+        """
+        return min(self.backoff_max_s, self.backoff_base_s * 2.0 ** min(attempts - 1, 64))
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> DeliveryOptions:
+        env = os.environ
+        defaults = cls()
+        values: dict[str, object] = {
+            "attempts_max": int(env.get("GIFTCARD_WEBHOOK_ATTEMPTS_MAX", defaults.attempts_max)),
+            "backoff_base_s": float(env.get("GIFTCARD_WEBHOOK_BACKOFF_BASE_S", defaults.backoff_base_s)),
+            "backoff_max_s": float(env.get("GIFTCARD_WEBHOOK_BACKOFF_MAX_S", defaults.backoff_max_s)),
+            "timeout_s": float(env.get("GIFTCARD_WEBHOOK_TIMEOUT_S", defaults.timeout_s)),
+            "run_in_serve": env.get("GIFTCARD_RUN_WEBHOOKS", "true").strip().lower() not in ("0", "false", "no", "off"),
+        }
+        values.update(overrides)
+        return cls(**values)
+
+
+class Progress(NamedTuple):
+    handled: int  # events the checkpoint moved past (delivered, filtered out or dead-lettered)
+    more: bool  # a full batch went through: more events may be waiting
+
+
+IDLE = Progress(0, False)
+
+
+def run_in_serve() -> bool:
+    """Whether ``giftcard serve`` runs a deliverer (``GIFTCARD_RUN_WEBHOOKS``, default true)."""
+    return DeliveryOptions.from_env().run_in_serve
+
+
+async def run_deliveries(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    cipher: CredentialsCipher | None = None,
+    options: DeliveryOptions | None = None,
+) -> None:
+    """Delivers every subscription's events until ``stop`` is set (or the task is cancelled).
+
+    Any number of deliverers may run side by side (every ``giftcard serve`` process and
+    ``giftcard webhooks run``): each subscription is delivered by one of them at a time.
+    """
+    options = options or DeliveryOptions.from_env()
+    policy = EgressPolicy(settings.provider_allowlist)
+    async with delivery_session(policy, options) as session:
+        deliverer = Deliverer(pool, session, policy, cipher or CredentialsCipher.from_env(), options)
+        await deliverer.run(stop)
+
+
+@contextlib.asynccontextmanager
+async def delivery_session(policy: EgressPolicy, options: DeliveryOptions) -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client that connects only where the egress policy allows, checked at every connection."""
+    connector = aiohttp.TCPConnector(
+        limit=options.subscriptions_concurrent_max * 2, resolver=GuardedResolver(policy), use_dns_cache=False
+    )
+    async with aiohttp.ClientSession(connector=connector, headers={"User-Agent": USER_AGENT}) as session:
+        yield session
+
+
+class CardCurrencies:
+    """Each card's currency (on its issue event only), which its later events' amounts need."""
+
+    def __init__(self, cards_max: int) -> None:
+        self.cards_max = cards_max
+        self._known: OrderedDict[str, str] = OrderedDict()
+
+    def of(self, card_id: str) -> str | None:
+        return self._known.get(card_id)
+
+    async def learn(self, connection: asyncpg.Connection, events: Sequence[RecordedEvent]) -> None:
+        for event in events:
+            currency = public_events.currency_of_issue(event)
+            if currency is not None:
+                self._remember(event.stream_id, currency)
+        missing = sorted({e.stream_id for e in events if public_events.needs_card_currency(e)} - self._known.keys())
+        if missing:
+            found = await storage.card_currencies(connection, missing, public_events.ISSUED)
+            for card_id, currency in found.items():
+                self._remember(card_id, currency)
+
+    def _remember(self, card_id: str, currency: str) -> None:
+        self._known[card_id] = currency
+        self._known.move_to_end(card_id)
+        while len(self._known) > self.cards_max:
+            self._known.popitem(last=False)
+
+
+@dataclass
+class _Batch:
+    committed: Checkpoint  # the checkpoint as stored
+    done: Checkpoint  # the last event handled; ahead of committed by filtered-out events only
+
+
+class Deliverer:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        session: aiohttp.ClientSession,
+        policy: EgressPolicy,
+        cipher: CredentialsCipher,
+        options: DeliveryOptions,
+    ) -> None:
+        self.pool = pool
+        self.store = EventStore(pool)
+        self.session = session
+        self.policy = policy
+        self.cipher = cipher
+        self.options = options
+        self.currencies = CardCurrencies(options.cards_cached_max)
+        self._running: dict[str, asyncio.Task[int]] = {}
+        self._paused_until: dict[str, float] = {}
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Starts a task per due subscription (up to the concurrency limit) every poll, until ``stop``."""
+        try:
+            while not stop.is_set():
+                wait_s = self.options.poll_interval_s
+                try:
+                    await self._start_due()
+                except _DATABASE_ERRORS as e:
+                    log.warning("webhook deliverer cannot list subscriptions (%r); trying again", e)
+                    wait_s = self.options.failure_pause_s
+                except Exception:  # a bug: say so, and keep the other subscriptions' deliveries going
+                    log.exception("webhook deliverer failed to start deliveries; trying again")
+                    wait_s = self.options.failure_pause_s
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), wait_s)
+        finally:
+            tasks = list(self._running.values())
+            for task in tasks:
+                task.cancel()  # an interrupted POST is sent again later: at least once
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def run_once(self) -> int:
+        """Delivers until nothing is due, without waiting out backoffs; returns the events handled."""
+        total = 0
+        while True:
+            handled = 0
+            for subscription_id in await storage.due_subscriptions(self.pool, SUBSCRIPTIONS_LISTED_MAX):
+                handled += await self._take_turn(subscription_id)
+            if handled == 0:
+                return total
+            total += handled
+
+    async def _start_due(self) -> None:
+        due = await storage.due_subscriptions(self.pool, SUBSCRIPTIONS_LISTED_MAX)
+        now = time.monotonic()
+        self._paused_until = {key: until for key, until in self._paused_until.items() if until > now}
+        for subscription_id in due:
+            if len(self._running) >= self.options.subscriptions_concurrent_max:
+                return
+            if subscription_id in self._running or self._paused_until.get(subscription_id, 0.0) > now:
+                continue
+            task = asyncio.create_task(self._take_turn(subscription_id))
+            self._running[subscription_id] = task
+            task.add_done_callback(lambda _, key=subscription_id: self._running.pop(key, None))
+
+    async def _take_turn(self, subscription_id: str) -> int:
+        """A few batches of one subscription; never raises (but for cancellation): errors pause it."""
+        handled = 0
+        try:
+            for _ in range(self.options.batches_per_turn_max):
+                progress = await self.deliver_batch(subscription_id)
+                handled += progress.handled
+                if not progress.more:
+                    break
+        except asyncio.CancelledError:
+            raise
+        except storage.SubscriptionMoved as e:
+            log.info("webhook batch stopped: %s", e)
+        except Exception:
+            # A database outage, a missing GIFTCARD_SECRET_KEY, an event that cannot be rendered
+            # (a bug): say so loudly and try again later; the checkpoint stays before the event.
+            self._paused_until[subscription_id] = time.monotonic() + self.options.failure_pause_s
+            log.exception(
+                "webhook subscription %s failed; retrying in %.1f s", subscription_id, self.options.failure_pause_s
+            )
+        return handled
+
+    # ---- one batch -----------------------------------------------------------------------------
+
+    async def deliver_batch(self, subscription_id: str) -> Progress:
+        """One batch under the subscription's lock; IDLE when another deliverer holds it."""
+        async with self.pool.acquire() as connection:
+            if not await storage.try_lock(connection, subscription_id):
+                return IDLE
+            try:
+                return await self._deliver_locked(connection, subscription_id)
+            finally:
+                # If this fails (the connection broke, or was cancelled mid-query), the pool's reset
+                # or the session's end releases the lock all the same.
+                with contextlib.suppress(*_DATABASE_ERRORS):
+                    await storage.unlock(connection, subscription_id)
+
+    async def _deliver_locked(self, connection: asyncpg.Connection, subscription_id: str) -> Progress:
+        # Loaded after the lock is held, so a deliverer that just finished a batch is never repeated.
+        subscription = await storage.load_due(connection, subscription_id)
+        if subscription is None:
+            return IDLE
+        secret = open_secret(self.cipher, subscription)
+        await self._redeliver_dead_letters(connection, subscription, secret)
+        events = await self.store.read_all(
+            subscription.checkpoint, self.options.batch_events_max, connection=connection
+        )
+        await self.currencies.learn(connection, events)
+        batch = _Batch(subscription.checkpoint, subscription.checkpoint)
+        for event in events:
+            public_type = public_events.public_type(event.type)
+            if public_type is None or not subscription.wants(public_type):
+                batch.done = event.checkpoint
+                continue
+            body = public_events.render(event, self.currencies.of(event.stream_id))
+            error = await self._post(subscription, secret, event.position, public_type, body)
+            if error is not None:
+                await self._failed(connection, subscription, batch, event, public_type, body, error)
+                return Progress(_handled(events, batch.done), more=False)
+            await storage.advance(connection, subscription.id, batch.committed, event.checkpoint, delivered=1)
+            batch.committed = batch.done = event.checkpoint
+        if batch.done != batch.committed:
+            await storage.advance(connection, subscription.id, batch.committed, batch.done, delivered=0)
+        return Progress(len(events), more=len(events) == self.options.batch_events_max)
+
+    async def _failed(
+        self,
+        connection: asyncpg.Connection,
+        subscription: storage.Subscription,
+        batch: _Batch,
+        event: RecordedEvent,
+        public_type: str,
+        body: bytes,
+        error: str,
+    ) -> None:
+        # The stored count belongs to the event just after the stored checkpoint: this one, unless
+        # the batch got past other events first.
+        earlier = subscription.attempts if batch.done == subscription.checkpoint else 0
+        attempts = earlier + 1
+        if attempts >= self.options.attempts_max:
+            await storage.dead_letter(
+                connection, subscription.id, batch.committed, event, public_type, body, attempts, error
+            )
+            log.warning(
+                "webhook %s: event %d dead-lettered after %d attempts (%s)",
+                subscription.id,
+                event.position,
+                attempts,
+                error,
+            )
+            return
+        retry_in_s = self.options.backoff_s(attempts)
+        await storage.record_failure(
+            connection, subscription.id, batch.committed, batch.done, attempts, retry_in_s, error
+        )
+        log.info(
+            "webhook %s: event %d failed (attempt %d of %d: %s); retrying in %.2f s",
+            subscription.id,
+            event.position,
+            attempts,
+            self.options.attempts_max,
+            error,
+            retry_in_s,
+        )
+
+    async def _redeliver_dead_letters(
+        self, connection: asyncpg.Connection, subscription: storage.Subscription, secret: str
+    ) -> None:
+        """One more attempt at each dead letter an operator asked to retry (out of ledger order, by nature)."""
+        for letter in await storage.retries_due(connection, subscription.id, self.options.batch_events_max):
+            error = await self._post(subscription, secret, letter.position, letter.event_type, letter.body)
+            if error is None:
+                await storage.redelivered(connection, letter)
+                log.info("webhook %s: dead letter %d redelivered", subscription.id, letter.position)
+            else:
+                await storage.redelivery_failed(connection, letter, error)
+                log.warning("webhook %s: dead letter %d failed again (%s)", subscription.id, letter.position, error)
+
+    # ---- HTTP ----------------------------------------------------------------------------------
+
+    async def _post(
+        self, subscription: storage.Subscription, secret: str, event_id: int, public_type: str, body: bytes
+    ) -> str | None:
+        """POSTs one signed body; None when the receiver answered 2xx, else what went wrong."""
+        if refuses_literal(self.policy, subscription.url):
+            return "url is an internal address the egress policy (GIFTCARD_PROVIDER_ALLOWLIST) refuses"
+        headers = {
+            "Content-Type": "application/json",
+            SIGNATURE_HEADER: sign(secret, int(time.time()), body),  # signed afresh: receivers check its age
+            EVENT_ID_HEADER: str(event_id),
+            EVENT_TYPE_HEADER: public_type,
+        }
+        timeout = aiohttp.ClientTimeout(total=self.options.timeout_s)
+        try:
+            async with self.session.post(
+                subscription.url, data=body, headers=headers, allow_redirects=False, timeout=timeout
+            ) as response:
+                if 200 <= response.status < 300:
+                    return None
+                return f"HTTP {response.status} from {_host(subscription.url)}"
+        except TimeoutError:
+            return f"no answer from {_host(subscription.url)} within {self.options.timeout_s:g} s"
+        except (aiohttp.ClientError, OSError) as e:
+            described = f"{type(e).__name__}: {e}".replace(subscription.url, _host(subscription.url))
+            return described[: self.options.error_chars_max]
+
+
+def _handled(events: Sequence[RecordedEvent], done: Checkpoint) -> int:
+    return sum(1 for event in events if event.checkpoint <= done)
+
+
+def _host(url: str) -> str:
+    """What a log line or an error may name of a URL: never its path or query (they may hold tokens)."""
+    return urlsplit(url).netloc

@@ -1,0 +1,407 @@
+"""Subscriptions, their checkpoints and dead letters: all of the webhooks' SQL is in this file.
+
+A subscription's checkpoint is a ``(tx, position)`` pair in the event store's global order,
+moved with a compare-and-set on the pair it started from, so a replay (or a removal) that
+lands while a batch is being delivered makes the batch stop instead of overwriting it.
+Delivering holds a *session* advisory lock on the subscription, not a transaction: a
+transaction held open across HTTP calls would hold back ``pg_snapshot_xmin`` and with it
+every reader of the global order (projections included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import asyncpg
+
+from ledger.domain.errors import InvalidRequest, NotFound
+from ledger.store import Checkpoint, RecordedEvent
+
+LOCK_CLASS = 0x77686B73  # "whks": advisory lock namespace; the second key is hashtext(subscription id)
+LAG_EVENTS_COUNTED_MAX = 100_000  # listings count at most this many events behind (then say "at least")
+
+
+class SubscriptionNotFound(NotFound):
+    code = "webhook_not_found"
+
+
+class TooManySubscriptions(InvalidRequest):
+    code = "too_many_webhooks"
+
+
+class NothingToReplay(InvalidRequest):
+    code = "nothing_to_replay"
+
+
+class SubscriptionMoved(Exception):
+    """The subscription was replayed or removed while this batch was delivered: the batch stops."""
+
+
+@dataclass(frozen=True)
+class Subscription:
+    id: str
+    url: str
+    event_types: tuple[str, ...] | None  # None: every type
+    description: str | None
+    sealed_secret: str = field(repr=False)  # ciphertext; still kept out of every repr and log line
+    checkpoint: Checkpoint = Checkpoint()
+    attempts: int = 0
+    next_attempt_at: datetime | None = None
+    last_error: str | None = None
+    delivered: int = 0
+    last_delivered_at: datetime | None = None
+    created_at: datetime | None = None
+    dead_letters: int = 0
+    lag_events: int = 0
+
+    def wants(self, public_type: str) -> bool:
+        return self.event_types is None or public_type in self.event_types
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    subscription_id: str
+    position: int
+    event_type: str
+    subject_id: str
+    body: bytes = field(repr=False)
+    attempts: int
+    last_error: str
+    dead_at: datetime
+    retry_requested: bool
+
+
+_SUBSCRIPTION_COLUMNS = """
+    s.id, s.url, s.event_types, s.description, s.secret, s.tx::text::bigint as tx, s.position, s.attempts,
+    s.next_attempt_at, s.last_error, s.delivered, s.last_delivered_at, s.created_at
+"""
+
+# A new subscription starts after the last event visible in the global order: everything that
+# commits from now on, including transactions already running, is delivered to it.
+_CREATE = f"""
+with head as (
+    select tx, position from events where tx < pg_snapshot_xmin(pg_current_snapshot())
+    order by tx desc, position desc limit 1
+)
+insert into webhook_subscriptions as s (id, url, event_types, description, secret, tx, position)
+select $1, $2, $3, $4, $5, coalesce((select tx from head), '0'), coalesce((select position from head), 0)
+where (select count(*) from webhook_subscriptions) < $6
+returning {_SUBSCRIPTION_COLUMNS}
+"""
+
+_LIST = f"""
+select {_SUBSCRIPTION_COLUMNS},
+       (select count(*) from webhook_dead_letters d where d.subscription_id = s.id) as dead_letters,
+       (select count(*) from (select 1 from events e where (e.tx, e.position) > (s.tx, s.position) limit $2) behind)
+           as lag_events
+from webhook_subscriptions s
+where $1::text is null or s.id = $1
+order by s.created_at, s.id
+"""
+
+_REMOVE = "delete from webhook_subscriptions where id = $1 returning id"
+
+# Replay from position P: the checkpoint goes just before the first event, in commit order, of
+# those at P or later. Every event from P on is then delivered again (and the few older ones
+# that committed after it: receivers dedupe by id). The head's failed attempts are forgotten.
+_REPLAY_START = """
+select tx::text::bigint as tx, position - 1 as position from events where position >= $1
+order by tx, position limit 1
+"""
+
+_MOVE = """
+update webhook_subscriptions
+set tx = $2::text::xid8, position = $3, attempts = 0, next_attempt_at = null, last_error = null
+where id = $1
+returning id
+"""
+
+# Subscriptions with something to do now: events after their checkpoint (below the visible
+# head), or dead letters an operator asked to retry; and not waiting out a backoff.
+_DUE = """
+with head as (
+    select tx, position from events where tx < pg_snapshot_xmin(pg_current_snapshot())
+    order by tx desc, position desc limit 1
+)
+select s.id from webhook_subscriptions s
+where (s.next_attempt_at is null or s.next_attempt_at <= clock_timestamp())
+  and ((s.tx, s.position) < (select tx, position from head)
+       or exists (select 1 from webhook_dead_letters d where d.subscription_id = s.id and d.retry_requested))
+order by s.id
+limit $1
+"""
+
+_TRY_LOCK = "select pg_try_advisory_lock($1, hashtext($2))"
+_UNLOCK = "select pg_advisory_unlock($1, hashtext($2))"
+
+_LOAD_DUE = f"""
+select {_SUBSCRIPTION_COLUMNS} from webhook_subscriptions s
+where s.id = $1 and (s.next_attempt_at is null or s.next_attempt_at <= clock_timestamp())
+"""
+
+_ADVANCE = """
+update webhook_subscriptions
+set tx = $4::text::xid8, position = $5, attempts = 0, next_attempt_at = null, last_error = null,
+    delivered = delivered + $6, last_delivered_at = case when $6 > 0 then clock_timestamp() else last_delivered_at end
+where id = $1 and tx = $2::text::xid8 and position = $3
+"""
+
+# A failure also moves the checkpoint up to just before the failing event (past the filtered-out
+# events before it), so that ``attempts`` always counts the failures of the event after it.
+_FAILED = """
+update webhook_subscriptions
+set tx = $4::text::xid8, position = $5, attempts = $6,
+    next_attempt_at = clock_timestamp() + make_interval(secs => $7), last_error = $8
+where id = $1 and tx = $2::text::xid8 and position = $3
+"""
+
+_INSERT_DEAD_LETTER = """
+insert into webhook_dead_letters (subscription_id, position, event_type, subject_id, body, attempts, last_error)
+values ($1, $2, $3, $4, $5, $6, $7)
+on conflict (subscription_id, position) do update
+    set body = excluded.body, attempts = webhook_dead_letters.attempts + excluded.attempts,
+        last_error = excluded.last_error, dead_at = clock_timestamp(), retry_requested = false
+"""
+
+_DEAD_LETTERS = """
+select subscription_id, position, event_type, subject_id, body, attempts, last_error, dead_at, retry_requested,
+       count(*) over () as total
+from webhook_dead_letters
+where $1::text is null or subscription_id = $1
+order by subscription_id, position
+offset $2 limit $3
+"""
+
+_REQUEST_RETRY = """
+update webhook_dead_letters set retry_requested = true
+where ($1::text is null or subscription_id = $1) and not retry_requested
+"""
+
+_RETRIES_DUE = """
+select subscription_id, position, event_type, subject_id, body, attempts, last_error, dead_at, retry_requested
+from webhook_dead_letters where subscription_id = $1 and retry_requested
+order by position limit $2
+"""
+
+_REDELIVERED = "delete from webhook_dead_letters where subscription_id = $1 and position = $2"
+
+_REDELIVERY_FAILED = """
+update webhook_dead_letters
+set attempts = attempts + 1, last_error = $3, retry_requested = false, dead_at = clock_timestamp()
+where subscription_id = $1 and position = $2
+"""
+
+# A card's currency is on its issue event only (version 1); amounts in later events need it.
+_CARD_CURRENCIES = """
+select stream_id, data->>'currency' as currency from events
+where stream_id = any($1::text[]) and version = 1 and type = $2
+"""
+
+
+# ---- administration (CLI and HTTP) ---------------------------------------------------------
+
+
+async def create(
+    pool: asyncpg.Pool,
+    *,
+    id: str,
+    url: str,
+    event_types: Sequence[str] | None,
+    description: str | None,
+    sealed_secret: str,
+    subscriptions_max: int,
+) -> Subscription:
+    row = await pool.fetchrow(
+        _CREATE,
+        id,
+        url,
+        None if event_types is None else list(event_types),
+        description,
+        sealed_secret,
+        subscriptions_max,
+    )
+    if row is None:
+        raise TooManySubscriptions(f"at most {subscriptions_max} webhook subscriptions may exist; remove one first")
+    return _subscription(row)
+
+
+async def list_subscriptions(pool: asyncpg.Pool, subscription_id: str | None = None) -> list[Subscription]:
+    rows = await pool.fetch(_LIST, subscription_id, LAG_EVENTS_COUNTED_MAX)
+    return [_subscription(row) for row in rows]
+
+
+async def get(pool: asyncpg.Pool, subscription_id: str) -> Subscription:
+    found = await list_subscriptions(pool, subscription_id)
+    if not found:
+        raise SubscriptionNotFound(f"webhook subscription {subscription_id!r} not found")
+    return found[0]
+
+
+async def remove(pool: asyncpg.Pool, subscription_id: str) -> None:
+    if await pool.fetchval(_REMOVE, subscription_id) is None:
+        raise SubscriptionNotFound(f"webhook subscription {subscription_id!r} not found")
+
+
+async def replay(pool: asyncpg.Pool, subscription_id: str, from_position: int) -> Subscription:
+    """Moves the checkpoint back (or forward) so delivery starts again at ``from_position``."""
+    async with pool.acquire() as connection, connection.transaction():
+        start = await connection.fetchrow(_REPLAY_START, from_position)
+        if start is None:
+            raise NothingToReplay(f"there is no event at position {from_position} or later")
+        if await connection.fetchval(_MOVE, subscription_id, str(start["tx"]), start["position"]) is None:
+            raise SubscriptionNotFound(f"webhook subscription {subscription_id!r} not found")
+    return await get(pool, subscription_id)
+
+
+async def dead_letters(
+    pool: asyncpg.Pool, subscription_id: str | None, offset: int, limit: int
+) -> tuple[list[DeadLetter], int]:
+    """A page of dead letters, oldest event first, and how many there are in all."""
+    rows = await pool.fetch(_DEAD_LETTERS, subscription_id, offset, limit)
+    total = rows[0]["total"] if rows else 0
+    return [_dead_letter(row) for row in rows], total
+
+
+async def request_retry(pool: asyncpg.Pool, subscription_id: str | None) -> int:
+    """Marks dead letters for one more attempt by the deliverers; returns how many were marked."""
+    status = await pool.execute(_REQUEST_RETRY, subscription_id)
+    return int(status.split()[-1])
+
+
+# ---- delivery ------------------------------------------------------------------------------
+
+
+async def due_subscriptions(pool: asyncpg.Pool, limit: int) -> list[str]:
+    return [row["id"] for row in await pool.fetch(_DUE, limit)]
+
+
+async def try_lock(connection: asyncpg.Connection, subscription_id: str) -> bool:
+    return await connection.fetchval(_TRY_LOCK, LOCK_CLASS, subscription_id)
+
+
+async def unlock(connection: asyncpg.Connection, subscription_id: str) -> None:
+    await connection.fetchval(_UNLOCK, LOCK_CLASS, subscription_id)
+
+
+async def load_due(connection: asyncpg.Connection, subscription_id: str) -> Subscription | None:
+    """The subscription as it is now, or None when it was removed or waits out a backoff."""
+    row = await connection.fetchrow(_LOAD_DUE, subscription_id)
+    return None if row is None else _subscription(row)
+
+
+async def advance(
+    connection: asyncpg.Connection, subscription_id: str, after: Checkpoint, to: Checkpoint, delivered: int
+) -> None:
+    status = await connection.execute(
+        _ADVANCE, subscription_id, str(after.tx), after.position, str(to.tx), to.position, delivered
+    )
+    _check_moved(status, subscription_id, after)
+
+
+async def record_failure(
+    connection: asyncpg.Connection,
+    subscription_id: str,
+    after: Checkpoint,
+    head: Checkpoint,
+    attempts: int,
+    retry_in_s: float,
+    error: str,
+) -> None:
+    status = await connection.execute(
+        _FAILED,
+        subscription_id,
+        str(after.tx),
+        after.position,
+        str(head.tx),
+        head.position,
+        attempts,
+        retry_in_s,
+        error,
+    )
+    _check_moved(status, subscription_id, after)
+
+
+async def dead_letter(
+    connection: asyncpg.Connection,
+    subscription_id: str,
+    after: Checkpoint,
+    event: RecordedEvent,
+    public_type: str,
+    body: bytes,
+    attempts: int,
+    error: str,
+) -> None:
+    """Sets the event aside and moves the checkpoint past it, in one transaction."""
+    async with connection.transaction():
+        await connection.execute(
+            _INSERT_DEAD_LETTER,
+            subscription_id,
+            event.position,
+            public_type,
+            event.stream_id,
+            body.decode(),
+            attempts,
+            error,
+        )
+        await advance(connection, subscription_id, after, event.checkpoint, delivered=0)
+
+
+async def retries_due(connection: asyncpg.Connection, subscription_id: str, limit: int) -> list[DeadLetter]:
+    return [_dead_letter(row) for row in await connection.fetch(_RETRIES_DUE, subscription_id, limit)]
+
+
+async def redelivered(connection: asyncpg.Connection, letter: DeadLetter) -> None:
+    await connection.execute(_REDELIVERED, letter.subscription_id, letter.position)
+
+
+async def redelivery_failed(connection: asyncpg.Connection, letter: DeadLetter, error: str) -> None:
+    await connection.execute(_REDELIVERY_FAILED, letter.subscription_id, letter.position, error)
+
+
+async def card_currencies(connection: asyncpg.Connection, card_ids: Sequence[str], issued_type: str) -> dict[str, str]:
+    rows = await connection.fetch(_CARD_CURRENCIES, list(card_ids), issued_type)
+    return {row["stream_id"]: row["currency"] for row in rows if row["currency"]}
+
+
+# ---- rows ----------------------------------------------------------------------------------
+
+
+def _check_moved(status: str, subscription_id: str, after: Checkpoint) -> None:
+    if status != "UPDATE 1":
+        raise SubscriptionMoved(f"webhook subscription {subscription_id} was replayed or removed after {after}")
+
+
+def _subscription(row: asyncpg.Record) -> Subscription:
+    keys = row.keys()
+    return Subscription(
+        id=row["id"],
+        url=row["url"],
+        event_types=None if row["event_types"] is None else tuple(row["event_types"]),
+        description=row["description"],
+        sealed_secret=row["secret"],
+        checkpoint=Checkpoint(row["tx"], row["position"]),
+        attempts=row["attempts"],
+        next_attempt_at=row["next_attempt_at"],
+        last_error=row["last_error"],
+        delivered=row["delivered"],
+        last_delivered_at=row["last_delivered_at"],
+        created_at=row["created_at"],
+        dead_letters=row["dead_letters"] if "dead_letters" in keys else 0,
+        lag_events=row["lag_events"] if "lag_events" in keys else 0,
+    )
+
+
+def _dead_letter(row: asyncpg.Record) -> DeadLetter:
+    return DeadLetter(
+        subscription_id=row["subscription_id"],
+        position=row["position"],
+        event_type=row["event_type"],
+        subject_id=row["subject_id"],
+        body=row["body"].encode(),
+        attempts=row["attempts"],
+        last_error=row["last_error"],
+        dead_at=row["dead_at"],
+        retry_requested=row["retry_requested"],
+    )

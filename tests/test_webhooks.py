@@ -1,0 +1,639 @@
+"""Webhooks: ledger events POSTed, signed, to real receivers on loopback.
+
+Receivers verify every signature and record what they accepted. They can fail on demand (500,
+a connection reset, an answer slower than the deliverer's timeout), always fail one event type
+(dead letters), or answer slowly (two deliverers side by side). Backoffs are shrunk to
+milliseconds so the whole file runs in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp import web
+
+from hub import auth
+from hub.config import Settings
+from hub.egress import EgressPolicy
+from hub.openapi import describe, route_path
+from hub.webhooks import add_commands, routes, run_deliveries, storage
+from hub.webhooks.delivery import DeliveryOptions
+from hub.webhooks.events import render
+from hub.webhooks.signing import (
+    EVENT_ID_HEADER,
+    EVENT_TYPE_HEADER,
+    SIGNATURE_HEADER,
+    TOLERANCE_S,
+    SignatureInvalid,
+    sign,
+    verify,
+)
+from hub.webhooks.subscriptions import create_subscription
+from ledger.commands import IssueCard, Ledger
+from ledger.credentials_cipher import CredentialsCipher, SecretKeyMissing
+from ledger.database import create_pool
+from ledger.domain.errors import InvalidRequest
+from ledger.domain.provider import ProviderSpec
+from ledger.providers import Credentials, ProviderRegistry
+from ledger.store import Checkpoint, EventStore, RecordedEvent
+from tests.conftest import TEST_SECRET_KEY, Clock
+from tests.providers.serving import serve
+
+WAIT_S = 15.0
+SLOW_S = 2.0  # a receiver's "slow" answer: far beyond the deliverer's timeout below
+SETTINGS = Settings(provider_allowlist=("127.0.0.0/8",))  # receivers live on loopback
+CIPHER = CredentialsCipher(TEST_SECRET_KEY)
+FAST = DeliveryOptions(
+    attempts_max=10,
+    backoff_base_s=0.02,
+    backoff_max_s=0.2,
+    timeout_s=0.4,
+    poll_interval_s=0.02,
+    failure_pause_s=0.1,
+)
+CARD_TYPES = ["card.issued", "card.credited", "card.debited", "card.settled", "card.cancelled"]
+
+
+# ---- a receiver ------------------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    event_id: int
+    payload: dict[str, Any]
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Receiver:
+    """Verifies each delivery's signature and records the ones it accepts (answered 2xx)."""
+
+    url: str = ""
+    secret: str | None = None
+    accepted: list[Received] = field(default_factory=list)
+    requests: list[tuple[float, int]] = field(default_factory=list)  # (monotonic time, event id) of every request
+    bad_signatures: int = 0
+    faults: list[str] = field(default_factory=list)  # the next requests' faults, in order: 500, reset, slow
+    refuse: Callable[[dict[str, Any]], bool] | None = None  # always answer 500 to these
+    delay_s: float = 0.0  # accept, but only after this long
+    in_flight: int = 0
+    in_flight_max: int = 0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.in_flight += 1
+        self.in_flight_max = max(self.in_flight_max, self.in_flight)
+        try:
+            return await self._answer(request, body)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(self, request: web.Request, body: bytes) -> web.StreamResponse:
+        try:
+            verify(self.secret or "", request.headers.get(SIGNATURE_HEADER, ""), body, now_s=time.time())
+        except SignatureInvalid:
+            self.bad_signatures += 1
+            return web.Response(status=401)
+        payload = json.loads(body, parse_float=Decimal)
+        self.requests.append((time.monotonic(), payload["id"]))
+        fault = self.faults.pop(0) if self.faults else None
+        if fault is None and self.refuse is not None and self.refuse(payload):
+            fault = "500"
+        if fault == "500":
+            return web.Response(status=500, text="injected failure")
+        if fault == "slow":
+            await asyncio.sleep(SLOW_S)  # the deliverer gives up first; its disconnect cancels this handler
+            return web.Response(status=200)
+        if fault == "reset":
+            _reset(request)
+        # Recorded before answering: a deliverer that dies before it reads the answer sends it again.
+        self.accepted.append(Received(payload["id"], payload, dict(request.headers), body))
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        return web.Response(status=204)
+
+    def ids(self) -> list[int]:
+        return [r.event_id for r in self.accepted]
+
+    def first_receipts(self) -> list[Received]:
+        """Accepted deliveries without repeats (at least once allows them), in arrival order."""
+        seen: set[int] = set()
+        firsts = []
+        for received in self.accepted:
+            if received.event_id not in seen:
+                seen.add(received.event_id)
+                firsts.append(received)
+        return firsts
+
+
+def _reset(request: web.Request) -> None:
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None:  # linger 0: close() sends RST, the client sees "connection reset"
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    if transport is not None:
+        transport.abort()
+    raise asyncio.CancelledError
+
+
+@asynccontextmanager
+async def receiving() -> AsyncIterator[Receiver]:
+    receiver = Receiver()
+    app = web.Application()
+    app.router.add_post("/hooks", receiver.handle)
+    async with serve(app) as base_url:
+        receiver.url = base_url + "/hooks"
+        yield receiver
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+async def subscribe(pool: asyncpg.Pool, receiver: Receiver, events: list[str] | None = None) -> storage.Subscription:
+    created = await create_subscription(
+        pool, CIPHER, EgressPolicy(SETTINGS.provider_allowlist), url=receiver.url, event_types=events
+    )
+    receiver.secret = created.secret
+    return created.subscription
+
+
+@asynccontextmanager
+async def delivering(pool: asyncpg.Pool, options: DeliveryOptions = FAST) -> AsyncIterator[asyncio.Task]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_deliveries(pool, SETTINGS, stop, cipher=CIPHER, options=options))
+    try:
+        yield task
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), WAIT_S)
+
+
+async def write_card(ledger: Ledger, clock: Clock, tag: str, currency: str = "USD") -> str:
+    """Issued, credited 100, debited 30.50, 20 of it settled, 5 cancelled: five events."""
+    issued = await ledger.issue(
+        IssueCard(
+            relation_name=tag,
+            caption="c",
+            profile_id=f"{tag}@example.com",
+            currency=currency,
+            expiring_date=clock.now + timedelta(days=365),
+        )
+    )
+    card_id = str(issued.card.id)
+    await ledger.create_transaction(card_id, operation="Credit", value=Decimal(100), description="load", request_id="l")
+    debit = await ledger.create_transaction(
+        card_id, operation="Debit", value=Decimal("30.50"), description="order", request_id="o"
+    )
+    await ledger.settle(card_id, debit.id, value=Decimal(20), request_id="s")
+    await ledger.cancel(card_id, debit.id, value=Decimal(5), request_id="c")
+    return card_id
+
+
+async def write_cards(ledger: Ledger, clock: Clock, count: int, tag: str) -> list[str]:
+    return list(await asyncio.gather(*(write_card(ledger, clock, f"{tag}-{n}") for n in range(count))))
+
+
+async def ledger_order(store: EventStore, after: Checkpoint) -> list[RecordedEvent]:
+    return await store.read_all(after, 10_000)
+
+
+async def wait_for(condition: Callable[[], bool | Awaitable[bool]], what: str, timeout_s: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = condition()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def versions_per_card(received: list[Received]) -> dict[str, list[int]]:
+    per_card: dict[str, list[int]] = {}
+    for r in received:
+        if "cardId" in r.payload:
+            per_card.setdefault(r.payload["cardId"], []).append(r.payload["version"])
+    return per_card
+
+
+# ---- delivery ----------------------------------------------------------------------------------
+
+
+async def test_every_event_arrives_signed_once_in_ledger_order(pool, ledger, clock, store):
+    async with receiving() as receiver:
+        subscription = await subscribe(pool, receiver)
+        cards = await write_cards(ledger, clock, 4, "order")
+        registry = ProviderRegistry(store, CIPHER, "VtexGiftCard")
+        await registry.put(
+            ProviderSpec(id="ext", service_url="https://provider.example.com/api"), Credentials("k", "t")
+        )
+        await registry.remove("ext")
+        expected = await ledger_order(store, subscription.checkpoint)
+        assert len(expected) == 4 * 5 + 2
+
+        async with delivering(pool):
+            await wait_for(lambda: len(receiver.accepted) >= len(expected), "every event delivered")
+
+    assert receiver.bad_signatures == 0
+    assert receiver.ids() == [e.position for e in expected]  # the global order, each exactly once
+    assert all(versions == [1, 2, 3, 4, 5] for versions in versions_per_card(receiver.accepted).values())
+    assert set(versions_per_card(receiver.accepted)) == set(cards)
+    for received in receiver.accepted:
+        assert received.headers[EVENT_ID_HEADER] == str(received.payload["id"])
+        assert received.headers[EVENT_TYPE_HEADER] == received.payload["type"]
+    card = [r.payload for r in receiver.accepted if r.payload.get("cardId") == cards[0]]
+    assert [p["type"] for p in card] == CARD_TYPES
+    issued, credited, debited, settled, cancelled = card
+    assert issued["data"]["currency"] == "USD" and issued["data"]["relationName"] == "order-0"
+    assert "codeTail" not in issued["data"] and "originatorTopic" not in issued["data"]
+    assert debited["data"]["value"] == Decimal("30.50") and debited["data"]["currency"] == "USD"
+    assert str(debited["data"]["value"]) == "30.50"  # exact, in major units, with the currency's decimals
+    assert credited["data"]["value"] == Decimal("100.00") and credited["data"]["transactionId"]
+    assert settled["data"]["value"] == Decimal("20.00") and settled["data"]["oid"]
+    assert cancelled["data"]["released"] == Decimal("5.00") and cancelled["data"]["refunded"] == Decimal("0.00")
+    assert debited["occurredAt"] == clock.now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    provider_events = [r for r in receiver.accepted if r.payload["type"] == "provider.changed"]
+    assert [r.payload["data"]["change"] for r in provider_events] == ["registered", "removed"]
+    assert provider_events[0].payload["providerId"] == "ext"
+    assert all(b"credentials" not in r.body for r in provider_events)  # sealed or not, never sent
+
+    [listed] = await storage.list_subscriptions(pool)
+    assert listed.delivered == len(expected) and listed.lag_events == 0 and listed.attempts == 0
+    assert listed.checkpoint == expected[-1].checkpoint
+
+
+async def test_a_filter_delivers_only_its_types_and_voided_holds_arrive(pool, ledger, clock, store):
+    async with receiving() as receiver:
+        subscription = await subscribe(pool, receiver, ["card.debited", "card.voided"])
+        card_id = await write_card(ledger, clock, "filtered", currency="BHD")
+        debit = await ledger.create_transaction(
+            card_id, operation="Debit", value=Decimal("1.234"), description="held", request_id="h"
+        )
+        clock.advance(timedelta(hours=2))
+        await ledger.void_expired_hold(card_id, debit.id, hold_ttl=timedelta(hours=1))
+        expected = await ledger_order(store, subscription.checkpoint)
+
+        async with delivering(pool):
+            await wait_for(lambda: len(receiver.accepted) >= 3, "debits and the void delivered")
+            await wait_for(lambda: _lag_is_zero(pool, subscription.id), "the checkpoint past the filtered-out events")
+
+    assert [r.payload["type"] for r in receiver.accepted] == ["card.debited", "card.debited", "card.voided"]
+    voided = receiver.accepted[-1].payload
+    assert voided["data"]["released"] == Decimal("1.234") and voided["data"]["currency"] == "BHD"
+    assert str(voided["data"]["value"]) == "1.234"
+    assert voided["id"] == expected[-1].position
+    [listed] = await storage.list_subscriptions(pool)
+    assert listed.checkpoint == expected[-1].checkpoint and listed.delivered == 3
+
+
+async def _lag_is_zero(pool: asyncpg.Pool, subscription_id: str) -> bool:
+    return (await storage.get(pool, subscription_id)).lag_events == 0
+
+
+async def test_a_failing_receiver_recovers_and_gets_everything_in_order(pool, ledger, clock, store):
+    options = replace(FAST, backoff_base_s=0.05, backoff_max_s=0.4)
+    async with receiving() as receiver:
+        subscription = await subscribe(pool, receiver)
+        receiver.faults = ["500", "reset", "slow", "500", "reset", "500"]
+        cards = await write_cards(ledger, clock, 3, "flaky")
+        expected = await ledger_order(store, subscription.checkpoint)
+
+        async with delivering(pool, options):
+            await wait_for(lambda: len(receiver.requests) >= 3, "three refusals")
+            blocked = await storage.get(pool, subscription.id)  # on its first event, in backoff
+            await wait_for(
+                lambda: {r.event_id for r in receiver.accepted} >= {e.position for e in expected}, "recovery"
+            )
+
+    assert receiver.bad_signatures == 0
+    assert [r.event_id for r in receiver.first_receipts()] == [e.position for e in expected]
+    assert all(v == [1, 2, 3, 4, 5] for v in versions_per_card(receiver.first_receipts()).values())
+    assert set(versions_per_card(receiver.accepted)) == set(cards)
+    # The first event was refused six times in a row; each retry waited longer than the one before.
+    first = expected[0].position
+    tries = [at for at, event_id in receiver.requests if event_id == first]
+    assert len(tries) == 7
+    gaps = [later - earlier for earlier, later in zip(tries, tries[1:], strict=False)]
+    for attempt, gap in enumerate(gaps, start=1):
+        assert gap >= options.backoff_s(attempt) - 0.005, (attempt, gaps)
+    assert blocked.attempts >= 2 and blocked.last_error and blocked.checkpoint == subscription.checkpoint
+    [listed] = await storage.list_subscriptions(pool)
+    assert listed.attempts == 0 and listed.last_error is None and listed.dead_letters == 0
+
+
+async def test_after_attempts_max_failures_an_event_is_dead_lettered_and_delivery_goes_on(pool, ledger, clock, store):
+    options = replace(FAST, attempts_max=3)
+    async with receiving() as receiver:
+        subscription = await subscribe(pool, receiver)
+        receiver.refuse = lambda payload: payload["type"] == "card.credited"
+        await write_cards(ledger, clock, 2, "dead")
+        expected = await ledger_order(store, subscription.checkpoint)
+        credited = [e.position for e in expected if e.type.endswith(".Credited")]
+
+        async with delivering(pool, options):
+            await wait_for(lambda: len(receiver.accepted) >= len(expected) - 2, "every other event")
+            letters, total = await storage.dead_letters(pool, subscription.id, 0, 10)
+            assert total == 2 and [letter.position for letter in letters] == credited
+            assert all(letter.attempts == 3 and letter.last_error.startswith("HTTP 500") for letter in letters)
+            assert all(sum(1 for _, i in receiver.requests if i == position) == 3 for position in credited)
+            assert receiver.ids() == [e.position for e in expected if e.position not in credited]
+
+            receiver.refuse = None  # the receiver is fixed; an operator retries the dead letters
+            assert await storage.request_retry(pool, subscription.id) == 2
+            await wait_for(lambda: len(receiver.accepted) == len(expected), "the dead letters redelivered")
+            await wait_for(lambda: _no_dead_letters(pool, subscription.id), "the dead letters gone")
+
+    assert sorted(receiver.ids()) == sorted(e.position for e in expected)
+    assert receiver.ids()[-2:] == credited  # redelivered last: out of order, as dead letters are
+
+
+async def _no_dead_letters(pool: asyncpg.Pool, subscription_id: str) -> bool:
+    return (await storage.dead_letters(pool, subscription_id, 0, 1))[1] == 0
+
+
+async def test_replay_from_a_position_sends_those_events_again(pool, ledger, clock, store):
+    async with receiving() as receiver:
+        subscription = await subscribe(pool, receiver)
+        await write_cards(ledger, clock, 2, "replay")
+        expected = await ledger_order(store, subscription.checkpoint)
+        async with delivering(pool):
+            await wait_for(lambda: len(receiver.accepted) == len(expected), "first delivery")
+            from_position = expected[3].position
+            replayed = await storage.replay(pool, subscription.id, from_position)
+            assert replayed.lag_events >= len(expected) - 3
+            wanted = {e.position for e in expected if e.position >= from_position}
+            await wait_for(lambda: wanted <= set(receiver.ids()[len(expected) :]), "the replay")
+            await wait_for(lambda: _lag_is_zero(pool, subscription.id), "the replay's end")
+
+        with pytest.raises(InvalidRequest, match="no event at position"):
+            await storage.replay(pool, subscription.id, expected[-1].position + 1)
+        with pytest.raises(storage.SubscriptionNotFound):
+            await storage.replay(pool, "wh_unknown", 1)
+
+    again = receiver.ids()[len(expected) :]
+    assert wanted <= set(again) and len(again) == len(set(again))
+    assert again == [e.position for e in expected if e.position in set(again)]  # in ledger order again
+
+
+async def test_a_signature_is_bound_to_body_secret_and_time(pool, ledger, clock):
+    async with receiving() as receiver:
+        await subscribe(pool, receiver)
+        await write_card(ledger, clock, "signed")
+        async with delivering(pool):
+            await wait_for(lambda: len(receiver.accepted) == 5, "deliveries")
+    received = receiver.accepted[0]
+    header = received.headers[SIGNATURE_HEADER]
+    signed_at = int(header.split(",")[0].removeprefix("t="))
+    assert abs(signed_at - time.time()) < 60
+    assert verify(receiver.secret, header, received.body, now_s=signed_at + 1) == signed_at
+    with pytest.raises(SignatureInvalid, match="from now"):  # a captured delivery replayed later
+        verify(receiver.secret, header, received.body, now_s=signed_at + TOLERANCE_S + 1)
+    with pytest.raises(SignatureInvalid, match="does not match"):
+        verify(receiver.secret, header, received.body.replace(b'"card.', b'"card.x'), now_s=signed_at)
+    with pytest.raises(SignatureInvalid, match="does not match"):
+        verify("whsec_another", header, received.body, now_s=signed_at)
+    with pytest.raises(SignatureInvalid, match="does not match"):  # a fresh timestamp on an old MAC
+        fresh = f"t={signed_at + 600},v1={header.split('v1=')[1]}"
+        verify(receiver.secret, fresh, received.body, now_s=signed_at + 600)
+    with pytest.raises(SignatureInvalid, match="must look like"):
+        verify(receiver.secret, "v1=abc", received.body, now_s=signed_at)
+    assert verify("s", sign("s", 100, b"{}"), b"{}", now_s=100) == 100
+
+
+async def test_two_deliverers_never_send_one_subscription_at_once(pool, database_url, ledger, clock, store):
+    async with receiving() as receiver:
+        subscription = await subscribe(pool, receiver)
+        receiver.delay_s = 0.005
+        await write_cards(ledger, clock, 6, "pair")
+        expected = await ledger_order(store, subscription.checkpoint)
+        options = replace(FAST, batch_events_max=4, batches_per_turn_max=1)
+        other_pool = await create_pool(database_url, size_min=1, size_max=4)
+        try:
+            async with delivering(pool, options), delivering(other_pool, options):
+                await wait_for(lambda: len(receiver.accepted) >= len(expected), "every event")
+                await asyncio.sleep(0.2)  # room for a duplicate to show up, if one were sent
+        finally:
+            await other_pool.close()
+
+    assert receiver.ids() == [e.position for e in expected]  # none twice, none out of order
+    assert receiver.in_flight_max == 1
+
+
+async def test_a_deliverer_killed_mid_post_loses_nothing(pool, ledger, clock, store):
+    async with receiving() as receiver:
+        subscription = await subscribe(pool, receiver)
+        await write_cards(ledger, clock, 2, "crash")
+        expected = await ledger_order(store, subscription.checkpoint)
+        receiver.delay_s = SLOW_S  # accepted, but the answer comes late
+        async with delivering(pool, replace(FAST, timeout_s=5.0)) as first:
+            await wait_for(lambda: len(receiver.accepted) == 1, "the first event received")
+            first.cancel()  # dies before it learns the receiver took it
+        receiver.delay_s = 0.0
+        async with delivering(pool):
+            await wait_for(lambda: len(receiver.accepted) >= len(expected) + 1, "the rest")
+
+    assert receiver.ids() == [expected[0].position] + [e.position for e in expected]  # at least once
+    assert [r.event_id for r in receiver.first_receipts()] == [e.position for e in expected]
+
+
+def test_any_card_event_type_is_rendered_with_exact_amounts():
+    from datetime import UTC, datetime
+
+    event = RecordedEvent(
+        position=7,
+        tx=9,
+        stream_id="card-1",
+        version=4,
+        type="ledger.domain.giftcard:GiftCard.Frozen",  # a type this module has never heard of
+        data=b'{"amount":1500,"reason_code":"fraud","order_info":{"x":1.10},"timestamp":"2026-01-01T00:00:00Z"}',
+        metadata={},
+        recorded_at=datetime(2026, 1, 2, tzinfo=UTC),
+        hash=b"",
+    )
+    payload = json.loads(render(event, "JPY"), parse_float=Decimal)
+    assert payload["type"] == "card.frozen" and payload["id"] == 7 and payload["version"] == 4
+    assert payload["data"] == {
+        "amount": 1500,
+        "reasonCode": "fraud",
+        "orderInfo": {"x": Decimal("1.10")},
+        "currency": "JPY",
+    }
+    assert payload["occurredAt"] == "2026-01-02T00:00:00.000Z"  # no date of its own: when it was recorded
+
+
+# ---- administration ----------------------------------------------------------------------------
+
+
+async def test_subscriptions_refuse_bad_input_and_need_a_secret_key(pool):
+    policy = EgressPolicy(SETTINGS.provider_allowlist)
+
+    async def create(url: str, events: list[str] | None = None, cipher: CredentialsCipher = CIPHER):
+        return await create_subscription(pool, cipher, policy, url=url, event_types=events)
+
+    with pytest.raises(SecretKeyMissing, match="GIFTCARD_SECRET_KEY"):
+        await create("http://127.0.0.1:9/hooks", cipher=CredentialsCipher(None))
+    for url in ("ftp://127.0.0.1/x", "http:///x", "http://user:pw@127.0.0.1/x", "http://127.0.0.1:99999/x", ""):
+        with pytest.raises(InvalidRequest, match="url"):
+            await create(url)
+    with pytest.raises(InvalidRequest, match="events must be"):
+        await create("http://127.0.0.1:9/hooks", ["card.debited", "card.exploded"])
+    with pytest.raises(InvalidRequest, match="internal address"):
+        await create_subscription(pool, CIPHER, EgressPolicy(), url="http://127.0.0.1:9/hooks", event_types=None)
+    assert await storage.list_subscriptions(pool) == []
+
+
+@pytest.fixture
+async def api(start_service, monkeypatch):
+    """The service with /api/webhooks: wired in by hub/app.py, or added here while it is not yet."""
+    import hub.app
+
+    probe = hub.app.create_app(Settings(), "postgresql://unused")  # connects only when started
+    if not any(route_path(route) == "/api/webhooks" for route in probe.router.routes()):
+        read_routes = hub.app.read_api.routes
+        monkeypatch.setattr(hub.app.read_api, "routes", lambda: [*read_routes(), *routes()])
+    return start_service
+
+
+async def test_http_api_shows_the_secret_once_and_checks_roles(api, pool, caplog):
+    caplog.set_level(logging.DEBUG)
+    service = await api()
+    async with receiving() as receiver:
+        status, created, _ = await service.call(
+            "POST", "/api/webhooks", {"url": receiver.url, "events": ["card.debited"], "description": "erp"}
+        )
+        assert status == 200 and created["secret"].startswith("whsec_") and created["events"] == ["card.debited"]
+        receiver.secret = secret = created["secret"]
+        hook = f"/api/webhooks/{created['id']}"
+
+        async with delivering(pool):
+            status, card, _ = await service.call(
+                "POST",
+                "/api/giftcards",
+                {"relationName": "r", "caption": "c", "profileId": "p", "expiringDate": "2030-01-01T00:00:00Z"},
+            )
+            assert status == 200, card
+            await service.call(
+                "POST",
+                f"/api/giftcards/{card['id']}/transactions",
+                {"operation": "Credit", "value": 10, "description": "d", "requestId": "1"},
+            )
+            await service.call(
+                "POST",
+                f"/api/giftcards/{card['id']}/transactions",
+                {"operation": "Debit", "value": 2.5, "description": "d", "requestId": "2"},
+            )
+            await wait_for(lambda: len(receiver.accepted) == 1, "the debit delivered")
+        assert receiver.accepted[0].payload["data"]["value"] == Decimal("2.50")
+
+        answers = []
+        for method, path, body in [
+            ("GET", "/api/webhooks", None),
+            ("GET", hook, None),
+            ("GET", f"{hook}/dead-letters", None),
+            ("POST", f"{hook}/dead-letters/retry", None),
+            ("POST", f"{hook}/replay", {"fromPosition": 1}),
+        ]:
+            status, answer, headers = await service.call(method, path, body)
+            assert status == 200, (method, path, answer)
+            answers.append(json.dumps(answer))
+        assert json.loads(answers[0])["items"][0]["id"] == created["id"]
+        assert json.loads(answers[2])["items"] == [] and headers  # dead letters: none, paged
+        assert json.loads(answers[4])["lagEvents"] >= 3  # replayed from the first event
+        assert not any(secret in answer for answer in answers)
+
+        status, refused, _ = await service.call("POST", "/api/webhooks", {"url": receiver.url, "events": ["nope"]})
+        assert status == 400 and "events must be" in refused["error"]["message"]
+        status, refused, _ = await service.call("POST", f"{hook}/replay", {"fromPosition": -1})
+        assert status == 400
+        status, refused, _ = await service.call("POST", "/api/webhooks", {"url": "http://10.1.2.3/hooks"})
+        assert status == 400 and refused["error"]["code"] == "webhook_url_not_allowed"
+
+        view_key, view_token = await auth.create_key(pool, auth.HUB, (auth.VIEW,))
+        await asyncio.sleep(auth.KEY_REFRESH_S + 0.5)  # every process picks new keys up within this
+        as_viewer = {"X-VTEX-API-AppKey": view_key, "X-VTEX-API-AppToken": view_token}
+        assert (await service.call("GET", "/api/webhooks", headers=as_viewer))[0] == 200
+        assert (await service.call("DELETE", hook, headers=as_viewer))[0] == 403
+        assert (await service.call("POST", "/api/webhooks", {"url": receiver.url}, headers=as_viewer))[0] == 403
+        anonymous = {"X-VTEX-API-AppKey": "", "X-VTEX-API-AppToken": ""}
+        assert (await service.call("GET", "/api/webhooks", headers=anonymous))[0] == 401
+
+        assert (await service.call("DELETE", hook))[0] == 200
+        assert (await service.call("GET", hook))[0] == 404
+        assert (await service.call("DELETE", hook))[0] == 404
+        assert (await service.call("GET", f"{hook}/dead-letters"))[0] == 404
+
+    stored = await pool.fetchval("select string_agg(secret, ' ') from webhook_subscriptions")
+    assert stored is None or secret not in stored
+    assert secret not in caplog.text and created["id"] in json.dumps(created)
+    for route in service.app.router.routes():
+        if route_path(route).startswith("/api/webhooks") and route.method != "HEAD":
+            assert describe(route.method, route_path(route)) is not None, route_path(route)
+
+
+def run_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="giftcard")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["webhooks", *argv])
+    try:
+        return args.run(args)
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+async def test_cli_add_list_replay_dead_letters_run_and_remove(pool, database_url, ledger, clock, monkeypatch, capsys):
+    monkeypatch.setenv("GIFTCARD_DATABASE_URL", database_url)
+    monkeypatch.setenv("GIFTCARD_SECRET_KEY", TEST_SECRET_KEY)
+    monkeypatch.setenv("GIFTCARD_PROVIDER_ALLOWLIST", "127.0.0.0/8")
+
+    async def cli(*argv: str) -> tuple[int, str, str]:
+        code = await asyncio.to_thread(run_cli, *argv)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    async with receiving() as receiver:
+        code, out, _ = await cli("add", receiver.url, "--events", "card.debited,card.credited")
+        assert code == 0
+        subscription_id = out.split()[1]
+        receiver.secret = secret = out.split()[-1]
+        assert subscription_id.startswith("wh_") and secret.startswith("whsec_")
+
+        await write_card(ledger, clock, "cli")
+        code, out, _ = await cli("run", "--once")
+        assert code == 0 and [r.payload["type"] for r in receiver.accepted] == ["card.credited", "card.debited"]
+
+        code, out, _ = await cli("list")
+        assert code == 0 and subscription_id in out and "card.credited,card.debited" in out
+        code, out, _ = await cli("list", "--json")
+        assert json.loads(out)["delivered"] == 2
+        code, out, _ = await cli("replay", subscription_id, "--from-position", "1")
+        assert code == 0 and "5 event(s)" in out
+        code, out, err = await cli("dead-letters", subscription_id, "--retry")
+        assert code == 0 and "0 dead letter(s) queued" in err
+        assert secret not in "".join([out, err])
+
+        assert (await cli("add", receiver.url, "--events", "card.nope"))[0] == 1
+        assert (await cli("dead-letters", "wh_unknown"))[0] == 1
+        assert (await cli("remove", subscription_id))[0] == 0
+        code, _, err = await cli("remove", subscription_id)
+        assert code == 1 and "not found" in err
+
+        monkeypatch.delenv("GIFTCARD_SECRET_KEY")
+        code, _, err = await cli("add", receiver.url)
+        assert code == 1 and "GIFTCARD_SECRET_KEY" in err
