@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import multiprocessing
 import os
 import signal
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import asyncpg
@@ -19,7 +17,7 @@ from hub import auth, demo, webhooks
 from hub.app import create_app
 from hub.config import Settings
 from hub.logs import JsonAccessLogger, configure_logging
-from ledger.database import create_pool, resolve_database_url
+from ledger.database import resolve_database_url, with_database
 from ledger.migrate import grant_service_role_statements, upgrade
 from projections import cli as projections_cli
 from projections import finance_cli
@@ -89,32 +87,12 @@ def _worker_main(settings: Settings, url: str, host: str, port: int) -> None:
     run_worker(settings, url, host, port, reuse_port=True)
 
 
-def with_pool(work: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
-    """Runs ``work`` against the configured (or embedded) database with its schema current."""
-
-    async def run() -> T:
-        pool = await create_pool(url, size_min=1, size_max=4)
-        try:
-            async with pool.acquire() as connection:
-                await upgrade(connection)
-            return await work(pool)
-        finally:
-            await pool.close()
-
-    url, embedded = resolve_database_url()
-    try:
-        return asyncio.run(run())
-    finally:
-        if embedded is not None:
-            embedded.stop()
-
-
 def db_upgrade(args: argparse.Namespace) -> int:
     async def apply(pool: asyncpg.Pool) -> list[str]:
         async with pool.acquire() as connection:
             return await upgrade(connection)
 
-    applied = with_pool(apply)
+    applied = with_database(apply)
     print("applied: " + ", ".join(applied) if applied else "database schema is current")
     return 0
 
@@ -125,7 +103,7 @@ def db_grant(args: argparse.Namespace) -> int:
             for statement in grant_service_role_statements(args.role):
                 await connection.execute(statement)
 
-    with_pool(grant)
+    with_database(grant)
     print(f"granted {args.role}: read and append events, never update, delete or truncate them")
     return 0
 
@@ -138,7 +116,7 @@ def demo_fill(args: argparse.Namespace) -> int:
             return None
         return await demo.fill(pool, cards=args.cards, seed=args.seed, native_id=native_id, base_url=args.base_url)
 
-    summary = with_pool(fill)
+    summary = with_database(fill)
     if summary is None:
         print("this database already holds demo data; point GIFTCARD_DATA_DIR or GIFTCARD_DATABASE_URL elsewhere")
         return 1
@@ -158,14 +136,14 @@ def demo_fill(args: argparse.Namespace) -> int:
 
 def keys_create(args: argparse.Namespace) -> int:
     roles = tuple(args.role or auth.ROLES)
-    app_key, app_token = with_pool(lambda pool: auth.create_key(pool, args.audience, roles))
+    app_key, app_token = with_database(lambda pool: auth.create_key(pool, args.audience, roles))
     key_header, token_header = auth.HEADERS[args.audience]
     print(f"{key_header}: {app_key}\n{token_header}: {app_token}\n(the token is shown once; only its hash is kept)")
     return 0
 
 
 def keys_list(args: argparse.Namespace) -> int:
-    rows = with_pool(auth.list_keys)
+    rows = with_database(auth.list_keys)
     print(f"{'app key':<34} {'audience':<9} {'roles':<10} {'created':<20} revoked")
     for row in rows:
         revoked = row["revoked_at"].strftime("%Y-%m-%d %H:%M:%S") if row["revoked_at"] else "-"
@@ -175,7 +153,7 @@ def keys_list(args: argparse.Namespace) -> int:
 
 
 def keys_revoke(args: argparse.Namespace) -> int:
-    if with_pool(lambda pool: auth.revoke_key(pool, args.app_key)):
+    if with_database(lambda pool: auth.revoke_key(pool, args.app_key)):
         print(f"revoked {args.app_key}; every process refuses it within {auth.KEY_REFRESH_S:g} s")
         return 0
     print(f"no active key {args.app_key!r}", file=sys.stderr)

@@ -7,14 +7,19 @@ folder), so a fresh machine needs nothing installed by hand.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import asyncpg
 import platformdirs
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 POOL_SIZE_MIN = 2
 POOL_SIZE_MAX = 20
@@ -66,3 +71,28 @@ async def create_pool(url: str, *, size_min: int = POOL_SIZE_MIN, size_max: int 
         timeout=CONNECT_TIMEOUT_S,
         server_settings={"statement_timeout": str(STATEMENT_TIMEOUT_MS), "application_name": "giftcard"},
     )
+
+
+def with_database(work: Callable[[asyncpg.Pool], Awaitable[T]], *, pool_size_max: int = 4) -> T:
+    """Runs ``work`` against the configured (or embedded) database, its schema brought current first.
+
+    The one way every command-line tool reaches the database: it starts and stops the embedded
+    server when no URL is configured.
+    """
+    from ledger.migrate import upgrade  # migrate is a sibling; imported here to keep this module's top small
+
+    async def run() -> T:
+        pool = await create_pool(url, size_min=1, size_max=pool_size_max)
+        try:
+            async with pool.acquire() as connection:
+                await upgrade(connection)
+            return await work(pool)
+        finally:
+            await pool.close()
+
+    url, embedded = resolve_database_url()
+    try:
+        return asyncio.run(run())
+    finally:
+        if embedded is not None:
+            embedded.stop()

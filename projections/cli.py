@@ -18,8 +18,7 @@ from typing import TypeVar
 import asyncpg
 from tqdm import tqdm
 
-from ledger.database import create_pool, resolve_database_url
-from ledger.migrate import upgrade
+from ledger.database import with_database
 from projections import checkpoints, names, read_model, read_models
 from projections.checkpoints import ProjectionStatus
 from projections.rebuild import RebuildInProgress, count_events, rebuild
@@ -28,7 +27,6 @@ from projections.runner import BATCH_EVENTS_MAX, POLL_INTERVAL_S, ProjectionRunn
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-POOL_SIZE_MAX = 2  # a runner or a rebuild holds one connection at a time; one spare for status
 
 
 def add_commands(commands: argparse._SubParsersAction, native_provider_id: Callable[[], str]) -> None:
@@ -84,12 +82,12 @@ def run_command(args: argparse.Namespace, native_provider_id: str) -> int:
             return
         await _until_signalled(runner.run_forever())
 
-    _with_pool(work)
+    with_database(work)
     return 0
 
 
 def status_command(args: argparse.Namespace) -> int:
-    found = _with_pool(checkpoints.statuses)
+    found = with_database(checkpoints.statuses)
     if args.json:
         for status in found:
             print(json.dumps(_status_json(status)))
@@ -115,7 +113,7 @@ def rebuild_command(args: argparse.Namespace, native_provider_id: str) -> int:
         return result.events_applied
 
     try:
-        applied = _with_pool(work)
+        applied = with_database(work)
     except RebuildInProgress as e:
         print(str(e), file=sys.stderr)
         return 1
@@ -150,23 +148,3 @@ async def _until_signalled(work: Awaitable[None]) -> None:
         await task
     except asyncio.CancelledError:
         log.info("projection runner stopped")
-
-
-def _with_pool(work: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
-    """Runs ``work`` against the configured (or embedded) database, its schema brought current first."""
-
-    async def run() -> T:
-        pool = await create_pool(url, size_min=1, size_max=POOL_SIZE_MAX)
-        try:
-            async with pool.acquire() as connection:
-                await upgrade(connection)
-            return await work(pool)
-        finally:
-            await pool.close()
-
-    url, embedded = resolve_database_url()
-    try:
-        return asyncio.run(run())
-    finally:
-        if embedded is not None:
-            embedded.stop()

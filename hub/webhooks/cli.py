@@ -23,12 +23,13 @@ from hub.webhooks.events import EVENT_TYPES
 from hub.webhooks.subscriptions import create_subscription
 from hub.wire import encode
 from ledger.credentials_cipher import CredentialsCipher
+from ledger.database import with_database
 from ledger.domain.errors import DomainError
 
 T = TypeVar("T")
 
 DEAD_LETTERS_LISTED_MAX = 1000
-# ``with_pool`` opens 4 connections; each subscription being delivered holds one, and listing
+# ``with_database`` opens 4 connections; each subscription being delivered holds one, and listing
 # the due subscriptions needs one more.
 CLI_SUBSCRIPTIONS_CONCURRENT_MAX = 3
 
@@ -164,10 +165,9 @@ def run_command(args: argparse.Namespace) -> int:
 
 def _refusals_exit(work: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
     """Runs ``work`` with a pool; a refusal (unknown id, bad URL, no secret key) exits 1 saying why."""
-    from hub.cli import with_pool  # here, not at the top: hub.cli imports this module to add its commands
 
     try:
-        return with_pool(work)
+        return with_database(work)
     except DomainError as e:
         print(e.message, file=sys.stderr)
         raise SystemExit(1) from None
