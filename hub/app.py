@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 import aiohttp
 from aiohttp import web
 
-from hub import audit_api, auth, openapi, read_api, webhooks
+from hub import audit_api, auth, bulk_api, openapi, read_api, webhooks
 from hub.config import Settings
 from hub.directory import ProviderDirectory
 from hub.egress import EgressPolicy, GuardedResolver
@@ -174,6 +174,7 @@ def create_app(
     app.router.add_routes(read_api.routes())
     app.router.add_routes(webhooks.routes())
     app.router.add_routes(audit_api.routes())
+    app.router.add_routes(bulk_api.routes())
     return app
 
 

@@ -13,7 +13,7 @@ from typing import TypeVar
 import asyncpg
 from aiohttp import web
 
-from hub import auth, demo, webhooks
+from hub import auth, bulk_cli, demo, webhooks
 from hub.app import create_app
 from hub.config import Settings
 from hub.logs import JsonAccessLogger, configure_logging
@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     finance_cli.add_commands(commands, native_provider_id=lambda: Settings.from_env().native_provider_id)
 
     webhooks.add_commands(commands)
+
+    bulk_cli.add_commands(commands)
     return parser
 
 

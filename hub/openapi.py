@@ -106,6 +106,15 @@ _describe(
         ("GET", "/docs", "This document, rendered", None),
     ],
 )
+_describe(
+    "Auditor's view",
+    "/audit",
+    [
+        ("GET", "", "HTML: ledger totals, liability per currency over time, the last audit verify's result", None),
+        ("GET", "/cards", "HTML form target: redirects ?card=ID to that card's page", None),
+        ("GET", "/cards/{card_id}", "HTML: a card's timeline, balance chart and state (?asOf= ISO 8601)", None),
+    ],
+)
 
 _ERROR_SCHEMA = {
     "type": "object",
@@ -124,6 +133,7 @@ _SECURITY = {
     "Native Gift Card API": [{"hubKey": [], "hubToken": []}],
     "Gift Card Hub": [{"hubKey": [], "hubToken": []}],
     "Webhooks": [{"hubKey": [], "hubToken": []}],
+    "Auditor's view": [{"auditBasic": []}],
 }
 
 
@@ -181,6 +191,11 @@ def build_document(app: web.Application) -> dict[str, Any]:
                 "hubToken": {"type": "apiKey", "in": "header", "name": "X-VTEX-API-AppToken"},
                 "providerKey": {"type": "apiKey", "in": "header", "name": "X-PROVIDER-API-AppKey"},
                 "providerToken": {"type": "apiKey", "in": "header", "name": "X-PROVIDER-API-AppToken"},
+                "auditBasic": {
+                    "type": "http",
+                    "scheme": "basic",
+                    "description": "A hub-consumer key as user name and its token as password (view role)",
+                },
             },
         },
     }

@@ -73,6 +73,19 @@ class OperationRequest(msgspec.Struct, rename="camel"):
     request_id: str
 
 
+class CreateBatchRequest(msgspec.Struct, rename="camel"):
+    """Bulk issuance (``POST /api/giftcards/_batches``): ``count`` cards loaded with ``value`` each.
+    Terms left out come from the batch's existing cards when resumed, else the defaults."""
+
+    count: int
+    value: Decimal
+    batch_id: str | None = None
+    currency_code: str | None = None
+    expiring_date: str | None = None
+    caption: str | None = None
+    profile_id: str | None = None
+
+
 _decoders: dict[type, msgspec.json.Decoder] = {}
 # Untyped parts (orderInfo) keep their numbers exact, so no float ever reaches an event.
 _order_info_decoder = msgspec.json.Decoder(OrderInfo)

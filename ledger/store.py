@@ -1,9 +1,10 @@
 """The event store: append-only, optimistic per stream, no global lock (asyncpg).
 
 All of its SQL is in this file. ``append`` writes a stream's new events in one
-statement guarded by ``unique (stream_id, version)``; ``read_stream`` returns a
-stream in version order; ``read_all`` follows the global commit order and never
-skips an event whose transaction commits after a newer one.
+statement guarded by ``unique (stream_id, version)``; ``append_many`` does the same
+for many streams at once (bulk issuance: one statement for a thousand cards);
+``read_stream`` returns a stream in version order; ``read_all`` follows the global
+commit order and never skips an event whose transaction commits after a newer one.
 """
 
 from __future__ import annotations
@@ -26,6 +27,16 @@ GENESIS_HASH = b""
 class NewEvent(NamedTuple):
     type: str
     data: bytes  # canonical JSON (see ledger.codec)
+
+
+class StreamAppend(NamedTuple):
+    """One stream's share of an ``append_many``: the arguments ``append`` takes for it."""
+
+    stream_id: str
+    expected_version: int
+    events: Sequence[NewEvent]
+    previous_hash: bytes = GENESIS_HASH
+    idempotency_key: str | None = None
 
 
 class RecordedEvent(msgspec.Struct, frozen=True):
@@ -71,6 +82,22 @@ insert into events (stream_id, version, type, data, metadata, hash, idempotency_
 select $1, $2 + e.ord, e.type, e.data::jsonb, $6::jsonb, e.hash, case when e.ord = 1 then $7 end
 from unnest($3::text[], $4::text[], $5::bytea[]) with ordinality as e(type, data, hash, ord)
 where $2 = 0 or exists (select 1 from events where stream_id = $1 and version = $2 and hash = $8)
+returning position
+"""
+
+# append for many streams: every row carries its stream's expected version and previous hash, so
+# each stream gets the very guard _APPEND gives one. A stream may appear once per statement: the
+# guard reads the table as it was before the statement, not the rows the statement inserts.
+_APPEND_MANY = """
+insert into events (stream_id, version, type, data, metadata, hash, idempotency_key)
+select e.stream_id, e.version, e.type, e.data::jsonb, $9::jsonb, e.hash, e.idempotency_key
+from unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::bytea[], $6::text[], $7::int[], $8::bytea[])
+    as e(stream_id, version, type, data, hash, idempotency_key, expected_version, previous_hash)
+where e.expected_version = 0
+   or exists (
+       select 1 from events p
+       where p.stream_id = e.stream_id and p.version = e.expected_version and p.hash = e.previous_hash
+   )
 returning position
 """
 
@@ -149,6 +176,49 @@ class EventStore:
             self.observe_append(time.perf_counter() - started)
         return last
 
+    async def append_many(
+        self,
+        appends: Sequence[StreamAppend],
+        *,
+        metadata: dict[str, Any] | None = None,
+        connection: asyncpg.Connection | None = None,
+    ) -> list[bytes]:
+        """``append`` for many streams in one statement; returns each stream's new last hash, in order.
+
+        Each stream is guarded and chained exactly as ``append`` does it, and its idempotency
+        key goes on its first event. All or nothing: if any stream is not where its entry
+        expects, nothing of the call is kept (a savepoint inside the caller's transaction).
+        """
+        if len({a.stream_id for a in appends}) != len(appends):
+            raise ValueError("append_many takes each stream at most once per call")
+        columns = _append_many_columns(appends)
+        args = (*columns.arrays(), _metadata_encoder.encode(metadata or {}).decode())
+        started = time.perf_counter()
+        try:
+            if connection is None:
+                async with self.pool.acquire() as own:
+                    await self._append_many(own, args, len(columns.types))
+            else:
+                await self._append_many(connection, args, len(columns.types))
+        except asyncpg.UniqueViolationError as e:
+            raise ConcurrentUpdate(f"one of {len(appends)} streams changed while being appended to") from e
+        except (asyncpg.UntranslatableCharacterError, asyncpg.InvalidTextRepresentationError) as e:
+            raise InvalidRequest(f"request contains text PostgreSQL cannot store: {e.args[0]}") from e
+        if self.observe_append is not None:
+            self.observe_append(time.perf_counter() - started)
+        return columns.last_hashes
+
+    @staticmethod
+    async def _append_many(connection: asyncpg.Connection, args: tuple[Any, ...], expected_rows: int) -> None:
+        # A savepoint when the caller holds a transaction, a transaction otherwise: a guard that
+        # fails for one stream must not leave the other streams' rows behind.
+        async with connection.transaction():
+            rows = await connection.fetch(_APPEND_MANY, *args)
+            if len(rows) != expected_rows:
+                raise ConcurrentUpdate(
+                    f"{expected_rows - len(rows)} event(s) found their stream not at the expected version"
+                )
+
     async def read_stream(
         self, stream_id: str, from_version: int = 1, until: datetime | None = None
     ) -> list[RecordedEvent]:
@@ -190,6 +260,42 @@ class EventStore:
         if row is None:
             return None
         return row["version"], row["hash"], row["state"].encode()
+
+
+class _AppendManyColumns(NamedTuple):
+    """The rows of an ``append_many``, one list per column of its unnest, plus each stream's last hash."""
+
+    stream_ids: list[str]
+    versions: list[int]
+    types: list[str]
+    datas: list[str]
+    hashes: list[bytes]
+    idempotency_keys: list[str | None]
+    expected_versions: list[int]
+    previous_hashes: list[bytes]
+    last_hashes: list[bytes]
+
+    def arrays(self) -> tuple[list[Any], ...]:
+        return self[:8]
+
+
+def _append_many_columns(appends: Sequence[StreamAppend]) -> _AppendManyColumns:
+    columns = _AppendManyColumns([], [], [], [], [], [], [], [], [])
+    for a in appends:
+        last = a.previous_hash
+        for offset, new in enumerate(a.events, start=1):
+            version = a.expected_version + offset
+            last = chain_hash(last, a.stream_id, version, new.type, new.data)
+            columns.stream_ids.append(a.stream_id)
+            columns.versions.append(version)
+            columns.types.append(new.type)
+            columns.datas.append(new.data.decode())
+            columns.hashes.append(last)
+            columns.idempotency_keys.append(a.idempotency_key if offset == 1 else None)
+            columns.expected_versions.append(a.expected_version)
+            columns.previous_hashes.append(a.previous_hash)
+        columns.last_hashes.append(last)
+    return columns
 
 
 def _recorded(row: asyncpg.Record) -> RecordedEvent:

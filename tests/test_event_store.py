@@ -10,7 +10,7 @@ import pytest
 
 from ledger.codec import canonical_json
 from ledger.domain.errors import ConcurrentUpdate, InvalidRequest
-from ledger.store import GENESIS_HASH, ChainBroken, Checkpoint, EventStore, NewEvent, verify_chain
+from ledger.store import GENESIS_HASH, ChainBroken, Checkpoint, EventStore, NewEvent, StreamAppend, verify_chain
 
 
 def ev(n: int, type_: str = "Tested") -> NewEvent:
@@ -142,3 +142,54 @@ async def test_snapshots_keep_only_the_newest(store: EventStore):
 
 def test_verify_chain_of_nothing_is_the_genesis():
     assert verify_chain([]) == GENESIS_HASH
+
+
+# ---- append_many: append for many streams in one statement ---------------------------------------
+
+
+async def test_append_many_chains_each_stream_exactly_as_append_does(store: EventStore):
+    single = await store.append("one", 0, [ev(1), ev(2)], metadata={"actor": "test"}, idempotency_key="k")
+    hashes = await store.append_many(
+        [StreamAppend("many-a", 0, [ev(1), ev(2)], idempotency_key="k"), StreamAppend("many-b", 0, [ev(3)])],
+        metadata={"actor": "test"},
+    )
+    a, b = await store.read_stream("many-a"), await store.read_stream("many-b")
+    assert hashes == [verify_chain(a), verify_chain(b)] and [e.version for e in a] == [1, 2]
+    assert a[0].metadata == b[0].metadata == {"actor": "test"}
+    one = await store.read_stream("one")
+    assert [(e.type, e.data) for e in one] == [(e.type, e.data) for e in a]
+    assert single != hashes[0]  # the stream id is part of what is hashed
+    later = await store.append_many([StreamAppend("many-a", 2, [ev(4)], hashes[0], "k2")])
+    assert later == [verify_chain(await store.read_stream("many-a"))]
+
+
+async def test_append_many_puts_the_idempotency_key_on_each_streams_first_event(store: EventStore, pool):
+    await store.append_many([StreamAppend("s1", 0, [ev(1), ev(2)], idempotency_key="k")])
+    keys = await pool.fetch("select version, idempotency_key from events where stream_id = 's1' order by version")
+    assert [(r["version"], r["idempotency_key"]) for r in keys] == [(1, "k"), (2, None)]
+
+
+async def test_append_many_is_all_or_nothing_when_one_stream_moved(store: EventStore):
+    last = await store.append("moved", 0, [ev(1)])
+    await store.append("moved", 1, [ev(2)], previous_hash=last)
+    with pytest.raises(ConcurrentUpdate):
+        await store.append_many([StreamAppend("fresh", 0, [ev(1)]), StreamAppend("moved", 1, [ev(9)], last)])
+    with pytest.raises(ConcurrentUpdate):
+        await store.append_many([StreamAppend("fresh", 0, [ev(1)]), StreamAppend("moved", 2, [ev(9)], b"\x00" * 32)])
+    with pytest.raises(ConcurrentUpdate):  # a new stream that already exists
+        await store.append_many([StreamAppend("fresh", 0, [ev(1)]), StreamAppend("moved", 0, [ev(9)])])
+    assert await store.read_stream("fresh") == []
+    assert len(await store.read_stream("moved")) == 2
+
+
+async def test_append_many_inside_a_transaction_rolls_back_only_its_own_rows(store: EventStore, pool):
+    async with pool.acquire() as connection, connection.transaction():
+        await store.append_many([StreamAppend("kept", 0, [ev(1)])], connection=connection)
+        with pytest.raises(ConcurrentUpdate):
+            await store.append_many([StreamAppend("kept", 0, [ev(2)])], connection=connection)
+    assert len(await store.read_stream("kept")) == 1
+
+
+async def test_append_many_takes_each_stream_once(store: EventStore):
+    with pytest.raises(ValueError, match="at most once"):
+        await store.append_many([StreamAppend("s1", 0, [ev(1)]), StreamAppend("s1", 1, [ev(2)])])
