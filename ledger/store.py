@@ -241,7 +241,7 @@ class EventStore:
     async def save_snapshot(self, stream_id: str, version: int, hash_: bytes, state: bytes) -> None:
         await self.pool.execute(
             """
-            insert into snapshots (stream_id, version, hash, state) values ($1, $2, $3, $4::jsonb)
+            insert into snapshots (stream_id, version, hash, state) values ($1, $2, $3, $4)
             on conflict (stream_id) do update
                 set version = excluded.version, hash = excluded.hash, state = excluded.state,
                     taken_at = clock_timestamp()
@@ -250,16 +250,14 @@ class EventStore:
             stream_id,
             version,
             hash_,
-            state.decode(),
+            state,
         )
 
     async def load_snapshot(self, stream_id: str) -> tuple[int, bytes, bytes] | None:
-        row = await self.pool.fetchrow(
-            "select version, hash, state::text as state from snapshots where stream_id = $1", stream_id
-        )
+        row = await self.pool.fetchrow("select version, hash, state from snapshots where stream_id = $1", stream_id)
         if row is None:
             return None
-        return row["version"], row["hash"], row["state"].encode()
+        return row["version"], row["hash"], row["state"]
 
 
 class _AppendManyColumns(NamedTuple):

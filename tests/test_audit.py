@@ -14,6 +14,7 @@ from hub import audit_api, openapi
 from hub.state import LEDGER
 from ledger.codec import canonical_json
 from ledger.commands import Ledger
+from ledger.domain.snapshot import restore_snapshot, take_snapshot
 from ledger.store import NewEvent
 from projections.audit import RULE_SNAPSHOT, audit_card, render_card_audit, verify
 from projections.replay import RULE_BALANCE, RULE_CHAIN, RULE_REFUNDED, RULE_SETTLED_RELEASED, RULE_VERSIONS
@@ -246,9 +247,9 @@ async def test_verify_compares_each_snapshot_with_the_replay_at_its_version(stor
     assert await pool.fetchval("select version from snapshots where stream_id = $1", history.usd) == 4
     assert (await verify(pool, NATIVE)).ok
 
-    await pool.execute(
-        "update snapshots set state = jsonb_set(state, '{balance}', '1000000') where stream_id = $1", history.usd
-    )
+    altered = restore_snapshot(await pool.fetchval("select state from snapshots where stream_id = $1", history.usd))
+    altered.balance = 1000000
+    await pool.execute("update snapshots set state = $1 where stream_id = $2", take_snapshot(altered), history.usd)
     report = await verify(pool, NATIVE)
     named = {(f.stream_id, f.version, f.rule): f.message for f in report.failures}
     assert list(named) == [(history.usd, 4, RULE_SNAPSHOT)]

@@ -135,8 +135,7 @@ async def test_read_all_never_skips_a_transaction_that_commits_late(store: Event
 async def test_snapshots_keep_only_the_newest(store: EventStore):
     await store.save_snapshot("s1", 200, b"h2", b'{"v":2}')
     await store.save_snapshot("s1", 100, b"h1", b'{"v":1}')
-    version, hash_, state = await store.load_snapshot("s1")
-    assert (version, hash_, canonical_json(state)) == (200, b"h2", b'{"v":2}')
+    assert await store.load_snapshot("s1") == (200, b"h2", b'{"v":2}')
     assert await store.load_snapshot("other") is None
 
 

@@ -43,7 +43,10 @@ class Client(msgspec.Struct, frozen=True):
         return {v for v in (self.id, self.email, self.document, self.corporate_document) if v}
 
 
-class Operation(msgspec.Struct):
+# array_like: a long-lived card holds thousands of these, and its snapshot stores them as
+# arrays rather than maps of field names; gc=False: they hold no cycles, so the collector
+# need not walk them (both make loading a 10,000-transaction card several times faster).
+class Operation(msgspec.Struct, array_like=True, gc=False):
     """A settlement or cancellation of a transaction (VTEX's ``{oid, value, date}``)."""
 
     oid: str
@@ -52,14 +55,13 @@ class Operation(msgspec.Struct):
     request_id: str
 
 
-class Transaction(msgspec.Struct):
+class Transaction(msgspec.Struct, array_like=True, gc=False):
     id: str
     operation: str
     value: int
     description: str
     request_id: str
     date: str
-    order_info: dict[str, Any] | None = None
     settled: int = 0
     released: int = 0
     refunded: int = 0
@@ -85,7 +87,7 @@ class Transaction(msgspec.Struct):
         return self.cancelled < self.value
 
 
-class IdempotencyRecord(msgspec.Struct, frozen=True):
+class IdempotencyRecord(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """What a requestId was first used for, so that a retry gets the same answer."""
 
     fingerprint: str
@@ -259,8 +261,7 @@ class GiftCard(Aggregate):
             description=description,
             request_id=request_id,
             date=date,
-            order_info=order_info,
-        )
+        )  # orderInfo stays in the event only: no rule reads it, and a long card's state stays small
         self.request_ids[transaction_key(request_id)] = IdempotencyRecord(
             fingerprint=_fingerprint(operation, value), transaction_id=transaction_id
         )

@@ -35,8 +35,9 @@ class CardSnapshot(msgspec.Struct, kw_only=True):
     request_ids: dict[str, IdempotencyRecord]
 
 
-_encoder = msgspec.json.Encoder()
-_decoder = msgspec.json.Decoder(CardSnapshot)
+# MessagePack: the state of a long-lived card is large, and binary decodes several times faster.
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(CardSnapshot)
 
 
 def take_snapshot(card: GiftCard) -> bytes:
@@ -44,8 +45,12 @@ def take_snapshot(card: GiftCard) -> bytes:
     return _encoder.encode(msgspec.convert(state, CardSnapshot, from_attributes=True))
 
 
+def decode_snapshot(data: bytes) -> CardSnapshot:
+    return _decoder.decode(data)
+
+
 def restore_snapshot(data: bytes) -> GiftCard:
-    snapshot = _decoder.decode(data)
+    snapshot = decode_snapshot(data)
     card = object.__new__(GiftCard)
     state = msgspec.structs.asdict(snapshot)
     for name in ("id", "version", "created_on", "modified_on"):
