@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 
 import aiohttp
+import asyncpg
 from aiohttp import web
 
 from hub import audit_api, auth, bulk_api, openapi, read_api, webhooks
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 2.0
 REQUEST_ID_CHARS_MAX = 128
 PROVIDER_CONNECTIONS_MAX = 256
+WEBHOOK_POOL_SIZE_MAX = 6  # up to 4 subscriptions delivering at once, each holding one
 
 
 @web.middleware
@@ -80,6 +82,38 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     return await metrics_handler(metrics)(request)
 
 
+def start_background_tasks(
+    app: web.Application,
+    pool: asyncpg.Pool,
+    webhook_pool: asyncpg.Pool | None,
+    rings: dict[str, auth.KeyRing],
+    cipher: CredentialsCipher,
+) -> list[asyncio.Task]:
+    """What a hub process does besides answering requests; each kind may run in every process."""
+    settings = app[SETTINGS]
+    tasks = [
+        asyncio.create_task(auth.keep_refreshed(pool, list(rings.values()))),
+        asyncio.create_task(app[DIRECTORY].keep_refreshed()),
+    ]
+    if settings.hold_ttl_s > 0:
+        hold_ttl = timedelta(seconds=settings.hold_ttl_s)
+        tasks.append(
+            asyncio.create_task(
+                run_hold_expiry(
+                    pool, app[LEDGER], hold_ttl, settings.native_provider_id, settings.hold_sweep_interval_s
+                )
+            )
+        )
+    if webhook_pool is not None:  # GIFTCARD_RUN_WEBHOOKS; deliverers in other processes share the work
+        tasks.append(
+            asyncio.create_task(webhooks.run_deliveries(webhook_pool, settings, asyncio.Event(), cipher=cipher))
+        )
+    if settings.run_projections:  # read models; runners in other processes share the work safely
+        runner = ProjectionRunner(pool, read_models(settings.native_provider_id))
+        tasks.append(asyncio.create_task(runner.run_forever()))
+    return tasks
+
+
 def create_app(
     settings: Settings,
     database_url: str,
@@ -108,7 +142,14 @@ def create_app(
     app[EGRESS] = EgressPolicy(settings.provider_allowlist)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        pool = await create_pool(database_url, size_max=settings.pool_size_max)
+        # Request handlers leave no session state on a connection: a cheap release reset.
+        pool = await create_pool(database_url, size_max=settings.pool_size_max, session_state=False)
+        # Webhook deliverers hold session-level advisory locks: they get a pool with the full reset.
+        webhook_pool = (
+            await create_pool(database_url, size_min=1, size_max=WEBHOOK_POOL_SIZE_MAX)
+            if webhooks.run_in_serve()
+            else None
+        )
         try:
             async with pool.acquire() as connection:
                 await upgrade(connection)
@@ -133,34 +174,14 @@ def create_app(
             async with aiohttp.ClientSession(connector=connector) as session:
                 app[DIRECTORY] = ProviderDirectory(app[REGISTRY], session, store, settings, app[EGRESS], metrics)
                 await app[DIRECTORY].refresh()
-                background = [
-                    asyncio.create_task(auth.keep_refreshed(pool, list(rings.values()))),
-                    asyncio.create_task(app[DIRECTORY].keep_refreshed()),
-                ]
-                if settings.hold_ttl_s > 0:
-                    background.append(
-                        asyncio.create_task(
-                            run_hold_expiry(
-                                pool,
-                                app[LEDGER],
-                                timedelta(seconds=settings.hold_ttl_s),
-                                settings.native_provider_id,
-                                settings.hold_sweep_interval_s,
-                            )
-                        )
-                    )
-                if webhooks.run_in_serve():  # GIFTCARD_RUN_WEBHOOKS; deliverers in other processes share the work
-                    background.append(
-                        asyncio.create_task(webhooks.run_deliveries(pool, settings, asyncio.Event(), cipher=cipher))
-                    )
-                if settings.run_projections:  # read models; runners in other processes share the work safely
-                    runner = ProjectionRunner(pool, read_models(settings.native_provider_id))
-                    background.append(asyncio.create_task(runner.run_forever()))
+                background = start_background_tasks(app, pool, webhook_pool, rings, cipher)
                 yield
                 for task in background:
                     task.cancel()
                 await asyncio.gather(*background, return_exceptions=True)
         finally:
+            if webhook_pool is not None:
+                await webhook_pool.close()
             await pool.close()
 
     app.cleanup_ctx.append(resources)

@@ -62,11 +62,24 @@ def resolve_database_url() -> tuple[str, EmbeddedPostgres | None]:
     return embedded.url, embedded
 
 
-async def create_pool(url: str, *, size_min: int = POOL_SIZE_MIN, size_max: int = POOL_SIZE_MAX) -> asyncpg.Pool:
+async def rollback_if_in_transaction(connection: asyncpg.Connection) -> None:
+    """The release reset of pools whose users leave no session state behind (no SET, LISTEN,
+    cursors or session-level advisory locks): asyncpg's default reset is one more statement
+    round trip on every release, a tenth of a request's time on the hot path."""
+    if connection.is_in_transaction():
+        await connection.execute("rollback")
+
+
+async def create_pool(
+    url: str, *, size_min: int = POOL_SIZE_MIN, size_max: int = POOL_SIZE_MAX, session_state: bool = True
+) -> asyncpg.Pool:
+    """``session_state=False`` promises the pool's users leave nothing on a connection but,
+    at worst, an open transaction; only then is the full reset skipped."""
     return await asyncpg.create_pool(
         url,
         min_size=size_min,
         max_size=size_max,
+        reset=None if session_state else rollback_if_in_transaction,
         command_timeout=STATEMENT_TIMEOUT_MS / 1000,
         timeout=CONNECT_TIMEOUT_S,
         server_settings={"statement_timeout": str(STATEMENT_TIMEOUT_MS), "application_name": "giftcard"},
