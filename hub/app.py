@@ -16,7 +16,7 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 
-from hub import audit_api, auth, bulk_api, openapi, read_api, webhooks
+from hub import audit_api, audit_pages, auth, bulk_api, openapi, read_api, webhooks
 from hub.config import Settings
 from hub.directory import ProviderDirectory
 from hub.egress import EgressPolicy, GuardedResolver
@@ -195,6 +195,7 @@ def create_app(
     app.router.add_routes(read_api.routes())
     app.router.add_routes(webhooks.routes())
     app.router.add_routes(audit_api.routes())
+    app.router.add_routes(audit_pages.routes())
     app.router.add_routes(bulk_api.routes())
     return app
 

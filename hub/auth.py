@@ -6,11 +6,17 @@ A pair configured in the environment is compared in constant time. Stored pairs
 of their tokens: the tokens are random and long, so a plain hash is enough.
 Missing headers answer 401 and wrong ones 403, both with an empty body, as the
 VTEX guide requires of providers.
+
+The auditor's pages (``/audit``) are opened in a browser, which cannot send those headers:
+they take the same hub-consumer pairs as HTTP Basic credentials (the key as user name, the
+token as password) and need the ``view`` role; missing answers 401 with a Basic challenge,
+wrong 403.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import logging
@@ -162,9 +168,52 @@ def role_needed(request: web.Request) -> str:
     return EDIT
 
 
+# ---- the auditor's pages: a browser sends HTTP Basic (RFC 7617), not X-VTEX-API headers ------------
+
+AUDIT_PAGES = "/audit"
+BASIC_CHALLENGE = 'Basic realm="giftcard audit", charset="UTF-8"'
+
+
+def is_audit_page(path: str) -> bool:
+    return path == AUDIT_PAGES or path.startswith(AUDIT_PAGES + "/")
+
+
+def basic_verdict(ring: KeyRing, authorization: str | None) -> tuple[int, str | None, frozenset[str]]:
+    """(status, key, roles) for ``Authorization: Basic base64(key:token)``: 401 when there is no Basic
+    header, 403 when it does not decode or the pair is wrong; the key only when accepted."""
+    scheme, _, encoded = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "basic":
+        return 401, None, frozenset()
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except ValueError:  # binascii.Error and UnicodeDecodeError both are
+        return 403, None, frozenset()
+    key, colon, token = decoded.partition(":")  # a key has no colon; a token may
+    if not colon:
+        return 403, None, frozenset()
+    status, roles = ring.verdict(key, token)
+    return status, (key if status == 200 else None), roles
+
+
+def audit_page_refusal(status: int) -> web.Response:
+    """Plain text for a person; never the credentials sent."""
+    if status == 401:
+        text = "Sign in with a hub-consumer key (as user name) and its token (as password)."
+        return web.Response(status=401, text=text, headers={"WWW-Authenticate": BASIC_CHALLENGE})
+    # A browser keeps refused Basic credentials for the site until it closes: say how to try again.
+    text = "These credentials are not accepted here (a key with the view role is needed). Open the page in a new private window to sign in again."
+    return web.Response(status=403, text=text)
+
+
 def make_auth_middleware(rings: dict[str, KeyRing]):
     @web.middleware
     async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
+        if is_audit_page(request.path):
+            status, key, roles = basic_verdict(rings[HUB], request.headers.get("Authorization"))
+            if status != 200 or role_needed(request) not in roles:
+                return audit_page_refusal(status)
+            request["actor"] = key
+            return await handler(request)
         audience = audience_of(request.path)
         if audience is not None:
             key_header, token_header = HEADERS[audience]

@@ -134,6 +134,12 @@ def demo_fill(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bench(args: argparse.Namespace) -> int:
+    from bench import suite  # the benchmarks and their baselines load only when asked for
+
+    return suite.main([*(["--quick"] if args.quick else []), *(["--json", args.json] if args.json else [])])
+
+
 def keys_create(args: argparse.Namespace) -> int:
     roles = tuple(args.role or auth.ROLES)
     app_key, app_token = with_database(lambda pool: auth.create_key(pool, args.audience, roles))
@@ -188,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--base-url", default="http://127.0.0.1:8080", help="where `giftcard serve` will listen (for the partner)"
     )
     demo_cmd.set_defaults(run=demo_fill)
+
+    bench = commands.add_parser(
+        "bench", help="the benchmark suite side by side (raw PostgreSQL, stock eventsourcing, this service)"
+    )
+    bench.add_argument("--quick", action="store_true", help="a smoke run, under three minutes")
+    bench.add_argument("--json", metavar="FILE", help="write every figure and ratio here")
+    bench.set_defaults(run=run_bench)
 
     keys = commands.add_parser("keys", help="API credentials: key/token pairs with roles")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
