@@ -8,8 +8,11 @@ ours           ``ledger.store.EventStore.append`` of one Debited-sized event per
 eventsourcing  the library's stock PostgreSQL application (psycopg, synchronous), one thread per
                writer, each saving one new event of its own small aggregate per ``save``.
 
-At each concurrency level the three run one after the other, each for a fixed time after a
-short warm-up, on a database created for the run and dropped after it.
+At each concurrency level every contender is measured for ``--seconds``, split into
+``--rounds`` slices that take turns with the other contenders' slices (each after its own
+warm-up); a contender's figure is the median of its slices. Interleaving matters on a shared
+machine: a burst of someone else's load then spoils one slice of one contender, not a whole
+column. Everything runs on a database created for the run and dropped after it.
 
     python -m bench.event_store_appends --database-url postgresql://postgres@127.0.0.1:5432/postgres
 """
@@ -21,6 +24,7 @@ import asyncio
 import json
 import os
 import shlex
+import statistics
 import sys
 import tempfile
 import threading
@@ -32,7 +36,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import asyncpg
 from eventsourcing.application import Application
@@ -43,10 +47,13 @@ from ledger.database import EmbeddedPostgres, create_pool
 from ledger.migrate import upgrade
 from ledger.store import GENESIS_HASH, EventStore, NewEvent
 
-BENCH_DATABASE = "giftcard_bench"
+# Its own name, not the generic giftcard_bench: it is dropped WITH (FORCE), and other
+# benchmarks may be running against the same server.
+BENCH_DATABASE = "giftcard_bench_appends"
 RAW_SCHEMA = "bench_raw"
 ES_SCHEMA = "bench_es"
 WRITERS = (1, 8, 32, 64)
+CONTENDERS = ("raw", "ours", "eventsourcing")
 EVENT_TYPE = "ledger.domain.giftcard:GiftCard.Debited"
 TARGET_VS_RAW = 0.60  # the issue's targets, checked at the highest concurrency measured
 TARGET_VS_ES = 3.0
@@ -54,33 +61,35 @@ TARGET_VS_ES = 3.0
 
 @dataclass(frozen=True)
 class Timing:
-    warmup: float
-    seconds: float
+    warmup: float  # before each slice, unmeasured: connections warm, statements prepared
+    slice: float  # measured
 
 
 @dataclass(frozen=True)
 class Result:
     writers: int
-    raw: float
-    ours: float
-    eventsourcing: float
+    slices: dict[str, list[float]]  # contender -> appends/s of each slice
+
+    def rate(self, contender: str) -> float:
+        return statistics.median(self.slices[contender])
 
     @property
     def ours_vs_raw(self) -> float:
-        return self.ours / self.raw
+        return self.rate("ours") / self.rate("raw")
 
     @property
     def ours_vs_eventsourcing(self) -> float:
-        return self.ours / self.eventsourcing
+        return self.rate("ours") / self.rate("eventsourcing")
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "writers": self.writers,
-            "raw_insert_per_s": round(self.raw),
-            "our_append_per_s": round(self.ours),
-            "eventsourcing_per_s": round(self.eventsourcing),
+            "raw_insert_per_s": round(self.rate("raw")),
+            "our_append_per_s": round(self.rate("ours")),
+            "eventsourcing_per_s": round(self.rate("eventsourcing")),
             "ours_vs_raw_pct": round(100 * self.ours_vs_raw, 1),
             "ours_vs_eventsourcing_x": round(self.ours_vs_eventsourcing, 2),
+            "slices_per_s": {name: [round(r) for r in rates] for name, rates in self.slices.items()},
         }
 
 
@@ -127,7 +136,7 @@ async def measure_tasks(steps: list[Callable[[], Awaitable[None]]], timing: Timi
     tasks = [asyncio.create_task(loop(i, step)) for i, step in enumerate(steps)]
     await asyncio.sleep(timing.warmup)
     done, start = sum(counts), time.perf_counter()
-    await asyncio.sleep(timing.seconds)
+    await asyncio.sleep(timing.slice)
     rate = (sum(counts) - done) / (time.perf_counter() - start)
     running = False
     await asyncio.gather(*tasks)  # also re-raises the first writer's error, if any
@@ -153,7 +162,7 @@ def measure_threads(steps: list[Callable[[], None]], timing: Timing) -> float:
         thread.start()
     time.sleep(timing.warmup)
     done, start = sum(counts), time.perf_counter()
-    time.sleep(timing.seconds)
+    time.sleep(timing.slice)
     rate = (sum(counts) - done) / (time.perf_counter() - start)
     stop.set()
     for thread in threads:
@@ -161,6 +170,20 @@ def measure_threads(steps: list[Callable[[], None]], timing: Timing) -> float:
     if errors:
         raise errors[0]
     return rate
+
+
+@asynccontextmanager
+async def writer_pool(url: str, writers: int) -> AsyncIterator[asyncpg.Pool]:
+    """An asyncpg pool with one connection per writer, all opened before the clock starts.
+
+    Sized explicitly: the service's default maximum (20) would make 32 or 64 writers queue for
+    a connection, and the benchmark would measure the pool instead of the append.
+    """
+    pool = await create_pool(url, size_min=writers, size_max=writers)
+    try:
+        yield pool
+    finally:
+        await pool.close()
 
 
 # ---- contender 1: raw single-row INSERT --------------------------------------------------------
@@ -220,20 +243,6 @@ async def run_ours(url: str, writers: int, timing: Timing) -> float:
         return await measure_tasks([our_writer(store) for _ in range(writers)], timing)
 
 
-@asynccontextmanager
-async def writer_pool(url: str, writers: int) -> AsyncIterator[asyncpg.Pool]:
-    """An asyncpg pool with one connection per writer, all opened before the clock starts.
-
-    Sized explicitly: the service's default maximum (20) would make 32 or 64 writers queue for
-    a connection, and the benchmark would measure the pool instead of the append.
-    """
-    pool = await create_pool(url, size_min=writers, size_max=writers)
-    try:
-        yield pool
-    finally:
-        await pool.close()
-
-
 # ---- contender 3: the eventsourcing library's stock PostgreSQL application -------------------
 
 
@@ -256,10 +265,12 @@ class BenchApplication(Application):
 
 def eventsourcing_env(url: str, writers: int) -> dict[str, str]:
     parts = urlsplit(url)
+    # The embedded server is reached through a socket directory given as ?host=... in the URL.
+    socket_dir = parse_qs(parts.query).get("host", [None])[0]
     return {
         "PERSISTENCE_MODULE": "eventsourcing.postgres",
         "POSTGRES_DBNAME": parts.path.lstrip("/"),
-        "POSTGRES_HOST": parts.hostname or "localhost",
+        "POSTGRES_HOST": socket_dir or parts.hostname or "localhost",
         "POSTGRES_PORT": str(parts.port or 5432),
         "POSTGRES_USER": parts.username or "postgres",
         "POSTGRES_PASSWORD": parts.password or "",
@@ -290,6 +301,15 @@ def run_eventsourcing(url: str, writers: int, timing: Timing) -> float:
         app.close()
 
 
+async def run_contender(name: str, url: str, writers: int, timing: Timing) -> float:
+    if name == "raw":
+        return await run_raw(url, writers, timing)
+    if name == "ours":
+        return await run_ours(url, writers, timing)
+    # The library is synchronous: its threads run off the event loop.
+    return await asyncio.to_thread(run_eventsourcing, url, writers, timing)
+
+
 # ---- the database ------------------------------------------------------------------------------
 
 
@@ -314,9 +334,9 @@ def database_server(url: str | None) -> Iterator[str]:
 
 async def create_bench_database(server_url: str, name: str) -> str:
     """A fresh database beside the configured one, migrated, with a scratch schema per contender."""
+    await drop_database(server_url, name)
     admin = await asyncpg.connect(server_url)
     try:
-        await admin.execute(f"drop database if exists {name} with (force)")
         await admin.execute(f"create database {name}")
     finally:
         await admin.close()
@@ -348,13 +368,36 @@ async def drop_database(server_url: str, name: str) -> None:
 
 
 async def checkpoint(url: str) -> None:
-    """Flushes dirty pages before each run, so that no contender pays for a checkpoint that the
-    previous contender's writes made due (needs superuser or pg_checkpoint; skipped otherwise)."""
+    """Flushes dirty pages before each slice, so that no contender pays for a checkpoint that the
+    previous one's writes made due (needs superuser or pg_checkpoint; skipped otherwise)."""
     connection = await asyncpg.connect(url)
     try:
         await connection.execute("checkpoint")
     except asyncpg.InsufficientPrivilegeError:
         pass
+    finally:
+        await connection.close()
+
+
+async def wait_for_connection_slots(url: str, needed: int, timeout: float = 60.0) -> None:
+    """Waits until the server can take ``needed`` more connections: on a server shared with other
+    work, opening 64 at once can hit max_connections, and a short wait is better than a crash."""
+    connection = await asyncpg.connect(url)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            free = await connection.fetchval(
+                """
+                select current_setting('max_connections')::int
+                     - current_setting('superuser_reserved_connections')::int
+                     - (select count(*) from pg_stat_activity where backend_type = 'client backend')
+                """
+            )
+            if free > needed:  # > rather than >=: this connection is still counted and about to close
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server has {free} free connections, the next run needs {needed}")
+            await asyncio.sleep(1.0)
     finally:
         await connection.close()
 
@@ -371,25 +414,24 @@ async def server_facts(url: str) -> dict[str, str]:
 # ---- the run -------------------------------------------------------------------------------------
 
 
-async def run_level(url: str, writers: int, timing: Timing) -> Result:
-    """The three contenders one after the other, at one concurrency level."""
-    rates = {}
-    for name, run in (("raw", run_raw), ("ours", run_ours), ("eventsourcing", run_eventsourcing)):
-        await checkpoint(url)
-        if asyncio.iscoroutinefunction(run):
-            rates[name] = await run(url, writers, timing)
-        else:  # synchronous, as the library is: off the event loop, in threads of its own
-            rates[name] = await asyncio.to_thread(run, url, writers, timing)
-        print(f"  {writers:>3} writers  {name:<14} {rates[name]:>9,.0f}/s", file=sys.stderr, flush=True)
-    return Result(writers, **rates)
+async def run_level(url: str, writers: int, rounds: int, timing: Timing) -> Result:
+    """Every contender's slices at one concurrency level, taking turns."""
+    slices: dict[str, list[float]] = {name: [] for name in CONTENDERS}
+    for _ in range(rounds):
+        for name in CONTENDERS:
+            await wait_for_connection_slots(url, writers)
+            await checkpoint(url)
+            slices[name].append(await run_contender(name, url, writers, timing))
+            print(f"  {writers:>3} writers  {name:<14} {slices[name][-1]:>9,.0f}/s", file=sys.stderr, flush=True)
+    return Result(writers, slices)
 
 
 async def run(server_url: str, args: argparse.Namespace) -> tuple[list[Result], dict[str, str]]:
     url = await create_bench_database(server_url, args.bench_database)
     try:
         facts = await server_facts(url)
-        timing = Timing(args.warmup, args.seconds)
-        return [await run_level(url, writers, timing) for writers in args.writers], facts
+        timing = Timing(warmup=args.warmup, slice=args.seconds / args.rounds)
+        return [await run_level(url, writers, args.rounds, timing) for writers in args.writers], facts
     finally:
         await drop_database(server_url, args.bench_database)
 
@@ -401,7 +443,7 @@ def table(results: list[Result]) -> str:
     ]
     for r in results:
         lines.append(
-            f"| {r.writers} | {r.raw:,.0f} | {r.ours:,.0f} | {r.eventsourcing:,.0f} "
+            f"| {r.writers} | {r.rate('raw'):,.0f} | {r.rate('ours'):,.0f} | {r.rate('eventsourcing'):,.0f} "
             f"| {100 * r.ours_vs_raw:.1f} % | {r.ours_vs_eventsourcing:.2f} x |"
         )
     return "\n".join(lines)
@@ -418,13 +460,14 @@ def targets(results: list[Result]) -> dict[str, Any]:
     }
 
 
-def report(args: argparse.Namespace, results: list[Result], facts: dict[str, str]) -> dict[str, Any]:
+def report(args: argparse.Namespace, results: list[Result], facts: dict[str, Any]) -> dict[str, Any]:
     return {
         "benchmark": "event_store_appends",
         "command": shlex.join(["python", "-m", "bench.event_store_appends", *sys.argv[1:]]),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "warmup_s": args.warmup,
         "seconds": args.seconds,
+        "rounds": args.rounds,
+        "warmup_s": args.warmup,
         "cpus": os.cpu_count(),
         "server": facts,
         "event_bytes": len(debited_event()[0]),
@@ -442,32 +485,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "default $GIFTCARD_DATABASE_URL, else an embedded server in a temporary directory",
     )
     parser.add_argument("--bench-database", default=BENCH_DATABASE, help="dropped and recreated (%(default)s)")
-    parser.add_argument("--seconds", type=float, default=4.0, help="measured time per contender and level")
-    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured time before each measurement")
-    parser.add_argument("--quick", action="store_true", help="1 s measured, 0.3 s warm-up: a smoke run")
+    parser.add_argument(
+        "--seconds", type=float, default=4.0, help="measured time per contender and level (%(default)s)"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="slices --seconds is split into (%(default)s)")
+    parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured time before each slice (%(default)s)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 s in one slice, 0.3 s warm-up")
     parser.add_argument(
         "--writers",
         type=lambda s: [int(n) for n in s.split(",")],
         default=list(WRITERS),
-        help="comma-separated concurrency levels (default %(default)s)",
+        help="comma-separated concurrency levels (default 1,8,32,64)",
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write every figure and ratio here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.seconds, args.warmup = 1.0, 0.3
+        args.seconds, args.rounds, args.warmup = 1.0, 1, 0.3
     return args
+
+
+def busy_cores(seconds: float = 2.0) -> float | None:
+    """How many CPUs the machine keeps busy, sampled from /proc/stat (Linux; None elsewhere)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(t) for t in f.readline().split()[1:9]]
+        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
+
+    try:
+        idle0, all0 = sample()
+        time.sleep(seconds)
+        idle1, all1 = sample()
+    except OSError:
+        return None
+    return round((1 - (idle1 - idle0) / (all1 - all0)) * (os.cpu_count() or 1), 2)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Before starting, how busy other work keeps the machine: client and server share its CPUs,
+    # so a figure measured beside someone else's load is lower, and the JSON should say so.
+    before = {"busy_cores_before": busy_cores(), "loadavg_1min_before": round(os.getloadavg()[0], 2)}
     with database_server(args.database_url) as server_url:
         results, facts = asyncio.run(run(server_url, args))
+    facts = {**facts, **before, "loadavg_1min_after": round(os.getloadavg()[0], 2)}
     figures = report(args, results, facts)
     print(table(results))
+    if (before["busy_cores_before"] or 0) > 0.25:
+        print(f"\nnote: {before['busy_cores_before']} CPUs were busy with other work before the run")
     met = figures["targets"]
     print(
-        f"\nat {met['writers']} writers: ours/raw >= {TARGET_VS_RAW:.0%}: {'met' if met['ours_vs_raw_met'] else 'MISSED'}; "
-        f"ours/eventsourcing >= {TARGET_VS_ES:g}x: {'met' if met['ours_vs_eventsourcing_met'] else 'MISSED'}"
+        f"\nat {met['writers']} writers: ours/raw >= {TARGET_VS_RAW:.0%} "
+        f"{'met' if met['ours_vs_raw_met'] else 'MISSED'}; ours/eventsourcing >= {TARGET_VS_ES:g}x "
+        f"{'met' if met['ours_vs_eventsourcing_met'] else 'MISSED'}"
     )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,932 @@
+"""Debit authorizations over HTTP: our service beside a conventional and a lean design, driven by wrk.
+
+Three (or four) servers answer ``POST /native/giftcards/{id}/transactions`` with a Debit body:
+
+ours           ``giftcard serve``, as shipped (event store, hash chain, snapshots, access log);
+ours-w2        the same with ``--workers 2``, measured only when ``giftcard serve`` offers it;
+conventional   ``bench.baselines.eventsourcing_app``: the eventsourcing library's stock
+               PostgreSQL application behind aiohttp, on a thread pool;
+lean           ``bench.baselines.lean_update_app``: one guarded UPDATE and one idempotency row
+               per Debit, no history.
+
+Each server runs alone, as a subprocess on 127.0.0.1, against a fresh database of its own on the
+same PostgreSQL server, with 1,000 cards it created and credited itself. wrk then sends Debits of
+0.01 to those cards round-robin, each with a unique requestId, at each connection count: a short
+warm-up, then a measured run. The whole sequence is repeated ``--rounds`` times, the servers taking
+turns, and each row reports the server's median round, because a shared two-core machine makes
+any single round unreliable. Beside wrk's figures, /proc tells how many cores the server,
+PostgreSQL and the whole machine used, so a CPU-bound server and a disturbed cell show
+themselves. Servers are stopped at the end, also on error or Ctrl-C.
+
+    python -m bench.http_debits --database-url postgresql://postgres@127.0.0.1:5432/postgres
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import asyncpg
+
+CARDS = 1_000
+CARD_CREDIT = "1000000.00"  # 100,000,000 debits of 0.01 per card: no run comes near it
+DEBIT_VALUE = "0.01"
+CONNECTIONS = (16, 64)
+HOST = "127.0.0.1"  # every request of the benchmark stays on this machine
+DEFAULT_SERVER_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+SEED_CONCURRENCY = 16
+READY_TIMEOUT_S = 60.0
+SEED_TIMEOUT_S = 600.0
+STOP_TIMEOUT_S = 15.0
+WRK_TIMEOUT_S = 5  # a request slower than this counts as a wrk timeout error
+TARGET_VS_CONVENTIONAL = 5.0  # the project's targets, checked at the highest connection count
+TARGET_P99_MS = 50.0
+
+OURS, OURS_W2, CONVENTIONAL, LEAN = "ours", "ours-w2", "conventional", "lean"
+
+
+@dataclass(frozen=True)
+class Timing:
+    warmup: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Credentials:
+    key: str
+    token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-PROVIDER-API-AppKey": self.key, "X-PROVIDER-API-AppToken": self.token}
+
+
+@dataclass
+class Cell:
+    """One server at one connection count: what wrk measured."""
+
+    server: str
+    connections: int
+    requests: int
+    seconds: float
+    requests_per_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    non_2xx: int
+    socket_errors: int
+    round: int = 0
+    rounds_requests_per_s: list[float] = field(default_factory=list)  # this cell's req/s in every round
+    busy_cores_before: float = 0.0  # the machine's load in the second before the cell
+    cpu: dict[str, float] = field(default_factory=dict)  # cores used during the cell, by whom
+    server_cpu_ms_per_request: float = 0.0  # the server's CPU per answered request: its efficiency
+    vs_conventional: float | None = None
+    vs_lean: float | None = None
+
+
+@dataclass(frozen=True)
+class Server:
+    """How to start one contender and create its cards."""
+
+    name: str
+    database: str
+    command: Callable[[int, str], list[str]]  # (port, database url) -> argv
+    seed: Callable[[str, Credentials], Awaitable[list[str]]]  # (base url, credentials) -> card ids
+    env: dict[str, str] = field(default_factory=dict)
+
+
+# ---- the servers --------------------------------------------------------------------------------
+
+
+def giftcard_command() -> list[str]:
+    """The ``giftcard`` script of this virtualenv (the one running the benchmark)."""
+    script = Path(sys.executable).parent / "giftcard"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "hub.cli"]
+
+
+def serve_supports_workers() -> bool:
+    """Asked at run time: the ``--workers`` option may or may not exist in this checkout."""
+    help_text = subprocess.run(
+        [*giftcard_command(), "serve", "--help"], capture_output=True, text=True, timeout=60, check=False
+    ).stdout
+    return "--workers" in help_text
+
+
+def ours(
+    name: str, database: str, credentials: Credentials, extra_env: list[str], workers: int | None = None
+) -> Server:
+    def command(port: int, url: str) -> list[str]:
+        argv = [*giftcard_command(), "serve", "--host", HOST, "--port", str(port)]
+        return argv + ["--workers", str(workers)] if workers else argv
+
+    return Server(name, database, command, seed_ours, env=service_env(credentials, extra_env))
+
+
+def service_env(credentials: Credentials, extra: list[str] | None = None) -> dict[str, str]:
+    # Both audiences configured: otherwise the service would generate and print a pair.
+    return {
+        "GIFTCARD_PROVIDER_APP_KEY": credentials.key,
+        "GIFTCARD_PROVIDER_APP_TOKEN": credentials.token,
+        "GIFTCARD_APP_KEY": credentials.key + "-hub",
+        "GIFTCARD_APP_TOKEN": credentials.token,
+        **dict(item.split("=", 1) for item in extra or []),
+    }
+
+
+def baseline(name: str, module: str, database: str, credentials: Credentials) -> Server:
+    def command(port: int, url: str) -> list[str]:
+        return [sys.executable, "-m", module, "--port", str(port), "--database-url", url]
+
+    return Server(name, database, command, seed_baseline, env=service_env(credentials))
+
+
+def contenders(args: argparse.Namespace, credentials: Credentials) -> list[Server]:
+    prefix = args.bench_database
+    servers = [ours(OURS, prefix, credentials, args.ours_env)]
+    if args.workers_variant:
+        servers.append(ours(OURS_W2, f"{prefix}_w2", credentials, args.ours_env, workers=2))
+    servers.append(baseline(CONVENTIONAL, "bench.baselines.eventsourcing_app", f"{prefix}_es", credentials))
+    servers.append(baseline(LEAN, "bench.baselines.lean_update_app", f"{prefix}_lean", credentials))
+    return [s for s in servers if s.name in args.servers]
+
+
+# ---- seeding: every server creates and credits its own cards ----------------------------------
+
+
+async def seed_ours(base_url: str, credentials: Credentials) -> list[str]:
+    """1,000 cards through the service's own Provider Protocol: create, then one Credit each."""
+    async with aiohttp.ClientSession(base_url, headers=credentials.headers) as session:
+        limit = asyncio.Semaphore(SEED_CONCURRENCY)
+
+        async def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
+            async with limit, session.post(path, json=body) as response:
+                if response.status != 200:
+                    raise RuntimeError(f"seeding: POST {path} answered {response.status}: {await response.text()}")
+                return await response.json()
+
+        async def card(i: int) -> str:
+            created = await post(
+                "/native/giftcards",
+                {"relationName": f"bench-{i}", "caption": "bench", "profileId": f"bench-{i}@example.com"},
+            )
+            credit = {"operation": "Credit", "value": float(CARD_CREDIT), "description": "seed", "requestId": "seed"}
+            await post(f"/native/giftcards/{created['id']}/transactions", credit)
+            return created["id"]
+
+        return list(await asyncio.gather(*(card(i) for i in range(CARDS))))
+
+
+async def seed_baseline(base_url: str, credentials: Credentials) -> list[str]:
+    """The baselines create and credit their cards in-process, behind one seed route."""
+    async with aiohttp.ClientSession(base_url, headers=credentials.headers) as session:
+        body = {"cards": CARDS, "value": float(CARD_CREDIT)}
+        async with session.post("/bench/seed", json=body) as response:
+            if response.status != 200:
+                raise RuntimeError(f"seeding: answered {response.status}: {await response.text()}")
+            return (await response.json())["ids"]
+
+
+# ---- processes ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running(server: Server, url: str, log_dir: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    """The server as a subprocess until the block ends, however it ends.
+
+    It gets a session (process group) of its own, so that stopping it also stops any worker
+    processes it forked; its output goes to a file, never to a pipe nobody drains.
+    """
+    port = free_port()
+    log_path = log_dir / f"{server.name}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            server.command(port, url),
+            env={**os.environ, **server.env, "GIFTCARD_DATABASE_URL": url},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=Path(__file__).resolve().parent.parent,  # so ``python -m bench.baselines.*`` resolves
+        )
+        try:
+            base_url = f"http://{HOST}:{port}"
+            asyncio.run(wait_ready(process, base_url, log_path))
+            yield process, base_url
+        finally:
+            stop(process)
+
+
+async def wait_ready(process: subprocess.Popen, base_url: str, log_path: Path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    async with aiohttp.ClientSession(base_url, timeout=aiohttp.ClientTimeout(total=2)) as session:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{tail(log_path)}")
+            try:
+                async with session.get("/healthz") as response:
+                    if response.status == 200:
+                        return
+            except (TimeoutError, aiohttp.ClientError):
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"server not ready after {READY_TIMEOUT_S:.0f} s:\n{tail(log_path)}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's own process group, SIGKILL if it lingers."""
+    if process.poll() is not None:
+        return
+    for sig, wait_s in ((signal.SIGTERM, STOP_TIMEOUT_S), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+# ---- databases ---------------------------------------------------------------------------------
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+
+
+async def admin_execute(server_url: str, *statements: str) -> None:
+    connection = await asyncpg.connect(server_url)
+    try:
+        for statement in statements:
+            await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+def recreate_database(server_url: str, name: str) -> str:
+    asyncio.run(admin_execute(server_url, f"drop database if exists {name} with (force)", f"create database {name}"))
+    return with_database(server_url, name)
+
+
+def drop_database(server_url: str, name: str) -> None:
+    asyncio.run(admin_execute(server_url, f"drop database if exists {name} with (force)"))
+
+
+def checkpoint(server_url: str) -> None:
+    """Flush dirty pages before each cell, so no cell pays for the previous cell's writes."""
+    with suppress(asyncpg.InsufficientPrivilegeError):
+        asyncio.run(admin_execute(server_url, "checkpoint"))
+
+
+def server_facts(server_url: str) -> dict[str, str]:
+    async def read() -> dict[str, str]:
+        connection = await asyncpg.connect(server_url)
+        try:
+            names = ("server_version", "synchronous_commit", "fsync", "shared_buffers", "max_connections")
+            return {name: await connection.fetchval(f"show {name}") for name in names}
+        finally:
+            await connection.close()
+
+    return asyncio.run(read())
+
+
+# ---- CPU accounting: who used the cores during a cell ------------------------------------------
+#
+# The machine is small and may be shared: a cell's figures mean little without knowing whether the
+# server was CPU-bound, and whether something else was running. Read straight from /proc (Linux).
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    at: float
+    machine_busy: float  # seconds of all cores not idle since boot
+    server: dict[int, float]  # pid -> CPU seconds, for the server's process group
+    postgres: dict[int, float]  # pid -> CPU seconds, for the PostgreSQL processes serving the benchmark's database
+
+
+def process_times() -> Iterator[tuple[int, int, int, Path, float]]:
+    """(pid, process group, uid, /proc entry, CPU seconds) for every process."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            uid = entry.stat().st_uid
+        except OSError:  # the process ended meanwhile
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        yield int(entry.name), int(fields[2]), uid, entry, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def serves_database(entry: Path, database: str) -> bool:
+    """A PostgreSQL process working for this benchmark: a backend of its database, or one of the
+    server's own background processes (WAL writer, checkpointer...), not another client's backend."""
+    try:
+        title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return f" {database} " in title or not re.search(r"\(\d+\)|\[local\]", title)
+
+
+def machine_busy_seconds() -> float:
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return (sum(values[:8]) - idle) / CLOCK_TICKS
+
+
+def cpu_sample(server_pgid: int, postgres_uid: int | None, database: str) -> CpuSample:
+    server: dict[int, float] = {}
+    postgres: dict[int, float] = {}
+    for pid, pgid, uid, entry, seconds in process_times():
+        if pgid == server_pgid:
+            server[pid] = seconds
+        elif uid == postgres_uid and serves_database(entry, database):
+            postgres[pid] = seconds
+    return CpuSample(time.monotonic(), machine_busy_seconds(), server, postgres)
+
+
+def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU used between two samples by the processes alive at the second one (a process started
+    in between counts in full; one that ended in between is lost, which is rare here)."""
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+
+
+def cpu_use(before: CpuSample, after: CpuSample) -> dict[str, float]:
+    """Cores used on average over the interval (1.0 = one core busy all the time)."""
+    wall = after.at - before.at
+    return {
+        "machine_cores": round((after.machine_busy - before.machine_busy) / wall, 2),
+        "server_cores": round(cpu_delta(before.server, after.server) / wall, 2),
+        "postgres_cores": round(cpu_delta(before.postgres, after.postgres) / wall, 2),
+    }
+
+
+def wait_until_quiet(limit_s: float, busy_max: float = 0.25) -> float:
+    """Waits (at most ``limit_s``) for a second in which the cores are mostly idle; returns that
+    second's busy cores, so a cell started on a busy machine is at least known as such."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        before = machine_busy_seconds()
+        time.sleep(1.0)
+        busy = machine_busy_seconds() - before
+        if busy <= busy_max or time.monotonic() >= deadline:
+            return round(busy, 2)
+
+
+def postgres_uid() -> int | None:
+    try:
+        import pwd
+
+        return pwd.getpwnam("postgres").pw_uid
+    except (ImportError, KeyError):
+        return None
+
+
+# ---- wrk ------------------------------------------------------------------------------------------
+
+# Each wrk thread has its own Lua state: ``setup`` (main state) hands each one its number, and a
+# request's card and requestId come from (thread, counter), so no two requests share a requestId
+# and consecutive requests go to different cards. ``done`` prints the figures as one JSON line.
+LUA_TEMPLATE = r"""
+-- generated by bench/http_debits.py
+local ids = {
+%(ids)s
+}
+local n = #ids
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["X-PROVIDER-API-AppKey"] = "%(key)s"
+wrk.headers["X-PROVIDER-API-AppToken"] = "%(token)s"
+
+local next_tid = 0
+function setup(thread)
+  thread:set("tid", next_tid)
+  next_tid = next_tid + 1
+end
+
+function init(args)
+  prefix = args[1]
+  nthreads = tonumber(args[2])
+  counter = 0
+end
+
+function request()
+  counter = counter + 1
+  local id = ids[((counter * nthreads + tid) %% n) + 1]
+  local body = '{"operation":"Debit","value":%(value)s,"description":"bench","requestId":"'
+    .. prefix .. "-" .. tid .. "-" .. counter .. '"}'
+  return wrk.format(nil, "/native/giftcards/" .. id .. "/transactions", nil, body)
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH_RESULT {"requests":%%.0f,"duration_us":%%.0f,"p50_us":%%.0f,"p90_us":%%.0f,"p99_us":%%.0f,' ..
+    '"max_us":%%.0f,"status_errors":%%.0f,"connect_errors":%%.0f,"read_errors":%%.0f,' ..
+    '"write_errors":%%.0f,"timeouts":%%.0f}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), latency.max, e.status, e.connect, e.read, e.write, e.timeout))
+end
+"""
+
+
+def write_lua_script(directory: Path, card_ids: list[str], credentials: Credentials) -> Path:
+    path = directory / "debits.lua"
+    ids = ",\n".join(f'"{card_id}"' for card_id in card_ids)
+    path.write_text(
+        LUA_TEMPLATE % {"ids": ids, "key": credentials.key, "token": credentials.token, "value": DEBIT_VALUE}
+    )
+    return path
+
+
+def run_wrk(base_url: str, script: Path, connections: int, seconds: float, tag: str, threads: int) -> dict[str, float]:
+    threads = min(threads, connections)
+    argv = [
+        "wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
+        f"--timeout={WRK_TIMEOUT_S}s", "-s", str(script), base_url, "--", tag, str(threads),
+    ]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    match = re.search(r"^BENCH_RESULT (\{.*\})$", done.stdout, re.MULTILINE)
+    if done.returncode != 0 or match is None:
+        raise RuntimeError(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return json.loads(match.group(1))
+
+
+def cell_of(server: str, connections: int, figures: dict[str, float]) -> Cell:
+    seconds = figures["duration_us"] / 1e6
+    return Cell(
+        server=server,
+        connections=connections,
+        requests=int(figures["requests"]),
+        seconds=round(seconds, 3),
+        requests_per_s=figures["requests"] / seconds,
+        p50_ms=figures["p50_us"] / 1000,
+        p90_ms=figures["p90_us"] / 1000,
+        p99_ms=figures["p99_us"] / 1000,
+        max_ms=figures["max_us"] / 1000,
+        non_2xx=int(figures["status_errors"]),
+        socket_errors=int(sum(figures[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts"))),
+    )
+
+
+# ---- one server, every connection count ----------------------------------------------------------
+
+
+def measure_server(
+    server: Server, server_url: str, args: argparse.Namespace, work: Path, credentials: Credentials, *, profile: bool
+) -> list[Cell]:
+    url = recreate_database(server_url, server.database)
+    try:
+        with running(server, url, work) as (process, base_url):
+            started = time.monotonic()
+            card_ids = asyncio.run(asyncio.wait_for(server.seed(base_url, credentials), SEED_TIMEOUT_S))
+            log(f"{server.name}: {len(card_ids)} cards created and credited in {time.monotonic() - started:.1f} s")
+            script = write_lua_script(work, card_ids, credentials)
+            cells = []
+            for connections in args.connections:
+                checkpoint(server_url)
+                busy_before = wait_until_quiet(args.quiet_wait)
+                run_wrk(
+                    base_url,
+                    script,
+                    connections,
+                    args.warmup,
+                    f"warm{connections}-{secrets.token_hex(3)}",
+                    args.wrk_threads,
+                )
+                before = cpu_sample(process.pid, args.postgres_uid, server.database)
+                figures = run_wrk(
+                    base_url,
+                    script,
+                    connections,
+                    args.seconds,
+                    f"c{connections}-{secrets.token_hex(3)}",
+                    args.wrk_threads,
+                )
+                cell = cell_of(server.name, connections, figures)
+                cell.busy_cores_before, cell.cpu = (
+                    busy_before,
+                    cpu_use(before, cpu_sample(process.pid, args.postgres_uid, server.database)),
+                )
+                cell.server_cpu_ms_per_request = round(1000 * cell.cpu["server_cores"] / cell.requests_per_s, 3)
+                cells.append(cell)
+                log(describe(cell))
+            if profile and server.name == OURS and args.profile_seconds > 0:
+                profile_under_load(process.pid, base_url, script, args, work)
+            return cells
+    finally:
+        drop_database(server_url, server.database)
+
+
+def describe(cell: Cell) -> str:
+    return (
+        f"  {cell.server:<13} {cell.connections:>3} conns  {cell.requests_per_s:>8,.0f} req/s  "
+        f"p50 {cell.p50_ms:6.2f} ms  p99 {cell.p99_ms:7.2f} ms  non-2xx {cell.non_2xx}  socket errors {cell.socket_errors}  "
+        f"cores: machine {cell.cpu['machine_cores']:.2f} server {cell.cpu['server_cores']:.2f} "
+        f"postgres {cell.cpu['postgres_cores']:.2f} (busy before {cell.busy_cores_before:.2f})"
+    )
+
+
+# ---- profiling our service under load --------------------------------------------------------------
+
+
+def profile_under_load(pid: int, base_url: str, script: Path, args: argparse.Namespace, work: Path) -> None:
+    """py-spy samples our server while wrk loads it at the highest connection count (unmeasured)."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(py_spy).exists():
+        log("profile skipped: py-spy not installed (pip install py-spy)")
+        return
+    raw = work / "ours.collapsed"
+    seconds = args.profile_seconds
+    spy = subprocess.Popen(
+        [py_spy, "record", "--pid", str(pid), "--duration", str(round(seconds)), "--rate", "250",
+         "--format", "raw", "--output", str(raw), "--nonblocking"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        run_wrk(base_url, script, max(args.connections), seconds + 1, f"prof-{secrets.token_hex(3)}", args.wrk_threads)
+        _, errors = spy.communicate(timeout=seconds + 60)
+    finally:
+        if spy.poll() is None:
+            spy.kill()
+            spy.wait()
+    if not raw.exists():
+        log(f"profile failed: {errors.strip()}")
+        return
+    args.profile_result = summarize_profile(raw.read_text())
+    if args.profile_output:
+        shutil.copy(raw, args.profile_output)
+    print(format_profile(args.profile_result), file=sys.stderr, flush=True)
+
+
+_FRAME = re.compile(r"^(?P<name>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
+
+
+def frame_label(frame: str) -> str:
+    """``function (path:line)`` as ``function (short/path)``: lines merged, paths made readable."""
+    match = _FRAME.match(frame)
+    if match is None:
+        return frame
+    path = match["file"]
+    for marker in ("site-packages/", "/work/main/", "lib/python3.11/"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+            break
+    return f"{match['name']} ({path})"
+
+
+def area_of(label: str) -> str:
+    """Which part of the stack a frame belongs to, for a where-does-the-time-go summary."""
+    for area in (
+        "hub/",
+        "ledger/",
+        "aiohttp/",
+        "asyncpg/",
+        "eventsourcing/",
+        "msgspec",
+        "logging/",
+        "asyncio/",
+        "uuid",
+        "hashlib",
+        "json/",
+        "decimal",
+        "datetime",
+    ):
+        if area in label:
+            return area.rstrip("/")
+    return "other"
+
+
+def summarize_profile(collapsed: str, top: int = 25) -> dict[str, Any]:
+    own: collections.Counter[str] = collections.Counter()
+    total: collections.Counter[str] = collections.Counter()
+    areas: collections.Counter[str] = collections.Counter()
+    samples = 0
+    for line in collapsed.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [frame_label(f) for f in stack.split(";")]
+        samples += count
+        own[frames[-1]] += count
+        areas[area_of(frames[-1])] += count
+        for label in set(frames):
+            total[label] += count
+    ours_total = [(label, n) for label, n in total.most_common() if area_of(label) in ("hub", "ledger")]
+
+    def pct(n: int) -> float:
+        return round(100 * n / samples, 1) if samples else 0.0
+
+    return {
+        "samples": samples,
+        "self_top": [{"function": k, "pct": pct(v)} for k, v in own.most_common(top)],
+        "our_code_inclusive_top": [{"function": k, "pct": pct(v)} for k, v in ours_total[:top]],
+        "self_by_area": [{"area": k, "pct": pct(v)} for k, v in areas.most_common()],
+    }
+
+
+def format_profile(profile: dict[str, Any]) -> str:
+    lines = [f"\nprofile of ours under load ({profile['samples']} samples, on-CPU only)", "self time by area:"]
+    lines += [f"  {a['pct']:5.1f} %  {a['area']}" for a in profile["self_by_area"]]
+    lines.append("top functions by self time:")
+    lines += [f"  {f['pct']:5.1f} %  {f['function']}" for f in profile["self_top"]]
+    lines.append("our code, inclusive time (the function and what it calls):")
+    lines += [f"  {f['pct']:5.1f} %  {f['function']}" for f in profile["our_code_inclusive_top"]]
+    return "\n".join(lines)
+
+
+# ---- the report --------------------------------------------------------------------------------
+
+
+def median_cells(every_round: list[Cell]) -> list[Cell]:
+    """Per server and connection count, the round with the median req/s (lower middle if even).
+
+    On a shared two-core machine one round can land on a busy moment; the servers take turns
+    in every round, so the median round of each is the fairer comparison. Its latencies are
+    that same round's, so every figure of a row comes from one wrk run.
+    """
+    groups: dict[tuple[str, int], list[Cell]] = collections.defaultdict(list)
+    for cell in every_round:
+        groups[(cell.server, cell.connections)].append(cell)
+    chosen = []
+    for rounds in groups.values():
+        ranked = sorted(rounds, key=lambda c: c.requests_per_s)
+        median = ranked[(len(ranked) - 1) // 2]
+        median.rounds_requests_per_s = [round(c.requests_per_s, 1) for c in rounds]
+        chosen.append(median)
+    return chosen
+
+
+def add_ratios(cells: list[Cell]) -> None:
+    rate = {(c.server, c.connections): c.requests_per_s for c in cells}
+    for cell in cells:
+        conventional = rate.get((CONVENTIONAL, cell.connections))
+        lean = rate.get((LEAN, cell.connections))
+        cell.vs_conventional = round(cell.requests_per_s / conventional, 2) if conventional else None
+        cell.vs_lean = round(cell.requests_per_s / lean, 2) if lean else None
+
+
+def table(cells: list[Cell]) -> str:
+    def ratio(value: float | None) -> str:
+        return f"{value:.2f} x" if value is not None else "-"
+
+    lines = [
+        "| server | connections | req/s | p50 ms | p99 ms | non-2xx | ratio vs conventional | ratio vs lean |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for c in sorted(cells, key=lambda c: (c.connections, c.server not in (OURS, OURS_W2), c.server)):
+        lines.append(
+            f"| {c.server} | {c.connections} | {c.requests_per_s:,.0f} | {c.p50_ms:.2f} | {c.p99_ms:.2f} "
+            f"| {c.non_2xx} | {ratio(c.vs_conventional)} | {ratio(c.vs_lean)} |"
+        )
+    return "\n".join(lines)
+
+
+def cpu_table(cells: list[Cell]) -> str:
+    """Who used the two cores: a server near 1.0 core (one process) is CPU-bound; machine cores
+    well above server + PostgreSQL + wrk (~0.2) means something else was running."""
+    lines = [
+        "| server | connections | req/s each round | server cores | server CPU ms/req | PostgreSQL cores | machine cores | machine busy before |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for c in sorted(cells, key=lambda c: (c.connections, c.server not in (OURS, OURS_W2), c.server)):
+        lines.append(
+            f"| {c.server} | {c.connections} | {' / '.join(f'{r:,.0f}' for r in c.rounds_requests_per_s)} "
+            f"| {c.cpu['server_cores']:.2f} | {c.server_cpu_ms_per_request:.2f} "
+            f"| {c.cpu['postgres_cores']:.2f} | {c.cpu['machine_cores']:.2f} | {c.busy_cores_before:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def targets(cells: list[Cell]) -> list[dict[str, Any]]:
+    """The project's targets for our rows at the highest connection count measured."""
+    top = max(c.connections for c in cells)
+    verdicts = []
+    for c in cells:
+        if c.connections != top or c.server not in (OURS, OURS_W2):
+            continue
+        verdicts.append(
+            {
+                "server": c.server,
+                "connections": top,
+                "vs_conventional": c.vs_conventional,
+                "vs_conventional_met": c.vs_conventional is not None and c.vs_conventional >= TARGET_VS_CONVENTIONAL,
+                "p99_ms": round(c.p99_ms, 2),
+                "p99_met": c.p99_ms < TARGET_P99_MS,
+                "vs_lean": c.vs_lean,
+                "matches_lean": c.vs_lean is not None and c.vs_lean >= 1.0,
+            }
+        )
+    return verdicts
+
+
+def format_targets(verdicts: list[dict[str, Any]]) -> str:
+    def met(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    return "\n".join(
+        f"{v['server']} at {v['connections']} connections: >= {TARGET_VS_CONVENTIONAL:g}x conventional "
+        f"({v['vs_conventional']}x): {met(v['vs_conventional_met'])}; p99 < {TARGET_P99_MS:g} ms "
+        f"({v['p99_ms']} ms): {met(v['p99_met'])}; stretch, match lean ({v['vs_lean']}x): {met(v['matches_lean'])}"
+        for v in verdicts
+    )
+
+
+def code_version() -> dict[str, Any]:
+    """Which code was measured: the commit, and whether the work tree differed from it."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*argv: str) -> str:
+        done = subprocess.run(["git", *argv], cwd=root, capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+
+    changed = git("status", "--porcelain", "--", "hub", "ledger", "projections").splitlines()
+    return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted_service_files": len(changed)}
+
+
+def wrk_version() -> str:
+    done = subprocess.run(["wrk", "--version"], capture_output=True, text=True, check=False)
+    return (done.stdout + done.stderr).splitlines()[0].strip()
+
+
+def report(args: argparse.Namespace, cells: list[Cell], facts: dict[str, str], skipped: list[str]) -> dict[str, Any]:
+    return {
+        "benchmark": "http_debits",
+        "command": shlex.join(["python", "-m", "bench.http_debits", *sys.argv[1:]]),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "code": code_version(),
+        "ours_env": args.ours_env,
+        "cpus": os.cpu_count(),
+        # Other work on the machine skews every figure: the load averages say how quiet it was.
+        "loadavg_at_start": args.loadavg_at_start,
+        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+        "wrk": wrk_version(),
+        "wrk_threads": args.wrk_threads,
+        "warmup_s": args.warmup,
+        "seconds": args.seconds,
+        "rounds": args.rounds,
+        "cards": CARDS,
+        "card_credit": CARD_CREDIT,
+        "debit_value": DEBIT_VALUE,
+        "server": facts,
+        "skipped": skipped,
+        "results": [asdict(c) for c in cells],
+        "targets": targets(cells),
+        "profile": getattr(args, "profile_result", None),
+    }
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("GIFTCARD_DATABASE_URL", DEFAULT_SERVER_URL),
+        help="the PostgreSQL server to run on (any database of it: each server gets a fresh one); "
+        "default $GIFTCARD_DATABASE_URL, else %(default)s",
+    )
+    parser.add_argument(
+        "--bench-database", default="giftcard_bench_http", help="name prefix of the databases, dropped after the run"
+    )
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured time per server and connection count")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured load before each measurement")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="times every server is measured, in turns; the median round is reported (default %(default)s)",
+    )
+    parser.add_argument("--quick", action="store_true", help="4 s measured, 1 s warm-up, one round: a smoke run")
+    parser.add_argument(
+        "--connections",
+        type=lambda s: [int(n) for n in s.split(",")],
+        default=list(CONNECTIONS),
+        help="comma-separated (default 16,64)",
+    )
+    parser.add_argument(
+        "--servers",
+        type=lambda s: s.split(","),
+        default=[OURS, OURS_W2, CONVENTIONAL, LEAN],
+        help="comma-separated subset of ours,ours-w2,conventional,lean",
+    )
+    parser.add_argument(
+        "--wrk-threads",
+        type=int,
+        default=1,
+        help="wrk threads (default 1: on a small machine wrk competes with the server for cores)",
+    )
+    parser.add_argument(
+        "--ours-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for our service, e.g. GIFTCARD_RUN_PROJECTIONS=false (repeatable; default: as shipped)",
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=10.0,
+        help="before each cell, wait up to this long for the machine to be idle (default %(default)s s)",
+    )
+    parser.add_argument(
+        "--profile-seconds",
+        type=float,
+        default=0.0,
+        help="after measuring ours, sample it with py-spy for this long under load (unmeasured)",
+    )
+    parser.add_argument("--profile-output", type=Path, help="keep py-spy's collapsed stacks here")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write every figure here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds, args.warmup, args.rounds = 4.0, 1.0, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.loadavg_at_start = [round(x, 2) for x in os.getloadavg()]
+    args.postgres_uid = postgres_uid()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk not found: apt-get install -y wrk")
+    # SIGTERM becomes SystemExit, so the ``finally`` blocks stop the servers and drop the databases.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    args.workers_variant = OURS_W2 in args.servers and serve_supports_workers()
+    skipped = (
+        []
+        if args.workers_variant or OURS_W2 not in args.servers
+        else [f"{OURS_W2}: giftcard serve has no --workers option"]
+    )
+    for note in skipped:
+        log(f"skipped {note}")
+    credentials = Credentials(key="bench-" + secrets.token_hex(4), token=secrets.token_urlsafe(24))
+    facts = server_facts(args.database_url)
+    every_round: list[Cell] = []
+    with tempfile.TemporaryDirectory(prefix="giftcard-http-bench-") as tmp:
+        for number in range(args.rounds):
+            log(f"round {number + 1} of {args.rounds}")
+            for server in contenders(args, credentials):
+                cells = measure_server(server, args.database_url, args, Path(tmp), credentials, profile=number == 0)
+                for cell in cells:
+                    cell.round = number
+                every_round += cells
+    cells = median_cells(every_round)
+    add_ratios(cells)
+    figures = report(args, cells, facts, skipped)
+    figures["every_round"] = [asdict(c) for c in every_round]
+    print(table(cells))
+    print()
+    print(cpu_table(cells))
+    print()
+    print(format_targets(figures["targets"]))
+    if any(c.non_2xx or c.socket_errors for c in cells):
+        print("WARNING: some requests failed (non-2xx or socket errors): the figures above are not clean")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
