@@ -19,7 +19,7 @@ from aiohttp import web
 
 from hub.errors import ApiError
 from hub.external import ExternalProvider
-from hub.native import Hrefs, NativeProvider, event_metadata, json_response, read_body
+from hub.native import Hrefs, NativeProvider, card_operation_routes, event_metadata, json_response, read_body
 from hub.paging import content_range, page_of, parse_rest_range
 from hub.state import DIRECTORY, EGRESS, LEDGER, REGISTRY, SETTINGS, THROTTLE
 from hub.wire import CreateCardRequest, CreateTransactionRequest, OperationRequest, SearchRequest, decode, encode
@@ -317,24 +317,11 @@ class HubHandlers:
 
     def routes(self) -> list[web.RouteDef]:
         provider = f"{PROVIDERS}/{{provider_id}}"
-        cards = f"{provider}/giftcards"
-        card = f"{cards}/{{card_id}}"
-        transaction = f"{card}/transactions/{{transaction_id}}"
         return [
             web.get(PROVIDERS, self.list_providers),
             web.post(f"{PROVIDERS}/_search", self.search_everywhere),
             web.get(provider, self.get_provider),
             web.put(provider, self.put_provider),
             web.delete(provider, self.delete_provider),
-            web.post(cards, self.create_card),
-            web.post(f"{cards}/_search", self.search),
-            web.get(card, self.get_card),
-            web.get(f"{card}/transactions", self.list_transactions),
-            web.post(f"{card}/transactions", self.create_transaction),
-            web.get(transaction, self.get_transaction),
-            web.get(f"{transaction}/authorization", self.get_authorization),
-            web.get(f"{transaction}/settlements", self.list_settlements),
-            web.post(f"{transaction}/settlements", self.settle),
-            web.get(f"{transaction}/cancellations", self.list_cancellations),
-            web.post(f"{transaction}/cancellations", self.cancel),
+            *card_operation_routes(f"{provider}/giftcards", self),
         ]

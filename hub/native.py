@@ -397,22 +397,27 @@ class NativeHandlers:
         return json_response(await self.provider(request).cancel(*_ids(request), body, event_metadata(request)))
 
     def routes(self) -> list[web.RouteDef]:
-        cards = f"{self.hrefs.base}/giftcards"
-        card = f"{cards}/{{card_id}}"
-        transaction = f"{card}/transactions/{{transaction_id}}"
-        return [
-            web.post(f"{cards}/_search", self.search),
-            web.post(cards, self.create_card),
-            web.get(card, self.get_card),
-            web.get(f"{card}/transactions", self.list_transactions),
-            web.post(f"{card}/transactions", self.create_transaction),
-            web.get(transaction, self.get_transaction),
-            web.get(f"{transaction}/authorization", self.get_authorization),
-            web.get(f"{transaction}/settlements", self.list_settlements),
-            web.post(f"{transaction}/settlements", self.settle),
-            web.get(f"{transaction}/cancellations", self.list_cancellations),
-            web.post(f"{transaction}/cancellations", self.cancel),
-        ]
+        return card_operation_routes(f"{self.hrefs.base}/giftcards", self)
+
+
+def card_operation_routes(cards: str, handlers: Any) -> list[web.RouteDef]:
+    """The 11 gift card operations under ``cards``, served by ``handlers`` (one method per operation),
+    the same table for /native, /api/giftcards and the hub's /api/giftcardproviders/{pid}/giftcards."""
+    card = f"{cards}/{{card_id}}"
+    transaction = f"{card}/transactions/{{transaction_id}}"
+    return [
+        web.post(f"{cards}/_search", handlers.search),
+        web.post(cards, handlers.create_card),
+        web.get(card, handlers.get_card),
+        web.get(f"{card}/transactions", handlers.list_transactions),
+        web.post(f"{card}/transactions", handlers.create_transaction),
+        web.get(transaction, handlers.get_transaction),
+        web.get(f"{transaction}/authorization", handlers.get_authorization),
+        web.get(f"{transaction}/settlements", handlers.list_settlements),
+        web.post(f"{transaction}/settlements", handlers.settle),
+        web.get(f"{transaction}/cancellations", handlers.list_cancellations),
+        web.post(f"{transaction}/cancellations", handlers.cancel),
+    ]
 
 
 def _ids(request: web.Request) -> tuple[str, str]:

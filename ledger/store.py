@@ -223,7 +223,7 @@ class EventStore:
         self, stream_id: str, from_version: int = 1, until: datetime | None = None
     ) -> list[RecordedEvent]:
         rows = await self.pool.fetch(_READ_STREAM, stream_id, from_version, until)
-        return [_recorded(row) for row in rows]
+        return [recorded_event(row) for row in rows]
 
     async def read_all(
         self, after: Checkpoint = START, limit: int = 1000, *, connection: asyncpg.Connection | None = None
@@ -234,7 +234,7 @@ class EventStore:
             rows = await self.pool.fetch(_READ_ALL, str(after.tx), after.position, limit)
         else:
             rows = await connection.fetch(_READ_ALL, str(after.tx), after.position, limit)
-        return [_recorded(row) for row in rows]
+        return [recorded_event(row) for row in rows]
 
     # ---- snapshots ----------------------------------------------------------
 
@@ -296,7 +296,8 @@ def _append_many_columns(appends: Sequence[StreamAppend]) -> _AppendManyColumns:
     return columns
 
 
-def _recorded(row: asyncpg.Record) -> RecordedEvent:
+def recorded_event(row: asyncpg.Record) -> RecordedEvent:
+    """A row selected with the event columns (see ``_COLUMNS``), decoded; for readers outside the store too."""
     return RecordedEvent(
         position=row["position"],
         tx=row["tx"],

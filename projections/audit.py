@@ -30,7 +30,7 @@ from ledger.domain.errors import CardNotFound
 from ledger.domain.giftcard import Transaction
 from ledger.domain.snapshot import decode_snapshot, restore_snapshot, take_snapshot
 from ledger.money import to_major
-from ledger.store import EventStore, RecordedEvent
+from ledger.store import EventStore, RecordedEvent, recorded_event
 from projections import events as ev
 from projections.audit_read_models import CARDS_PER_CHECK_MAX, ReadModelCheck, ReadModelResult, load_checkpoints
 from projections.forwarded import FORWARDED_REPLAYS_CTE, forwarded_move
@@ -46,7 +46,6 @@ from projections.replay import (
     balance_figures,
     cursor_batches,
     effective_at,
-    recorded,
     short_type,
 )
 from projections.totals import TotalKey, Totals
@@ -391,7 +390,7 @@ async def verify(
         walk: _StreamWalk | None = None
         async for batch in cursor_batches(connection, _VERIFY_EVENTS, (), batch_events_max):
             for row in batch:
-                event = recorded(row)
+                event = recorded_event(row)
                 if walk is None or walk.stream_id != event.stream_id:
                     if walk is not None:
                         await walk.finish(connection)

@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-
 def add_commands(commands: argparse._SubParsersAction, native_provider_id: Callable[[], str]) -> None:
     """Adds the ``projections`` command group; ``native_provider_id`` reads it from the settings."""
     group = commands.add_parser("projections", help="read models: run the projection runner, status, rebuild")

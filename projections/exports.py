@@ -31,7 +31,7 @@ from typing import IO, Any
 import asyncpg
 import msgspec
 
-from ledger.store import RecordedEvent
+from ledger.store import RecordedEvent, recorded_event
 from projections import events as ev
 from projections.forwarded import FORWARDED_REPLAYS_CTE, forwarded_move
 from projections.replay import (
@@ -43,7 +43,6 @@ from projections.replay import (
     CardReplay,
     cursor_batches,
     effective_at,
-    recorded,
     transaction_id_of,
 )
 from projections.totals import TotalKey, Totals, major
@@ -153,7 +152,7 @@ async def export_transactions(
         async with pool.acquire() as connection, connection.transaction(isolation="repeatable_read", readonly=True):
             args = (_NATIVE_MONEY_TOPICS, _MONEY_OPERATIONS, where.since, where.until, where.provider)
             async for batch in cursor_batches(connection, _EXPORT_EVENTS, (*args, native_provider_id), batch_rows):
-                rows = await _rows_of(connection, [recorded(r) for r in batch], native_provider_id)
+                rows = await _rows_of(connection, [recorded_event(r) for r in batch], native_provider_id)
                 rows = [row for row in rows if where.currency is None or row.currency == where.currency]
                 writer.write(rows)
                 for row in rows:
@@ -449,7 +448,7 @@ async def export_liabilities(
     async with pool.acquire() as connection, connection.transaction(isolation="repeatable_read", readonly=True):
         async for batch in cursor_batches(connection, _CARD_EVENTS, (list(CARD_TOPICS),), batch_rows):
             for row in batch:
-                event = recorded(row)
+                event = recorded_event(row)
                 if card is None or card.replay.stream_id != event.stream_id:
                     _close_card(card, result, on_card)
                     card = _CardUntil(CardReplay(event.stream_id), result.cutoff)

@@ -17,13 +17,12 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import asyncpg
 import msgspec
 from eventsourcing.persistence import StoredEvent
 
-from ledger.codec import canonical_json, new_mapper
+from ledger.codec import new_mapper
 from ledger.domain.giftcard import CREDIT, DEBIT, GiftCard, Transaction
 from ledger.store import GENESIS_HASH, Checkpoint, RecordedEvent, chain_hash
 from projections import events as ev
@@ -50,8 +49,6 @@ EVENT_COLUMNS = (
     "e.metadata::text as metadata, e.recorded_at, e.hash"
 )
 
-_metadata_decoder = msgspec.json.Decoder(dict[str, Any])
-
 
 class Failure(msgspec.Struct, frozen=True):
     """One thing that does not hold, named so that an auditor can find it."""
@@ -69,20 +66,6 @@ class Failure(msgspec.Struct, frozen=True):
         if self.position is not None:
             where += f" (position {self.position})"
         return f"{where}: {self.rule}: {self.message}"
-
-
-def recorded(row: asyncpg.Record) -> RecordedEvent:
-    return RecordedEvent(
-        position=row["position"],
-        tx=row["tx"],
-        stream_id=row["stream_id"],
-        version=row["version"],
-        type=row["type"],
-        data=canonical_json(row["data"]),
-        metadata=_metadata_decoder.decode(row["metadata"]),
-        recorded_at=row["recorded_at"],
-        hash=row["hash"],
-    )
 
 
 async def cursor_batches(
