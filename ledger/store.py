@@ -85,6 +85,15 @@ where $2 = 0 or exists (select 1 from events where stream_id = $1 and version = 
 returning position
 """
 
+# The usual case, one event (a card command appends one): the same guard and the same version and
+# idempotency rules as _APPEND, as a plain one-row insert, with no arrays to encode or unnest.
+_APPEND_ONE = """
+insert into events (stream_id, version, type, data, metadata, hash, idempotency_key)
+select $1, $2 + 1, $3, $4::jsonb, $5::jsonb, $6, $7
+where $2 = 0 or exists (select 1 from events where stream_id = $1 and version = $2 and hash = $8)
+returning position
+"""
+
 # append for many streams: every row carries its stream's expected version and previous hash, so
 # each stream gets the very guard _APPEND gives one. A stream may appear once per statement: the
 # guard reads the table as it was before the statement, not the rows the statement inserts.
@@ -150,22 +159,21 @@ class EventStore:
         for offset, new in enumerate(events, start=1):
             last = chain_hash(last, stream_id, expected_version + offset, new.type, new.data)
             hashes.append(last)
-        args = (
-            stream_id,
-            expected_version,
-            [e.type for e in events],
-            [e.data.decode() for e in events],
-            hashes,
-            _metadata_encoder.encode(metadata or {}).decode(),
-            idempotency_key,
-            previous_hash,
-        )
+        metadata_json = _metadata_encoder.encode(metadata or {}).decode()
+        if len(events) == 1:
+            statement = _APPEND_ONE
+            args = (stream_id, expected_version, events[0].type, events[0].data.decode(), metadata_json, last)
+        else:
+            statement = _APPEND
+            types, datas = [e.type for e in events], [e.data.decode() for e in events]
+            args = (stream_id, expected_version, types, datas, hashes, metadata_json)
+        args += (idempotency_key, previous_hash)
         started = time.perf_counter()
         try:
             if connection is None:
-                rows = await self.pool.fetch(_APPEND, *args)
+                rows = await self.pool.fetch(statement, *args)
             else:
-                rows = await connection.fetch(_APPEND, *args)
+                rows = await connection.fetch(statement, *args)
         except asyncpg.UniqueViolationError as e:
             raise ConcurrentUpdate(f"stream {stream_id} changed since version {expected_version}") from e
         except (asyncpg.UntranslatableCharacterError, asyncpg.InvalidTextRepresentationError) as e:
