@@ -52,6 +52,8 @@ def run_one(name: str, main: Callable[[list[str]], int], argv: list[str], folder
     except SystemExit as e:  # a benchmark that cannot run here says why (e.g. no wrk) and exits
         if e.code not in (0, None):
             return {"skipped": str(e.code)}
+    except Exception as e:  # one broken benchmark must not cost the figures of the others
+        return {"skipped": f"failed: {type(e).__name__}: {e}"}
     return json.loads(output.read_text()) if output.exists() else {"skipped": "no figures written"}
 
 

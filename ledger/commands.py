@@ -42,6 +42,7 @@ from ledger.domain.giftcard import (
     void_key,
 )
 from ledger.domain.snapshot import restore_snapshot, take_snapshot
+from ledger.group_commit import GroupCommitter
 from ledger.money import to_minor
 from ledger.store import GENESIS_HASH, EventStore, NewEvent, RecordedEvent, verify_chain
 
@@ -105,6 +106,7 @@ class Ledger:
         self._mapper = new_mapper()
         self._cache: OrderedDict[str, _Loaded] = OrderedDict()
         self._locks = [asyncio.Lock() for _ in range(LOCK_STRIPES)]
+        self._committer = GroupCommitter(store)
 
     # ---- commands -----------------------------------------------------------
 
@@ -291,14 +293,7 @@ class Ledger:
                 if not pending:
                     return result  # an idempotent replay: the answer was already recorded
                 try:
-                    loaded.last_hash = await self.store.append(
-                        card_id,
-                        pending[0].originator_version - 1,
-                        self._to_new_events(pending),
-                        previous_hash=loaded.last_hash,
-                        idempotency_key=idempotency_key,
-                        metadata=metadata,
-                    )
+                    loaded.last_hash = await self._append(card_id, loaded, pending, idempotency_key, metadata)
                 except errors.ConcurrentUpdate:
                     self._forget(card_id)
                     await _back_off(attempt)
@@ -311,6 +306,30 @@ class Ledger:
                 await self._snapshot_if_due(card_id, loaded, len(pending))
                 return result
         raise errors.ConcurrentUpdate(f"card {card_id} is changing too fast; retry the request")
+
+    async def _append(
+        self, card_id: str, loaded: _Loaded, pending: list[Any], idempotency_key: str, metadata: dict[str, Any] | None
+    ) -> bytes:
+        """One event (every card command's case) goes through group commit; anything else alone."""
+        new_events = self._to_new_events(pending)
+        expected_version = pending[0].originator_version - 1
+        if len(new_events) == 1:
+            return await self._committer.append(
+                card_id,
+                expected_version,
+                new_events[0],
+                previous_hash=loaded.last_hash,
+                idempotency_key=idempotency_key,
+                metadata=metadata,
+            )
+        return await self.store.append(
+            card_id,
+            expected_version,
+            new_events,
+            previous_hash=loaded.last_hash,
+            idempotency_key=idempotency_key,
+            metadata=metadata,
+        )
 
     # ---- loading -------------------------------------------------------------
 

@@ -39,6 +39,18 @@ class StreamAppend(NamedTuple):
     idempotency_key: str | None = None
 
 
+class OneEvent(NamedTuple):
+    """One stream's single new event for ``append_each``, its chain hash already computed."""
+
+    stream_id: str
+    expected_version: int
+    event: NewEvent
+    previous_hash: bytes
+    hash: bytes
+    idempotency_key: str | None
+    metadata: dict[str, Any] | None
+
+
 class RecordedEvent(msgspec.Struct, frozen=True):
     position: int
     tx: int
@@ -108,6 +120,20 @@ where e.expected_version = 0
        where p.stream_id = e.stream_id and p.version = e.expected_version and p.hash = e.previous_hash
    )
 returning position
+"""
+
+# One event for each of many streams, each judged on its own: a row whose guard fails or that hits
+# a unique key (a lost race, a reused idempotency key) is skipped, not an error, and the streams
+# returned are the ones appended. This is what lets concurrent commands share one commit.
+_APPEND_EACH = """
+insert into events (stream_id, version, type, data, metadata, hash, idempotency_key)
+select r.stream_id, r.expected + 1, r.type, r.data::jsonb, r.metadata::jsonb, r.hash, r.key
+from unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::bytea[], $7::text[], $8::bytea[])
+    as r(stream_id, expected, type, data, metadata, hash, key, previous)
+where r.expected = 0
+   or exists (select 1 from events e where e.stream_id = r.stream_id and e.version = r.expected and e.hash = r.previous)
+on conflict do nothing
+returning stream_id
 """
 
 _COLUMNS = "position, tx::text::bigint as tx, stream_id, version, type, data::text as data, metadata::text as metadata, recorded_at, hash"
@@ -183,6 +209,30 @@ class EventStore:
         if self.observe_append is not None:
             self.observe_append(time.perf_counter() - started)
         return last
+
+    async def append_each(self, appends: Sequence[OneEvent]) -> set[str]:
+        """Appends one event to each stream in one statement and one commit; returns the streams
+        appended. A stream missing from the answer lost its race: its event was not written."""
+        if len({a.stream_id for a in appends}) != len(appends):
+            raise ValueError("append_each takes each stream at most once per call")
+        args = (
+            [a.stream_id for a in appends],
+            [a.expected_version for a in appends],
+            [a.event.type for a in appends],
+            [a.event.data.decode() for a in appends],
+            [_metadata_encoder.encode(a.metadata or {}).decode() for a in appends],
+            [a.hash for a in appends],
+            [a.idempotency_key for a in appends],
+            [a.previous_hash for a in appends],
+        )
+        started = time.perf_counter()
+        try:
+            rows = await self.pool.fetch(_APPEND_EACH, *args)
+        except (asyncpg.UntranslatableCharacterError, asyncpg.InvalidTextRepresentationError) as e:
+            raise InvalidRequest(f"request contains text PostgreSQL cannot store: {e.args[0]}") from e
+        if self.observe_append is not None:
+            self.observe_append(time.perf_counter() - started)
+        return {row["stream_id"] for row in rows}
 
     async def append_many(
         self,

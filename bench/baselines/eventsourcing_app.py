@@ -23,7 +23,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from aiohttp import web
 from eventsourcing.application import AggregateNotFoundError, Application
@@ -123,7 +123,8 @@ def library_env(database_url: str, pool_size: int) -> dict[str, str]:
     return {
         "PERSISTENCE_MODULE": "eventsourcing.postgres",
         "POSTGRES_DBNAME": parts.path.lstrip("/"),
-        "POSTGRES_HOST": parts.hostname or "127.0.0.1",
+        # An embedded server listens on a Unix socket, named by ``?host=`` in its URL.
+        "POSTGRES_HOST": parse_qs(parts.query).get("host", [None])[0] or parts.hostname or "127.0.0.1",
         "POSTGRES_PORT": str(parts.port or 5432),
         "POSTGRES_USER": parts.username or "postgres",
         "POSTGRES_PASSWORD": parts.password or "",
