@@ -28,19 +28,17 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from bench.event_store_appends import database_server
 from ledger.bulk_issue import CHUNK_CARDS_DEFAULT, BatchDefaults, BatchRequest, BulkIssuer
 from ledger.commands import IssueCard, Ledger
-from ledger.database import EmbeddedPostgres, create_pool
+from ledger.database import create_pool, database_named
 from ledger.migrate import upgrade
 from ledger.store import EventStore
 
@@ -103,25 +101,6 @@ async def check_ledger(pool: asyncpg.Pool, cards: int) -> None:
 # ---- the database ------------------------------------------------------------------------------
 
 
-def with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
-
-
-@contextmanager
-def database_server(url: str | None) -> Iterator[str]:
-    """The server named by ``url``, or an embedded one in a temporary directory."""
-    if url:
-        yield url
-        return
-    with tempfile.TemporaryDirectory(prefix="giftcard-bench-bulk-") as tmp:
-        embedded = EmbeddedPostgres(Path(tmp) / "pgdata")
-        try:
-            yield embedded.url
-        finally:
-            embedded.stop()
-
-
 async def fresh_database(server_url: str) -> str:
     admin = await asyncpg.connect(server_url)
     try:
@@ -129,7 +108,7 @@ async def fresh_database(server_url: str) -> str:
         await admin.execute(f"create database {BENCH_DATABASE}")
     finally:
         await admin.close()
-    url = with_database(server_url, BENCH_DATABASE)
+    url = database_named(server_url, BENCH_DATABASE)
     connection = await asyncpg.connect(url)
     try:
         await upgrade(connection)

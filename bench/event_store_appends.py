@@ -36,14 +36,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 
 from ledger.codec import MsgspecTranscoder
-from ledger.database import EmbeddedPostgres, create_pool
+from ledger.database import EmbeddedPostgres, create_pool, database_named
 from ledger.migrate import upgrade
 from ledger.store import GENESIS_HASH, EventStore, NewEvent
 
@@ -313,11 +313,6 @@ async def run_contender(name: str, url: str, writers: int, timing: Timing) -> fl
 # ---- the database ------------------------------------------------------------------------------
 
 
-def with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
-
-
 @contextmanager
 def database_server(url: str | None) -> Iterator[str]:
     """The server named by ``url``, or an embedded one in a temporary directory."""
@@ -340,7 +335,7 @@ async def create_bench_database(server_url: str, name: str) -> str:
         await admin.execute(f"create database {name}")
     finally:
         await admin.close()
-    url = with_database(server_url, name)
+    url = database_named(server_url, name)
     connection = await asyncpg.connect(url)
     try:
         await upgrade(connection)

@@ -46,7 +46,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from tests.conftest import with_database
+from ledger.database import database_named
 from tests.debit_load import (
     MINOR_PER_MAJOR,
     Debit,
@@ -124,7 +124,7 @@ async def fresh_database(server_url: str | None) -> AsyncIterator[str]:
     admin = await asyncpg.connect(server_url)
     try:
         await admin.execute(f"create database {name}")
-        yield with_database(server_url, name)
+        yield database_named(server_url, name)
     finally:
         await admin.execute(f"drop database if exists {name} with (force)")
         await admin.close()

@@ -13,6 +13,7 @@ import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import platformdirs
@@ -27,6 +28,12 @@ STATEMENT_TIMEOUT_MS = 15_000
 # A server that accepts connections but never answers must become a 503 quickly, not after
 # asyncpg's default 60 s.
 CONNECT_TIMEOUT_S = 5.0
+
+
+def database_named(url: str, name: str) -> str:
+    """The same server's URL for another database (keeping a socket ``?host=`` and the rest)."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
 
 
 def data_dir() -> Path:

@@ -11,23 +11,17 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
 from ledger.commands import Ledger
-from ledger.database import EmbeddedPostgres, create_pool
+from ledger.database import EmbeddedPostgres, create_pool, database_named
 from ledger.migrate import upgrade
 from ledger.store import EventStore
 
 TEMPLATE_DB = "giftcard_template"
 SPEC_DIR = Path(__file__).resolve().parents[2] / "shared" / "spec"
-
-
-def with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
 
 
 @pytest.fixture(scope="session")
@@ -55,12 +49,12 @@ async def template_url(server_url: str) -> str:
         await admin.execute(f"create database {TEMPLATE_DB}")
     finally:
         await admin.close()
-    connection = await asyncpg.connect(with_database(server_url, TEMPLATE_DB))
+    connection = await asyncpg.connect(database_named(server_url, TEMPLATE_DB))
     try:
         await upgrade(connection)
     finally:
         await connection.close()
-    return with_database(server_url, TEMPLATE_DB)
+    return database_named(server_url, TEMPLATE_DB)
 
 
 @pytest.fixture
@@ -69,7 +63,7 @@ async def database_url(server_url: str, template_url: str) -> AsyncIterator[str]
     admin = await asyncpg.connect(server_url)
     try:
         await admin.execute(f"create database {name} template {TEMPLATE_DB}")
-        yield with_database(server_url, name)
+        yield database_named(server_url, name)
         await admin.execute(f"drop database if exists {name} with (force)")
     finally:
         await admin.close()
