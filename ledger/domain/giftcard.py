@@ -327,11 +327,7 @@ class GiftCard(Aggregate):
         request_id: str,
         date: str,
     ) -> None:
-        transaction = self.transactions[transaction_id]
-        transaction.released += released
-        transaction.refunded += refunded
-        transaction.cancellations.append(Operation(oid=oid, value=value, date=date, request_id=request_id))
-        self.balance += value if transaction.operation == DEBIT else -value
+        self._undo_part(transaction_id, oid, value, released, refunded, request_id, date)
         self.request_ids[cancellation_key(transaction_id, request_id)] = IdempotencyRecord(
             fingerprint=_fingerprint(value), transaction_id=transaction_id, oid=oid
         )
@@ -375,11 +371,18 @@ class GiftCard(Aggregate):
         request_id: str,
         date: str,
     ) -> None:
+        self._undo_part(transaction_id, oid, value, released, refunded, request_id, date)
+        self.transactions[transaction_id].voided_at = date
+
+    def _undo_part(
+        self, transaction_id: str, oid: str, value: int, released: int, refunded: int, request_id: str, date: str
+    ) -> None:
+        """What a cancellation and a void both do: release, refund, list it, move the balance back."""
         transaction = self.transactions[transaction_id]
         transaction.released += released
-        transaction.voided_at = date
+        transaction.refunded += refunded
         transaction.cancellations.append(Operation(oid=oid, value=value, date=date, request_id=request_id))
-        self.balance += value
+        self.balance += value if transaction.operation == DEBIT else -value
 
     # ---- queries -----------------------------------------------------------
 
