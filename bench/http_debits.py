@@ -3,6 +3,9 @@
 Three (or four) servers answer ``POST /native/giftcards/{id}/transactions`` with a Debit body:
 
 ours           ``giftcard serve``, as shipped (event store, hash chain, snapshots, access log);
+ours-hub       the same server, but the Debits go through the hub, to
+               ``/api/giftcardproviders/VtexGiftCard/giftcards/{id}/transactions`` with the hub-consumer
+               headers: the hub's forwarding overhead, reported as a share of ours' throughput;
 ours-w2        the same with ``--workers 2``, measured only when ``giftcard serve`` offers it;
 conventional   ``bench.baselines.eventsourcing_app``: the eventsourcing library's stock
                PostgreSQL application behind aiohttp, on a thread pool;
@@ -62,8 +65,11 @@ STOP_TIMEOUT_S = 15.0
 WRK_TIMEOUT_S = 5  # a request slower than this counts as a wrk timeout error
 TARGET_VS_CONVENTIONAL = 5.0  # the project's targets, checked at the highest connection count
 TARGET_P99_MS = 50.0
+TARGET_HUB_VS_DIRECT = 0.85  # the hub path keeps at least this share of the direct /native throughput
+NATIVE_PROVIDER_ID = "VtexGiftCard"  # set explicitly for ours-hub, whatever the caller's environment says
 
-OURS, OURS_W2, CONVENTIONAL, LEAN = "ours", "ours-w2", "conventional", "lean"
+OURS, OURS_HUB, OURS_W2, CONVENTIONAL, LEAN = "ours", "ours-hub", "ours-w2", "conventional", "lean"
+OUR_SERVERS = (OURS, OURS_HUB, OURS_W2)
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,26 @@ class Credentials:
     @property
     def headers(self) -> dict[str, str]:
         return {"X-PROVIDER-API-AppKey": self.key, "X-PROVIDER-API-AppToken": self.token}
+
+    @property
+    def hub_headers(self) -> dict[str, str]:
+        # The hub-consumer pair that service_env configures: a different key, so the wrong
+        # audience's headers would be refused rather than silently accepted.
+        return {"X-VTEX-API-AppKey": self.key + "-hub", "X-VTEX-API-AppToken": self.token}
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where wrk posts a card's Debits, and as whom."""
+
+    transactions: Callable[[str], str]  # card id -> path
+    headers: Callable[[Credentials], dict[str, str]]
+
+
+DIRECT = Route(lambda card: f"/native/giftcards/{card}/transactions", lambda c: c.headers)
+VIA_HUB = Route(
+    lambda card: f"/api/giftcardproviders/{NATIVE_PROVIDER_ID}/giftcards/{card}/transactions", lambda c: c.hub_headers
+)
 
 
 @dataclass
@@ -104,6 +130,7 @@ class Cell:
     server_cpu_ms_per_request: float = 0.0  # the server's CPU per answered request: its efficiency
     vs_conventional: float | None = None
     vs_lean: float | None = None
+    hub_vs_direct: float | None = None  # ours-hub only: its req/s over ours' at the same connection count
 
 
 @dataclass(frozen=True)
@@ -115,6 +142,7 @@ class Server:
     command: Callable[[int, str], list[str]]  # (port, database url) -> argv
     seed: Callable[[str, Credentials], Awaitable[list[str]]]  # (base url, credentials) -> card ids
     env: dict[str, str] = field(default_factory=dict)
+    route: Route = DIRECT
 
 
 # ---- the servers --------------------------------------------------------------------------------
@@ -135,13 +163,21 @@ def serve_supports_workers() -> bool:
 
 
 def ours(
-    name: str, database: str, credentials: Credentials, extra_env: list[str], workers: int | None = None
+    name: str,
+    database: str,
+    credentials: Credentials,
+    extra_env: list[str],
+    workers: int | None = None,
+    route: Route = DIRECT,
 ) -> Server:
     def command(port: int, url: str) -> list[str]:
         argv = [*giftcard_command(), "serve", "--host", HOST, "--port", str(port)]
         return argv + ["--workers", str(workers)] if workers else argv
 
-    return Server(name, database, command, seed_ours, env=service_env(credentials, extra_env))
+    env = service_env(credentials, extra_env)
+    if route is VIA_HUB:
+        env["GIFTCARD_NATIVE_PROVIDER_ID"] = NATIVE_PROVIDER_ID  # the id the hub path names
+    return Server(name, database, command, seed_ours, env=env, route=route)
 
 
 def service_env(credentials: Credentials, extra: list[str] | None = None) -> dict[str, str]:
@@ -165,6 +201,8 @@ def baseline(name: str, module: str, database: str, credentials: Credentials) ->
 def contenders(args: argparse.Namespace, credentials: Credentials) -> list[Server]:
     prefix = args.bench_database
     servers = [ours(OURS, prefix, credentials, args.ours_env)]
+    # Right after ours in every round, so the two paths are measured as close together as possible.
+    servers.append(ours(OURS_HUB, f"{prefix}_hub", credentials, args.ours_env, route=VIA_HUB))
     if args.workers_variant:
         servers.append(ours(OURS_W2, f"{prefix}_w2", credentials, args.ours_env, workers=2))
     servers.append(baseline(CONVENTIONAL, "bench.baselines.eventsourcing_app", f"{prefix}_es", credentials))
@@ -430,8 +468,7 @@ local ids = {
 local n = #ids
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-wrk.headers["X-PROVIDER-API-AppKey"] = "%(key)s"
-wrk.headers["X-PROVIDER-API-AppToken"] = "%(token)s"
+%(headers)s
 
 local next_tid = 0
 function setup(thread)
@@ -450,7 +487,7 @@ function request()
   local id = ids[((counter * nthreads + tid) %% n) + 1]
   local body = '{"operation":"Debit","value":%(value)s,"description":"bench","requestId":"'
     .. prefix .. "-" .. tid .. "-" .. counter .. '"}'
-  return wrk.format(nil, "/native/giftcards/" .. id .. "/transactions", nil, body)
+  return wrk.format(nil, "%(path_head)s" .. id .. "%(path_tail)s", nil, body)
 end
 
 function done(summary, latency, requests)
@@ -465,11 +502,15 @@ end
 """
 
 
-def write_lua_script(directory: Path, card_ids: list[str], credentials: Credentials) -> Path:
+def write_lua_script(directory: Path, card_ids: list[str], credentials: Credentials, route: Route) -> Path:
     path = directory / "debits.lua"
     ids = ",\n".join(f'"{card_id}"' for card_id in card_ids)
+    headers = "\n".join(f'wrk.headers["{name}"] = "{value}"' for name, value in route.headers(credentials).items())
+    # The route as the text around a placeholder id, so the Lua side only concatenates.
+    path_head, path_tail = route.transactions("\0").split("\0")
     path.write_text(
-        LUA_TEMPLATE % {"ids": ids, "key": credentials.key, "token": credentials.token, "value": DEBIT_VALUE}
+        LUA_TEMPLATE
+        % {"ids": ids, "headers": headers, "path_head": path_head, "path_tail": path_tail, "value": DEBIT_VALUE}
     )
     return path
 
@@ -516,7 +557,7 @@ def measure_server(
             started = time.monotonic()
             card_ids = asyncio.run(asyncio.wait_for(server.seed(base_url, credentials), SEED_TIMEOUT_S))
             log(f"{server.name}: {len(card_ids)} cards created and credited in {time.monotonic() - started:.1f} s")
-            script = write_lua_script(work, card_ids, credentials)
+            script = write_lua_script(work, card_ids, credentials, server.route)
             cells = []
             for connections in args.connections:
                 checkpoint(server_url)
@@ -546,7 +587,7 @@ def measure_server(
                 cell.server_cpu_ms_per_request = round(1000 * cell.cpu["server_cores"] / cell.requests_per_s, 3)
                 cells.append(cell)
                 log(describe(cell))
-            if profile and server.name == OURS and args.profile_seconds > 0:
+            if profile and server.name == args.profile_server and args.profile_seconds > 0:
                 profile_under_load(process.pid, base_url, script, args, work)
             return cells
     finally:
@@ -571,7 +612,7 @@ def profile_under_load(pid: int, base_url: str, script: Path, args: argparse.Nam
     if not Path(py_spy).exists():
         log("profile skipped: py-spy not installed (pip install py-spy)")
         return
-    raw = work / "ours.collapsed"
+    raw = work / f"{args.profile_server}.collapsed"
     seconds = args.profile_seconds
     spy = subprocess.Popen(
         [py_spy, "record", "--pid", str(pid), "--duration", str(round(seconds)), "--rate", "250",
@@ -588,7 +629,7 @@ def profile_under_load(pid: int, base_url: str, script: Path, args: argparse.Nam
     if not raw.exists():
         log(f"profile failed: {errors.strip()}")
         return
-    args.profile_result = summarize_profile(raw.read_text())
+    args.profile_result = {"server": args.profile_server, **summarize_profile(raw.read_text())}
     if args.profile_output:
         shutil.copy(raw, args.profile_output)
     print(format_profile(args.profile_result), file=sys.stderr, flush=True)
@@ -662,7 +703,10 @@ def summarize_profile(collapsed: str, top: int = 25) -> dict[str, Any]:
 
 
 def format_profile(profile: dict[str, Any]) -> str:
-    lines = [f"\nprofile of ours under load ({profile['samples']} samples, on-CPU only)", "self time by area:"]
+    lines = [
+        f"\nprofile of {profile.get('server', OURS)} under load ({profile['samples']} samples, on-CPU only)",
+        "self time by area:",
+    ]
     lines += [f"  {a['pct']:5.1f} %  {a['area']}" for a in profile["self_by_area"]]
     lines.append("top functions by self time:")
     lines += [f"  {f['pct']:5.1f} %  {f['function']}" for f in profile["self_top"]]
@@ -700,20 +744,33 @@ def add_ratios(cells: list[Cell]) -> None:
         lean = rate.get((LEAN, cell.connections))
         cell.vs_conventional = round(cell.requests_per_s / conventional, 2) if conventional else None
         cell.vs_lean = round(cell.requests_per_s / lean, 2) if lean else None
+        direct = rate.get((OURS, cell.connections))
+        if cell.server == OURS_HUB and direct:
+            cell.hub_vs_direct = round(cell.requests_per_s / direct, 3)
+
+
+def row_order(c: Cell) -> tuple[int, bool, int, str]:
+    """By connection count, ours first (direct before hub, then the variants), then the baselines."""
+    ours_rank = OUR_SERVERS.index(c.server) if c.server in OUR_SERVERS else len(OUR_SERVERS)
+    return (c.connections, c.server not in OUR_SERVERS, ours_rank, c.server)
 
 
 def table(cells: list[Cell]) -> str:
     def ratio(value: float | None) -> str:
         return f"{value:.2f} x" if value is not None else "-"
 
+    def share(value: float | None) -> str:
+        return f"{100 * value:.1f} %" if value is not None else "-"
+
     lines = [
-        "| server | connections | req/s | p50 ms | p99 ms | non-2xx | ratio vs conventional | ratio vs lean |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| server | connections | req/s | p50 ms | p99 ms | non-2xx | ratio vs conventional | ratio vs lean "
+        "| hub / direct |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    for c in sorted(cells, key=lambda c: (c.connections, c.server not in (OURS, OURS_W2), c.server)):
+    for c in sorted(cells, key=row_order):
         lines.append(
             f"| {c.server} | {c.connections} | {c.requests_per_s:,.0f} | {c.p50_ms:.2f} | {c.p99_ms:.2f} "
-            f"| {c.non_2xx} | {ratio(c.vs_conventional)} | {ratio(c.vs_lean)} |"
+            f"| {c.non_2xx} | {ratio(c.vs_conventional)} | {ratio(c.vs_lean)} | {share(c.hub_vs_direct)} |"
         )
     return "\n".join(lines)
 
@@ -725,7 +782,7 @@ def cpu_table(cells: list[Cell]) -> str:
         "| server | connections | req/s each round | server cores | server CPU ms/req | PostgreSQL cores | machine cores | machine busy before |",
         "|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    for c in sorted(cells, key=lambda c: (c.connections, c.server not in (OURS, OURS_W2), c.server)):
+    for c in sorted(cells, key=row_order):
         lines.append(
             f"| {c.server} | {c.connections} | {' / '.join(f'{r:,.0f}' for r in c.rounds_requests_per_s)} "
             f"| {c.cpu['server_cores']:.2f} | {c.server_cpu_ms_per_request:.2f} "
@@ -739,7 +796,7 @@ def targets(cells: list[Cell]) -> list[dict[str, Any]]:
     top = max(c.connections for c in cells)
     verdicts = []
     for c in cells:
-        if c.connections != top or c.server not in (OURS, OURS_W2):
+        if c.connections != top or c.server not in (OURS, OURS_W2):  # the hub path has a target of its own
             continue
         verdicts.append(
             {
@@ -756,10 +813,33 @@ def targets(cells: list[Cell]) -> list[dict[str, Any]]:
     return verdicts
 
 
-def format_targets(verdicts: list[dict[str, Any]]) -> str:
-    def met(ok: bool) -> str:
-        return "met" if ok else "MISSED"
+def hub_targets(cells: list[Cell]) -> list[dict[str, Any]]:
+    """The hub's forwarding overhead at every connection count: hub req/s over direct req/s."""
+    return [
+        {
+            "connections": c.connections,
+            "hub_vs_direct": c.hub_vs_direct,
+            "target": TARGET_HUB_VS_DIRECT,
+            "met": c.hub_vs_direct >= TARGET_HUB_VS_DIRECT,
+        }
+        for c in sorted(cells, key=row_order)
+        if c.hub_vs_direct is not None
+    ]
 
+
+def met(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def format_hub_targets(verdicts: list[dict[str, Any]]) -> str:
+    return "\n".join(
+        f"{OURS_HUB} at {v['connections']} connections: >= {100 * v['target']:g} % of direct "
+        f"({100 * v['hub_vs_direct']:.1f} %): {met(v['met'])}"
+        for v in verdicts
+    )
+
+
+def format_targets(verdicts: list[dict[str, Any]]) -> str:
     return "\n".join(
         f"{v['server']} at {v['connections']} connections: >= {TARGET_VS_CONVENTIONAL:g}x conventional "
         f"({v['vs_conventional']}x): {met(v['vs_conventional_met'])}; p99 < {TARGET_P99_MS:g} ms "
@@ -808,6 +888,7 @@ def report(args: argparse.Namespace, cells: list[Cell], facts: dict[str, str], s
         "skipped": skipped,
         "results": [asdict(c) for c in cells],
         "targets": targets(cells),
+        "hub_targets": hub_targets(cells),
         "profile": getattr(args, "profile_result", None),
     }
 
@@ -848,8 +929,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--servers",
         type=lambda s: s.split(","),
-        default=[OURS, OURS_W2, CONVENTIONAL, LEAN],
-        help="comma-separated subset of ours,ours-w2,conventional,lean",
+        default=[OURS, OURS_HUB, OURS_W2, CONVENTIONAL, LEAN],
+        help="comma-separated subset of ours,ours-hub,ours-w2,conventional,lean "
+        "(ours-hub's ratio to direct needs ours in the same run)",
     )
     parser.add_argument(
         "--wrk-threads",
@@ -876,9 +958,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="after measuring ours, sample it with py-spy for this long under load (unmeasured)",
     )
+    parser.add_argument(
+        "--profile-server", default=OURS, choices=OUR_SERVERS, help="which of ours to profile (default %(default)s)"
+    )
     parser.add_argument("--profile-output", type=Path, help="keep py-spy's collapsed stacks here")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write every figure here")
     args = parser.parse_args(argv)
+    unknown = set(args.servers) - {*OUR_SERVERS, CONVENTIONAL, LEAN}
+    if unknown:  # a misspelt name would otherwise just measure nothing
+        parser.error(f"--servers: unknown {', '.join(sorted(unknown))}")
     if args.quick:
         args.seconds, args.warmup, args.rounds = 4.0, 1.0, 1
     return args
@@ -920,6 +1008,8 @@ def main(argv: list[str] | None = None) -> int:
     print(cpu_table(cells))
     print()
     print(format_targets(figures["targets"]))
+    if figures["hub_targets"]:
+        print(format_hub_targets(figures["hub_targets"]))
     if any(c.non_2xx or c.socket_errors for c in cells):
         print("WARNING: some requests failed (non-2xx or socket errors): the figures above are not clean")
     if args.json:
