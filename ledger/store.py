@@ -146,11 +146,13 @@ order by version
 
 # Only transactions older than every transaction still in flight are visible as a
 # prefix of the commit order; anything at or above xmin may still gain a neighbour.
+# The order names the table's columns: a bare ``tx`` would be the output column (tx::text::bigint),
+# which no index has, so every batch would sort the whole table.
 _READ_ALL = f"""
 select {_COLUMNS} from events
 where (tx, position) > ($1::text::xid8, $2)
   and tx < pg_snapshot_xmin(pg_current_snapshot())
-order by tx, position
+order by events.tx, events.position
 limit $3
 """
 

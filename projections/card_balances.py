@@ -9,13 +9,16 @@ Only native cards have balances here: an external provider keeps its own.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 import asyncpg
 
 from ledger.store import RecordedEvent
 from projections import events as ev
-from projections.projection import Handler, Projection, execute_one
+from projections.projection import BatchedProjection, Handler, ProjectionBug, execute_one, expect_rows
 
 NAME = "card_balances"
 
@@ -67,6 +70,42 @@ from read_card_balance_transactions t
 where b.card_id = $1 and t.card_id = $1 and t.transaction_id = $2
 """
 
+# ---- a run of events, set-based (apply_run): the same arithmetic, summed per card -------------
+
+# Cards issued in the run, with what the run did to them already in (last_activity_at: the latest of
+# the issue and the run's events).
+_INSERT_CARDS = """
+insert into read_card_balances
+    (card_id, currency, relation_name, emission_date, expiring_date, issued_at,
+     available, credited, debited, authorized, settled, last_activity_at)
+select * from unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::timestamptz[],
+                     $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::timestamptz[])
+"""
+
+_REMEMBER_TRANSACTIONS = """
+insert into read_card_balance_transactions (card_id, transaction_id, operation)
+select * from unnest($1::text[], $2::text[], $3::text[])
+"""
+
+_OPERATIONS_OF = """
+select t.card_id, t.transaction_id, t.operation
+from read_card_balance_transactions t
+join unnest($1::text[], $2::text[]) as k(card_id, transaction_id) using (card_id, transaction_id)
+"""
+
+_ADD = """
+update read_card_balances b
+set available = b.available + d.available, credited = b.credited + d.credited, debited = b.debited + d.debited,
+    authorized = b.authorized + d.authorized, settled = b.settled + d.settled,
+    last_activity_at = greatest(b.last_activity_at, d.last_activity_at)
+from unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], $7::timestamptz[])
+    as d(card_id, available, credited, debited, authorized, settled, last_activity_at)
+where b.card_id = d.card_id
+"""
+
+# a card's change over a run: available, credited, debited, authorized, settled, last activity
+_AVAILABLE, _CREDITED, _DEBITED, _AUTHORIZED, _SETTLED, _LAST = range(6)
+
 # ---- reads ---------------------------------------------------------------------------------
 
 _STATUS = """
@@ -98,9 +137,92 @@ class BalanceFilter:
     status: str | None = None
 
 
-class CardBalances(Projection):
+class CardBalances(BatchedProjection):
     name = NAME
     tables = ("read_card_balances", "read_card_balance_transactions")
+    batched = frozenset((ev.ISSUED, ev.CREDITED, ev.DEBITED, ev.SETTLED, ev.CANCELLED, ev.VOIDED))
+
+    async def apply_run(self, connection: asyncpg.Connection, events: Sequence[RecordedEvent]) -> None:
+        """The handlers' effect in five statements: new cards, new transactions, the directions of
+        earlier transactions settled or cancelled here, then every touched card's sums at once."""
+        cards: list[tuple[str, str, str, datetime, datetime, datetime]] = []
+        operations: dict[tuple[str, str], str] = {}  # created in this run
+        created: list[tuple[str, str, str]] = []
+        moves: list[tuple[RecordedEvent, Any]] = []  # settlements and cancellations, in order
+        deltas: dict[str, list[Any]] = {}
+
+        def delta(card_id: str, moment: datetime) -> list[Any]:
+            d = deltas.get(card_id)
+            if d is None:
+                d = deltas[card_id] = [0, 0, 0, 0, 0, moment]
+            elif moment > d[_LAST]:
+                d[_LAST] = moment
+            return d
+
+        for event in events:
+            if event.type == ev.ISSUED:
+                card = ev.decode(event, ev.Issued)
+                cards.append((
+                    event.stream_id, card.currency, card.relation_name, ev.instant(card.emission_date),
+                    ev.instant(card.expiring_date), ev.instant(card.issued_at),
+                ))  # fmt: skip
+            elif event.type in (ev.CREDITED, ev.DEBITED):
+                c = ev.decode(event, ev.TransactionCreated)
+                operation = ev.OPERATION_OF[event.type]
+                operations[(event.stream_id, c.transaction_id)] = operation
+                created.append((event.stream_id, c.transaction_id, operation))
+                d = delta(event.stream_id, ev.instant(c.date))
+                if event.type == ev.CREDITED:
+                    d[_AVAILABLE] += c.value
+                    d[_CREDITED] += c.value
+                else:
+                    d[_AVAILABLE] -= c.value
+                    d[_DEBITED] += c.value
+                    d[_AUTHORIZED] += c.value
+            else:
+                shape = ev.Settled if event.type == ev.SETTLED else ev.Cancelled
+                moves.append((event, ev.decode(event, shape)))
+
+        earlier = {(e.stream_id, m.transaction_id) for e, m in moves} - operations.keys()
+        if earlier:
+            rows = await connection.fetch(_OPERATIONS_OF, [k[0] for k in earlier], [k[1] for k in earlier])
+            operations.update({(r["card_id"], r["transaction_id"]): r["operation"] for r in rows})
+        for event, move in moves:
+            operation = operations.get((event.stream_id, move.transaction_id))
+            if operation is None:
+                raise ProjectionBug(
+                    f"event {event.position} ({event.type} on {event.stream_id}) names unknown transaction"
+                    f" {move.transaction_id!r}"
+                )
+            d = delta(event.stream_id, ev.instant(move.date))
+            if operation != ev.DEBIT:
+                if event.type != ev.SETTLED:  # a Credit's cancellation takes its money back
+                    d[_AVAILABLE] -= move.value
+                    d[_CREDITED] -= move.value
+            elif event.type == ev.SETTLED:
+                d[_AUTHORIZED] -= move.value
+                d[_SETTLED] += move.value
+            else:
+                d[_AVAILABLE] += move.value
+                d[_DEBITED] -= move.value
+                d[_AUTHORIZED] -= move.released
+                d[_SETTLED] -= move.refunded
+
+        if cards:
+            rows = []
+            for card in cards:
+                d = deltas.pop(card[0], None)
+                issued_at = card[5]
+                rows.append(
+                    (*card, 0, 0, 0, 0, 0, issued_at) if d is None else (*card, *d[:5], max(issued_at, d[_LAST]))
+                )
+            await connection.execute(_INSERT_CARDS, *map(list, zip(*rows, strict=True)))
+        if created:
+            await connection.execute(_REMEMBER_TRANSACTIONS, *map(list, zip(*created, strict=True)))
+        if deltas:
+            columns = [list(deltas)] + [[d[i] for d in deltas.values()] for i in range(6)]
+            status = await connection.execute(_ADD, *columns)
+            expect_rows(status, len(deltas), "cards of card_balances", events)
 
     def handlers(self) -> dict[str, Handler]:
         return {

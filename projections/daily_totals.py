@@ -20,6 +20,7 @@ so they have no liability here. A create-transaction replayed with the same requ
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import astuple, dataclass
 from datetime import date
 
@@ -28,7 +29,7 @@ import asyncpg
 from ledger.domain.giftcard import CREDIT, DEBIT
 from ledger.store import RecordedEvent
 from projections import events as ev
-from projections.projection import Handler, Projection, execute_one
+from projections.projection import BatchedProjection, Handler, ProjectionBug, execute_one
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,31 @@ insert into read_daily_totals_forwarded_requests (provider, card_id, request_id)
 on conflict do nothing returning true
 """
 
+# ---- a run of native events, set-based (apply_run): flows summed per day and currency ----------
+
+_REMEMBER_CARDS = "insert into read_daily_totals_cards (card_id, currency) select * from unnest($1::text[], $2::text[])"
+_REMEMBER_TRANSACTIONS = """
+insert into read_daily_totals_transactions (card_id, transaction_id, operation)
+select * from unnest($1::text[], $2::text[], $3::text[])
+"""
+_CURRENCIES_OF = "select card_id, currency from read_daily_totals_cards where card_id = any($1::text[])"
+_OPERATIONS_OF = """
+select t.card_id, t.transaction_id, t.operation
+from read_daily_totals_transactions t
+join unnest($1::text[], $2::text[]) as k(card_id, transaction_id) using (card_id, transaction_id)
+"""
+_ADD_ALL = f"""
+{_INTO} select d.day, d.currency, $1, d.cards_issued, d.transactions, d.loaded, d.redeemed, d.unclassified, d.settled,
+               d.cancelled, d.balance_change
+from unnest($2::date[], $3::text[], $4::int[], $5::int[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[],
+            $10::bigint[], $11::bigint[])
+    as d(day, currency, cards_issued, transactions, loaded, redeemed, unclassified, settled, cancelled, balance_change)
+{_ACCUMULATE}
+"""
+
+# the Flows fields, by position
+_CARDS_ISSUED, _TRANSACTIONS, _LOADED, _REDEEMED, _UNCLASSIFIED, _SETTLED, _CANCELLED, _BALANCE_CHANGE = range(8)
+
 # ---- reads ---------------------------------------------------------------------------------
 # Every day from a group's first activity to the last day with any activity (or `until`, up to
 # today), so that a quiet day still shows the liability carried over from the day before.
@@ -139,8 +165,9 @@ class TotalsFilter:
     until: date | None = None  # inclusive
 
 
-class DailyTotals(Projection):
+class DailyTotals(BatchedProjection):
     name = NAME
+    batched = frozenset((ev.ISSUED, ev.CREDITED, ev.DEBITED, ev.SETTLED, ev.CANCELLED, ev.VOIDED))
     tables = (
         "read_daily_totals",
         "read_daily_totals_cards",
@@ -161,6 +188,78 @@ class DailyTotals(Projection):
             ev.VOIDED: self.cancelled,
             ev.FORWARDED: self.forwarded,
         }
+
+    async def apply_run(self, connection: asyncpg.Connection, events: Sequence[RecordedEvent]) -> None:
+        """The handlers' effect in at most five statements: cards, transactions, the currencies and
+        directions of earlier ones this run needs, then each (day, currency)'s summed flows at once."""
+        currencies: dict[str, str] = {}  # of cards issued in this run, then of every card it needs
+        cards: list[tuple[str, str]] = []
+        operations: dict[tuple[str, str], str] = {}
+        created_here: list[tuple[str, str, str]] = []
+        decoded: list[tuple[RecordedEvent, object]] = []
+        for event in events:
+            if event.type == ev.ISSUED:
+                card = ev.decode(event, ev.Issued)
+                currencies[event.stream_id] = card.currency
+                cards.append((event.stream_id, card.currency))
+                decoded.append((event, card))
+            elif event.type in (ev.CREDITED, ev.DEBITED):
+                created = ev.decode(event, ev.TransactionCreated)
+                operations[(event.stream_id, created.transaction_id)] = ev.OPERATION_OF[event.type]
+                created_here.append((event.stream_id, created.transaction_id, ev.OPERATION_OF[event.type]))
+                decoded.append((event, created))
+            else:
+                decoded.append((event, ev.decode(event, ev.Settled if event.type == ev.SETTLED else ev.Cancelled)))
+
+        unknown_cards = {e.stream_id for e, _ in decoded} - currencies.keys()
+        if unknown_cards:
+            rows = await connection.fetch(_CURRENCIES_OF, list(unknown_cards))
+            currencies.update({r["card_id"]: r["currency"] for r in rows})
+        earlier = {
+            (e.stream_id, m.transaction_id) for e, m in decoded if e.type in (ev.CANCELLED, ev.VOIDED)
+        } - operations.keys()
+        if earlier:
+            rows = await connection.fetch(_OPERATIONS_OF, [k[0] for k in earlier], [k[1] for k in earlier])
+            operations.update({(r["card_id"], r["transaction_id"]): r["operation"] for r in rows})
+
+        flows: dict[tuple[date, str], list[int]] = {}
+        for event, m in decoded:
+            currency = currencies.get(event.stream_id)
+            if currency is None:
+                raise ProjectionBug(f"event {event.position} ({event.type} on {event.stream_id}): no such card")
+            if event.type == ev.ISSUED:
+                f = flows.setdefault((ev.utc_day(ev.instant(m.issued_at)), currency), [0] * 8)
+                f[_CARDS_ISSUED] += 1
+                continue
+            f = flows.setdefault((ev.utc_day(ev.instant(m.date)), currency), [0] * 8)
+            if event.type == ev.CREDITED:
+                f[_TRANSACTIONS] += 1
+                f[_LOADED] += m.value
+                f[_BALANCE_CHANGE] += m.value
+            elif event.type == ev.DEBITED:
+                f[_TRANSACTIONS] += 1
+                f[_REDEEMED] += m.value
+                f[_BALANCE_CHANGE] -= m.value
+            elif event.type == ev.SETTLED:
+                f[_SETTLED] += m.value
+            else:
+                operation = operations.get((event.stream_id, m.transaction_id))
+                if operation is None:
+                    raise ProjectionBug(
+                        f"event {event.position} ({event.type} on {event.stream_id}) names unknown transaction"
+                        f" {m.transaction_id!r}"
+                    )
+                f[_CANCELLED] += m.value
+                f[_BALANCE_CHANGE] += m.value if operation == DEBIT else -m.value
+
+        if cards:
+            await connection.execute(_REMEMBER_CARDS, *map(list, zip(*cards, strict=True)))
+        if created_here:
+            await connection.execute(_REMEMBER_TRANSACTIONS, *map(list, zip(*created_here, strict=True)))
+        if flows:
+            keys = list(flows)
+            columns = [[k[0] for k in keys], [k[1] for k in keys]] + [[f[i] for f in flows.values()] for i in range(8)]
+            await connection.execute(_ADD_ALL, self.native, *columns)
 
     async def issued(self, connection: asyncpg.Connection, event: RecordedEvent) -> None:
         card = ev.decode(event, ev.Issued)

@@ -40,6 +40,48 @@ class Projection:
                 await handler(connection, event)
 
 
+class BatchedProjection(Projection):
+    """A projection that applies runs of consecutive ``batched`` events set-based (``apply_run``: a
+    few statements a run, whatever its length) and every other event by its handler, in order.
+
+    ``apply_run`` must leave the tables as the handlers would, one event after the other, and
+    raise ProjectionBug when an event of the run does not find the state it needs (the runner
+    then halves the batch down to that event, as with the handlers).
+    """
+
+    batched: frozenset[str] = frozenset()
+
+    async def apply_run(self, connection: asyncpg.Connection, events: Sequence[RecordedEvent]) -> None:
+        raise NotImplementedError
+
+    async def apply(self, connection: asyncpg.Connection, events: Sequence[RecordedEvent]) -> None:
+        handlers = self.handlers()
+        run: list[RecordedEvent] = []
+        for event in events:
+            if event.type in self.batched:
+                run.append(event)
+                continue
+            handler = handlers.get(event.type)
+            if handler is None:
+                continue
+            if run:
+                await self.apply_run(connection, run)
+                run = []
+            await handler(connection, event)
+        if run:
+            await self.apply_run(connection, run)
+
+
+def expect_rows(status: str, expected: int, what: str, events: Sequence[RecordedEvent]) -> None:
+    """A set-based statement of ``apply_run`` must touch ``expected`` rows (asyncpg status ``... N``)."""
+    touched = int(status.rsplit(" ", 1)[-1])
+    if touched != expected:
+        first, last = events[0], events[-1]
+        raise ProjectionBug(
+            f"{what}: {touched} row(s) of {expected} found for events {first.position}..{last.position}"
+        )
+
+
 async def execute_one(connection: asyncpg.Connection, sql: str, *args: object, event: RecordedEvent) -> None:
     """Runs a statement that must touch exactly one row (asyncpg status like ``UPDATE 1``)."""
     status = await connection.execute(sql, *args)

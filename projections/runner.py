@@ -26,7 +26,7 @@ from projections.projection import Projection
 
 log = logging.getLogger(__name__)
 
-BATCH_EVENTS_MAX = 500
+BATCH_EVENTS_MAX = 2_000  # a batch is a few set-based statements a table (see BatchedProjection)
 POLL_INTERVAL_S = 0.25
 FAILURE_BACKOFF_S = 0.5
 FAILURE_BACKOFF_MAX_S = 30.0

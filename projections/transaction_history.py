@@ -12,14 +12,16 @@ is one transaction, not two.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
 from ledger.store import RecordedEvent
 from projections import events as ev
-from projections.projection import Handler, Projection, execute_one
+from projections.projection import BatchedProjection, Handler, ProjectionBug, execute_one, expect_rows
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,42 @@ on conflict (provider, card_id, transaction_id) do update
 set settled = t.settled + excluded.settled, cancelled = t.cancelled + excluded.cancelled
 """
 
+# ---- a run of native events, set-based (apply_run) ----------------------------------------------
+
+_REMEMBER_CARDS = "insert into read_history_cards (card_id, currency) select * from unnest($1::text[], $2::text[])"
+
+_INSERT_NATIVES = """
+insert into read_transactions
+    (provider, card_id, transaction_id, source, operation, currency, value, settled, cancelled, released, refunded,
+     description, request_id, order_id, date, position)
+select $1, n.card_id, n.transaction_id, 'ledger', n.operation, c.currency, n.value, n.settled, n.cancelled, n.released,
+       n.refunded, n.description, n.request_id, n.order_id, n.date, n.position
+from unnest($2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[],
+            $10::text[], $11::text[], $12::text[], $13::timestamptz[], $14::bigint[])
+    as n(card_id, transaction_id, operation, value, settled, cancelled, released, refunded, description, request_id,
+         order_id, date, position)
+join read_history_cards c on c.card_id = n.card_id
+"""
+
+_ADD_TO_NATIVES = """
+update read_transactions t
+set settled = t.settled + d.settled, cancelled = t.cancelled + d.cancelled,
+    released = t.released + d.released, refunded = t.refunded + d.refunded
+from unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[])
+    as d(card_id, transaction_id, settled, cancelled, released, refunded)
+where t.provider = $1 and t.card_id = d.card_id and t.transaction_id = d.transaction_id
+"""
+
+_INSERT_OPERATIONS = """
+insert into read_transaction_operations
+    (provider, card_id, transaction_id, oid, kind, value, released, refunded, request_id, date, position)
+select $1, o.* from unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::bigint[],
+                           $9::text[], $10::timestamptz[], $11::bigint[])
+    as o(card_id, transaction_id, oid, kind, value, released, refunded, request_id, date, position)
+"""
+
+_SETTLED_AT = 4  # where settled, cancelled, released, refunded start in a row of _INSERT_NATIVES
+
 # ---- reads ---------------------------------------------------------------------------------
 
 _FILTER = """
@@ -99,9 +137,10 @@ class TransactionFilter:
     until: datetime | None = None  # exclusive
 
 
-class TransactionHistory(Projection):
+class TransactionHistory(BatchedProjection):
     name = NAME
     tables = ("read_transactions", "read_transaction_operations", "read_history_cards")
+    batched = frozenset((ev.ISSUED, ev.CREDITED, ev.DEBITED, ev.SETTLED, ev.CANCELLED, ev.VOIDED))
 
     def __init__(self, native_provider_id: str) -> None:
         self.native = native_provider_id
@@ -116,6 +155,65 @@ class TransactionHistory(Projection):
             ev.VOIDED: self.cancelled,
             ev.FORWARDED: self.forwarded,
         }
+
+    async def apply_run(self, connection: asyncpg.Connection, events: Sequence[RecordedEvent]) -> None:
+        """The handlers' effect in four statements: cards; the transactions created here, with the sums
+        of their settlements and cancellations here already in; the settled, cancelled, released and
+        refunded sums of every earlier transaction moved here; and the operations themselves."""
+        cards: list[tuple[str, str]] = []
+        created: dict[tuple[str, str], list[Any]] = {}  # row, with settled, cancelled, released, refunded
+        sums: dict[tuple[str, str], list[int]] = {}  # of transactions created before this run
+        operations: list[tuple[object, ...]] = []
+        for event in events:
+            if event.type == ev.ISSUED:
+                cards.append((event.stream_id, ev.decode(event, ev.Issued).currency))
+                continue
+            if event.type in (ev.CREDITED, ev.DEBITED):
+                c = ev.decode(event, ev.TransactionCreated)
+                key = (event.stream_id, c.transaction_id)
+                if key in created:
+                    raise ProjectionBug(f"event {event.position}: transaction {key} created twice")
+                created[key] = [
+                    event.stream_id, c.transaction_id, ev.OPERATION_OF[event.type], c.value, 0, 0, 0, 0,
+                    c.description, c.request_id, c.order_id, ev.instant(c.date), event.position,
+                ]  # fmt: skip
+                continue
+            if event.type == ev.SETTLED:
+                m = ev.decode(event, ev.Settled)
+                moved = (m.value, 0, 0, 0)
+                operations.append((
+                    event.stream_id, m.transaction_id, m.oid, SETTLEMENT, m.value, None, None, m.request_id,
+                    ev.instant(m.date), event.position,
+                ))  # fmt: skip
+            else:
+                m = ev.decode(event, ev.Cancelled)
+                moved = (0, m.value, m.released, m.refunded)
+                operations.append((
+                    event.stream_id, m.transaction_id, m.oid, CANCELLATION, m.value, m.released, m.refunded,
+                    m.request_id, ev.instant(m.date), event.position,
+                ))  # fmt: skip
+            key = (event.stream_id, m.transaction_id)
+            row = created.get(key)
+            if row is not None:
+                for i, amount in enumerate(moved):
+                    row[_SETTLED_AT + i] += amount
+            else:
+                earlier = sums.setdefault(key, [0, 0, 0, 0])
+                for i, amount in enumerate(moved):
+                    earlier[i] += amount
+        if cards:
+            await connection.execute(_REMEMBER_CARDS, *map(list, zip(*cards, strict=True)))
+        if created:
+            columns = map(list, zip(*created.values(), strict=True))
+            status = await connection.execute(_INSERT_NATIVES, self.native, *columns)
+            expect_rows(status, len(created), "cards of transaction_history", events)
+        if sums:
+            keys = list(sums)
+            columns = [[k[0] for k in keys], [k[1] for k in keys]] + [[s[i] for s in sums.values()] for i in range(4)]
+            status = await connection.execute(_ADD_TO_NATIVES, self.native, *columns)
+            expect_rows(status, len(sums), "transactions of transaction_history", events)
+        if operations:
+            await connection.execute(_INSERT_OPERATIONS, self.native, *map(list, zip(*operations, strict=True)))
 
     async def issued(self, connection: asyncpg.Connection, event: RecordedEvent) -> None:
         await connection.execute(_REMEMBER_CARD, event.stream_id, ev.decode(event, ev.Issued).currency)
