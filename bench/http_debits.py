@@ -47,10 +47,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
+
+from ledger.database import database_named
 
 CARDS = 1_000
 CARD_CREDIT = "1000000.00"  # 100,000,000 debits of 0.01 per card: no run comes near it
@@ -320,11 +321,6 @@ def tail(path: Path, lines: int = 30) -> str:
 # ---- databases ---------------------------------------------------------------------------------
 
 
-def with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
-
-
 async def admin_execute(server_url: str, *statements: str) -> None:
     connection = await asyncpg.connect(server_url)
     try:
@@ -336,7 +332,7 @@ async def admin_execute(server_url: str, *statements: str) -> None:
 
 def recreate_database(server_url: str, name: str) -> str:
     asyncio.run(admin_execute(server_url, f"drop database if exists {name} with (force)", f"create database {name}"))
-    return with_database(server_url, name)
+    return database_named(server_url, name)
 
 
 def drop_database(server_url: str, name: str) -> None:

@@ -25,9 +25,9 @@ import asyncpg
 import pytest
 
 from ledger.commands import Ledger
+from ledger.database import database_named
 from ledger.store import EventStore
 from tests.cards import issue
-from tests.conftest import with_database
 from tests.debit_load import (
     MINOR_PER_MAJOR,
     Debit,
@@ -205,7 +205,7 @@ async def test_postgres_fault_mid_load_gives_503_or_success_and_writes_nothing_h
 ):
     name = f"fault_{uuid.uuid4().hex[:12]}"
     await create_database(own_postgres.url, name)
-    database_url = with_database(own_postgres.url, name)
+    database_url = database_named(own_postgres.url, name)
     hub = await start_hub(database_url)
     client = NativeClient(http, hub.base_url)
     credit = Decimal("100.00")
