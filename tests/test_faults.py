@@ -178,6 +178,14 @@ async def fault_during_load(
 ) -> None:
     await until_acknowledged(debits, at_acknowledged, deadline)
     await inject(fault, postgres)
+    # With group commit, few statements are in flight at any instant: a cut that lands between
+    # two of them touches no request (the pool just reconnects). Keep cutting while the load
+    # lasts, until one lands on a request in flight.
+    while fault == "terminate_backends" and not any(d.unavailable for d in debits):
+        if all(d.acknowledged for d in debits) or asyncio.get_running_loop().time() > deadline:
+            return
+        await asyncio.sleep(TERMINATE_AGAIN_S)
+        await inject(fault, postgres)
 
 
 def assert_unavailable_answers_are_clear(debits: Sequence[Debit]) -> None:
@@ -197,6 +205,9 @@ async def debit_again_without_restart(client: NativeClient, hub: HubProcess, car
     await send_until_answered(client, debit, RetryPolicy(attempts_max=1), deadline_in(LOAD_TIMEOUT_S))
     assert debit.acknowledged, debit
     return debit
+
+
+TERMINATE_AGAIN_S = 0.02
 
 
 @pytest.mark.parametrize("fault", ["terminate_backends", "restart_fast", "restart_immediate"])
