@@ -112,7 +112,9 @@ def render(table: list[tuple[str, str, str, str]], figures: dict[str, Any]) -> s
     lines.append("-+-".join("-" * w for w in widths))
     lines += [" | ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)) for row in table]
     skipped = [
-        f"{name}: skipped ({f['skipped']})" for name, f in figures.items() if isinstance(f, dict) and "skipped" in f
+        f"{name}: skipped ({f['skipped']})"
+        for name, f in figures.items()
+        if isinstance(f, dict) and isinstance(f.get("skipped"), str)  # http_debits lists skipped servers
     ]
     return "\n".join(lines + skipped)
 
