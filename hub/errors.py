@@ -101,6 +101,10 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         if e.status >= 400:
             return error_response(e.status, "http_error", e.reason)
         raise
+    except asyncpg.DataError:
+        # A value PostgreSQL cannot hold or compare (a NUL in a path id, a number out of range)
+        # came from the request: the request is wrong, whichever handler let it through.
+        return error_response(400, "invalid_request", "a value in the request is not valid text or is out of range")
     except _UNAVAILABLE as e:
         log.warning("database unavailable during %s %s: %r", request.method, request.path, e)
         return error_response(
