@@ -101,6 +101,14 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         if e.status >= 400:
             return error_response(e.status, "http_error", e.reason)
         raise
+    except asyncpg.TransactionRollbackError:
+        # A deadlock or serialization failure the ledger did not absorb: transient, and nothing written.
+        return error_response(
+            503,
+            "contended",
+            "the ledger was busy with a conflicting write; retry the request",
+            headers={"Retry-After": "1"},
+        )
     except asyncpg.DataError:
         # A value PostgreSQL cannot hold or compare (a NUL in a path id, a number out of range)
         # came from the request: the request is wrong, whichever handler let it through.

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import asyncpg
+
 from ledger.domain.errors import ConcurrentUpdate, InvalidRequest
 from ledger.store import EventStore, NewEvent, OneEvent, chain_hash
 
@@ -71,6 +73,12 @@ class GroupCommitter:
             appended = await self.store.append_each([one for one, _ in batch])
         except InvalidRequest:
             await self._flush_one_by_one(batch)  # one request's bad text must not fail the others
+            return
+        except asyncpg.TransactionRollbackError:
+            # Deadlock or serialization failure against another process: nothing of the batch was
+            # written, and each command retries on fresh state like any lost race.
+            for one, answer in batch:
+                _settle(answer, error=ConcurrentUpdate(f"stream {one.stream_id} was contended; retrying"))
             return
         except BaseException as e:  # the database is gone: every command of the batch learns it
             for _, answer in batch:

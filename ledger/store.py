@@ -125,6 +125,8 @@ returning position
 # One event for each of many streams, each judged on its own: a row whose guard fails or that hits
 # a unique key (a lost race, a reused idempotency key) is skipped, not an error, and the streams
 # returned are the ones appended. This is what lets concurrent commands share one commit.
+# Rows go in stream order: two processes inserting into the same streams then wait for each other
+# in the same order, never in a cycle (a deadlock).
 _APPEND_EACH = """
 insert into events (stream_id, version, type, data, metadata, hash, idempotency_key)
 select r.stream_id, r.expected + 1, r.type, r.data::jsonb, r.metadata::jsonb, r.hash, r.key
@@ -132,6 +134,7 @@ from unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::bytea
     as r(stream_id, expected, type, data, metadata, hash, key, previous)
 where r.expected = 0
    or exists (select 1 from events e where e.stream_id = r.stream_id and e.version = r.expected and e.hash = r.previous)
+order by r.stream_id
 on conflict do nothing
 returning stream_id
 """

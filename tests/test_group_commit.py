@@ -106,3 +106,24 @@ async def test_the_same_card_never_appears_twice_in_one_statement(pool, clock, r
     assert [r for r in results if isinstance(r, Exception)] == []
     assert (await ledger.card(card)).balance == 1000 - 8 * 100
     verify_chain(await store.read_stream(card))
+
+
+async def test_two_processes_batching_the_same_cards_in_opposite_orders_never_deadlock(store, clock):
+    """Each batch inserts in card order, so two writers over the same cards wait in one order, never
+    in a cycle; a deadlock would surface here as an exception instead of a retried lost race."""
+    first = Ledger(store, code_key=b"k" * 32, clock=clock)
+    cards = await funded_cards(first, 20)
+    second = Ledger(store, code_key=b"k" * 32, clock=clock)
+    for round_ in range(5):
+        results = await asyncio.gather(
+            *(
+                ledger.create_transaction(
+                    c, operation="Debit", value=Decimal("0.01"), description="", request_id=f"{n}-{round_}"
+                )
+                for n, (ledger, order) in enumerate(((first, cards), (second, cards[::-1])))
+                for c in order
+            ),
+            return_exceptions=True,
+        )
+        assert [r for r in results if isinstance(r, Exception)] == []
+    assert [(await first.card(c)).balance for c in cards] == [1000 - 10] * 20
