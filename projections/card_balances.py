@@ -225,14 +225,7 @@ class CardBalances(BatchedProjection):
             expect_rows(status, len(deltas), "cards of card_balances", events)
 
     def handlers(self) -> dict[str, Handler]:
-        return {
-            ev.ISSUED: self.issued,
-            ev.CREDITED: self.transaction_created,
-            ev.DEBITED: self.transaction_created,
-            ev.SETTLED: self.settled,
-            ev.CANCELLED: self.cancelled,
-            ev.VOIDED: self.cancelled,
-        }
+        return ev.card_handlers(self)
 
     async def issued(self, connection: asyncpg.Connection, event: RecordedEvent) -> None:
         card = ev.decode(event, ev.Issued)

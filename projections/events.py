@@ -30,6 +30,20 @@ FORWARDED = "ProviderCallForwarded"  # hub/external.py FORWARDED; projections do
 
 OPERATION_OF = {CREDITED: CREDIT, DEBITED: DEBIT}
 
+
+def card_handlers(projection: Any) -> dict[str, Any]:
+    """Every native card event to the projection's method for it: a void is a cancellation that only
+    releases, and a Credit or a Debit is a transaction created."""
+    return {
+        ISSUED: projection.issued,
+        CREDITED: projection.transaction_created,
+        DEBITED: projection.transaction_created,
+        SETTLED: projection.settled,
+        CANCELLED: projection.cancelled,
+        VOIDED: projection.cancelled,
+    }
+
+
 # Forwarded calls that moved money or made a card, when the provider answered "ok". A call that
 # timed out or failed has an unknown or no effect at the provider, and is not counted.
 FORWARDED_CREATE_CARD = "CreateGiftCard"

@@ -146,15 +146,7 @@ class TransactionHistory(BatchedProjection):
         self.native = native_provider_id
 
     def handlers(self) -> dict[str, Handler]:
-        return {
-            ev.ISSUED: self.issued,
-            ev.CREDITED: self.transaction_created,
-            ev.DEBITED: self.transaction_created,
-            ev.SETTLED: self.settled,
-            ev.CANCELLED: self.cancelled,
-            ev.VOIDED: self.cancelled,
-            ev.FORWARDED: self.forwarded,
-        }
+        return {**ev.card_handlers(self), ev.FORWARDED: self.forwarded}
 
     async def apply_run(self, connection: asyncpg.Connection, events: Sequence[RecordedEvent]) -> None:
         """The handlers' effect in four statements: cards; the transactions created here, with the sums

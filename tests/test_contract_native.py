@@ -569,12 +569,11 @@ def request_headers(service, request: FuzzRequest) -> dict[str, str]:
     return headers
 
 
-async def send(service, request: FuzzRequest) -> tuple[int, bytes, Any]:
+async def send(service, request: FuzzRequest, headers: dict[str, str] | None = None) -> tuple[int, bytes, Any]:
     """The request exactly as drawn: the path is already percent-encoded, so yarl must not touch it."""
     url = URL(service.base_url + request.path, encoded=True)
-    async with service.session.request(
-        request.method, url, data=request.body, headers=request_headers(service, request)
-    ) as response:
+    headers = request_headers(service, request) if headers is None else headers
+    async with service.session.request(request.method, url, data=request.body, headers=headers) as response:
         return response.status, await response.read(), response.headers
 
 

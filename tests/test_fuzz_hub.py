@@ -28,16 +28,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from yarl import URL
 
 from tests import fuzz
 from tests.openapi import Operation, operations, request_schema, require_spec, requires_spec
-from tests.test_contract_native import CONTENT_TYPES, OPERATION_IDS, REST_RANGES, World, hints
+from tests.test_contract_native import CONTENT_TYPES, OPERATION_IDS, REST_RANGES, World, hints, send
 
 NATIVE_ID = "VtexGiftCard"
 EXTERNAL_IDS = ("ext-alpha", "ext-beta")  # registered by the world fixture (and deleted/re-put by the fuzz)
@@ -277,14 +275,6 @@ def request_headers(service, request: FuzzRequest) -> dict[str, str]:
     return headers
 
 
-async def send(service, request: FuzzRequest) -> tuple[int, bytes, Any]:
-    url = URL(service.base_url + request.path, encoded=True)
-    async with service.session.request(
-        request.method, url, data=request.body, headers=request_headers(service, request)
-    ) as response:
-        return response.status, await response.read(), response.headers
-
-
 def check_answer(op_id: str, request: FuzzRequest, status: int, raw: bytes, headers, wrote) -> None:
     where = f"\nrequest: {request!r}\nanswer: {status} {raw[:1000]!r}\nwrote (events, providers, card_lookup): {wrote}"
     assert status < 500, "5xx" + where
@@ -349,6 +339,6 @@ async def test_fuzzed_hub_requests_never_get_a_5xx(service, pool, world, op_id, 
     op = hub_operations()[op_id]
     request = data.draw(fuzz_requests(op, world), label="request")
     before = await write_counts(pool)
-    status, raw, headers = await send(service, request)
+    status, raw, headers = await send(service, request, request_headers(service, request))
     after = await write_counts(pool)
     check_answer(op_id, request, status, raw, headers, tuple(a - b for a, b in zip(after, before, strict=True)))
