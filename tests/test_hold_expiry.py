@@ -29,7 +29,7 @@ def test_an_expired_hold_is_voided_and_the_balance_restored():
     assert card.void_expired_hold(transaction_id=spend.id, oid="v1", hold_ttl=TTL, now=NOW + TTL / 2) is None
     void = card.void_expired_hold(transaction_id=spend.id, oid="v1", hold_ttl=TTL, now=NOW + TTL)
     assert void.value == 300 and card.balance == 1000
-    assert spend.held == 0 and spend.released == 300 and spend.cancellations == [void]
+    assert spend.held == 0 and spend.released == 300 and spend.cancellations == (void,)
     assert card.void_expired_hold(transaction_id=spend.id, oid="v2", hold_ttl=TTL, now=NOW + 2 * TTL) is None
 
 
