@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import multiprocessing
 import os
 import signal
@@ -11,6 +12,7 @@ import tempfile
 from typing import TypeVar
 
 import asyncpg
+import msgspec
 from aiohttp import web
 
 from hub import auth, bulk_cli, demo, webhooks
@@ -31,21 +33,52 @@ def serve(args: argparse.Namespace) -> int:
     print(
         f"giftcard serving on http://{args.host}:{args.port} ({args.workers} process(es))", file=sys.stderr, flush=True
     )
+    runner = start_projection_runner(settings, url) if settings.run_projections else None
+    web_settings = msgspec.structs.replace(settings, run_projections=False)  # the runner process has them
     try:
         if args.workers == 1:
-            run_worker(settings, url, args.host, args.port, reuse_port=False)
+            run_worker(web_settings, url, args.host, args.port, reuse_port=False)
         else:
-            run_workers(settings, url, args.host, args.port, args.workers)
+            run_workers(web_settings, url, args.host, args.port, args.workers)
     finally:
+        if runner is not None:
+            stop_process(runner)
         if embedded is not None:
             embedded.stop()
     return 0
 
 
+def start_projection_runner(settings: Settings, url: str) -> multiprocessing.Process:
+    """The read models' runner beside the web workers, so no request waits behind a batch."""
+    runner = multiprocessing.get_context("spawn").Process(
+        target=_projection_runner_main,
+        args=(url, settings.native_provider_id, os.getpid()),
+        name="giftcard-projections",
+        daemon=True,
+    )
+    runner.start()
+    return runner
+
+
+def _projection_runner_main(url: str, native_provider_id: str, serve_pid: int) -> None:
+    configure_logging()
+    projections_cli.run_beside_serve(url, native_provider_id, serve_pid)
+
+
+def stop_process(process: multiprocessing.Process, timeout_s: float = 10.0) -> None:
+    if process.is_alive():
+        os.kill(process.pid, signal.SIGTERM)  # its batch in flight rolls back; the next run redoes it
+    process.join(timeout_s)
+    if process.is_alive():
+        process.kill()
+
+
 def run_worker(settings: Settings, url: str, host: str, port: int, *, reuse_port: bool) -> None:
+    app = create_app(settings, url)
+    app.on_startup.append(freeze_startup_objects)
     # run_app stops accepting on SIGINT/SIGTERM and lets in-flight requests finish.
     web.run_app(
-        create_app(settings, url),
+        app,
         host=host,
         port=port,
         reuse_port=reuse_port,
@@ -53,6 +86,13 @@ def run_worker(settings: Settings, url: str, host: str, port: int, *, reuse_port
         print=None,
         access_log_class=JsonAccessLogger,
     )
+
+
+async def freeze_startup_objects(app: web.Application) -> None:
+    """What start-up allocated (modules, routes, pools) lives as long as the process: moved out of
+    the garbage collector's sight, a full collection under load walks only what requests create."""
+    gc.collect()
+    gc.freeze()
 
 
 def run_workers(settings: Settings, url: str, host: str, port: int, count: int) -> None:

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -18,7 +19,8 @@ from typing import TypeVar
 import asyncpg
 from tqdm import tqdm
 
-from ledger.database import with_database
+from ledger.database import create_pool, with_database
+from ledger.migrate import upgrade
 from projections import checkpoints, names, read_model, read_models
 from projections.checkpoints import ProjectionStatus
 from projections.rebuild import RebuildInProgress, count_events, rebuild
@@ -85,6 +87,28 @@ def run_command(args: argparse.Namespace, native_provider_id: str) -> int:
     return 0
 
 
+def run_beside_serve(database_url: str, native_provider_id: str, serve_pid: int) -> None:
+    """The runner that ``giftcard serve`` starts in a process of its own, until SIGTERM or SIGINT
+    or until ``serve_pid`` is gone (killed outright, it could not stop its children).
+
+    Not in the web process: applying a batch is seconds of Python work a minute under load, and
+    in the event loop every request waiting behind it would pay for it. Here the kernel gives
+    it the other core, and one runner serves however many web workers there are.
+    """
+
+    async def work() -> None:
+        pool = await create_pool(database_url, size_min=1, size_max=4)
+        try:
+            async with pool.acquire() as connection:
+                await upgrade(connection)
+            runner = ProjectionRunner(pool, read_models(native_provider_id))
+            await _until_signalled(_while_alive(serve_pid, runner.run_forever()))
+        finally:
+            await pool.close()
+
+    asyncio.run(work())
+
+
 def status_command(args: argparse.Namespace) -> int:
     found = with_database(checkpoints.statuses)
     if args.json:
@@ -135,6 +159,21 @@ def _status_json(status: ProjectionStatus) -> dict[str, object]:
         "lastEventAt": None if status.last_event_at is None else status.last_event_at.isoformat(),
         "rebuilding": status.rebuilding,
     }
+
+
+async def _while_alive(parent_pid: int, work: Awaitable[None], check_interval_s: float = 1.0) -> None:
+    """Runs ``work`` until it ends or this process's parent ``parent_pid`` is gone."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not task.done():
+            if os.getppid() != parent_pid:
+                log.warning("serve (pid %d) is gone; the projection runner stops", parent_pid)
+                task.cancel()
+                break
+            await asyncio.wait({task}, timeout=check_interval_s)
+        await task
+    finally:
+        task.cancel()
 
 
 async def _until_signalled(work: Awaitable[None]) -> None:
