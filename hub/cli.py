@@ -34,7 +34,8 @@ def serve(args: argparse.Namespace) -> int:
         f"giftcard serving on http://{args.host}:{args.port} ({args.workers} process(es))", file=sys.stderr, flush=True
     )
     runner = start_projection_runner(settings, url) if settings.run_projections else None
-    web_settings = msgspec.structs.replace(settings, run_projections=False)  # the runner process has them
+    # The runner process has the projections; the workers know of each other (see Ledger's shared_cards).
+    web_settings = msgspec.structs.replace(settings, run_projections=False, workers=args.workers)
     try:
         if args.workers == 1:
             run_worker(web_settings, url, args.host, args.port, reuse_port=False)

@@ -45,6 +45,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     lookup_address_failures_max: int = 100
     lookup_window_s: int = 600
     run_projections: bool = True
+    workers: int = 1  # serve's web processes on one port; set by ``giftcard serve --workers``, not the environment
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:

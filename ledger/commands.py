@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from ledger.domain.giftcard import (
 )
 from ledger.domain.snapshot import restore_snapshot, take_snapshot
 from ledger.group_commit import GroupCommitter
+from ledger.group_read import GroupReader
 from ledger.money import to_minor
 from ledger.store import GENESIS_HASH, EventStore, NewEvent, RecordedEvent, verify_chain
 
@@ -97,7 +99,10 @@ class Ledger:
         clock: Callable[[], datetime] = utc_now,
         snapshot_interval_events: int = SNAPSHOT_INTERVAL_EVENTS,
         cache_cards_max: int = CACHE_CARDS_MAX,
+        shared_cards: bool = False,
     ) -> None:
+        """``shared_cards``: other processes write the same cards all the time (serve's workers), so
+        a cached card is caught up (a batch of cards per query) before each decision."""
         self.store = store
         self.code_key = code_key
         self.clock = clock
@@ -107,6 +112,9 @@ class Ledger:
         self._cache: OrderedDict[str, _Loaded] = OrderedDict()
         self._locks = [asyncio.Lock() for _ in range(LOCK_STRIPES)]
         self._committer = GroupCommitter(store)
+        self._reader = GroupReader(store)
+        self.shared_cards = shared_cards
+        self.races_lost = 0  # appends refused because another writer moved the card first
 
     # ---- commands -----------------------------------------------------------
 
@@ -278,9 +286,11 @@ class Ledger:
         card_id = parse_card_id(card_id)
         async with self._lock(card_id):
             loaded = self._cache.get(card_id)
-            fresh = loaded is None
+            fresh = loaded is None or self.shared_cards
             if loaded is None:
                 loaded = await self._load(card_id)
+            elif self.shared_cards:
+                loaded = await self._catch_up(card_id, loaded)
             for attempt in range(CONFLICT_RETRIES_MAX):
                 try:
                     result = decide(loaded.card)
@@ -295,6 +305,7 @@ class Ledger:
                 try:
                     loaded.last_hash = await self._append(card_id, loaded, pending, idempotency_key, metadata)
                 except errors.ConcurrentUpdate:
+                    self.races_lost += 1
                     self._forget(card_id)
                     await _back_off(attempt)
                     loaded, fresh = await self._load(card_id), True
@@ -345,7 +356,7 @@ class Ledger:
         return self._replay(restore_snapshot(state), await self.store.read_stream(stream_id, version + 1), last_hash)
 
     async def _catch_up(self, card_id: str, loaded: _Loaded) -> _Loaded:
-        events = await self.store.read_stream(card_id, loaded.card.version + 1)
+        events = await self._reader.events_after(card_id, loaded.card.version)
         return self._replay(loaded.card, events, loaded.last_hash) if events else loaded
 
     def _replay(self, card: GiftCard | None, events: list[RecordedEvent], last_hash: bytes) -> _Loaded:
@@ -416,8 +427,13 @@ async def _back_off(attempt: int) -> None:
     await asyncio.sleep(random.uniform(0, min(CONFLICT_BACKOFF_MAX_S, CONFLICT_BACKOFF_S * 2**attempt)))
 
 
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def parse_card_id(card_id: str) -> str:
     """Card ids are UUIDs; anything else names no card (and must not reach the database as one)."""
+    if isinstance(card_id, str) and _CANONICAL_UUID.fullmatch(card_id):
+        return card_id  # already as str(UUID) writes it: every call on the hot path
     try:
         return str(uuid.UUID(card_id))
     except (ValueError, AttributeError, TypeError):

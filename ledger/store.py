@@ -147,6 +147,13 @@ where stream_id = $1 and version >= $2 and ($3::timestamptz is null or recorded_
 order by version
 """
 
+# Many streams' tails at once: each stream's events after the version given for it.
+_READ_STREAMS_AFTER = f"""
+select {_COLUMNS} from events, unnest($1::text[], $2::int[]) as after(sid, known)
+where stream_id = after.sid and version > after.known
+order by stream_id, version
+"""
+
 # Only transactions older than every transaction still in flight are visible as a
 # prefix of the commit order; anything at or above xmin may still gain a neighbour.
 # The order names the table's columns: a bare ``tx`` would be the output column (tx::text::bigint),
@@ -287,6 +294,15 @@ class EventStore:
     ) -> list[RecordedEvent]:
         rows = await self.pool.fetch(_READ_STREAM, stream_id, from_version, until)
         return [recorded_event(row) for row in rows]
+
+    async def read_streams_after(self, known: Sequence[tuple[str, int]]) -> dict[str, list[RecordedEvent]]:
+        """For each (stream, version) given, the stream's events after that version, in one query;
+        a stream with nothing newer is absent from the answer."""
+        rows = await self.pool.fetch(_READ_STREAMS_AFTER, [k[0] for k in known], [k[1] for k in known])
+        tails: dict[str, list[RecordedEvent]] = {}
+        for row in rows:
+            tails.setdefault(row["stream_id"], []).append(recorded_event(row))
+        return tails
 
     async def read_all(
         self, after: Checkpoint = START, limit: int = 1000, *, connection: asyncpg.Connection | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -112,6 +113,11 @@ async def test_serve_runs_and_stops_cleanly_on_sigterm(database_url, workers):
         assert process.returncode == 0, stderr.decode()[-2000:]
         assert b"Traceback" not in stderr
         await wait_gone(children)
+        access = [line for line in map(json.loads, stderr.decode().splitlines()[1:]) if line["message"] == "request"]
+        created = [line for line in access if line["method"] == "POST" and line["path"] == "/api/giftcards"]
+        assert len(created) == 1, "one access line per request"
+        assert created[0]["status"] == 200 and created[0]["route"] == "/api/giftcards"
+        assert created[0]["level"] == "INFO" and created[0]["latency_ms"] > 0 and created[0]["request_id"]
     finally:
         if process.returncode is None:
             process.kill()

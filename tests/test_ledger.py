@@ -94,6 +94,21 @@ async def test_a_stale_cache_neither_overspends_nor_refuses_wrongly(ledger: Ledg
     assert (await ledger.card(card_id)).balance == 4000
 
 
+@pytest.mark.parametrize("shared_cards", [False, True])
+async def test_writers_sharing_cards_catch_up_before_deciding(ledger: Ledger, store: EventStore, clock, shared_cards):
+    """Two processes' ledgers taking turns on the same cards (serve --workers 2): with
+    ``shared_cards`` each catches its cached card up first and never loses an append's race."""
+    a, b = (Ledger(store, code_key=ledger.code_key, clock=clock, shared_cards=shared_cards) for _ in range(2))
+    cards = [str((await issue(a)).card.id) for _ in range(3)]
+    for card_id in cards:
+        await tx(a, card_id, "Credit", "100", "load")
+    for turn in range(6):
+        await asyncio.gather(*(tx((a, b)[turn % 2], card_id, "Debit", "1", f"d{turn}") for card_id in cards))
+    assert [(await a.card(c)).balance for c in cards] == [9400] * 3
+    races_lost = a.races_lost + b.races_lost
+    assert races_lost == 0 if shared_cards else races_lost > 0
+
+
 @pytest.mark.parametrize(
     ("operation", "value", "error"),
     [
