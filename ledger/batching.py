@@ -31,7 +31,14 @@ class Batcher(Generic[Item, Answer]):
     async def _flush_while_waiting(self) -> None:
         try:
             while self._waiting:
-                await self.flush(self.next_batch())
+                batch = self.next_batch()
+                try:
+                    await self.flush(batch)
+                except BaseException as e:  # the database is gone: every command of the batch learns it
+                    for _, answer in batch:
+                        settle(answer, error=e)
+                    if isinstance(e, asyncio.CancelledError):
+                        raise
         finally:
             self._flushing = False
 
@@ -53,7 +60,7 @@ class Batcher(Generic[Item, Answer]):
         raise NotImplementedError
 
     async def flush(self, batch: list[tuple[Item, asyncio.Future[Answer]]]) -> None:
-        """Sends one batch; must settle every answer of it (``settle``), whatever happens."""
+        """Sends one batch and settles each answer (``settle``); whatever it raises goes to every answer."""
         raise NotImplementedError
 
 

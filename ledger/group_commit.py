@@ -57,12 +57,6 @@ class GroupCommitter(Batcher[OneEvent, bytes]):
             for one, answer in batch:
                 settle(answer, error=ConcurrentUpdate(f"stream {one.stream_id} was contended; retrying"))
             return
-        except BaseException as e:  # the database is gone: every command of the batch learns it
-            for _, answer in batch:
-                settle(answer, error=e)
-            if isinstance(e, asyncio.CancelledError):
-                raise
-            return
         for one, answer in batch:
             if one.stream_id in appended:
                 settle(answer, result=one.hash)

@@ -33,13 +33,6 @@ class GroupReader(Batcher[tuple[str, int], list[RecordedEvent]]):
         return item[0]
 
     async def flush(self, batch: list[Waiting]) -> None:
-        try:
-            tails = await self.store.read_streams_after([known for known, _ in batch])
-        except BaseException as e:  # the database is gone: every command of the batch learns it
-            for _, answer in batch:
-                settle(answer, error=e)
-            if isinstance(e, asyncio.CancelledError):
-                raise
-            return
+        tails = await self.store.read_streams_after([known for known, _ in batch])
         for (stream_id, _), answer in batch:
             settle(answer, result=tails.get(stream_id, []))
