@@ -5,8 +5,9 @@ aggregate (Issued, Credited, Debited, Settled, Cancelled mixed, about 20 events 
 many days) and stored through ``ledger.codec``'s mapper and ``EventStore.append_many`` (hash
 chains and all), a chunk of cards per statement. Then, on that ledger:
 
-- catch-up: each read model rebuilt from zero by a ``ProjectionRunner`` of its own, run until caught
-  up (events/s for each, and for all three one after the other, as one runner does it);
+- catch-up: all three read models from zero with one ``ProjectionRunner``, as a service catches up,
+  timed until every one has the last event (events/s of the ledger); then each alone, from zero
+  with a runner of its own;
 - verify: ``python -m projections.finance_cli audit verify --json`` as a subprocess (events/s);
 - export: ``python -m projections.finance_cli export transactions --format csv`` as a subprocess
   (rows/s, and its peak resident set from ``getrusage(RUSAGE_CHILDREN).ru_maxrss``).
@@ -36,8 +37,9 @@ from bench.event_store_appends import create_bench_database, database_server, dr
 from ledger.codec import new_mapper
 from ledger.database import create_pool
 from ledger.domain.giftcard import GiftCard
-from ledger.store import EventStore, NewEvent, StreamAppend
-from projections import read_models
+from ledger.store import START, EventStore, NewEvent, StreamAppend
+from projections import checkpoints, read_models
+from projections.projection import Projection
 from projections.runner import ProjectionRunner
 
 BENCH_DATABASE = "giftcard_bench_projections"
@@ -137,27 +139,51 @@ async def write_ledger(pool: asyncpg.Pool, events_wanted: int, seed: int = 7) ->
 # ---- the measurements --------------------------------------------------------------------------------
 
 
-async def caught_up(pool: asyncpg.Pool, name: str) -> bool:
+async def caught_up(pool: asyncpg.Pool, names: list[str]) -> bool:
     return await pool.fetchval(
-        "select c.position >= (select max(position) from events) from projection_checkpoints c where c.name = $1",
-        name,
+        """
+        select count(*) = cardinality($1::text[]) and bool_and(c.position >= (select max(position) from events))
+        from projection_checkpoints c where c.name = any($1::text[])
+        """,
+        names,
     )
 
 
-async def catch_up(pool: asyncpg.Pool, batch_events_max: int | None) -> dict[str, dict[str, float]]:
-    """Each read model from zero, alone. ``catch_up`` stops at the first round that reads nothing,
-    which on a shared server can be early (another database's open transaction holds back the
-    snapshot's xmin that ``read_all`` waits behind), so it is called again until the last event."""
-    figures = {}
+async def from_zero(pool: asyncpg.Pool, projections: list[Projection]) -> None:
+    """Empties the projections' tables and puts their checkpoints back before the first event."""
+    tables = ", ".join(t for p in projections for t in p.tables)
+    async with pool.acquire() as connection, connection.transaction():
+        await connection.execute(f"truncate {tables}")
+        await checkpoints.ensure_checkpoints(connection, [p.name for p in projections])
+        for p in projections:
+            await checkpoints.replace(connection, p.name, START, 0, None)
+    await pool.execute("vacuum analyze")
+    await pool.execute("checkpoint")  # flushing the ledger just written is not the catch-up's work
+
+
+async def time_catch_up(pool: asyncpg.Pool, projections: list[Projection], batch_events_max: int | None) -> float:
+    """Seconds for one runner of ``projections`` to bring them all from zero to the last event.
+    ``catch_up`` stops at the first round that reads nothing, which on a shared server can be early
+    (another database's open transaction holds back the snapshot's xmin that ``read_all`` waits
+    behind), so it is called again until every projection has the last event."""
+    await from_zero(pool, projections)
+    options = {} if batch_events_max is None else {"batch_events_max": batch_events_max}
+    runner = ProjectionRunner(pool, projections, **options)
+    names = [p.name for p in projections]
+    started = time.perf_counter()
+    await runner.catch_up()
+    while not await caught_up(pool, names):
+        await asyncio.sleep(0.005)
+        await runner.catch_up()
+    return time.perf_counter() - started
+
+
+async def catch_up(pool: asyncpg.Pool, events: int, batch_events_max: int | None) -> dict[str, dict[str, float]]:
+    """All three read models from zero with one runner, as a service catches up, then each alone."""
+    seconds = await time_catch_up(pool, read_models(NATIVE), batch_events_max)
+    figures = {"all three": {"events": events, "seconds": round(seconds, 2), "events_per_s": events / seconds}}
     for projection in read_models(NATIVE):
-        options = {} if batch_events_max is None else {"batch_events_max": batch_events_max}
-        runner = ProjectionRunner(pool, [projection], **options)
-        started = time.perf_counter()
-        events = await runner.catch_up()
-        while not await caught_up(pool, projection.name):
-            await asyncio.sleep(0.005)
-            events += await runner.catch_up()
-        seconds = time.perf_counter() - started
+        seconds = await time_catch_up(pool, [projection], batch_events_max)
         figures[projection.name] = {"events": events, "seconds": round(seconds, 2), "events_per_s": events / seconds}
     return figures
 
@@ -218,7 +244,7 @@ async def run(server_url: str, args: argparse.Namespace) -> dict[str, Any]:
             for r in await pool.fetch("select type, count(*) as n from events group by type order by type")
         }
         await pool.execute("vacuum analyze events")
-        projections = await catch_up(pool, args.batch_events_max)
+        projections = await catch_up(pool, events, args.batch_events_max)
         await pool.execute("vacuum analyze")
     finally:
         await pool.close()
@@ -228,7 +254,6 @@ async def run(server_url: str, args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if not args.keep:
             await drop_database(server_url, BENCH_DATABASE)
-    total_s = sum(p["seconds"] for p in projections.values())
     return {
         "benchmark": "projections_perf",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -236,8 +261,8 @@ async def run(server_url: str, args: argparse.Namespace) -> dict[str, Any]:
         "cards": cards,
         "events_by_type": by_type,
         "write_s": round(write_s, 1),
+        "catch_up_all": projections.pop("all three"),
         "catch_up": projections,
-        "catch_up_all": {"events": events, "seconds": round(total_s, 2), "events_per_s": events / total_s},
         "verify": verified,
         "export_csv": exported,
     }
@@ -256,7 +281,13 @@ def table(figures: dict[str, Any]) -> str:
     all_ = figures["catch_up_all"]
     rate = all_["events_per_s"]
     lines.append(
-        line(f"catch-up all three ({all_['seconds']} s)", rate, "events/s", TARGET_CATCH_UP, rate >= TARGET_CATCH_UP)
+        line(
+            f"catch-up all three, one runner ({all_['seconds']} s)",
+            rate,
+            "events/s",
+            TARGET_CATCH_UP,
+            rate >= TARGET_CATCH_UP,
+        )
     )
     v = figures["verify"]
     lines.append(

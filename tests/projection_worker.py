@@ -27,13 +27,16 @@ PROBE_TABLE_SQL = (
 
 
 class Probe(Projection):
-    """Records (position, runner) for every event it is given: the exactly-once evidence."""
+    """Records (position, runner) for every event it is given: the exactly-once evidence.
 
-    name = PROBE
+    Probes under other names share the table; a test then writes each probe's name as the runner.
+    """
+
     tables = ("projection_probe",)
 
-    def __init__(self, runner_name: str) -> None:
+    def __init__(self, runner_name: str, name: str = PROBE) -> None:
         self.runner_name = runner_name
+        self.name = name
 
     async def apply(self, connection: asyncpg.Connection, events: Sequence[RecordedEvent]) -> None:
         await connection.executemany(

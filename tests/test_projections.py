@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from decimal import Decimal
 
@@ -18,13 +18,14 @@ import pytest
 
 from ledger.codec import canonical_json
 from ledger.commands import IssueCard, Ledger
-from ledger.store import EventStore, NewEvent
+from ledger.store import START, EventStore, NewEvent, RecordedEvent
 from projections import checkpoints, names, read_model, read_models
 from projections.events import SETTLED
+from projections.projection import ProjectionBug
 from projections.rebuild import rebuild
-from projections.runner import ProjectionRunner
+from projections.runner import ProjectionRunner, SharedRead
 from tests.conftest import Clock
-from tests.projection_worker import PROBE, PROBE_TABLE_SQL
+from tests.projection_worker import PROBE, PROBE_TABLE_SQL, Probe
 from tests.providers.reference import start_reference_provider
 
 NATIVE = "VtexGiftCard"
@@ -272,6 +273,101 @@ async def test_an_event_a_projection_cannot_place_stops_that_projection_just_bef
         assert status[stopped].lag_events == EVENTS_PER_CARD + 1, "and says how far behind it is"
     assert status["daily_totals"].lag_events == 0
     assert await pool.fetchval("select count(*) from read_card_balances") == 1
+
+
+class Flaky(Probe):
+    """A probe whose batches fail while they hold the event at ``fails_at`` (then it is fixed)."""
+
+    def __init__(self, name: str, fails_at: int) -> None:
+        super().__init__(name, name)
+        self.fails_at: int | None = fails_at
+
+    async def apply(self, connection: asyncpg.Connection, events: Sequence[RecordedEvent]) -> None:
+        if any(event.position == self.fails_at for event in events):
+            raise ProjectionBug(f"{self.name} cannot place event {self.fails_at}")
+        await super().apply(connection, events)
+
+
+async def assert_each_event_once(pool: asyncpg.Pool, probe_name: str) -> int:
+    """The probe was given every event up to its checkpoint once, and nothing past it."""
+    expected = await pool.fetch(
+        """
+        select e.position from events e, projection_checkpoints c
+        where c.name = $1 and (e.tx, e.position) <= (c.tx, c.position) order by e.position
+        """,
+        probe_name,
+    )
+    applied = await pool.fetch("select position from projection_probe where runner = $1 order by position", probe_name)
+    assert [r["position"] for r in applied] == [r["position"] for r in expected]
+    return len(expected)
+
+
+def count_reads(runner: ProjectionRunner) -> dict[str, int]:
+    """Counts the runner's reads of the events: shared by a round's projections, or one batch's own."""
+    counts = {"shared": 0, "own": 0}
+    read_all = runner.store.read_all
+
+    async def counted(after, limit, *, connection=None):
+        counts["shared" if connection is None else "own"] += 1
+        return await read_all(after, limit, connection=connection)
+
+    runner.store.read_all = counted
+    return counts
+
+
+async def test_projections_at_different_checkpoints_share_reads_and_each_get_every_event_once(pool, ledger, clock):
+    await pool.execute(PROBE_TABLE_SQL)
+    await write_cards(ledger, clock, 10, "shared")
+    total = 10 * EVENTS_PER_CARD
+    probes = [Probe(name, name) for name in ("ahead", "behind", "zero_a", "zero_b")]
+    for probe, batch in ((probes[0], 13), (probes[1], 7)):  # two of them start elsewhere
+        alone = ProjectionRunner(pool, [probe])
+        await alone.prepare()
+        assert await alone.run_batch(probe, batch) == batch
+
+    batches: list[str] = []
+    runner = ProjectionRunner(pool, probes, batch_events_max=10, on_batch=lambda name, _: batches.append(name))
+    reads = count_reads(runner)
+    await runner.catch_up()
+
+    for probe in probes:
+        assert await assert_each_event_once(pool, probe.name) == total, probe.name
+    assert reads["own"] == 0, "every batch used the round's read: no other runner moved a checkpoint"
+    assert reads["shared"] < len(batches), "projections standing at the same checkpoint read the events once"
+
+
+async def test_a_shared_read_whose_checkpoint_moved_meanwhile_is_not_applied(pool, ledger, clock):
+    """Another runner applied a batch between this round's read and its lock: the batch reads again."""
+    await pool.execute(PROBE_TABLE_SQL)
+    await write_cards(ledger, clock, 2, "moved")
+    probe = Probe(PROBE, PROBE)
+    runner = ProjectionRunner(pool, [probe])
+    await runner.prepare()
+    stale = SharedRead(START, await runner.store.read_all(START, 100))
+    assert await ProjectionRunner(pool, [probe]).run_batch(probe, 5) == 5  # the other runner
+
+    assert await runner.run_batch(probe, 100, stale) == 2 * EVENTS_PER_CARD - 5
+    assert await assert_each_event_once(pool, PROBE) == 2 * EVENTS_PER_CARD
+
+
+async def test_a_projection_failing_on_a_shared_batch_does_not_hold_back_the_others(pool, ledger, clock):
+    await pool.execute(PROBE_TABLE_SQL)
+    await write_cards(ledger, clock, 5, "flaky")
+    total = 5 * EVENTS_PER_CARD
+    fails_at = await pool.fetchval("select position from events order by tx, position offset 11 limit 1")
+    flaky = Flaky("flaky", fails_at)
+    probes = [Probe(name, name) for name in ("steady_a", "steady_b")]
+    runner = ProjectionRunner(pool, [*probes, flaky], batch_events_max=8, failure_backoff_s=0.0)
+    await runner.prepare()
+    for _ in range(20):  # each failure halves the flaky batch, down to the event that fails
+        await runner.run_round()
+
+    for probe in probes:
+        assert await assert_each_event_once(pool, probe.name) == total
+    assert await assert_each_event_once(pool, flaky.name) == 11, "stopped just before the event it cannot place"
+    flaky.fails_at = None  # fixed: it resumes there, and gets every event once
+    await runner.catch_up()
+    assert await assert_each_event_once(pool, flaky.name) == total
 
 
 # ---- rebuild while the service runs ---------------------------------------------------------------
