@@ -61,8 +61,12 @@ def start_projection_runner(settings: Settings, url: str) -> multiprocessing.Pro
     return runner
 
 
+PROJECTION_RUNNER_NICENESS = 10  # requests first: read models may lag a busy second, a Debit may not
+
+
 def _projection_runner_main(url: str, native_provider_id: str, serve_pid: int) -> None:
     configure_logging()
+    os.nice(PROJECTION_RUNNER_NICENESS)
     projections_cli.run_beside_serve(url, native_provider_id, serve_pid)
 
 

@@ -12,6 +12,7 @@ import sys
 import aiohttp
 import pytest
 
+from hub.cli import PROJECTION_RUNNER_NICENESS
 from tests.conftest import HUB_KEY, HUB_TOKEN
 
 
@@ -64,6 +65,14 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def niceness(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[16])  # field 19 of proc(5), after "pid (comm)"
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 async def wait_gone(pids: list[int], timeout_s: float = 10.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout_s
     while alive := [pid for pid in pids if os.path.exists(f"/proc/{pid}")]:
@@ -108,6 +117,7 @@ async def test_serve_runs_and_stops_cleanly_on_sigterm(database_url, workers):
                 assert response.status == 200
             await wait_projected(session, f"{base}/api/ledger/balances/{card_id}")
         children = children_of(process.pid)
+        assert PROJECTION_RUNNER_NICENESS in map(niceness, children), "the runner yields the CPU to requests"
         process.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.wait_for(process.communicate(), timeout=20)
         assert process.returncode == 0, stderr.decode()[-2000:]
