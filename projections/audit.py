@@ -7,8 +7,10 @@ and keeps every step with the balance after it, plus the card as it stood at an 
 ``verify`` walks every stream in (stream_id, version) order through one server-side cursor,
 in batches of ``batch_events_max``, inside one read-only repeatable-read transaction (a
 consistent snapshot that takes no transaction id, so it never holds back the projection
-runners). Only the current stream's state is in memory. For each stream it checks versions
-and the hash chain; for a card, replays it and checks the invariants after every event; it
+runners). The streams may be split into shares of about as many events, each but the first
+walked by a process of its own in the snapshot verify exports (the replay is CPU-bound Python);
+what spans every card is compared once, when every share is in. Only the current stream's state
+is in memory. For each stream it checks versions and the hash chain; for a card, replays it and checks the invariants after every event; it
 compares every read model with that replay (``projections.audit_read_models``) and adds up
 the money moved into the same totals ``export transactions`` computes. A card's snapshot (the
 cache the ledger loads long histories from) must equal the replay at its version, byte for byte.
@@ -16,7 +18,10 @@ cache the ledger loads long histories from) must equal the replay at its version
 
 from __future__ import annotations
 
+import asyncio
+import multiprocessing
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -26,13 +31,20 @@ import asyncpg
 import msgspec
 
 from ledger.commands import parse_card_id
+from ledger.database import CONNECT_TIMEOUT_S, STATEMENT_TIMEOUT_MS
 from ledger.domain.errors import CardNotFound
 from ledger.domain.giftcard import Transaction
 from ledger.domain.snapshot import decode_snapshot, restore_snapshot, take_snapshot
 from ledger.money import to_major
-from ledger.store import EventStore, RecordedEvent, recorded_event
+from ledger.store import Checkpoint, EventStore, RecordedEvent
 from projections import events as ev
-from projections.audit_read_models import CARDS_PER_CHECK_MAX, ReadModelCheck, ReadModelResult, load_checkpoints
+from projections.audit_read_models import (
+    CARDS_PER_CHECK_MAX,
+    ReadModelCheck,
+    ReadModelResult,
+    ShareFigures,
+    load_checkpoints,
+)
 from projections.forwarded import FORWARDED_REPLAYS_CTE, forwarded_move
 from projections.replay import (
     CARD_TOPICS,
@@ -46,28 +58,52 @@ from projections.replay import (
     balance_figures,
     cursor_batches,
     effective_at,
+    read_event,
     short_type,
 )
 from projections.totals import TotalKey, Totals
 
-VERIFY_BATCH_EVENTS = 1_000
+VERIFY_BATCH_EVENTS = 5_000  # a round trip per batch; the next batch is read while this one is walked
 FAILURES_KEPT_MAX = 1_000  # in the report; every failure is still passed to on_failure and counted
 
 RULE_SNAPSHOT = "snapshot_matches_replay"
 SNAPSHOTS_ORPHANED_NAMED_MAX = 10  # snapshots of a version no event has, named in the report
 
-# Every event in (stream_id, version) order, with whether it is a forwarded replay (not counted again,
-# see projections.forwarded) and whether the stream's snapshot was taken at it.
+# The replay is CPU-bound Python: the streams are split into this many shares of about as many events,
+# each walked by a process of its own (the first by verify's), all in one snapshot exported by verify.
+VERIFY_WALKERS_MAX = 2
+_SESSION = "set local jit = off"  # compiling the walk's query costs more than it saves
+
+# Every event of a share of the streams in (stream_id, version) order (the unique index's: no sort), with
+# whether it is a forwarded replay (not counted again, see projections.forwarded) and, at the version the
+# stream's snapshot was taken, that snapshot (read in the same pass: no query per card). {where} bounds
+# the share's stream ids.
 _VERIFY_EVENTS = f"""
 with {FORWARDED_REPLAYS_CTE}
 select {EVENT_COLUMNS}, e.position in (select position from forwarded_replays) as forwarded_replay,
-       s.version is not null as snapshot_here
+       s.hash as snapshot_hash, s.state as snapshot_state
 from events e
 left join snapshots s on s.stream_id = e.stream_id and s.version = e.version
+{{where}}
 order by e.stream_id, e.version
 """
 
-_SNAPSHOT = "select version, hash, state from snapshots where stream_id = $1"
+# The stream id at a given event of the (stream_id, version) order: where a share of the walk begins.
+_SHARE_START = "select stream_id from events order by stream_id, version offset $1 limit 1"
+
+
+@dataclass(frozen=True)
+class _Share:
+    """Streams from ``first`` (inclusive) to ``end`` (exclusive); None: from the first, to the last."""
+
+    first: str | None = None
+    end: str | None = None
+
+    def query(self) -> tuple[str, tuple[str, ...]]:
+        bounds = [(op, v) for op, v in ((">=", self.first), ("<", self.end)) if v is not None]
+        where = " and ".join(f"e.stream_id {op} ${n}" for n, (op, _) in enumerate(bounds, start=1))
+        return _VERIFY_EVENTS.format(where=f"where {where}" if where else ""), tuple(v for _, v in bounds)
+
 
 _ORPHANED_SNAPSHOTS = """
 select s.stream_id, s.version from snapshots s
@@ -256,7 +292,8 @@ class VerifyReport:
 
 class _StreamWalk:
     """One stream of the verify walk: chain always; for a card, the domain replay, its snapshot and the
-    money it moved; for a forwarded call, the money it moved."""
+    money it moved; for a forwarded call, the money it moved. Never touches the connection: what needs
+    a query waits in ``models`` until the walk is between two batches."""
 
     def __init__(
         self, stream_id: str, native: str, report: VerifyReport, models: ReadModelCheck, found: Callable
@@ -268,9 +305,8 @@ class _StreamWalk:
         self.found = found
         self.chain = ChainWalk()
         self.replay: CardReplay | None = None
-        self.snapshot_replayed: tuple[RecordedEvent, bytes] | None = None  # the card as replayed at its snapshot
 
-    def apply(self, event: RecordedEvent, forwarded_replay: bool, snapshot_here: bool) -> None:
+    def apply(self, event: RecordedEvent, row: asyncpg.Record) -> None:
         for failure in self.chain.check(event):
             self.found(failure)
         if self.replay is None and event.type in CARD_TOPICS:
@@ -278,20 +314,23 @@ class _StreamWalk:
             self.report.cards += 1
             self.models.card_started()
         if self.replay is not None:  # everything in a card's stream goes through the domain
-            self._card_event(self.replay, event, snapshot_here)
+            self._card_event(self.replay, event, row["snapshot_hash"], row["snapshot_state"])
         elif event.type == ev.FORWARDED:
-            self._forwarded(event, forwarded_replay)
+            self._forwarded(event, row["forwarded_replay"])
         # Any other stream (the provider registry) is checked for its chain only.
 
-    def _card_event(self, replay: CardReplay, event: RecordedEvent, snapshot_here: bool) -> None:
+    def _card_event(
+        self, replay: CardReplay, event: RecordedEvent, snapshot_hash: bytes | None, snapshot: bytes | None
+    ) -> None:
         self.models.before_card_event(replay, event)
         step, failures = replay.apply(event)
         for failure in failures:
             self.found(failure)
         if step is None:
             return
-        if snapshot_here and replay.card is not None:
-            self.snapshot_replayed = (event, take_snapshot(replay.card))
+        if snapshot is not None and replay.card is not None:
+            for failure in _snapshot_failures(event, snapshot_hash, snapshot, take_snapshot(replay.card)):
+                self.found(failure)
         self.models.card_step(replay, step)
         transaction = step.transaction
         if step.kind is not None and transaction is not None and step.amount is not None:
@@ -311,24 +350,21 @@ class _StreamWalk:
         if move is not None and not forwarded_replay:
             self.report.totals.add(TotalKey(move.provider, None, move.kind, None), move.amount)
 
-    async def finish(self, connection: asyncpg.Connection) -> None:
+    def finish(self) -> None:
         if self.replay is not None:
-            await self.models.card_done(self.replay)
-        if self.snapshot_replayed is not None:
-            event, replayed = self.snapshot_replayed
-            for failure in await _snapshot_failures(connection, event, replayed):
-                self.found(failure)
+            self.models.card_done(self.replay)
 
 
-async def _snapshot_failures(connection: asyncpg.Connection, event: RecordedEvent, replayed: bytes) -> list[Failure]:
+def _snapshot_failures(
+    event: RecordedEvent, stored_hash: bytes | None, stored: bytes, replayed: bytes
+) -> list[Failure]:
     """A snapshot is a cache the ledger loads cards from: it must be the replay at its version, exactly."""
-    row = await connection.fetchrow(_SNAPSHOT, event.stream_id)
     failures = []
-    if row["hash"] != event.hash:
+    if stored_hash != event.hash:
         message = "the snapshot's hash is not the stored hash of the event at its version"
         failures.append(Failure(event.stream_id, event.version, event.position, RULE_SNAPSHOT, message))
-    if not _same_state(row["state"], replayed):
-        message = f"the snapshot differs from the replay at its version: {_snapshot_difference(row['state'], replayed)}"
+    if not _same_state(stored, replayed):
+        message = f"the snapshot differs from the replay at its version: {_snapshot_difference(stored, replayed)}"
         failures.append(Failure(event.stream_id, event.version, event.position, RULE_SNAPSHOT, message))
     return failures
 
@@ -369,12 +405,23 @@ async def verify(
     cards_per_check_max: int = CARDS_PER_CHECK_MAX,
     on_failure: Callable[[Failure], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
+    database_url: str | None = None,
+    walkers: int = 1,
 ) -> VerifyReport:
-    """Walks every stream; every failure goes to ``on_failure`` as it is found, and into the report.
+    """Walks every stream; every failure goes to ``on_failure`` and into the report.
 
-    Memory: one batch of ``batch_events_max`` events, one stream's replay, and the expected figures of
-    at most ``cards_per_check_max`` cards waiting to be compared with their read-model rows.
+    With ``walkers`` > 1 (and the ``database_url`` a process connects to), the streams are split into
+    that many shares, each but the first walked by a process of its own in the snapshot this one
+    exports; a share's failures (the first ``FAILURES_KEPT_MAX`` of them, all counted) and progress
+    arrive when it is done. What spans every card (daily totals, forwarded totals, rows no event
+    explains, orphaned snapshots) is compared here, once, after every share is added.
+
+    Memory, per process: two batches of ``batch_events_max`` events (the one walked, the next one being
+    read), one stream's replay, and the expected figures of the cards waiting to be compared with their
+    read-model rows (compared between batches, once ``cards_per_check_max`` are waiting).
     """
+    if walkers < 1 or walkers > VERIFY_WALKERS_MAX or (walkers > 1 and database_url is None):
+        raise ValueError(f"walkers must be 1, or up to {VERIFY_WALKERS_MAX} with a database_url")
     report = VerifyReport()
 
     def found(failure: Failure) -> None:
@@ -383,30 +430,142 @@ async def verify(
             on_failure(failure)
 
     async with pool.acquire() as connection, connection.transaction(isolation="repeatable_read", readonly=True):
+        await connection.execute(_SESSION)
         checkpoints = await load_checkpoints(connection)
         models = ReadModelCheck(
             connection, native_provider_id, checkpoints, found, cards_per_check_max=cards_per_check_max
         )
-        walk: _StreamWalk | None = None
-        async for batch in cursor_batches(connection, _VERIFY_EVENTS, (), batch_events_max):
-            for row in batch:
-                event = recorded_event(row)
-                if walk is None or walk.stream_id != event.stream_id:
-                    if walk is not None:
-                        await walk.finish(connection)
-                    walk = _StreamWalk(event.stream_id, native_provider_id, report, models, found)
-                    report.streams += 1
-                walk.apply(event, row["forwarded_replay"], row["snapshot_here"])
-                models.count_event(event)
-                report.events += 1
-            if on_progress is not None:
-                on_progress(len(batch))
-        if walk is not None:
-            await walk.finish(connection)
+        mine, *others = await _shares(connection, walkers)
+        with ProcessPoolExecutor(max(len(others), 1), mp_context=multiprocessing.get_context("spawn")) as executor:
+            snapshot = await connection.fetchval("select pg_export_snapshot()") if others else None
+            options = (native_provider_id, checkpoints, batch_events_max, cards_per_check_max)
+            loop = asyncio.get_running_loop()
+            walking = [
+                loop.run_in_executor(executor, _walk_share, database_url, snapshot, share, *options) for share in others
+            ]
+            try:
+                await _walk(connection, mine, native_provider_id, report, models, found, batch_events_max, on_progress)
+            finally:
+                shares = await asyncio.gather(*walking)  # before the transaction whose snapshot they share ends
+        for share in shares:
+            _add_share(report, models, share, found, on_progress)
         for failure in await _orphaned_snapshots(connection):
             found(failure)
         report.read_models = await models.finish()
     return report
+
+
+async def _shares(connection: asyncpg.Connection, walkers: int) -> list[_Share]:
+    """``walkers`` shares of about as many events each, split between streams (a stream is walked whole)."""
+    if walkers == 1:
+        return [_Share()]
+    events = await connection.fetchval("select count(*) from events")
+    starts = [await connection.fetchval(_SHARE_START, events * n // walkers) for n in range(1, walkers)]
+    edges = [None, *sorted({start for start in starts if start is not None}), None]
+    return [_Share(first, end) for first, end in zip(edges, edges[1:], strict=False)]
+
+
+async def _walk(
+    connection: asyncpg.Connection,
+    share: _Share,
+    native: str,
+    report: VerifyReport,
+    models: ReadModelCheck,
+    found: Callable[[Failure], None],
+    batch_events_max: int,
+    on_progress: Callable[[int], None] | None,
+) -> None:
+    """One share of the streams, event by event; its cards compared with the read models as it goes."""
+    walk: _StreamWalk | None = None
+    sql, args = share.query()
+    async for batch in cursor_batches(connection, sql, args, batch_events_max, between=models.compare_due):
+        for row in batch:
+            event = read_event(row)
+            if walk is None or walk.stream_id != event.stream_id:
+                if walk is not None:
+                    walk.finish()
+                walk = _StreamWalk(event.stream_id, native, report, models, found)
+                report.streams += 1
+            walk.apply(event, row)
+            models.count_event(event)
+            report.events += 1
+        if on_progress is not None:
+            on_progress(len(batch))
+    if walk is not None:
+        walk.finish()
+    await models.compare_waiting()
+
+
+@dataclass(frozen=True)
+class _ShareWalked:
+    """What a process that walked a share hands back (pickled)."""
+
+    report: VerifyReport
+    figures: ShareFigures
+
+
+def _walk_share(
+    database_url: str,
+    snapshot: str,
+    share: _Share,
+    native: str,
+    checkpoints: dict[str, Checkpoint],
+    batch_events_max: int,
+    cards_per_check_max: int,
+) -> _ShareWalked:
+    """The entry point of a walker process."""
+    return asyncio.run(
+        _walk_share_in(database_url, snapshot, share, native, checkpoints, batch_events_max, cards_per_check_max)
+    )
+
+
+async def _walk_share_in(
+    database_url: str,
+    snapshot: str,
+    share: _Share,
+    native: str,
+    checkpoints: dict[str, Checkpoint],
+    batch_events_max: int,
+    cards_per_check_max: int,
+) -> _ShareWalked:
+    report = VerifyReport()
+    # The limits of the pool the first share is walked through (ledger.database.create_pool), stated again.
+    connection = await asyncpg.connect(
+        database_url,
+        command_timeout=STATEMENT_TIMEOUT_MS / 1000,
+        timeout=CONNECT_TIMEOUT_S,
+        server_settings={"statement_timeout": str(STATEMENT_TIMEOUT_MS), "application_name": "giftcard"},
+    )
+    try:
+        async with connection.transaction(isolation="repeatable_read", readonly=True):
+            await connection.execute(f"set transaction snapshot '{snapshot}'; {_SESSION}")
+            models = ReadModelCheck(
+                connection, native, checkpoints, report.add, cards_per_check_max=cards_per_check_max
+            )
+            await _walk(connection, share, native, report, models, report.add, batch_events_max, None)
+    finally:
+        await connection.close()
+    return _ShareWalked(report, models.share_figures())
+
+
+def _add_share(
+    report: VerifyReport,
+    models: ReadModelCheck,
+    share: _ShareWalked,
+    found: Callable[[Failure], None],
+    on_progress: Callable[[int], None] | None,
+) -> None:
+    walked = share.report
+    report.events += walked.events
+    report.streams += walked.streams
+    report.cards += walked.cards
+    report.totals.add_totals(walked.totals)
+    for failure in walked.failures:
+        found(failure)
+    report.failures_total += walked.failures_total - len(walked.failures)  # counted, not kept by the share
+    models.add_share(share.figures)
+    if on_progress is not None:
+        on_progress(walked.events)
 
 
 def render_report(report: VerifyReport) -> dict[str, Any]:

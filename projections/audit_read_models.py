@@ -96,6 +96,7 @@ from read_daily_totals order by day, provider, currency
 """
 
 _FLOW_NAMES = [f.name for f in fields(Flows)]
+_FLOW = {name: index for index, name in enumerate(_FLOW_NAMES)}  # a flow's place in a day's list
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,16 @@ class ReadModelResult:
     checkpoint: Checkpoint
     compared: int  # rows (cards, transactions, days) compared
     lag_events: int  # events after the checkpoint: not projected yet, so not compared
+
+
+@dataclass(frozen=True)
+class ShareFigures:
+    """A share of the walk's daily and forwarded flows, comparisons and lag (plain dicts: they are pickled)."""
+
+    days: dict[tuple, list[int]]
+    forwarded: dict[str, list[int]]
+    compared: dict[str, int]
+    lag_events: dict[str, int]
 
 
 @dataclass
@@ -146,11 +157,18 @@ class ReadModelCheck:
         self._pending: set[str] = set()
         self._days: defaultdict[tuple, list[int]] = defaultdict(lambda: [0] * len(_FLOW_NAMES))
         self._forwarded: defaultdict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+        self._oldest = min(checkpoints[name] for name in PROJECTIONS)
 
     def applied(self, name: str, event: RecordedEvent) -> bool:
         return is_applied(event, self.checkpoints[name])
 
+    def applied_by_all(self, event: RecordedEvent) -> bool:
+        """The usual case, read models caught up: one comparison instead of one per read model."""
+        return is_applied(event, self._oldest)
+
     def count_event(self, event: RecordedEvent) -> None:
+        if self.applied_by_all(event):
+            return
         for name in PROJECTIONS:
             if not self.applied(name, event):
                 self.lag_events[name] += 1
@@ -162,16 +180,22 @@ class ReadModelCheck:
 
     def before_card_event(self, replay: CardReplay, event: RecordedEvent) -> None:
         """The first event a projection has not applied: the card as it stands now is what it holds."""
+        if self.applied_by_all(event):
+            return
         for name in [n for n in self._pending if not self.applied(n, event)]:
             self._capture(name, replay)
 
     def card_step(self, replay: CardReplay, step: Step) -> None:
-        if self.applied(daily_totals.NAME, step.event):
+        if self.applied_by_all(step.event) or self.applied(daily_totals.NAME, step.event):
             self._add_day_flows(replay, step)
 
-    async def card_done(self, replay: CardReplay) -> None:
+    def card_done(self, replay: CardReplay) -> None:
+        """The card's expected figures wait for ``compare_due`` (the walk's connection is busy reading)."""
         for name in list(self._pending):
             self._capture(name, replay)
+
+    async def compare_due(self) -> None:
+        """Compares the waiting cards once a check's worth of them are waiting (called between batches)."""
         if len(self._balances) >= self.cards_per_check_max:
             await self._compare_balances()
         if (
@@ -179,6 +203,25 @@ class ReadModelCheck:
             or self._buffered_transactions >= self.transactions_per_check_max
         ):
             await self._compare_transactions()
+
+    async def compare_waiting(self) -> None:
+        """Compares every card still waiting, however few (a share of the walk is done)."""
+        await self._compare_balances()
+        await self._compare_transactions()
+
+    def share_figures(self) -> ShareFigures:
+        """What a share of the walk adds up beyond its own cards, for the walk that compares the whole."""
+        return ShareFigures(dict(self._days), dict(self._forwarded), dict(self.compared), dict(self.lag_events))
+
+    def add_share(self, figures: ShareFigures) -> None:
+        for key, flows in figures.days.items():
+            self._days[key] = [a + b for a, b in zip(self._days[key], flows, strict=True)]
+        for provider, moved in figures.forwarded.items():
+            self._forwarded[provider] = [a + b for a, b in zip(self._forwarded[provider], moved, strict=True)]
+        for name, count in figures.compared.items():
+            self.compared[name] += count
+        for name, count in figures.lag_events.items():
+            self.lag_events[name] += count
 
     def _capture(self, name: str, replay: CardReplay) -> None:
         self._pending.discard(name)
@@ -203,17 +246,17 @@ class ReadModelCheck:
         transaction = step.transaction
         amount = step.amount or 0
         if step.event.type == ev.ISSUED:
-            flows[_FLOW_NAMES.index("cards_issued")] += 1
+            flows[_FLOW["cards_issued"]] += 1
         elif step.kind == TRANSACTION and transaction is not None:
             debit = transaction.operation == DEBIT
-            flows[_FLOW_NAMES.index("transactions")] += 1
-            flows[_FLOW_NAMES.index("redeemed" if debit else "loaded")] += amount
-            flows[_FLOW_NAMES.index("balance_change")] += -amount if debit else amount
+            flows[_FLOW["transactions"]] += 1
+            flows[_FLOW["redeemed" if debit else "loaded"]] += amount
+            flows[_FLOW["balance_change"]] += -amount if debit else amount
         elif step.kind == SETTLEMENT:
-            flows[_FLOW_NAMES.index("settled")] += amount
+            flows[_FLOW["settled"]] += amount
         elif step.kind == CANCELLATION and transaction is not None:
-            flows[_FLOW_NAMES.index("cancelled")] += amount
-            flows[_FLOW_NAMES.index("balance_change")] += amount if transaction.operation == DEBIT else -amount
+            flows[_FLOW["cancelled"]] += amount
+            flows[_FLOW["balance_change"]] += amount if transaction.operation == DEBIT else -amount
 
     # ---- forwarded calls ---------------------------------------------------------------------
 
@@ -242,7 +285,7 @@ class ReadModelCheck:
             }.get(call.operation, {"transactions": 1, "unclassified": amount})
         flows = self._days[(ev.utc_day(event.recorded_at), None, call.provider_id)]
         for name, value in added.items():
-            flows[_FLOW_NAMES.index(name)] += value
+            flows[_FLOW[name]] += value
 
     # ---- comparisons ---------------------------------------------------------------------------
 

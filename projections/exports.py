@@ -1,12 +1,12 @@
 """Finance exports, read straight from the events (not the lagging read models), streamed.
 
 ``export_transactions`` writes one row per transaction, settlement and cancellation, oldest
-first, native and forwarded to external providers, as CSV, JSON Lines or Parquet. It reads
-the events through one server-side cursor, in batches of ``batch_rows``, inside one
-read-only repeatable-read transaction (a consistent snapshot), and looks up what a batch
-needs beyond its own events (each card's currency, each settled or cancelled transaction's
-direction) with one query per batch: memory stays flat however large the ledger. It adds up
-what it writes into the same ``Totals`` that ``audit verify`` computes from its replay.
+first, native and forwarded to external providers, as CSV, JSON Lines or Parquet. The rows are
+defined once, in SQL (``_ROWS``), inside one read-only repeatable-read transaction (a consistent
+snapshot): CSV is ``COPY``'d out of the server as it formats it, JSON Lines and Parquet read the
+same rows through a server-side cursor, in batches of ``batch_rows``; memory stays flat however
+large the ledger. It adds up what it writes into the same ``Totals`` that ``audit verify``
+computes from its replay.
 
 ``export_liabilities`` replays every card through the domain up to the end of a day (UTC,
 effective time) and yields the outstanding balance of each, with the total per currency.
@@ -19,10 +19,10 @@ An external provider's currency is not recorded by the hub: ``currency`` is empt
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import csv
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
@@ -31,9 +31,11 @@ from typing import IO, Any
 import asyncpg
 import msgspec
 
-from ledger.store import RecordedEvent, recorded_event
+from ledger.domain.giftcard import CREDIT, DEBIT
+from ledger.money import CURRENCY_EXPONENTS
+from ledger.store import RecordedEvent
 from projections import events as ev
-from projections.forwarded import FORWARDED_REPLAYS_CTE, forwarded_move
+from projections.forwarded import FORWARDED_REPLAYS_CTE
 from projections.replay import (
     CANCELLATION,
     CARD_TOPICS,
@@ -43,11 +45,12 @@ from projections.replay import (
     CardReplay,
     cursor_batches,
     effective_at,
-    transaction_id_of,
+    read_event,
 )
 from projections.totals import TotalKey, Totals, major
 
-EXPORT_BATCH_ROWS = 2_000  # events per cursor fetch, and rows per Parquet row group at most
+EXPORT_BATCH_ROWS = 2_000  # rows per cursor fetch, and rows per Parquet row group at most
+CSV_SLICE_BYTES_MAX = 64 * 1024  # of a COPY chunk, rewritten (LF to CRLF) and written at a time
 FORMATS = ("csv", "jsonl", "parquet")
 LIABILITY_FORMATS = ("csv", "jsonl")
 PARQUET_AMOUNT_PRECISION = 38
@@ -56,36 +59,145 @@ PARQUET_AMOUNT_SCALE = ev.UNKNOWN_CURRENCY_EXPONENT  # 4: the finest minor unit 
 _NATIVE_MONEY_TOPICS = [ev.CREDITED, ev.DEBITED, ev.SETTLED, ev.CANCELLED, ev.VOIDED]  # a void: a cancellation
 _MONEY_OPERATIONS = [ev.FORWARDED_CREATE_TRANSACTION, ev.FORWARDED_SETTLE, ev.FORWARDED_CANCEL]
 
-# $1 native money topics, $2 forwarded money operations, $3 since (inclusive), $4 until (exclusive),
-# $5 provider, $6 the native provider's id. Effective time: the event's date, else when it was recorded.
-_EXPORT_EVENTS = f"""
-with {FORWARDED_REPLAYS_CTE}
-select {EVENT_COLUMNS}
-from events e
-where (e.type = any($1::text[])
-       or (e.type = '{ev.FORWARDED}' and e.data->>'outcome' = '{ev.FORWARDED_OK}'
-           and e.data->>'operation' = any($2::text[])
-           and e.position not in (select position from forwarded_replays)))
-  and ($3::timestamptz is null or coalesce((e.data->>'date')::timestamptz, e.recorded_at) >= $3)
-  and ($4::timestamptz is null or coalesce((e.data->>'date')::timestamptz, e.recorded_at) < $4)
-  and ($5::text is null or case when e.type = '{ev.FORWARDED}' then e.data->>'providerId' = $5 else $5 = $6 end)
-order by e.position
-"""
-
-_CURRENCIES = """
-select stream_id, data->>'currency' as currency from events
-where version = 1 and type = $1 and stream_id = any($2::text[])
-"""
-
-_DIRECTIONS = """
-select e.stream_id, e.data->>'transaction_id' as transaction_id, e.type
-from events e
-join unnest($1::text[], $2::text[]) as k(stream_id, transaction_id)
-  on e.stream_id = k.stream_id and e.data->>'transaction_id' = k.transaction_id
-where e.type = any($3::text[])
-"""
-
 _CARD_EVENTS = f"select {EVENT_COLUMNS} from events e where e.type = any($1::text[]) order by e.stream_id, e.version"
+
+
+# ---- the rows, defined once, in SQL ------------------------------------------------------------
+#
+# Every format reads these rows: CSV straight out of ``COPY ... TO STDOUT`` (the server formats every
+# field, exact decimals, UTC instants as Python's ``isoformat`` writes them, and this process only moves
+# bytes), JSON Lines and Parquet through a cursor. $1 native money topics, $2 forwarded money operations,
+# $3 since (inclusive), $4 until (exclusive), $5 provider, $6 the native provider's id, $7 currency.
+# Effective time: the event's date, else when it was recorded.
+#
+# A field of the wrong JSON type cannot give an exact row: a native amount must be a JSON number
+# (``->`` cast to bigint refuses a string, where ``->>`` would read "12" as 12); the query then fails with
+# a DataError, reported as LedgerInconsistent. A fractional number would be rounded by that cast, and a
+# forwarded ``value`` is read as ASCII decimal text only (``Decimal()`` also reads "1_000" and non-ASCII
+# digits); text fields are read as text whatever their JSON type. None of these can be written by the
+# ledger (the domain's codec writes integers and strings; the hub writes ``str(Decimal)``, ASCII without
+# underscores); an altered native event of that kind is named by ``audit verify``, whose replay refuses it.
+_AMOUNT_UNITS_MAX = ev.UNKNOWN_CURRENCY_AMOUNT_MAX
+_DECIMAL_TEXT = r"^\s*[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]{1,4})?\s*$"  # as Decimal() reads one
+_ROWS = f"""
+with {FORWARDED_REPLAYS_CTE},
+money as (
+    select e.position, e.stream_id, e.type, e.data, e.recorded_at
+    from events e
+    where (e.type = any($1::text[])
+           or (e.type = '{ev.FORWARDED}' and e.data->>'outcome' = '{ev.FORWARDED_OK}'
+               and e.data->>'operation' = any($2::text[])
+               and e.position not in (select position from forwarded_replays)))
+      and ($3::timestamptz is null or coalesce((e.data->>'date')::timestamptz, e.recorded_at) >= $3)
+      and ($4::timestamptz is null or coalesce((e.data->>'date')::timestamptz, e.recorded_at) < $4)
+      and ($5::text is null or case when e.type = '{ev.FORWARDED}' then e.data->>'providerId' = $5 else $5 = $6 end)
+),
+-- Each card's currency, and the operation of every transaction a settlement or cancellation names
+-- (its latest create, as the domain keeps it): looked up by hash, not through an index per row.
+issues as (
+    select stream_id, data->>'currency' as currency from events where version = 1 and type = '{ev.ISSUED}'
+),
+directions as (
+    select distinct on (c.stream_id, c.data->>'transaction_id')
+           c.stream_id, c.data->>'transaction_id' as transaction_id, c.type
+    from events c where c.type in ('{ev.CREDITED}', '{ev.DEBITED}')
+    order by c.stream_id, c.data->>'transaction_id', c.version desc
+),
+native as (
+    select m.position, coalesce((m.data->>'date')::timestamptz, m.recorded_at) as date, m.recorded_at,
+           $6::text as provider, 'ledger' as source, m.stream_id as card_id,
+           m.data->>'transaction_id' as transaction_id,
+           case when m.type in ('{ev.CREDITED}', '{ev.DEBITED}') then '{TRANSACTION}'
+                when m.type = '{ev.SETTLED}' then '{SETTLEMENT}' else '{CANCELLATION}' end as kind,
+           case coalesce(t.type, m.type) when '{ev.CREDITED}' then '{CREDIT}' when '{ev.DEBITED}' then '{DEBIT}' end
+               as operation,
+           m.data->>'oid' as oid, i.currency,
+           (m.data->'value')::bigint as amount, (m.data->'released')::bigint as released,
+           (m.data->'refunded')::bigint as refunded, m.data->>'request_id' as request_id,
+           m.data->'order_info'->>'orderId' as order_id,
+           case when m.type in ('{ev.CREDITED}', '{ev.DEBITED}') then coalesce(m.data->>'description', '') end
+               as description
+    from money m
+    left join issues i on i.stream_id = m.stream_id
+    left join directions t
+        on m.type not in ('{ev.CREDITED}', '{ev.DEBITED}') and t.stream_id = m.stream_id
+           and t.transaction_id = m.data->>'transaction_id'
+    where m.type <> '{ev.FORWARDED}'
+),
+forwarded as (
+    select m.position, m.recorded_at as date, m.recorded_at, m.data->>'providerId' as provider,
+           'forwarded' as source, m.data->>'cardId' as card_id,
+           case when f.is_create then coalesce(m.data->>'transactionId', m.stream_id) else m.data->>'transactionId' end
+               as transaction_id,
+           case m.data->>'operation' when '{ev.FORWARDED_CREATE_TRANSACTION}' then '{TRANSACTION}'
+                when '{ev.FORWARDED_SETTLE}' then '{SETTLEMENT}' else '{CANCELLATION}' end as kind,
+           null as operation, case when not f.is_create then m.stream_id end as oid, null as currency,
+           (u.scaled)::bigint as amount, null::bigint as released, null::bigint as refunded,
+           case when f.is_create then nullif(btrim(coalesce(m.data->>'requestId', ''), E' \\t\\n\\r\\f\\v'), '')
+                else m.data->>'requestId' end as request_id,
+           null as order_id, null as description
+    from money m
+    cross join lateral (
+        select m.data->>'operation' = '{ev.FORWARDED_CREATE_TRANSACTION}' as is_create,
+               case when m.data->>'value' ~ '{_DECIMAL_TEXT}' then (m.data->>'value')::numeric end as major
+    ) f
+    cross join lateral (select f.major * {10**ev.UNKNOWN_CURRENCY_EXPONENT} as scaled) u  -- numeric: exact
+    where m.type = '{ev.FORWARDED}' and m.data->>'cardId' is not null
+      and (f.is_create or m.data->>'transactionId' is not null)
+      and f.major > 0 and f.major <= {_AMOUNT_UNITS_MAX} and u.scaled = trunc(u.scaled) and u.scaled <= {_AMOUNT_UNITS_MAX}
+)
+select * from (select * from native union all select * from forwarded) r
+where $7::text is null or r.currency = $7 or (r.source = 'ledger' and r.currency is null)
+"""
+
+# JSON Lines and Parquet: the rows, oldest first (a card with no issue event has no currency, and is
+# kept whatever the currency filter so that the export stops on it).
+_ROWS_IN_ORDER = f"select * from ({_ROWS}) r order by r.position"
+
+
+def _iso_sql(column: str) -> str:
+    """A UTC instant as Python's ``isoformat`` writes it (microseconds only when there are any)."""
+    utc = f"({column} at time zone 'UTC')"
+    return (
+        f"""to_char({utc}, 'YYYY-MM-DD"T"HH24:MI:SS') """
+        f"""|| case when to_char({utc}, 'US') = '000000' then '' else '.' || to_char({utc}, 'US') end || '+00:00'"""
+    )
+
+
+def _major_sql(column: str) -> str:
+    """Units as ``totals.major`` writes them: the currency's decimals, or (no currency) no trailing zeros."""
+    return (
+        f"case when r.currency is null then trim_scale({column} * 0.0001)::text "
+        f"else round({column}::numeric / 10::numeric ^ x.exponent, x.exponent)::text end"
+    )
+
+
+# JIT compiling these long expressions costs more than it saves, over a ledger of any size; the rows are
+# sorted by position before the first byte is sent, which takes longer than any one ledger statement may.
+EXPORT_TIMEOUT_S = 3_600
+_READ_ONLY = {"isolation": "repeatable_read", "readonly": True}  # one consistent snapshot, no transaction id
+_SESSION = f"set local jit = off; set local statement_timeout = '{EXPORT_TIMEOUT_S}s'; set local work_mem = '64MB'"
+
+# CSV writes None and "" alike (an empty field); COPY quotes "" unless it is NULL, hence the nullifs.
+_CSV_COPY = f"""
+select r.position, {_iso_sql("r.date")} as date, {_iso_sql("r.recorded_at")} as recorded_at,
+       nullif(r.provider, '') as provider, r.source, nullif(r.card_id, '') as card_id,
+       nullif(r.transaction_id, '') as transaction_id, r.kind, r.operation, nullif(r.oid, '') as oid, r.currency,
+       {_major_sql("r.amount")} as amount, {_major_sql("r.released")} as released,
+       {_major_sql("r.refunded")} as refunded, nullif(r.request_id, '') as request_id,
+       nullif(r.order_id, '') as order_id, nullif(r.description, '') as description
+from ({_ROWS}) r
+left join unnest($8::text[], $9::int[]) as x(currency, exponent) on x.currency = r.currency
+order by r.position
+"""
+
+# What the CSV holds, added up: the export's totals (and the first native row of a card with no issue event).
+_CSV_TOTALS = f"""
+select r.provider, r.currency, r.kind, r.operation, count(*) as count, sum(r.amount) as units,
+       min(r.card_id) filter (where r.source = 'ledger' and r.currency is null) as card_not_issued
+from ({_ROWS}) r
+group by r.provider, r.currency, r.kind, r.operation
+"""
 
 
 class LedgerInconsistent(Exception):
@@ -145,28 +257,143 @@ async def export_transactions(
 ) -> ExportResult:
     """Writes the rows to ``output`` (through a ``.partial`` file renamed at the end, so a failed
     export never leaves a file that looks complete) and returns their count and totals."""
-    result = ExportResult()
+    if file_format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {file_format!r}")
     partial = output.with_name(output.name + ".partial")
-    writer = _writer(file_format, partial)
+    args = (
+        _NATIVE_MONEY_TOPICS,
+        _MONEY_OPERATIONS,
+        where.since,
+        where.until,
+        where.provider,
+        native_provider_id,
+        where.currency,
+    )
     try:
-        async with pool.acquire() as connection, connection.transaction(isolation="repeatable_read", readonly=True):
-            args = (_NATIVE_MONEY_TOPICS, _MONEY_OPERATIONS, where.since, where.until, where.provider)
-            async for batch in cursor_batches(connection, _EXPORT_EVENTS, (*args, native_provider_id), batch_rows):
-                rows = await _rows_of(connection, [recorded_event(r) for r in batch], native_provider_id)
-                rows = [row for row in rows if where.currency is None or row.currency == where.currency]
+        if file_format == "csv":
+            result = await _export_csv(pool, partial, args, on_progress)
+        else:
+            result = await _export_rows(pool, partial, file_format, args, batch_rows, on_progress)
+    except asyncpg.DataError as e:  # a field that is not what its event type says (a value that is no integer)
+        partial.unlink(missing_ok=True)
+        raise LedgerInconsistent(f"an event does not decode: {e}; run giftcard audit verify") from e
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, output)
+    return result
+
+
+async def _export_rows(
+    pool: asyncpg.Pool,
+    path: Path,
+    file_format: str,
+    args: tuple[object, ...],
+    batch_rows: int,
+    on_progress: Callable[[int], None] | None,
+) -> ExportResult:
+    """JSON Lines or Parquet: ``_ROWS_IN_ORDER`` through a cursor, a batch at a time, added up here."""
+    result = ExportResult()
+    writer = _writer(file_format, path)
+    try:
+        async with pool.acquire() as connection, connection.transaction(**_READ_ONLY):
+            await connection.execute(_SESSION)
+            async for batch in cursor_batches(connection, _ROWS_IN_ORDER, args, batch_rows):
+                rows = [_export_row(record) for record in batch]
                 writer.write(rows)
                 for row in rows:
                     result.totals.add(TotalKey(row.provider, row.currency, row.kind, row.operation), row.amount)
                 result.rows += len(rows)
                 if on_progress is not None:
-                    on_progress(len(batch))
+                    on_progress(len(rows))
+    finally:
         writer.close()
-    except BaseException:
-        writer.close()
-        partial.unlink(missing_ok=True)
-        raise
-    os.replace(partial, output)
     return result
+
+
+def _export_row(record: asyncpg.Record) -> ExportRow:
+    if record["source"] == "ledger" and record["currency"] is None:
+        raise LedgerInconsistent(_not_issued(record["card_id"]))
+    return ExportRow(**dict(record.items()))
+
+
+def _not_issued(card_id: str) -> str:
+    return f"card {card_id} has money events but no issue event; run giftcard audit verify"
+
+
+async def _export_csv(
+    pool: asyncpg.Pool, path: Path, args: tuple[object, ...], on_progress: Callable[[int], None] | None
+) -> ExportResult:
+    """``COPY`` of ``_CSV_COPY`` into ``path`` on one connection while another adds up ``_CSV_TOTALS``,
+    both in one snapshot (exported by the first, taken by the second): two server processes at once."""
+    exponents = sorted(CURRENCY_EXPONENTS.items())
+    copy_args = (*args, [c for c, _ in exponents], [e for _, e in exponents])
+    async with pool.acquire() as rows, pool.acquire() as totals, rows.transaction(**_READ_ONLY):
+        snapshot = await rows.fetchval("select pg_export_snapshot()")
+        await rows.execute(_SESSION)
+        async with totals.transaction(**_READ_ONLY):
+            await totals.execute(f"set transaction snapshot '{snapshot}'; {_SESSION}")
+            with path.open("wb") as file:
+                # Both run to their end before the transactions close (a connection still copying
+                # cannot roll back); both read the same rows, so a row that fails one fails the other.
+                copied, added = await asyncio.gather(
+                    rows.copy_from_query(
+                        _CSV_COPY,
+                        *copy_args,
+                        output=_CrlfLines(file, on_progress).write,
+                        format="csv",
+                        header=True,
+                        timeout=EXPORT_TIMEOUT_S,
+                    ),
+                    totals.fetch(_CSV_TOTALS, *args, timeout=EXPORT_TIMEOUT_S),
+                    return_exceptions=True,
+                )
+    for outcome in (copied, added):
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return _csv_result(added)
+
+
+def _csv_result(groups: list[asyncpg.Record]) -> ExportResult:
+    result = ExportResult()
+    for group in groups:
+        if group["card_not_issued"] is not None:
+            raise LedgerInconsistent(_not_issued(group["card_not_issued"]))
+        key = TotalKey(group["provider"], group["currency"], group["kind"], group["operation"])
+        result.totals.add_many(key, group["count"], int(group["units"]))
+        result.rows += group["count"]
+    return result
+
+
+class _CrlfLines:
+    """COPY's CSV ends records with LF; Python's csv module (and so every CSV export before) with CRLF.
+    A LF inside a quoted field is data and stays as it is: quotes are tracked across chunks (an
+    escaped quote is two of them, so counting keeps the state right)."""
+
+    def __init__(self, file: IO[bytes], on_progress: Callable[[int], None] | None) -> None:
+        self.file = file
+        self.on_progress = on_progress
+        self.quoted = False
+        self.header = True
+
+    async def write(self, chunk: bytes) -> None:
+        # A chunk is whatever arrived from the server since the last one: rewritten a slice at a time,
+        # so that the copies made here stay small however fast the rows arrive.
+        for start in range(0, len(chunk), CSV_SLICE_BYTES_MAX):
+            self._write_slice(chunk[start : start + CSV_SLICE_BYTES_MAX])
+
+    def _write_slice(self, data: bytes) -> None:
+        parts = data.split(b'"')
+        start = 1 if self.quoted else 0
+        records = 0
+        for i in range(start, len(parts), 2):  # the parts outside quotes
+            records += parts[i].count(b"\n")
+            parts[i] = parts[i].replace(b"\n", b"\r\n")
+        self.quoted = (len(parts) - 1 + self.quoted) % 2 == 1
+        self.file.write(b'"'.join(parts))
+        if self.on_progress is not None and records:
+            self.on_progress(records - self.header)  # the header line is no row
+            self.header = False
 
 
 async def count_export_events(pool: asyncpg.Pool) -> int:
@@ -178,134 +405,6 @@ async def count_export_events(pool: asyncpg.Pool) -> int:
 async def count_card_events(pool: asyncpg.Pool) -> int:
     """The events ``export_liabilities`` reads, for a progress bar's total."""
     return await pool.fetchval("select count(*) from events where type = any($1::text[])", list(CARD_TOPICS))
-
-
-async def _rows_of(connection: asyncpg.Connection, events: list[RecordedEvent], native: str) -> list[ExportRow]:
-    native_events = [e for e in events if e.type != ev.FORWARDED]
-    currencies = await _currencies(connection, native_events)
-    directions = await _directions(connection, native_events)
-    rows = []
-    for event in events:
-        with _decoding(event):
-            row = (
-                _forwarded_row(event)
-                if event.type == ev.FORWARDED
-                else _native_row(event, native, currencies, directions)
-            )
-        if row is not None:
-            rows.append(row)
-    return rows
-
-
-@contextlib.contextmanager
-def _decoding(event: RecordedEvent) -> Iterator[None]:
-    """An event whose data is not what its type says cannot give an exact row: stop, naming it."""
-    try:
-        yield
-    except msgspec.MsgspecError as e:
-        raise LedgerInconsistent(
-            f"event at position {event.position} ({event.type} on {event.stream_id}) does not decode: {e}; "
-            "run giftcard audit verify"
-        ) from e
-
-
-async def _currencies(connection: asyncpg.Connection, events: list[RecordedEvent]) -> dict[str, str]:
-    stream_ids = sorted({e.stream_id for e in events})
-    found = {r["stream_id"]: r["currency"] for r in await connection.fetch(_CURRENCIES, ev.ISSUED, stream_ids)}
-    missing = [s for s in stream_ids if found.get(s) is None]
-    if missing:
-        raise LedgerInconsistent(f"card {missing[0]} has money events but no issue event; run giftcard audit verify")
-    return found
-
-
-async def _directions(connection: asyncpg.Connection, events: list[RecordedEvent]) -> dict[tuple[str, str], str]:
-    """Credit or Debit of every transaction a settlement or cancellation of the batch names."""
-    known: dict[tuple[str, str], str] = {}
-    wanted: set[tuple[str, str]] = set()
-    for event in events:
-        with _decoding(event):
-            key = (event.stream_id, transaction_id_of(event) or "")
-        if event.type in ev.OPERATION_OF:
-            known[key] = ev.OPERATION_OF[event.type]
-        elif key not in known:
-            wanted.add(key)
-    if wanted:
-        keys = sorted(wanted)
-        rows = await connection.fetch(_DIRECTIONS, [k[0] for k in keys], [k[1] for k in keys], list(ev.OPERATION_OF))
-        known |= {(r["stream_id"], r["transaction_id"]): ev.OPERATION_OF[r["type"]] for r in rows}
-    return known
-
-
-def _native_row(
-    event: RecordedEvent, native: str, currencies: dict[str, str], directions: dict[tuple[str, str], str]
-) -> ExportRow:
-    currency = currencies[event.stream_id]
-    common = dict(
-        position=event.position,
-        date=effective_at(event),
-        recorded_at=event.recorded_at,
-        provider=native,
-        source="ledger",
-        card_id=event.stream_id,
-        currency=currency,
-    )
-    if event.type in ev.OPERATION_OF:
-        created = ev.decode(event, ev.TransactionCreated)
-        return ExportRow(
-            **common,
-            transaction_id=created.transaction_id,
-            kind=TRANSACTION,
-            operation=ev.OPERATION_OF[event.type],
-            oid=None,
-            amount=created.value,
-            request_id=created.request_id,
-            order_id=created.order_id,
-            description=created.description,
-        )
-    if event.type == ev.SETTLED:
-        settled = ev.decode(event, ev.Settled)
-        return ExportRow(
-            **common,
-            transaction_id=settled.transaction_id,
-            kind=SETTLEMENT,
-            operation=directions.get((event.stream_id, settled.transaction_id)),
-            oid=settled.oid,
-            amount=settled.value,
-            request_id=settled.request_id,
-        )
-    cancelled = ev.decode(event, ev.Cancelled)  # Cancelled or Voided: the same fields
-    return ExportRow(
-        **common,
-        transaction_id=cancelled.transaction_id,
-        kind=CANCELLATION,
-        operation=directions.get((event.stream_id, cancelled.transaction_id)),
-        oid=cancelled.oid,
-        amount=cancelled.value,
-        released=cancelled.released,
-        refunded=cancelled.refunded,
-        request_id=cancelled.request_id,
-    )
-
-
-def _forwarded_row(event: RecordedEvent) -> ExportRow | None:
-    move = forwarded_move(event)
-    if move is None:
-        return None  # no exact amount, or no card: the read models leave it out too
-    return ExportRow(
-        position=event.position,
-        date=event.recorded_at,
-        recorded_at=event.recorded_at,
-        provider=move.provider,
-        source="forwarded",
-        card_id=move.card_id,
-        transaction_id=move.transaction_id,
-        kind=move.kind,
-        operation=None,  # the hub does not record a forwarded transaction's direction
-        oid=move.oid,
-        currency=None,
-        amount=move.amount,
-        request_id=move.request_id,
-    )
 
 
 # ---- writers ---------------------------------------------------------------------------------
@@ -330,9 +429,6 @@ class _CsvWriter:
 
     def write_values(self, rows: Iterable[dict[str, Any]]) -> None:
         self.csv.writerows([_csv_text(v) for v in row.values()] for row in rows)
-
-    def write(self, rows: list[ExportRow]) -> None:
-        self.write_values(_rendered(row) for row in rows)
 
     def close(self) -> None:
         self.file.close()
@@ -392,9 +488,8 @@ class _ParquetWriter:
         self.writer.close()
 
 
-def _writer(file_format: str, path: Path) -> _CsvWriter | _JsonLinesWriter | _ParquetWriter:
-    if file_format == "csv":
-        return _CsvWriter(path, COLUMNS)
+def _writer(file_format: str, path: Path) -> _JsonLinesWriter | _ParquetWriter:
+    """JSON Lines or Parquet (CSV comes out of ``COPY``, see ``_export_csv``)."""
     if file_format == "jsonl":
         return _JsonLinesWriter(path)
     if file_format == "parquet":
@@ -448,7 +543,7 @@ async def export_liabilities(
     async with pool.acquire() as connection, connection.transaction(isolation="repeatable_read", readonly=True):
         async for batch in cursor_batches(connection, _CARD_EVENTS, (list(CARD_TOPICS),), batch_rows):
             for row in batch:
-                event = recorded_event(row)
+                event = read_event(row)
                 if card is None or card.replay.stream_id != event.stream_id:
                     _close_card(card, result, on_card)
                     card = _CardUntil(CardReplay(event.stream_id), result.cutoff)

@@ -30,6 +30,7 @@ from ledger.money import exponent_of
 from ledger.store import EventStore
 from projections.audit import (
     VERIFY_BATCH_EVENTS,
+    VERIFY_WALKERS_MAX,
     CardAudit,
     VerifyReport,
     audit_card,
@@ -198,6 +199,9 @@ def _print_card_audit(audit: CardAudit, provider: str) -> None:
 def verify_command(args: argparse.Namespace, native_provider_id: str) -> int:
     print_each = None if args.json else (lambda failure: print(f"FAIL {failure.line()}", flush=True))
 
+    # A walker process connects by URL: an embedded PostgreSQL (no GIFTCARD_DATABASE_URL) is walked by one.
+    database_url = os.environ.get("GIFTCARD_DATABASE_URL")
+
     async def work(pool: asyncpg.Pool) -> VerifyReport:
         started_at = datetime.now(UTC)
         async with _progress(pool, "verify", _count_events) as bar:
@@ -207,6 +211,8 @@ def verify_command(args: argparse.Namespace, native_provider_id: str) -> int:
                 batch_events_max=args.batch_events_max,
                 on_failure=print_each,
                 on_progress=bar.update,
+                database_url=database_url,
+                walkers=VERIFY_WALKERS_MAX if database_url else 1,
             )
         await _record_verify_run(pool, report, started_at)
         return report

@@ -13,8 +13,10 @@ insert time and is not chained. "As of" always means the effective time.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -22,7 +24,7 @@ import asyncpg
 import msgspec
 from eventsourcing.persistence import StoredEvent
 
-from ledger.codec import new_mapper
+from ledger.codec import canonical_json, new_mapper
 from ledger.domain.giftcard import CREDIT, DEBIT, GiftCard, Transaction
 from ledger.store import GENESIS_HASH, Checkpoint, RecordedEvent, chain_hash
 from projections import events as ev
@@ -44,9 +46,9 @@ RULE_VOID = "only_debits_are_voided"
 RULE_KNOWN_TYPE = "event_type_known_to_auditors"  # a new domain event must be taught to audit and exports
 
 # The columns every walk reads; ``data`` as text so its canonical bytes can be re-derived for the hash.
+# Not ``metadata``: the chain does not cover it and no rule reads it, so a walk does not pay to decode it.
 EVENT_COLUMNS = (
-    "e.position, e.tx::text::bigint as tx, e.stream_id, e.version, e.type, e.data::text as data, "
-    "e.metadata::text as metadata, e.recorded_at, e.hash"
+    "e.position, e.tx::text::bigint as tx, e.stream_id, e.version, e.type, e.data::text as data, e.recorded_at, e.hash"
 )
 
 
@@ -68,20 +70,53 @@ class Failure(msgspec.Struct, frozen=True):
         return f"{where}: {self.rule}: {self.message}"
 
 
+def read_event(row: asyncpg.Record) -> RecordedEvent:
+    """A row selected with ``EVENT_COLUMNS``, its data in canonical bytes (what the chain hashes);
+    its metadata is left empty, as it was not read."""
+    return RecordedEvent(
+        position=row["position"],
+        tx=row["tx"],
+        stream_id=row["stream_id"],
+        version=row["version"],
+        type=row["type"],
+        data=canonical_json(row["data"]),
+        metadata={},
+        recorded_at=row["recorded_at"],
+        hash=row["hash"],
+    )
+
+
 async def cursor_batches(
-    connection: asyncpg.Connection, sql: str, args: tuple[object, ...], batch_rows: int
+    connection: asyncpg.Connection,
+    sql: str,
+    args: tuple[object, ...],
+    batch_rows: int,
+    *,
+    between: Callable[[], Awaitable[None]] | None = None,
 ) -> AsyncIterator[list[asyncpg.Record]]:
     """Rows of ``sql`` in batches of at most ``batch_rows``, through a server-side cursor.
 
-    Must run inside a transaction (the cursor lives as long as it). Only one batch is ever held
-    here, so memory stays flat however many rows the query has; other statements may run on
-    the same connection between batches (per-batch lookups).
+    Must run inside a transaction (the cursor lives as long as it). The next batch is asked for
+    before this one is handed over, so the server reads it while the caller works on this one:
+    the caller must not use the connection while it holds a batch; ``between`` runs when nothing
+    is being read (per-batch statements go there). At most two batches are held here, so memory
+    stays flat however many rows the query has.
     """
     if batch_rows < 1:
         raise ValueError("batch_rows must be at least 1")
     cursor = await connection.cursor(sql, *args)
-    while batch := await cursor.fetch(batch_rows):
-        yield batch
+    batch = await cursor.fetch(batch_rows)
+    while batch:
+        if between is not None:
+            await between()
+        reading = asyncio.ensure_future(cursor.fetch(batch_rows))
+        try:
+            await asyncio.sleep(0)  # lets the fetch send its request before the caller takes the loop
+            yield batch
+            batch = await reading
+        finally:
+            if not reading.done():
+                reading.cancel()
 
 
 def short_type(event_type: str) -> str:
@@ -225,12 +260,12 @@ class CardReplay:
             return None, []
         try:
             transaction_id = transaction_id_of(event)
-            before = self._transaction(transaction_id)
+            before = self._live_transaction(transaction_id)
             failures = self._duplicate_transaction(event, before)
-            before_figures = _moved(before)
+            before_figures = _moved(before)  # read before mutate changes the transaction in place
             if event.type == ev.ISSUED and self.card is not None:
                 raise ValueError("the card was already issued; a second issue would silently reset it")
-            self.card = self._mapper.to_domain_event(_stored(event)).mutate(self.card)
+            self.card = self._mapper.to_domain_event(self._stored(event)).mutate(self.card)
         except Exception as e:  # any refusal of the domain to apply a stored fact is what we report
             self.broken = True
             return None, [_failure(event, RULE_REPLAY, f"the domain cannot apply this event: {e!r}")]
@@ -239,12 +274,28 @@ class CardReplay:
         step = self._step(event, transaction, before_figures)
         return step, [*failures, *self._invariant_failures(event, step)]
 
-    def _transaction(self, transaction_id: str | None) -> Transaction | None:
+    def _live_transaction(self, transaction_id: str | None) -> Transaction | None:
         if self.card is None or transaction_id is None:
             return None
-        found = self.card.transactions.get(transaction_id)
-        # A copy of the figures, not the live object: mutate changes it in place.
+        return self.card.transactions.get(transaction_id)
+
+    def _transaction(self, transaction_id: str | None) -> Transaction | None:
+        found = self._live_transaction(transaction_id)
+        # A copy of the figures, not the live object: the next event's mutate changes it in place.
         return None if found is None else msgspec.structs.replace(found)
+
+    def _stored(self, event: RecordedEvent) -> StoredEvent:
+        return StoredEvent(
+            originator_id=self._originator_id,
+            originator_version=event.version,
+            topic=event.type,
+            state=event.data,
+        )
+
+    @functools.cached_property
+    def _originator_id(self) -> uuid.UUID:
+        """Parsed once per card (inside ``apply``'s try: a stream id that is no UUID is a replay failure)."""
+        return uuid.UUID(self.stream_id)
 
     def _duplicate_transaction(self, event: RecordedEvent, before: Transaction | None) -> list[Failure]:
         if event.type in TRANSACTION_TOPICS and before is not None:
@@ -330,15 +381,6 @@ def _moved(transaction: Transaction | None) -> tuple[int, int, int, int]:
     if transaction is None:
         return 0, 0, 0, 0
     return transaction.settled, transaction.released, transaction.refunded, transaction.cancelled
-
-
-def _stored(event: RecordedEvent) -> StoredEvent:
-    return StoredEvent(
-        originator_id=uuid.UUID(event.stream_id),
-        originator_version=event.version,
-        topic=event.type,
-        state=event.data,
-    )
 
 
 def _failure(event: RecordedEvent, rule: str, message: str) -> Failure:

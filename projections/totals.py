@@ -39,8 +39,16 @@ class Totals:
         self._units: defaultdict[TotalKey, int] = defaultdict(int)
 
     def add(self, key: TotalKey, units: int) -> None:
-        self._counts[key] += 1
+        self.add_many(key, 1, units)
+
+    def add_many(self, key: TotalKey, count: int, units: int) -> None:
+        """``count`` amounts already summed to ``units`` (a group the database added up)."""
+        self._counts[key] += count
         self._units[key] += units
+
+    def add_totals(self, other: Totals) -> None:
+        for key in other._counts:
+            self.add_many(key, other._counts[key], other._units[key])
 
     def sorted_keys(self) -> list[TotalKey]:
         return sorted(self._counts, key=lambda k: (k.provider, k.currency or "", k.kind, k.operation or ""))

@@ -296,3 +296,31 @@ async def test_verify_memory_stays_flat_however_large_the_ledger(pool, clock):
     large_peak, large_events = await peak_bytes()
     assert large_events == 10 * small_events == 10 * small_cards * EVENTS_PER_FABRICATED_CARD
     assert large_peak < small_peak * 1.5, (small_peak, large_peak)
+
+
+async def test_verify_split_between_processes_names_each_failure_once(ledger, clock, pool, database_url):
+    """Two walkers, each a share of the streams in one snapshot: the same report as one walker, every
+    failure named once, whichever share found it, and the totals that span every card added up once."""
+    await write_history(ledger, clock)
+    await write_many_cards(pool, clock.now, 20)
+    await catch_up(pool)
+    first, last = await pool.fetchrow("select min(stream_id), max(stream_id) from events")
+    for stream_id in (first, last):
+        await as_owner_bypassing_immutability(
+            pool, "update events set hash = '\\x00'::bytea where stream_id = $1 and version = 2", stream_id
+        )
+    await pool.execute(
+        "update read_card_balances set available = available + 1, credited = credited + 1 where card_id = $1", last
+    )
+    await pool.execute("update read_daily_totals set loaded = loaded + 1 where currency = 'BHD'")
+
+    one = await verify(pool, NATIVE)
+    two = await verify(pool, NATIVE, database_url=database_url, walkers=2)
+
+    lines = sorted(f.line() for f in two.failures)
+    assert lines == sorted(f.line() for f in one.failures) and len(set(lines)) == len(lines) == two.failures_total
+    assert {first, last} <= {f.stream_id for f in two.failures}
+    assert any(f.rule == "read_model_card_balances" and f.stream_id == last for f in two.failures)
+    assert any(f.rule == "read_model_daily_totals" for f in two.failures)  # compared once, over both shares
+    assert (two.events, two.streams, two.cards, two.totals) == (one.events, one.streams, one.cards, one.totals)
+    assert two.read_models == one.read_models
