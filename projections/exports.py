@@ -19,12 +19,14 @@ An external provider's currency is not recorded by the hub: ``currency`` is empt
 
 from __future__ import annotations
 
-import asyncio
 import csv
+import io
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
+from operator import itemgetter
 from pathlib import Path
 from typing import IO, Any
 
@@ -81,7 +83,7 @@ _AMOUNT_UNITS_MAX = ev.UNKNOWN_CURRENCY_AMOUNT_MAX
 _DECIMAL_TEXT = r"^\s*[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]{1,4})?\s*$"  # as Decimal() reads one
 _ROWS = f"""
 with {FORWARDED_REPLAYS_CTE},
-money as (
+money as not materialized (  -- read twice (native, forwarded): two scans cost less than a spilled copy
     select e.position, e.stream_id, e.type, e.data, e.recorded_at
     from events e
     where (e.type = any($1::text[])
@@ -156,20 +158,18 @@ _ROWS_IN_ORDER = f"select * from ({_ROWS}) r order by r.position"
 
 
 def _iso_sql(column: str) -> str:
-    """A UTC instant as Python's ``isoformat`` writes it (microseconds only when there are any)."""
-    utc = f"({column} at time zone 'UTC')"
+    """A UTC instant as Python's ``isoformat`` writes it (microseconds only when there are any):
+    one ``to_char`` a value, the costliest function of the export."""
     return (
-        f"""to_char({utc}, 'YYYY-MM-DD"T"HH24:MI:SS') """
-        f"""|| case when to_char({utc}, 'US') = '000000' then '' else '.' || to_char({utc}, 'US') end || '+00:00'"""
+        f"""replace(to_char({column} at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US'), '.000000', '') """
+        "|| '+00:00'"
     )
 
 
 def _major_sql(column: str) -> str:
-    """Units as ``totals.major`` writes them: the currency's decimals, or (no currency) no trailing zeros."""
-    return (
-        f"case when r.currency is null then trim_scale({column} * 0.0001)::text "
-        f"else round({column}::numeric / 10::numeric ^ x.exponent, x.exponent)::text end"
-    )
+    """Units as ``totals.major`` writes them: the currency's decimals, or (no currency) no trailing zeros.
+    ``r.unit`` is 10^-exponent with exactly ``exponent`` decimals (USD: 0.01), so the product has them too."""
+    return f"case when r.currency is null then trim_scale({column} * 0.0001)::text else ({column} * r.unit)::text end"
 
 
 # JIT compiling these long expressions costs more than it saves, over a ledger of any size; the rows are
@@ -179,6 +179,7 @@ _READ_ONLY = {"isolation": "repeatable_read", "readonly": True}  # one consisten
 _SESSION = f"set local jit = off; set local statement_timeout = '{EXPORT_TIMEOUT_S}s'; set local work_mem = '64MB'"
 
 # CSV writes None and "" alike (an empty field); COPY quotes "" unless it is NULL, hence the nullifs.
+# The rows are sorted before they are formatted: narrower rows to sort (the sort spills to disk).
 _CSV_COPY = f"""
 select r.position, {_iso_sql("r.date")} as date, {_iso_sql("r.recorded_at")} as recorded_at,
        nullif(r.provider, '') as provider, r.source, nullif(r.card_id, '') as card_id,
@@ -186,17 +187,12 @@ select r.position, {_iso_sql("r.date")} as date, {_iso_sql("r.recorded_at")} as 
        {_major_sql("r.amount")} as amount, {_major_sql("r.released")} as released,
        {_major_sql("r.refunded")} as refunded, nullif(r.request_id, '') as request_id,
        nullif(r.order_id, '') as order_id, nullif(r.description, '') as description
-from ({_ROWS}) r
-left join unnest($8::text[], $9::int[]) as x(currency, exponent) on x.currency = r.currency
+from (
+    select r.*, x.unit from ({_ROWS}) r
+    left join unnest($8::text[], $9::numeric[]) as x(currency, unit) on x.currency = r.currency
+    order by r.position
+) r
 order by r.position
-"""
-
-# What the CSV holds, added up: the export's totals (and the first native row of a card with no issue event).
-_CSV_TOTALS = f"""
-select r.provider, r.currency, r.kind, r.operation, count(*) as count, sum(r.amount) as units,
-       min(r.card_id) filter (where r.source = 'ledger' and r.currency is null) as card_not_issued
-from ({_ROWS}) r
-group by r.provider, r.currency, r.kind, r.operation
 """
 
 
@@ -324,76 +320,96 @@ def _not_issued(card_id: str) -> str:
 async def _export_csv(
     pool: asyncpg.Pool, path: Path, args: tuple[object, ...], on_progress: Callable[[int], None] | None
 ) -> ExportResult:
-    """``COPY`` of ``_CSV_COPY`` into ``path`` on one connection while another adds up ``_CSV_TOTALS``,
-    both in one snapshot (exported by the first, taken by the second): two server processes at once."""
-    exponents = sorted(CURRENCY_EXPONENTS.items())
-    copy_args = (*args, [c for c, _ in exponents], [e for _, e in exponents])
-    async with pool.acquire() as rows, pool.acquire() as totals, rows.transaction(**_READ_ONLY):
-        snapshot = await rows.fetchval("select pg_export_snapshot()")
-        await rows.execute(_SESSION)
-        async with totals.transaction(**_READ_ONLY):
-            await totals.execute(f"set transaction snapshot '{snapshot}'; {_SESSION}")
-            with path.open("wb") as file:
-                # Both run to their end before the transactions close (a connection still copying
-                # cannot roll back); both read the same rows, so a row that fails one fails the other.
-                copied, added = await asyncio.gather(
-                    rows.copy_from_query(
-                        _CSV_COPY,
-                        *copy_args,
-                        output=_CrlfLines(file, on_progress).write,
-                        format="csv",
-                        header=True,
-                        timeout=EXPORT_TIMEOUT_S,
-                    ),
-                    totals.fetch(_CSV_TOTALS, *args, timeout=EXPORT_TIMEOUT_S),
-                    return_exceptions=True,
-                )
-    for outcome in (copied, added):
-        if isinstance(outcome, BaseException):
-            raise outcome
-    return _csv_result(added)
+    """``COPY`` of ``_CSV_COPY`` into ``path``, added up here as it passes (``_CsvCopy``): the server
+    formats and this process, on the other core, only splits and sums what it writes."""
+    currencies = sorted(CURRENCY_EXPONENTS)
+    units = [Decimal(1).scaleb(-CURRENCY_EXPONENTS[currency]) for currency in currencies]
+    async with pool.acquire() as connection, connection.transaction(**_READ_ONLY):
+        await connection.execute(_SESSION)
+        with path.open("wb") as file:
+            copy = _CsvCopy(file, on_progress)
+            await connection.copy_from_query(
+                _CSV_COPY,
+                *args,
+                currencies,
+                units,
+                output=copy.write,
+                format="csv",
+                header=True,
+                timeout=EXPORT_TIMEOUT_S,
+            )
+    return copy.finish()
 
 
-def _csv_result(groups: list[asyncpg.Record]) -> ExportResult:
-    result = ExportResult()
-    for group in groups:
-        if group["card_not_issued"] is not None:
-            raise LedgerInconsistent(_not_issued(group["card_not_issued"]))
-        key = TotalKey(group["provider"], group["currency"], group["kind"], group["operation"])
-        result.totals.add_many(key, group["count"], int(group["units"]))
-        result.rows += group["count"]
-    return result
+_TOTALLED_FIELDS = itemgetter(
+    *(COLUMNS.index(name) for name in ("provider", "source", "card_id", "kind", "operation", "currency", "amount"))
+)
 
 
-class _CrlfLines:
-    """COPY's CSV ends records with LF; Python's csv module (and so every CSV export before) with CRLF.
-    A LF inside a quoted field is data and stays as it is: quotes are tracked across chunks (an
-    escaped quote is two of them, so counting keeps the state right)."""
+class _CsvCopy:
+    """Writes COPY's CSV as every CSV export before it (Python's csv module) did, and adds it up.
+
+    COPY ends records with LF, the csv module with CRLF; a LF inside a quoted field is data and
+    stays. Chunks arrive cut anywhere, so each is processed up to its last record end (the rest
+    waits for the next chunk): complete records are rewritten, written, and read back with the
+    csv module for the totals.
+    """
 
     def __init__(self, file: IO[bytes], on_progress: Callable[[int], None] | None) -> None:
         self.file = file
         self.on_progress = on_progress
-        self.quoted = False
+        self.pending = b""  # the start of a record whose end has not arrived
         self.header = True
+        self.result = ExportResult()
+        self.card_not_issued: str | None = None
 
     async def write(self, chunk: bytes) -> None:
-        # A chunk is whatever arrived from the server since the last one: rewritten a slice at a time,
-        # so that the copies made here stay small however fast the rows arrive.
+        # Sliced, so that the copies made here stay small however fast the rows arrive.
         for start in range(0, len(chunk), CSV_SLICE_BYTES_MAX):
-            self._write_slice(chunk[start : start + CSV_SLICE_BYTES_MAX])
+            self._take(chunk[start : start + CSV_SLICE_BYTES_MAX])
 
-    def _write_slice(self, data: bytes) -> None:
-        parts = data.split(b'"')
-        start = 1 if self.quoted else 0
-        records = 0
-        for i in range(start, len(parts), 2):  # the parts outside quotes
-            records += parts[i].count(b"\n")
-            parts[i] = parts[i].replace(b"\n", b"\r\n")
-        self.quoted = (len(parts) - 1 + self.quoted) % 2 == 1
-        self.file.write(b'"'.join(parts))
-        if self.on_progress is not None and records:
-            self.on_progress(records - self.header)  # the header line is no row
+    def finish(self) -> ExportResult:
+        if self.pending:
+            raise LedgerInconsistent("the export ended inside a record; run giftcard audit verify")
+        if self.card_not_issued is not None:
+            raise LedgerInconsistent(_not_issued(self.card_not_issued))
+        return self.result
+
+    def _take(self, data: bytes) -> None:
+        data = self.pending + data
+        parts = data.split(b'"')  # every other part is inside quotes, starting outside
+        outside = range(len(parts) - 1 - (len(parts) - 1) % 2, -1, -2)  # from the last part outside quotes
+        last = next((i for i in outside if b"\n" in parts[i]), None)
+        if last is None:
+            self.pending = data
+            return
+        cut = sum(map(len, parts[:last])) + last + parts[last].rindex(b"\n") + 1
+        complete, self.pending = data[:cut], data[cut:]
+        records = complete.split(b'"')
+        for i in range(0, len(records), 2):
+            records[i] = records[i].replace(b"\n", b"\r\n")
+        self.file.write(b'"'.join(records))
+        self._add_up(complete.decode())
+
+    def _add_up(self, text: str) -> None:
+        rows = csv.reader(io.StringIO(text))
+        if self.header:
+            next(rows)
             self.header = False
+        totals, added = self.result.totals, 0
+        for row in rows:
+            provider, source, card_id, kind, operation, currency, amount = _TOTALLED_FIELDS(row)
+            if not currency:
+                if source == "ledger" and self.card_not_issued is None:
+                    self.card_not_issued = card_id
+                units = int(Decimal(amount).scaleb(ev.UNKNOWN_CURRENCY_EXPONENT))
+            else:
+                units = int(amount.replace(".", ""))  # written with exactly the currency's decimals
+            totals.add(TotalKey(provider, currency or None, kind, operation or None), units)
+            added += 1
+        self.result.rows += added
+        if self.on_progress is not None and added:
+            self.on_progress(added)
 
 
 async def count_export_events(pool: asyncpg.Pool) -> int:

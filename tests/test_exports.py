@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from ledger.commands import IssueCard
 from ledger.money import to_major
 from projections.audit import audit_card, verify
 from projections.events import ISSUED, SETTLED
@@ -316,3 +317,30 @@ async def test_a_voided_hold_is_a_cancellation_that_reconciles(ledger, clock, st
     assert liabilities.outstanding["JPY"] == 500 == exported.totals.balance_change(NATIVE)["JPY"]
     steps = [(e.step.kind, e.step.balance) for e in (await audit_card(store, history.jpy)).entries if e.step]
     assert steps[-2:] == [("transaction", 380), ("cancellation", 500)]
+
+
+@pytest.mark.parametrize("slice_bytes", [1, 7, 64 * 1024])
+async def test_csv_keeps_awkward_text_whole_wherever_the_copy_is_cut(
+    ledger, clock, store, pool, tmp_path, monkeypatch, slice_bytes
+):
+    """Commas, quotes, LF and CRLF inside fields, with COPY's stream cut every ``slice_bytes``: each
+    field reads back as written, records end in CRLF, and the totals are the JSON Lines export's."""
+    monkeypatch.setattr("projections.exports.CSV_SLICE_BYTES_MAX", slice_bytes)
+    await write_history(ledger, clock)
+    await write_forwarded(store)
+    card_id = str((await ledger.issue(IssueCard(relation_name="awkward", caption="c", profile_id="p",
+                                                currency="USD", expiring_date=clock.now + timedelta(days=9)))).card.id)  # fmt: skip
+    awkward = ["a,b", 'say "hi"', "two\nlines", "crlf\r\nend", '"', ",\n,", ""]
+    for n, text in enumerate(awkward):
+        await ledger.create_transaction(
+            card_id, operation="Credit", value=Decimal(1), description=text, request_id=f"awkward-{n}"
+        )
+    csv_result = await export_transactions(pool, tmp_path / "t.csv", "csv", NATIVE)
+    jsonl_result = await export_transactions(pool, tmp_path / "t.jsonl", "jsonl", NATIVE)
+
+    rows = read_csv(tmp_path / "t.csv")
+    assert [r["description"] for r in rows if r["card_id"] == card_id] == awkward
+    assert csv_result.rows == len(rows) == jsonl_result.rows
+    assert csv_result.totals == jsonl_result.totals
+    raw = (tmp_path / "t.csv").read_bytes()
+    assert raw.endswith(b"\r\n") and raw.count(b"\r\n") == len(rows) + 1 + 1  # + header, + the CRLF in a field
