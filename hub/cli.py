@@ -26,6 +26,8 @@ from projections import finance_cli
 
 T = TypeVar("T")
 
+PROJECTION_RUNNER_NICENESS = 10  # requests first: read models may lag a busy second, a Debit may not
+
 
 def serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
@@ -59,9 +61,6 @@ def start_projection_runner(settings: Settings, url: str) -> multiprocessing.Pro
     )
     runner.start()
     return runner
-
-
-PROJECTION_RUNNER_NICENESS = 10  # requests first: read models may lag a busy second, a Debit may not
 
 
 def _projection_runner_main(url: str, native_provider_id: str, serve_pid: int) -> None:
