@@ -24,16 +24,39 @@ class MsgspecTranscoder(Transcoder):
         return _encoder.encode(obj)
 
     def decode(self, data: bytes) -> Any:
-        state = _decoder.decode(data)
-        if isinstance(state, dict) and isinstance(state.get("timestamp"), str):
-            state["timestamp"] = datetime.fromisoformat(state["timestamp"])
-        return state
+        return _timestamp_parsed(_decoder.decode(data))
+
+
+class DecodedTranscoder(MsgspecTranscoder):
+    """For a reader that has decoded each event's state already (to re-derive its canonical bytes):
+    the Mapper is handed that state in place of the bytes, so no event is decoded twice."""
+
+    def decode(self, data: Any) -> Any:
+        # A copy: the Mapper adds its own keys to the event state it is given, which the reader keeps.
+        return _timestamp_parsed(dict(data) if isinstance(data, dict) else data)
+
+
+def _timestamp_parsed(state: Any) -> Any:
+    if isinstance(state, dict) and isinstance(state.get("timestamp"), str):
+        state["timestamp"] = datetime.fromisoformat(state["timestamp"])
+    return state
 
 
 def canonical_json(data: bytes | str) -> bytes:
     """The canonical bytes of JSON text, whatever whitespace or key order it came in."""
-    return _encoder.encode(_decoder.decode(data))
+    return decode_canonical(data)[1]
+
+
+def decode_canonical(data: bytes | str) -> tuple[Any, bytes]:
+    """JSON text decoded, and its canonical bytes (as ``canonical_json``) encoded from that one decode."""
+    state = _decoder.decode(data)
+    return state, _encoder.encode(state)
 
 
 def new_mapper() -> Mapper:
     return Mapper(transcoder=MsgspecTranscoder())
+
+
+def new_decoded_mapper() -> Mapper:
+    """A Mapper whose stored events carry their state decoded (see ``DecodedTranscoder``)."""
+    return Mapper(transcoder=DecodedTranscoder())

@@ -58,7 +58,7 @@ from projections.replay import (
     balance_figures,
     cursor_batches,
     effective_at,
-    read_event,
+    read_decoded,
     short_type,
 )
 from projections.totals import TotalKey, Totals
@@ -72,6 +72,9 @@ SNAPSHOTS_ORPHANED_NAMED_MAX = 10  # snapshots of a version no event has, named 
 # The replay is CPU-bound Python: the streams are split into this many shares of about as many events,
 # each walked by a process of its own (the first by verify's), all in one snapshot exported by verify.
 VERIFY_WALKERS_MAX = 2
+# What verify's own process walks while a walker process starts (spawn, imports, connection): its share is
+# larger by this many events (at most a quarter of a share), so that every share ends at about the same time.
+_WALKER_START_EVENTS = 20_000
 _SESSION = "set local jit = off"  # compiling the walk's query costs more than it saves
 
 # Every event of a share of the streams in (stream_id, version) order (the unique index's: no sort), with
@@ -306,24 +309,30 @@ class _StreamWalk:
         self.chain = ChainWalk()
         self.replay: CardReplay | None = None
 
-    def apply(self, event: RecordedEvent, row: asyncpg.Record) -> None:
+    def apply(self, event: RecordedEvent, state: Any, row: asyncpg.Record) -> None:
+        """``state``: the event's data, decoded once for everything that reads it (see ``read_decoded``)."""
         for failure in self.chain.check(event):
             self.found(failure)
         if self.replay is None and event.type in CARD_TOPICS:
             self.replay = CardReplay(self.stream_id)
             self.report.cards += 1
-            self.models.card_started()
+            self.models.card_started(event)
         if self.replay is not None:  # everything in a card's stream goes through the domain
-            self._card_event(self.replay, event, row["snapshot_hash"], row["snapshot_state"])
+            self._card_event(self.replay, event, state, row["snapshot_hash"], row["snapshot_state"])
         elif event.type == ev.FORWARDED:
             self._forwarded(event, row["forwarded_replay"])
         # Any other stream (the provider registry) is checked for its chain only.
 
     def _card_event(
-        self, replay: CardReplay, event: RecordedEvent, snapshot_hash: bytes | None, snapshot: bytes | None
+        self,
+        replay: CardReplay,
+        event: RecordedEvent,
+        state: Any,
+        snapshot_hash: bytes | None,
+        snapshot: bytes | None,
     ) -> None:
         self.models.before_card_event(replay, event)
-        step, failures = replay.apply(event)
+        step, failures = replay.apply(event, state)
         for failure in failures:
             self.found(failure)
         if step is None:
@@ -331,7 +340,7 @@ class _StreamWalk:
         if snapshot is not None and replay.card is not None:
             for failure in _snapshot_failures(event, snapshot_hash, snapshot, take_snapshot(replay.card)):
                 self.found(failure)
-        self.models.card_step(replay, step)
+        self.models.card_step(replay, step, state)
         transaction = step.transaction
         if step.kind is not None and transaction is not None and step.amount is not None:
             key = TotalKey(self.native, replay.currency, step.kind, transaction.operation)
@@ -456,11 +465,14 @@ async def verify(
 
 
 async def _shares(connection: asyncpg.Connection, walkers: int) -> list[_Share]:
-    """``walkers`` shares of about as many events each, split between streams (a stream is walked whole)."""
+    """``walkers`` shares of about as many events each (the first larger by ``_WALKER_START_EVENTS``),
+    split between streams (a stream is walked whole)."""
     if walkers == 1:
         return [_Share()]
     events = await connection.fetchval("select count(*) from events")
-    starts = [await connection.fetchval(_SHARE_START, events * n // walkers) for n in range(1, walkers)]
+    head_start = min(_WALKER_START_EVENTS, events // walkers // 4)
+    offsets = [head_start + (events - head_start) * n // walkers for n in range(1, walkers)]
+    starts = [await connection.fetchval(_SHARE_START, offset) for offset in offsets]
     edges = [None, *sorted({start for start in starts if start is not None}), None]
     return [_Share(first, end) for first, end in zip(edges, edges[1:], strict=False)]
 
@@ -480,13 +492,13 @@ async def _walk(
     sql, args = share.query()
     async for batch in cursor_batches(connection, sql, args, batch_events_max, between=models.compare_due):
         for row in batch:
-            event = read_event(row)
+            event, state = read_decoded(row)
             if walk is None or walk.stream_id != event.stream_id:
                 if walk is not None:
                     walk.finish()
                 walk = _StreamWalk(event.stream_id, native, report, models, found)
                 report.streams += 1
-            walk.apply(event, row)
+            walk.apply(event, state, row)
             models.count_event(event)
             report.events += 1
         if on_progress is not None:

@@ -324,3 +324,34 @@ async def test_verify_split_between_processes_names_each_failure_once(ledger, cl
     assert any(f.rule == "read_model_daily_totals" for f in two.failures)  # compared once, over both shares
     assert (two.events, two.streams, two.cards, two.totals) == (one.events, one.streams, one.cards, one.totals)
     assert two.read_models == one.read_models
+
+
+@pytest.mark.parametrize("walkers", [1, 2])
+async def test_verify_names_read_model_rows_no_event_creates(ledger, clock, pool, database_url, walkers):
+    """A row of a card or a transaction no event creates is named once, by one walker or two (verify
+    counts the rows the walked cards explain, and looks for these only when some row is left over)."""
+    history = await write_history(ledger, clock)
+    await catch_up(pool)
+    ghost = "00000000-0000-4000-8000-000000000001"
+    await pool.execute(
+        "insert into read_card_balances select $2, currency, available, authorized, settled, credited, debited,"
+        " relation_name, emission_date, expiring_date, issued_at, last_activity_at"
+        " from read_card_balances where card_id = $1",
+        history.jpy,
+        ghost,
+    )
+    await pool.execute(
+        "insert into read_transactions select provider, $3, transaction_id, source, operation, currency, value,"
+        " settled, cancelled, released, refunded, description, request_id, null, date, position"
+        " from read_transactions where card_id = $1 and transaction_id = $2",
+        history.usd,
+        history.debit,
+        ghost,
+    )
+    report = await verify(pool, NATIVE, database_url=database_url, walkers=walkers)
+    named = sorted((f.stream_id, f.rule, f.message) for f in report.failures)
+    assert named == [
+        (ghost, "read_model_card_balances", "a row exists for a card with no events"),
+        (ghost, "read_model_transaction_history", f"transaction {history.debit} has a row but no event"),
+    ]
+    assert report.failures_total == 2
