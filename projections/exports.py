@@ -121,9 +121,10 @@ native as (
                as description
     from money m
     left join issues i on i.stream_id = m.stream_id
-    left join directions t
-        on m.type not in ('{ev.CREDITED}', '{ev.DEBITED}') and t.stream_id = m.stream_id
-           and t.transaction_id = m.data->>'transaction_id'
+    left join directions t  -- a create needs no lookup: its key is null, so it is not even hashed
+        on t.stream_id = m.stream_id
+           and t.transaction_id = case when m.type not in ('{ev.CREDITED}', '{ev.DEBITED}')
+                                       then m.data->>'transaction_id' end
     where m.type <> '{ev.FORWARDED}'
 ),
 forwarded as (
