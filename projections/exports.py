@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
@@ -397,7 +398,8 @@ class _CsvCopy:
         if self.header:
             next(rows)
             self.header = False
-        totals, added = self.result.totals, 0
+        counts: defaultdict[tuple[str, str, str, str], int] = defaultdict(int)  # this block's, by total key
+        sums: defaultdict[tuple[str, str, str, str], int] = defaultdict(int)
         for row in rows:
             provider, source, card_id, kind, operation, currency, amount = _TOTALLED_FIELDS(row)
             if not currency:
@@ -406,8 +408,13 @@ class _CsvCopy:
                 units = int(Decimal(amount).scaleb(ev.UNKNOWN_CURRENCY_EXPONENT))
             else:
                 units = int(amount.replace(".", ""))  # written with exactly the currency's decimals
-            totals.add(TotalKey(provider, currency or None, kind, operation or None), units)
-            added += 1
+            key = (provider, currency, kind, operation)
+            counts[key] += 1
+            sums[key] += units
+        for (provider, currency, kind, operation), count in counts.items():
+            key = TotalKey(provider, currency or None, kind, operation or None)
+            self.result.totals.add_many(key, count, sums[provider, currency, kind, operation])
+        added = sum(counts.values())
         self.result.rows += added
         if self.on_progress is not None and added:
             self.on_progress(added)
