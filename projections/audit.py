@@ -516,19 +516,9 @@ class _ShareWalked:
     figures: ShareFigures
 
 
-def _walk_share(
-    database_url: str,
-    snapshot: str,
-    share: _Share,
-    native: str,
-    checkpoints: dict[str, Checkpoint],
-    batch_events_max: int,
-    cards_per_check_max: int,
-) -> _ShareWalked:
-    """The entry point of a walker process."""
-    return asyncio.run(
-        _walk_share_in(database_url, snapshot, share, native, checkpoints, batch_events_max, cards_per_check_max)
-    )
+def _walk_share(*args: Any) -> _ShareWalked:
+    """The entry point of a walker process: ``_walk_share_in`` on an event loop of its own."""
+    return asyncio.run(_walk_share_in(*args))
 
 
 async def _walk_share_in(
