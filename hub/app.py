@@ -153,7 +153,12 @@ def create_app(
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         # Request handlers leave no session state on a connection: a cheap release reset.
-        pool = await create_pool(database_url, size_max=settings.pool_size_max, session_state=False)
+        pool = await create_pool(
+            database_url,
+            size_max=settings.pool_size_max,
+            session_state=False,
+            statement_timeout_s=settings.statement_timeout_s,
+        )
         # Webhook deliverers hold session-level advisory locks: they get a pool with the full reset.
         webhook_pool = (
             await create_pool(database_url, size_min=1, size_max=WEBHOOK_POOL_SIZE_MAX)

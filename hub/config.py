@@ -7,6 +7,8 @@ import re
 
 import msgspec
 
+from ledger.database import REQUEST_STATEMENT_TIMEOUT_S
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -32,6 +34,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     default_validity_days: int = 5 * 365
     body_bytes_max: int = 64 * 1024
     pool_size_max: int = 20
+    statement_timeout_s: float = REQUEST_STATEMENT_TIMEOUT_S
     shutdown_timeout_s: float = 10.0
     provider_get_card_timeout_s: float = 1.5
     provider_timeout_s: float = 15.0
@@ -62,6 +65,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             "default_validity_days": int(env.get("GIFTCARD_DEFAULT_VALIDITY_DAYS", defaults.default_validity_days)),
             "body_bytes_max": int(env.get("GIFTCARD_BODY_BYTES_MAX", defaults.body_bytes_max)),
             "pool_size_max": int(env.get("GIFTCARD_POOL_SIZE_MAX", defaults.pool_size_max)),
+            "statement_timeout_s": float(env.get("GIFTCARD_STATEMENT_TIMEOUT_S", defaults.statement_timeout_s)),
             "provider_get_card_timeout_s": float(
                 env.get("GIFTCARD_PROVIDER_GET_CARD_TIMEOUT_S", defaults.provider_get_card_timeout_s)
             ),

@@ -46,7 +46,7 @@ from ledger.domain.snapshot import restore_snapshot, take_snapshot
 from ledger.group_commit import GroupCommitter
 from ledger.group_read import GroupReader
 from ledger.money import to_minor
-from ledger.store import GENESIS_HASH, EventStore, NewEvent, RecordedEvent, verify_chain
+from ledger.store import GENESIS_HASH, EventStore, KnownTail, NewEvent, RecordedEvent, verify_chain
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +301,12 @@ class Ledger:
                     continue
                 pending = loaded.card.collect_events()
                 if not pending:
-                    return result  # an idempotent replay: the answer was already recorded
+                    if fresh:
+                        return result  # an idempotent replay: the answer was already recorded
+                    # Answered from the cache alone, a replay would never learn that the event it
+                    # replays was lost with a failed primary: confirm it against the database first.
+                    loaded, fresh = await self._catch_up(card_id, loaded), True
+                    continue
                 try:
                     loaded.last_hash = await self._append(card_id, loaded, pending, idempotency_key, metadata)
                 except errors.ConcurrentUpdate:
@@ -356,7 +361,12 @@ class Ledger:
         return self._replay(restore_snapshot(state), await self.store.read_stream(stream_id, version + 1), last_hash)
 
     async def _catch_up(self, card_id: str, loaded: _Loaded) -> _Loaded:
-        events = await self._reader.events_after(card_id, loaded.card.version)
+        """The cached card with what was appended since; reloaded whole if the database no longer
+        holds the cached card's last event (a failover lost it: the cache came from the old primary)."""
+        events = await self._reader.events_after(KnownTail(card_id, loaded.card.version, loaded.last_hash))
+        if events is None:
+            self._forget(card_id)
+            return await self._load(card_id)
         return self._replay(loaded.card, events, loaded.last_hash) if events else loaded
 
     def _replay(self, card: GiftCard | None, events: list[RecordedEvent], last_hash: bytes) -> _Loaded:

@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -24,9 +24,19 @@ T = TypeVar("T")
 
 POOL_SIZE_MIN = 2
 POOL_SIZE_MAX = 20
-STATEMENT_TIMEOUT_MS = 15_000
+# How long this client waits for a statement's answer: the command-line tools' long reads...
+STATEMENT_TIMEOUT_S = 15.0
+# ...and a request's: a primary lost without a TCP reset, or a commit waiting for a synchronous
+# standby that is gone, must become a 503 in seconds (``giftcard serve``, GIFTCARD_STATEMENT_TIMEOUT_S).
+REQUEST_STATEMENT_TIMEOUT_S = 5.0
+# The server's own statement_timeout is this many times the client's, never shorter, on purpose:
+# PostgreSQL answers a COMMIT cancelled while it waits for the synchronous standby with a WARNING
+# and *success* (committed locally, perhaps never replicated). Only the client giving up first
+# keeps such a commit from being acknowledged: it is then in doubt, answered 503, and the
+# client's retry with the same requestId finds out (see the README's "High availability").
+SERVER_TIMEOUT_FACTOR = 2
 # A server that accepts connections but never answers must become a 503 quickly, not after
-# asyncpg's default 60 s.
+# asyncpg's default 60 s. With several hosts in the URL, this bounds the whole search for the primary.
 CONNECT_TIMEOUT_S = 5.0
 
 
@@ -77,8 +87,30 @@ async def rollback_if_in_transaction(connection: asyncpg.Connection) -> None:
         await connection.execute("rollback")
 
 
+def connect_options(statement_timeout_s: float = STATEMENT_TIMEOUT_S) -> dict[str, Any]:
+    """What every connection of the service is opened with, pooled or not (see the timeouts above).
+
+    The URL may name several hosts with ``target_session_attrs=read-write``: asyncpg then tries
+    them in turn and keeps the primary, on every new connection, so a pool finds a promoted
+    standby by itself once the connections to the old primary have failed.
+    """
+    return {
+        "command_timeout": statement_timeout_s,
+        "timeout": CONNECT_TIMEOUT_S,
+        "server_settings": {
+            "statement_timeout": str(round(statement_timeout_s * 1000 * SERVER_TIMEOUT_FACTOR)),
+            "application_name": "giftcard",
+        },
+    }
+
+
 async def create_pool(
-    url: str, *, size_min: int = POOL_SIZE_MIN, size_max: int = POOL_SIZE_MAX, session_state: bool = True
+    url: str,
+    *,
+    size_min: int = POOL_SIZE_MIN,
+    size_max: int = POOL_SIZE_MAX,
+    session_state: bool = True,
+    statement_timeout_s: float = STATEMENT_TIMEOUT_S,
 ) -> asyncpg.Pool:
     """``session_state=False`` promises the pool's users leave nothing on a connection but,
     at worst, an open transaction; only then is the full reset skipped."""
@@ -87,9 +119,7 @@ async def create_pool(
         min_size=size_min,
         max_size=size_max,
         reset=None if session_state else rollback_if_in_transaction,
-        command_timeout=STATEMENT_TIMEOUT_MS / 1000,
-        timeout=CONNECT_TIMEOUT_S,
-        server_settings={"statement_timeout": str(STATEMENT_TIMEOUT_MS), "application_name": "giftcard"},
+        **connect_options(statement_timeout_s),
     )
 
 

@@ -13,26 +13,27 @@ from __future__ import annotations
 import asyncio
 
 from ledger.batching import Batcher, settle
-from ledger.store import EventStore, RecordedEvent
+from ledger.store import EventStore, KnownTail, RecordedEvent
 
 BATCH_READS_MAX = 256
 
-Waiting = tuple[tuple[str, int], "asyncio.Future[list[RecordedEvent]]"]
+Waiting = tuple[KnownTail, "asyncio.Future[list[RecordedEvent] | None]"]
 
 
-class GroupReader(Batcher[tuple[str, int], list[RecordedEvent]]):
+class GroupReader(Batcher[KnownTail, "list[RecordedEvent] | None"]):
     def __init__(self, store: EventStore, *, batch_reads_max: int = BATCH_READS_MAX) -> None:
         super().__init__(batch_reads_max)
         self.store = store
 
-    async def events_after(self, stream_id: str, version: int) -> list[RecordedEvent]:
-        """The stream's events after ``version`` (usually none, or the few another process appended)."""
-        return await self.submit((stream_id, version))
+    async def events_after(self, known: KnownTail) -> list[RecordedEvent] | None:
+        """The stream's events after the one known (usually none, or the few another process
+        appended); None when the stream no longer holds the event known (see ``read_streams_after``)."""
+        return await self.submit(known)
 
-    def stream_of(self, item: tuple[str, int]) -> str:
-        return item[0]
+    def stream_of(self, item: KnownTail) -> str:
+        return item.stream_id
 
     async def flush(self, batch: list[Waiting]) -> None:
         tails = await self.store.read_streams_after([known for known, _ in batch])
-        for (stream_id, _), answer in batch:
-            settle(answer, result=tails.get(stream_id, []))
+        for known, answer in batch:
+            settle(answer, result=tails[known.stream_id])

@@ -12,6 +12,8 @@ import re
 import asyncpg
 
 _LOCK_KEY = 0x6769667463617264  # "giftcard"
+# A migration may rewrite a large table: it is not held to the few seconds a request's statement gets.
+MIGRATION_TIMEOUT_S = 3600.0
 _FILENAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
@@ -43,7 +45,8 @@ async def upgrade(connection: asyncpg.Connection) -> list[str]:
         return []
     applied_now = []
     async with connection.transaction():
-        await connection.execute("select pg_advisory_xact_lock($1)", _LOCK_KEY)
+        await connection.execute("select set_config('statement_timeout', '0', true)")
+        await connection.execute("select pg_advisory_xact_lock($1)", _LOCK_KEY, timeout=MIGRATION_TIMEOUT_S)
         await connection.execute(
             """
             create table if not exists schema_migrations (
@@ -57,7 +60,7 @@ async def upgrade(connection: asyncpg.Connection) -> list[str]:
         for version, name, sql in migration_files():
             if version in done:
                 continue
-            await connection.execute(sql)
+            await connection.execute(sql, timeout=MIGRATION_TIMEOUT_S)
             await connection.execute("insert into schema_migrations (version, name) values ($1, $2)", version, name)
             applied_now.append(f"{version:04d}_{name}")
     return applied_now

@@ -51,6 +51,14 @@ class OneEvent(NamedTuple):
     metadata: dict[str, Any] | None
 
 
+class KnownTail(NamedTuple):
+    """The last event a reader holds of a stream, by version and hash."""
+
+    stream_id: str
+    version: int
+    hash: bytes
+
+
 class RecordedEvent(msgspec.Struct, frozen=True):
     position: int
     tx: int
@@ -147,10 +155,11 @@ where stream_id = $1 and version >= $2 and ($3::timestamptz is null or recorded_
 order by version
 """
 
-# Many streams' tails at once: each stream's events after the version given for it.
+# Many streams' tails at once: each stream's events from the version given for it, that version's
+# own event included so that its hash can be compared with the one the caller knows.
 _READ_STREAMS_AFTER = f"""
 select {_COLUMNS} from events, unnest($1::text[], $2::int[]) as after(sid, known)
-where stream_id = after.sid and version > after.known
+where stream_id = after.sid and version >= after.known
 order by stream_id, version
 """
 
@@ -295,13 +304,22 @@ class EventStore:
         rows = await self.pool.fetch(_READ_STREAM, stream_id, from_version, until)
         return [recorded_event(row) for row in rows]
 
-    async def read_streams_after(self, known: Sequence[tuple[str, int]]) -> dict[str, list[RecordedEvent]]:
-        """For each (stream, version) given, the stream's events after that version, in one query;
-        a stream with nothing newer is absent from the answer."""
-        rows = await self.pool.fetch(_READ_STREAMS_AFTER, [k[0] for k in known], [k[1] for k in known])
-        tails: dict[str, list[RecordedEvent]] = {}
+    async def read_streams_after(self, known: Sequence[KnownTail]) -> dict[str, list[RecordedEvent] | None]:
+        """For each stream's known last event, the events after it, in one query.
+
+        A stream with nothing newer maps to an empty list. A stream that no longer holds the
+        event the caller knows (its state came from a primary that was lost before that event
+        reached the standby now promoted) maps to None: the caller must reload it whole.
+        """
+        rows = await self.pool.fetch(_READ_STREAMS_AFTER, [k.stream_id for k in known], [k.version for k in known])
+        hash_known = {k.stream_id: (k.version, k.hash) for k in known}
+        tails: dict[str, list[RecordedEvent] | None] = dict.fromkeys(hash_known)
         for row in rows:
-            tails.setdefault(row["stream_id"], []).append(recorded_event(row))
+            stream_id = row["stream_id"]
+            if row["version"] == hash_known[stream_id][0]:
+                tails[stream_id] = [] if row["hash"] == hash_known[stream_id][1] else None
+            elif tails[stream_id] is not None:
+                tails[stream_id].append(recorded_event(row))
         return tails
 
     async def read_all(

@@ -31,7 +31,7 @@ import asyncpg
 import msgspec
 
 from ledger.commands import parse_card_id
-from ledger.database import CONNECT_TIMEOUT_S, STATEMENT_TIMEOUT_MS
+from ledger.database import connect_options
 from ledger.domain.errors import CardNotFound
 from ledger.domain.giftcard import Transaction
 from ledger.domain.snapshot import decode_snapshot, restore_snapshot, take_snapshot
@@ -531,13 +531,8 @@ async def _walk_share_in(
     cards_per_check_max: int,
 ) -> _ShareWalked:
     report = VerifyReport()
-    # The limits of the pool the first share is walked through (ledger.database.create_pool), stated again.
-    connection = await asyncpg.connect(
-        database_url,
-        command_timeout=STATEMENT_TIMEOUT_MS / 1000,
-        timeout=CONNECT_TIMEOUT_S,
-        server_settings={"statement_timeout": str(STATEMENT_TIMEOUT_MS), "application_name": "giftcard"},
-    )
+    # The same limits as the pool the first share is walked through (ledger.database.create_pool).
+    connection = await asyncpg.connect(database_url, **connect_options())
     try:
         async with connection.transaction(isolation="repeatable_read", readonly=True):
             await connection.execute(f"set transaction snapshot '{snapshot}'; {_SESSION}")

@@ -9,6 +9,7 @@ test starts it stops, also when it fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -103,7 +104,9 @@ class PgNode:
             ]
         )  # fmt: skip
         self.configure(port=str(self.port), unix_socket_directories=f"'{self.folder}'")
-        self.configure(primary_conninfo=f"'host=127.0.0.1 port={primary.port} user=postgres application_name={self.name}'")
+        self.configure(
+            primary_conninfo=f"'host=127.0.0.1 port={primary.port} user=postgres application_name={self.name}'"
+        )
 
     def start(self) -> None:
         as_postgres(
@@ -143,13 +146,18 @@ class PgNode:
             return
         family = [pid, *children_of(pid)]
         for member in family:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(member, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + 10
         while any(alive(member) for member in family) and time.monotonic() < deadline:
             time.sleep(0.01)
+
+    def sql(self, *statements: str) -> None:
+        """Runs statements as the superuser through psql (for set-up steps, not for tests' assertions)."""
+        argv = [str(PG_BIN / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-X", "-q"]
+        for statement in statements:
+            argv += ["-c", statement]
+        as_postgres([*argv, "-v", "ON_ERROR_STOP=1", "postgres"])
 
     def log_text(self) -> str:
         path = self.folder / f"{self.name}.log"
@@ -205,9 +213,16 @@ class ReplicatedPair:
         return f"postgresql://postgres@{hosts}/{database}?" + "&".join(f"{k}={v}" for k, v in query.items())
 
     def fail_over(self) -> None:
-        """The primary's machine dies; the standby is promoted (what Patroni automates)."""
+        """The primary's machine dies; the standby is promoted (what Patroni automates).
+
+        The promoted node inherited ``synchronous_standby_names = '*'`` and has no standby of its
+        own: left so, every commit would wait for one forever. As Patroni does when no synchronous
+        candidate is left (``synchronous_mode`` without ``strict``), it runs unreplicated until a
+        standby is attached again.
+        """
         self.primary.kill()
         self.standby.promote()
+        self.standby.sql("alter system set synchronous_standby_names = ''", "select pg_reload_conf()")
 
     def stop(self) -> None:
         for node in (self.primary, self.standby):

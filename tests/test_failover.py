@@ -1,0 +1,177 @@
+"""Losing the database primary: a synchronous standby is promoted and the service carries on.
+
+A real primary and a real synchronous standby (tests/pg_cluster.py) on loopback ports; the hub
+is a ``giftcard serve`` process given a multi-host URL with ``target_session_attrs=read-write``.
+Under a load of Debits the primary's postmaster and children are SIGKILLed and the standby is
+promoted with ``pg_ctl promote``: requests in flight answer 503 (never 500, never a hang), the
+same process finds the new primary by itself, and every acknowledged Debit is on it exactly once.
+The same under Patroni is in tests/test_patroni.py.
+
+A commit in doubt is the harder case: the primary committed it locally, the synchronous standby
+never got it, and the client was told 503. A card cached from the old primary holds that event; on
+the new primary it never happened, and no decision may be taken as if it had.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+
+from ledger.commands import Ledger
+from ledger.database import create_pool
+from ledger.domain.giftcard import DEBIT
+from ledger.migrate import upgrade
+from ledger.store import EventStore
+from tests.cards import issue
+from tests.debit_load import RetryPolicy, plan_debits, send_all, until_acknowledged
+from tests.hub_process import HubProcess, NativeClient
+from tests.pg_cluster import ReplicatedPair, pg_binaries_missing
+from tests.test_faults import (
+    DEBIT_VALUES,
+    assert_ledger_consistent,
+    assert_unavailable_answers_are_clear,
+    credits_of,
+    deadline_in,
+    funded_cards,
+    summary,
+)
+
+pytestmark = pytest.mark.skipif(pg_binaries_missing() is not None, reason=pg_binaries_missing() or "")
+
+SCENARIO_TIMEOUT_S = 90
+LOAD_TIMEOUT_S = 60
+DATABASE = "giftcard"
+
+
+@pytest.fixture
+def pair() -> Iterator[ReplicatedPair]:
+    cluster = ReplicatedPair()
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        yield session
+
+
+async def create_database(url: str, name: str) -> None:
+    admin = await asyncpg.connect(url)
+    try:
+        await admin.execute(f"create database {name}")
+    finally:
+        await admin.close()
+
+
+async def kill_primary_and_promote(pair: ReplicatedPair, debits, at_acknowledged: int, deadline: float) -> float:
+    await until_acknowledged(debits, at_acknowledged, deadline)
+    await asyncio.to_thread(pair.fail_over)
+    return asyncio.get_running_loop().time()
+
+
+async def test_primary_killed_mid_load_standby_promoted_nothing_acknowledged_lost(pair, http, tmp_path: Path):
+    await create_database(pair.primary.url(), DATABASE)
+    hub = HubProcess(pair.url(DATABASE), tmp_path / "hub.log")
+    await hub.start()
+    try:
+        client = NativeClient(http, hub.base_url)
+        credit = Decimal("100.00")
+        cards = await funded_cards(client, 10, credit)
+        debits = plan_debits(cards, 400, DEBIT_VALUES)
+        async with asyncio.timeout(SCENARIO_TIMEOUT_S):
+            deadline = deadline_in(LOAD_TIMEOUT_S)
+            async with asyncio.TaskGroup() as group:
+                group.create_task(send_all([client], debits, concurrency=16, policy=RetryPolicy(), deadline=deadline))
+                group.create_task(kill_primary_and_promote(pair, debits, at_acknowledged=150, deadline=deadline))
+        print(summary(debits), {d.code for d in debits if d.code})
+        assert not any(d.server_errors for d in debits), [d.server_errors[0] for d in debits if d.server_errors][:3]
+        assert not any(d.timeouts for d in debits), summary(debits)
+        assert all(d.acknowledged for d in debits), summary(debits)
+        assert_unavailable_answers_are_clear(debits)
+        assert hub.starts == 1 and hub.process.returncode is None
+        pool = await asyncpg.create_pool(pair.standby.url(DATABASE), min_size=1, max_size=2)
+        try:
+            await assert_ledger_consistent(pool, client, debits, credits_of(cards, credit))
+        finally:
+            await pool.close()
+    finally:
+        await hub.stop()
+        print(hub.log_text()[-5000:])
+
+
+# ---- a commit in doubt, and a cache from the lost primary -------------------------------------
+
+IN_DOUBT_TIMEOUT_S = 1.0
+
+
+async def ledger_on(pair: ReplicatedPair) -> tuple[Ledger, asyncpg.Pool]:
+    await create_database(pair.primary.url(), DATABASE)
+    pool = await create_pool(pair.url(DATABASE), size_min=1, size_max=4, statement_timeout_s=IN_DOUBT_TIMEOUT_S)
+    async with pool.acquire() as connection:
+        await upgrade(connection)
+    return Ledger(EventStore(pool), code_key=b"k" * 32), pool
+
+
+async def debit(ledger: Ledger, card_id: str, value: str, request_id: str):
+    return await ledger.create_transaction(
+        card_id, operation=DEBIT, value=Decimal(value), description="", request_id=request_id
+    )
+
+
+async def commit_in_doubt(ledger: Ledger, card_id: str) -> None:
+    """A Debit of 30 that the primary commits locally while its synchronous standby is down: the
+    client stops waiting for the standby's acknowledgement, so it cannot know the outcome."""
+    with pytest.raises(TimeoutError):
+        await debit(ledger, card_id, "30", "in-doubt")
+
+
+async def funded_card(ledger: Ledger) -> str:
+    card_id = str((await issue(ledger)).card.id)
+    await ledger.create_transaction(card_id, operation="Credit", value=Decimal(100), description="", request_id="c")
+    return card_id
+
+
+async def debits_on(pool: asyncpg.Pool, card_id: str) -> list[tuple[str, str]]:
+    rows = await pool.fetch(
+        "select data->>'request_id' as request_id, data->>'transaction_id' as id from events"
+        " where stream_id = $1 and type like '%Debited' order by version",
+        card_id,
+    )
+    return [(row["request_id"], row["id"]) for row in rows]
+
+
+async def promote_without_the_lost_commits(pair: ReplicatedPair) -> None:
+    await asyncio.to_thread(pair.primary.kill)
+    await asyncio.to_thread(pair.standby.start)
+    await asyncio.to_thread(pair.fail_over)
+
+
+async def test_a_card_cached_from_the_lost_primary_is_not_trusted_on_the_new_one(pair):
+    ledger, pool = await ledger_on(pair)
+    try:
+        retried_card, refused_card = await funded_card(ledger), await funded_card(ledger)
+        await asyncio.to_thread(pair.standby.stop, "fast")
+        for card_id in (retried_card, refused_card):
+            await commit_in_doubt(ledger, card_id)
+            # Another request reads the card on the old primary: the locally committed Debit shows.
+            assert (await ledger.card(card_id)).balance == 7000
+        await promote_without_the_lost_commits(pair)
+
+        # The client's retry: the cache would say "already applied"; the new primary never saw it.
+        retried = await debit(ledger, retried_card, "30", "in-doubt")
+        assert await debits_on(pool, retried_card) == [("in-doubt", retried.id)]
+        # A Debit the cached balance (70) would refuse and the real one (100) accepts.
+        accepted = await debit(ledger, refused_card, "80", "more-than-the-cache-has")
+        assert await debits_on(pool, refused_card) == [("more-than-the-cache-has", accepted.id)]
+        assert [(await ledger.card(c)).balance for c in (retried_card, refused_card)] == [7000, 2000]
+    finally:
+        await pool.close()
