@@ -33,6 +33,7 @@ from ledger.database import create_pool
 from ledger.instance_keys import instance_key
 from ledger.migrate import upgrade
 from ledger.providers import ProviderRegistry
+from ledger.replication import replication_status
 from ledger.store import EventStore
 from projections import checkpoints, read_models
 from projections.hold_expiry import run_hold_expiry
@@ -71,12 +72,23 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready when the primary answers; says whether its commits are synchronously replicated."""
     try:
         async with asyncio.timeout(READY_TIMEOUT_S):
-            await request.app[POOL].fetchval("select 1")
+            replication = await replication_status(request.app[POOL])
     except Exception as e:  # any failure to reach the database means "not ready", never a 500
         return error_response(503, "not_ready", f"database unreachable: {type(e).__name__}")
-    return json_response({"status": "ready"})
+    return json_response({"status": "ready", "replication": replication.to_wire()})
+
+
+async def warn_unless_replicated(pool: asyncpg.Pool) -> None:
+    reason = (await replication_status(pool)).why_not_synchronous()
+    if reason is not None:
+        log.warning(
+            "the database is not synchronously replicated (%s): a write acknowledged now is lost if the "
+            "primary's machine is; see the README's \"High availability\"",
+            reason,
+        )
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
@@ -168,6 +180,7 @@ def create_app(
         try:
             async with pool.acquire() as connection:
                 await upgrade(connection)
+            await warn_unless_replicated(pool)
             app[POOL] = pool
             store = EventStore(pool, observe_append=metrics.observe_append)
             app[THROTTLE] = LookupThrottle(

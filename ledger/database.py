@@ -123,8 +123,11 @@ async def create_pool(
     )
 
 
-def with_database(work: Callable[[asyncpg.Pool], Awaitable[T]], *, pool_size_max: int = 4) -> T:
-    """Runs ``work`` against the configured (or embedded) database, its schema brought current first.
+def with_database(
+    work: Callable[[asyncpg.Pool], Awaitable[T]], *, pool_size_max: int = 4, upgrade_schema: bool = True
+) -> T:
+    """Runs ``work`` against the configured (or embedded) database, its schema brought current first
+    unless ``upgrade_schema`` is False (a tool that only inspects the server, and may meet a standby).
 
     The one way every command-line tool reaches the database: it starts and stops the embedded
     server when no URL is configured.
@@ -134,8 +137,9 @@ def with_database(work: Callable[[asyncpg.Pool], Awaitable[T]], *, pool_size_max
     async def run() -> T:
         pool = await create_pool(url, size_min=1, size_max=pool_size_max)
         try:
-            async with pool.acquire() as connection:
-                await upgrade(connection)
+            if upgrade_schema:
+                async with pool.acquire() as connection:
+                    await upgrade(connection)
             return await work(pool)
         finally:
             await pool.close()

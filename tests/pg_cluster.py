@@ -104,9 +104,10 @@ class PgNode:
             ]
         )  # fmt: skip
         self.configure(port=str(self.port), unix_socket_directories=f"'{self.folder}'")
-        self.configure(
-            primary_conninfo=f"'host=127.0.0.1 port={primary.port} user=postgres application_name={self.name}'"
-        )
+        # After -R's own line in postgresql.auto.conf, which wins over postgresql.conf: the standby's name.
+        conninfo = f"host=127.0.0.1 port={primary.port} user=postgres application_name={self.name}"
+        with (self.pgdata / "postgresql.auto.conf").open("a") as auto:
+            auto.write(f"primary_conninfo = '{conninfo}'\n")
 
     def start(self) -> None:
         as_postgres(

@@ -15,6 +15,10 @@ the new primary it never happened, and no decision may be taken as if it had.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -28,6 +32,7 @@ from ledger.database import create_pool
 from ledger.domain.giftcard import DEBIT
 from ledger.migrate import upgrade
 from ledger.store import EventStore
+from projections import checkpoints
 from tests.cards import issue
 from tests.debit_load import RetryPolicy, plan_debits, send_all, until_acknowledged
 from tests.hub_process import HubProcess, NativeClient
@@ -78,11 +83,45 @@ async def kill_primary_and_promote(pair: ReplicatedPair, debits, at_acknowledged
     return asyncio.get_running_loop().time()
 
 
+async def replication_of(http: aiohttp.ClientSession, hub: HubProcess) -> dict:
+    async with http.get(hub.base_url + "/readyz") as response:
+        assert response.status == 200, await response.text()
+        return (await response.json())["replication"]
+
+
+async def projections_caught_up(url: str, timeout_s: float = 30.0) -> None:
+    """The projection runner (a process of serve's own) follows the new primary without a restart."""
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=1)
+    try:
+        async with asyncio.timeout(timeout_s):
+            while any(status.lag_events for status in await checkpoints.statuses(pool)):
+                await asyncio.sleep(0.2)
+    finally:
+        await pool.close()
+
+
+def db_status(url: str) -> dict:
+    """``giftcard db status --json`` run as an operator would, with the multi-host URL."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "hub.cli", "db", "status", "--json"],
+        env={**os.environ, "GIFTCARD_DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return json.loads(completed.stdout)
+
+
 async def test_primary_killed_mid_load_standby_promoted_nothing_acknowledged_lost(pair, http, tmp_path: Path):
     await create_database(pair.primary.url(), DATABASE)
     hub = HubProcess(pair.url(DATABASE), tmp_path / "hub.log")
     await hub.start()
     try:
+        before = await replication_of(http, hub)
+        assert before["synchronous"] is True and before["reason"] is None, before
+        assert [(s["name"], s["state"], s["syncState"]) for s in before["standbys"]] == [("node2", "streaming", "sync")]
+        assert "not synchronously replicated" not in hub.log_text()
         client = NativeClient(http, hub.base_url)
         credit = Decimal("100.00")
         cards = await funded_cards(client, 10, credit)
@@ -103,6 +142,12 @@ async def test_primary_killed_mid_load_standby_promoted_nothing_acknowledged_los
             await assert_ledger_consistent(pool, client, debits, credits_of(cards, credit))
         finally:
             await pool.close()
+        await projections_caught_up(pair.standby.url(DATABASE))
+        # Promoted alone, the new primary acknowledges commits no standby holds: both say so.
+        after = await replication_of(http, hub)
+        assert after["synchronous"] is False and after["standbys"] == [], after
+        status = await asyncio.to_thread(db_status, pair.url(DATABASE))
+        assert status["synchronous"] is False and "synchronous_standby_names is empty" in status["reason"]
     finally:
         await hub.stop()
         print(hub.log_text()[-5000:])
@@ -175,3 +220,13 @@ async def test_a_card_cached_from_the_lost_primary_is_not_trusted_on_the_new_one
         assert [(await ledger.card(c)).balance for c in (retried_card, refused_card)] == [7000, 2000]
     finally:
         await pool.close()
+
+
+async def test_start_warns_and_readyz_says_when_commits_are_not_synchronously_replicated(start_service, caplog):
+    """The test server has no standby: an operator is told at start, and by /readyz."""
+    with caplog.at_level("WARNING", logger="hub.app"):
+        service = await start_service()
+    assert any("not synchronously replicated" in r.getMessage() for r in caplog.records), caplog.text
+    status, body, _ = await service.call("GET", "/readyz")
+    assert status == 200 and body["replication"]["synchronous"] is False, body
+    assert body["replication"]["reason"], body
