@@ -140,18 +140,21 @@ class PgNode:
             return None
         return pid
 
-    def kill(self) -> None:
-        """SIGKILL the postmaster and every child at once: the machine is gone, nothing shuts down."""
+    def kill(self) -> float:
+        """SIGKILL the postmaster and every child at once: the machine is gone, nothing shuts down.
+        Returns the monotonic time the last signal was sent."""
         pid = self.postmaster_pid()
         if pid is None:
-            return
+            return time.monotonic()
         family = [pid, *children_of(pid)]
         for member in family:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(member, signal.SIGKILL)
-        deadline = time.monotonic() + 10
+        killed_at = time.monotonic()
+        deadline = killed_at + 10
         while any(alive(member) for member in family) and time.monotonic() < deadline:
             time.sleep(0.01)
+        return killed_at
 
     def sql(self, *statements: str) -> None:
         """Runs statements as the superuser through psql (for set-up steps, not for tests' assertions)."""
@@ -213,17 +216,18 @@ class ReplicatedPair:
         hosts = ",".join(node.host_port for node in (self.primary, self.standby))
         return f"postgresql://postgres@{hosts}/{database}?" + "&".join(f"{k}={v}" for k, v in query.items())
 
-    def fail_over(self) -> None:
+    def fail_over(self) -> float:
         """The primary's machine dies; the standby is promoted (what Patroni automates).
 
         The promoted node inherited ``synchronous_standby_names = '*'`` and has no standby of its
         own: left so, every commit would wait for one forever. As Patroni does when no synchronous
         candidate is left (``synchronous_mode`` without ``strict``), it runs unreplicated until a
-        standby is attached again.
+        standby is attached again. Returns the monotonic time the primary was killed.
         """
-        self.primary.kill()
+        killed_at = self.primary.kill()
         self.standby.promote()
         self.standby.sql("alter system set synchronous_standby_names = ''", "select pg_reload_conf()")
+        return killed_at
 
     def stop(self) -> None:
         for node in (self.primary, self.standby):
