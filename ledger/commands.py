@@ -28,6 +28,7 @@ import msgspec
 from eventsourcing.persistence import StoredEvent
 
 from ledger.codec import new_mapper
+from ledger.database import DATABASE_ERRORS
 from ledger.domain import errors
 from ledger.domain.codes import hash_code, new_redemption_code, visible_tail
 from ledger.domain.giftcard import (
@@ -388,7 +389,7 @@ class Ledger:
             return
         try:
             await self.store.save_snapshot(card_id, version, loaded.last_hash, take_snapshot(loaded.card))
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError):
+        except DATABASE_ERRORS:
             # The command is already committed and a snapshot is a disposable cache: a connection
             # cut here (InterfaceError, or asyncpg's InternalClientError race, see hub.errors) must
             # not turn the committed command's answer into an error.

@@ -40,6 +40,13 @@ SERVER_TIMEOUT_FACTOR = 2
 CONNECT_TIMEOUT_S = 5.0
 
 
+# What a statement raises when the server is lost, restarting, failing over or refusing it: the
+# background loops (projection runner, hold sweeper, webhook deliverer) log it and try again later,
+# on a connection the pool opens afresh, to whichever host is the primary by then. asyncpg's
+# InternalClientError is its race after a terminated connection (see hub.errors).
+DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+
+
 def database_named(url: str, name: str) -> str:
     """The same server's URL for another database (keeping a socket ``?host=`` and the rest)."""
     parts = urlsplit(url)

@@ -18,6 +18,7 @@ from datetime import timedelta
 import asyncpg
 
 from ledger.commands import Ledger
+from ledger.database import DATABASE_ERRORS
 from ledger.domain.errors import DomainError
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,6 @@ async def run_hold_expiry(
             voided = await sweep_once(pool, ledger, hold_ttl, native_provider_id)
             if voided:
                 log.info("voided %d expired holds", voided)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        except DATABASE_ERRORS:
             log.warning("hold-expiry sweep failed; trying again in %.0f s", interval_s, exc_info=True)
         await asyncio.sleep(interval_s)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from ledger.database import DATABASE_ERRORS
 from ledger.store import Checkpoint, EventStore, RecordedEvent
 from projections import checkpoints
 from projections.projection import Projection
@@ -135,7 +136,7 @@ class ProjectionRunner:
             try:
                 await self.prepare()
                 break
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            except DATABASE_ERRORS as e:
                 log.warning("projection runner cannot reach the database yet (%r); retrying", e)
                 await asyncio.sleep(self.failure_backoff_s or POLL_INTERVAL_S)
         try:

@@ -54,8 +54,17 @@ class HubProcess:
     up under load and would block the server, which is exactly the kind of hang these tests hunt.
     """
 
-    def __init__(self, database_url: str, log_path: Path, *, port: int | None = None, workers: int = 1) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        log_path: Path,
+        *,
+        port: int | None = None,
+        workers: int = 1,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.database_url = database_url
+        self.env = env or {}
         self.log_path = log_path
         self.port = port or free_port()
         self.workers = workers
@@ -85,7 +94,7 @@ class HubProcess:
                 "--workers",
                 str(self.workers),
                 cwd=ROOT,
-                env=service_env(self.database_url),
+                env={**service_env(self.database_url), **self.env},
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=log,

@@ -46,6 +46,7 @@ from tests.test_faults import (
     funded_cards,
     summary,
 )
+from tests.test_webhooks import TEST_SECRET_KEY, receiving, subscribe
 
 pytestmark = pytest.mark.skipif(pg_binaries_missing() is not None, reason=pg_binaries_missing() or "")
 
@@ -230,3 +231,55 @@ async def test_start_warns_and_readyz_says_when_commits_are_not_synchronously_re
     status, body, _ = await service.call("GET", "/readyz")
     assert status == 200 and body["replication"]["synchronous"] is False, body
     assert body["replication"]["reason"], body
+
+
+async def debit_until_answered(client: NativeClient, card_id: str, request_id: str, timeout_s: float = 30.0) -> str:
+    async with asyncio.timeout(timeout_s):
+        while True:
+            answer = await client.transaction(card_id, "Debit", Decimal("1.00"), request_id, timeout_s=10)
+            if answer.status == 200:
+                return answer.body["id"]
+            assert answer.status == 503, answer
+            await asyncio.sleep(0.1)
+
+
+async def test_hold_sweeper_and_webhook_deliverer_follow_the_new_primary(pair, http, tmp_path: Path):
+    """serve's background work (hold expiry, webhooks) reconnects to the promoted standby by itself."""
+    await create_database(pair.primary.url(), DATABASE)
+    env = {
+        "GIFTCARD_HOLD_TTL": "1s",
+        "GIFTCARD_HOLD_SWEEP_INTERVAL_S": "0.2",
+        "GIFTCARD_SECRET_KEY": TEST_SECRET_KEY,
+        "GIFTCARD_PROVIDER_ALLOWLIST": "127.0.0.0/8",
+        "GIFTCARD_WEBHOOK_BACKOFF_BASE_S": "0.05",
+        "GIFTCARD_WEBHOOK_BACKOFF_MAX_S": "0.5",
+    }
+    hub = HubProcess(pair.url(DATABASE), tmp_path / "hub.log", env=env)
+    await hub.start()
+    primary = await asyncpg.create_pool(pair.primary.url(DATABASE), min_size=1, max_size=1)
+    try:
+        async with receiving() as receiver:
+            await subscribe(primary, receiver, ["card.debited", "card.voided"])
+            await primary.close()
+            client = NativeClient(http, hub.base_url)
+            (card_id,) = await funded_cards(client, 1, Decimal("10.00"))
+            await asyncio.to_thread(pair.fail_over)
+            transaction_id = await debit_until_answered(client, card_id, "after-failover")
+
+            promoted = await asyncpg.create_pool(pair.standby.url(DATABASE), min_size=1, max_size=1)
+            try:
+                async with asyncio.timeout(30):
+                    while not await promoted.fetchval(
+                        "select count(*) from events where stream_id = $1 and type like '%Voided'", card_id
+                    ):
+                        await asyncio.sleep(0.2)
+                    delivered = set()
+                    while {("card.debited", transaction_id), ("card.voided", transaction_id)} - delivered:
+                        delivered = {
+                            (r.payload["type"], r.payload["data"].get("transactionId")) for r in receiver.accepted
+                        }
+                        await asyncio.sleep(0.2)
+            finally:
+                await promoted.close()
+    finally:
+        await hub.stop()

@@ -35,13 +35,13 @@ from hub.webhooks import storage
 from hub.webhooks.signing import EVENT_ID_HEADER, EVENT_TYPE_HEADER, SIGNATURE_HEADER, sign
 from hub.webhooks.subscriptions import open_secret
 from ledger.credentials_cipher import CredentialsCipher
+from ledger.database import DATABASE_ERRORS
 from ledger.store import Checkpoint, EventStore, RecordedEvent
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = "giftcard-webhooks/1"
 SUBSCRIPTIONS_LISTED_MAX = 1000  # due subscriptions read per round (more than may exist)
-_DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 @dataclass(frozen=True)
@@ -197,7 +197,7 @@ class Deliverer:
                 wait_s = self.options.poll_interval_s
                 try:
                     await self._start_due()
-                except _DATABASE_ERRORS as e:
+                except DATABASE_ERRORS as e:
                     log.warning("webhook deliverer cannot list subscriptions (%r); trying again", e)
                     wait_s = self.options.failure_pause_s
                 except Exception:  # a bug: say so, and keep the other subscriptions' deliveries going
@@ -269,7 +269,7 @@ class Deliverer:
             finally:
                 # If this fails (the connection broke, or was cancelled mid-query), the pool's reset
                 # or the session's end releases the lock all the same.
-                with contextlib.suppress(*_DATABASE_ERRORS):
+                with contextlib.suppress(*DATABASE_ERRORS):
                     await storage.unlock(connection, subscription_id)
 
     async def _deliver_locked(self, connection: asyncpg.Connection, subscription_id: str) -> Progress:
