@@ -100,7 +100,7 @@ _describe(
     "",
     [
         ("GET", "/healthz", "Alive", None),
-        ("GET", "/readyz", "Ready: the database answers", None),
+        ("GET", "/readyz", "Ready: the primary answers; whether its commits are synchronously replicated", None),
         ("GET", "/metrics", "Prometheus metrics", None),
         ("GET", "/openapi.json", "This document", None),
         ("GET", "/docs", "This document, rendered", None),
