@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hub import auth
 from tests.conftest import TEST_SECRET_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,13 @@ async def test_demo_fills_a_fresh_database_once(start_service, pool, database_ur
     assert again.returncode == 1 and "already holds demo data" in again.stdout
 
     # The partner is this service's /native, reachable through the hub like any external provider.
-    await asyncio.sleep(0.6)  # the registry is re-read every 0.5 s
+    # The registry is re-read every 0.5 s and stored credentials every auth.KEY_REFRESH_S: until both
+    # have been, the partner is unknown or refuses the hub's new pair.
     card_id = await pool.fetchval("select stream_id from events where type like '%.Credited' order by position limit 1")
-    status, card, _ = await service.call("GET", f"/api/giftcardproviders/DemoPartner/giftcards/{card_id}")
+    deadline = asyncio.get_running_loop().time() + auth.KEY_REFRESH_S + 3
+    while True:
+        status, card, _ = await service.call("GET", f"/api/giftcardproviders/DemoPartner/giftcards/{card_id}")
+        if status == 200 or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.1)
     assert status == 200 and card["provider"] == "DemoPartner", card
