@@ -9,6 +9,7 @@ test starts it stops, also when it fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -103,7 +104,9 @@ class PgNode:
             ]
         )  # fmt: skip
         self.configure(port=str(self.port), unix_socket_directories=f"'{self.folder}'")
-        self.configure(primary_conninfo=f"'host=127.0.0.1 port={primary.port} user=postgres application_name={self.name}'")
+        self.configure(
+            primary_conninfo=f"'host=127.0.0.1 port={primary.port} user=postgres application_name={self.name}'"
+        )
 
     def start(self) -> None:
         as_postgres(
@@ -143,10 +146,8 @@ class PgNode:
             return
         family = [pid, *children_of(pid)]
         for member in family:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(member, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + 10
         while any(alive(member) for member in family) and time.monotonic() < deadline:
             time.sleep(0.01)
