@@ -17,7 +17,7 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 
-from hub import audit_api, audit_pages, auth, bulk_api, openapi, read_api, webhooks
+from hub import audit_api, audit_pages, auth, bulk_api, openapi, read_api, read_pool, webhooks
 from hub.config import Settings
 from hub.directory import ProviderDirectory
 from hub.egress import EgressPolicy, GuardedResolver
@@ -25,7 +25,7 @@ from hub.errors import error_middleware, error_response
 from hub.hub_api import HubHandlers
 from hub.metrics import Metrics, make_metrics_middleware, metrics_handler
 from hub.native import NativeHandlers, Surface, json_response
-from hub.state import DIRECTORY, EGRESS, LEDGER, METRICS, POOL, REGISTRY, SETTINGS, THROTTLE
+from hub.state import DIRECTORY, EGRESS, LEDGER, METRICS, POOL, READ_POOL, REGISTRY, SETTINGS, THROTTLE
 from hub.throttle import LookupThrottle
 from ledger.commands import Ledger, utc_now
 from ledger.credentials_cipher import CredentialsCipher
@@ -45,6 +45,7 @@ READY_TIMEOUT_S = 2.0
 REQUEST_ID_CHARS_MAX = 128
 PROVIDER_CONNECTIONS_MAX = 256
 WEBHOOK_POOL_SIZE_MAX = 6  # up to 4 subscriptions delivering at once, each holding one
+REPLICA_POOL_SIZE_MAX = 5  # listings, audit pages: few at once, each a short read
 
 
 @web.middleware
@@ -154,6 +155,7 @@ def create_app(
         middlewares=[
             make_metrics_middleware(metrics),
             request_id_middleware,
+            read_pool.replica_lag_headers,
             error_middleware,
             auth.make_auth_middleware(rings),
         ],
@@ -177,11 +179,18 @@ def create_app(
             if webhooks.run_in_serve()
             else None
         )
+        # No connection opened at start (size_min 0): a replica that is down fails only what reads it.
+        replica_pool = (
+            await create_pool(settings.replica_url, size_min=0, size_max=REPLICA_POOL_SIZE_MAX, session_state=False)
+            if settings.replica_url
+            else None
+        )
         try:
             async with pool.acquire() as connection:
                 await upgrade(connection)
             await warn_unless_replicated(pool)
             app[POOL] = pool
+            app[READ_POOL] = replica_pool if replica_pool is not None else pool
             store = EventStore(pool, observe_append=metrics.observe_append)
             app[THROTTLE] = LookupThrottle(
                 pool,
@@ -213,6 +222,8 @@ def create_app(
                     task.cancel()
                 await asyncio.gather(*background, return_exceptions=True)
         finally:
+            if replica_pool is not None:
+                await replica_pool.close()
             if webhook_pool is not None:
                 await webhook_pool.close()
             await pool.close()

@@ -4,8 +4,9 @@
 prints: every event of the card, replayed through the domain, with the balance after each,
 the card's state as of the instant (effective time: the ledger's clock inside each event,
 which the hash chain covers), and every failure of its hash chain or invariants. It reads the
-card's own events, so it is strongly consistent. ``audit verify`` walks the whole ledger and
-is a CLI command only: it is not bounded by a request's time.
+card's own events, so it is strongly consistent, on the primary; with ``GIFTCARD_REPLICA_URL``
+set it reads the replica and states that replica's lag (``hub.read_pool``). ``audit verify`` walks
+the whole ledger and is a CLI command only: it is not bounded by a request's time.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from aiohttp import web
 from hub import openapi
 from hub.native import json_response
 from hub.read_api import instant_param
-from hub.state import LEDGER, SETTINGS
+from hub.read_pool import read_pool
+from hub.state import SETTINGS
+from ledger.store import EventStore
 from projections.audit import audit_card, render_card_audit
 
 BASE = "/api/audit"
@@ -30,7 +33,7 @@ openapi.OPERATIONS[("GET", f"{BASE}/cards/{{card_id}}")] = (
 
 async def get_card_audit(request: web.Request) -> web.Response:
     as_of = instant_param(request, "asOf")
-    audit = await audit_card(request.app[LEDGER].store, request.match_info["card_id"], as_of)
+    audit = await audit_card(EventStore(await read_pool(request)), request.match_info["card_id"], as_of)
     return json_response(render_card_audit(audit, request.app[SETTINGS].native_provider_id))
 
 

@@ -21,10 +21,12 @@ from hub.audit_card_page import render_card_page
 from hub.errors import status_of
 from hub.markup import Markup, amount_text, decimal_text, esc, fill, instant_text, join, page
 from hub.read_api import instant_param
-from hub.state import LEDGER, POOL, SETTINGS
+from hub.read_pool import lag_note, read_pool
+from hub.state import LEDGER, SETTINGS
 from hub.svg_charts import ChartPoint, line_chart
 from ledger.commands import parse_card_id
 from ledger.domain.errors import DomainError
+from ledger.store import EventStore
 from projections.audit import audit_card
 from projections.audit_overview import LIABILITY_DAYS_MAX, GroupTotals, Overview, read_overview
 from projections.checkpoints import ProjectionStatus
@@ -33,23 +35,24 @@ from projections.verify_runs import RecordedFailure, VerifyRun
 
 BASE = "/audit"
 CARD_ID_CHARS_MAX = 64  # a UUID is 36; the form's field is free text
+NO_NOTE = Markup("")
 
 
 async def overview_page(request: web.Request) -> web.Response:
     native = request.app[SETTINGS].native_provider_id
-    overview = await read_overview(request.app[POOL], native)
-    return page("Audit overview · Gift card ledger", render_overview(overview))
+    overview = await read_overview(await read_pool(request), native)
+    return page("Audit overview · Gift card ledger", join([lag_note(request), render_overview(overview)]))
 
 
 async def card_page(request: web.Request) -> web.Response:
     try:
         as_of = instant_param(request, "asOf")
-        audit = await audit_card(request.app[LEDGER].store, request.match_info["card_id"], as_of)
+        audit = await audit_card(EventStore(await read_pool(request)), request.match_info["card_id"], as_of)
     except DomainError as e:  # an unknown card or a bad asOf: a page that says so, in the page's own format
-        return error_page(status_of(e), e.message)
+        return error_page(status_of(e), e.message, lag_note(request))
     status_at = as_of or request.app[LEDGER].clock()
     body = render_card_page(audit, request.app[SETTINGS].native_provider_id, status_at)
-    return page(f"Card {audit.card_id} · Audit", body)
+    return page(f"Card {audit.card_id} · Audit", join([lag_note(request), body]))
 
 
 async def open_card(request: web.Request) -> web.Response:
@@ -60,11 +63,12 @@ async def open_card(request: web.Request) -> web.Response:
     raise web.HTTPSeeOther(f"{BASE}/cards/{quote(wanted, safe='')}")
 
 
-def error_page(status: int, message: str) -> web.Response:
+def error_page(status: int, message: str, note: Markup = NO_NOTE) -> web.Response:
     body = fill(
-        '<h1>{title}</h1><p class="lead" id="error">{message}</p><p><a href="/audit">Back to the overview</a></p>',
+        '<h1>{title}</h1><p class="lead" id="error">{message}</p>{note}<p><a href="/audit">Back to the overview</a></p>',
         title="Not found" if status == 404 else "Cannot show this",
         message=message,
+        note=note,
     )
     return page("Audit · Gift card ledger", body, status=status)
 

@@ -25,6 +25,7 @@ def parse_duration_s(text: str) -> float:
 
 class Settings(msgspec.Struct, kw_only=True, frozen=True):
     database_url: str | None = None
+    replica_url: str | None = None  # a hot standby for what only reads; None: everything reads the primary
     native_provider_id: str = "VtexGiftCard"
     provider_app_key: str | None = None
     provider_app_token: str | None = None
@@ -56,6 +57,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         defaults = cls()
         values: dict[str, object] = {
             "database_url": env.get("GIFTCARD_DATABASE_URL") or None,
+            "replica_url": env.get("GIFTCARD_REPLICA_URL") or None,
             "native_provider_id": env.get("GIFTCARD_NATIVE_PROVIDER_ID", defaults.native_provider_id),
             "provider_app_key": env.get("GIFTCARD_PROVIDER_APP_KEY") or None,
             "provider_app_token": env.get("GIFTCARD_PROVIDER_APP_TOKEN") or None,

@@ -1,7 +1,9 @@
 """Listings for finance and audit, served from the read models (hub-consumer credentials).
 
 The read models are eventually consistent: every answer carries ``freshness``, the
-checkpoint of the projection it was read from and how far behind the events it is.
+checkpoint of the projection it was read from and how far behind the events it is. With
+``GIFTCARD_REPLICA_URL`` set they are read from that replica (``hub.read_pool``), and
+``freshness.replica`` states its lag behind the primary as well.
 Amounts are exact decimals in major units of their currency (``currency`` null: an external
 provider's amount, whose currency the hub does not record). Listings page with ``REST-Range``
 and answer ``REST-Content-Range``; filters are query parameters, and a bad one is a 400.
@@ -19,7 +21,8 @@ from aiohttp import web
 from hub.errors import ApiError
 from hub.native import json_response
 from hub.paging import content_range, parse_rest_range
-from hub.state import POOL, SETTINGS
+from hub.read_pool import read_pool, with_replica_lag
+from hub.state import SETTINGS
 from hub.wire import format_datetime, parse_datetime
 from ledger.domain.errors import CardNotFound, InvalidRequest
 from ledger.domain.giftcard import OPERATIONS
@@ -198,12 +201,12 @@ def render_day(row: asyncpg.Record, native_provider_id: str) -> dict[str, Any]:
 # ---- handlers ------------------------------------------------------------------------------
 
 
-async def freshness_of(connection: asyncpg.Connection, name: str) -> dict[str, Any]:
-    """Read before the rows, so the rows are at least as fresh as it says."""
+async def freshness_of(request: web.Request, connection: asyncpg.Connection, name: str) -> dict[str, Any]:
+    """Read before the rows, so the rows are at least as fresh as it says (the replica's lag included)."""
     found = await checkpoints.statuses(connection, [name])
     if not found:
         raise ApiError(503, "projection_unknown", f"projection {name} has no checkpoint: run database migrations")
-    return render_freshness(found[0])
+    return with_replica_lag(request, render_freshness(found[0]))
 
 
 async def list_balances(request: web.Request) -> web.Response:
@@ -212,8 +215,8 @@ async def list_balances(request: web.Request) -> web.Response:
         currency=currency_param(request), status=choice_param(request, "status", card_balances.STATUSES)
     )
     provider = request.app[SETTINGS].native_provider_id
-    async with request.app[POOL].acquire() as connection:
-        freshness = await freshness_of(connection, card_balances.NAME)
+    async with (await read_pool(request)).acquire() as connection:
+        freshness = await freshness_of(request, connection, card_balances.NAME)
         rows, total = await card_balances.list_balances(connection, where, window.start, window.size)
     items = [render_balance(row, provider) for row in rows]
     return json_response({"items": items, "freshness": freshness}, content_range(window, len(items), total))
@@ -221,8 +224,8 @@ async def list_balances(request: web.Request) -> web.Response:
 
 async def get_balance(request: web.Request) -> web.Response:
     card_id = request.match_info["card_id"]
-    async with request.app[POOL].acquire() as connection:
-        freshness = await freshness_of(connection, card_balances.NAME)
+    async with (await read_pool(request)).acquire() as connection:
+        freshness = await freshness_of(request, connection, card_balances.NAME)
         row = await card_balances.one_balance(connection, card_id)
     if row is None:
         raise CardNotFound(
@@ -243,8 +246,8 @@ async def list_transactions(request: web.Request) -> web.Response:
         until=instant_param(request, "until"),
     )
     check_order(where.since, where.until)
-    async with request.app[POOL].acquire() as connection:
-        freshness = await freshness_of(connection, transaction_history.NAME)
+    async with (await read_pool(request)).acquire() as connection:
+        freshness = await freshness_of(request, connection, transaction_history.NAME)
         rows, operations, total = await transaction_history.list_transactions(
             connection, where, window.start, window.size
         )
@@ -264,16 +267,16 @@ async def list_daily_totals(request: web.Request) -> web.Response:
     )
     check_order(where.since, where.until)
     native = request.app[SETTINGS].native_provider_id
-    async with request.app[POOL].acquire() as connection:
-        freshness = await freshness_of(connection, daily_totals.NAME)
+    async with (await read_pool(request)).acquire() as connection:
+        freshness = await freshness_of(request, connection, daily_totals.NAME)
         rows, total = await daily_totals.list_totals(connection, where, window.start, window.size)
     items = [render_day(row, native) for row in rows]
     return json_response({"items": items, "freshness": freshness}, content_range(window, len(items), total))
 
 
 async def list_projections(request: web.Request) -> web.Response:
-    found = await checkpoints.statuses(request.app[POOL])
-    return json_response({"items": [render_status(status) for status in found]})
+    found = await checkpoints.statuses(await read_pool(request))
+    return json_response(with_replica_lag(request, {"items": [render_status(status) for status in found]}))
 
 
 def routes() -> list[web.RouteDef]:

@@ -15,6 +15,8 @@ from ledger.providers import ProviderRegistry
 
 SETTINGS = web.AppKey("settings", Settings)
 POOL = web.AppKey("pool", asyncpg.Pool)
+# What only reads is served from: the replica's pool when GIFTCARD_REPLICA_URL is set, else POOL itself.
+READ_POOL = web.AppKey("read_pool", asyncpg.Pool)
 LEDGER = web.AppKey("ledger", Ledger)
 REGISTRY = web.AppKey("registry", ProviderRegistry)
 DIRECTORY = web.AppKey("directory", ProviderDirectory)

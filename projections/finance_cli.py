@@ -4,6 +4,11 @@
 native provider's id is passed in, so this package needs nothing of the hub. ``python -m
 projections.finance_cli`` runs the same commands on their own.
 
+With ``GIFTCARD_REPLICA_URL`` set, ``audit verify`` and the exports read that replica (never
+upgrading its schema: it is read-only) and say on stderr how far behind the primary it was when
+they started; ``audit card`` reads the primary. The verdict of a verify run is recorded on the
+primary either way.
+
 Exit codes: 0 when everything holds (or the export is written); 1 when verify (or a card's audit)
 finds a failure, or the ledger cannot be turned into exact figures; 2 for a bad argument or an
 unknown card.
@@ -27,6 +32,7 @@ from tqdm import tqdm
 from ledger.database import with_database
 from ledger.domain.errors import CardNotFound, DomainError
 from ledger.money import exponent_of
+from ledger.replica import configured_replica_url, with_read_database
 from ledger.store import EventStore
 from projections.audit import (
     VERIFY_BATCH_EVENTS,
@@ -200,10 +206,12 @@ def verify_command(args: argparse.Namespace, native_provider_id: str) -> int:
     print_each = None if args.json else (lambda failure: print(f"FAIL {failure.line()}", flush=True))
 
     # A walker process connects by URL: an embedded PostgreSQL (no GIFTCARD_DATABASE_URL) is walked by one.
-    database_url = os.environ.get("GIFTCARD_DATABASE_URL")
+    # On a replica the walkers import the snapshot verify exports there (a hot standby can, since PG 10).
+    replica_url = configured_replica_url()
+    database_url = replica_url or os.environ.get("GIFTCARD_DATABASE_URL")
+    started_at = datetime.now(UTC)
 
     async def work(pool: asyncpg.Pool) -> VerifyReport:
-        started_at = datetime.now(UTC)
         async with _progress(pool, "verify", _count_events) as bar:
             report = await verify(
                 pool,
@@ -214,10 +222,13 @@ def verify_command(args: argparse.Namespace, native_provider_id: str) -> int:
                 database_url=database_url,
                 walkers=VERIFY_WALKERS_MAX if database_url else 1,
             )
-        await _record_verify_run(pool, report, started_at)
+        if replica_url is None:
+            await _record_verify_run(pool, report, started_at)
         return report
 
-    report = with_database(work)
+    report = with_read_database(work)
+    if replica_url is not None:  # a replica is read-only: the verdict is kept on the primary
+        _record_verify_run_on_primary(report, started_at)
     if args.json:
         print(_json.encode(render_report(report)).decode())
     else:
@@ -234,6 +245,14 @@ async def _record_verify_run(pool: asyncpg.Pool, report: VerifyReport, started_a
         print(f"warning: this run's result was not recorded for GET /audit: {e}", file=sys.stderr)
         return
     print(f"recorded as verify run {run_id} (shown on GET /audit)", file=sys.stderr)
+
+
+def _record_verify_run_on_primary(report: VerifyReport, started_at: datetime) -> None:
+    """After reading a replica; a primary out of reach loses only the record, as a refused write does."""
+    try:
+        with_database(lambda pool: _record_verify_run(pool, report, started_at), pool_size_max=1)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as e:
+        print(f"warning: this run's result was not recorded for GET /audit: {e}", file=sys.stderr)
 
 
 def _print_verify_summary(report: VerifyReport) -> None:
@@ -269,7 +288,7 @@ def export_transactions_command(args: argparse.Namespace, native_provider_id: st
             )
 
     try:
-        result = with_database(work)
+        result = with_read_database(work)
     except LedgerInconsistent as e:
         print(str(e), file=sys.stderr)
         return EXIT_FAILED
@@ -299,7 +318,7 @@ def export_liabilities_command(args: argparse.Namespace) -> int:
         return result
 
     try:
-        result = with_database(work)
+        result = with_read_database(work)
     except LedgerInconsistent as e:
         print(str(e), file=sys.stderr)
         return EXIT_FAILED

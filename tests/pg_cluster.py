@@ -109,6 +109,28 @@ class PgNode:
         with (self.pgdata / "postgresql.auto.conf").open("a") as auto:
             auto.write(f"primary_conninfo = '{conninfo}'\n")
 
+    def base_backup_to(self, destination: Path) -> None:
+        """A base backup of this server into ``destination``, without WAL: restoring it needs the archive."""
+        as_postgres(
+            [
+                str(PG_BIN / "pg_basebackup"),
+                "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
+                "-D", str(destination), "-X", "none", "-c", "fast",
+            ]
+        )  # fmt: skip
+
+    def restore_from(self, base_backup: Path, archive: Path, target_time: str) -> None:
+        """This node's data folder a copy of ``base_backup``, set to replay the archive up to
+        ``target_time`` and then be promoted (it archives nothing itself: the archive is the original's)."""
+        as_postgres(["cp", "-a", str(base_backup), str(self.pgdata)])
+        self.configure(
+            port=str(self.port),
+            unix_socket_directories=f"'{self.folder}'",
+            archive_mode="off",
+            **restore_settings(archive, target_time),
+        )
+        as_postgres(["touch", str(self.pgdata / "recovery.signal")])
+
     def start(self) -> None:
         as_postgres(
             [
@@ -166,6 +188,20 @@ class PgNode:
     def log_text(self) -> str:
         path = self.folder / f"{self.name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+
+def archive_settings(archive: Path) -> dict[str, str]:
+    """postgresql.conf settings that copy each finished WAL segment into ``archive``, never overwriting one."""
+    return {"archive_mode": "on", "archive_command": f"'test ! -f {archive}/%f && cp %p {archive}/%f'"}
+
+
+def restore_settings(archive: Path, target_time: str) -> dict[str, str]:
+    """Point-in-time recovery from ``archive``: replay up to ``target_time``, then promote."""
+    return {
+        "restore_command": f"'cp {archive}/%f %p'",
+        "recovery_target_time": f"'{target_time}'",
+        "recovery_target_action": "'promote'",
+    }
 
 
 def children_of(pid: int) -> list[int]:
