@@ -35,7 +35,7 @@ NODE_NAMES = ("node1", "node2")
 # once and promotes: kill to a writable new leader is about TTL - LOOP_WAIT/2 + ~1 s. Patroni's rule
 # is ``loop_wait + 2 * retry_timeout <= ttl`` (1 + 2 * 4 = 9 <= 10): a leader that cannot reach
 # etcd for retry_timeout gives up its role before its key can expire, so two leaders never overlap.
-# Patroni 3.0.2 takes these values as they are; from 3.1 on it raises ttl to at least 20 (and
+# Patroni 3.0.2 takes these values as they are; from 3.2 on it raises ttl to at least 20 (and
 # retry_timeout to at least 3), which would make failover take about 20 s. See docs/patroni.md.
 TTL_S = 10
 LOOP_WAIT_S = 1
