@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -55,7 +56,7 @@ CONNECTION_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.Inter
 
 
 @pytest.fixture
-async def cluster() -> PatroniCluster:
+async def cluster() -> AsyncIterator[PatroniCluster]:
     """A fresh cluster per test (a failover changes it for good); stopped even if start fails."""
     cluster = PatroniCluster()
     try:
