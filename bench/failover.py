@@ -110,8 +110,8 @@ class PatroniManaged:
         return self.cluster.leader().url(database)
 
     def lose_primary(self) -> float:
-        self.lost = self.cluster.leader()
-        return self.cluster.kill_leader()
+        self.lost, killed_at = self.cluster.kill_leader()
+        return killed_at
 
     def new_primary_url(self, database: str) -> str:
         return self.cluster.wait_for_leader(exclude=self.lost).url(database)
