@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -23,6 +24,7 @@ from hub.native import Hrefs, NativeProvider, card_operation_routes, event_metad
 from hub.paging import content_range, page_of, parse_rest_range
 from hub.state import DIRECTORY, EGRESS, LEDGER, REGISTRY, SETTINGS, THROTTLE
 from hub.wire import CreateCardRequest, CreateTransactionRequest, OperationRequest, SearchRequest, decode, encode
+from ledger.domain import errors
 from ledger.domain.errors import InvalidRequest
 from ledger.domain.provider import ProviderSpec, check_provider_id, check_registration
 from ledger.providers import Credentials, ProviderNotFound, RegisteredProvider
@@ -111,6 +113,61 @@ def link_transaction(detail: dict[str, Any], provider_id: str, card_id: str, tra
 
 def total_of(operations: list[dict[str, Any]]) -> Decimal:
     return sum((Decimal(str(op.get("value", 0))) for op in operations), Decimal(0))
+
+
+@dataclass(frozen=True)
+class Verb:
+    present: str
+    past: str
+
+
+SETTLE = Verb("settle", "settled")
+CANCEL = Verb("cancel", "cancelled")
+
+
+async def restated(
+    refusal: errors.OverAmount | ApiError,
+    verb: Verb,
+    port: Port,
+    card_id: str,
+    transaction_id: str,
+    wanted: Decimal,
+    done: Decimal,
+) -> Exception:
+    """A refusal of the remainder the hub posted, restated in the caller's terms.
+
+    The caller asked for a total (``wanted``); the hub posted only what was not yet done, so the
+    provider's refusal names that remainder, an amount the caller never sent.
+    """
+    if isinstance(refusal, ApiError) and refusal.status >= 500:
+        return refusal  # an outage, not a refusal of the amount: nothing to restate
+    currency = refusal.currency if isinstance(refusal, errors.OverAmount) else await currency_of(port, card_id)
+    unit = f" {currency}" if currency else ""
+    asked = (
+        f"cannot {verb.present} {wanted:f}{unit} in all on transaction {transaction_id}: "
+        f"{done:f}{unit} {verb.past} already"
+    )
+    if isinstance(refusal, errors.OverAmount):
+        return type(refusal)(
+            f"{asked}, {refusal.left:f}{unit} left to {verb.present}", left=refusal.left, currency=refusal.currency
+        )
+    return ApiError(
+        refusal.status,
+        refusal.code,
+        f"{refusal.message}: {asked}, the provider refused the remaining {wanted - done:f}{unit}",
+        detail=refusal.detail,
+        headers=refusal.headers,
+    )
+
+
+async def currency_of(port: Port, card_id: str) -> str | None:
+    """The card's currency for a message, if the provider says; the refusal matters more than the unit."""
+    try:
+        card = await port.get_card(card_id)
+    except (errors.DomainError, ApiError):
+        return None
+    currency = card.get("currencyCode")
+    return currency if isinstance(currency, str) else None
 
 
 def check_positive_value(body: bytes) -> OperationRequest:
@@ -290,10 +347,15 @@ class HubHandlers:
         card_id, transaction_id = request.match_info["card_id"], request.match_info["transaction_id"]
         wanted = check_positive_value(await read_body(request))
         settlements = await port.list_settlements(card_id, transaction_id)
-        remainder = wanted.value - total_of(settlements)
+        done = total_of(settlements)
+        remainder = wanted.value - done
         if remainder > 0:
             body = encode({"value": remainder, "requestId": wanted.request_id})
-            settlements = [*settlements, await port.settle(card_id, transaction_id, body, event_metadata(request))]
+            try:
+                settled = await port.settle(card_id, transaction_id, body, event_metadata(request))
+            except (errors.OverAmount, ApiError) as refusal:
+                raise await restated(refusal, SETTLE, port, card_id, transaction_id, wanted.value, done) from None
+            settlements = [*settlements, settled]
         return json_response(settlements)
 
     async def cancel(self, request: web.Request) -> web.Response:
@@ -309,11 +371,15 @@ class HubHandlers:
         card_id, transaction_id = request.match_info["card_id"], request.match_info["transaction_id"]
         wanted = check_positive_value(await read_body(request))
         cancellations = await port.list_cancellations(card_id, transaction_id)
-        remainder = wanted.value - total_of(cancellations)
+        done = total_of(cancellations)
+        remainder = wanted.value - done
         if remainder <= 0:
             return json_response(cancellations[-1])
         body = encode({"value": remainder, "requestId": wanted.request_id})
-        return json_response(await port.cancel(card_id, transaction_id, body, event_metadata(request)))
+        try:
+            return json_response(await port.cancel(card_id, transaction_id, body, event_metadata(request)))
+        except (errors.OverAmount, ApiError) as refusal:
+            raise await restated(refusal, CANCEL, port, card_id, transaction_id, wanted.value, done) from None
 
     def routes(self) -> list[web.RouteDef]:
         provider = f"{PROVIDERS}/{{provider_id}}"

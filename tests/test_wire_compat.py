@@ -1,0 +1,105 @@
+"""Wire compatibility with typed VTEX clients (issue 14), over real loopback HTTP.
+
+Each point holds on the hub (``/api/giftcardproviders/...``) and, where the same answer exists,
+on the native Gift Card API (``/api/giftcards/...``) and the Provider Protocol (``/native/...``).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from tests.providers.reference import start_reference_provider
+from tests.test_hub import register
+
+HUB = "/api/giftcardproviders"
+HUB_NATIVE = f"{HUB}/VtexGiftCard"
+SURFACES = {"hub": HUB_NATIVE, "native-api": "/api", "protocol": "/native"}
+
+
+def card_body(**overrides) -> dict:
+    return {
+        "relationName": f"wire-{uuid.uuid4().hex[:10]}",
+        "emissionDate": "2026-01-01T00:00:00Z",
+        "expiringDate": "2027-01-01T00:00:00Z",
+        "caption": "Gift",
+        "restrictedToOwner": False,
+        "multipleRedemptions": True,
+        "multipleCredits": True,
+        "profileId": "ana@example.com",
+        "currencyCode": "USD",
+        **overrides,
+    }
+
+
+async def loaded_card(service, base: str, value: float = 100) -> str:
+    status, card, _ = await service.call("POST", f"{base}/giftcards", card_body())
+    assert status == 200, card
+    status, _, _ = await service.call(
+        "POST", f"{base}/giftcards/{card['id']}/transactions", {"operation": "Credit", "value": value, "requestId": "l"}
+    )
+    assert status == 200
+    return card["id"]
+
+
+async def event_count(pool) -> int:
+    return await pool.fetchval("select count(*) from events where type like 'ledger.domain.%'")
+
+
+# ---- 5. amounts as the caller sent them, with the currency --------------------------------
+
+
+async def test_refusals_name_major_units_and_the_currency_on_every_surface(service, pool):
+    for surface, base in SURFACES.items():
+        card_id = await loaded_card(service, base, 20)
+        before = await event_count(pool)
+        status, body, _ = await service.call(
+            "POST", f"{base}/giftcards/{card_id}/transactions", {"operation": "Debit", "value": 1000, "requestId": "d"}
+        )
+        message = body["error"]["message"]
+        assert status == 422 and body["error"]["code"] == "insufficient_funds", (surface, body)
+        assert "20.00 USD available, 1000.00 USD requested" in message and "minor" not in message, (surface, message)
+        assert await event_count(pool) == before, f"{surface}: a refusal wrote nothing"
+
+
+async def test_an_over_settlement_through_the_hub_names_the_callers_total(service, pool):
+    card_id = await loaded_card(service, HUB_NATIVE, 100)
+    transactions = f"{HUB_NATIVE}/giftcards/{card_id}/transactions"
+    _, debit, _ = await service.call("POST", transactions, {"operation": "Debit", "value": 80, "requestId": "o"})
+    tx = f"{transactions}/{debit['id']}"
+    assert (await service.call("POST", f"{tx}/settlements", {"value": 50, "requestId": "s1"}))[0] == 200
+    before = await event_count(pool)
+
+    status, body, _ = await service.call("POST", f"{tx}/settlements", {"value": 100, "requestId": "s2"})
+    assert status == 422 and body["error"]["code"] == "over_settlement", body
+    message = body["error"]["message"]
+    assert "cannot settle 100 USD in all" in message, message
+    assert "50.00 USD settled already, 30.00 USD left to settle" in message, message
+    assert "cannot settle 50" not in message, "the hub's remainder is not what the caller asked"
+
+    status, body, _ = await service.call("POST", f"{tx}/cancellations", {"value": 10, "requestId": "c1"})
+    assert status == 200
+    status, body, _ = await service.call("POST", f"{tx}/cancellations", {"value": 90.5, "requestId": "c2"})
+    message = body["error"]["message"]
+    assert status == 422 and body["error"]["code"] == "over_cancellation", body
+    assert "cannot cancel 90.5 USD in all" in message and "10.00 USD cancelled already" in message, message
+    assert "70.00 USD left to cancel" in message, message
+    assert await event_count(pool) == before + 1, "only the accepted cancellation was written"
+
+
+async def test_an_external_providers_refusal_is_restated_in_the_callers_total(service):
+    async with start_reference_provider() as provider:
+        await register(service, "Acme", provider)
+        voucher = provider.state.issue_card(balance="75.00")
+        transactions = f"{HUB}/Acme/giftcards/{voucher.id}/transactions"
+        _, debit, _ = await service.call(
+            "POST",
+            transactions,
+            {"operation": "Debit", "value": 40, "requestId": "o", "redemptionCode": voucher.redemption_code},
+        )
+        tx = f"{transactions}/{debit['id']}"
+        assert (await service.call("POST", f"{tx}/settlements", {"value": 30, "requestId": "s1"}))[0] == 200
+        status, body, _ = await service.call("POST", f"{tx}/settlements", {"value": 55.5, "requestId": "s2"})
+        assert 400 <= status < 500 and body["error"]["code"] == "provider_refused", body
+        message = body["error"]["message"]
+        assert "Acme" in message and "cannot settle 55.5 USD in all" in message, message
+        assert "30.0 USD settled already" in message and "remaining 25.5 USD" in message, message
