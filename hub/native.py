@@ -32,6 +32,7 @@ from hub.wire import (
     encode,
     format_datetime,
     order_info_client,
+    order_info_for_wire,
     parse_datetime,
 )
 from ledger.commands import IssueCard, IssuedCard, Ledger, parse_card_id
@@ -109,10 +110,13 @@ def render_transaction_ref(card_id: str, transaction: Transaction, hrefs: Hrefs)
     return {"cardId": card_id, "id": transaction.id, "_self": {"href": hrefs.transaction(card_id, transaction.id)}}
 
 
-def render_transaction(card: GiftCard, transaction: Transaction, hrefs: Hrefs) -> dict[str, Any]:
+def render_transaction(
+    card: GiftCard, transaction: Transaction, hrefs: Hrefs, order_info: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A transaction as GET returns it; ``orderInfo`` only when the caller sent one with it."""
     card_id = str(card.id)
     href = hrefs.transaction(card_id, transaction.id)
-    return {
+    rendered = {
         "cardId": card_id,
         "id": transaction.id,
         "operation": transaction.operation,
@@ -124,6 +128,9 @@ def render_transaction(card: GiftCard, transaction: Transaction, hrefs: Hrefs) -
         "cancellation": {"href": f"{href}/cancellations"},
         "authorization": {"href": f"{href}/authorization"},
     }
+    if order_info is not None:
+        rendered["orderInfo"] = order_info_for_wire(order_info)
+    return rendered
 
 
 def render_operation(card: GiftCard, operation: Operation) -> dict[str, Any]:
@@ -295,7 +302,9 @@ class NativeProvider:
 
     async def get_transaction(self, card_id: str, transaction_id: str) -> dict[str, Any]:
         card = await self.ledger.card(card_id)
-        return render_transaction(card, card.transaction(transaction_id), self.hrefs)
+        transaction = card.transaction(transaction_id)
+        order_info = await self.ledger.order_info(card_id, transaction.id)
+        return render_transaction(card, transaction, self.hrefs, order_info)
 
     async def get_authorization(self, card_id: str, transaction_id: str) -> dict[str, Any]:
         card = await self.ledger.card(card_id)

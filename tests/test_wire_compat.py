@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 
 from tests.providers.reference import start_reference_provider
+from tests.test_contract_native import order_info
 from tests.test_hub import register
 
 HUB = "/api/giftcardproviders"
@@ -103,3 +104,48 @@ async def test_an_external_providers_refusal_is_restated_in_the_callers_total(se
         message = body["error"]["message"]
         assert "Acme" in message and "cannot settle 55.5 USD in all" in message, message
         assert "30.0 USD settled already" in message and "remaining 25.5 USD" in message, message
+
+
+# ---- 2. a transaction keeps the orderInfo its caller sent ------------------------------------
+
+
+async def test_a_transaction_read_back_returns_the_order_info_sent_with_it(service):
+    sent = order_info("ana@example.com")
+    sent["cart"]["grandTotal"] = 172.820  # written as sent: an exact decimal, not a rounded float
+    sent["paymentRelatedSellerInfo"] = {"seller": "1", "sellerOrderId": "SLR-1", "sellerSequence": "7", "value": 5.5}
+    for surface, base in SURFACES.items():
+        card_id = await loaded_card(service, base, 500)
+        transactions = f"{base}/giftcards/{card_id}/transactions"
+        debit = {"operation": "Debit", "value": 172.82, "requestId": "order", "orderInfo": sent}
+        status, created, _ = await service.call("POST", transactions, debit)
+        assert status == 200, (surface, created)
+        status, detail, _ = await service.call("GET", f"{transactions}/{created['id']}")
+        assert status == 200 and detail["orderInfo"] == sent, (surface, detail.get("orderInfo"))
+        assert isinstance(detail["orderInfo"]["cart"]["items"][0]["priceTags"][0]["value"], float), surface
+        assert detail["orderInfo"]["orderId"] == "1234567890123-01" and detail["orderInfo"]["sequence"] == 502301
+
+        _, listed, _ = await service.call("GET", transactions)
+        load = next(t["id"] for t in listed if t["id"] != created["id"])
+        status, detail, _ = await service.call("GET", f"{transactions}/{load}")
+        assert status == 200 and "orderInfo" not in detail, f"{surface}: none was sent with the Credit"
+
+
+async def test_order_info_numbers_come_back_exactly_as_written(service):
+    """The raw answer, not a float round trip: 14.990 stays 14.990 and text stays text."""
+    card_id = await loaded_card(service, "/api", 500)
+    transactions = f"/api/giftcards/{card_id}/transactions"
+    raw = (
+        b'{"operation":"Debit","value":14.99,"requestId":"exact","orderInfo":{"orderId":"00042","sequence":"501234",'
+        b'"cart":{"grandTotal":14.990,"discounts":0,"shipping":1e1,"taxes":0,"itemsTotal":14.990,"items":[]}}}'
+    )
+    async with service.session.post(
+        service.base_url + transactions, data=raw, headers=service.headers(transactions)
+    ) as response:
+        created = await response.json()
+    async with service.session.get(
+        f"{service.base_url}{transactions}/{created['id']}", headers=service.headers(transactions)
+    ) as response:
+        text = await response.text()
+    assert '"grandTotal":14.990' in text and '"itemsTotal":14.990' in text, text
+    assert '"orderId":"00042"' in text and '"sequence":"501234"' in text, text
+    assert '"shipping":1E+1' in text, text
