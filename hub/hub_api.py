@@ -10,6 +10,7 @@ lists what the provider already recorded, as VTEX's hub does.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from decimal import Decimal
@@ -28,6 +29,8 @@ from ledger.domain import errors
 from ledger.domain.errors import InvalidRequest
 from ledger.domain.provider import ProviderSpec, check_provider_id, check_registration
 from ledger.providers import Credentials, ProviderNotFound, RegisteredProvider
+
+log = logging.getLogger(__name__)
 
 PROVIDERS = "/api/giftcardproviders"
 CANCELLATIONS_DISABLED = "cancellations_disabled"
@@ -97,8 +100,9 @@ def link_card(card: dict[str, Any], provider_id: str) -> dict[str, Any]:
 
 
 def link_transaction_ref(ref: dict[str, Any], provider_id: str, card_id: str) -> dict[str, Any]:
+    """``{provider, cardId, id, _self}``: typed hub clients read ``provider`` on every transaction item."""
     href = hub_hrefs(provider_id).transaction(card_id, str(ref.get("id", "")))
-    return {**ref, "cardId": card_id, "_self": {"href": href}}
+    return {**ref, "provider": provider_id, "cardId": card_id, "_self": {"href": href}}
 
 
 def link_transaction(detail: dict[str, Any], provider_id: str, card_id: str, transaction_id: str) -> dict[str, Any]:
@@ -109,6 +113,27 @@ def link_transaction(detail: dict[str, Any], provider_id: str, card_id: str, tra
         "cancellation": {"href": f"{href}/cancellations"},
         "authorization": {"href": f"{href}/authorization"},
     }
+
+
+# What a created card's answer holds besides the request's echo (VTEX's card shape, NOTES 3.3).
+CARD_FIELDS = ("id", "redemptionToken", "redemptionCode", "balance", "emissionDate", "expiringDate", "currencyCode")
+
+
+async def completed_card(port: ExternalProvider, created: dict[str, Any]) -> dict[str, Any]:
+    """An external provider's create answer, completed from its card when it leaves fields out.
+
+    The Provider Protocol's create only echoes the request and ``id``; the hub's callers expect the
+    card (``balance``, ``redemptionToken``...). The card exists by now, so a failed read of it must
+    not turn the create into an error: the echo is answered as it is.
+    """
+    if all(name in created for name in CARD_FIELDS) or not isinstance(created.get("id"), str):
+        return created
+    try:
+        card = await port.get_card(created["id"])
+    except ApiError as e:
+        log.warning("card %s created at provider %s but not read back: %s", created["id"], port.id, e.message)
+        return created
+    return {**card, **created}  # the create's own answer wins: it may hold the one full redemption code
 
 
 def total_of(operations: list[dict[str, Any]]) -> Decimal:
@@ -257,6 +282,8 @@ class HubHandlers:
         body = await read_body(request)
         decode(body, CreateCardRequest)  # refuse what no provider could accept, before forwarding
         created = await port.create_card(body, event_metadata(request))
+        if isinstance(port, ExternalProvider):
+            created = await completed_card(port, created)
         card = link_card(created, provider_id)
         card.setdefault("discount", False)
         return json_response(card)

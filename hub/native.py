@@ -275,8 +275,13 @@ class NativeProvider:
         )
 
     async def create_card(self, body: bytes, metadata: dict[str, Any]) -> dict[str, Any]:
+        """The protocol's echo of the request, and the whole card beside it (balance, token, links):
+        what typed clients read from a create through a hub, as from the native API's."""
         issued = await self.issue(body, metadata, expiring_required=False)
-        return render_created_for_protocol(issued.card, issued.redemption_code)
+        return {
+            **render_card(issued.card, self.hrefs, issued.redemption_code),
+            **render_created_for_protocol(issued.card, issued.redemption_code),
+        }
 
     async def get_card(self, card_id: str) -> dict[str, Any]:
         return render_card(await self.ledger.card(card_id), self.hrefs)

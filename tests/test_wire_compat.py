@@ -149,3 +149,51 @@ async def test_order_info_numbers_come_back_exactly_as_written(service):
     assert '"grandTotal":14.990' in text and '"itemsTotal":14.990' in text, text
     assert '"orderId":"00042"' in text and '"sequence":"501234"' in text, text
     assert '"shipping":1E+1' in text, text
+
+
+# ---- 1. a card created through the hub answers the whole card ----------------------------------
+
+
+CARD_KEYS = {"id", "redemptionToken", "redemptionCode", "balance", "emissionDate", "expiringDate", "currencyCode"}
+
+
+async def test_creating_a_card_answers_the_full_card_on_every_surface(service):
+    native_api = (await service.call("POST", "/api/giftcards", card_body()))[1]
+    for surface, base in SURFACES.items():
+        status, card, _ = await service.call("POST", f"{base}/giftcards", card_body())
+        assert status == 200, (surface, card)
+        assert CARD_KEYS <= set(card), (surface, CARD_KEYS - set(card))
+        assert set(native_api) - {"_self"} <= set(card), (surface, set(native_api) - set(card))
+        assert card["balance"] == 0 and "*" not in card["redemptionCode"], (surface, card)
+        assert card["redemptionToken"], surface
+    hub_card = (await service.call("POST", f"{HUB_NATIVE}/giftcards", card_body()))[1]
+    assert hub_card["provider"] == "VtexGiftCard" and hub_card["discount"] is False
+    got = (await service.call("GET", f"{HUB_NATIVE}/giftcards/{hub_card['id']}"))[1]
+    assert got["redemptionToken"] != hub_card["redemptionToken"] and "*" in got["redemptionToken"], "shown once only"
+
+
+async def test_a_card_created_at_an_external_provider_is_completed_from_its_card(service):
+    async with start_reference_provider() as provider:
+        await register(service, "Acme", provider)
+        status, card, _ = await service.call("POST", f"{HUB}/Acme/giftcards", card_body())
+        assert status == 200, card
+        assert CARD_KEYS <= set(card), CARD_KEYS - set(card)
+        assert card["balance"] == 0 and card["provider"] == "Acme"
+        assert card["redemptionCode"] == provider.state.card(card["id"]).redemption_code, "the create's full code"
+        assert len(provider.state.requests_for("CreateGiftCard")) == 1
+        assert len(provider.state.requests_for("GetGiftCardbyID")) == 1
+
+
+# ---- 3. transaction items through the hub name their provider -----------------------------------
+
+
+async def test_hub_transaction_items_carry_the_provider(service):
+    card_id = await loaded_card(service, HUB_NATIVE)
+    transactions = f"{HUB_NATIVE}/giftcards/{card_id}/transactions"
+    _, created, _ = await service.call("POST", transactions, {"operation": "Debit", "value": 1, "requestId": "x"})
+    assert set(created) == {"provider", "cardId", "id", "_self"} and created["provider"] == "VtexGiftCard"
+    _, listed, _ = await service.call("GET", transactions)
+    assert len(listed) == 2
+    for item in listed:
+        assert set(item) == {"provider", "cardId", "id", "_self"}, item
+        assert item["provider"] == "VtexGiftCard" and item["cardId"] == card_id
