@@ -23,6 +23,7 @@ from hub.errors import ApiError
 from hub.external import ExternalProvider
 from hub.native import Hrefs, NativeProvider, card_operation_routes, event_metadata, json_response, read_body
 from hub.paging import content_range, page_of, parse_rest_range
+from hub.public_address import public_base_url
 from hub.state import DIRECTORY, EGRESS, LEDGER, REGISTRY, SETTINGS, THROTTLE
 from hub.wire import CreateCardRequest, CreateTransactionRequest, OperationRequest, SearchRequest, decode, encode
 from ledger.domain import errors
@@ -77,7 +78,7 @@ def render_native_provider(request: web.Request) -> dict[str, Any]:
     native_id = request.app[SETTINGS].native_provider_id
     return {
         "id": native_id,
-        "serviceUrl": f"{request.scheme}://{request.host}/native",
+        "serviceUrl": f"{public_base_url(request, request.app[SETTINGS])}/native",
         "oauthProvider": "vtex",
         "caption": "Gift card",
         "preAuthEnabled": True,
