@@ -256,7 +256,9 @@ class HubHandlers:
     async def delete_provider(self, request: web.Request) -> web.Response:
         await request.app[REGISTRY].remove(request.match_info["provider_id"], metadata=event_metadata(request))
         await request.app[DIRECTORY].refresh()
-        return web.Response(status=200)
+        # VTEX's Hub spec: "200 OK. This endpoint does not return any data in the response body."
+        # No body, so no Content-Type either (RFC 9110, 8.3); an unknown provider is a 404 with a JSON error.
+        return web.Response(status=200, headers={"Cache-Control": "no-cache, no-store"})
 
     # ---- routing ----
 

@@ -6,10 +6,13 @@ on the native Gift Card API (``/api/giftcards/...``) and the Provider Protocol (
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
 
+from hub.openapi import build_document
+from tests.openapi import require_spec, requires_spec, validate_response
 from tests.providers.reference import start_reference_provider
 from tests.test_contract_native import order_info
 from tests.test_hub import register
@@ -251,3 +254,31 @@ def test_public_address_settings_are_read_and_checked(monkeypatch):
     monkeypatch.setenv("GIFTCARD_TRUSTED_PROXIES", "10.0.0.0/33")
     with pytest.raises(ValueError, match="GIFTCARD_TRUSTED_PROXIES"):
         Settings.from_env()
+
+
+# ---- 6. DELETE of a provider answers what VTEX's Hub spec documents -----------------------------
+
+
+@requires_spec
+async def test_deleting_a_provider_answers_as_the_hub_spec_documents(service, pool):
+    require_spec()
+    async with start_reference_provider() as provider:
+        await register(service, "Acme", provider)
+        async with service.session.delete(f"{service.base_url}{HUB}/Acme", headers=service.headers(HUB)) as response:
+            raw, headers, status = await response.read(), response.headers, response.status
+        # The spec's 200 documents no content ("does not return any data in the response body"):
+        # validate_response fails on any body, and would demand one if the spec ever documented it.
+        assert status == 200
+        validate_response("hub", "DeleteGiftCardProviderbyID", 200, json.loads(raw) if raw else None)
+        assert raw == b"" and headers["Content-Length"] == "0" and "Content-Type" not in headers, dict(headers)
+        removed = await pool.fetchval("select count(*) from events where type = 'ProviderRemoved'")
+        status, body, headers = await service.call("DELETE", f"{HUB}/Acme")
+        assert status == 404 and body["error"]["code"] == "provider_not_found"
+        validate_response("hub", "DeleteGiftCardProviderbyID", 404, None)  # documented; our body explains it
+        assert await pool.fetchval("select count(*) from events where type = 'ProviderRemoved'") == removed
+    document = build_document(service.app)
+    answer = document["paths"][f"{HUB}/{{provider_id}}"]["delete"]["responses"]["200"]["description"]
+    assert (
+        "No body" in answer
+        and "content" not in document["paths"][f"{HUB}/{{provider_id}}"]["delete"]["responses"]["200"]
+    )
