@@ -7,6 +7,7 @@ import re
 
 import msgspec
 
+from hub.public_address import parse_public_url, parse_trusted_proxies
 from ledger.database import REQUEST_STATEMENT_TIMEOUT_S
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
@@ -49,6 +50,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     lookup_address_failures_max: int = 100
     lookup_window_s: int = 600
     run_projections: bool = True
+    public_url: str | None = None  # where callers reach this service (the native provider's serviceUrl)
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-Proto/Host are believed
     workers: int = 1  # serve's web processes on one port; set by ``giftcard serve --workers``, not the environment
 
     @classmethod
@@ -90,6 +93,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             "provider_allowlist": tuple(
                 entry.strip() for entry in env.get("GIFTCARD_PROVIDER_ALLOWLIST", "").split(",") if entry.strip()
             ),
+            "public_url": parse_public_url(env.get("GIFTCARD_PUBLIC_URL", "")),
+            "trusted_proxies": parse_trusted_proxies(env.get("GIFTCARD_TRUSTED_PROXIES", "")),
             "provider_breaker_open_s": float(
                 env.get("GIFTCARD_PROVIDER_BREAKER_OPEN_S", defaults.provider_breaker_open_s)
             ),

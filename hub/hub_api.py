@@ -10,7 +10,9 @@ lists what the provider already recorded, as VTEX's hub does.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -21,11 +23,15 @@ from hub.errors import ApiError
 from hub.external import ExternalProvider
 from hub.native import Hrefs, NativeProvider, card_operation_routes, event_metadata, json_response, read_body
 from hub.paging import content_range, page_of, parse_rest_range
+from hub.public_address import public_base_url
 from hub.state import DIRECTORY, EGRESS, LEDGER, REGISTRY, SETTINGS, THROTTLE
 from hub.wire import CreateCardRequest, CreateTransactionRequest, OperationRequest, SearchRequest, decode, encode
+from ledger.domain import errors
 from ledger.domain.errors import InvalidRequest
 from ledger.domain.provider import ProviderSpec, check_provider_id, check_registration
 from ledger.providers import Credentials, ProviderNotFound, RegisteredProvider
+
+log = logging.getLogger(__name__)
 
 PROVIDERS = "/api/giftcardproviders"
 CANCELLATIONS_DISABLED = "cancellations_disabled"
@@ -72,7 +78,7 @@ def render_native_provider(request: web.Request) -> dict[str, Any]:
     native_id = request.app[SETTINGS].native_provider_id
     return {
         "id": native_id,
-        "serviceUrl": f"{request.scheme}://{request.host}/native",
+        "serviceUrl": f"{public_base_url(request, request.app[SETTINGS])}/native",
         "oauthProvider": "vtex",
         "caption": "Gift card",
         "preAuthEnabled": True,
@@ -95,8 +101,9 @@ def link_card(card: dict[str, Any], provider_id: str) -> dict[str, Any]:
 
 
 def link_transaction_ref(ref: dict[str, Any], provider_id: str, card_id: str) -> dict[str, Any]:
+    """``{provider, cardId, id, _self}``: typed hub clients read ``provider`` on every transaction item."""
     href = hub_hrefs(provider_id).transaction(card_id, str(ref.get("id", "")))
-    return {**ref, "cardId": card_id, "_self": {"href": href}}
+    return {**ref, "provider": provider_id, "cardId": card_id, "_self": {"href": href}}
 
 
 def link_transaction(detail: dict[str, Any], provider_id: str, card_id: str, transaction_id: str) -> dict[str, Any]:
@@ -109,8 +116,84 @@ def link_transaction(detail: dict[str, Any], provider_id: str, card_id: str, tra
     }
 
 
+# What a created card's answer holds besides the request's echo (VTEX's card shape, NOTES 3.3).
+CARD_FIELDS = ("id", "redemptionToken", "redemptionCode", "balance", "emissionDate", "expiringDate", "currencyCode")
+
+
+async def completed_card(port: ExternalProvider, created: dict[str, Any]) -> dict[str, Any]:
+    """An external provider's create answer, completed from its card when it leaves fields out.
+
+    The Provider Protocol's create only echoes the request and ``id``; the hub's callers expect the
+    card (``balance``, ``redemptionToken``...). The card exists by now, so a failed read of it must
+    not turn the create into an error: the echo is answered as it is.
+    """
+    if all(name in created for name in CARD_FIELDS) or not isinstance(created.get("id"), str):
+        return created
+    try:
+        card = await port.get_card(created["id"])
+    except ApiError as e:
+        log.warning("card %s created at provider %s but not read back: %s", created["id"], port.id, e.message)
+        return created
+    return {**card, **created}  # the create's own answer wins: it may hold the one full redemption code
+
+
 def total_of(operations: list[dict[str, Any]]) -> Decimal:
     return sum((Decimal(str(op.get("value", 0))) for op in operations), Decimal(0))
+
+
+@dataclass(frozen=True)
+class Verb:
+    present: str
+    past: str
+
+
+SETTLE = Verb("settle", "settled")
+CANCEL = Verb("cancel", "cancelled")
+
+
+async def restated(
+    refusal: errors.OverAmount | ApiError,
+    verb: Verb,
+    port: Port,
+    card_id: str,
+    transaction_id: str,
+    wanted: Decimal,
+    done: Decimal,
+) -> Exception:
+    """A refusal of the remainder the hub posted, restated in the caller's terms.
+
+    The caller asked for a total (``wanted``); the hub posted only what was not yet done, so the
+    provider's refusal names that remainder, an amount the caller never sent.
+    """
+    if isinstance(refusal, ApiError) and refusal.status >= 500:
+        return refusal  # an outage, not a refusal of the amount: nothing to restate
+    currency = refusal.currency if isinstance(refusal, errors.OverAmount) else await currency_of(port, card_id)
+    unit = f" {currency}" if currency else ""
+    asked = (
+        f"cannot {verb.present} {wanted:f}{unit} in all on transaction {transaction_id}: "
+        f"{done:f}{unit} {verb.past} already"
+    )
+    if isinstance(refusal, errors.OverAmount):
+        return type(refusal)(
+            f"{asked}, {refusal.left:f}{unit} left to {verb.present}", left=refusal.left, currency=refusal.currency
+        )
+    return ApiError(
+        refusal.status,
+        refusal.code,
+        f"{refusal.message}: {asked}, the provider refused the remaining {wanted - done:f}{unit}",
+        detail=refusal.detail,
+        headers=refusal.headers,
+    )
+
+
+async def currency_of(port: Port, card_id: str) -> str | None:
+    """The card's currency for a message, if the provider says; the refusal matters more than the unit."""
+    try:
+        card = await port.get_card(card_id)
+    except (errors.DomainError, ApiError):
+        return None
+    currency = card.get("currencyCode")
+    return currency if isinstance(currency, str) else None
 
 
 def check_positive_value(body: bytes) -> OperationRequest:
@@ -173,7 +256,9 @@ class HubHandlers:
     async def delete_provider(self, request: web.Request) -> web.Response:
         await request.app[REGISTRY].remove(request.match_info["provider_id"], metadata=event_metadata(request))
         await request.app[DIRECTORY].refresh()
-        return web.Response(status=200)
+        # VTEX's Hub spec: "200 OK. This endpoint does not return any data in the response body."
+        # No body, so no Content-Type either (RFC 9110, 8.3); an unknown provider is a 404 with a JSON error.
+        return web.Response(status=200, headers={"Cache-Control": "no-cache, no-store"})
 
     # ---- routing ----
 
@@ -200,6 +285,8 @@ class HubHandlers:
         body = await read_body(request)
         decode(body, CreateCardRequest)  # refuse what no provider could accept, before forwarding
         created = await port.create_card(body, event_metadata(request))
+        if isinstance(port, ExternalProvider):
+            created = await completed_card(port, created)
         card = link_card(created, provider_id)
         card.setdefault("discount", False)
         return json_response(card)
@@ -290,10 +377,15 @@ class HubHandlers:
         card_id, transaction_id = request.match_info["card_id"], request.match_info["transaction_id"]
         wanted = check_positive_value(await read_body(request))
         settlements = await port.list_settlements(card_id, transaction_id)
-        remainder = wanted.value - total_of(settlements)
+        done = total_of(settlements)
+        remainder = wanted.value - done
         if remainder > 0:
             body = encode({"value": remainder, "requestId": wanted.request_id})
-            settlements = [*settlements, await port.settle(card_id, transaction_id, body, event_metadata(request))]
+            try:
+                settled = await port.settle(card_id, transaction_id, body, event_metadata(request))
+            except (errors.OverAmount, ApiError) as refusal:
+                raise await restated(refusal, SETTLE, port, card_id, transaction_id, wanted.value, done) from None
+            settlements = [*settlements, settled]
         return json_response(settlements)
 
     async def cancel(self, request: web.Request) -> web.Response:
@@ -309,11 +401,15 @@ class HubHandlers:
         card_id, transaction_id = request.match_info["card_id"], request.match_info["transaction_id"]
         wanted = check_positive_value(await read_body(request))
         cancellations = await port.list_cancellations(card_id, transaction_id)
-        remainder = wanted.value - total_of(cancellations)
+        done = total_of(cancellations)
+        remainder = wanted.value - done
         if remainder <= 0:
             return json_response(cancellations[-1])
         body = encode({"value": remainder, "requestId": wanted.request_id})
-        return json_response(await port.cancel(card_id, transaction_id, body, event_metadata(request)))
+        try:
+            return json_response(await port.cancel(card_id, transaction_id, body, event_metadata(request)))
+        except (errors.OverAmount, ApiError) as refusal:
+            raise await restated(refusal, CANCEL, port, card_id, transaction_id, wanted.value, done) from None
 
     def routes(self) -> list[web.RouteDef]:
         provider = f"{PROVIDERS}/{{provider_id}}"

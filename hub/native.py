@@ -32,6 +32,7 @@ from hub.wire import (
     encode,
     format_datetime,
     order_info_client,
+    order_info_for_wire,
     parse_datetime,
 )
 from ledger.commands import IssueCard, IssuedCard, Ledger, parse_card_id
@@ -109,10 +110,13 @@ def render_transaction_ref(card_id: str, transaction: Transaction, hrefs: Hrefs)
     return {"cardId": card_id, "id": transaction.id, "_self": {"href": hrefs.transaction(card_id, transaction.id)}}
 
 
-def render_transaction(card: GiftCard, transaction: Transaction, hrefs: Hrefs) -> dict[str, Any]:
+def render_transaction(
+    card: GiftCard, transaction: Transaction, hrefs: Hrefs, order_info: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A transaction as GET returns it; ``orderInfo`` only when the caller sent one with it."""
     card_id = str(card.id)
     href = hrefs.transaction(card_id, transaction.id)
-    return {
+    rendered = {
         "cardId": card_id,
         "id": transaction.id,
         "operation": transaction.operation,
@@ -124,6 +128,9 @@ def render_transaction(card: GiftCard, transaction: Transaction, hrefs: Hrefs) -
         "cancellation": {"href": f"{href}/cancellations"},
         "authorization": {"href": f"{href}/authorization"},
     }
+    if order_info is not None:
+        rendered["orderInfo"] = order_info_for_wire(order_info)
+    return rendered
 
 
 def render_operation(card: GiftCard, operation: Operation) -> dict[str, Any]:
@@ -268,8 +275,13 @@ class NativeProvider:
         )
 
     async def create_card(self, body: bytes, metadata: dict[str, Any]) -> dict[str, Any]:
+        """The protocol's echo of the request, and the whole card beside it (balance, token, links):
+        what typed clients read from a create through a hub, as from the native API's."""
         issued = await self.issue(body, metadata, expiring_required=False)
-        return render_created_for_protocol(issued.card, issued.redemption_code)
+        return {
+            **render_card(issued.card, self.hrefs, issued.redemption_code),
+            **render_created_for_protocol(issued.card, issued.redemption_code),
+        }
 
     async def get_card(self, card_id: str) -> dict[str, Any]:
         return render_card(await self.ledger.card(card_id), self.hrefs)
@@ -295,7 +307,9 @@ class NativeProvider:
 
     async def get_transaction(self, card_id: str, transaction_id: str) -> dict[str, Any]:
         card = await self.ledger.card(card_id)
-        return render_transaction(card, card.transaction(transaction_id), self.hrefs)
+        transaction = card.transaction(transaction_id)
+        order_info = await self.ledger.order_info(card_id, transaction.id)
+        return render_transaction(card, transaction, self.hrefs, order_info)
 
     async def get_authorization(self, card_id: str, transaction_id: str) -> dict[str, Any]:
         card = await self.ledger.card(card_id)

@@ -40,6 +40,37 @@ _CARD_OPERATIONS = [
     ("POST", "/giftcards/{card_id}/transactions/{transaction_id}/cancellations", "Cancel: release what is held, then refund", wire.OperationRequest),
 ]  # fmt: skip
 
+# (method, path) -> what a 200 answers, where it is more than the summary says.
+ANSWERS: dict[tuple[str, str], str] = {}
+
+_CARD = (
+    "The card: id, redemptionCode (in full, in this answer only) and redemptionToken, balance (0), relationName, "
+    "caption, emissionDate, expiringDate, currencyCode, discount, transactions {href}"
+)
+_CARD_ANSWERS = {
+    "/native": {
+        ("POST", "/giftcards"): _CARD + "; and the request's echo: restrictedToOwner, multipleRedemptions, "
+        "multipleCredits, profileId",
+    },
+    "/api": {("POST", "/giftcards"): _CARD},
+    "/api/giftcardproviders/{provider_id}": {
+        ("POST", "/giftcards"): _CARD + ", provider, _self; the native provider adds the request's echo, an external "
+        "provider's answer is completed from its card",
+        ("GET", "/giftcards/{card_id}/transactions"): "[{provider, cardId, id, _self}]",
+        ("POST", "/giftcards/{card_id}/transactions"): "{provider, cardId, id, _self}",
+    },
+}
+_TRANSACTION_ANSWER = (
+    "value, operation, description, date, requestId, cardId, id, settlement/cancellation/authorization {href}, "
+    "and orderInfo as it was sent with the transaction (absent when none was)"
+)
+for _base, _answers in _CARD_ANSWERS.items():
+    _answers[("GET", "/giftcards/{card_id}/transactions/{transaction_id}")] = _TRANSACTION_ANSWER
+    ANSWERS.update({(method, _base + suffix): answer for (method, suffix), answer in _answers.items()})
+ANSWERS[("DELETE", "/api/giftcardproviders/{provider_id}")] = (
+    "Removed. No body, as VTEX's Hub spec documents (an unknown provider is a 404 with a JSON error)"
+)
+
 _describe("Native Provider Protocol", "/native", _CARD_OPERATIONS)
 _describe("Native Gift Card API", "/api", _CARD_OPERATIONS)
 _describe(
@@ -160,7 +191,7 @@ def build_document(app: web.Application) -> dict[str, Any]:
                 for name in _path_parameters(path)
             ],
             "responses": {
-                "200": {"description": "Success (VTEX answers 200 everywhere)"},
+                "200": {"description": ANSWERS.get((route.method, path), "Success (VTEX answers 200 everywhere)")},
                 "4XX": {
                     "description": "Refused: the error names what was wrong (401/403 from the Provider Protocol have empty bodies)",
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},

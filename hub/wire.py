@@ -7,6 +7,7 @@ exact ``Decimal``; the ledger refuses anything the currency cannot represent.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -133,6 +134,31 @@ def order_info_client(order_info: dict[str, Any] | None) -> ClientProfile | None
         return msgspec.convert(order_info, OrderInfo).client_profile
     except msgspec.ValidationError as e:
         raise InvalidRequest(f"orderInfo: {e}") from None
+
+
+# The numbers of VTEX's orderInfo (cart totals, item values, prices, quantities, discounts, price
+# tags, a seller's share). Non-integers are decoded as exact Decimals, which the event codec stores
+# as strings ("14.990"); on the way out they are numbers again, written exactly as they came in.
+ORDER_INFO_NUMBERS = frozenset(
+    {"grandTotal", "discounts", "shipping", "taxes", "itemsTotal"}
+    | {"value", "price", "quantity", "shippingDiscount", "discount"}
+)
+_DECIMAL_TEXT = re.compile(r"-?\d+(?:\.\d+)?(?:E[+-]?\d+)?")
+
+
+def order_info_for_wire(value: Any, key: str | None = None) -> Any:
+    """orderInfo as the caller sent it: what the ledger stored, with its decimals numbers again.
+
+    Only a string under one of VTEX's number fields that reads as ``str(Decimal)`` is turned back;
+    ``orderId``, ``sequence`` (some callers send it as text), names and addresses stay as they are.
+    """
+    if isinstance(value, dict):
+        return {name: order_info_for_wire(item, name) for name, item in value.items()}
+    if isinstance(value, list):
+        return [order_info_for_wire(item, key) for item in value]
+    if key in ORDER_INFO_NUMBERS and isinstance(value, str) and _DECIMAL_TEXT.fullmatch(value):
+        return Decimal(value)
+    return value
 
 
 YEAR_MIN = 1900  # VTEX's "never expires" is 9999-12-31; anything before 1900 is a typo

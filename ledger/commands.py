@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import asyncpg
 import msgspec
 from eventsourcing.persistence import StoredEvent
+from eventsourcing.utils import get_topic
 
 from ledger.codec import new_mapper
 from ledger.database import DATABASE_ERRORS
@@ -52,6 +53,9 @@ from ledger.store import GENESIS_HASH, EventStore, KnownTail, NewEvent, Recorded
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+TRANSACTION_EVENT_TYPES = (get_topic(GiftCard.Credited), get_topic(GiftCard.Debited))
+_order_info_decoder = msgspec.json.Decoder()
 
 SNAPSHOT_INTERVAL_EVENTS = 100
 CACHE_CARDS_MAX = 10_000
@@ -259,6 +263,18 @@ class Ledger:
         if not events:
             raise errors.CardNotFound(f"gift card {card_id!r} had no events at {instant.isoformat()}")
         return self._replay(None, events, GENESIS_HASH).card
+
+    async def order_info(self, card_id: str, transaction_id: str) -> dict[str, Any] | None:
+        """The ``orderInfo`` a caller sent with a transaction, as its Credited or Debited event holds it.
+
+        Only the event keeps it: no rule reads it, and a long card's cached state stays small.
+        Read it after the card itself (``card``), which has verified the stream's chain.
+        """
+        stored = await self.store.read_transaction_field(
+            parse_card_id(card_id), TRANSACTION_EVENT_TYPES, transaction_id, "order_info"
+        )
+        order_info = None if stored is None else _order_info_decoder.decode(stored)
+        return order_info if isinstance(order_info, dict) else None
 
     async def find_by_code(self, code: str) -> GiftCard | None:
         card_id = await self.store.pool.fetchval(

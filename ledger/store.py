@@ -155,6 +155,15 @@ where stream_id = $1 and version >= $2 and ($3::timestamptz is null or recorded_
 order by version
 """
 
+# One field of the event in a stream that recorded a given transaction (its data's transaction_id).
+# The (stream_id, version) key narrows the scan to the one stream; the filter reads only its rows.
+_READ_TRANSACTION_FIELD = """
+select (data -> $4)::text from events
+where stream_id = $1 and type = any($2::text[]) and data ->> 'transaction_id' = $3
+order by version
+limit 1
+"""
+
 # Many streams' tails at once: each stream's events from the version given for it, that version's
 # own event included so that its hash can be compared with the one the caller knows.
 _READ_STREAMS_AFTER = f"""
@@ -303,6 +312,14 @@ class EventStore:
     ) -> list[RecordedEvent]:
         rows = await self.pool.fetch(_READ_STREAM, stream_id, from_version, until)
         return [recorded_event(row) for row in rows]
+
+    async def read_transaction_field(
+        self, stream_id: str, types: Sequence[str], transaction_id: str, field: str
+    ) -> bytes | None:
+        """``field`` of the event (one of ``types``) that recorded ``transaction_id`` in the stream, as JSON
+        text; None when no such event exists (JSON ``null`` when the event holds the field as null)."""
+        text = await self.pool.fetchval(_READ_TRANSACTION_FIELD, stream_id, list(types), transaction_id, field)
+        return None if text is None else text.encode()
 
     async def read_streams_after(self, known: Sequence[KnownTail]) -> dict[str, list[RecordedEvent] | None]:
         """For each stream's known last event, the events after it, in one query.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import pytest
 
@@ -128,6 +129,33 @@ def test_cancellation_releases_held_first_then_refunds_captured():
     assert spend.refunded <= spend.settled
     assert sum(c.value for c in spend.cancellations) == spend.released + spend.refunded
     assert card.balance == 1000
+
+
+def test_refusals_state_amounts_in_major_units_with_the_currency():
+    """The wire speaks major units; a message in minor units ("2000 minor units") misleads by 100x."""
+    usd = new_card()
+    credit(usd, 2000)
+    with pytest.raises(errors.InsufficientFunds) as refused:
+        debit(usd, 100000)
+    assert "has 20.00 USD available, 1000.00 USD requested" in refused.value.message
+    spend = debit(usd, 1250)
+    with pytest.raises(errors.OverSettlement) as over:
+        settle(usd, spend, 1300, "s-over")
+    assert "holds 12.50 USD, cannot settle 13.00 USD" in over.value.message
+    assert (over.value.left, over.value.currency) == (Decimal("12.50"), "USD")
+    with pytest.raises(errors.OverCancellation) as over:
+        cancel(usd, spend, 1251)
+    assert "has 12.50 USD left to cancel, cannot cancel 12.51 USD" in over.value.message
+    jpy, bhd = new_card(currency="JPY", relation_name="jpy"), new_card(currency="BHD", relation_name="bhd")
+    with pytest.raises(errors.InsufficientFunds) as refused:
+        debit(jpy, 500)
+    assert "has 0 JPY available, 500 JPY requested" in refused.value.message
+    credit(bhd, 1500)
+    with pytest.raises(errors.InsufficientFunds) as refused:
+        debit(bhd, 1501)
+    assert "has 1.500 BHD available, 1.501 BHD requested" in refused.value.message
+    for message in (refused.value.message, over.value.message):
+        assert "minor" not in message
 
 
 def test_cancelling_a_credit_debits_the_card_but_never_below_zero():

@@ -2,7 +2,10 @@
 
 The HTTP layer maps the families to status codes: ``InvalidRequest`` 400,
 ``NotFound`` 404, ``Conflict`` 409, ``Refused`` 422. A refusal writes nothing.
+Amounts in messages are in major units with the currency, as callers send them.
 """
+
+from decimal import Decimal
 
 
 class DomainError(Exception):
@@ -93,11 +96,21 @@ class NotOwner(Refused):
     code = "restricted_to_owner"
 
 
-class OverSettlement(Refused):
+class OverAmount(Refused):
+    """Asked for more than a transaction has left; ``left`` (major units of ``currency``) is what
+    remains, so that a caller who asked for a total (the hub) can restate the refusal in its terms."""
+
+    def __init__(self, message: str, *, left: Decimal, currency: str) -> None:
+        super().__init__(message)
+        self.left = left
+        self.currency = currency
+
+
+class OverSettlement(OverAmount):
     code = "over_settlement"
 
 
-class OverCancellation(Refused):
+class OverCancellation(OverAmount):
     code = "over_cancellation"
 
 

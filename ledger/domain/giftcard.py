@@ -23,7 +23,7 @@ import msgspec
 from eventsourcing.domain import Aggregate, event
 
 from ledger.domain import errors
-from ledger.money import AMOUNT_MINOR_MAX, exponent_of
+from ledger.money import AMOUNT_MINOR_MAX, exponent_of, to_major
 
 CREDIT = "Credit"
 VOID_REQUEST_ID = "hold-expired"
@@ -439,10 +439,9 @@ class GiftCard(Aggregate):
         if expiring_date <= emission_date:
             raise errors.InvalidCard("expiringDate must be later than emissionDate")
 
-    @staticmethod
-    def check_positive(value: int) -> None:
+    def check_positive(self, value: int) -> None:
         if value <= 0:
-            raise errors.InvalidAmount(f"value must be greater than zero, got {value} minor units")
+            raise errors.InvalidAmount(f"value must be greater than zero, got {self.amount(value)}")
         if value > AMOUNT_MINOR_MAX:
             raise errors.InvalidAmount("value exceeds the largest amount a card may hold")
 
@@ -479,12 +478,12 @@ class GiftCard(Aggregate):
     def check_sufficient_funds(self, value: int) -> None:
         if value > self.balance:
             raise errors.InsufficientFunds(
-                f"card {self.id} has {self.balance} minor units available, {value} requested"
+                f"card {self.id} has {self.amount(self.balance)} available, {self.amount(value)} requested"
             )
 
     def check_balance_limit(self, value: int) -> None:
         if self.balance + value > AMOUNT_MINOR_MAX:
-            raise errors.BalanceLimitExceeded(f"card {self.id} cannot hold more than {AMOUNT_MINOR_MAX} minor units")
+            raise errors.BalanceLimitExceeded(f"card {self.id} cannot hold more than {self.amount(AMOUNT_MINOR_MAX)}")
 
     @staticmethod
     def check_hold_not_voided(transaction: Transaction) -> None:
@@ -494,20 +493,29 @@ class GiftCard(Aggregate):
                 "nothing is left to settle"
             )
 
-    @staticmethod
-    def check_settlement_within_held(transaction: Transaction, value: int) -> None:
+    def check_settlement_within_held(self, transaction: Transaction, value: int) -> None:
         if value > transaction.held:
             raise errors.OverSettlement(
-                f"transaction {transaction.id} holds {transaction.held} minor units, cannot settle {value}"
+                f"transaction {transaction.id} holds {self.amount(transaction.held)}, "
+                f"cannot settle {self.amount(value)}",
+                left=to_major(transaction.held, self.currency),
+                currency=self.currency,
             )
 
-    @staticmethod
-    def check_cancellation_within_cancellable(transaction: Transaction, value: int) -> None:
+    def check_cancellation_within_cancellable(self, transaction: Transaction, value: int) -> None:
         if value > transaction.cancellable:
             raise errors.OverCancellation(
-                f"transaction {transaction.id} has {transaction.cancellable} minor units left to cancel, "
-                f"cannot cancel {value}"
+                f"transaction {transaction.id} has {self.amount(transaction.cancellable)} left to cancel, "
+                f"cannot cancel {self.amount(value)}",
+                left=to_major(transaction.cancellable, self.currency),
+                currency=self.currency,
             )
+
+    # ---- wording -----------------------------------------------------------
+
+    def amount(self, minor: int) -> str:
+        """An amount as callers write it: major units and the currency (``12.50 USD``), never minor units."""
+        return f"{to_major(minor, self.currency)} {self.currency}"
 
 
 def transaction_key(request_id: str) -> str:
