@@ -44,6 +44,7 @@ import asyncpg
 from tests.debit_load import Debit, RetryPolicy, audit, plan_debits, send_all, until_acknowledged
 from tests.hub_process import Answer, HubProcess, NativeClient
 from tests.pg_cluster import ReplicatedPair
+from tests.postgres_faults import create_database
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "reliability.md"
@@ -158,14 +159,6 @@ class Round:
         )
 
 
-async def create_database(url: str) -> None:
-    admin = await asyncpg.connect(url)
-    try:
-        await admin.execute(f"create database {DATABASE}")
-    finally:
-        await admin.close()
-
-
 async def funded_cards(client: NativeClient) -> list[str]:
     cards = [await client.create_card(f"failover-{uuid.uuid4().hex}") for _ in range(CARDS)]
     for card_id in cards:
@@ -183,7 +176,7 @@ async def one_round(manager: str, debits_count: int, at_acknowledged: int, folde
     cluster = await asyncio.to_thread(lambda: MANAGERS[manager]().start())
     hub = None
     try:
-        await create_database(cluster.primary_url("postgres"))
+        await create_database(cluster.primary_url("postgres"), DATABASE)
         hub = HubProcess(cluster.url(DATABASE), folder / f"hub-{manager}-{uuid.uuid4().hex[:6]}.log")
         await hub.start()
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:

@@ -180,3 +180,13 @@ async def start_service(database_url: str, clock: Clock) -> AsyncIterator:
 @pytest.fixture
 async def service(start_service) -> Service:
     return await start_service()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator:
+    """A client session for tests that drive ``giftcard serve`` processes (tests/hub_process.py).
+    No connection limit here: the loads' own semaphores bound what is in flight."""
+    import aiohttp
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        yield session

@@ -19,7 +19,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from tests.cards import issue
 from tests.debit_load import RetryPolicy, plan_debits, send_all, until_acknowledged
 from tests.hub_process import HubProcess, NativeClient
 from tests.pg_cluster import ReplicatedPair, pg_binaries_missing
+from tests.postgres_faults import create_database
 from tests.test_faults import (
     DEBIT_VALUES,
     assert_ledger_consistent,
@@ -62,20 +63,6 @@ def pair() -> Iterator[ReplicatedPair]:
         yield cluster.start()
     finally:
         cluster.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        yield session
-
-
-async def create_database(url: str, name: str) -> None:
-    admin = await asyncpg.connect(url)
-    try:
-        await admin.execute(f"create database {name}")
-    finally:
-        await admin.close()
 
 
 async def kill_primary_and_promote(pair: ReplicatedPair, debits, at_acknowledged: int, deadline: float) -> float:

@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from decimal import Decimal
 from pathlib import Path
 
-import aiohttp
 import asyncpg
 import pytest
 
@@ -67,13 +66,6 @@ async def start_hub(tmp_path: Path) -> AsyncIterator[HubFactory]:
     yield start
     for hub in hubs:
         await hub.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    # No connection limit here: send_all's semaphore bounds what is in flight.
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        yield session
 
 
 @pytest.fixture(scope="module")
