@@ -64,7 +64,7 @@ async def database(pair: ReplicatedPair) -> AsyncIterator[str]:
             await upgrade(connection)
         finally:
             await connection.close()
-        # A synchronous commit waits for the standby to flush, not to replay: wait until it has the database.
+        # A synchronous commit waits for the standby to flush, not to replay: wait until it has the schema.
         await wait_for(lambda: _reachable(pair.standby.url(name)), "the standby to replay the new database")
         yield name
         await admin.execute(f"drop database if exists {name} with (force)")
@@ -308,12 +308,15 @@ async def _lag_is_zero(service: Service) -> bool:
 
 
 async def _reachable(url: str) -> bool:
+    """The database exists on the standby and its migrations are replayed (the events table is there)."""
     try:
         connection = await asyncpg.connect(url)
     except asyncpg.InvalidCatalogNameError:
         return False
-    await connection.close()
-    return True
+    try:
+        return await connection.fetchval("select to_regclass('events') is not null")
+    finally:
+        await connection.close()
 
 
 async def _standby_has_events(standby_url: str, primary_url: str) -> bool:
