@@ -29,7 +29,6 @@ import shlex
 import statistics
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -42,7 +41,7 @@ import aiohttp
 import asyncpg
 
 from tests.debit_load import Debit, RetryPolicy, audit, plan_debits, send_all, until_acknowledged
-from tests.hub_process import Answer, HubProcess, NativeClient
+from tests.hub_process import HubProcess, NativeClient, TimedClient
 from tests.pg_cluster import ReplicatedPair
 from tests.postgres_faults import create_database
 
@@ -124,21 +123,6 @@ class PatroniManaged:
 MANAGERS: dict[str, Callable[[], Cluster]] = {"promote": PromotedPair, "patroni": PatroniManaged}
 
 
-class TimedClient(NativeClient):
-    """Remembers when each Debit attempt began and when it was answered 200."""
-
-    def __init__(self, session: aiohttp.ClientSession, base_url: str) -> None:
-        super().__init__(session, base_url)
-        self.acknowledged_at: list[tuple[float, float]] = []  # (attempt began, answered)
-
-    async def transaction(self, *args, **kwargs) -> Answer:
-        began = time.monotonic()
-        answer = await super().transaction(*args, **kwargs)
-        if answer.status == 200:
-            self.acknowledged_at.append((began, time.monotonic()))
-        return answer
-
-
 @dataclass
 class Round:
     manager: str
@@ -182,7 +166,7 @@ async def one_round(manager: str, debits_count: int, at_acknowledged: int, folde
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             client = TimedClient(session, hub.base_url)
             cards = await funded_cards(client)
-            client.acknowledged_at.clear()
+            client.successes.clear()
             debits = plan_debits(cards, debits_count, DEBIT_VALUES)
             deadline = asyncio.get_running_loop().time() + LOAD_TIMEOUT_S
             async with asyncio.TaskGroup() as group:
@@ -191,7 +175,7 @@ async def one_round(manager: str, debits_count: int, at_acknowledged: int, folde
                 )
                 killing = group.create_task(lose_primary_when(cluster, debits, at_acknowledged, deadline))
             killed_at = killing.result()
-        after_kill = [answered for began, answered in client.acknowledged_at if began >= killed_at]
+        first_success = client.first_success_sent_after(killed_at)
         pool = await asyncpg.create_pool(
             await asyncio.to_thread(cluster.new_primary_url, DATABASE), min_size=1, max_size=2
         )
@@ -201,7 +185,7 @@ async def one_round(manager: str, debits_count: int, at_acknowledged: int, folde
             await pool.close()
         return Round(
             manager=manager,
-            kill_to_first_2xx_s=round(min(after_kill) - killed_at, 3) if after_kill else None,
+            kill_to_first_2xx_s=None if first_success is None else round(first_success - killed_at, 3),
             acknowledged=found.acknowledged,
             sent=len(debits),
             lost=len(found.lost),

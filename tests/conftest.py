@@ -9,6 +9,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -137,9 +138,10 @@ class Service:
 TEST_SECRET_KEY = "test-secret-key"
 
 
-@pytest.fixture
-async def start_service(database_url: str, clock: Clock) -> AsyncIterator:
-    """Starts the service with the given setting overrides; every one started is stopped after the test."""
+@asynccontextmanager
+async def services_on(database_url: str, **app_options) -> AsyncIterator:
+    """A starter of services on ``database_url`` (``create_app``'s keyword options beside the
+    settings); every one it starts is stopped when the block ends."""
     import aiohttp
     from aiohttp import web
 
@@ -159,7 +161,7 @@ async def start_service(database_url: str, clock: Clock) -> AsyncIterator:
             provider_app_token=PROVIDER_TOKEN,
             **overrides,
         )
-        app = create_app(settings, database_url, clock=clock, cipher=CredentialsCipher(TEST_SECRET_KEY))
+        app = create_app(settings, database_url, cipher=CredentialsCipher(TEST_SECRET_KEY), **app_options)
         runner = web.AppRunner(app)
         await runner.setup()
         runners.append(runner)
@@ -170,11 +172,20 @@ async def start_service(database_url: str, clock: Clock) -> AsyncIterator:
         sessions.append(session)
         return Service(f"http://127.0.0.1:{port}", session, app)
 
-    yield start
-    for session in sessions:
-        await session.close()
-    for runner in runners:
-        await runner.cleanup()
+    try:
+        yield start
+    finally:
+        for session in sessions:
+            await session.close()
+        for runner in runners:
+            await runner.cleanup()
+
+
+@pytest.fixture
+async def start_service(database_url: str, clock: Clock) -> AsyncIterator:
+    """Starts the service with the given setting overrides; every one started is stopped after the test."""
+    async with services_on(database_url, clock=clock) as start:
+        yield start
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -187,3 +188,24 @@ class NativeClient:
         answer = await self.call("GET", f"/giftcards/{card_id}")
         assert answer.status == 200, answer
         return Decimal(str(answer.body["balance"]))
+
+
+class TimedClient(NativeClient):
+    """Remembers when each request that got a 200 was sent and answered: the time from a fault to
+    the first success (failover tests and bench/failover.py)."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str) -> None:
+        super().__init__(session, base_url)
+        self.successes: list[tuple[float, float]] = []  # (sent, answered), monotonic
+
+    async def transaction(self, *args, **kwargs) -> Answer:
+        sent = time.monotonic()
+        answer = await super().transaction(*args, **kwargs)
+        if answer.status == 200:
+            self.successes.append((sent, time.monotonic()))
+        return answer
+
+    def first_success_sent_after(self, moment: float) -> float | None:
+        """When the first request sent after ``moment`` was answered 200: one sent after the old
+        primary was dead can only have been served by the new one."""
+        return min((answered for sent, answered in self.successes if sent > moment), default=None)

@@ -26,7 +26,7 @@ import asyncpg
 import pytest
 
 from tests.debit_load import RetryPolicy, plan_debits, send_all, until_acknowledged
-from tests.hub_process import Answer, HubProcess, NativeClient
+from tests.hub_process import HubProcess, TimedClient
 from tests.patroni_cluster import LOOP_WAIT_S, RETRY_TIMEOUT_S, TTL_S, PatroniCluster, PatroniNode, patroni_missing
 from tests.test_faults import (
     DEBIT_VALUES,
@@ -296,26 +296,6 @@ async def test_the_old_leader_rejoins_as_a_standby_and_never_takes_a_write(clust
 
 
 # ---- 4. the hub under load ---------------------------------------------------------------------
-
-
-class TimedClient(NativeClient):
-    """Remembers when each request that got a 200 was sent and answered, to measure kill to first success."""
-
-    def __init__(self, session: aiohttp.ClientSession, base_url: str) -> None:
-        super().__init__(session, base_url)
-        self.successes: list[tuple[float, float]] = []  # (sent, answered), monotonic
-
-    async def transaction(self, *args, **kwargs) -> Answer:
-        sent = time.monotonic()
-        answer = await super().transaction(*args, **kwargs)
-        if answer.status == 200:
-            self.successes.append((sent, time.monotonic()))
-        return answer
-
-    def first_success_sent_after(self, moment: float) -> float | None:
-        """When the first request sent after ``moment`` was answered 200: one sent after the old
-        leader was dead can only have been served by the new one."""
-        return min((answered for sent, answered in self.successes if sent > moment), default=None)
 
 
 HUB_LOAD_S = 150  # the deadline of every client's retries

@@ -13,34 +13,27 @@ import asyncio
 import base64
 import contextlib
 import csv
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
-import aiohttp
 import asyncpg
 import pytest
-from aiohttp import web
 
-from hub.app import create_app
-from hub.config import Settings
 from hub.read_pool import LAG_BYTES_HEADER, LAG_SECONDS_HEADER
 from ledger.commands import Ledger
-from ledger.credentials_cipher import CredentialsCipher
 from ledger.migrate import upgrade
 from ledger.replica import replica_lag
 from ledger.store import EventStore
 from tests.cards import issue_command
-from tests.conftest import HUB_KEY, HUB_TOKEN, PROVIDER_KEY, PROVIDER_TOKEN, TEST_SECRET_KEY, Clock, Service
+from tests.conftest import HUB_KEY, HUB_TOKEN, Clock, Service, services_on
 from tests.giftcard_cli import giftcard
 from tests.pg_cluster import ReplicatedPair, free_port, pg_binaries_missing
+from tests.test_projections import wait_for
 
 pytestmark = pytest.mark.skipif(pg_binaries_missing() is not None, reason=str(pg_binaries_missing()))
-
-WAIT_S = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -91,44 +84,11 @@ async def _replay_is(standby: asyncpg.Connection, state: str) -> bool:
     return await standby.fetchval("select pg_get_wal_replay_pause_state()") == state
 
 
-async def wait_for(condition: Callable[[], Awaitable[bool]], what: str, timeout_s: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 @pytest.fixture
 async def start_hub(database: str, pair: ReplicatedPair) -> AsyncIterator:
     """The service on a loopback port, its database on the primary; ``replica_url`` as GIFTCARD_REPLICA_URL."""
-    runners: list[web.AppRunner] = []
-    sessions: list[aiohttp.ClientSession] = []
-
-    async def start(replica_url: str | None) -> Service:
-        settings = Settings(
-            app_key=HUB_KEY,
-            app_token=HUB_TOKEN,
-            provider_app_key=PROVIDER_KEY,
-            provider_app_token=PROVIDER_TOKEN,
-            replica_url=replica_url,
-        )
-        app = create_app(settings, pair.primary.url(database), cipher=CredentialsCipher(TEST_SECRET_KEY))
-        runner = web.AppRunner(app)
-        await runner.setup()
-        runners.append(runner)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        session = aiohttp.ClientSession()
-        sessions.append(session)
-        return Service(f"http://127.0.0.1:{port}", session, app)
-
-    yield start
-    for session in sessions:
-        await session.close()
-    for runner in runners:
-        await runner.cleanup()
+    async with services_on(pair.primary.url(database)) as start:
+        yield lambda replica_url: start(replica_url=replica_url)
 
 
 async def issue_card(service: Service, load: int) -> str:
