@@ -155,7 +155,8 @@ def create_app(
         middlewares=[
             make_metrics_middleware(metrics),
             request_id_middleware,
-            read_pool.replica_lag_headers,
+            # Only with a replica: no request pays for a layer that would never add a header.
+            *([read_pool.replica_lag_headers] if settings.replica_url else []),
             error_middleware,
             auth.make_auth_middleware(rings),
         ],

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from hub.markup import Markup, fill
 from hub.state import POOL, READ_POOL
-from ledger.replica import ReplicaLag, replica_lag
+from ledger.replication import ReplicaLag, replica_lag
 
 LAG_SECONDS_HEADER = "X-Replica-Lag-Seconds"
 LAG_BYTES_HEADER = "X-Replica-Lag-Bytes"

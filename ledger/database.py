@@ -131,10 +131,15 @@ async def create_pool(
 
 
 def with_database(
-    work: Callable[[asyncpg.Pool], Awaitable[T]], *, pool_size_max: int = 4, upgrade_schema: bool = True
+    work: Callable[[asyncpg.Pool], Awaitable[T]],
+    *,
+    pool_size_max: int = 4,
+    upgrade_schema: bool = True,
+    url: str | None = None,
 ) -> T:
-    """Runs ``work`` against the configured (or embedded) database, its schema brought current first
-    unless ``upgrade_schema`` is False (a tool that only inspects the server, and may meet a standby).
+    """Runs ``work`` against ``url``, else the configured (or embedded) database, its schema brought
+    current first unless ``upgrade_schema`` is False (a tool that only inspects the server, or reads
+    a standby).
 
     The one way every command-line tool reaches the database: it starts and stops the embedded
     server when no URL is configured.
@@ -151,7 +156,9 @@ def with_database(
         finally:
             await pool.close()
 
-    url, embedded = resolve_database_url()
+    embedded = None
+    if url is None:
+        url, embedded = resolve_database_url()
     try:
         return asyncio.run(run())
     finally:

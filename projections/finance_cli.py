@@ -32,7 +32,7 @@ from tqdm import tqdm
 from ledger.database import with_database
 from ledger.domain.errors import CardNotFound, DomainError
 from ledger.money import exponent_of
-from ledger.replica import configured_replica_url, with_read_database
+from ledger.replication import configured_replica_url, with_read_database
 from ledger.store import EventStore
 from projections.audit import (
     VERIFY_BATCH_EVENTS,

@@ -25,7 +25,7 @@ import pytest
 from hub.read_pool import LAG_BYTES_HEADER, LAG_SECONDS_HEADER
 from ledger.commands import Ledger
 from ledger.migrate import upgrade
-from ledger.replica import replica_lag
+from ledger.replication import replica_lag
 from ledger.store import EventStore
 from tests.cards import issue_command
 from tests.conftest import HUB_KEY, HUB_TOKEN, Clock, Service, services_on
