@@ -24,7 +24,7 @@ from ledger.replication import ReplicaLag, replica_lag
 
 LAG_SECONDS_HEADER = "X-Replica-Lag-Seconds"
 LAG_BYTES_HEADER = "X-Replica-Lag-Bytes"
-_LAG = "replica_lag"  # the request's key for the lag measured while serving it
+_LAG = web.RequestKey("replica_lag", ReplicaLag)  # the lag measured while serving the request
 
 
 def reads_from_replica(app: web.Application) -> bool:
