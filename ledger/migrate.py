@@ -11,6 +11,8 @@ import re
 
 import asyncpg
 
+from ledger.distribution import distribute, on_citus_coordinator
+
 _LOCK_KEY = 0x6769667463617264  # "giftcard"
 # A migration may rewrite a large table: it is not held to the few seconds a request's statement gets.
 MIGRATION_TIMEOUT_S = 3600.0
@@ -39,10 +41,15 @@ async def upgrade(connection: asyncpg.Connection) -> list[str]:
     """Applies every migration not yet recorded; returns the names applied (empty when current).
 
     A current schema is left alone without taking the lock or running any DDL, so the
-    service can run as a role that may not change the schema (see grant_service_role).
+    service can run as a role that may not change the schema (see grant_service_role); on a
+    Citus coordinator the tables are then distributed if they are not yet (``ledger.distribution``).
     """
     if not await pending(connection):
-        return []
+        if not await on_citus_coordinator(connection):
+            return []
+        async with connection.transaction():
+            await connection.execute("select pg_advisory_xact_lock($1)", _LOCK_KEY, timeout=MIGRATION_TIMEOUT_S)
+            return await distribute(connection)
     applied_now = []
     async with connection.transaction():
         await connection.execute("select set_config('statement_timeout', '0', true)")
@@ -63,6 +70,7 @@ async def upgrade(connection: asyncpg.Connection) -> list[str]:
             await connection.execute(sql, timeout=MIGRATION_TIMEOUT_S)
             await connection.execute("insert into schema_migrations (version, name) values ($1, $2)", version, name)
             applied_now.append(f"{version:04d}_{name}")
+        applied_now += await distribute(connection)
     return applied_now
 
 

@@ -78,16 +78,16 @@ class PgNode:
         as_postgres([str(PG_BIN / "initdb"), "-D", str(self.pgdata), "-U", "postgres", "-A", "trust", "-E", "UTF8"])
         with (self.pgdata / "pg_hba.conf").open("a") as hba:
             hba.write("host replication all 127.0.0.1/32 trust\n")
-        self.configure(
-            listen_addresses="'127.0.0.1'",
-            unix_socket_directories=f"'{self.folder}'",
-            wal_level="replica",
-            max_wal_senders="10",
-            wal_log_hints="on",  # lets pg_rewind bring a failed primary back as a standby
-            fsync="off",  # tests prove replication, not the disk; the sync standby still must ack
-            shared_buffers="32MB",
-            **settings,
-        )
+        defaults = {
+            "listen_addresses": "'127.0.0.1'",
+            "unix_socket_directories": f"'{self.folder}'",
+            "wal_level": "replica",
+            "max_wal_senders": "10",
+            "wal_log_hints": "on",  # lets pg_rewind bring a failed primary back as a standby
+            "fsync": "off",  # tests prove replication, not the disk; the sync standby still must ack
+            "shared_buffers": "32MB",
+        }
+        self.configure(**{**defaults, **settings})
 
     def configure(self, **settings: str) -> None:
         with (self.pgdata / "postgresql.conf").open("a") as conf:
@@ -180,10 +180,13 @@ class PgNode:
 
     def sql(self, *statements: str) -> None:
         """Runs statements as the superuser through psql (for set-up steps, not for tests' assertions)."""
+        self.sql_in("postgres", *statements)
+
+    def sql_in(self, database: str, *statements: str) -> None:
         argv = [str(PG_BIN / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-X", "-q"]
         for statement in statements:
             argv += ["-c", statement]
-        as_postgres([*argv, "-v", "ON_ERROR_STOP=1", "postgres"])
+        as_postgres([*argv, "-v", "ON_ERROR_STOP=1", database])
 
     def log_text(self) -> str:
         path = self.folder / f"{self.name}.log"

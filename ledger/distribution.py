@@ -1,0 +1,99 @@
+"""Sharding on Citus: which tables are split by card, which are copied to every node.
+
+Every rule of the ledger lives inside one card's stream, so the event table is distributed by
+``stream_id`` and the other per-card tables are co-located with it: every card command then reads
+and writes one shard, on one worker, in one local transaction. Small tables every node may need
+are reference tables (a copy on each node). The same migrations create the same tables on plain
+PostgreSQL; only here, on a Citus coordinator, are they distributed, once, by ``giftcard db
+upgrade`` (``ledger.migrate.upgrade`` calls ``distribute``).
+
+Two changes the distribution needs and plain PostgreSQL does not:
+- a distributed table's primary key must hold the distribution column: ``events`` is keyed by
+  ``(stream_id, position)`` instead of ``position`` alone (``unique (stream_id, version)`` stays);
+- the immutability triggers are row triggers on a distributed table, which Citus creates on every
+  shard placement only with ``citus.enable_unsafe_triggers`` (ours touch no other table: safe), so
+  an UPDATE, DELETE or TRUNCATE run directly on a worker's shard is refused as well.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+# Distributed by the card's id, co-located with events: (table, distribution column).
+CARD_TABLES = (("events", "stream_id"), ("snapshots", "stream_id"))
+# Copied to every node: small, read everywhere, and their uniqueness holds across every card
+# (a redemption code's hash, a relationName).
+REFERENCE_TABLES = ("card_lookup",)
+
+_CITUS_INSTALLED = "select exists (select 1 from pg_extension where extname = 'citus')"
+# partmethod: 'h' hash-distributed, 'n' a reference table.
+_DISTRIBUTION_METHOD = "select partmethod::text from pg_dist_partition where logicalrelid = $1::regclass"
+
+# A card command's append, run where the card's shard lives: Citus delegates the call to that
+# worker (the function is distributed by its stream argument, co-located with events), so the
+# guarded insert is one local transaction there. The same statement sent from the coordinator
+# would be planned "pull to coordinator" (the identity column), a two-phase commit on one worker.
+_APPEND_EVENT_FUNCTION = """
+create or replace function append_event(
+    p_stream_id text, p_expected integer, p_type text, p_data jsonb, p_metadata jsonb, p_hash bytea,
+    p_idempotency_key text, p_previous_hash bytea
+) returns bigint language plpgsql as $$
+declare
+    appended bigint;
+begin
+    insert into events (stream_id, version, type, data, metadata, hash, idempotency_key)
+    select p_stream_id, p_expected + 1, p_type, p_data, p_metadata, p_hash, p_idempotency_key
+    where p_expected = 0 or exists (
+        select 1 from events where stream_id = p_stream_id and version = p_expected and hash = p_previous_hash)
+    returning position into appended;
+    return appended;  -- null: the stream is not at p_expected with p_previous_hash
+end
+$$
+"""
+_APPEND_EVENT_SIGNATURE = "append_event(text, integer, text, jsonb, jsonb, bytea, text, bytea)"
+
+_KEY_FOR_SHARDING = """
+alter table events drop constraint events_pkey, add primary key (stream_id, position)
+"""
+
+
+async def on_citus_coordinator(connection: asyncpg.Connection) -> bool:
+    return await connection.fetchval(_CITUS_INSTALLED) and await connection.fetchval("select citus_is_coordinator()")
+
+
+async def is_distributed(connection: asyncpg.Connection | asyncpg.Pool, table: str = "events") -> bool:
+    """Whether ``table`` is split into shards by Citus (False on plain PostgreSQL)."""
+    return await connection.fetchval(_CITUS_INSTALLED) and await _method(connection, table) == "h"
+
+
+async def _method(connection: asyncpg.Connection | asyncpg.Pool, table: str) -> str | None:
+    return await connection.fetchval(_DISTRIBUTION_METHOD, table)
+
+
+async def distribute(connection: asyncpg.Connection) -> list[str]:
+    """Distributes what is not distributed yet; returns what it did (empty on plain PostgreSQL,
+    on a worker, or when everything already is). Runs in the caller's transaction."""
+    if not await on_citus_coordinator(connection):
+        return []
+    done = []
+    await connection.execute("set local citus.enable_unsafe_triggers = on")
+    for table, column in CARD_TABLES:
+        if await _method(connection, table) is None:
+            if table == "events":
+                await connection.execute(_KEY_FOR_SHARDING)
+            colocate = "none" if table == "events" else "events"
+            await connection.execute(
+                "select create_distributed_table($1, $2, colocate_with => $3)", table, column, colocate
+            )
+            done.append(f"{table} distributed by {column}")
+    for table in REFERENCE_TABLES:
+        if await _method(connection, table) is None:
+            await connection.execute("select create_reference_table($1)", table)
+            done.append(f"{table} copied to every node")
+    if await connection.fetchval("select to_regprocedure($1) is null", _APPEND_EVENT_SIGNATURE):
+        await connection.execute(_APPEND_EVENT_FUNCTION)
+        await connection.execute(
+            "select create_distributed_function($1, 'p_stream_id', colocate_with => 'events')", _APPEND_EVENT_SIGNATURE
+        )
+        done.append("append_event runs on the card's worker")
+    return done
