@@ -75,9 +75,9 @@ def written_instant_text(value: str | None) -> str:
 
 def escaped(value: object) -> markupsafe.Markup:
     """Each ``{{ value }}``, escaped as ``html.escape`` does (``&quot;``, ``&#x27;``) rather than as
-    markupsafe would (``&#34;``, ``&#39;``): the pages print the same entities they printed before Jinja,
-    which tests and saved pages compare byte for byte. Markup (a macro's output) passes as it is; None
-    prints as nothing, as an absent optional field should."""
+    markupsafe would (``&#34;``, ``&#39;``): the pages keep the entities they printed before Jinja, which
+    tests look for in the served HTML. Markup (a macro's output) passes as it is; None prints as nothing,
+    as an absent optional field should."""
     if hasattr(value, "__html__"):
         return markupsafe.Markup(value.__html__())
     return markupsafe.Markup(html.escape("" if value is None else str(value), quote=True))
