@@ -9,21 +9,25 @@
 A browser cannot send the ``X-VTEX-API`` headers: these pages take the same hub-consumer pairs as
 HTTP Basic credentials, with the ``view`` role (``hub.auth``). Wire them in with
 ``app.router.add_routes(audit_pages.routes())``.
+
+The HTML is in ``hub/templates`` (``overview.html.j2``, ``card.html.j2``, ``error.html.j2`` on
+``base.html.j2``); this module reads the ledger and hands the templates their figures as text.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from urllib.parse import quote
 
 from aiohttp import web
 
-from hub.audit_card_page import render_card_page
+from hub.audit_card_page import card_page_context
 from hub.errors import status_of
-from hub.markup import Markup, amount_text, decimal_text, esc, fill, instant_text, join, page
 from hub.read_api import instant_param
-from hub.read_pool import lag_note, read_pool
+from hub.read_pool import lag_of, read_pool
+from hub.rendering import amount_text, decimal_text, html_response
 from hub.state import LEDGER, SETTINGS
-from hub.svg_charts import ChartPoint, line_chart
+from hub.svg_charts import ChartPoint, LineChart, line_chart
 from ledger.commands import parse_card_id
 from ledger.domain.errors import DomainError
 from ledger.store import EventStore
@@ -35,13 +39,12 @@ from projections.verify_runs import RecordedFailure, VerifyRun
 
 BASE = "/audit"
 CARD_ID_CHARS_MAX = 64  # a UUID is 36; the form's field is free text
-NO_NOTE = Markup("")
 
 
 async def overview_page(request: web.Request) -> web.Response:
     native = request.app[SETTINGS].native_provider_id
     overview = await read_overview(await read_pool(request), native)
-    return page("Audit overview · Gift card ledger", join([lag_note(request), render_overview(overview)]))
+    return page(request, "overview.html.j2", **overview_context(overview))
 
 
 async def card_page(request: web.Request) -> web.Response:
@@ -49,28 +52,28 @@ async def card_page(request: web.Request) -> web.Response:
         as_of = instant_param(request, "asOf")
         audit = await audit_card(EventStore(await read_pool(request)), request.match_info["card_id"], as_of)
     except DomainError as e:  # an unknown card or a bad asOf: a page that says so, in the page's own format
-        return error_page(status_of(e), e.message, lag_note(request))
+        return error_page(request, status_of(e), e.message)
     status_at = as_of or request.app[LEDGER].clock()
-    body = render_card_page(audit, request.app[SETTINGS].native_provider_id, status_at)
-    return page(f"Card {audit.card_id} · Audit", join([lag_note(request), body]))
+    context = card_page_context(audit, request.app[SETTINGS].native_provider_id, status_at)
+    return page(request, "card.html.j2", **context)
 
 
 async def open_card(request: web.Request) -> web.Response:
     """The overview's form sends ``?card=ID``; the card's page has a path of its own."""
     wanted = request.query.get("card", "").strip()
     if not wanted or len(wanted) > CARD_ID_CHARS_MAX:
-        return error_page(400, "Give a card id (a UUID) to open its audited history.")
+        return error_page(request, 400, "Give a card id (a UUID) to open its audited history.")
     raise web.HTTPSeeOther(f"{BASE}/cards/{quote(wanted, safe='')}")
 
 
-def error_page(status: int, message: str, note: Markup = NO_NOTE) -> web.Response:
-    body = fill(
-        '<h1>{title}</h1><p class="lead" id="error">{message}</p>{note}<p><a href="/audit">Back to the overview</a></p>',
-        title="Not found" if status == 404 else "Cannot show this",
-        message=message,
-        note=note,
-    )
-    return page("Audit · Gift card ledger", body, status=status)
+def error_page(request: web.Request, status: int, message: str) -> web.Response:
+    heading = "Not found" if status == 404 else "Cannot show this"
+    return page(request, "error.html.j2", status=status, heading=heading, message=message)
+
+
+def page(request: web.Request, template: str, *, status: int = 200, **context: object) -> web.Response:
+    """Every page states the replica lag its reads saw (a browser shows no headers), in the base layout."""
+    return html_response(template, status=status, replica_lag=lag_of(request), **context)
 
 
 def routes() -> list[web.RouteDef]:
@@ -84,156 +87,53 @@ def routes() -> list[web.RouteDef]:
 # ---- the overview -------------------------------------------------------------------------------
 
 
-def render_overview(overview: Overview) -> Markup:
-    return join(
-        [
-            Markup(
-                '<h1>Audit overview</h1><p class="lead">Derived from the ledger\'s immutable events: the verdict '
-                "of the last <code>giftcard audit verify</code>, and totals and liability from the "
-                "<code>daily_totals</code> read model (its freshness is stated).</p>"
-            ),
-            _open_card_form(),
-            _verify_section(overview.latest_verify),
-            _totals_section(overview.totals, overview.freshness),
-            _liability_section(overview),
-        ]
-    )
-
-
-def _open_card_form() -> Markup:
-    return Markup(
-        '<section class="card"><form class="inline" method="get" action="/audit/cards">'
-        '<label for="card">Open a card\'s audited history</label>'
-        '<input id="card" name="card" placeholder="card id, e.g. 674df61f-…" required>'
-        '<button type="submit">Open</button></form></section>'
-    )
+def overview_context(overview: Overview) -> dict[str, object]:
+    """What ``overview.html.j2`` shows: figures as text, charts placed, links resolved."""
+    return {
+        "verify": verify_context(overview.latest_verify),
+        "freshness": _freshness_text(overview.freshness),
+        "totals": [_totals_row(group) for group in overview.totals],
+        "liability_charts": _liability_charts(overview),
+        "liability_days_max": LIABILITY_DAYS_MAX,
+    }
 
 
 # ---- the last audit verify ----------------------------------------------------------------------
 
 
-def _verify_section(run: VerifyRun | None) -> Markup:
+@dataclass(frozen=True)
+class FailureRow:
+    failure: RecordedFailure
+    card_id: str | None  # the card whose page the failure links to; None for another stream
+
+
+def verify_context(run: VerifyRun | None) -> dict[str, object]:
+    """``verify.html.j2``'s variables: the run (None: never run) and what it takes computing to show."""
     if run is None:
-        return Markup(
-            '<h2>Last <code>audit verify</code></h2><section class="card" id="verify">'
-            '<p><span class="badge neutral" id="verify-verdict">never run</span> No run of '
-            "<code>giftcard audit verify</code> has been recorded against this database. Run it (it walks every "
-            "stream: hash chains, rules, snapshots and read models) and its result appears here.</p></section>"
-        )
-    verdict = (
-        fill('<span class="badge good" id="verify-verdict">all rules hold</span>')
-        if run.ok
-        else fill('<span class="badge bad" id="verify-verdict">{n} failure(s)</span>', n=f"{run.failures_total:,}")
-    )
-    took_s = (run.finished_at - run.started_at).total_seconds()
-    return fill(
-        '<h2>Last <code>audit verify</code></h2><section class="card" id="verify" data-run="{id}">'
-        "<p>{verdict} finished {finished} UTC (took {took:.1f} s): {events} event(s) in {streams} stream(s), "
-        "{cards} card(s).</p>{failures}{models}{totals}</section>",
-        id=run.id,
-        verdict=verdict,
-        finished=instant_text(run.finished_at),
-        took=took_s,
-        events=f"{run.events:,}",
-        streams=f"{run.streams:,}",
-        cards=f"{run.cards:,}",
-        failures=_verify_failures(run),
-        models=_verify_read_models(run),
-        totals=_verify_totals(run),
-    )
+        return {"run": None}
+    return {
+        "run": run,
+        "took_s": (run.finished_at - run.started_at).total_seconds(),
+        "failures": [FailureRow(failure, _card_of(failure.stream_id)) for failure in run.failures],
+        "more_failures": run.failures_total - len(run.failures),
+    }
 
 
-def _verify_failures(run: VerifyRun) -> Markup:
-    if not run.failures:
-        return Markup("")
-    rows = [_failure_row(failure) for failure in run.failures]
-    more = run.failures_total - len(run.failures)
-    note = (
-        fill('<p class="muted">and {n} more: run <code>giftcard audit verify</code> to list every one.</p>', n=more)
-        if more > 0
-        else Markup("")
-    )
-    return fill(
-        '<div class="table-wrap"><table id="verify-failures"><thead><tr><th>Stream</th><th class="num">Version</th>'
-        "<th>Rule</th><th>What does not hold</th></tr></thead><tbody>{rows}</tbody></table></div>{note}",
-        rows=join(rows),
-        note=note,
-    )
-
-
-def _failure_row(failure: RecordedFailure) -> Markup:
-    return fill(
-        '<tr data-row="verify-failure"><td class="mono">{stream}</td><td class="num">{version}</td>'
-        "<td>{rule}</td><td>{message}</td></tr>",
-        stream=_stream_link(failure.stream_id),
-        version=failure.version if failure.version is not None else "",
-        rule=failure.rule,
-        message=failure.message,
-    )
-
-
-def _stream_link(stream_id: str | None) -> Markup:
+def _card_of(stream_id: str | None) -> str | None:
     """A card's stream links to its page; another stream (a provider's, a forwarded call) is named only."""
     if stream_id is None:
-        return Markup("-")
+        return None
     try:
-        card_id = parse_card_id(stream_id)
+        return parse_card_id(stream_id)
     except DomainError:
-        return esc(stream_id)
-    return fill('<a href="/audit/cards/{id}">{id}</a>', id=card_id)
-
-
-def _verify_read_models(run: VerifyRun) -> Markup:
-    rows = [
-        fill(
-            '<tr><td>{name}</td><td class="num">{compared}</td><td class="num">{tx}:{position}</td>'
-            '<td class="num">{lag}</td></tr>',
-            name=model.name,
-            compared=f"{model.compared:,}",
-            tx=model.checkpoint.tx,
-            position=model.checkpoint.position,
-            lag=f"{model.lag_events:,}",
-        )
-        for model in run.read_models
-    ]
-    return fill(
-        '<details><summary>Read models compared with the replay</summary><div class="table-wrap"><table>'
-        '<thead><tr><th>Read model</th><th class="num">Rows compared</th><th class="num">At checkpoint</th>'
-        '<th class="num">Later events (lag)</th></tr></thead><tbody>{rows}</tbody></table></div></details>',
-        rows=join(rows),
-    )
-
-
-def _verify_totals(run: VerifyRun) -> Markup:
-    rows = [
-        fill(
-            '<tr data-row="verify-total"><td>{provider}</td><td>{currency}</td><td>{kind}</td><td>{operation}</td>'
-            '<td class="num">{count}</td><td class="num" data-field="amount">{amount}</td></tr>',
-            provider=total.provider,
-            currency=total.currency or "not recorded",
-            kind=total.kind,
-            operation=total.operation or "-",
-            count=f"{total.count:,}",
-            amount=decimal_text(total.amount),
-        )
-        for total in run.totals
-    ]
-    return fill(
-        "<details><summary>Totals computed from the replay (they equal <code>giftcard export transactions</code>'s)"
-        '</summary><div class="table-wrap"><table id="verify-totals"><thead><tr><th>Provider</th><th>Currency</th>'
-        '<th>Kind</th><th>Operation</th><th class="num">Count</th><th class="num">Amount</th></tr></thead>'
-        "<tbody>{rows}</tbody></table></div></details>",
-        rows=join(rows),
-    )
+        return None
 
 
 # ---- liability and totals, from the daily_totals read model ------------------------------------
 
 
-def _liability_section(overview: Overview) -> Markup:
-    if not overview.liability_by_day:
-        return Markup('<h2>Outstanding liability</h2><p class="muted">No native card holds money yet.</p>')
-    charts = [
+def _liability_charts(overview: Overview) -> list[LineChart | None]:
+    return [
         line_chart(
             [
                 ChartPoint(minor, day.isoformat(), f"{day.isoformat()}: {amount_text(minor, currency)} {currency}")
@@ -248,56 +148,22 @@ def _liability_section(overview: Overview) -> Markup:
         )
         for currency, days in overview.liability_by_day.items()
     ]
-    return fill(
-        "<h2>Outstanding liability per currency</h2>"
-        '<p class="muted">What native cards hold at the end of each UTC day (the last {days} days at most), '
-        "as <code>/api/ledger/daily-totals</code> reports it.</p>{charts}",
-        days=LIABILITY_DAYS_MAX,
-        charts=join(charts),
-    )
 
 
 _TOTAL_FIELDS = ("loaded", "redeemed", "unclassified", "settled", "cancelled")
 
 
-def _totals_section(totals: list[GroupTotals], freshness: ProjectionStatus | None) -> Markup:
-    rows = [_totals_row(group) for group in totals]
-    body = join(rows) if rows else Markup('<tr><td colspan="10" class="muted">Nothing recorded yet.</td></tr>')
-    return fill(
-        '<h2>Ledger totals</h2><p class="muted">{freshness}</p>'
-        '<div class="table-wrap"><table id="totals"><thead><tr><th>Provider</th><th>Currency</th>'
-        '<th class="num">Cards issued</th><th class="num">Transactions</th><th class="num">Loaded (Credits)</th>'
-        '<th class="num">Redeemed (Debits)</th><th class="num">Unclassified</th><th class="num">Settled</th>'
-        '<th class="num">Cancelled</th><th class="num">Outstanding</th></tr></thead><tbody>{rows}</tbody></table>'
-        "</div>",
-        freshness=_freshness_text(freshness),
-        rows=body,
-    )
+@dataclass(frozen=True)
+class TotalsRow:
+    group: GroupTotals
+    figures: list[tuple[str, str]]  # (data-field, text) of each amount, in the table's order
+    liability: str
 
 
-def _totals_row(group: GroupTotals) -> Markup:
-    cells = [
-        fill('<td class="num" data-field="{name}">{value}</td>', name=name, value=_total_text(group, name))
-        for name in _TOTAL_FIELDS
-    ]
+def _totals_row(group: GroupTotals) -> TotalsRow:
+    figures = [(name, decimal_text(major(getattr(group, name), group.currency))) for name in _TOTAL_FIELDS]
     liability = "-" if group.liability is None else decimal_text(major(group.liability, group.currency))
-    return fill(
-        '<tr data-row="total" data-provider="{provider}" data-currency="{currency}"><td>{provider}</td>'
-        '<td>{currency_text}</td><td class="num" data-field="cards-issued">{cards}</td>'
-        '<td class="num" data-field="transactions">{transactions}</td>{cells}'
-        '<td class="num" data-field="liability">{liability}</td></tr>',
-        provider=group.provider,
-        currency=group.currency or "",
-        currency_text=group.currency or "not recorded",
-        cards=f"{group.cards_issued:,}",
-        transactions=f"{group.transactions:,}",
-        cells=join(cells),
-        liability=liability,
-    )
-
-
-def _total_text(group: GroupTotals, name: str) -> str:
-    return decimal_text(major(getattr(group, name), group.currency))
+    return TotalsRow(group, figures, liability)
 
 
 def _freshness_text(freshness: ProjectionStatus | None) -> str:

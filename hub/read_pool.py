@@ -4,8 +4,9 @@ The read-model listings, the audit API and the auditor's pages take their pool f
 ``read_pool(request)``: the replica's (``GIFTCARD_REPLICA_URL``) when one is configured, else the
 primary's, chosen once at start (``hub.app``). On a replica it measures the lag first, once per
 request, so the rows read after it are at least that fresh; ``replica_lag_headers`` then puts it
-on the answer (``X-Replica-Lag-Seconds``, ``X-Replica-Lag-Bytes``), and JSON listings that report
-their freshness carry it too (``with_replica_lag``). Reads from the primary change nothing.
+on the answer (``X-Replica-Lag-Seconds``, ``X-Replica-Lag-Bytes``), JSON listings that report
+their freshness carry it too (``with_replica_lag``), and the auditor's pages state it in a line of
+their own (``lag_of``, ``templates/replica_lag.html.j2``). Reads from the primary change nothing.
 
 Protocol reads of a card and every write stay on the primary (``app[LEDGER]``): they must see the
 card's latest event.
@@ -18,7 +19,6 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from hub.markup import Markup, fill
 from hub.state import POOL, READ_POOL
 from ledger.replication import ReplicaLag, replica_lag
 
@@ -55,18 +55,6 @@ def with_replica_lag(request: web.Request, document: dict[str, Any]) -> dict[str
     """``document`` with a ``replica`` field when the request read a replica; unchanged otherwise."""
     lag = lag_of(request)
     return document if lag is None else {**document, "replica": render_lag(lag)}
-
-
-def lag_note(request: web.Request) -> Markup:
-    """A line for the auditor's pages: a browser shows no headers."""
-    lag = lag_of(request)
-    if lag is None:
-        return Markup("")
-    return fill(
-        '<p class="muted" id="replica-lag">Read from a replica, {seconds} s behind the primary: what was written '
-        "since may not show yet.</p>",
-        seconds=lag.seconds_text(),
-    )
 
 
 @web.middleware

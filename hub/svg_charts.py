@@ -9,13 +9,15 @@ Points are spaced evenly, in order: a card's events (several often share one ins
 its first load, a debit and its settlement) each get a place of their own, in line with the
 timeline's rows; the days of a liability series are consecutive, so even spacing is their time
 scale. The axis labels name the points they stand under (a version and its date, or a day).
+
+This module only computes where things go (``LineChart``); ``templates/chart.svg.j2`` writes the SVG.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hub.markup import Markup, amount_text, fill, join
+from hub.rendering import amount_text
 from ledger.money import exponent_of
 
 WIDTH_PX, HEIGHT_PX = 960, 300
@@ -31,6 +33,58 @@ class ChartPoint:
     minor: int  # the value, in minor units of the chart's currency
     tick: str  # what the time axis says under this point, if it gets a tick
     label: str  # what the point's tooltip says
+
+
+@dataclass(frozen=True)
+class Frame:
+    """The plot area's edges in the SVG's own pixels (its viewBox); the axes' labels go outside it."""
+
+    width: int = WIDTH_PX
+    height: int = HEIGHT_PX
+    left: int = LEFT_PX
+    right: int = WIDTH_PX - RIGHT_PX
+    top: int = TOP_PX
+    bottom: int = HEIGHT_PX - BOTTOM_PX
+    point_radius: int = POINT_RADIUS_PX
+
+
+@dataclass(frozen=True)
+class ValueTick:
+    y: float
+    label: str
+
+
+@dataclass(frozen=True)
+class OrderTick:
+    x: float
+    label: str
+    anchor: str  # the SVG text-anchor
+
+
+@dataclass(frozen=True)
+class Marker:
+    x: float
+    y: float
+    value: str  # the exact decimal, ungrouped, for data-value
+    label: str
+
+
+@dataclass(frozen=True)
+class LineChart:
+    """Everything ``chart.svg.j2`` draws, placed."""
+
+    chart_id: str
+    title: str
+    currency: str
+    value_title: str
+    order_title: str
+    value_ticks: list[ValueTick]
+    order_ticks: list[OrderTick]
+    area: str  # SVG points of the filled area under the line
+    line: str  # SVG points of the line
+    markers: list[Marker]
+    quiet: bool  # too many points to paint each marker
+    frame: Frame = Frame()
 
 
 @dataclass(frozen=True)
@@ -61,43 +115,26 @@ def line_chart(
     order_title: str,
     step: bool,
     chart_id: str,
-) -> Markup:
+) -> LineChart | None:
     """A line through ``points`` (in order) with labelled axes; ``step`` holds each value until the
-    next point, as a balance does between events. Empty when there is nothing to draw."""
+    next point, as a balance does between events. None when there is nothing to draw."""
     if not points:
-        return Markup("")
+        return None
     ticks = value_ticks([p.minor for p in points], currency)
     scale = _Scale(len(points), ticks[0], ticks[-1])
     line = _line_points(points, scale, step)
-    parts = [
-        _value_axis(ticks, scale, currency),
-        _order_axis(points, scale),
-        fill(
-            '<text class="axis-title" transform="translate(16 {y:.0f}) rotate(-90)" text-anchor="middle">{t}</text>',
-            y=(TOP_PX + HEIGHT_PX - BOTTOM_PX) / 2,
-            t=f"{value_title} ({currency})",
-        ),
-        fill(
-            '<text class="axis-title" x="{x:.0f}" y="{y}" text-anchor="middle">{t}</text>',
-            x=(LEFT_PX + WIDTH_PX - RIGHT_PX) / 2,
-            y=HEIGHT_PX - 8,
-            t=order_title,
-        ),
-        _area(line, scale),
-        fill('<polyline class="series" points="{p}"/>', p=_coordinates(line)),
-        _markers(points, scale, currency),
-    ]
-    return fill(
-        '<figure class="chart"><figcaption id="{id}-title">{title}</figcaption>'
-        '<svg class="chart" id="{id}" role="img" aria-labelledby="{id}-title" viewBox="0 0 {w} {h}" '
-        'data-points="{n}" data-currency="{currency}">{parts}</svg></figure>',
-        id=chart_id,
+    return LineChart(
+        chart_id=chart_id,
         title=title,
-        w=WIDTH_PX,
-        h=HEIGHT_PX,
-        n=len(points),
         currency=currency,
-        parts=join(parts),
+        value_title=f"{value_title} ({currency})",
+        order_title=order_title,
+        value_ticks=[ValueTick(scale.y(tick), amount_text(tick, currency)) for tick in ticks],
+        order_ticks=_order_ticks(points, scale),
+        area=_coordinates(_area(line, scale)),
+        line=_coordinates(line),
+        markers=_markers(points, scale, currency),
+        quiet=len(points) > POINTS_MARKED_MAX,
     )
 
 
@@ -135,48 +172,15 @@ def _coordinates(line: list[tuple[float, float]]) -> str:
     return " ".join(f"{x:.1f},{y:.1f}" for x, y in line)
 
 
-def _area(line: list[tuple[float, float]], scale: _Scale) -> Markup:
+def _area(line: list[tuple[float, float]], scale: _Scale) -> list[tuple[float, float]]:
+    """The line closed along the zero line, so that the area under it can be filled."""
     baseline = scale.y(0)
-    outline = [(line[0][0], baseline), *line, (line[-1][0], baseline)]
-    return fill('<polygon class="area" points="{p}"/>', p=_coordinates(outline))
+    return [(line[0][0], baseline), *line, (line[-1][0], baseline)]
 
 
-def _value_axis(ticks: list[int], scale: _Scale, currency: str) -> Markup:
-    rows = [
-        fill(
-            '<line x1="{l}" x2="{r}" y1="{y:.1f}" y2="{y:.1f}"/>'
-            '<text x="{tx}" y="{ty:.1f}" text-anchor="end">{label}</text>',
-            l=LEFT_PX,
-            r=WIDTH_PX - RIGHT_PX,
-            y=scale.y(tick),
-            tx=LEFT_PX - 8,
-            ty=scale.y(tick) + 4,
-            label=amount_text(tick, currency),
-        )
-        for tick in ticks
-    ]
-    return fill('<g class="grid">{rows}</g>', rows=join(rows))
-
-
-def _order_axis(points: list[ChartPoint], scale: _Scale) -> Markup:
-    indices = order_ticks(len(points))
-    labels = [
-        fill(
-            '<line x1="{x:.1f}" x2="{x:.1f}" y1="{y}" y2="{y2}"/>'
-            '<text x="{x:.1f}" y="{ty}" text-anchor="{anchor}">{label}</text>',
-            x=scale.x(index),
-            y=HEIGHT_PX - BOTTOM_PX,
-            y2=HEIGHT_PX - BOTTOM_PX + 5,
-            ty=HEIGHT_PX - BOTTOM_PX + 20,
-            anchor=_anchor(index, len(points)),
-            label=points[index].tick,
-        )
-        for index in indices
-    ]
-    baseline = fill(
-        '<line x1="{l}" x2="{r}" y1="{y}" y2="{y}"/>', l=LEFT_PX, r=WIDTH_PX - RIGHT_PX, y=HEIGHT_PX - BOTTOM_PX
-    )
-    return fill('<g class="axis">{baseline}{labels}</g>', baseline=baseline, labels=join(labels))
+def _order_ticks(points: list[ChartPoint], scale: _Scale) -> list[OrderTick]:
+    count = len(points)
+    return [OrderTick(scale.x(index), points[index].tick, _anchor(index, count)) for index in order_ticks(count)]
 
 
 def _anchor(index: int, count: int) -> str:
@@ -186,19 +190,13 @@ def _anchor(index: int, count: int) -> str:
     return "start" if index == 0 else "end" if index == count - 1 else "middle"
 
 
-def _markers(points: list[ChartPoint], scale: _Scale, currency: str) -> Markup:
-    quiet = " quiet" if len(points) > POINTS_MARKED_MAX else ""
-    circles = [
-        fill(
-            '<circle class="point{quiet}" cx="{x:.1f}" cy="{y:.1f}" r="{r}" data-value="{value}">'
-            "<title>{label}</title></circle>",
-            quiet=Markup(quiet),
-            x=scale.x(index),
-            y=scale.y(point.minor),
-            r=POINT_RADIUS_PX,
-            value=amount_text(point.minor, currency).replace(",", ""),
-            label=point.label,
+def _markers(points: list[ChartPoint], scale: _Scale, currency: str) -> list[Marker]:
+    return [
+        Marker(
+            scale.x(index),
+            scale.y(point.minor),
+            amount_text(point.minor, currency).replace(",", ""),
+            point.label,
         )
         for index, point in enumerate(points)
     ]
-    return fill('<g class="points">{circles}</g>', circles=join(circles))

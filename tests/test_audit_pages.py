@@ -44,7 +44,7 @@ from tests.png_pixels import count_near, rgb_pixels
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_TIMEOUT_S = 90.0
-SERIES_RGB = (0x25, 0x63, 0xEB)  # svg.chart .series stroke in hub/markup.py
+SERIES_RGB = (0x25, 0x63, 0xEB)  # svg.chart .series stroke in hub/templates/audit.css
 HOSTILE_CAPTION = "<script>alert('caption')</script>"
 HOSTILE_RELATION = '"><img src=x onerror=alert(1)>'
 HOSTILE_REQUEST_ID = "<b onmouseover=alert(2)>req</b>"
@@ -424,3 +424,46 @@ async def test_a_browser_loads_the_overview_with_the_ledgers_totals(pages, clock
     assert dom.by_id("verify-verdict").text() == "all rules hold"
     pixels = await screenshot(pages, "/audit", "overview.png", tmp_path)
     assert count_near(pixels, SERIES_RGB) > 1000  # the liability lines were painted
+
+
+async def issued_over_http(service, caption: str, relation: str) -> str:
+    status, card, _ = await service.call(
+        "POST",
+        "/api/giftcards",
+        {
+            "relationName": relation,
+            "caption": caption,
+            "profileId": "p",
+            "currencyCode": "USD",
+            "expiringDate": "2030-01-01T00:00:00Z",
+        },
+    )
+    assert status == 200, card
+    return card["id"]
+
+
+def tag_outline(document: page_dom.Node) -> list[tuple[str, str]]:
+    """Each element's tag and id, in document order: what markup in the data would change."""
+    return [(node.tag, node.attrs.get("id", "")) for node in document.walk()]
+
+
+@needs_chromium
+async def test_markup_written_into_a_card_stays_text_in_a_browser(pages):
+    """Autoescape, proven where it matters: Chromium parses the page of a card whose caption and relation
+    carry a script, an attribute breakout and an element, and builds the same elements as for a plain card."""
+    caption, relation = '<script>document.title="pwned"</script>', '" autofocus onfocus="alert(1)'
+    hostile = await issued_over_http(pages, caption, relation)
+    plain = await issued_over_http(pages, "Plain caption", "plain relation")
+
+    status, html, _ = await get(pages, f"/audit/cards/{hostile}")
+    assert status == 200
+    assert "&lt;script&gt;document.title=&quot;pwned&quot;&lt;/script&gt;" in html
+    assert "&quot; autofocus onfocus=&quot;alert(1)" in html
+
+    dom = page_dom.parse(await chromium(signed_in(pages, f"/audit/cards/{hostile}"), "--dump-dom"))
+    plain_dom = page_dom.parse(await chromium(signed_in(pages, f"/audit/cards/{plain}"), "--dump-dom"))
+    assert tag_outline(dom) == tag_outline(plain_dom)  # nothing injected: no script, no new element
+    assert not any("onfocus" in node.attrs or "autofocus" in node.attrs for node in dom.walk())
+    assert dom.find_all(lambda n: n.tag == "title")[0].text() == f"Card {hostile} · Audit"  # no script ran
+    assert dom.find_all(lambda n: n.tag == "h1")[0].text().startswith(caption)
+    assert dom.find_all(lambda n: n.tag == "strong")[0].text() == relation
