@@ -132,6 +132,22 @@ where e.expected_version = 0
 returning position
 """
 
+# _APPEND_MANY on Citus, where a subquery correlated with unnest's rows cannot be planned: the same
+# guard is checked first (_GUARDS_HELD), in the same transaction, and the rows inserted as given.
+# Checked then inserted is as safe as one statement: an event, once there, never changes, and a
+# writer who appended meanwhile makes the insert hit unique (stream_id, version).
+_APPEND_MANY_CHECKED = """
+insert into events (stream_id, version, type, data, metadata, hash, idempotency_key)
+select e.stream_id, e.version, e.type, e.data::jsonb, $9::jsonb, e.hash, e.idempotency_key
+from unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::bytea[], $6::text[], $7::int[], $8::bytea[])
+    as e(stream_id, version, type, data, hash, idempotency_key, expected_version, previous_hash)
+returning position
+"""
+_GUARDS_HELD = """
+select count(*) from events p, unnest($1::text[], $2::int[], $3::bytea[]) as g(stream_id, version, hash)
+where p.stream_id = g.stream_id and p.version = g.version and p.hash = g.hash
+"""
+
 # One event for each of many streams, each judged on its own: a row whose guard fails or that hits
 # a unique key (a lost race, a reused idempotency key) is skipped, not an error, and the streams
 # returned are the ones appended. This is what lets concurrent commands share one commit.
@@ -318,9 +334,9 @@ class EventStore:
         try:
             if connection is None:
                 async with self.pool.acquire() as own:
-                    await self._append_many(own, args, len(columns.types))
+                    await self._append_many(own, appends, args, len(columns.types))
             else:
-                await self._append_many(connection, args, len(columns.types))
+                await self._append_many(connection, appends, args, len(columns.types))
         except asyncpg.UniqueViolationError as e:
             raise ConcurrentUpdate(f"one of {len(appends)} streams changed while being appended to") from e
         except (asyncpg.UntranslatableCharacterError, asyncpg.InvalidTextRepresentationError) as e:
@@ -329,12 +345,21 @@ class EventStore:
             self.observe_append(time.perf_counter() - started)
         return columns.last_hashes
 
-    @staticmethod
-    async def _append_many(connection: asyncpg.Connection, args: tuple[Any, ...], expected_rows: int) -> None:
+    async def _append_many(
+        self,
+        connection: asyncpg.Connection,
+        appends: Sequence[StreamAppend],
+        args: tuple[Any, ...],
+        expected_rows: int,
+    ) -> None:
         # A savepoint when the caller holds a transaction, a transaction otherwise: a guard that
         # fails for one stream must not leave the other streams' rows behind.
         async with connection.transaction():
-            rows = await connection.fetch(_APPEND_MANY, *args)
+            if await self.sharded():
+                await _check_guards(connection, appends)
+                rows = await connection.fetch(_APPEND_MANY_CHECKED, *args)
+            else:
+                rows = await connection.fetch(_APPEND_MANY, *args)
             if len(rows) != expected_rows:
                 raise ConcurrentUpdate(
                     f"{expected_rows - len(rows)} event(s) found their stream not at the expected version"
@@ -441,6 +466,21 @@ def _append_many_columns(appends: Sequence[StreamAppend]) -> _AppendManyColumns:
             columns.previous_hashes.append(a.previous_hash)
         columns.last_hashes.append(last)
     return columns
+
+
+async def _check_guards(connection: asyncpg.Connection, appends: Sequence[StreamAppend]) -> None:
+    """Every stream that already has events is at its expected version with its previous hash."""
+    guarded = [a for a in appends if a.expected_version > 0]
+    if not guarded:
+        return
+    held = await connection.fetchval(
+        _GUARDS_HELD,
+        [a.stream_id for a in guarded],
+        [a.expected_version for a in guarded],
+        [a.previous_hash for a in guarded],
+    )
+    if held != len(guarded):
+        raise ConcurrentUpdate(f"{len(guarded) - held} stream(s) not at the expected version")
 
 
 def recorded_event(row: asyncpg.Record) -> RecordedEvent:

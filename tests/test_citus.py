@@ -16,12 +16,14 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
 import pytest
 
+from ledger.bulk_issue import BatchDefaults, BatchRequest, BulkIssuer
 from ledger.commands import Ledger
 from ledger.database import create_pool
 from ledger.domain.giftcard import DEBIT
@@ -193,3 +195,32 @@ async def test_a_worker_down_fails_only_its_cards_and_they_catch_up(cluster, upg
             assert debited == 1
     finally:
         await hub.stop()
+
+
+async def test_bulk_issuance_across_shards_resumes_and_never_issues_a_card_twice(
+    citus_ledger, citus_pool, cluster, tmp_path
+):
+    issuer = BulkIssuer(citus_ledger, chunk_cards=16)
+    defaults = BatchDefaults(currency="USD", expiring_date=citus_ledger.clock() + timedelta(days=365))
+    output = tmp_path / "codes.csv"
+    first = await issuer.issue_to_file(
+        BatchRequest(batch_id="citus", count=40, value=Decimal(5)), defaults, output, metadata={}
+    )
+    again = await issuer.issue_to_file(
+        BatchRequest(batch_id="citus", count=64, value=Decimal(5)), defaults, tmp_path / "more.csv", metadata={}
+    )
+    assert (first.issued_now, again.issued_now, again.already_issued) == (40, 24, 40)
+    cards = await citus_pool.fetch(
+        "select card_id from card_lookup where starts_with(relation_name, 'citus-') order by relation_name"
+    )
+    assert len(cards) == 64
+    ids = [row["card_id"] for row in cards]
+    assert {port for _, port in [await shard_of(citus_pool, c) for c in ids]} == {
+        worker.port for worker in cluster.workers
+    }
+    per_card = await citus_pool.fetch(
+        "select stream_id, count(*) as n, sum((data->>'value')::bigint) filter (where type like '%Credited') as credited"
+        " from events where stream_id = any($1::text[]) group by stream_id",
+        ids,
+    )
+    assert {(row["n"], row["credited"]) for row in per_card} == {(2, 500)} and len(per_card) == 64
