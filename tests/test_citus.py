@@ -31,7 +31,7 @@ from ledger.migrate import upgrade
 from ledger.store import EventStore
 from tests.cards import issue
 from tests.citus_cluster import CitusCluster, citus_missing
-from tests.debit_load import RetryPolicy, plan_debits, send_all
+from tests.debit_load import RetryPolicy, acknowledged_count, plan_debits, send_all, until_acknowledged
 from tests.hub_process import HubProcess, NativeClient
 from tests.test_faults import assert_ledger_consistent, credits_of, deadline_in, funded_cards, summary
 
@@ -224,3 +224,57 @@ async def test_bulk_issuance_across_shards_resumes_and_never_issues_a_card_twice
         ids,
     )
     assert {(row["n"], row["credited"]) for row in per_card} == {(2, 500)} and len(per_card) == 64
+
+
+async def move_shards_of(pool: asyncpg.Pool, cluster: CitusCluster, cards: list[str]) -> list[float]:
+    """Moves each card's shard (and the shards co-located with it) to the other worker, one at a
+    time, online (logical replication); returns how long each move took."""
+    took = []
+    for card_id in cards:
+        shard_id = await pool.fetchval("select get_shard_id_for_distribution_column('events', $1::text)", card_id)
+        _, port = await shard_of(pool, card_id)
+        target = next(worker.port for worker in cluster.workers if worker.port != port)
+        started = asyncio.get_running_loop().time()
+        await pool.execute(
+            "select citus_move_shard_placement($1, '127.0.0.1', $2, '127.0.0.1', $3, 'force_logical')",
+            shard_id,
+            port,
+            target,
+            timeout=120,
+        )
+        took.append(asyncio.get_running_loop().time() - started)
+        assert (await shard_of(pool, card_id))[1] == target
+    return took
+
+
+async def test_shards_move_while_debits_flow_and_nothing_is_lost_or_doubled(
+    cluster, upgraded, citus_pool, http, tmp_path
+):
+    hub = HubProcess(cluster.url(), tmp_path / "hub.log", env=HUB_ENV)
+    await hub.start()
+    try:
+        client = NativeClient(http, hub.base_url)
+        credit = Decimal("100.00")
+        cards = await funded_cards(client, 6, credit)
+        debits = plan_debits(cards, 4000, [Decimal("0.01")])  # outlasts the moves
+
+        async def move_when_flowing() -> tuple[list[float], int, int]:
+            await until_acknowledged(debits, 60, deadline_in(60))
+            before = acknowledged_count(debits)
+            took = await move_shards_of(citus_pool, cluster, cards[:3])
+            return took, before, acknowledged_count(debits)
+
+        async with asyncio.timeout(SCENARIO_TIMEOUT_S * 2):
+            async with asyncio.TaskGroup() as group:
+                group.create_task(
+                    send_all([client], debits, concurrency=32, policy=RetryPolicy(), deadline=deadline_in(150))
+                )
+                moving = group.create_task(move_when_flowing())
+        took, acknowledged_before, acknowledged_after = moving.result()
+        print(f"{summary(debits)}; shard moves took {[round(s, 2) for s in took]} s")
+        assert acknowledged_before < acknowledged_after < len(debits), "the moves did not overlap the Debits"
+        assert not any(d.server_errors for d in debits), [d.server_errors[0] for d in debits if d.server_errors][:3]
+        assert all(d.acknowledged for d in debits), summary(debits)
+        await assert_ledger_consistent(citus_pool, client, debits, credits_of(cards, credit))
+    finally:
+        await hub.stop()
