@@ -20,7 +20,7 @@ from hub.app import create_app
 from hub.config import Settings
 from hub.logs import JsonAccessLogger, configure_logging
 from ledger.database import resolve_database_url, with_database
-from ledger.migrate import grant_service_role_statements, upgrade
+from ledger.migrate import grant_service_role, upgrade
 from ledger.replication import Replication, replication_status
 from projections import cli as projections_cli
 from projections import finance_cli
@@ -170,8 +170,7 @@ def describe_replication(replication: Replication) -> str:
 def db_grant(args: argparse.Namespace) -> int:
     async def grant(pool: asyncpg.Pool) -> None:
         async with pool.acquire() as connection, connection.transaction():
-            for statement in grant_service_role_statements(args.role):
-                await connection.execute(statement)
+            await grant_service_role(connection, args.role)
 
     with_database(grant)
     print(f"granted {args.role}: read and append events, never update, delete or truncate them")

@@ -70,10 +70,22 @@ async def _method(connection: asyncpg.Connection | asyncpg.Pool, table: str) -> 
     return await connection.fetchval(_DISTRIBUTION_METHOD, table)
 
 
+async def distribution_pending(connection: asyncpg.Connection) -> bool:
+    """A Citus coordinator with a table or the append function not distributed yet: a role that
+    may not change the schema finds nothing to do on a distributed ledger, as on a current one."""
+    if not await on_citus_coordinator(connection):
+        return False
+    tables = [table for table, _ in CARD_TABLES] + list(REFERENCE_TABLES)
+    undistributed = [table for table in tables if await _method(connection, table) is None]
+    return bool(undistributed) or await connection.fetchval(
+        "select to_regprocedure($1) is null", _APPEND_EVENT_SIGNATURE
+    )
+
+
 async def distribute(connection: asyncpg.Connection) -> list[str]:
     """Distributes what is not distributed yet; returns what it did (empty on plain PostgreSQL,
     on a worker, or when everything already is). Runs in the caller's transaction."""
-    if not await on_citus_coordinator(connection):
+    if not await distribution_pending(connection):
         return []
     done = []
     await connection.execute("set local citus.enable_unsafe_triggers = on")
@@ -97,3 +109,13 @@ async def distribute(connection: asyncpg.Connection) -> list[str]:
         )
         done.append("append_event runs on the card's worker")
     return done
+
+
+async def grant_on_workers(connection: asyncpg.Connection, role: str) -> None:
+    """Citus carries grants on distributed tables to their shards, not grants on sequences: the
+    workers, where a card's events take their positions, get the one the service role needs here.
+    ``role`` is checked by ``ledger.migrate.grant_service_role_statements`` first."""
+    if await on_citus_coordinator(connection):
+        await connection.execute(
+            "select run_command_on_workers($1)", f"grant usage, select on sequence events_position_seq to {role}"
+        )

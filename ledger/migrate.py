@@ -11,7 +11,7 @@ import re
 
 import asyncpg
 
-from ledger.distribution import distribute, on_citus_coordinator
+from ledger.distribution import distribute, distribution_pending, grant_on_workers
 
 _LOCK_KEY = 0x6769667463617264  # "giftcard"
 # A migration may rewrite a large table: it is not held to the few seconds a request's statement gets.
@@ -45,7 +45,7 @@ async def upgrade(connection: asyncpg.Connection) -> list[str]:
     Citus coordinator the tables are then distributed if they are not yet (``ledger.distribution``).
     """
     if not await pending(connection):
-        if not await on_citus_coordinator(connection):
+        if not await distribution_pending(connection):
             return []
         async with connection.transaction():
             await connection.execute("select pg_advisory_xact_lock($1)", _LOCK_KEY, timeout=MIGRATION_TIMEOUT_S)
@@ -89,3 +89,10 @@ def grant_service_role_statements(role: str) -> list[str]:
         f"revoke update, delete, truncate, trigger, references on events from {role}",
         f"revoke insert, update, delete, truncate on schema_migrations from {role}",
     ]
+
+
+async def grant_service_role(connection: asyncpg.Connection, role: str) -> None:
+    """``giftcard db grant``: the statements above, and on Citus what the workers need besides."""
+    for statement in grant_service_role_statements(role):
+        await connection.execute(statement)
+    await grant_on_workers(connection, role)

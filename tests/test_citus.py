@@ -14,6 +14,7 @@ order and is not yet run here: see the README's "Scale out on Citus".
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
@@ -27,7 +28,7 @@ from ledger.bulk_issue import BatchDefaults, BatchRequest, BulkIssuer
 from ledger.commands import Ledger
 from ledger.database import create_pool
 from ledger.domain.giftcard import DEBIT
-from ledger.migrate import upgrade
+from ledger.migrate import grant_service_role, upgrade
 from ledger.store import EventStore
 from tests.cards import issue
 from tests.citus_cluster import CitusCluster, citus_missing
@@ -278,3 +279,36 @@ async def test_shards_move_while_debits_flow_and_nothing_is_lost_or_doubled(
         await assert_ledger_consistent(citus_pool, client, debits, credits_of(cards, credit))
     finally:
         await hub.stop()
+
+
+@pytest.fixture
+async def citus_service_role(citus_pool: asyncpg.Pool, cluster: CitusCluster) -> AsyncIterator[str]:
+    """A login role given what ``giftcard db grant`` gives, on the coordinator (Citus carries it to the workers)."""
+    role = f"giftcard_app_{uuid.uuid4().hex[:8]}"
+    await citus_pool.execute(f"create role {role} login")
+    async with citus_pool.acquire() as connection:
+        await grant_service_role(connection, role)
+    yield role
+
+
+async def test_db_grant_lets_the_service_role_run_the_ledger_and_never_rewrite_it(citus_service_role, cluster):
+    url = f"postgresql://{citus_service_role}@{cluster.coordinator.host_port}/{cluster.database}"
+    pool = await create_pool(url, size_min=1, size_max=4)
+    try:
+        async with pool.acquire() as connection:
+            assert await upgrade(connection) == [], "a distributed, current schema needs no DDL rights"
+        ledger = Ledger(EventStore(pool), code_key=b"k" * 32)
+        card_id = str((await issue(ledger)).card.id)
+        await ledger.create_transaction(card_id, operation="Credit", value=Decimal(5), description="", request_id="c")
+        await ledger.create_transaction(card_id, operation=DEBIT, value=Decimal(2), description="", request_id="d")
+        assert (await ledger.card(card_id)).balance == 300
+        for statement in (
+            "update events set type = 'Forged'",
+            "delete from events",
+            "truncate events",
+            "alter table events disable trigger user",
+        ):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await pool.execute(statement)
+    finally:
+        await pool.close()

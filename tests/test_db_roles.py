@@ -12,7 +12,7 @@ import pytest
 
 from ledger.commands import Ledger
 from ledger.database import create_pool
-from ledger.migrate import grant_service_role_statements, upgrade
+from ledger.migrate import grant_service_role, grant_service_role_statements, upgrade
 from ledger.store import EventStore
 from tests.cards import issue
 
@@ -27,8 +27,8 @@ def as_user(url: str, user: str) -> str:
 async def service_role_url(database_url: str, pool) -> str:
     role = f"giftcard_app_{uuid.uuid4().hex[:8]}"
     await pool.execute(f"create role {role} login")
-    for statement in grant_service_role_statements(role):
-        await pool.execute(statement)
+    async with pool.acquire() as connection:
+        await grant_service_role(connection, role)
     yield as_user(database_url, role)
     await pool.execute(f"drop owned by {role}")
     await pool.execute(f"drop role {role}")
