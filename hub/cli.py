@@ -20,6 +20,7 @@ from hub.app import create_app
 from hub.config import Settings
 from hub.logs import JsonAccessLogger, configure_logging
 from ledger.database import resolve_database_url, with_database
+from ledger.distribution import add_worker
 from ledger.migrate import grant_service_role, upgrade
 from ledger.replication import Replication, replication_status
 from projections import cli as projections_cli
@@ -167,6 +168,22 @@ def describe_replication(replication: Replication) -> str:
     return "\n".join(lines)
 
 
+def db_add_worker(args: argparse.Namespace) -> int:
+    async def add(pool: asyncpg.Pool) -> int:
+        async with pool.acquire() as connection:
+            return await add_worker(connection, args.host, args.port, coordinator_host=args.coordinator_host)
+
+    try:
+        node_id = with_database(add, upgrade_schema=False)  # distributing needs the workers first
+    except ValueError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    print(
+        f"worker {args.host}:{args.port} added (node {node_id}); move shards to it with: select citus_rebalance_start()"
+    )
+    return 0
+
+
 def db_grant(args: argparse.Namespace) -> int:
     async def grant(pool: asyncpg.Pool) -> None:
         async with pool.acquire() as connection, connection.transaction():
@@ -258,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="the same as /readyz's replication object")
     status.add_argument("--check", action="store_true", help="exit 1 unless synchronously replicated")
     status.set_defaults(run=db_status)
+    add = db_commands.add_parser("add-worker", help="on a Citus coordinator: register a worker node")
+    add.add_argument("host", help="the worker's host name, as the coordinator and the other workers reach it")
+    add.add_argument("--port", type=int, default=5432, help="the worker's PostgreSQL port (default 5432)")
+    add.add_argument(
+        "--coordinator-host", help="the coordinator's own host name, as the workers reach it (set once, first)"
+    )
+    add.set_defaults(run=db_add_worker)
     grant = db_commands.add_parser("grant", help="grant the service's role what it needs, and no rewriting of events")
     grant.add_argument("role", help="the existing PostgreSQL role the service connects as")
     grant.set_defaults(run=db_grant)

@@ -119,3 +119,17 @@ async def grant_on_workers(connection: asyncpg.Connection, role: str) -> None:
         await connection.execute(
             "select run_command_on_workers($1)", f"grant usage, select on sequence events_position_seq to {role}"
         )
+
+
+async def add_worker(connection: asyncpg.Connection, host: str, port: int, *, coordinator_host: str | None) -> int:
+    """Registers a worker with this coordinator (``giftcard db add-worker``); returns its node id.
+
+    The worker must run PostgreSQL with Citus and the same database with the extension created.
+    New shards go to it at once; existing ones move when an operator rebalances
+    (``select citus_rebalance_start()``), online, while the service runs.
+    """
+    if not await on_citus_coordinator(connection):
+        raise ValueError("this database is not a Citus coordinator (no citus extension, or a worker)")
+    if coordinator_host is not None:
+        await connection.execute("select citus_set_coordinator_host($1)", coordinator_host)
+    return await connection.fetchval("select citus_add_node($1, $2)", host, port)

@@ -42,22 +42,33 @@ class CitusCluster:
 
     def start(self) -> CitusCluster:
         for node in self.nodes:
-            node.initdb(
-                port=str(node.port),
-                shared_preload_libraries="'citus'",
-                max_connections="200",  # the coordinator opens connections to every worker per session
-                max_prepared_transactions="100",  # Citus commits multi-node transactions in two phases
-                wal_level="logical",  # shard moves copy through logical replication
-            )
-            node.start()
-            node.sql(f"create database {self.database}")
-            node.sql_in(self.database, "create extension citus")
+            self._start_node(node)
         self.coordinator.sql_in(
             self.database,
             f"select citus_set_coordinator_host('127.0.0.1', {self.coordinator.port})",
             *(f"select citus_add_node('127.0.0.1', {worker.port})" for worker in self.workers),
         )
         return self
+
+    def start_another_worker(self) -> PgNode:
+        """A node ready to be a worker, not yet registered with the coordinator (that is the test's)."""
+        node = PgNode(self.folder, f"worker{len(self.workers) + 1}")
+        self.workers.append(node)  # stopped with the others
+        self._start_node(node)
+        return node
+
+    def _start_node(self, node: PgNode) -> None:
+        node.initdb(
+            port=str(node.port),
+            shared_preload_libraries="'citus'",
+            max_connections="200",  # the coordinator opens connections to every worker per session
+            max_prepared_transactions="100",  # Citus commits multi-node transactions in two phases
+            wal_level="logical",  # shard moves copy through logical replication
+            **{"citus.shard_count": "8"},  # (default 32) fewer shards: each test's moves take seconds, not minutes
+        )
+        node.start()
+        node.sql(f"create database {self.database}")
+        node.sql_in(self.database, "create extension citus")
 
     def url(self, database: str | None = None) -> str:
         return self.coordinator.url(database or self.database)

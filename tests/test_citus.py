@@ -33,6 +33,7 @@ from ledger.store import EventStore
 from tests.cards import issue
 from tests.citus_cluster import CitusCluster, citus_missing
 from tests.debit_load import RetryPolicy, acknowledged_count, plan_debits, send_all, until_acknowledged
+from tests.giftcard_cli import giftcard
 from tests.hub_process import HubProcess, NativeClient
 from tests.test_faults import assert_ledger_consistent, credits_of, deadline_in, funded_cards, summary
 
@@ -164,16 +165,23 @@ async def test_concurrent_debits_through_serve_never_double_spend(cluster, upgra
         await hub.stop()
 
 
+async def cards_on_and_off(client: NativeClient, pool: asyncpg.Pool, worker, each: int = 3) -> tuple[list, list]:
+    """Funded cards until ``each`` live on ``worker`` and ``each`` elsewhere (a card's id picks its shard)."""
+    on, off = [], []
+    while len(on) < each or len(off) < each:
+        (card_id,) = await funded_cards(client, 1, Decimal("10.00"))
+        (on if (await shard_of(pool, card_id))[1] == worker.port else off).append(card_id)
+    return on[:each], off[:each]
+
+
 async def test_a_worker_down_fails_only_its_cards_and_they_catch_up(cluster, upgraded, citus_pool, http, tmp_path):
     hub = HubProcess(cluster.url(), tmp_path / "hub.log", env=HUB_ENV)
     await hub.start()
     try:
         client = NativeClient(http, hub.base_url)
-        cards = await funded_cards(client, 8, Decimal("10.00"))
         down = cluster.workers[0]
-        on_down = [c for c in cards if (await shard_of(citus_pool, c))[1] == down.port]
-        on_up = [c for c in cards if c not in on_down]
-        assert on_down and on_up, "eight cards all hashed to one worker"
+        on_down, on_up = await cards_on_and_off(client, citus_pool, down)
+        cards = on_down + on_up
         await asyncio.to_thread(down.stop, "immediate")
         try:
             for card_id in on_down:
@@ -312,3 +320,36 @@ async def test_db_grant_lets_the_service_role_run_the_ledger_and_never_rewrite_i
                 await pool.execute(statement)
     finally:
         await pool.close()
+
+
+# Last in this file: it leaves the cluster with a third worker.
+async def test_a_worker_added_with_the_cli_takes_shards_by_rebalancing_and_serves_its_cards(
+    cluster, citus_ledger, citus_pool
+):
+    cards = [str((await issue(citus_ledger)).card.id) for _ in range(12)]
+    for card_id in cards:
+        await citus_ledger.create_transaction(
+            card_id, operation="Credit", value=Decimal(9), description="", request_id="c"
+        )
+    new = await asyncio.to_thread(cluster.start_another_worker)
+    code, out, err = await giftcard(
+        {"GIFTCARD_DATABASE_URL": cluster.url()}, "db", "add-worker", "127.0.0.1", "--port", str(new.port)
+    )
+    assert code == 0 and f"127.0.0.1:{new.port} added" in out, (out, err)
+    admin = await asyncpg.connect(cluster.url())
+    try:
+        await admin.execute("set statement_timeout = 0")  # a rebalance outlasts any request's statement
+        await admin.execute("select citus_rebalance_start()")
+        await admin.execute("select citus_rebalance_wait()", timeout=300)
+    finally:
+        await admin.close()
+    held = await citus_pool.fetchval(
+        "select count(*) from citus_shards where table_name = 'events'::regclass and nodeport = $1", new.port
+    )
+    assert held > 0, "the rebalance moved no shard to the new worker"
+    moved = [c for c in cards if (await shard_of(citus_pool, c))[1] == new.port]
+    assert moved, "none of the twelve cards moved: their shards all stayed"
+    fresh = Ledger(EventStore(citus_pool), code_key=b"k" * 32)
+    for card_id in moved:
+        await fresh.create_transaction(card_id, operation=DEBIT, value=Decimal(4), description="", request_id="after")
+        assert (await fresh.card(card_id)).balance == 500

@@ -1,5 +1,6 @@
 """docker-compose.yml is a valid Compose file, and refuses to start without its secrets; its
-profile ``ha`` (Patroni, docs/patroni.md) is valid too and points the hub at both nodes."""
+profile ``ha`` (Patroni, docs/patroni.md) is valid too and points the hub at both nodes; the profile
+``citus`` registers two workers with a coordinator and points its hub at the coordinator."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def test_compose_refuses_to_run_without_secrets():
     assert done.returncode != 0 and "POSTGRES_PASSWORD" in done.stderr
 
 
-def test_default_services_leave_the_ha_profile_out():
+def test_default_services_leave_the_ha_and_citus_profiles_out():
     """``up`` without a profile starts only the single-PostgreSQL stack (Compose v1 lists every
     service in ``config``, v2 only the enabled ones: either way, what is listed says its profile)."""
     done = config({"POSTGRES_PASSWORD": "pw", "GIFTCARD_SECRET_KEY": "secret"})
@@ -63,8 +64,8 @@ def test_default_services_leave_the_ha_profile_out():
     default = {"postgres", "hub", "projections"}
     assert default <= set(found)
     for name, block in found.items():
-        in_ha = re.search(r"^    profiles:\n    - ha$", block, re.M) is not None
-        assert in_ha == (name not in default), (name, block)
+        in_a_profile = re.search(r"^    profiles:\n    - (ha|citus)$", block, re.M) is not None
+        assert in_a_profile == (name not in default), (name, block)
 
 
 def test_ha_profile_is_valid_and_the_hub_names_both_patroni_nodes():
@@ -81,3 +82,23 @@ def test_ha_profile_is_valid_and_the_hub_names_both_patroni_nodes():
         assert setting(found[name], "PATRONI_POSTGRESQL_CONNECT_ADDRESS") == f"{name}:5432"
         assert "etcd:2379" in setting(found[name], "PATRONI_ETCD3_HOSTS")
     assert setting(found["hub"], "GIFTCARD_DATABASE_URL").endswith("@postgres:5432/giftcard")
+
+
+def test_citus_profile_registers_both_workers_and_the_hub_uses_the_coordinator():
+    done = config({"POSTGRES_PASSWORD": "pw", "GIFTCARD_SECRET_KEY": "secret"}, "citus")
+    assert done.returncode == 0, done.stderr
+    found = services(done)
+    assert {"citus-coordinator", "citus-worker1", "citus-worker2", "citus-setup", "hub-citus"} <= set(found)
+    for name in ("citus-coordinator", "citus-worker1", "citus-worker2"):
+        assert "image: citusdata/citus:" in found[name], found[name]
+        assert "wal_level=logical" in found[name]  # shard moves need logical replication
+    setup = found["citus-setup"]
+    for step in (
+        "add-worker citus-worker1 --coordinator-host citus-coordinator",
+        "add-worker citus-worker2",
+        "db upgrade",
+    ):
+        assert step in " ".join(setup.split()), setup
+    for name in ("citus-setup", "hub-citus"):
+        assert setting(found[name], "GIFTCARD_DATABASE_URL").endswith("@citus-coordinator:5432/giftcard")
+    assert "service_completed_successfully" in found["hub-citus"]
