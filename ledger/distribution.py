@@ -41,12 +41,17 @@ create or replace function append_event(
 declare
     appended bigint;
 begin
+    -- Two plain statements, not INSERT ... SELECT: Citus plans each as a local query on the shard,
+    -- where an INSERT ... SELECT would go through its distributed INSERT ... SELECT machinery.
+    if p_expected > 0 and not exists (
+        select 1 from events where stream_id = p_stream_id and version = p_expected and hash = p_previous_hash
+    ) then
+        return null;  -- the stream is not at p_expected with p_previous_hash
+    end if;
     insert into events (stream_id, version, type, data, metadata, hash, idempotency_key)
-    select p_stream_id, p_expected + 1, p_type, p_data, p_metadata, p_hash, p_idempotency_key
-    where p_expected = 0 or exists (
-        select 1 from events where stream_id = p_stream_id and version = p_expected and hash = p_previous_hash)
+    values (p_stream_id, p_expected + 1, p_type, p_data, p_metadata, p_hash, p_idempotency_key)
     returning position into appended;
-    return appended;  -- null: the stream is not at p_expected with p_previous_hash
+    return appended;
 end
 $$
 """
