@@ -19,9 +19,9 @@ from aiohttp import web
 
 from hub import audit_api, audit_pages, auth, bulk_api, openapi, read_api, read_pool, webhooks
 from hub.config import Settings
-from hub.directory import ProviderDirectory
-from hub.egress import EgressPolicy, GuardedResolver
 from hub.errors import error_middleware, error_response
+from hub.external.directory import ProviderDirectory
+from hub.external.egress import EgressPolicy, GuardedResolver
 from hub.hub_api import HubHandlers
 from hub.metrics import Metrics, make_metrics_middleware, metrics_handler
 from hub.native import NativeHandlers, Surface, json_response

@@ -20,7 +20,7 @@ import msgspec
 from aiohttp import web
 
 from hub.errors import ApiError
-from hub.external import ExternalProvider
+from hub.external.client import ExternalProvider
 from hub.native import Hrefs, NativeProvider, card_operation_routes, event_metadata, json_response, read_body
 from hub.paging import content_range, page_of, parse_rest_range
 from hub.public_address import public_base_url

@@ -86,7 +86,7 @@ async def forward(
     request_id: str | None = None,
     outcome: str = "ok",
 ) -> str:
-    """A ProviderCallForwarded event as hub/external.py records it; returns its stream."""
+    """A ProviderCallForwarded event as hub/external/client.py records it; returns its stream."""
     stream = f"forwarded-{uuid.uuid4()}"
     data = {
         "operation": operation,

@@ -28,7 +28,7 @@ from aiohttp import web
 
 from hub import auth
 from hub.config import Settings
-from hub.egress import EgressPolicy
+from hub.external.egress import EgressPolicy
 from hub.openapi import describe, route_path
 from hub.webhooks import add_commands, routes, run_deliveries, storage
 from hub.webhooks.delivery import DeliveryOptions

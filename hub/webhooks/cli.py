@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from hub.config import Settings
-from hub.egress import EgressPolicy
+from hub.external.egress import EgressPolicy
 from hub.webhooks import storage
 from hub.webhooks.api import render_dead_letter, render_subscription
 from hub.webhooks.delivery import Deliverer, DeliveryOptions, delivery_session, run_deliveries
