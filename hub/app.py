@@ -17,7 +17,7 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 
-from hub import audit_api, audit_pages, auth, bulk_api, openapi, read_api, read_pool, webhooks
+from hub import audit_api, auth, bulk_api, openapi, read_api, read_pool, webhooks
 from hub.config import Settings
 from hub.errors import error_middleware, error_response
 from hub.external.directory import ProviderDirectory
@@ -25,6 +25,7 @@ from hub.external.egress import EgressPolicy, GuardedResolver
 from hub.hub_api import HubHandlers
 from hub.metrics import Metrics, make_metrics_middleware, metrics_handler
 from hub.native import NativeHandlers, Surface, json_response
+from hub.pages import audit as audit_pages
 from hub.state import DIRECTORY, EGRESS, LEDGER, METRICS, POOL, READ_POOL, REGISTRY, SETTINGS, THROTTLE
 from hub.throttle import LookupThrottle
 from ledger.commands import Ledger, utc_now

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from hub import audit_pages, auth, openapi
+from hub import auth, openapi
+from hub.pages import audit as audit_pages
+from hub.pages.charts import value_ticks
 from hub.state import LEDGER
-from hub.svg_charts import value_ticks
 from ledger.domain.giftcard import CREDIT, DEBIT
 from ledger.money import to_major
 from projections.audit import audit_card, verify
@@ -44,7 +45,7 @@ from tests.png_pixels import count_near, rgb_pixels
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_TIMEOUT_S = 90.0
-SERIES_RGB = (0x25, 0x63, 0xEB)  # svg.chart .series stroke in hub/templates/audit.css
+SERIES_RGB = (0x25, 0x63, 0xEB)  # svg.chart .series stroke in hub/pages/templates/audit.css
 HOSTILE_CAPTION = "<script>alert('caption')</script>"
 HOSTILE_RELATION = '"><img src=x onerror=alert(1)>'
 HOSTILE_REQUEST_ID = "<b onmouseover=alert(2)>req</b>"
