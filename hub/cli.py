@@ -15,9 +15,10 @@ import asyncpg
 import msgspec
 from aiohttp import web
 
-from hub import auth, bulk_cli, demo, webhooks
+from hub import bulk_cli, demo, webhooks
 from hub.app import create_app
 from hub.config import Settings
+from hub.http import auth
 from hub.logs import JsonAccessLogger, configure_logging
 from ledger.database import resolve_database_url, with_database
 from ledger.migrate import grant_service_role_statements, upgrade

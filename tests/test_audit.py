@@ -10,8 +10,8 @@ from decimal import Decimal
 
 import pytest
 
-from hub import audit_api, openapi
-from hub.state import LEDGER
+from hub.http import audit_api, openapi
+from hub.http.state import LEDGER
 from ledger.codec import canonical_json
 from ledger.commands import Ledger
 from ledger.domain.snapshot import restore_snapshot, take_snapshot

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from hub import auth, openapi
+from hub.http import auth, openapi
+from hub.http.state import LEDGER
 from hub.pages import audit as audit_pages
 from hub.pages.charts import value_ticks
-from hub.state import LEDGER
 from ledger.domain.giftcard import CREDIT, DEBIT
 from ledger.money import to_major
 from projections.audit import audit_card, verify

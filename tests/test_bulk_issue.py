@@ -18,8 +18,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from hub import auth, bulk_api, openapi
-from hub.state import LEDGER
+from hub.http import auth, bulk_api, openapi
+from hub.http.state import LEDGER
 from ledger import codes_file
 from ledger.bulk_issue import (
     BatchBusy,

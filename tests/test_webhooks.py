@@ -26,11 +26,12 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from hub import auth
 from hub.config import Settings
 from hub.external.egress import EgressPolicy
-from hub.openapi import describe, route_path
-from hub.webhooks import add_commands, routes, run_deliveries, storage
+from hub.http import auth
+from hub.http.openapi import describe, route_path
+from hub.http.webhooks_api import routes
+from hub.webhooks import add_commands, run_deliveries, storage
 from hub.webhooks.delivery import DeliveryOptions
 from hub.webhooks.events import render
 from hub.webhooks.signing import (

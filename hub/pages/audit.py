@@ -7,7 +7,7 @@
 - ``GET /audit/cards?card=ID``: where the overview's "open a card" form lands (a redirect).
 
 A browser cannot send the ``X-VTEX-API`` headers: these pages take the same hub-consumer pairs as
-HTTP Basic credentials, with the ``view`` role (``hub.auth``). Wire them in with
+HTTP Basic credentials, with the ``view`` role (``hub.http.auth``). Wire them in with
 ``app.router.add_routes(hub.pages.audit.routes())``.
 
 The HTML is in ``hub/pages/templates`` (``overview.html.j2``, ``card.html.j2``, ``error.html.j2`` on
@@ -22,12 +22,12 @@ from urllib.parse import quote
 from aiohttp import web
 
 from hub.errors import status_of
+from hub.http.read_api import instant_param
+from hub.http.read_pool import lag_of, read_pool
+from hub.http.state import LEDGER, SETTINGS
 from hub.pages.card import card_page_context
 from hub.pages.charts import ChartPoint, LineChart, line_chart
 from hub.pages.rendering import amount_text, decimal_text, html_response
-from hub.read_api import instant_param
-from hub.read_pool import lag_of, read_pool
-from hub.state import LEDGER, SETTINGS
 from ledger.commands import parse_card_id
 from ledger.domain.errors import DomainError
 from ledger.store import EventStore

@@ -16,8 +16,8 @@ import asyncpg
 
 from hub.config import Settings
 from hub.external.egress import EgressPolicy
+from hub.http.webhooks_api import render_dead_letter, render_subscription
 from hub.webhooks import storage
-from hub.webhooks.api import render_dead_letter, render_subscription
 from hub.webhooks.delivery import Deliverer, DeliveryOptions, delivery_session, run_deliveries
 from hub.webhooks.events import EVENT_TYPES
 from hub.webhooks.subscriptions import create_subscription

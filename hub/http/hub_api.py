@@ -21,10 +21,10 @@ from aiohttp import web
 
 from hub.errors import ApiError
 from hub.external.client import ExternalProvider
-from hub.native import Hrefs, NativeProvider, card_operation_routes, event_metadata, json_response, read_body
-from hub.paging import content_range, page_of, parse_rest_range
+from hub.http.native import Hrefs, NativeProvider, card_operation_routes, event_metadata, json_response, read_body
+from hub.http.paging import content_range, page_of, parse_rest_range
+from hub.http.state import DIRECTORY, EGRESS, LEDGER, REGISTRY, SETTINGS, THROTTLE
 from hub.public_address import public_base_url
-from hub.state import DIRECTORY, EGRESS, LEDGER, REGISTRY, SETTINGS, THROTTLE
 from hub.wire import CreateCardRequest, CreateTransactionRequest, OperationRequest, SearchRequest, decode, encode
 from ledger.domain import errors
 from ledger.domain.errors import InvalidRequest
