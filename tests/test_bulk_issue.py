@@ -255,7 +255,7 @@ async def test_refusals_write_nothing(issuer, defaults, pool, tmp_path):
 
 async def run_cli(database_url: str, output: Path, *extra: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "hub.bulk_cli", "cards", "issue", "--count", "2000", "--value", "12.50",
+        sys.executable, "-m", "hub.cli", "cards", "issue", "--count", "2000", "--value", "12.50",
         "--currency", "EUR", "--batch-id", "killed", "--output", str(output), *extra,
         cwd=ROOT, env={**os.environ, "GIFTCARD_DATABASE_URL": database_url},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,

@@ -26,12 +26,13 @@ import asyncpg
 import pytest
 from aiohttp import web
 
+from hub.cli.webhooks import add_commands
 from hub.config import Settings
 from hub.external.egress import EgressPolicy
 from hub.http import auth
 from hub.http.openapi import describe, route_path
 from hub.http.webhooks_api import routes
-from hub.webhooks import add_commands, run_deliveries, storage
+from hub.webhooks import run_deliveries, storage
 from hub.webhooks.delivery import DeliveryOptions
 from hub.webhooks.events import render
 from hub.webhooks.signing import (

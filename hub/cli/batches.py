@@ -1,9 +1,8 @@
 """``giftcard cards issue``: a batch of native cards, their redemption codes written once, to a file.
 
-``hub/cli.py`` adds it with one call to ``add_commands``; ``python -m hub.bulk_cli cards issue ...``
-runs it on its own. The batch id is printed first: an interrupted run (Ctrl-C, a crash, a lost
-connection) is finished by running the same command with ``--batch-id``, which issues only the
-missing cards and never one twice (see ``ledger.bulk_issue`` for why no code can be lost).
+Thin calls into ``ledger.bulk_issue``, which does the work. The batch id is printed first: an
+interrupted run (Ctrl-C, a crash, a lost connection) is finished by running the same command with
+``--batch-id``, which issues only the missing cards and never one twice (see ``ledger.bulk_issue`` for why no code can be lost).
 
 Exit codes: 0 every card of the batch exists and its code is in the output; 1 some cards exist
 whose codes are not in this output (listed: the file of an earlier run holds them, or they are
@@ -26,7 +25,6 @@ import asyncpg
 from tqdm import tqdm
 
 from hub.config import Settings
-from hub.logs import configure_logging
 from ledger.bulk_issue import (
     BATCH_CARDS_MAX,
     CHUNK_CARDS_DEFAULT,
@@ -246,15 +244,3 @@ def _user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):  # a container's user may have no name
         return "unknown"
-
-
-def main(argv: list[str] | None = None) -> int:
-    configure_logging()
-    parser = argparse.ArgumentParser(prog="giftcard", description="bulk issuance of native gift cards")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """``giftcard webhooks add | list | remove | replay | dead-letters | run``.
 
-``hub/cli.py`` adds these with one call to ``add_commands``.
+Thin calls into ``hub.webhooks`` (storage, subscriptions, the deliverer).
 """
 
 from __future__ import annotations
