@@ -34,6 +34,7 @@ from typing import Any
 import asyncpg
 
 from bench.event_store_appends import create_bench_database, database_server, drop_database
+from bench.report import write_json
 from ledger.codec import new_mapper
 from ledger.database import create_pool
 from ledger.domain.giftcard import GiftCard
@@ -337,9 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     if not figures["verify"]["ok"]:
         print(f"warning: verify reported {figures['verify']['failures']} failure(s)")
     print(table(figures))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    write_json(args.json, figures)
     return 0
 
 
