@@ -19,7 +19,7 @@ import contextlib
 import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,10 +27,10 @@ import asyncpg
 import msgspec
 from tqdm import tqdm
 
+from hub.cli import arguments
 from hub.config import native_provider_id_from_env
 from ledger.database import with_database
-from ledger.domain.errors import CardNotFound, DomainError
-from ledger.money import exponent_of
+from ledger.domain.errors import CardNotFound
 from ledger.replication import configured_replica_url, with_read_database
 from ledger.store import EventStore
 from projections.audit import (
@@ -79,18 +79,15 @@ def _add_audit(commands: argparse._SubParsersAction) -> None:
 
     card = sub.add_parser("card", help="a card's events replayed, with the balance after each, and its state")
     card.add_argument("card_id")
-    card.add_argument("--as-of", type=parse_instant, help="ISO 8601 instant (naive: UTC) to show the card's state at")
+    card.add_argument(
+        "--as-of", type=arguments.instant, help="ISO 8601 instant (naive: UTC) to show the card's state at"
+    )
     card.add_argument("--json", action="store_true", help="the JSON document GET /api/audit/cards/{id} answers")
     card.set_defaults(run=lambda args: audit_card_command(args, native_provider_id_from_env()))
 
     check = sub.add_parser("verify", help="hash chains, invariants and read models; exit 1 naming every failure")
     check.add_argument("--json", action="store_true", help="one JSON report instead of lines")
-    check.add_argument(
-        "--batch-events-max",
-        type=positive_int,
-        default=VERIFY_BATCH_EVENTS,
-        help=f"events per cursor fetch (default {VERIFY_BATCH_EVENTS})",
-    )
+    arguments.add_batch_size(check, "--batch-events-max", VERIFY_BATCH_EVENTS, "events per cursor fetch")
     check.set_defaults(run=lambda args: verify_command(args, native_provider_id_from_env()))
 
 
@@ -101,58 +98,21 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
     transactions = sub.add_parser("transactions", help="one row per transaction, settlement and cancellation")
     transactions.add_argument("--format", choices=FORMATS, required=True)
     transactions.add_argument("--output", type=Path, required=True, help="the file to write")
-    transactions.add_argument("--since", type=parse_instant, help="effective date from (inclusive), ISO 8601")
-    transactions.add_argument("--until", type=parse_instant, help="effective date up to (exclusive), ISO 8601")
+    transactions.add_argument("--since", type=arguments.instant, help="effective date from (inclusive), ISO 8601")
+    transactions.add_argument("--until", type=arguments.instant, help="effective date up to (exclusive), ISO 8601")
     transactions.add_argument("--provider", help="only this provider's rows (the native one's id, or an external)")
-    transactions.add_argument("--currency", type=parse_currency, help="only rows in this currency (native cards)")
+    transactions.add_argument("--currency", type=arguments.currency, help="only rows in this currency (native cards)")
     transactions.add_argument("--json", action="store_true", help="print the summary (rows, totals) as JSON")
-    transactions.add_argument(
-        "--batch-rows",
-        type=positive_int,
-        default=EXPORT_BATCH_ROWS,
-        help=f"events per cursor fetch and Parquet row group (default {EXPORT_BATCH_ROWS})",
-    )
+    what = "events per cursor fetch and Parquet row group"
+    arguments.add_batch_size(transactions, "--batch-rows", EXPORT_BATCH_ROWS, what)
     transactions.set_defaults(run=lambda args: export_transactions_command(args, native_provider_id_from_env()))
 
     liabilities = sub.add_parser("liabilities", help="outstanding balance per card, total per currency")
-    liabilities.add_argument("--as-of", type=parse_day, required=True, help="a date (UTC): balances at its end")
+    liabilities.add_argument("--as-of", type=arguments.day, required=True, help="a date (UTC): balances at its end")
     liabilities.add_argument("--output", type=Path, help="also write one row per card with a balance to this file")
     liabilities.add_argument("--format", choices=LIABILITY_FORMATS, default="csv", help="of --output (default csv)")
     liabilities.add_argument("--json", action="store_true", help="print the totals as JSON")
     liabilities.set_defaults(run=export_liabilities_command)
-
-
-# ---- argument types ----------------------------------------------------------------------------
-
-
-def parse_instant(value: str) -> datetime:
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 instant: {value!r}") from None
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
-
-
-def parse_day(value: str) -> date:
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a date like 2026-01-31: {value!r}") from None
-
-
-def parse_currency(value: str) -> str:
-    try:
-        exponent_of(value)
-    except DomainError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return value
-
-
-def positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
 
 
 # ---- audit ---------------------------------------------------------------------------------------

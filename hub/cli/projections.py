@@ -19,6 +19,7 @@ from typing import TypeVar
 import asyncpg
 from tqdm import tqdm
 
+from hub.cli import arguments
 from hub.config import native_provider_id_from_env
 from ledger.database import create_pool, with_database
 from ledger.migrate import upgrade
@@ -58,12 +59,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _batch_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--batch-events-max",
-        type=int,
-        default=BATCH_EVENTS_MAX,
-        help=f"events per transaction (default {BATCH_EVENTS_MAX})",
-    )
+    arguments.add_batch_size(parser, "--batch-events-max", BATCH_EVENTS_MAX, "events per transaction")
 
 
 # ---- commands ------------------------------------------------------------------------------
