@@ -312,24 +312,7 @@ async def test_a_cli_run_killed_twice_finishes_with_every_card_once_and_every_co
 
 
 @pytest.fixture
-def bulk_routes_wired(monkeypatch):
-    """create_app with the batch route, whether or not hub/app.py wires it in yet (before start_service
-    imports create_app)."""
-    import hub.app
-
-    create_app = hub.app.create_app
-
-    def with_bulk_routes(*args, **kwargs):
-        app = create_app(*args, **kwargs)
-        if not any(r.method == "POST" and openapi.route_path(r) == bulk_api.ROUTE for r in app.router.routes()):
-            app.router.add_routes(bulk_api.routes())
-        return app
-
-    monkeypatch.setattr(hub.app, "create_app", with_bulk_routes)
-
-
-@pytest.fixture
-async def bulk_service(bulk_routes_wired, start_service):
+async def bulk_service(start_service):
     return await start_service(run_projections=False)
 
 
