@@ -78,7 +78,7 @@ def render_native_provider(request: web.Request) -> dict[str, Any]:
     native_id = request.app[SETTINGS].native_provider_id
     return {
         "id": native_id,
-        "serviceUrl": f"{public_base_url(request, request.app[SETTINGS])}/native",
+        "serviceUrl": f"{_public_base_url(request)}/native",
         "oauthProvider": "vtex",
         "caption": "Gift card",
         "preAuthEnabled": True,
@@ -421,3 +421,8 @@ class HubHandlers:
             web.delete(provider, self.delete_provider),
             *card_operation_routes(f"{provider}/giftcards", self),
         ]
+
+
+def _public_base_url(request: web.Request) -> str:
+    settings = request.app[SETTINGS]
+    return public_base_url(request, settings.public_url, settings.trusted_proxies)
