@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import shlex
@@ -36,6 +35,7 @@ from typing import Any
 import asyncpg
 
 from bench.event_store_appends import database_server
+from bench.report import write_json
 from ledger.bulk_issue import CHUNK_CARDS_DEFAULT, BatchDefaults, BatchRequest, BulkIssuer
 from ledger.commands import IssueCard, Ledger
 from ledger.database import create_pool, database_named
@@ -198,9 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     with database_server(args.database_url or os.environ.get("GIFTCARD_DATABASE_URL")) as server_url:
         result = asyncio.run(run(server_url, args))
     print_result(result)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     return 0
 
 

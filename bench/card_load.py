@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.event_store_appends import create_bench_database, database_server, drop_database
+from bench.report import write_json
 from ledger.commands import IssueCard, Ledger
 from ledger.database import create_pool
 from ledger.store import EventStore
@@ -101,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{figures['snapshot_load_ms_max']:.1f}), full replay {figures['full_replay_ms_median']:.1f} ms "
         f"({figures['speedup']:g}x slower)"
     )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    write_json(args.json, figures)
     return 0
 
 

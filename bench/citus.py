@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import statistics
 import sys
 import tempfile
@@ -52,6 +53,7 @@ def one_server() -> Iterator[str]:
         yield node.url(DATABASE)
     finally:
         node.stop("immediate")
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextmanager
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = parse_args(argv)
     credentials = Credentials("bench-key", "bench-token")
-    work = Path(tempfile.mkdtemp(prefix="giftcard-bench-citus-"))
+    work = Path(tempfile.mkdtemp(prefix="giftcard-bench-citus-"))  # wrk scripts and server logs, kept for reading
     rounds: dict[str, list[dict]] = {"one": [], "citus": []}
     for n in range(1, args.rounds + 1):
         print(f"round {n} ({CARDS} cards, {CONNECTIONS} connections, {args.seconds:g} s)")

@@ -42,6 +42,7 @@ import asyncpg
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 
+from bench.report import write_json
 from ledger.codec import MsgspecTranscoder
 from ledger.database import EmbeddedPostgres, create_pool, database_named
 from ledger.migrate import upgrade
@@ -534,9 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'met' if met['ours_vs_raw_met'] else 'MISSED'}; ours/eventsourcing >= {TARGET_VS_ES:g}x "
         f"{'met' if met['ours_vs_eventsourcing_met'] else 'MISSED'}"
     )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    write_json(args.json, figures)
     return 0
 
 

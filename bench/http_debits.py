@@ -51,6 +51,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
+from bench.report import write_json
 from ledger.database import database_named
 
 CARDS = 1_000
@@ -1008,9 +1009,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_hub_targets(figures["hub_targets"]))
     if any(c.non_2xx or c.socket_errors for c in cells):
         print("WARNING: some requests failed (non-2xx or socket errors): the figures above are not clean")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    write_json(args.json, figures)
     return 0
 
 

@@ -8,8 +8,8 @@ chains and all), a chunk of cards per statement. Then, on that ledger:
 - catch-up: all three read models from zero with one ``ProjectionRunner``, as a service catches up,
   timed until every one has the last event (events/s of the ledger); then each alone, from zero
   with a runner of its own;
-- verify: ``python -m projections.finance_cli audit verify --json`` as a subprocess (events/s);
-- export: ``python -m projections.finance_cli export transactions --format csv`` as a subprocess
+- verify: ``python -m hub.cli audit verify --json`` as a subprocess (events/s);
+- export: ``python -m hub.cli export transactions --format csv`` as a subprocess
   (rows/s, and its peak resident set from ``getrusage(RUSAGE_CHILDREN).ru_maxrss``).
 
     python -m bench.projections_perf [--events 1000000 | --quick] [--database-url URL] [--json FILE]
@@ -34,6 +34,7 @@ from typing import Any
 import asyncpg
 
 from bench.event_store_appends import create_bench_database, database_server, drop_database
+from bench.report import write_json
 from ledger.codec import new_mapper
 from ledger.database import create_pool
 from ledger.domain.giftcard import GiftCard
@@ -189,14 +190,12 @@ async def catch_up(pool: asyncpg.Pool, events: int, batch_events_max: int | None
 
 
 def cli(url: str, *args: str) -> tuple[float, int, str, int]:
-    """Seconds, peak RSS in KiB, stdout and exit code of ``python -m projections.finance_cli ARGS``
+    """Seconds, peak RSS in KiB, stdout and exit code of ``python -m hub.cli ARGS``
     (the RSS from ``wait4``: this child's own, not the largest of every child so far)."""
     env = {**os.environ, "GIFTCARD_DATABASE_URL": url, "GIFTCARD_NATIVE_PROVIDER_ID": NATIVE}
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         started = time.perf_counter()
-        child = subprocess.Popen(
-            [sys.executable, "-m", "projections.finance_cli", *args], env=env, stdout=out, stderr=err
-        )
+        child = subprocess.Popen([sys.executable, "-m", "hub.cli", *args], env=env, stdout=out, stderr=err)
         _, status, usage = os.wait4(child.pid, 0)
         seconds = time.perf_counter() - started
         child.returncode = os.waitstatus_to_exitcode(status)
@@ -339,9 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     if not figures["verify"]["ok"]:
         print(f"warning: verify reported {figures['verify']['failures']} failure(s)")
     print(table(figures))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    write_json(args.json, figures)
     return 0
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from bench import card_load, event_store_appends, http_debits
 from bench.event_store_appends import database_server
+from bench.report import write_json
 
 
 def appends_args(quick: bool, database_url: str | None) -> list[str]:
@@ -153,9 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     table = rows(figures)
     figures["table"] = [dict(zip(("measure", "baseline", "ours", "ratio"), row, strict=True)) for row in table]
     print(render(table, figures))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    write_json(args.json, figures)
     return 0
 
 

@@ -17,16 +17,18 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 
-from hub import audit_api, audit_pages, auth, bulk_api, openapi, read_api, read_pool, webhooks
+from hub import webhooks
 from hub.config import Settings
-from hub.directory import ProviderDirectory
-from hub.egress import EgressPolicy, GuardedResolver
 from hub.errors import error_middleware, error_response
-from hub.hub_api import HubHandlers
+from hub.external.directory import ProviderDirectory
+from hub.external.egress import EgressPolicy, GuardedResolver
+from hub.http import audit_api, auth, bulk_api, openapi, read_api, read_pool, webhooks_api
+from hub.http.hub_api import HubHandlers
+from hub.http.native import NativeHandlers, Surface, json_response
+from hub.http.state import DIRECTORY, EGRESS, LEDGER, METRICS, POOL, READ_POOL, REGISTRY, SETTINGS, THROTTLE
+from hub.http.throttle import LookupThrottle
 from hub.metrics import Metrics, make_metrics_middleware, metrics_handler
-from hub.native import NativeHandlers, Surface, json_response
-from hub.state import DIRECTORY, EGRESS, LEDGER, METRICS, POOL, READ_POOL, REGISTRY, SETTINGS, THROTTLE
-from hub.throttle import LookupThrottle
+from hub.pages import audit as audit_pages
 from ledger.commands import Ledger, utc_now
 from ledger.credentials_cipher import CredentialsCipher
 from ledger.database import create_pool
@@ -238,7 +240,7 @@ def create_app(
     app.router.add_routes(HubHandlers().routes())
     openapi.add_routes(app)
     app.router.add_routes(read_api.routes())
-    app.router.add_routes(webhooks.routes())
+    app.router.add_routes(webhooks_api.routes())
     app.router.add_routes(audit_api.routes())
     app.router.add_routes(audit_pages.routes())
     app.router.add_routes(bulk_api.routes())

@@ -101,3 +101,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         }
         values.update(overrides)
         return cls(**values)
+
+
+def native_provider_id_from_env() -> str:
+    """The native provider's id, read when a command runs (not when the parser is built, so that
+    ``giftcard --help`` works whatever the environment holds)."""
+    return Settings.from_env().native_provider_id

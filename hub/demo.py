@@ -17,7 +17,7 @@ from decimal import Decimal
 import asyncpg
 from tqdm import tqdm
 
-from hub import auth
+from hub.http import auth
 from ledger.commands import IssueCard, Ledger
 from ledger.credentials_cipher import CredentialsCipher
 from ledger.domain.errors import DomainError

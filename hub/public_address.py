@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from aiohttp import web
-
-if TYPE_CHECKING:
-    from hub.config import Settings
 
 _HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9-]{1,63}|\[[0-9A-Fa-f:.]+\]")
 _PORT_MAX = 65535
@@ -62,11 +58,12 @@ def is_host(value: str) -> bool:
     return bool(_HOST.fullmatch(host))
 
 
-def public_base_url(request: web.Request, settings: Settings) -> str:
-    """Where this service is reached from outside, without a trailing slash."""
-    if settings.public_url:
-        return settings.public_url.rstrip("/")
-    forwarded = forwarded_base_url(request, settings.trusted_proxies)
+def public_base_url(request: web.Request, public_url: str | None, trusted_proxies: tuple[str, ...]) -> str:
+    """Where this service is reached from outside, without a trailing slash: ``public_url`` when the
+    operator set it, else what a trusted proxy forwarded, else the connection's own address."""
+    if public_url:
+        return public_url.rstrip("/")
+    forwarded = forwarded_base_url(request, trusted_proxies)
     return forwarded or connection_base_url(request)
 
 

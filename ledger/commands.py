@@ -164,25 +164,18 @@ class Ledger:
         transaction_id = uuid.uuid4().hex
 
         def decide(card: GiftCard) -> Transaction:
-            minor = to_minor(value, card.currency)
+            # A Credit and a Debit record the same fields; only a Debit asks who redeems.
+            fields = {
+                "transaction_id": transaction_id,
+                "value": to_minor(value, card.currency),
+                "description": description,
+                "request_id": request_id,
+                "order_info": order_info,
+                "now": self.clock(),
+            }
             if operation == CREDIT:
-                return card.credit(
-                    transaction_id=transaction_id,
-                    value=minor,
-                    description=description,
-                    request_id=request_id,
-                    order_info=order_info,
-                    now=self.clock(),
-                )
-            return card.debit(
-                transaction_id=transaction_id,
-                value=minor,
-                description=description,
-                request_id=request_id,
-                order_info=order_info,
-                client=client,
-                now=self.clock(),
-            )
+                return card.credit(**fields)
+            return card.debit(**fields, client=client)
 
         return await self._execute(card_id, decide, transaction_key(request_id), metadata)
 

@@ -2,7 +2,7 @@
 
 Native card events are the GiftCard aggregate's (stored ``type`` is the eventsourcing
 topic, ``data`` its JSON state, amounts already in minor units). Calls the hub forwards
-to external providers are ``ProviderCallForwarded`` events (written by hub/external.py)
+to external providers are ``ProviderCallForwarded`` events (written by hub/external/client.py)
 whose ``value`` is a decimal string in major units of a currency the hub never learns.
 """
 
@@ -26,7 +26,7 @@ SETTLED = get_topic(GiftCard.Settled)
 CANCELLED = get_topic(GiftCard.Cancelled)
 # An expired hold voided by the ledger: the same fields as a cancellation that only releases.
 VOIDED = get_topic(GiftCard.Voided)
-FORWARDED = "ProviderCallForwarded"  # hub/external.py FORWARDED; projections do not import the hub
+FORWARDED = "ProviderCallForwarded"  # hub/external/client.py FORWARDED; projections do not import the hub
 
 OPERATION_OF = {CREDITED: CREDIT, DEBITED: DEBIT}
 

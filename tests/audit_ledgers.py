@@ -86,7 +86,7 @@ async def forward(
     request_id: str | None = None,
     outcome: str = "ok",
 ) -> str:
-    """A ProviderCallForwarded event as hub/external.py records it; returns its stream."""
+    """A ProviderCallForwarded event as hub/external/client.py records it; returns its stream."""
     stream = f"forwarded-{uuid.uuid4()}"
     data = {
         "operation": operation,
@@ -186,11 +186,12 @@ async def as_owner_bypassing_immutability(pool: asyncpg.Pool, sql: str, *args: o
 
 
 async def finance_cli(database_url: str, *args: str) -> tuple[int, str, str]:
-    """``python -m projections.finance_cli ARGS`` against the test database: (exit code, stdout, stderr)."""
+    """``python -m hub.cli ARGS`` (the ``audit`` and ``export`` commands) against the test database:
+    (exit code, stdout, stderr)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "projections.finance_cli",
+        "hub.cli",
         *args,
         env={**os.environ, "GIFTCARD_DATABASE_URL": database_url, "GIFTCARD_NATIVE_PROVIDER_ID": NATIVE},
         stdout=asyncio.subprocess.PIPE,

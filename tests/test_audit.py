@@ -10,8 +10,8 @@ from decimal import Decimal
 
 import pytest
 
-from hub import audit_api, openapi
-from hub.state import LEDGER
+from hub.http import openapi
+from hub.http.state import LEDGER
 from ledger.codec import canonical_json
 from ledger.commands import Ledger
 from ledger.domain.snapshot import restore_snapshot, take_snapshot
@@ -84,25 +84,7 @@ async def test_audit_card_on_the_command_line(ledger, clock, database_url):
 
 
 @pytest.fixture
-def audit_routes_wired(monkeypatch):
-    """create_app with the audit routes, whether or not hub/app.py wires them in yet (before start_service
-    imports create_app)."""
-    import hub.app
-
-    create_app = hub.app.create_app
-
-    def with_audit_routes(*args, **kwargs):
-        app = create_app(*args, **kwargs)
-        wired = any(r.method == "GET" and openapi.route_path(r) == AUDIT_ROUTE for r in app.router.routes())
-        if not wired:
-            app.router.add_routes(audit_api.routes())
-        return app
-
-    monkeypatch.setattr(hub.app, "create_app", with_audit_routes)
-
-
-@pytest.fixture
-async def audit_service(audit_routes_wired, start_service):
+async def audit_service(start_service):
     return await start_service()
 
 

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from hub import audit_pages, auth, openapi
-from hub.state import LEDGER
-from hub.svg_charts import value_ticks
+from hub.http import auth, openapi
+from hub.http.state import LEDGER
+from hub.pages import audit as audit_pages
+from hub.pages.charts import value_ticks
 from ledger.domain.giftcard import CREDIT, DEBIT
 from ledger.money import to_major
 from projections.audit import audit_card, verify
@@ -44,30 +45,14 @@ from tests.png_pixels import count_near, rgb_pixels
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_TIMEOUT_S = 90.0
-SERIES_RGB = (0x25, 0x63, 0xEB)  # svg.chart .series stroke in hub/templates/audit.css
+SERIES_RGB = (0x25, 0x63, 0xEB)  # svg.chart .series stroke in hub/pages/templates/audit.css
 HOSTILE_CAPTION = "<script>alert('caption')</script>"
 HOSTILE_RELATION = '"><img src=x onerror=alert(1)>'
 HOSTILE_REQUEST_ID = "<b onmouseover=alert(2)>req</b>"
 
 
 @pytest.fixture
-def audit_pages_wired(monkeypatch):
-    """create_app with the audit pages, whether or not hub/app.py wires them in yet."""
-    import hub.app
-
-    create_app = hub.app.create_app
-
-    def with_pages(*args, **kwargs):
-        app = create_app(*args, **kwargs)
-        if not any(openapi.route_path(r) == "/audit" for r in app.router.routes()):
-            app.router.add_routes(audit_pages.routes())
-        return app
-
-    monkeypatch.setattr(hub.app, "create_app", with_pages)
-
-
-@pytest.fixture
-async def pages(audit_pages_wired, start_service):
+async def pages(start_service):
     return await start_service()
 
 
@@ -113,7 +98,7 @@ def exact(text: str) -> Decimal:
 # ---- who may look ---------------------------------------------------------------------------------
 
 
-async def test_pages_take_basic_credentials_with_the_view_role(audit_pages_wired, start_service, pool):
+async def test_pages_take_basic_credentials_with_the_view_role(start_service, pool):
     view_key, view_token = await auth.create_key(pool, auth.HUB, (auth.VIEW,))
     edit_key, edit_token = await auth.create_key(pool, auth.HUB, (auth.EDIT,))
     provider_key, provider_token = await auth.create_key(pool, auth.PROVIDER, (auth.VIEW,))

@@ -18,8 +18,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from hub import auth, bulk_api, openapi
-from hub.state import LEDGER
+from hub.http import auth, bulk_api, openapi
+from hub.http.state import LEDGER
 from ledger import codes_file
 from ledger.bulk_issue import (
     BatchBusy,
@@ -255,7 +255,7 @@ async def test_refusals_write_nothing(issuer, defaults, pool, tmp_path):
 
 async def run_cli(database_url: str, output: Path, *extra: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "hub.bulk_cli", "cards", "issue", "--count", "2000", "--value", "12.50",
+        sys.executable, "-m", "hub.cli", "cards", "issue", "--count", "2000", "--value", "12.50",
         "--currency", "EUR", "--batch-id", "killed", "--output", str(output), *extra,
         cwd=ROOT, env={**os.environ, "GIFTCARD_DATABASE_URL": database_url},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -312,24 +312,7 @@ async def test_a_cli_run_killed_twice_finishes_with_every_card_once_and_every_co
 
 
 @pytest.fixture
-def bulk_routes_wired(monkeypatch):
-    """create_app with the batch route, whether or not hub/app.py wires it in yet (before start_service
-    imports create_app)."""
-    import hub.app
-
-    create_app = hub.app.create_app
-
-    def with_bulk_routes(*args, **kwargs):
-        app = create_app(*args, **kwargs)
-        if not any(r.method == "POST" and openapi.route_path(r) == bulk_api.ROUTE for r in app.router.routes()):
-            app.router.add_routes(bulk_api.routes())
-        return app
-
-    monkeypatch.setattr(hub.app, "create_app", with_bulk_routes)
-
-
-@pytest.fixture
-async def bulk_service(bulk_routes_wired, start_service):
+async def bulk_service(start_service):
     return await start_service(run_projections=False)
 
 

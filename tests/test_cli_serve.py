@@ -12,7 +12,7 @@ import sys
 import aiohttp
 import pytest
 
-from hub.cli import PROJECTION_RUNNER_NICENESS
+from hub.cli.serve import PROJECTION_RUNNER_NICENESS
 from tests.conftest import HUB_KEY, HUB_TOKEN
 
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hub import auth
+from hub.http import auth
 from tests.conftest import TEST_SECRET_KEY
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -197,7 +197,7 @@ async def test_a_progress_bar_on_a_terminal(pool, clock, database_url, tmp_path)
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "projections.finance_cli",
+            "hub.cli",
             "export",
             "transactions",
             "--format",

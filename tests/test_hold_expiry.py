@@ -164,6 +164,6 @@ async def test_hub_cancellation_after_a_void_posts_only_what_remains(start_servi
 
 
 def _ledger_key():
-    from hub.state import LEDGER
+    from hub.http.state import LEDGER
 
     return LEDGER

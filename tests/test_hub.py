@@ -85,7 +85,7 @@ async def test_credentials_are_refused_without_a_secret_key(start_service, pool)
 
     service = await start_service()
     service.app  # noqa: B018 (the started app; replace its cipher with one that has no key)
-    from hub.state import REGISTRY
+    from hub.http.state import REGISTRY
 
     service.app[REGISTRY].cipher = CredentialsCipher(None)
     async with start_reference_provider() as provider:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import aiohttp
 
-from hub.openapi import build_document, describe, route_path
+from hub.http.openapi import build_document, describe, route_path
 
 
 async def fetch(service, path: str) -> tuple[int, bytes, str]:

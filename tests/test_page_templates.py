@@ -1,4 +1,4 @@
-"""The auditor's pages' templates (hub/templates, hub/rendering.py): every one autoescapes, a variable a
+"""The auditor's pages' templates (hub/pages/templates, hub/pages/rendering.py): every one autoescapes, a variable a
 template names but was not given is an error, and data stays text in element content and attributes alike."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import jinja2
 import pytest
 
-from hub import rendering
-from hub.svg_charts import ChartPoint, line_chart
+from hub.pages import rendering
+from hub.pages.charts import ChartPoint, line_chart
 from tests import page_dom
 
 HOSTILE = "\"'><script>alert(1)</script><img src=x onerror=alert(2)>"

@@ -22,7 +22,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from hub.read_pool import LAG_BYTES_HEADER, LAG_SECONDS_HEADER
+from hub.http.read_pool import LAG_BYTES_HEADER, LAG_SECONDS_HEADER
 from ledger.commands import Ledger
 from ledger.migrate import upgrade
 from ledger.replication import replica_lag

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import aiohttp
 
-from hub import auth
+from hub.http import auth
 
 ROOT = Path(__file__).resolve().parents[1]
 CARD = "/api/giftcards/00000000-0000-0000-0000-000000000000"

@@ -26,11 +26,12 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from hub import auth
+from hub.cli.webhooks import add_commands
 from hub.config import Settings
-from hub.egress import EgressPolicy
-from hub.openapi import describe, route_path
-from hub.webhooks import add_commands, routes, run_deliveries, storage
+from hub.external.egress import EgressPolicy
+from hub.http import auth
+from hub.http.openapi import describe, route_path
+from hub.webhooks import run_deliveries, storage
 from hub.webhooks.delivery import DeliveryOptions
 from hub.webhooks.events import render
 from hub.webhooks.signing import (
@@ -500,14 +501,8 @@ async def test_subscriptions_refuse_bad_input_and_need_a_secret_key(pool):
 
 
 @pytest.fixture
-async def api(start_service, monkeypatch):
-    """The service with /api/webhooks: wired in by hub/app.py, or added here while it is not yet."""
-    import hub.app
-
-    probe = hub.app.create_app(Settings(), "postgresql://unused")  # connects only when started
-    if not any(route_path(route) == "/api/webhooks" for route in probe.router.routes()):
-        read_routes = hub.app.read_api.routes
-        monkeypatch.setattr(hub.app.read_api, "routes", lambda: [*read_routes(), *routes()])
+async def api(start_service):
+    """The service, /api/webhooks and all (hub/app.py wires it in)."""
     return start_service
 
 

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from hub.openapi import build_document
+from hub.http.openapi import build_document
 from tests.openapi import require_spec, requires_spec, validate_response
 from tests.providers.reference import start_reference_provider
 from tests.test_contract_native import order_info

@@ -29,7 +29,7 @@ import aiohttp
 import asyncpg
 
 from hub.config import Settings
-from hub.egress import EgressPolicy, GuardedResolver, refuses_literal
+from hub.external.egress import EgressPolicy, GuardedResolver, refuses_literal
 from hub.webhooks import events as public_events
 from hub.webhooks import storage
 from hub.webhooks.signing import EVENT_ID_HEADER, EVENT_TYPE_HEADER, SIGNATURE_HEADER, sign

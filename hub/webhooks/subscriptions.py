@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from hub.egress import EgressPolicy
+from hub.external.egress import EgressPolicy
 from hub.webhooks import storage
 from hub.webhooks.events import EVENT_TYPES
 from hub.webhooks.signing import new_secret

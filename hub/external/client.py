@@ -23,10 +23,10 @@ from urllib.parse import quote
 import aiohttp
 import msgspec
 
-from hub.breaker import CircuitBreaker
 from hub.config import Settings
-from hub.egress import EgressPolicy, refuses_literal
 from hub.errors import ApiError
+from hub.external.breaker import CircuitBreaker
+from hub.external.egress import EgressPolicy, refuses_literal
 from hub.metrics import Metrics
 from hub.wire import encode
 from ledger.codec import canonical_json

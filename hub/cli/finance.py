@@ -1,8 +1,6 @@
 """``giftcard audit card | verify`` and ``giftcard export transactions | liabilities``.
 
-``hub/cli.py`` adds them with one call to ``add_commands`` (as it does ``projections.cli``); the
-native provider's id is passed in, so this package needs nothing of the hub. ``python -m
-projections.finance_cli`` runs the same commands on their own.
+Thin calls into ``projections.audit`` and ``projections.exports``, which do the work.
 
 With ``GIFTCARD_REPLICA_URL`` set, ``audit verify`` and the exports read that replica (never
 upgrading its schema: it is read-only) and say on stderr how far behind the primary it was when
@@ -21,7 +19,7 @@ import contextlib
 import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,9 +27,10 @@ import asyncpg
 import msgspec
 from tqdm import tqdm
 
+from hub.cli import arguments
+from hub.config import native_provider_id_from_env
 from ledger.database import with_database
-from ledger.domain.errors import CardNotFound, DomainError
-from ledger.money import exponent_of
+from ledger.domain.errors import CardNotFound
 from ledger.replication import configured_replica_url, with_read_database
 from ledger.store import EventStore
 from projections.audit import (
@@ -63,98 +62,57 @@ from projections.verify_runs import record_run
 
 T = TypeVar("T")
 
-NATIVE_PROVIDER_ID_DEFAULT = "VtexGiftCard"  # as hub.config; only for running this module on its own
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 _json = msgspec.json.Encoder(decimal_format="number")  # as the HTTP API writes amounts
 
 
-def add_commands(commands: argparse._SubParsersAction, native_provider_id: Callable[[], str]) -> None:
+def add_commands(commands: argparse._SubParsersAction) -> None:
     """Adds the ``audit`` and ``export`` command groups."""
-    _add_audit(commands, native_provider_id)
-    _add_export(commands, native_provider_id)
+    _add_audit(commands)
+    _add_export(commands)
 
 
-def _add_audit(commands: argparse._SubParsersAction, native_provider_id: Callable[[], str]) -> None:
+def _add_audit(commands: argparse._SubParsersAction) -> None:
     group = commands.add_parser("audit", help="replay a card's history; verify the whole ledger")
     sub = group.add_subparsers(dest="audit_command", required=True)
 
     card = sub.add_parser("card", help="a card's events replayed, with the balance after each, and its state")
     card.add_argument("card_id")
-    card.add_argument("--as-of", type=parse_instant, help="ISO 8601 instant (naive: UTC) to show the card's state at")
+    card.add_argument(
+        "--as-of", type=arguments.instant, help="ISO 8601 instant (naive: UTC) to show the card's state at"
+    )
     card.add_argument("--json", action="store_true", help="the JSON document GET /api/audit/cards/{id} answers")
-    card.set_defaults(run=lambda args: audit_card_command(args, native_provider_id()))
+    card.set_defaults(run=lambda args: audit_card_command(args, native_provider_id_from_env()))
 
     check = sub.add_parser("verify", help="hash chains, invariants and read models; exit 1 naming every failure")
     check.add_argument("--json", action="store_true", help="one JSON report instead of lines")
-    check.add_argument(
-        "--batch-events-max",
-        type=positive_int,
-        default=VERIFY_BATCH_EVENTS,
-        help=f"events per cursor fetch (default {VERIFY_BATCH_EVENTS})",
-    )
-    check.set_defaults(run=lambda args: verify_command(args, native_provider_id()))
+    arguments.add_batch_size(check, "--batch-events-max", VERIFY_BATCH_EVENTS, "events per cursor fetch")
+    check.set_defaults(run=lambda args: verify_command(args, native_provider_id_from_env()))
 
 
-def _add_export(commands: argparse._SubParsersAction, native_provider_id: Callable[[], str]) -> None:
+def _add_export(commands: argparse._SubParsersAction) -> None:
     group = commands.add_parser("export", help="finance exports, streamed from the events")
     sub = group.add_subparsers(dest="export_command", required=True)
 
     transactions = sub.add_parser("transactions", help="one row per transaction, settlement and cancellation")
     transactions.add_argument("--format", choices=FORMATS, required=True)
     transactions.add_argument("--output", type=Path, required=True, help="the file to write")
-    transactions.add_argument("--since", type=parse_instant, help="effective date from (inclusive), ISO 8601")
-    transactions.add_argument("--until", type=parse_instant, help="effective date up to (exclusive), ISO 8601")
+    transactions.add_argument("--since", type=arguments.instant, help="effective date from (inclusive), ISO 8601")
+    transactions.add_argument("--until", type=arguments.instant, help="effective date up to (exclusive), ISO 8601")
     transactions.add_argument("--provider", help="only this provider's rows (the native one's id, or an external)")
-    transactions.add_argument("--currency", type=parse_currency, help="only rows in this currency (native cards)")
+    transactions.add_argument("--currency", type=arguments.currency, help="only rows in this currency (native cards)")
     transactions.add_argument("--json", action="store_true", help="print the summary (rows, totals) as JSON")
-    transactions.add_argument(
-        "--batch-rows",
-        type=positive_int,
-        default=EXPORT_BATCH_ROWS,
-        help=f"events per cursor fetch and Parquet row group (default {EXPORT_BATCH_ROWS})",
-    )
-    transactions.set_defaults(run=lambda args: export_transactions_command(args, native_provider_id()))
+    what = "events per cursor fetch and Parquet row group"
+    arguments.add_batch_size(transactions, "--batch-rows", EXPORT_BATCH_ROWS, what)
+    transactions.set_defaults(run=lambda args: export_transactions_command(args, native_provider_id_from_env()))
 
     liabilities = sub.add_parser("liabilities", help="outstanding balance per card, total per currency")
-    liabilities.add_argument("--as-of", type=parse_day, required=True, help="a date (UTC): balances at its end")
+    liabilities.add_argument("--as-of", type=arguments.day, required=True, help="a date (UTC): balances at its end")
     liabilities.add_argument("--output", type=Path, help="also write one row per card with a balance to this file")
     liabilities.add_argument("--format", choices=LIABILITY_FORMATS, default="csv", help="of --output (default csv)")
     liabilities.add_argument("--json", action="store_true", help="print the totals as JSON")
     liabilities.set_defaults(run=export_liabilities_command)
-
-
-# ---- argument types ----------------------------------------------------------------------------
-
-
-def parse_instant(value: str) -> datetime:
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 instant: {value!r}") from None
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
-
-
-def parse_day(value: str) -> date:
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a date like 2026-01-31: {value!r}") from None
-
-
-def parse_currency(value: str) -> str:
-    try:
-        exponent_of(value)
-    except DomainError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return value
-
-
-def positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
 
 
 # ---- audit ---------------------------------------------------------------------------------------
@@ -371,19 +329,3 @@ async def _progress(
     total = await count(pool) if shown else None
     with tqdm(total=total, desc=what, unit="event", file=sys.stderr, disable=not shown) as bar:
         yield bar
-
-
-def build_parser(native_provider_id: Callable[[], str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="giftcard", description="Gift card ledger: auditors and finance exports")
-    add_commands(parser.add_subparsers(dest="command", required=True), native_provider_id)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    native = lambda: os.environ.get("GIFTCARD_NATIVE_PROVIDER_ID", NATIVE_PROVIDER_ID_DEFAULT)  # noqa: E731
-    args = build_parser(native).parse_args(argv)
-    return args.run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hub.rendering import amount_text
+from hub.pages.rendering import amount_text
 from ledger.money import exponent_of
 
 WIDTH_PX, HEIGHT_PX = 960, 300

@@ -10,10 +10,10 @@ import logging
 import aiohttp
 import asyncpg
 
-from hub.breaker import CircuitBreaker
 from hub.config import Settings
-from hub.egress import EgressPolicy
-from hub.external import ExternalProvider
+from hub.external.breaker import CircuitBreaker
+from hub.external.client import ExternalProvider
+from hub.external.egress import EgressPolicy
 from hub.metrics import Metrics
 from ledger.providers import ProviderRegistry, RegisteredProvider
 from ledger.store import EventStore

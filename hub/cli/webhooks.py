@@ -1,6 +1,6 @@
 """``giftcard webhooks add | list | remove | replay | dead-letters | run``.
 
-``hub/cli.py`` adds these with one call to ``add_commands``.
+Thin calls into ``hub.webhooks`` (storage, subscriptions, the deliverer).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 import asyncpg
 
 from hub.config import Settings
-from hub.egress import EgressPolicy
+from hub.external.egress import EgressPolicy
+from hub.http.webhooks_api import render_dead_letter, render_subscription
 from hub.webhooks import storage
-from hub.webhooks.api import render_dead_letter, render_subscription
 from hub.webhooks.delivery import Deliverer, DeliveryOptions, delivery_session, run_deliveries
 from hub.webhooks.events import EVENT_TYPES
 from hub.webhooks.subscriptions import create_subscription

@@ -14,8 +14,8 @@ from typing import Any
 
 from aiohttp import web
 
-from hub.native import Hrefs, default_expiry, event_metadata, json_response, read_body
-from hub.state import LEDGER, SETTINGS
+from hub.http.native import Hrefs, default_expiry, event_metadata, json_response, read_body
+from hub.http.state import LEDGER, SETTINGS
 from hub.wire import CreateBatchRequest, decode, format_datetime, parse_datetime
 from ledger.bulk_issue import BatchDefaults, BatchOutcome, BatchRequest, BulkIssuer, check_count, new_batch_id
 from ledger.domain.errors import InvalidRequest

@@ -20,11 +20,11 @@ import msgspec
 from aiohttp import web
 
 from hub.errors import ApiError
-from hub.external import ExternalProvider
-from hub.native import Hrefs, NativeProvider, card_operation_routes, event_metadata, json_response, read_body
-from hub.paging import content_range, page_of, parse_rest_range
+from hub.external.client import ExternalProvider
+from hub.http.native import Hrefs, NativeProvider, card_operation_routes, event_metadata, json_response, read_body
+from hub.http.paging import content_range, page_of, parse_rest_range
+from hub.http.state import DIRECTORY, EGRESS, LEDGER, REGISTRY, SETTINGS, THROTTLE
 from hub.public_address import public_base_url
-from hub.state import DIRECTORY, EGRESS, LEDGER, REGISTRY, SETTINGS, THROTTLE
 from hub.wire import CreateCardRequest, CreateTransactionRequest, OperationRequest, SearchRequest, decode, encode
 from ledger.domain import errors
 from ledger.domain.errors import InvalidRequest
@@ -78,7 +78,7 @@ def render_native_provider(request: web.Request) -> dict[str, Any]:
     native_id = request.app[SETTINGS].native_provider_id
     return {
         "id": native_id,
-        "serviceUrl": f"{public_base_url(request, request.app[SETTINGS])}/native",
+        "serviceUrl": f"{_public_base_url(request)}/native",
         "oauthProvider": "vtex",
         "caption": "Gift card",
         "preAuthEnabled": True,
@@ -421,3 +421,8 @@ class HubHandlers:
             web.delete(provider, self.delete_provider),
             *card_operation_routes(f"{provider}/giftcards", self),
         ]
+
+
+def _public_base_url(request: web.Request) -> str:
+    settings = request.app[SETTINGS]
+    return public_base_url(request, settings.public_url, settings.trusted_proxies)

@@ -2,7 +2,7 @@
 
 The read models are eventually consistent: every answer carries ``freshness``, the
 checkpoint of the projection it was read from and how far behind the events it is. With
-``GIFTCARD_REPLICA_URL`` set they are read from that replica (``hub.read_pool``), and
+``GIFTCARD_REPLICA_URL`` set they are read from that replica (``hub.http.read_pool``), and
 ``freshness.replica`` states its lag behind the primary as well.
 Amounts are exact decimals in major units of their currency (``currency`` null: an external
 provider's amount, whose currency the hub does not record). Listings page with ``REST-Range``
@@ -19,10 +19,10 @@ import asyncpg
 from aiohttp import web
 
 from hub.errors import ApiError
-from hub.native import json_response
-from hub.paging import content_range, parse_rest_range
-from hub.read_pool import read_pool, with_replica_lag
-from hub.state import SETTINGS
+from hub.http.native import json_response
+from hub.http.paging import content_range, parse_rest_range
+from hub.http.read_pool import read_pool, with_replica_lag
+from hub.http.state import SETTINGS
 from hub.wire import format_datetime, parse_datetime
 from ledger.domain.errors import CardNotFound, InvalidRequest
 from ledger.domain.giftcard import OPERATIONS

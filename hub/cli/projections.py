@@ -1,7 +1,7 @@
 """``giftcard projections run | status | rebuild NAME``.
 
-``hub/cli.py`` adds these with one call to ``add_commands``; the native provider's id (which
-the read models mark native cards with) is passed in, so this package needs nothing of the hub.
+Thin calls into ``projections`` (the runner, checkpoints, rebuild). ``run_beside_serve`` is the
+runner process ``giftcard serve`` starts next to its web workers.
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import TypeVar
 
 import asyncpg
 from tqdm import tqdm
 
+from hub.cli import arguments
+from hub.config import native_provider_id_from_env
 from ledger.database import create_pool, with_database
 from ledger.migrate import upgrade
 from projections import checkpoints, names, read_model, read_models
@@ -30,8 +32,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def add_commands(commands: argparse._SubParsersAction, native_provider_id: Callable[[], str]) -> None:
-    """Adds the ``projections`` command group; ``native_provider_id`` reads it from the settings."""
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """Adds the ``projections`` command group."""
     group = commands.add_parser("projections", help="read models: run the projection runner, status, rebuild")
     sub = group.add_subparsers(dest="projections_command", required=True)
 
@@ -44,7 +46,7 @@ def add_commands(commands: argparse._SubParsersAction, native_provider_id: Calla
         default=POLL_INTERVAL_S,
         help=f"wait when caught up (default {POLL_INTERVAL_S})",
     )
-    run.set_defaults(run=lambda args: run_command(args, native_provider_id()))
+    run.set_defaults(run=lambda args: run_command(args, native_provider_id_from_env()))
 
     status = sub.add_parser("status", help="each projection's position and lag")
     status.add_argument("--json", action="store_true", help="one JSON object per projection")
@@ -53,16 +55,11 @@ def add_commands(commands: argparse._SubParsersAction, native_provider_id: Calla
     again = sub.add_parser("rebuild", help="rebuild one read model from zero while the service keeps running")
     again.add_argument("name", choices=names(), help="the projection to rebuild")
     _batch_option(again)
-    again.set_defaults(run=lambda args: rebuild_command(args, native_provider_id()))
+    again.set_defaults(run=lambda args: rebuild_command(args, native_provider_id_from_env()))
 
 
 def _batch_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--batch-events-max",
-        type=int,
-        default=BATCH_EVENTS_MAX,
-        help=f"events per transaction (default {BATCH_EVENTS_MAX})",
-    )
+    arguments.add_batch_size(parser, "--batch-events-max", BATCH_EVENTS_MAX, "events per transaction")
 
 
 # ---- commands ------------------------------------------------------------------------------

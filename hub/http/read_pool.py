@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from hub.state import POOL, READ_POOL
+from hub.http.state import POOL, READ_POOL
 from ledger.replication import ReplicaLag, replica_lag
 
 LAG_SECONDS_HEADER = "X-Replica-Lag-Seconds"

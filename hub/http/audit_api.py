@@ -5,7 +5,7 @@ prints: every event of the card, replayed through the domain, with the balance a
 the card's state as of the instant (effective time: the ledger's clock inside each event,
 which the hash chain covers), and every failure of its hash chain or invariants. It reads the
 card's own events, so it is strongly consistent, on the primary; with ``GIFTCARD_REPLICA_URL``
-set it reads the replica and states that replica's lag (``hub.read_pool``). ``audit verify`` walks
+set it reads the replica and states that replica's lag (``hub.http.read_pool``). ``audit verify`` walks
 the whole ledger and is a CLI command only: it is not bounded by a request's time.
 """
 
@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from hub import openapi
-from hub.native import json_response
-from hub.read_api import instant_param
-from hub.read_pool import read_pool
-from hub.state import SETTINGS
+from hub.http import openapi
+from hub.http.native import json_response
+from hub.http.read_api import instant_param
+from hub.http.read_pool import read_pool
+from hub.http.state import SETTINGS
 from ledger.store import EventStore
 from projections.audit import audit_card, render_card_audit
 

@@ -17,8 +17,8 @@ from datetime import datetime
 
 import msgspec
 
-from hub.rendering import amount_text, instant_text, written_instant_text
-from hub.svg_charts import ChartPoint, LineChart, line_chart
+from hub.pages.charts import ChartPoint, LineChart, line_chart
+from hub.pages.rendering import amount_text, instant_text, written_instant_text
 from ledger.domain.giftcard import DEBIT, Transaction
 from projections import events as ev
 from projections.audit import AuditEntry, CardAudit

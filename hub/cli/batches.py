@@ -1,9 +1,8 @@
 """``giftcard cards issue``: a batch of native cards, their redemption codes written once, to a file.
 
-``hub/cli.py`` adds it with one call to ``add_commands``; ``python -m hub.bulk_cli cards issue ...``
-runs it on its own. The batch id is printed first: an interrupted run (Ctrl-C, a crash, a lost
-connection) is finished by running the same command with ``--batch-id``, which issues only the
-missing cards and never one twice (see ``ledger.bulk_issue`` for why no code can be lost).
+Thin calls into ``ledger.bulk_issue``, which does the work. The batch id is printed first: an
+interrupted run (Ctrl-C, a crash, a lost connection) is finished by running the same command with
+``--batch-id``, which issues only the missing cards and never one twice (see ``ledger.bulk_issue`` for why no code can be lost).
 
 Exit codes: 0 every card of the batch exists and its code is in the output; 1 some cards exist
 whose codes are not in this output (listed: the file of an earlier run holds them, or they are
@@ -18,15 +17,14 @@ import getpass
 import json
 import sys
 import time
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
 from tqdm import tqdm
 
+from hub.cli import arguments
 from hub.config import Settings
-from hub.logs import configure_logging
 from ledger.bulk_issue import (
     BATCH_CARDS_MAX,
     CHUNK_CARDS_DEFAULT,
@@ -57,23 +55,29 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "issue",
         help="issue a batch of cards; their codes go to --output only, once (resumable with --batch-id)",
     )
-    issue.add_argument("--count", type=_bounded_int(1, BATCH_CARDS_MAX), required=True, help="cards in the batch")
-    issue.add_argument("--value", type=_amount, required=True, help="loaded on each card, major units (0: empty)")
+    issue.add_argument(
+        "--count", type=arguments.bounded_int(1, BATCH_CARDS_MAX), required=True, help="cards in the batch"
+    )
+    issue.add_argument(
+        "--value", type=arguments.amount, required=True, help="loaded on each card, major units (0: empty)"
+    )
     issue.add_argument("--currency", required=True, help="ISO 4217 code, e.g. USD")
-    issue.add_argument("--expires", type=_instant, help="expiringDate, ISO 8601 (default: the configured validity)")
+    issue.add_argument(
+        "--expires", type=arguments.instant, help="expiringDate, ISO 8601 (default: the configured validity)"
+    )
     issue.add_argument("--caption", help="caption of every card (default 'Gift card')")
     issue.add_argument("--profile-id", help="owner of every card (default: the batch id)")
     issue.add_argument("--batch-id", type=_batch_id, help="resume this batch (default: a new one, printed first)")
     issue.add_argument("--output", type=Path, required=True, help="CSV file the codes are written to")
     issue.add_argument(
         "--chunk-cards",
-        type=_bounded_int(1, CHUNK_CARDS_MAX),
+        type=arguments.bounded_int(1, CHUNK_CARDS_MAX),
         default=CHUNK_CARDS_DEFAULT,
         help=f"cards per transaction (default {CHUNK_CARDS_DEFAULT})",
     )
     issue.add_argument(
         "--chunk-pause-s",
-        type=_bounded_float(0.0, CHUNK_PAUSE_S_MAX),
+        type=arguments.bounded_float(0.0, CHUNK_PAUSE_S_MAX),
         default=0.0,
         help="pause between chunks, to leave a busy database to live traffic (default 0)",
     )
@@ -190,50 +194,6 @@ def _report(outcome: BatchOutcome, args: argparse.Namespace, elapsed_s: float) -
 # ---- argument types --------------------------------------------------------------------------
 
 
-def _bounded_int(low: int, high: int):
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
-        if not low <= number <= high:
-            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {number}")
-        return number
-
-    return parse
-
-
-def _bounded_float(low: float, high: float):
-    def parse(value: str) -> float:
-        try:
-            number = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-        if not low <= number <= high:
-            raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}, got {number:g}")
-        return number
-
-    return parse
-
-
-def _amount(value: str) -> Decimal:
-    try:
-        amount = Decimal(value)
-    except InvalidOperation:
-        raise argparse.ArgumentTypeError(f"not an amount: {value!r}") from None
-    if not amount.is_finite() or amount < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or more, got {value!r}")
-    return amount
-
-
-def _instant(value: str) -> datetime:
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 date or instant: {value!r}") from None
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
-
-
 def _batch_id(value: str) -> str:
     try:
         return check_batch_id(value)
@@ -246,15 +206,3 @@ def _user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):  # a container's user may have no name
         return "unknown"
-
-
-def main(argv: list[str] | None = None) -> int:
-    configure_logging()
-    parser = argparse.ArgumentParser(prog="giftcard", description="bulk issuance of native gift cards")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

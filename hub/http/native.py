@@ -20,9 +20,9 @@ from typing import Any
 from aiohttp import web
 
 from hub.config import Settings
-from hub.paging import content_range, page_of, parse_rest_range
-from hub.state import LEDGER, SETTINGS, THROTTLE
-from hub.throttle import LookupThrottle, lookup_subjects
+from hub.http.paging import content_range, page_of, parse_rest_range
+from hub.http.state import LEDGER, SETTINGS, THROTTLE
+from hub.http.throttle import LookupThrottle, lookup_subjects
 from hub.wire import (
     CreateCardRequest,
     CreateTransactionRequest,
@@ -184,7 +184,7 @@ async def find_usable_cards(
 
     A card with no money or outside its validity is never offered: VTEX's checkout
     breaks on ``balance: 0``. A restricted card found by code needs its owner named.
-    Codes that match nothing count against the shopper and the caller (see hub.throttle).
+    Codes that match nothing count against the shopper and the caller (see hub.http.throttle).
     """
     client = search_client(body)
     now = ledger.clock()

@@ -6,10 +6,10 @@ import asyncpg
 from aiohttp import web
 
 from hub.config import Settings
-from hub.directory import ProviderDirectory
-from hub.egress import EgressPolicy
+from hub.external.directory import ProviderDirectory
+from hub.external.egress import EgressPolicy
+from hub.http.throttle import LookupThrottle
 from hub.metrics import Metrics
-from hub.throttle import LookupThrottle
 from ledger.commands import Ledger
 from ledger.providers import ProviderRegistry
 

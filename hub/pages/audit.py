@@ -7,10 +7,10 @@
 - ``GET /audit/cards?card=ID``: where the overview's "open a card" form lands (a redirect).
 
 A browser cannot send the ``X-VTEX-API`` headers: these pages take the same hub-consumer pairs as
-HTTP Basic credentials, with the ``view`` role (``hub.auth``). Wire them in with
-``app.router.add_routes(audit_pages.routes())``.
+HTTP Basic credentials, with the ``view`` role (``hub.http.auth``). Wire them in with
+``app.router.add_routes(hub.pages.audit.routes())``.
 
-The HTML is in ``hub/templates`` (``overview.html.j2``, ``card.html.j2``, ``error.html.j2`` on
+The HTML is in ``hub/pages/templates`` (``overview.html.j2``, ``card.html.j2``, ``error.html.j2`` on
 ``base.html.j2``); this module reads the ledger and hands the templates their figures as text.
 """
 
@@ -21,13 +21,13 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from hub.audit_card_page import card_page_context
 from hub.errors import status_of
-from hub.read_api import instant_param
-from hub.read_pool import lag_of, read_pool
-from hub.rendering import amount_text, decimal_text, html_response
-from hub.state import LEDGER, SETTINGS
-from hub.svg_charts import ChartPoint, LineChart, line_chart
+from hub.http.read_api import instant_param
+from hub.http.read_pool import lag_of, read_pool
+from hub.http.state import LEDGER, SETTINGS
+from hub.pages.card import card_page_context
+from hub.pages.charts import ChartPoint, LineChart, line_chart
+from hub.pages.rendering import amount_text, decimal_text, html_response
 from ledger.commands import parse_card_id
 from ledger.domain.errors import DomainError
 from ledger.store import EventStore

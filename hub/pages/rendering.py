@@ -1,4 +1,4 @@
-"""Server-rendered HTML (the auditor's pages): one Jinja2 environment over the files in ``hub/templates``.
+"""Server-rendered HTML (the auditor's pages): one Jinja2 environment over the files in ``hub/pages/templates``.
 
 Every template autoescapes, so a value that comes from data (a caption, a request id) prints as text;
 only what a template itself writes, or a macro it calls, is markup. A variable a template names but

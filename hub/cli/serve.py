@@ -1,0 +1,134 @@
+"""``giftcard serve``: the HTTP service, its worker processes and the projection runner beside them."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import multiprocessing
+import os
+import signal
+import sys
+import tempfile
+
+import msgspec
+from aiohttp import web
+
+from hub.app import create_app
+from hub.cli.projections import run_beside_serve
+from hub.config import Settings
+from hub.logs import JsonAccessLogger, configure_logging
+from ledger.database import resolve_database_url
+
+PROJECTION_RUNNER_NICENESS = 10  # requests first: read models may lag a busy second, a Debit may not
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    serve_cmd = commands.add_parser("serve", help="run the HTTP service in the foreground")
+    serve_cmd.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve_cmd.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    serve_cmd.add_argument(
+        "--workers", type=int, default=1, help="processes sharing the port; one per core uses every core (default 1)"
+    )
+    serve_cmd.set_defaults(run=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    url, embedded = resolve_database_url()
+    print(
+        f"giftcard serving on http://{args.host}:{args.port} ({args.workers} process(es))", file=sys.stderr, flush=True
+    )
+    runner = start_projection_runner(settings, url) if settings.run_projections else None
+    # The runner process has the projections; the workers know of each other (see Ledger's shared_cards).
+    web_settings = msgspec.structs.replace(settings, run_projections=False, workers=args.workers)
+    try:
+        if args.workers == 1:
+            run_worker(web_settings, url, args.host, args.port, reuse_port=False)
+        else:
+            run_workers(web_settings, url, args.host, args.port, args.workers)
+    finally:
+        if runner is not None:
+            stop_process(runner)
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+def start_projection_runner(settings: Settings, url: str) -> multiprocessing.Process:
+    """The read models' runner beside the web workers, so no request waits behind a batch."""
+    runner = multiprocessing.get_context("spawn").Process(
+        target=_projection_runner_main,
+        args=(url, settings.native_provider_id, os.getpid()),
+        name="giftcard-projections",
+        daemon=True,
+    )
+    runner.start()
+    return runner
+
+
+def _projection_runner_main(url: str, native_provider_id: str, serve_pid: int) -> None:
+    configure_logging()
+    os.nice(PROJECTION_RUNNER_NICENESS)
+    run_beside_serve(url, native_provider_id, serve_pid)
+
+
+def stop_process(process: multiprocessing.Process, timeout_s: float = 10.0) -> None:
+    if process.is_alive():
+        os.kill(process.pid, signal.SIGTERM)  # its batch in flight rolls back; the next run redoes it
+    process.join(timeout_s)
+    if process.is_alive():
+        process.kill()
+
+
+def run_worker(settings: Settings, url: str, host: str, port: int, *, reuse_port: bool) -> None:
+    app = create_app(settings, url)
+    app.on_startup.append(freeze_startup_objects)
+    # run_app stops accepting on SIGINT/SIGTERM and lets in-flight requests finish.
+    web.run_app(
+        app,
+        host=host,
+        port=port,
+        reuse_port=reuse_port,
+        shutdown_timeout=settings.shutdown_timeout_s,
+        print=None,
+        access_log_class=JsonAccessLogger,
+    )
+
+
+async def freeze_startup_objects(app: web.Application) -> None:
+    """What start-up allocated (modules, routes, pools) lives as long as the process: moved out of
+    the garbage collector's sight, a full collection under load walks only what requests create."""
+    gc.collect()
+    gc.freeze()
+
+
+def run_workers(settings: Settings, url: str, host: str, port: int, count: int) -> None:
+    """Several processes on one port (SO_REUSEPORT): the kernel spreads connections over them.
+
+    They share nothing but the database, which is all the ledger needs: every
+    invariant is checked against the card's stream at append time.
+    """
+    # Every worker writes its metrics here, so whichever answers /metrics answers for all.
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="giftcard-metrics-"))
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(target=_worker_main, args=(settings, url, host, port), name=f"giftcard-worker-{n}")
+        for n in range(count)
+    ]
+    for worker in workers:
+        worker.start()
+
+    def stop(signum: int, frame: object) -> None:
+        for worker in workers:
+            if worker.is_alive():
+                os.kill(worker.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for worker in workers:
+        worker.join()
+
+
+def _worker_main(settings: Settings, url: str, host: str, port: int) -> None:
+    configure_logging()
+    run_worker(settings, url, host, port, reuse_port=True)
