@@ -34,12 +34,11 @@ from typing import Any
 
 import asyncpg
 
-from bench.event_store_appends import database_server
+from bench.event_store_appends import create_migrated_database, database_server, drop_database, server_facts
 from bench.report import write_json
 from ledger.bulk_issue import CHUNK_CARDS_DEFAULT, BatchDefaults, BatchRequest, BulkIssuer
 from ledger.commands import IssueCard, Ledger
-from ledger.database import create_pool, database_named
-from ledger.migrate import upgrade
+from ledger.database import create_pool
 from ledger.store import EventStore
 
 BENCH_DATABASE = "giftcard_bench_bulk"  # its own name: dropped WITH (FORCE), other benchmarks may share the server
@@ -98,47 +97,11 @@ async def check_ledger(pool: asyncpg.Pool, cards: int) -> None:
     assert (lookups, events) == (cards, 2 * cards), f"{lookups} lookup rows and {events} events for {cards} cards"
 
 
-# ---- the database ------------------------------------------------------------------------------
-
-
-async def fresh_database(server_url: str) -> str:
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f"drop database if exists {BENCH_DATABASE} with (force)")
-        await admin.execute(f"create database {BENCH_DATABASE}")
-    finally:
-        await admin.close()
-    url = database_named(server_url, BENCH_DATABASE)
-    connection = await asyncpg.connect(url)
-    try:
-        await upgrade(connection)
-    finally:
-        await connection.close()
-    return url
-
-
-async def drop_database(server_url: str) -> None:
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f"drop database if exists {BENCH_DATABASE} with (force)")
-    finally:
-        await admin.close()
-
-
-async def server_facts(url: str) -> dict[str, str]:
-    connection = await asyncpg.connect(url)
-    try:
-        names = ("server_version", "synchronous_commit", "fsync", "shared_buffers")
-        return {name: await connection.fetchval(f"show {name}") for name in names}
-    finally:
-        await connection.close()
-
-
 # ---- the run -------------------------------------------------------------------------------------
 
 
 async def run(server_url: str, args: argparse.Namespace) -> dict[str, Any]:
-    url = await fresh_database(server_url)
+    url = await create_migrated_database(server_url, BENCH_DATABASE)
     pool = await create_pool(url, size_min=1, size_max=POOL_SIZE_MAX)
     try:
         with tempfile.TemporaryDirectory(prefix="giftcard-bench-codes-") as tmp:
@@ -154,7 +117,7 @@ async def run(server_url: str, args: argparse.Namespace) -> dict[str, Any]:
         facts = await server_facts(url)
     finally:
         await pool.close()
-        await drop_database(server_url)
+        await drop_database(server_url, BENCH_DATABASE)
     bulk_rate, single_rate = args.count / bulk_s, args.baseline_count / single_s
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -328,8 +328,9 @@ def database_server(url: str | None) -> Iterator[str]:
             embedded.stop()
 
 
-async def create_bench_database(server_url: str, name: str) -> str:
-    """A fresh database beside the configured one, migrated, with a scratch schema per contender."""
+async def create_migrated_database(server_url: str, name: str) -> str:
+    """A fresh database beside the configured one (any left by an earlier run is dropped), migrated:
+    where each benchmark that writes through the ledger starts. Answers its URL."""
     await drop_database(server_url, name)
     admin = await asyncpg.connect(server_url)
     try:
@@ -340,6 +341,16 @@ async def create_bench_database(server_url: str, name: str) -> str:
     connection = await asyncpg.connect(url)
     try:
         await upgrade(connection)
+    finally:
+        await connection.close()
+    return url
+
+
+async def create_bench_database(server_url: str, name: str) -> str:
+    """A fresh migrated database with a scratch schema per contender."""
+    url = await create_migrated_database(server_url, name)
+    connection = await asyncpg.connect(url)
+    try:
         # LIKE ... INCLUDING ALL copies columns, defaults, identity, constraints and indexes (not
         # the immutability triggers, which never fire on insert): the raw contender writes the
         # very row shape our append writes, so the gap between them is the append's own cost.

@@ -51,6 +51,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
+from bench import event_store_appends
 from bench.report import write_json
 from ledger.database import database_named
 
@@ -347,15 +348,7 @@ def checkpoint(server_url: str) -> None:
 
 
 def server_facts(server_url: str) -> dict[str, str]:
-    async def read() -> dict[str, str]:
-        connection = await asyncpg.connect(server_url)
-        try:
-            names = ("server_version", "synchronous_commit", "fsync", "shared_buffers", "max_connections")
-            return {name: await connection.fetchval(f"show {name}") for name in names}
-        finally:
-            await connection.close()
-
-    return asyncio.run(read())
+    return asyncio.run(event_store_appends.server_facts(server_url))
 
 
 # ---- CPU accounting: who used the cores during a cell ------------------------------------------

@@ -37,11 +37,11 @@ from bench.event_store_appends import create_bench_database, database_server, dr
 from bench.report import write_json
 from ledger.codec import new_mapper
 from ledger.database import create_pool
-from ledger.domain.giftcard import GiftCard
 from ledger.store import START, EventStore, NewEvent, StreamAppend
 from projections import checkpoints, read_models
 from projections.projection import Projection
 from projections.runner import ProjectionRunner
+from tests.cards import issued_aggregate
 
 BENCH_DATABASE = "giftcard_bench_projections"
 NATIVE = "VtexGiftCard"
@@ -62,18 +62,14 @@ def card_events(rng: random.Random, mapper: Any, start: datetime, events_max: in
     """One card's history, decided by the aggregate: a load, then debits (settled, cancelled or
     left held), partial refunds and the odd reload, each a few hours after the one before."""
     now = start
-    card = GiftCard.issue(
+    card = issued_aggregate(
+        now,
         relation_name=f"bench-{uuid.uuid4().hex}",
         caption="bench",
         profile_id="bench",
         currency=rng.choice(CURRENCIES),
-        emission_date=now,
         expiring_date=now + timedelta(days=3650),
-        restricted_to_owner=False,
-        multiple_credits=True,
-        multiple_redemptions=True,
         code_tail="0000",
-        issued_at=now,
     )
     n = 0
 

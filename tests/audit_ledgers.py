@@ -16,10 +16,10 @@ import asyncpg
 
 from ledger.codec import canonical_json, new_mapper
 from ledger.commands import IssueCard, Ledger
-from ledger.domain.giftcard import GiftCard
 from ledger.store import EventStore, NewEvent, chain_hash
 from projections import read_models
 from projections.runner import ProjectionRunner
+from tests.cards import issued_aggregate
 from tests.conftest import Clock
 
 NATIVE = "VtexGiftCard"
@@ -126,18 +126,13 @@ EVENTS_PER_FABRICATED_CARD = 6
 def fabricated_card(now: datetime) -> list[tuple[str, int, str, str, str, bytes]]:
     """One card's events as the domain decides them (issue, +100, -30.50, settle 20, cancel 15 of the
     debit, cancel 5 of the credit: balance 79.50), as ``events`` rows with a valid hash chain."""
-    card = GiftCard.issue(
+    card = issued_aggregate(
+        now,
         relation_name=f"bulk-{uuid.uuid4().hex}",
         caption="c",
         profile_id="p",
-        currency="USD",
-        emission_date=now,
         expiring_date=now + timedelta(days=365),
-        restricted_to_owner=False,
-        multiple_credits=True,
-        multiple_redemptions=True,
         code_tail="TAIL",
-        issued_at=now,
     )
     credit = card.credit(
         transaction_id=uuid.uuid4().hex, value=10000, description="l", request_id="l", order_info=None, now=now

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from ledger.commands import IssueCard, IssuedCard, Ledger
+from ledger.domain.giftcard import GiftCard
 
 
 def issue_command(clock_now, **overrides) -> IssueCard:
@@ -22,6 +23,26 @@ def issue_command(clock_now, **overrides) -> IssueCard:
 
 async def issue(ledger: Ledger, **overrides) -> IssuedCard:
     return await ledger.issue(issue_command(ledger.clock(), **overrides))
+
+
+def issued_aggregate(now: datetime, **overrides) -> GiftCard:
+    """A GiftCard aggregate issued at ``now``, no database: the domain tests, the fabricated audit
+    ledgers and the projections benchmark name only the fields they care about; the rest are plain."""
+    fields = dict(
+        relation_name=f"rel-{uuid.uuid4().hex}",
+        caption="Loyalty",
+        profile_id="owner@example.com",
+        currency="USD",
+        emission_date=now,
+        expiring_date=now + timedelta(days=30),
+        restricted_to_owner=False,
+        multiple_credits=True,
+        multiple_redemptions=True,
+        code_tail="WXYZ",
+        issued_at=now,
+    )
+    fields.update(overrides)
+    return GiftCard.issue(**fields)
 
 
 async def count_events(pool) -> int:

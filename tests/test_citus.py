@@ -32,10 +32,18 @@ from ledger.migrate import grant_service_role, upgrade
 from ledger.store import EventStore
 from tests.cards import issue
 from tests.citus_cluster import CitusCluster, citus_missing
-from tests.debit_load import RetryPolicy, acknowledged_count, plan_debits, send_all, until_acknowledged
+from tests.debit_load import RetryPolicy, acknowledged_count, send_all, until_acknowledged
 from tests.giftcard_cli import giftcard
 from tests.hub_process import HubProcess, NativeClient
-from tests.test_faults import assert_ledger_consistent, credits_of, deadline_in, funded_cards, summary
+from tests.test_faults import (
+    LOAD_CREDIT,
+    assert_ledger_consistent,
+    credits_of,
+    deadline_in,
+    funded_cards,
+    funded_load,
+    summary,
+)
 
 pytestmark = pytest.mark.skipif(citus_missing() is not None, reason=str(citus_missing()))
 
@@ -153,14 +161,12 @@ async def test_concurrent_debits_through_serve_never_double_spend(cluster, upgra
     await hub.start()
     try:
         client = NativeClient(http, hub.base_url)
-        credit = Decimal("100.00")
-        cards = await funded_cards(client, 6, credit)
-        debits = plan_debits(cards, 700, [Decimal("1.00")])
+        cards, debits = await funded_load(client, 6, 700, [Decimal("1.00")])
         async with asyncio.timeout(SCENARIO_TIMEOUT_S):
             await send_all([client], debits, concurrency=64, policy=RetryPolicy(), deadline=deadline_in(60))
         print(summary(debits))
         assert Counter((d.status, d.code) for d in debits) == {(200, None): 600, (422, "insufficient_funds"): 100}
-        await assert_ledger_consistent(citus_pool, client, debits, credits_of(cards, credit))
+        await assert_ledger_consistent(citus_pool, client, debits, credits_of(cards, LOAD_CREDIT))
     finally:
         await hub.stop()
 
@@ -263,9 +269,7 @@ async def test_shards_move_while_debits_flow_and_nothing_is_lost_or_doubled(
     await hub.start()
     try:
         client = NativeClient(http, hub.base_url)
-        credit = Decimal("100.00")
-        cards = await funded_cards(client, 6, credit)
-        debits = plan_debits(cards, 4000, [Decimal("0.01")])  # outlasts the moves
+        cards, debits = await funded_load(client, 6, 4000, [Decimal("0.01")])  # outlasts the moves
 
         async def move_when_flowing() -> tuple[list[float], int, int]:
             """The first move starts once Debits flow and must end while they still do."""
@@ -286,7 +290,7 @@ async def test_shards_move_while_debits_flow_and_nothing_is_lost_or_doubled(
         assert acknowledged_before < acknowledged_after < len(debits), "the first move did not overlap the Debits"
         assert not any(d.server_errors for d in debits), [d.server_errors[0] for d in debits if d.server_errors][:3]
         assert all(d.acknowledged for d in debits), summary(debits)
-        await assert_ledger_consistent(citus_pool, client, debits, credits_of(cards, credit))
+        await assert_ledger_consistent(citus_pool, client, debits, credits_of(cards, LOAD_CREDIT))
     finally:
         await hub.stop()
 

@@ -368,14 +368,15 @@ class World:
     restricted_code: str
 
 
-@pytest.fixture
-async def world(service) -> World:
+async def native_world(service, owner: str, restricted_owner: str) -> World:
+    """The cards fuzzed requests aim at, made through /native: one with a Credit and a Debit, and one
+    restricted to its owner. The native fuzz and the hub's (tests/test_fuzz_hub.py) both start here."""
+
     async def post(path: str, body: dict) -> dict:
         status, answer, _ = await service.call("POST", "/native" + path, body)
         assert status == 200, (path, answer)
         return answer
 
-    owner, restricted_owner = "fuzz-owner@example.com", "fuzz-vip@example.com"
     card = await post("/giftcards", {"relationName": "fuzz-card", "caption": "Fuzz", "profileId": owner})
     restricted = await post(
         "/giftcards",
@@ -384,10 +385,6 @@ async def world(service) -> World:
     tx = f"/giftcards/{card['id']}/transactions"
     credit = await post(tx, {"operation": "Credit", "value": 100_000, "description": "load", "requestId": "load"})
     debit = await post(tx, {"operation": "Debit", "value": 5_000, "description": "order", "requestId": "order"})
-    await post(
-        f"/giftcards/{restricted['id']}/transactions",
-        {"operation": "Credit", "value": 50, "description": "load", "requestId": "load"},
-    )
     return World(
         owner=owner,
         card=card["id"],
@@ -398,6 +395,18 @@ async def world(service) -> World:
         restricted_owner=restricted_owner,
         restricted_code=restricted["redemptionCode"],
     )
+
+
+@pytest.fixture
+async def world(service) -> World:
+    world = await native_world(service, "fuzz-owner@example.com", "fuzz-vip@example.com")
+    status, answer, _ = await service.call(
+        "POST",
+        f"/native/giftcards/{world.restricted}/transactions",
+        {"operation": "Credit", "value": 50, "description": "load", "requestId": "load"},
+    )
+    assert status == 200, answer
+    return world
 
 
 OFFSETS = [None, UTC, timezone(timedelta(hours=5)), timezone(timedelta(hours=-5)), timezone(timedelta(hours=14))]
@@ -589,6 +598,20 @@ READ_KEYS = (
 READS = {OPS[key][spec] for key in READ_KEYS for spec in BASES}
 
 
+def assert_refusal_body(status: int, raw: bytes, headers, where: str) -> None:
+    """The body of a 4xx, the same rule on the native surface and the hub's (tests/test_fuzz_hub.py):
+    401/403 empty, any other refusal a JSON ``{"error": {"code", "message"}}`` with both filled in."""
+    if status in (401, 403):
+        assert raw == b"", "401/403 must have an empty body" + where
+    else:
+        assert headers.get("Content-Type", "").startswith("application/json"), "error is not JSON" + where
+        answer = json.loads(raw)
+        assert isinstance(answer, dict) and set(answer) == {"error"}, "error body shape" + where
+        error = answer["error"]
+        assert isinstance(error.get("code"), str) and error["code"], "error.code" + where
+        assert isinstance(error.get("message"), str) and error["message"], "error.message" + where
+
+
 def check_answer(spec: str, op_id: str, request: FuzzRequest, status: int, raw: bytes, headers, wrote) -> None:
     where = f"\nrequest: {request!r}\nanswer: {status} {raw[:1000]!r}\nwrote (events, card_lookup): {wrote}"
     assert status < 500, "5xx" + where
@@ -611,15 +634,7 @@ def check_answer(spec: str, op_id: str, request: FuzzRequest, status: int, raw: 
         except SpecViolation as e:
             raise AssertionError(f"2xx does not match the spec: {e}" + where) from None
         return
-    if status in (401, 403):
-        assert raw == b"", "401/403 must have an empty body" + where
-    else:
-        assert headers.get("Content-Type", "").startswith("application/json"), "error is not JSON" + where
-        answer = json.loads(raw)
-        assert isinstance(answer, dict) and set(answer) == {"error"}, "error body shape" + where
-        error = answer["error"]
-        assert isinstance(error.get("code"), str) and error["code"], "error.code" + where
-        assert isinstance(error.get("message"), str) and error["message"], "error.message" + where
+    assert_refusal_body(status, raw, headers, where)
     assert wrote == (0, 0), f"a refused request ({status}) wrote something" + where
 
 

@@ -11,26 +11,13 @@ from ledger.domain import errors
 from ledger.domain.codes import CODE_ENTROPY_BITS, hash_code, mask_code, new_redemption_code, visible_tail
 from ledger.domain.giftcard import Client, GiftCard
 from ledger.domain.snapshot import restore_snapshot, take_snapshot
+from tests.cards import issued_aggregate
 
 NOW = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
 
 
 def new_card(**overrides) -> GiftCard:
-    fields = dict(
-        relation_name="rel-1",
-        caption="Loyalty",
-        profile_id="owner@example.com",
-        currency="USD",
-        emission_date=NOW,
-        expiring_date=NOW + timedelta(days=30),
-        restricted_to_owner=False,
-        multiple_credits=True,
-        multiple_redemptions=True,
-        code_tail="WXYZ",
-        issued_at=NOW,
-    )
-    fields.update(overrides)
-    return GiftCard.issue(**fields)
+    return issued_aggregate(NOW, **{"relation_name": "rel-1", **overrides})
 
 
 _counter = iter(range(1, 10**9))

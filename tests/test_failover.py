@@ -34,17 +34,19 @@ from ledger.migrate import upgrade
 from ledger.store import EventStore
 from projections import checkpoints
 from tests.cards import issue
-from tests.debit_load import RetryPolicy, plan_debits, send_all, until_acknowledged
+from tests.debit_load import until_acknowledged
 from tests.hub_process import HubProcess, NativeClient
 from tests.pg_cluster import ReplicatedPair, pg_binaries_missing
 from tests.postgres_faults import create_database
 from tests.test_faults import (
-    DEBIT_VALUES,
-    assert_ledger_consistent,
+    LOAD_CREDIT,
+    assert_every_debit_came_through,
+    assert_ledger_consistent_at,
     assert_unavailable_answers_are_clear,
     credits_of,
-    deadline_in,
     funded_cards,
+    funded_load,
+    send_during,
     summary,
 )
 from tests.test_webhooks import TEST_SECRET_KEY, receiving, subscribe
@@ -111,25 +113,20 @@ async def test_primary_killed_mid_load_standby_promoted_nothing_acknowledged_los
         assert [(s["name"], s["state"], s["syncState"]) for s in before["standbys"]] == [("node2", "streaming", "sync")]
         assert "not synchronously replicated" not in hub.log_text()
         client = NativeClient(http, hub.base_url)
-        credit = Decimal("100.00")
-        cards = await funded_cards(client, 10, credit)
-        debits = plan_debits(cards, 400, DEBIT_VALUES)
-        async with asyncio.timeout(SCENARIO_TIMEOUT_S):
-            deadline = deadline_in(LOAD_TIMEOUT_S)
-            async with asyncio.TaskGroup() as group:
-                group.create_task(send_all([client], debits, concurrency=16, policy=RetryPolicy(), deadline=deadline))
-                group.create_task(kill_primary_and_promote(pair, debits, at_acknowledged=150, deadline=deadline))
+        cards, debits = await funded_load(client, 10, 400)
+        await send_during(
+            lambda deadline: kill_primary_and_promote(pair, debits, at_acknowledged=150, deadline=deadline),
+            [client],
+            debits,
+            concurrency=16,
+            scenario_timeout_s=SCENARIO_TIMEOUT_S,
+            load_timeout_s=LOAD_TIMEOUT_S,
+        )
         print(summary(debits), {d.code for d in debits if d.code})
-        assert not any(d.server_errors for d in debits), [d.server_errors[0] for d in debits if d.server_errors][:3]
-        assert not any(d.timeouts for d in debits), summary(debits)
-        assert all(d.acknowledged for d in debits), summary(debits)
+        assert_every_debit_came_through(debits)
         assert_unavailable_answers_are_clear(debits)
         assert hub.starts == 1 and hub.process.returncode is None
-        pool = await asyncpg.create_pool(pair.standby.url(DATABASE), min_size=1, max_size=2)
-        try:
-            await assert_ledger_consistent(pool, client, debits, credits_of(cards, credit))
-        finally:
-            await pool.close()
+        await assert_ledger_consistent_at(pair.standby.url(DATABASE), client, debits, credits_of(cards, LOAD_CREDIT))
         await projections_caught_up(pair.standby.url(DATABASE))
         # Promoted alone, the new primary acknowledges commits no standby holds: both say so.
         after = await replication_of(http, hub)

@@ -88,6 +88,23 @@ async def funded_cards(client: NativeClient, count: int, credit: Decimal) -> lis
     return cards
 
 
+LOAD_CREDIT = Decimal("100.00")  # every card of a load starts with this much
+
+
+async def funded_load(
+    client: NativeClient,
+    card_count: int,
+    debit_count: int,
+    values: Sequence[Decimal] = DEBIT_VALUES,
+    *,
+    targets: int = 1,
+) -> tuple[list[str], list[Debit]]:
+    """The start of every load scenario: cards credited LOAD_CREDIT each, and the Debits planned
+    over them (see plan_debits). The ledger is later checked against credits_of(cards, LOAD_CREDIT)."""
+    cards = await funded_cards(client, card_count, LOAD_CREDIT)
+    return cards, plan_debits(cards, debit_count, values, targets=targets)
+
+
 def credits_of(cards: Sequence[str], credit: Decimal) -> dict[str, int]:
     return {card_id: int(credit * MINOR_PER_MAJOR) for card_id in cards}
 
@@ -109,6 +126,34 @@ def summary(debits: Sequence[Debit]) -> str:
     )
 
 
+async def send_during(
+    fault: Callable[[float], Awaitable[object]],
+    clients: Sequence[NativeClient],
+    debits: Sequence[Debit],
+    *,
+    concurrency: int,
+    scenario_timeout_s: float = SCENARIO_TIMEOUT_S,
+    load_timeout_s: float = LOAD_TIMEOUT_S,
+) -> None:
+    """The load every fault scenario runs: the Debits sent with retries while ``fault(deadline)``
+    strikes. Both share the load's deadline, and a hang fails the test instead of stalling the suite."""
+    async with asyncio.timeout(scenario_timeout_s):
+        deadline = deadline_in(load_timeout_s)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(
+                send_all(clients, debits, concurrency=concurrency, policy=RetryPolicy(), deadline=deadline)
+            )
+            group.create_task(fault(deadline))
+
+
+def assert_every_debit_came_through(debits: Sequence[Debit]) -> None:
+    """What the clients saw of a fault, the same verdict wherever the fault struck: never a 500,
+    never a request left hanging, and in the end (retries included) every Debit acknowledged."""
+    assert not any(d.server_errors for d in debits), [d.server_errors[0] for d in debits if d.server_errors][:3]
+    assert not any(d.timeouts for d in debits), summary(debits)
+    assert all(d.acknowledged for d in debits), summary(debits)
+
+
 async def assert_ledger_consistent(
     pool: asyncpg.Pool, client: NativeClient, debits: Sequence[Debit], credits: dict[str, int]
 ) -> None:
@@ -124,6 +169,18 @@ async def assert_ledger_consistent(
     assert await broken_chains(pool, list(credits)) == []
 
 
+async def assert_ledger_consistent_at(
+    database_url: str, client: NativeClient, debits: Sequence[Debit], credits: dict[str, int]
+) -> None:
+    """assert_ledger_consistent on a pool of its own: after a fault, the database to check is one the
+    test reaches by URL (its own server, the promoted standby), not the session's pool."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        await assert_ledger_consistent(pool, client, debits, credits)
+    finally:
+        await pool.close()
+
+
 # ---- 1. the hub is killed mid-load -----------------------------------------------------------
 
 
@@ -136,22 +193,21 @@ async def kill_and_restart(hub: HubProcess, debits: Sequence[Debit], at_acknowle
 async def test_sigkill_mid_load_applies_every_debit_exactly_once(database_url, pool, start_hub, http):
     hub = await start_hub(database_url)
     client = NativeClient(http, hub.base_url)
-    credit = Decimal("100.00")
-    cards = await funded_cards(client, 20, credit)
-    debits = plan_debits(cards, 600, DEBIT_VALUES)
+    cards, debits = await funded_load(client, 20, 600)
 
-    async with asyncio.timeout(SCENARIO_TIMEOUT_S):
-        deadline = deadline_in(LOAD_TIMEOUT_S)
-        async with asyncio.TaskGroup() as group:
-            group.create_task(send_all([client], debits, concurrency=64, policy=RetryPolicy(), deadline=deadline))
-            group.create_task(kill_and_restart(hub, debits, at_acknowledged=200, deadline=deadline))
+    await send_during(
+        lambda deadline: kill_and_restart(hub, debits, at_acknowledged=200, deadline=deadline),
+        [client],
+        debits,
+        concurrency=64,
+    )
 
     print(summary(debits))
     assert hub.starts == 2
     assert all(d.acknowledged for d in debits), summary(debits)
     assert any(d.cut_off for d in debits), "the kill cut no request off: it landed outside the load"
     assert not any(d.timeouts for d in debits), summary(debits)
-    await assert_ledger_consistent(pool, client, debits, credits_of(cards, credit))
+    await assert_ledger_consistent(pool, client, debits, credits_of(cards, LOAD_CREDIT))
 
 
 # ---- 2. PostgreSQL restarts, crashes or cuts connections mid-load ----------------------------
@@ -211,29 +267,22 @@ async def test_postgres_fault_mid_load_gives_503_or_success_and_writes_nothing_h
     database_url = database_named(own_postgres.url, name)
     hub = await start_hub(database_url)
     client = NativeClient(http, hub.base_url)
-    credit = Decimal("100.00")
-    cards = await funded_cards(client, 10, credit)
-    debits = plan_debits(cards, 400, DEBIT_VALUES)
+    cards, debits = await funded_load(client, 10, 400)
 
-    async with asyncio.timeout(SCENARIO_TIMEOUT_S):
-        deadline = deadline_in(LOAD_TIMEOUT_S)
-        async with asyncio.TaskGroup() as group:
-            group.create_task(send_all([client], debits, concurrency=32, policy=RetryPolicy(), deadline=deadline))
-            group.create_task(fault_during_load(fault, own_postgres, debits, at_acknowledged=100, deadline=deadline))
+    await send_during(
+        lambda deadline: fault_during_load(fault, own_postgres, debits, at_acknowledged=100, deadline=deadline),
+        [client],
+        debits,
+        concurrency=32,
+    )
 
     print(f"{fault}: {summary(debits)}")  # shown with -s or -rP: how hard the fault hit
-    assert not any(d.server_errors for d in debits), [d.server_errors[0] for d in debits if d.server_errors][:3]
-    assert not any(d.timeouts for d in debits), summary(debits)
+    assert_every_debit_came_through(debits)
     assert any(d.unavailable for d in debits), f"the fault reached no request in flight: {summary(debits)}"
-    assert all(d.acknowledged for d in debits), summary(debits)
     assert_unavailable_answers_are_clear(debits)
     assert "unexpected error" not in hub.log_text()
     after = await debit_again_without_restart(client, hub, cards[0])
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
-    try:
-        await assert_ledger_consistent(pool, client, [*debits, after], credits_of(cards, credit))
-    finally:
-        await pool.close()
+    await assert_ledger_consistent_at(database_url, client, [*debits, after], credits_of(cards, LOAD_CREDIT))
 
 
 # ---- 3. several hub processes, one database, the same cards ----------------------------------
@@ -255,9 +304,7 @@ async def test_several_hub_processes_never_double_spend_nor_lose_an_update(
 ):
     hubs = await start_hubs(start_hub, database_url)
     clients = [NativeClient(http, hub.base_url) for hub in hubs]
-    credit = Decimal("100.00")
-    cards = await funded_cards(clients[0], 5, credit)
-    debits = plan_debits(cards, 600, [Decimal("1.00")], targets=len(clients))
+    cards, debits = await funded_load(clients[0], 5, 600, [Decimal("1.00")], targets=len(clients))
 
     async with asyncio.timeout(SCENARIO_TIMEOUT_S):
         await send_all(clients, debits, concurrency=200, policy=RetryPolicy(), deadline=deadline_in(LOAD_TIMEOUT_S))
@@ -269,7 +316,7 @@ async def test_several_hub_processes_never_double_spend_nor_lose_an_update(
         assert sum(d.acknowledged for d in debits if d.target == target) > 0
     for client in clients:  # and reads the other's writes: strongly consistent across processes
         assert await balances_over_http(client, cards) == dict.fromkeys(cards, 0)
-    await assert_ledger_consistent(pool, clients[-1], debits, credits_of(cards, credit))
+    await assert_ledger_consistent(pool, clients[-1], debits, credits_of(cards, LOAD_CREDIT))
     for card_id in cards:
         versions = [
             row["version"]

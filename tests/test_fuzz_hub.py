@@ -35,7 +35,16 @@ from hypothesis import strategies as st
 
 from tests import fuzz
 from tests.openapi import Operation, operations, request_schema, require_spec, requires_spec
-from tests.test_contract_native import CONTENT_TYPES, OPERATION_IDS, REST_RANGES, World, hints, send
+from tests.test_contract_native import (
+    CONTENT_TYPES,
+    OPERATION_IDS,
+    REST_RANGES,
+    World,
+    assert_refusal_body,
+    hints,
+    native_world,
+    send,
+)
 
 NATIVE_ID = "VtexGiftCard"
 EXTERNAL_IDS = ("ext-alpha", "ext-beta")  # registered by the world fixture (and deleted/re-put by the fuzz)
@@ -121,40 +130,15 @@ class FuzzRequest:
 @pytest.fixture
 async def world(service) -> World:
     """Real native cards and transactions (made through /native), and two registered external providers."""
-
-    async def call(method: str, path: str, body: dict) -> dict:
-        status, answer, _ = await service.call(method, path, body)
-        assert status == 200, (path, answer)
-        return answer
-
-    owner, restricted_owner = "hubfuzz-owner@example.com", "hubfuzz-vip@example.com"
-    card = await call("POST", "/native/giftcards", {"relationName": "fuzz-card", "caption": "Fuzz", "profileId": owner})
-    restricted = await call(
-        "POST",
-        "/native/giftcards",
-        {"relationName": "fuzz-vip", "caption": "VIP", "profileId": restricted_owner, "restrictedToOwner": True},
-    )
-    tx = f"/native/giftcards/{card['id']}/transactions"
-    credit = await call(
-        "POST", tx, {"operation": "Credit", "value": 100_000, "description": "load", "requestId": "load"}
-    )
-    debit = await call("POST", tx, {"operation": "Debit", "value": 5_000, "description": "order", "requestId": "order"})
+    world = await native_world(service, "hubfuzz-owner@example.com", "hubfuzz-vip@example.com")
     for provider_id in EXTERNAL_IDS:
-        await call(
+        status, answer, _ = await service.call(
             "PUT",
             f"/api/giftcardproviders/{provider_id}",
             {"serviceUrl": "http://127.0.0.1:9/provider", "appKey": "k", "appToken": "t", "caption": provider_id},
         )
-    return World(
-        owner=owner,
-        card=card["id"],
-        code=card["redemptionCode"],
-        debit=debit["id"],
-        credit=credit["id"],
-        restricted=restricted["id"],
-        restricted_owner=restricted_owner,
-        restricted_code=restricted["redemptionCode"],
-    )
+        assert status == 200, (provider_id, answer)
+    return world
 
 
 async def write_counts(pool) -> tuple[int, int, int]:
@@ -293,15 +277,7 @@ def check_answer(op_id: str, request: FuzzRequest, status: int, raw: bytes, head
             assert headers.get("Content-Type", "").startswith("application/json"), "2xx is not JSON" + where
             json.loads(raw)
         return
-    if status in (401, 403):
-        assert raw == b"", "401/403 must have an empty body" + where
-    else:
-        assert headers.get("Content-Type", "").startswith("application/json"), "error is not JSON" + where
-        answer = json.loads(raw)
-        assert isinstance(answer, dict) and set(answer) == {"error"}, "error body shape" + where
-        error = answer["error"]
-        assert isinstance(error.get("code"), str) and error["code"], "error.code" + where
-        assert isinstance(error.get("message"), str) and error["message"], "error.message" + where
+    assert_refusal_body(status, raw, headers, where)
     assert wrote == (0, 0, 0), f"a refused request ({status}) wrote something" + where
 
 

@@ -144,3 +144,13 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
 def run(app: web.Application, args: argparse.Namespace) -> None:
     # No access log: the baselines stand for designs at their leanest (the service logs each request).
     web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, shutdown_timeout=2.0)
+
+
+def serve_from_command_line(
+    docstring: str, create_app: Callable[[argparse.Namespace], web.Application], argv: list[str] | None = None
+) -> int:
+    """Each baseline's ``main``: the same options (described by the module docstring's first
+    paragraph), its app served until the benchmark stops it."""
+    args = parse_args(docstring.split("\n\n")[0], argv)
+    run(create_app(args), args)
+    return 0

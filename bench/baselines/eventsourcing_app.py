@@ -30,7 +30,7 @@ from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate, event
 from eventsourcing.persistence import IntegrityError
 
-from bench.baselines.common import Refused, add_routes, credentials, make_middlewares, parse_args, run
+from bench.baselines.common import Refused, add_routes, credentials, make_middlewares, serve_from_command_line
 
 T = TypeVar("T")
 
@@ -169,9 +169,7 @@ def create_app(args: argparse.Namespace) -> web.Application:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(__doc__.split("\n\n")[0], argv)
-    run(create_app(args), args)
-    return 0
+    return serve_from_command_line(__doc__, create_app, argv)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 from aiohttp import web
 
-from bench.baselines.common import Refused, add_routes, credentials, make_middlewares, parse_args, run
+from bench.baselines.common import Refused, add_routes, credentials, make_middlewares, serve_from_command_line
 
 SCHEMA = """
 create table if not exists cards (
@@ -117,9 +117,7 @@ def create_app(args: argparse.Namespace) -> web.Application:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(__doc__.split("\n\n")[0], argv)
-    run(create_app(args), args)
-    return 0
+    return serve_from_command_line(__doc__, create_app, argv)
 
 
 if __name__ == "__main__":
