@@ -36,8 +36,9 @@ import asyncpg
 from bench.event_store_appends import create_bench_database, database_server, drop_database
 from bench.report import write_json
 from ledger.codec import new_mapper
+from ledger.commit_order import START
 from ledger.database import create_pool
-from ledger.store import START, EventStore, NewEvent, StreamAppend
+from ledger.store import EventStore, NewEvent, StreamAppend
 from projections import checkpoints, read_models
 from projections.projection import Projection
 from projections.runner import ProjectionRunner

@@ -3,8 +3,8 @@
 All of its SQL is in this file. ``append`` writes a stream's new events in one
 statement guarded by ``unique (stream_id, version)``; ``append_many`` does the same
 for many streams at once (bulk issuance: one statement for a thousand cards);
-``read_stream`` returns a stream in version order; ``read_all`` follows the global
-commit order and never skips an event whose transaction commits after a newer one.
+``read_stream`` returns a stream in version order; ``read_all`` follows each source's
+commit order (ledger.commit_order) and never skips an event whose transaction commits late.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from typing import Any, NamedTuple
 import asyncpg
 import msgspec
 
+from ledger import commit_order
 from ledger.codec import canonical_json
+from ledger.commit_order import START, Checkpoint
 from ledger.distribution import is_distributed
 from ledger.domain.errors import ConcurrentUpdate, InvalidRequest
 
@@ -63,7 +65,8 @@ class KnownTail(NamedTuple):
 
 class RecordedEvent(msgspec.Struct, frozen=True):
     position: int
-    tx: int
+    source: int  # where it was written: 0 on one server, its shard on Citus (see ledger.commit_order)
+    seq: int  # its place in its source's commit order
     stream_id: str
     version: int
     type: str
@@ -71,20 +74,6 @@ class RecordedEvent(msgspec.Struct, frozen=True):
     metadata: dict[str, Any]
     recorded_at: datetime
     hash: bytes
-
-    @property
-    def checkpoint(self) -> Checkpoint:
-        return Checkpoint(self.tx, self.position)
-
-
-class Checkpoint(NamedTuple):
-    """A place in the global order: the writing transaction, then the position inside it."""
-
-    tx: int = 0
-    position: int = 0
-
-
-START = Checkpoint()
 
 
 class ChainBroken(Exception):
@@ -168,7 +157,9 @@ returning stream_id
 # _APPEND_ONE as the function ledger.distribution installs on Citus, which runs on the card's worker.
 _APPEND_ON_ITS_SHARD = "select append_event($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7, $8)"
 
-_COLUMNS = "position, tx::text::bigint as tx, stream_id, version, type, data::text as data, metadata::text as metadata, recorded_at, hash"
+_COLUMNS = (
+    "position, source, seq, stream_id, version, type, data::text as data, metadata::text as metadata, recorded_at, hash"
+)
 
 _READ_STREAM = f"""
 select {_COLUMNS} from events
@@ -191,18 +182,6 @@ _READ_STREAMS_AFTER = f"""
 select {_COLUMNS} from events, unnest($1::text[], $2::int[]) as after(sid, known)
 where stream_id = after.sid and version >= after.known
 order by stream_id, version
-"""
-
-# Only transactions older than every transaction still in flight are visible as a
-# prefix of the commit order; anything at or above xmin may still gain a neighbour.
-# The order names the table's columns: a bare ``tx`` would be the output column (tx::text::bigint),
-# which no index has, so every batch would sort the whole table.
-_READ_ALL = f"""
-select {_COLUMNS} from events
-where (tx, position) > ($1::text::xid8, $2)
-  and tx < pg_snapshot_xmin(pg_current_snapshot())
-order by events.tx, events.position
-limit $3
 """
 
 _metadata_decoder = msgspec.json.Decoder(dict[str, Any])
@@ -400,13 +379,30 @@ class EventStore:
     async def read_all(
         self, after: Checkpoint = START, limit: int = 1000, *, connection: asyncpg.Connection | None = None
     ) -> list[RecordedEvent]:
-        """Events after ``after`` in commit order; pass ``connection`` to read inside its transaction
-        (a projection batch reads, applies and moves its checkpoint in one)."""
-        if connection is None:
-            rows = await self.pool.fetch(_READ_ALL, str(after.tx), after.position, limit)
-        else:
-            rows = await connection.fetch(_READ_ALL, str(after.tx), after.position, limit)
-        return [recorded_event(row) for row in rows]
+        """The next events after ``after`` in each source's commit order (see ledger.commit_order);
+        pass ``connection`` to read inside its transaction."""
+        reader = connection or self.pool
+        arguments = commit_order.after_arguments(after, await self.sources(reader))
+        statement = commit_order.read_after_statement(_COLUMNS, len(arguments) // 2)
+        return [recorded_event(row) for row in await reader.fetch(statement, limit, *arguments)]
+
+    async def head(self, connection: asyncpg.Connection | asyncpg.Pool | None = None) -> Checkpoint:
+        """Where a reader that has read every committed event stands."""
+        reader = connection or self.pool
+        found = await self.sources(reader)
+        rows = await reader.fetch(commit_order.heads_statement(len(found)), *found)
+        return Checkpoint.of({row["source"]: row["seq"] for row in rows})
+
+    async def next_recorded_at(
+        self, after: Checkpoint, connection: asyncpg.Connection | asyncpg.Pool | None = None
+    ) -> datetime | None:
+        """When the oldest event after ``after`` was recorded; None when there is none."""
+        reader = connection or self.pool
+        arguments = commit_order.after_arguments(after, await self.sources(reader))
+        return await reader.fetchval(commit_order.next_after_statement(len(arguments) // 2), *arguments)
+
+    async def sources(self, connection: asyncpg.Connection | asyncpg.Pool | None = None) -> Sequence[int]:
+        return await commit_order.sources(connection or self.pool, sharded=await self.sharded())
 
     # ---- snapshots ----------------------------------------------------------
 
@@ -487,7 +483,8 @@ def recorded_event(row: asyncpg.Record) -> RecordedEvent:
     """A row selected with the event columns (see ``_COLUMNS``), decoded; for readers outside the store too."""
     return RecordedEvent(
         position=row["position"],
-        tx=row["tx"],
+        source=row["source"],
+        seq=row["seq"],
         stream_id=row["stream_id"],
         version=row["version"],
         type=row["type"],

@@ -31,12 +31,13 @@ import asyncpg
 import msgspec
 
 from ledger.commands import parse_card_id
+from ledger.commit_order import Checkpoint
 from ledger.database import connect_options
 from ledger.domain.errors import CardNotFound
 from ledger.domain.giftcard import Transaction
 from ledger.domain.snapshot import decode_snapshot, restore_snapshot, take_snapshot
 from ledger.money import to_major
-from ledger.store import Checkpoint, EventStore, RecordedEvent
+from ledger.store import EventStore, RecordedEvent
 from projections import events as ev
 from projections.audit_read_models import (
     CARDS_PER_CHECK_MAX,
@@ -578,7 +579,7 @@ def render_report(report: VerifyReport) -> dict[str, Any]:
         "readModels": [
             {
                 "name": result.name,
-                "checkpoint": {"tx": result.checkpoint.tx, "position": result.checkpoint.position},
+                "checkpoint": result.checkpoint.render(),
                 "compared": result.compared,
                 "lagEvents": result.lag_events,
             }

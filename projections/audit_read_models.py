@@ -1,7 +1,7 @@
 """``audit verify``'s comparison of every read model with a fresh replay of the events.
 
 A read model is exactly as fresh as its checkpoint: it has applied every event at or below
-it in the global (tx, position) order and none after. So each card is compared as it stood
+it in each source's commit order and none after (ledger.commit_order). So each card is compared as it stood
 after the last event its projection applied (inside one stream that is a prefix: a stream's
 versions commit in order), and later events are counted as lag, never as a difference.
 Everything runs inside verify's one read-only repeatable-read transaction, in which the
@@ -25,8 +25,9 @@ from typing import Any
 
 import asyncpg
 
+from ledger.commit_order import START, Checkpoint, earliest
 from ledger.domain.giftcard import DEBIT
-from ledger.store import START, Checkpoint, RecordedEvent
+from ledger.store import RecordedEvent
 from projections import card_balances, daily_totals, transaction_history
 from projections import events as ev
 from projections.daily_totals import Flows
@@ -57,7 +58,7 @@ RULE_TRANSACTION_HISTORY = f"read_model_{transaction_history.NAME}"
 RULE_DAILY_TOTALS = f"read_model_{daily_totals.NAME}"
 PROJECTIONS = (card_balances.NAME, transaction_history.NAME, daily_totals.NAME)
 
-_CHECKPOINTS = "select name, tx::text::bigint as tx, position from projection_checkpoints where name = any($1::text[])"
+_CHECKPOINTS = "select name, checkpoint::text from projection_checkpoints where name = any($1::text[])"
 
 _BALANCES_OF = """
 select card_id, currency, available, authorized, settled, credited, debited
@@ -87,16 +88,17 @@ _ROWS_HELD = {
 _PHANTOM_CARDS = """
 select b.card_id from read_card_balances b
 where not exists (select 1 from events e where e.stream_id = b.card_id and e.version = 1 and e.type = $1
-                  and (e.tx, e.position) <= ($2::text::xid8, $3))
-order by b.card_id limit $4
+                  and e.seq <= coalesce(($2::jsonb ->> e.source::text)::bigint, 0))
+order by b.card_id limit $3
 """
 
 _PHANTOM_TRANSACTIONS = """
 select t.card_id, t.transaction_id from read_transactions t
 where t.provider = $1
   and not exists (select 1 from events e where e.stream_id = t.card_id and e.type = any($2::text[])
-                  and e.data->>'transaction_id' = t.transaction_id and (e.tx, e.position) <= ($3::text::xid8, $4))
-order by t.card_id, t.transaction_id limit $5
+                  and e.data->>'transaction_id' = t.transaction_id
+                  and e.seq <= coalesce(($3::jsonb ->> e.source::text)::bigint, 0))
+order by t.card_id, t.transaction_id limit $4
 """
 
 _FORWARDED_TOTALS = """
@@ -146,7 +148,7 @@ class _CardExpectation:
 
 async def load_checkpoints(connection: asyncpg.Connection) -> dict[str, Checkpoint]:
     rows = await connection.fetch(_CHECKPOINTS, list(PROJECTIONS))
-    found = {row["name"]: Checkpoint(row["tx"], row["position"]) for row in rows}
+    found = {row["name"]: Checkpoint.from_json(row["checkpoint"]) for row in rows}
     return {name: found.get(name, START) for name in PROJECTIONS}
 
 
@@ -179,7 +181,7 @@ class ReadModelCheck:
         self._pending: set[str] = set()
         self._days: defaultdict[tuple, list[int]] = defaultdict(lambda: [0] * len(_FLOW_NAMES))
         self._forwarded: defaultdict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
-        self._oldest = min(checkpoints[name] for name in PROJECTIONS)
+        self._oldest = earliest(checkpoints[name] for name in PROJECTIONS)
 
     def applied(self, name: str, event: RecordedEvent) -> bool:
         return is_applied(event, self.checkpoints[name])
@@ -397,9 +399,7 @@ class ReadModelCheck:
 
     async def _name_phantom_cards(self) -> None:
         balances = self.checkpoints[card_balances.NAME]
-        for row in await self.connection.fetch(
-            _PHANTOM_CARDS, ev.ISSUED, str(balances.tx), balances.position, PHANTOMS_NAMED_MAX
-        ):
+        for row in await self.connection.fetch(_PHANTOM_CARDS, ev.ISSUED, balances.to_json(), PHANTOMS_NAMED_MAX):
             self.found(
                 Failure(row["card_id"], None, None, RULE_CARD_BALANCES, "a row exists for a card with no events")
             )
@@ -410,8 +410,7 @@ class ReadModelCheck:
             _PHANTOM_TRANSACTIONS,
             self.native,
             list(TRANSACTION_TOPICS),
-            str(history.tx),
-            history.position,
+            history.to_json(),
             PHANTOMS_NAMED_MAX,
         ):
             message = f"transaction {row['transaction_id']} has a row but no event"

@@ -25,7 +25,7 @@ forwarded_replays as (
         select position,
                row_number() over (
                    partition by data->>'providerId', data->>'cardId', btrim(data->>'requestId', E' \\t\\n\\r\\f\\v')
-                   order by tx, position) as nth
+                   order by seq, source) as nth
         from events
         where type = 'ProviderCallForwarded'
           and data->>'operation' = 'CreateGiftCardTransaction'

@@ -20,7 +20,8 @@ from datetime import datetime
 import asyncpg
 import msgspec
 
-from ledger.store import START, Checkpoint, EventStore, RecordedEvent
+from ledger.commit_order import START, Checkpoint
+from ledger.store import EventStore, RecordedEvent
 from projections import checkpoints
 from projections.projection import Projection
 from projections.runner import BATCH_EVENTS_MAX
@@ -76,9 +77,9 @@ class _Shadow:
         return f"drop schema if exists {self.schema} cascade"
 
     def record(self, events: list[RecordedEvent]) -> None:
-        self.checkpoint = events[-1].checkpoint
+        self.checkpoint = self.checkpoint.past(events)
         self.events_applied += len(events)
-        self.last_event_at = events[-1].recorded_at
+        self.last_event_at = max(event.recorded_at for event in events)
 
 
 async def count_events(pool: asyncpg.Pool) -> int:

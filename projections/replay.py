@@ -26,8 +26,9 @@ import msgspec
 from eventsourcing.persistence import StoredEvent
 
 from ledger.codec import decode_canonical, new_decoded_mapper
+from ledger.commit_order import Checkpoint
 from ledger.domain.giftcard import CREDIT, DEBIT, GiftCard, Transaction
-from ledger.store import GENESIS_HASH, Checkpoint, RecordedEvent, chain_hash
+from ledger.store import GENESIS_HASH, RecordedEvent, chain_hash
 from projections import events as ev
 
 CARD_TOPICS = (ev.ISSUED, ev.CREDITED, ev.DEBITED, ev.SETTLED, ev.CANCELLED, ev.VOIDED)
@@ -49,7 +50,7 @@ RULE_KNOWN_TYPE = "event_type_known_to_auditors"  # a new domain event must be t
 # The columns every walk reads; ``data`` as text so its canonical bytes can be re-derived for the hash.
 # Not ``metadata``: the chain does not cover it and no rule reads it, so a walk does not pay to decode it.
 EVENT_COLUMNS = (
-    "e.position, e.tx::text::bigint as tx, e.stream_id, e.version, e.type, e.data::text as data, e.recorded_at, e.hash"
+    "e.position, e.source, e.seq, e.stream_id, e.version, e.type, e.data::text as data, e.recorded_at, e.hash"
 )
 
 
@@ -83,7 +84,8 @@ def read_decoded(row: asyncpg.Record) -> tuple[RecordedEvent, Any]:
     state, data = decode_canonical(row["data"])
     event = RecordedEvent(
         position=row["position"],
-        tx=row["tx"],
+        source=row["source"],
+        seq=row["seq"],
         stream_id=row["stream_id"],
         version=row["version"],
         type=row["type"],
@@ -134,8 +136,8 @@ def short_type(event_type: str) -> str:
 
 
 def is_applied(event: RecordedEvent, checkpoint: Checkpoint) -> bool:
-    """Whether a projection at ``checkpoint`` has applied ``event`` (the global (tx, position) order)."""
-    return (event.tx, event.position) <= (checkpoint.tx, checkpoint.position)
+    """Whether a projection at ``checkpoint`` has applied ``event``."""
+    return checkpoint.covers(event)
 
 
 # ---- effective time ------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The projection runner: follows the global event order and keeps every read model current.
+"""The projection runner: follows the commit order and keeps every read model current.
 
 Each batch is one transaction: lock the projection, read its checkpoint, take the next
 events after it (the ledger's gap-safe ``read_all``, so a late commit is never skipped),
@@ -11,9 +11,9 @@ while Python prepares another's. The events are read (and decoded) once per roun
 projection that stood at the same checkpoint when the round began, usually all of them.
 That read is made before the locks, so each batch checks under its lock that its checkpoint
 is still the one the events follow; if another runner moved it meanwhile, the batch reads
-its own events inside its transaction instead. Events ``read_all`` returns are a prefix of
-the global order that never changes (every transaction below the snapshot's xmin has
-ended), so a shared read applies exactly what a read inside the batch would have.
+its own events inside its transaction instead. Events ``read_all`` returns are, in every
+source, a prefix of its commit order that never changes (ledger.commit_order), so a shared
+read applies exactly what a read inside the batch would have.
 
 Runners may run side by side (the one ``giftcard serve`` starts beside its workers, and
 ``giftcard projections run``): a runner that finds a projection locked skips it and
@@ -32,8 +32,9 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from ledger.commit_order import Checkpoint
 from ledger.database import DATABASE_ERRORS
-from ledger.store import Checkpoint, EventStore, RecordedEvent
+from ledger.store import EventStore, RecordedEvent
 from projections import checkpoints
 from projections.projection import Projection
 
@@ -192,7 +193,7 @@ class ProjectionRunner:
         if read is not None and not read.events:
             return 0  # caught up; nothing to lock
         if read_ahead and read is not None and len(read.events) >= limit:  # a full batch: more likely follow
-            self._start_read_ahead(read.events[-1].checkpoint, limit)
+            self._start_read_ahead(read.after.past(read.events), limit)
         applied = await asyncio.gather(*(self._run_due(p, read) for p in projections))
         return sum(applied)
 

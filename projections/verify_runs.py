@@ -51,14 +51,9 @@ class RecordedTotal(msgspec.Struct, frozen=True):
     amount: Decimal  # exact, in major units
 
 
-class RecordedCheckpoint(msgspec.Struct, frozen=True):
-    tx: int
-    position: int
-
-
 class RecordedReadModel(msgspec.Struct, rename="camel", frozen=True):
     name: str
-    checkpoint: RecordedCheckpoint
+    checkpoint: dict[str, int]  # the last seq applied from each source (ledger.commit_order)
     compared: int
     lag_events: int
 

@@ -9,8 +9,9 @@ import asyncpg
 import pytest
 
 from ledger.codec import canonical_json
+from ledger.commit_order import START
 from ledger.domain.errors import ConcurrentUpdate, InvalidRequest
-from ledger.store import GENESIS_HASH, ChainBroken, Checkpoint, EventStore, NewEvent, StreamAppend, verify_chain
+from ledger.store import GENESIS_HASH, ChainBroken, EventStore, NewEvent, StreamAppend, verify_chain
 
 
 def ev(n: int, type_: str = "Tested") -> NewEvent:
@@ -104,32 +105,73 @@ async def test_read_all_follows_commit_order_in_batches(store: EventStore):
     await store.append("a", 0, [ev(1), ev(2)])
     await store.append("b", 0, [ev(3)])
     first = await store.read_all(limit=2)
-    rest = await store.read_all(after=first[-1].checkpoint, limit=10)
+    rest = await store.read_all(after=START.past(first), limit=10)
     assert [(e.stream_id, e.version) for e in first + rest] == [("a", 1), ("a", 2), ("b", 1)]
-    assert await store.read_all(after=rest[-1].checkpoint) == []
+    assert [e.seq for e in first + rest] == [1, 2, 3]
+    assert await store.read_all(after=START.past(first + rest)) == []
+    assert await store.head() == START.past(first + rest)
 
 
-async def test_read_all_never_skips_a_transaction_that_commits_late(store: EventStore, database_url: str):
+async def test_a_later_append_commits_after_one_still_open_so_none_is_skipped(store: EventStore, database_url: str):
     held = await asyncpg.connect(database_url)
     try:
         transaction = held.transaction()
         await transaction.start()
-        # This transaction takes its id and a position first, then commits last.
+        # This transaction takes the first seq; the next append waits for it to end.
         await store.append("late", 0, [ev(1)], connection=held)
-        await store.append("early", 0, [ev(2)])
-        seen = await store.read_all()
-        assert seen == [], "an event behind an open transaction must wait, not be skipped"
+        early = asyncio.create_task(store.append("early", 0, [ev(2)]))
+        await asyncio.sleep(0.3)
+        assert not early.done(), "an append must wait for the open transaction that holds the previous seq"
+        assert await store.read_all() == []
         await transaction.commit()
+        await early
     finally:
         await held.close()
     seen = await store.read_all()
-    assert [e.stream_id for e in seen] == ["late", "early"]
-    checkpoint = Checkpoint()
+    assert [(e.stream_id, e.seq) for e in seen] == [("late", 1), ("early", 2)]
+    checkpoint = START
     collected = []
     while batch := await store.read_all(after=checkpoint, limit=1):
         collected += batch
-        checkpoint = batch[-1].checkpoint
+        checkpoint = checkpoint.past(batch)
     assert [e.stream_id for e in collected] == ["late", "early"]
+
+
+async def test_a_rolled_back_append_leaves_no_gap(store: EventStore, pool: asyncpg.Pool):
+    async with pool.acquire() as connection:
+        transaction = connection.transaction()
+        await transaction.start()
+        await store.append("gone", 0, [ev(1)], connection=connection)
+        await transaction.rollback()
+    await store.append("kept", 0, [ev(2)])
+    [kept] = await store.read_all()
+    assert (kept.stream_id, kept.seq) == ("kept", 1)
+
+
+async def test_a_long_transaction_elsewhere_does_not_hold_readers_back(
+    store: EventStore, server_url: str, database_url: str
+):
+    """A transaction left open in another database, or in this one without appending, holds an
+    xid below every later one: readers that waited for the oldest open transaction stalled on it."""
+    other_database = await asyncpg.connect(server_url)
+    this_database = await asyncpg.connect(database_url)
+    try:
+        for connection in (other_database, this_database):
+            await connection.execute("begin")
+            await connection.fetchval("select pg_current_xact_id()")  # takes a transaction id and keeps it
+        await store.append("a", 0, [ev(1)])
+        await store.append("b", 0, [ev(2)])
+        assert [e.stream_id for e in await store.read_all()] == ["a", "b"]
+    finally:
+        await other_database.close()
+        await this_database.close()
+
+
+async def test_appends_in_repeatable_read_are_refused(store: EventStore, pool: asyncpg.Pool):
+    """The seq is read under the source's lock; a snapshot taken before it could miss the last one."""
+    async with pool.acquire() as connection, connection.transaction(isolation="repeatable_read"):
+        with pytest.raises(asyncpg.RaiseError, match="READ COMMITTED"):
+            await store.append("s", 0, [ev(1)], connection=connection)
 
 
 async def test_snapshots_keep_only_the_newest(store: EventStore):

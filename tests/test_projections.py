@@ -18,7 +18,8 @@ import pytest
 
 from ledger.codec import canonical_json
 from ledger.commands import IssueCard, Ledger
-from ledger.store import START, EventStore, NewEvent, RecordedEvent
+from ledger.commit_order import START
+from ledger.store import EventStore, NewEvent, RecordedEvent
 from projections import checkpoints, names, read_model, read_models
 from projections.events import SETTLED
 from projections.projection import ProjectionBug
@@ -117,7 +118,7 @@ async def assert_probe_applied_each_event_once(pool: asyncpg.Pool) -> set[str]:
     expected = await pool.fetch(
         """
         select e.position from events e, projection_checkpoints c
-        where c.name = $1 and (e.tx, e.position) <= (c.tx, c.position) order by e.position
+        where c.name = $1 and e.seq <= coalesce((c.checkpoint ->> e.source::text)::bigint, 0) order by e.position
         """,
         PROBE,
     )
@@ -293,7 +294,7 @@ async def assert_each_event_once(pool: asyncpg.Pool, probe_name: str) -> int:
     expected = await pool.fetch(
         """
         select e.position from events e, projection_checkpoints c
-        where c.name = $1 and (e.tx, e.position) <= (c.tx, c.position) order by e.position
+        where c.name = $1 and e.seq <= coalesce((c.checkpoint ->> e.source::text)::bigint, 0) order by e.position
         """,
         probe_name,
     )

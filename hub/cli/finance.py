@@ -219,7 +219,7 @@ def _print_verify_summary(report: VerifyReport) -> None:
     for result in report.read_models:
         print(
             f"read model {result.name}: {result.compared} row(s) compared at checkpoint "
-            f"{result.checkpoint.tx}:{result.checkpoint.position}, {result.lag_events} later event(s) not projected yet"
+            f"{result.checkpoint}, {result.lag_events} later event(s) not projected yet"
         )
     _print_totals(report.totals)
 

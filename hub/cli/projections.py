@@ -112,14 +112,13 @@ def status_command(args: argparse.Namespace) -> int:
         for status in found:
             print(json.dumps(_status_json(status)))
         return 0
-    print(f"{'projection':<20} {'position (tx:pos)':<22} {'applied':>9} {'lag events':>11} {'lag s':>8}  last event")
+    print(f"{'projection':<20} {'applied':>9} {'lag events':>11} {'lag s':>8}  {'last event':<19}  place (source:seq)")
     for status in found:
-        position = f"{status.checkpoint.tx}:{status.checkpoint.position}"
-        lag = f"{status.lag_events}{'+' if status.lag_events_capped else ''}"
         last = "-" if status.last_event_at is None else f"{status.last_event_at:%Y-%m-%d %H:%M:%S}"
         note = "  (rebuilding)" if status.rebuilding else ""
         print(
-            f"{status.name:<20} {position:<22} {status.events_applied:>9} {lag:>11} {status.lag_s:>8.1f}  {last}{note}"
+            f"{status.name:<20} {status.events_applied:>9} {status.lag_events:>11} {status.lag_s:>8.1f}  {last:<19}  "
+            f"{status.checkpoint}{note}"
         )
     return 0
 
@@ -147,11 +146,10 @@ def rebuild_command(args: argparse.Namespace, native_provider_id: str) -> int:
 def _status_json(status: ProjectionStatus) -> dict[str, object]:
     return {
         "name": status.name,
-        "tx": status.checkpoint.tx,
-        "position": status.checkpoint.position,
+        "checkpoint": status.checkpoint.render(),
         "eventsApplied": status.events_applied,
         "lagEvents": status.lag_events,
-        "lagEventsCapped": status.lag_events_capped,
+        "lagEventsBySource": {str(source): lag for source, lag in status.lag_by_source.items()},
         "lagSeconds": round(status.lag_s, 3),
         "lastEventAt": None if status.last_event_at is None else status.last_event_at.isoformat(),
         "rebuilding": status.rebuilding,

@@ -93,12 +93,13 @@ def list_command(args: argparse.Namespace) -> int:
         for subscription in found:
             print(encode(render_subscription(subscription)).decode())
         return 0
-    print(f"{'id':<20} {'position':>9} {'lag':>7} {'delivered':>9} {'failing':>7} {'dead':>5}  url (events)")
+    print(f"{'id':<20} {'lag':>7} {'delivered':>9} {'failing':>7} {'dead':>5}  url (events)")
     for s in found:
         print(
-            f"{s.id:<20} {s.checkpoint.position:>9} {s.lag_events:>7} {s.delivered:>9} {s.attempts:>7} "
+            f"{s.id:<20} {s.lag_events:>7} {s.delivered:>9} {s.attempts:>7} "
             f"{s.dead_letters:>5}  {s.url} ({_events_text(s)})"
         )
+        print(f"{'':<20} place (source:seq): {s.checkpoint}")
         if s.last_error:
             print(f"{'':<20} last error: {s.last_error}")
     return 0

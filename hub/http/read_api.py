@@ -102,11 +102,11 @@ def amount(minor: int | None, currency: str | None) -> Decimal | None:
 def render_freshness(status: ProjectionStatus) -> dict[str, Any]:
     return {
         "projection": status.name,
-        "checkpoint": {"tx": status.checkpoint.tx, "position": status.checkpoint.position},
+        "checkpoint": status.checkpoint.render(),
         "lastEventAt": None if status.last_event_at is None else format_datetime(status.last_event_at),
         "updatedAt": format_datetime(status.updated_at),
         "lagEvents": status.lag_events,
-        "lagEventsCapped": status.lag_events_capped,
+        "lagEventsBySource": {str(source): lag for source, lag in status.lag_by_source.items()},
         "lagSeconds": round(status.lag_s, 3),
         "rebuilding": status.rebuilding,
     }

@@ -32,7 +32,7 @@ def render_subscription(subscription: storage.Subscription) -> dict[str, Any]:
         "events": None if subscription.event_types is None else list(subscription.event_types),
         "description": subscription.description,
         "createdAt": _instant(subscription.created_at),
-        "checkpoint": {"tx": subscription.checkpoint.tx, "position": subscription.checkpoint.position},
+        "checkpoint": subscription.checkpoint.render(),
         "lagEvents": subscription.lag_events,
         "delivered": subscription.delivered,
         "lastDeliveredAt": _instant(subscription.last_delivered_at),

@@ -170,10 +170,8 @@ def _freshness_text(freshness: ProjectionStatus | None) -> str:
     if freshness is None:
         return "The daily_totals projection has no checkpoint: run the database migrations."
     behind = "caught up" if freshness.lag_events == 0 else f"{freshness.lag_events:,} event(s) behind"
-    if freshness.lag_events_capped:
-        behind = f"at least {behind}"
     return (
-        f"From the daily_totals read model at position {freshness.checkpoint.position:,}, {behind} "
+        f"From the daily_totals read model, {behind} "
         f"(the oldest waiting for {freshness.lag_s:.1f} s). Amounts in major units of each currency; "
         "an external provider's currency is not recorded."
     )

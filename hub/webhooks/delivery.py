@@ -34,9 +34,10 @@ from hub.webhooks import events as public_events
 from hub.webhooks import storage
 from hub.webhooks.signing import EVENT_ID_HEADER, EVENT_TYPE_HEADER, SIGNATURE_HEADER, sign
 from hub.webhooks.subscriptions import open_secret
+from ledger.commit_order import Checkpoint
 from ledger.credentials_cipher import CredentialsCipher
 from ledger.database import DATABASE_ERRORS
-from ledger.store import Checkpoint, EventStore, RecordedEvent
+from ledger.store import EventStore, RecordedEvent
 
 log = logging.getLogger(__name__)
 
@@ -287,15 +288,16 @@ class Deliverer:
         for event in events:
             public_type = public_events.public_type(event.type)
             if public_type is None or not subscription.wants(public_type):
-                batch.done = event.checkpoint
+                batch.done = batch.done.past([event])
                 continue
             body = public_events.render(event, self.currencies.of(event.stream_id))
             error = await self._post(subscription, secret, event.position, public_type, body)
             if error is not None:
                 await self._failed(connection, subscription, batch, event, public_type, body, error)
                 return Progress(_handled(events, batch.done), more=False)
-            await storage.advance(connection, subscription.id, batch.committed, event.checkpoint, delivered=1)
-            batch.committed = batch.done = event.checkpoint
+            delivered = batch.done.past([event])
+            await storage.advance(connection, subscription.id, batch.committed, delivered, delivered=1)
+            batch.committed = batch.done = delivered
         if batch.done != batch.committed:
             await storage.advance(connection, subscription.id, batch.committed, batch.done, delivered=0)
         return Progress(len(events), more=len(events) == self.options.batch_events_max)
@@ -383,7 +385,7 @@ class Deliverer:
 
 
 def _handled(events: Sequence[RecordedEvent], done: Checkpoint) -> int:
-    return sum(1 for event in events if event.checkpoint <= done)
+    return sum(1 for event in events if done.covers(event))
 
 
 def _host(url: str) -> str:

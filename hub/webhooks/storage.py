@@ -1,11 +1,10 @@
 """Subscriptions, their checkpoints and dead letters: all of the webhooks' SQL is in this file.
 
-A subscription's checkpoint is a ``(tx, position)`` pair in the event store's global order,
-moved with a compare-and-set on the pair it started from, so a replay (or a removal) that
+A subscription's checkpoint is its place in each source's commit order (ledger.commit_order),
+moved with a compare-and-set on the place it started from, so a replay (or a removal) that
 lands while a batch is being delivered makes the batch stop instead of overwriting it.
-Delivering holds a *session* advisory lock on the subscription, not a transaction: a
-transaction held open across HTTP calls would hold back ``pg_snapshot_xmin`` and with it
-every reader of the global order (projections included).
+Delivering holds a *session* advisory lock on the subscription, not a transaction held open
+across HTTP calls.
 """
 
 from __future__ import annotations
@@ -16,11 +15,11 @@ from datetime import datetime
 
 import asyncpg
 
+from ledger.commit_order import Checkpoint
 from ledger.domain.errors import InvalidRequest, NotFound
-from ledger.store import Checkpoint, RecordedEvent
+from ledger.store import EventStore, RecordedEvent
 
 LOCK_CLASS = 0x77686B73  # "whks": advisory lock namespace; the second key is hashtext(subscription id)
-LAG_EVENTS_COUNTED_MAX = 100_000  # listings count at most this many events behind (then say "at least")
 
 
 class SubscriptionNotFound(NotFound):
@@ -74,28 +73,22 @@ class DeadLetter:
 
 
 _SUBSCRIPTION_COLUMNS = """
-    s.id, s.url, s.event_types, s.description, s.secret, s.tx::text::bigint as tx, s.position, s.attempts,
+    s.id, s.url, s.event_types, s.description, s.secret, s.checkpoint::text as checkpoint, s.attempts,
     s.next_attempt_at, s.last_error, s.delivered, s.last_delivered_at, s.created_at
 """
 
-# A new subscription starts after the last event visible in the global order: everything that
-# commits from now on, including transactions already running, is delivered to it.
+# A new subscription starts at the head of every source ($6): everything that commits from now
+# on, including transactions already running (their seq comes after the head), is delivered to it.
 _CREATE = f"""
-with head as (
-    select tx, position from events where tx < pg_snapshot_xmin(pg_current_snapshot())
-    order by tx desc, position desc limit 1
-)
-insert into webhook_subscriptions as s (id, url, event_types, description, secret, tx, position)
-select $1, $2, $3, $4, $5, coalesce((select tx from head), '0'), coalesce((select position from head), 0)
-where (select count(*) from webhook_subscriptions) < $6
+insert into webhook_subscriptions as s (id, url, event_types, description, secret, checkpoint)
+select $1, $2, $3, $4, $5, $6::jsonb
+where (select count(*) from webhook_subscriptions) < $7
 returning {_SUBSCRIPTION_COLUMNS}
 """
 
 _LIST = f"""
 select {_SUBSCRIPTION_COLUMNS},
-       (select count(*) from webhook_dead_letters d where d.subscription_id = s.id) as dead_letters,
-       (select count(*) from (select 1 from events e where (e.tx, e.position) > (s.tx, s.position) limit $2) behind)
-           as lag_events
+       (select count(*) from webhook_dead_letters d where d.subscription_id = s.id) as dead_letters
 from webhook_subscriptions s
 where $1::text is null or s.id = $1
 order by s.created_at, s.id
@@ -103,34 +96,29 @@ order by s.created_at, s.id
 
 _REMOVE = "delete from webhook_subscriptions where id = $1 returning id"
 
-# Replay from position P: the checkpoint goes just before the first event, in commit order, of
-# those at P or later. Every event from P on is then delivered again (and the few older ones
-# that committed after it: receivers dedupe by id). The head's failed attempts are forgotten.
+# Replay from position P: in each source, the checkpoint goes just before its first event, in
+# commit order, of those at P or later (a source with none stays at its head). Every event from
+# P on is then delivered again (and the few older ones that committed after it: receivers dedupe
+# by id). The head's failed attempts are forgotten.
 _REPLAY_START = """
-select tx::text::bigint as tx, position - 1 as position from events where position >= $1
-order by tx, position limit 1
+select source, min(seq) - 1 as seq from events where position >= $1 group by source
 """
 
 _MOVE = """
 update webhook_subscriptions
-set tx = $2::text::xid8, position = $3, attempts = 0, next_attempt_at = null, last_error = null
+set checkpoint = $2::jsonb, attempts = 0, next_attempt_at = null, last_error = null
 where id = $1
 returning id
 """
 
-# Subscriptions with something to do now: events after their checkpoint (below the visible
-# head), or dead letters an operator asked to retry; and not waiting out a backoff.
-_DUE = """
-with head as (
-    select tx, position from events where tx < pg_snapshot_xmin(pg_current_snapshot())
-    order by tx desc, position desc limit 1
-)
-select s.id from webhook_subscriptions s
-where (s.next_attempt_at is null or s.next_attempt_at <= clock_timestamp())
-  and ((s.tx, s.position) < (select tx, position from head)
-       or exists (select 1 from webhook_dead_letters d where d.subscription_id = s.id and d.retry_requested))
+# Subscriptions not waiting out a backoff: their places, and whether an operator asked to retry
+# dead letters (the deliverer compares the places with the head).
+_NOT_WAITING = """
+select s.id, s.checkpoint::text as checkpoint,
+       exists (select 1 from webhook_dead_letters d where d.subscription_id = s.id and d.retry_requested) as retry
+from webhook_subscriptions s
+where s.next_attempt_at is null or s.next_attempt_at <= clock_timestamp()
 order by s.id
-limit $1
 """
 
 _TRY_LOCK = "select pg_try_advisory_lock($1, hashtext($2))"
@@ -143,18 +131,18 @@ where s.id = $1 and (s.next_attempt_at is null or s.next_attempt_at <= clock_tim
 
 _ADVANCE = """
 update webhook_subscriptions
-set tx = $4::text::xid8, position = $5, attempts = 0, next_attempt_at = null, last_error = null,
-    delivered = delivered + $6, last_delivered_at = case when $6 > 0 then clock_timestamp() else last_delivered_at end
-where id = $1 and tx = $2::text::xid8 and position = $3
+set checkpoint = $3::jsonb, attempts = 0, next_attempt_at = null, last_error = null,
+    delivered = delivered + $4, last_delivered_at = case when $4 > 0 then clock_timestamp() else last_delivered_at end
+where id = $1 and checkpoint = $2::jsonb
 """
 
 # A failure also moves the checkpoint up to just before the failing event (past the filtered-out
 # events before it), so that ``attempts`` always counts the failures of the event after it.
 _FAILED = """
 update webhook_subscriptions
-set tx = $4::text::xid8, position = $5, attempts = $6,
-    next_attempt_at = clock_timestamp() + make_interval(secs => $7), last_error = $8
-where id = $1 and tx = $2::text::xid8 and position = $3
+set checkpoint = $3::jsonb, attempts = $4,
+    next_attempt_at = clock_timestamp() + make_interval(secs => $5), last_error = $6
+where id = $1 and checkpoint = $2::jsonb
 """
 
 _INSERT_DEAD_LETTER = """
@@ -213,6 +201,7 @@ async def create(
     sealed_secret: str,
     subscriptions_max: int,
 ) -> Subscription:
+    head = await EventStore(pool).head()
     row = await pool.fetchrow(
         _CREATE,
         id,
@@ -220,6 +209,7 @@ async def create(
         None if event_types is None else list(event_types),
         description,
         sealed_secret,
+        head.to_json(),
         subscriptions_max,
     )
     if row is None:
@@ -228,8 +218,9 @@ async def create(
 
 
 async def list_subscriptions(pool: asyncpg.Pool, subscription_id: str | None = None) -> list[Subscription]:
-    rows = await pool.fetch(_LIST, subscription_id, LAG_EVENTS_COUNTED_MAX)
-    return [_subscription(row) for row in rows]
+    rows = await pool.fetch(_LIST, subscription_id)
+    head = await EventStore(pool).head()
+    return [_subscription(row, head) for row in rows]
 
 
 async def get(pool: asyncpg.Pool, subscription_id: str) -> Subscription:
@@ -247,10 +238,12 @@ async def remove(pool: asyncpg.Pool, subscription_id: str) -> None:
 async def replay(pool: asyncpg.Pool, subscription_id: str, from_position: int) -> Subscription:
     """Moves the checkpoint back (or forward) so delivery starts again at ``from_position``."""
     async with pool.acquire() as connection, connection.transaction():
-        start = await connection.fetchrow(_REPLAY_START, from_position)
-        if start is None:
+        starts = await connection.fetch(_REPLAY_START, from_position)
+        if not starts:
             raise NothingToReplay(f"there is no event at position {from_position} or later")
-        if await connection.fetchval(_MOVE, subscription_id, str(start["tx"]), start["position"]) is None:
+        head = await EventStore(connection).head()
+        start = Checkpoint.of(head.as_dict() | {row["source"]: row["seq"] for row in starts})
+        if await connection.fetchval(_MOVE, subscription_id, start.to_json()) is None:
             raise SubscriptionNotFound(f"webhook subscription {subscription_id!r} not found")
     return await get(pool, subscription_id)
 
@@ -274,7 +267,11 @@ async def request_retry(pool: asyncpg.Pool, subscription_id: str | None) -> int:
 
 
 async def due_subscriptions(pool: asyncpg.Pool, limit: int) -> list[str]:
-    return [row["id"] for row in await pool.fetch(_DUE, limit)]
+    """Subscriptions with something to do now: events after their checkpoint, or dead letters an
+    operator asked to retry; and not waiting out a backoff."""
+    rows = await pool.fetch(_NOT_WAITING)
+    head = await EventStore(pool).head()
+    return [row["id"] for row in rows if row["retry"] or Checkpoint.from_json(row["checkpoint"]).behind(head)][:limit]
 
 
 async def try_lock(connection: asyncpg.Connection, subscription_id: str) -> bool:
@@ -294,9 +291,7 @@ async def load_due(connection: asyncpg.Connection, subscription_id: str) -> Subs
 async def advance(
     connection: asyncpg.Connection, subscription_id: str, after: Checkpoint, to: Checkpoint, delivered: int
 ) -> None:
-    status = await connection.execute(
-        _ADVANCE, subscription_id, str(after.tx), after.position, str(to.tx), to.position, delivered
-    )
+    status = await connection.execute(_ADVANCE, subscription_id, after.to_json(), to.to_json(), delivered)
     _check_moved(status, subscription_id, after)
 
 
@@ -312,10 +307,8 @@ async def record_failure(
     status = await connection.execute(
         _FAILED,
         subscription_id,
-        str(after.tx),
-        after.position,
-        str(head.tx),
-        head.position,
+        after.to_json(),
+        head.to_json(),
         attempts,
         retry_in_s,
         error,
@@ -345,7 +338,7 @@ async def dead_letter(
             attempts,
             error,
         )
-        await advance(connection, subscription_id, after, event.checkpoint, delivered=0)
+        await advance(connection, subscription_id, after, after.past([event]), delivered=0)
 
 
 async def retries_due(connection: asyncpg.Connection, subscription_id: str, limit: int) -> list[DeadLetter]:
@@ -373,15 +366,16 @@ def _check_moved(status: str, subscription_id: str, after: Checkpoint) -> None:
         raise SubscriptionMoved(f"webhook subscription {subscription_id} was replayed or removed after {after}")
 
 
-def _subscription(row: asyncpg.Record) -> Subscription:
+def _subscription(row: asyncpg.Record, head: Checkpoint | None = None) -> Subscription:
     keys = row.keys()
+    checkpoint = Checkpoint.from_json(row["checkpoint"])
     return Subscription(
         id=row["id"],
         url=row["url"],
         event_types=None if row["event_types"] is None else tuple(row["event_types"]),
         description=row["description"],
         sealed_secret=row["secret"],
-        checkpoint=Checkpoint(row["tx"], row["position"]),
+        checkpoint=checkpoint,
         attempts=row["attempts"],
         next_attempt_at=row["next_attempt_at"],
         last_error=row["last_error"],
@@ -389,7 +383,7 @@ def _subscription(row: asyncpg.Record) -> Subscription:
         last_delivered_at=row["last_delivered_at"],
         created_at=row["created_at"],
         dead_letters=row["dead_letters"] if "dead_letters" in keys else 0,
-        lag_events=row["lag_events"] if "lag_events" in keys else 0,
+        lag_events=0 if head is None else checkpoint.behind(head),
     )
 
 
