@@ -7,8 +7,9 @@ Events stay immutable on every shard placement, also when a worker is written to
 concurrent Debits from ``giftcard serve`` nothing is spent twice; with a worker down, its cards
 answer 503 while the other worker's cards keep working, and they catch up when it returns.
 
-The read side (projections, webhooks, exports, verify) still follows the single server's commit
-order and is not yet run here: see the README's "Scale out on Citus".
+The read side follows each shard's own commit order (ledger.commit_order): every shard is a
+source whose events take a gap-free seq on their worker, so projections run beside ``serve`` on
+the cluster, keep up through shard moves, and are held back by no other node's transactions.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ import asyncpg
 import pytest
 
 from ledger.bulk_issue import BatchDefaults, BatchRequest, BulkIssuer
+from ledger.codec import canonical_json
 from ledger.commands import Ledger
 from ledger.database import create_pool
 from ledger.domain.giftcard import DEBIT
 from ledger.migrate import grant_service_role, upgrade
-from ledger.store import EventStore
+from ledger.store import EventStore, NewEvent
+from projections import card_balances, checkpoints
 from tests.cards import issue
 from tests.citus_cluster import CitusCluster, citus_missing
 from tests.debit_load import RetryPolicy, acknowledged_count, send_all, until_acknowledged
@@ -48,8 +51,8 @@ from tests.test_faults import (
 pytestmark = pytest.mark.skipif(citus_missing() is not None, reason=str(citus_missing()))
 
 SCENARIO_TIMEOUT_S = 90
-# The hub on the coordinator: no read side (it follows one server's commit order), no deliverer.
-HUB_ENV = {"GIFTCARD_RUN_PROJECTIONS": "false", "GIFTCARD_RUN_WEBHOOKS": "false"}
+# The hub on the coordinator with its read side: the projection runner follows every shard.
+HUB_ENV = {"GIFTCARD_RUN_PROJECTIONS": "true"}
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +98,33 @@ async def shard_of(pool: asyncpg.Pool, card_id: str) -> tuple[str, int]:
         card_id,
     )
     return row["shard_name"], row["nodeport"]
+
+
+async def assert_each_shard_is_a_gap_free_source(pool: asyncpg.Pool) -> None:
+    """Every event's source is the shard it lives in, and each source's seqs are 1..n, once each:
+    also after shards moved (a moved row keeps its seq; its new worker continues after them)."""
+    rows = await pool.fetch(
+        "select source, count(*) as n, count(distinct seq) as seqs, max(seq) as last,"
+        " bool_and(source = get_shard_id_for_distribution_column('events', stream_id)) as in_its_shard"
+        " from events group by source"
+    )
+    assert rows and all(r["in_its_shard"] and r["n"] == r["seqs"] == r["last"] for r in rows), rows
+
+
+async def assert_read_models_caught_up(pool: asyncpg.Pool, client: NativeClient, cards: list[str]) -> None:
+    """The projection runner in serve applies every event of every shard once: the balances it
+    projects are the ledger's, and no source is left behind."""
+    async with asyncio.timeout(SCENARIO_TIMEOUT_S):
+        while any(status.lag_events for status in await checkpoints.statuses(pool)):
+            await asyncio.sleep(0.2)
+    [balances] = [s for s in await checkpoints.statuses(pool) if s.name == card_balances.NAME]
+    assert 1 < len(balances.lag_by_source) and set(balances.lag_by_source) <= set(await EventStore(pool).sources())
+    projected = await pool.fetch(
+        "select card_id, available from read_card_balances where card_id = any($1::text[])", cards
+    )
+    assert {r["card_id"]: Decimal(r["available"]) / 100 for r in projected} == {
+        card_id: await client.balance(card_id) for card_id in cards
+    }
 
 
 async def test_upgrade_distributes_events_by_card_and_colocates_snapshots(upgraded, citus_pool, cluster):
@@ -167,6 +197,8 @@ async def test_concurrent_debits_through_serve_never_double_spend(cluster, upgra
         print(summary(debits))
         assert Counter((d.status, d.code) for d in debits) == {(200, None): 600, (422, "insufficient_funds"): 100}
         await assert_ledger_consistent(citus_pool, client, debits, credits_of(cards, LOAD_CREDIT))
+        await assert_each_shard_is_a_gap_free_source(citus_pool)
+        await assert_read_models_caught_up(citus_pool, client, cards)
     finally:
         await hub.stop()
 
@@ -291,8 +323,50 @@ async def test_shards_move_while_debits_flow_and_nothing_is_lost_or_doubled(
         assert not any(d.server_errors for d in debits), [d.server_errors[0] for d in debits if d.server_errors][:3]
         assert all(d.acknowledged for d in debits), summary(debits)
         await assert_ledger_consistent(citus_pool, client, debits, credits_of(cards, LOAD_CREDIT))
+        await assert_each_shard_is_a_gap_free_source(citus_pool)
+        await assert_read_models_caught_up(citus_pool, client, cards)
     finally:
         await hub.stop()
+
+
+async def streams_on_two_shards(pool: asyncpg.Pool) -> tuple[str, str]:
+    """Two stream ids whose events live on different shards (different sources)."""
+    first = f"s-{uuid.uuid4()}"
+    while True:
+        second = f"s-{uuid.uuid4()}"
+        if (await shard_of(pool, second))[0] != (await shard_of(pool, first))[0]:
+            return first, second
+
+
+async def test_an_open_transaction_on_one_shard_holds_back_no_other_source(citus_pool, cluster):
+    """A transaction left open after appending holds its own source's next seq, on its worker; the
+    other shards' events go on being appended and read. One server's reader would have waited for it
+    (it held the oldest transaction id), as it would for any long transaction on any node."""
+    store = EventStore(citus_pool)
+    held_stream, free_stream = await streams_on_two_shards(citus_pool)
+    note = NewEvent("Noted", canonical_json(b'{"n": 1}'))
+    before = await store.head()
+    held = await asyncpg.connect(cluster.url())
+    idle_on_a_worker = await asyncpg.connect(cluster.workers[0].url("postgres"))
+    try:
+        await idle_on_a_worker.execute("begin")
+        await idle_on_a_worker.fetchval("select pg_current_xact_id()")  # keeps a transaction id
+        transaction = held.transaction()
+        await transaction.start()
+        await store.append(held_stream, 0, [note], connection=held)
+        async with asyncio.timeout(10):  # another source: it does not wait for the open one
+            await store.append(free_stream, 0, [note])
+        read = await store.read_all(before, 100)
+        assert [e.stream_id for e in read] == [free_stream]
+        shard = await citus_pool.fetchval(
+            "select get_shard_id_for_distribution_column('events', $1::text)", free_stream
+        )
+        assert (read[0].source, read[0].seq) == (shard, before.seq(shard) + 1)
+        await transaction.commit()
+    finally:
+        await held.close()
+        await idle_on_a_worker.close()
+    assert {e.stream_id for e in await store.read_all(before, 100)} == {held_stream, free_stream}
 
 
 @pytest.fixture
