@@ -358,6 +358,9 @@ async def create_bench_database(server_url: str, name: str) -> str:
             f"""
             create schema {RAW_SCHEMA};
             create table {RAW_SCHEMA}.events (like public.events including all);
+            -- Our source and seq come from a trigger under the source's lock; the ceiling takes them free.
+            alter table {RAW_SCHEMA}.events alter column source set default 0,
+                alter column seq add generated always as identity;
             create schema {ES_SCHEMA};
             """
         )

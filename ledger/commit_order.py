@@ -1,7 +1,8 @@
 """The order in which events commit, kept per source, and readers' places in it (``Checkpoint``).
 
-A source is where events are written under one lock: the whole ``events`` table on one server
-(source 0), each shard of it on Citus (the source is the shard's id). Every insert takes its
+A source is where events are written under one lock: on one server one of a fixed number of
+lanes, a stream's by its hash (``event_lane`` in SQL), so that appends to different lanes commit
+side by side; on Citus each shard of ``events`` (the source is the shard's id). Every insert takes its
 source's next ``seq`` in a trigger (migration 0013) that holds the source's lock until the
 transaction ends, so within a source ``seq`` is gap-free and follows the commit order: a reader
 that sees ``seq`` n committed has seen 1..n-1 too. No reader waits for transactions it cannot
@@ -25,7 +26,7 @@ import msgspec
 _SHARD_SOURCES = """
 select shardid from pg_dist_shard where logicalrelid = 'events'::regclass order by shardid
 """
-ONE_SERVER = (0,)
+_LANES = "select generate_series(0, event_lanes() - 1)"
 
 
 class Sequenced(Protocol):
@@ -95,10 +96,8 @@ Connection = asyncpg.Connection | asyncpg.Pool
 
 
 async def sources(connection: Connection, *, sharded: bool) -> Sequence[int]:
-    """The sources events are written to now: source 0 on one server, the shards on Citus."""
-    if not sharded:
-        return ONE_SERVER
-    return [row["shardid"] for row in await connection.fetch(_SHARD_SOURCES)]
+    """The sources events are written to now: the lanes on one server, the shards on Citus."""
+    return [row[0] for row in await connection.fetch(_SHARD_SOURCES if sharded else _LANES)]
 
 
 def read_after_statement(columns: str, source_count: int) -> str:

@@ -93,6 +93,7 @@ insert into events (stream_id, version, type, data, metadata, hash, idempotency_
 select $1, $2 + e.ord, e.type, e.data::jsonb, $6::jsonb, e.hash, case when e.ord = 1 then $7 end
 from unnest($3::text[], $4::text[], $5::bytea[]) with ordinality as e(type, data, hash, ord)
 where $2 = 0 or exists (select 1 from events where stream_id = $1 and version = $2 and hash = $8)
+order by e.ord
 returning position
 """
 
@@ -118,6 +119,7 @@ where e.expected_version = 0
        select 1 from events p
        where p.stream_id = e.stream_id and p.version = e.expected_version and p.hash = e.previous_hash
    )
+order by event_lane(e.stream_id), e.stream_id, e.version
 returning position
 """
 
@@ -130,6 +132,7 @@ insert into events (stream_id, version, type, data, metadata, hash, idempotency_
 select e.stream_id, e.version, e.type, e.data::jsonb, $9::jsonb, e.hash, e.idempotency_key
 from unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::bytea[], $6::text[], $7::int[], $8::bytea[])
     as e(stream_id, version, type, data, hash, idempotency_key, expected_version, previous_hash)
+order by e.stream_id, e.version
 returning position
 """
 _GUARDS_HELD = """
@@ -140,8 +143,9 @@ where p.stream_id = g.stream_id and p.version = g.version and p.hash = g.hash
 # One event for each of many streams, each judged on its own: a row whose guard fails or that hits
 # a unique key (a lost race, a reused idempotency key) is skipped, not an error, and the streams
 # returned are the ones appended. This is what lets concurrent commands share one commit.
-# Rows go in stream order: two processes inserting into the same streams then wait for each other
-# in the same order, never in a cycle (a deadlock).
+# Rows go in the order of their source (see ledger.commit_order), then of their stream: two processes
+# inserting into the same sources and streams then wait for each other in the same order, never in
+# a cycle (a deadlock).
 _APPEND_EACH = """
 insert into events (stream_id, version, type, data, metadata, hash, idempotency_key)
 select r.stream_id, r.expected + 1, r.type, r.data::jsonb, r.metadata::jsonb, r.hash, r.key
@@ -149,7 +153,7 @@ from unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::bytea
     as r(stream_id, expected, type, data, metadata, hash, key, previous)
 where r.expected = 0
    or exists (select 1 from events e where e.stream_id = r.stream_id and e.version = r.expected and e.hash = r.previous)
-order by r.stream_id
+order by event_lane(r.stream_id), r.stream_id
 on conflict do nothing
 returning stream_id
 """
@@ -193,6 +197,7 @@ class EventStore:
         self.pool = pool
         self.observe_append = observe_append
         self._sharded: bool | None = None  # events distributed by Citus; learnt at the first append_each
+        self._lanes: Sequence[int] | None = None  # one server's sources, learnt at the first read
 
     async def sharded(self) -> bool:
         if self._sharded is None:
@@ -402,7 +407,15 @@ class EventStore:
         return await reader.fetchval(commit_order.next_after_statement(len(arguments) // 2), *arguments)
 
     async def sources(self, connection: asyncpg.Connection | asyncpg.Pool | None = None) -> Sequence[int]:
-        return await commit_order.sources(connection or self.pool, sharded=await self.sharded())
+        """Where events are written (see ledger.commit_order): one server's lanes never change, a
+        cluster's shards may (a split), so those are asked for at each read."""
+        if self._lanes is not None:
+            return self._lanes
+        sharded = await self.sharded()
+        found = await commit_order.sources(connection or self.pool, sharded=sharded)
+        if not sharded:
+            self._lanes = found
+        return found
 
     # ---- snapshots ----------------------------------------------------------
 

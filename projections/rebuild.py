@@ -2,8 +2,8 @@
 
 The replay goes into shadow copies of the projection's tables, in a schema of its own
 (``rebuild_<name>``), batch by batch, each batch its own short transaction: the live tables
-keep serving reads and the live runner keeps them current meanwhile, and no long transaction
-holds back everyone else's view of the global order. At the end one transaction takes the
+keep serving reads and the live runner keeps them current meanwhile, and no transaction stays
+open for the whole replay. At the end one transaction takes the
 projection's batch lock, replays the last few events into the shadow, copies it over the live
 tables and sets the checkpoint to the shadow's. Readers see the old rows until that commit and
 the new ones after it; a rebuild that dies leaves the live tables as they were.

@@ -59,6 +59,14 @@ set settled = settled + $4::bigint, cancelled = cancelled + $5::bigint,
 where provider = $1 and card_id = $2 and transaction_id = $3
 """
 
+# The creation of a transaction whose settlement or cancellation was applied first: each forwarded
+# call is a stream of its own, so on another source (ledger.commit_order), and the sources are
+# followed side by side. The row the settlement created learns what the creation knows.
+_FILL_FORWARDED = """
+update read_transactions set value = $4, request_id = $5, date = $6, position = $7, operation = $8
+where provider = $1 and card_id = $2 and transaction_id = $3 and source = 'forwarded' and value is null
+"""
+
 # A forwarded settlement or cancellation names the provider's transaction id, which the hub
 # did not record at creation: the first one seen creates the row, with its value unknown.
 _ADD_TO_FORWARDED = """
@@ -287,8 +295,7 @@ class TransactionHistory(BatchedProjection):
     async def _forwarded_transaction(
         self, connection: asyncpg.Connection, event: RecordedEvent, call: ev.Forwarded, amount: int
     ) -> None:
-        await connection.execute(
-            _INSERT_FORWARDED,
+        row = (
             call.provider_id,
             call.card_id,
             call.transaction_id or event.stream_id,  # the provider's id when the hub recorded it
@@ -298,6 +305,8 @@ class TransactionHistory(BatchedProjection):
             event.position,
             call.transaction_operation,
         )
+        if await connection.execute(_FILL_FORWARDED, *row) == "UPDATE 0":
+            await connection.execute(_INSERT_FORWARDED, *row)
 
     async def _forwarded_operation(
         self, connection: asyncpg.Connection, event: RecordedEvent, call: ev.Forwarded, amount: int

@@ -101,51 +101,89 @@ async def test_a_removed_event_is_detected_by_the_hash_chain(store: EventStore, 
         verify_chain(await store.read_stream("s1"))
 
 
-async def test_read_all_follows_commit_order_in_batches(store: EventStore):
-    await store.append("a", 0, [ev(1), ev(2)])
-    await store.append("b", 0, [ev(3)])
+async def lanes_of(pool: asyncpg.Pool, *stream_ids: str) -> list[int]:
+    return [await pool.fetchval("select event_lane($1)", stream_id) for stream_id in stream_ids]
+
+
+async def streams_in_lanes(pool: asyncpg.Pool, same: int, other: int = 0) -> list[str]:
+    """``same`` stream ids that share one lane (one source), then ``other`` ids in other lanes."""
+    first = "s-0"
+    (lane,) = await lanes_of(pool, first)
+    same_ids, other_ids, n = [first], [], 0
+    while len(same_ids) < same or len(other_ids) < other:
+        n += 1
+        (found,) = await lanes_of(pool, f"s-{n}")
+        (same_ids if found == lane else other_ids).append(f"s-{n}")
+    return same_ids[:same] + other_ids[:other]
+
+
+async def test_read_all_follows_commit_order_in_batches(store: EventStore, pool: asyncpg.Pool):
+    a, b = await streams_in_lanes(pool, 2)
+    await store.append(a, 0, [ev(1), ev(2)])
+    await store.append(b, 0, [ev(3)])
     first = await store.read_all(limit=2)
     rest = await store.read_all(after=START.past(first), limit=10)
-    assert [(e.stream_id, e.version) for e in first + rest] == [("a", 1), ("a", 2), ("b", 1)]
-    assert [e.seq for e in first + rest] == [1, 2, 3]
+    assert [(e.stream_id, e.version, e.seq) for e in first + rest] == [(a, 1, 1), (a, 2, 2), (b, 1, 3)]
     assert await store.read_all(after=START.past(first + rest)) == []
     assert await store.head() == START.past(first + rest)
 
 
-async def test_a_later_append_commits_after_one_still_open_so_none_is_skipped(store: EventStore, database_url: str):
+async def test_each_lane_is_a_source_of_its_own(store: EventStore, pool: asyncpg.Pool):
+    streams = [f"card-{n}" for n in range(40)]
+    for stream_id in streams:
+        await store.append(stream_id, 0, [ev(1), ev(2)])
+    events = await store.read_all(limit=1000)
+    assert sorted((e.stream_id, e.version) for e in events) == sorted((s, v) for s in streams for v in (1, 2))
+    lanes = dict(zip(streams, await lanes_of(pool, *streams), strict=True))
+    assert {e.source for e in events} == set(lanes.values()) and len(set(lanes.values())) > 1
+    for source in set(lanes.values()):
+        assert [e.seq for e in events if e.source == source] == list(
+            range(1, 2 * list(lanes.values()).count(source) + 1)
+        )
+    assert all(e.source == lanes[e.stream_id] for e in events)
+
+
+async def test_a_later_append_commits_after_one_still_open_so_none_is_skipped(
+    store: EventStore, pool: asyncpg.Pool, database_url: str
+):
+    late, early, elsewhere = await streams_in_lanes(pool, 2, 1)
     held = await asyncpg.connect(database_url)
     try:
         transaction = held.transaction()
         await transaction.start()
-        # This transaction takes the first seq; the next append waits for it to end.
-        await store.append("late", 0, [ev(1)], connection=held)
-        early = asyncio.create_task(store.append("early", 0, [ev(2)]))
+        # This transaction takes the first seq of its lane; the next append there waits for it to end.
+        await store.append(late, 0, [ev(1)], connection=held)
+        waiting = asyncio.create_task(store.append(early, 0, [ev(2)]))
+        async with asyncio.timeout(5):  # another lane: it does not wait
+            await store.append(elsewhere, 0, [ev(3)])
         await asyncio.sleep(0.3)
-        assert not early.done(), "an append must wait for the open transaction that holds the previous seq"
-        assert await store.read_all() == []
+        assert not waiting.done(), "an append must wait for the open transaction that holds its lane's previous seq"
+        assert [e.stream_id for e in await store.read_all()] == [elsewhere]
         await transaction.commit()
-        await early
+        await waiting
     finally:
         await held.close()
-    seen = await store.read_all()
-    assert [(e.stream_id, e.seq) for e in seen] == [("late", 1), ("early", 2)]
+    seen = [e for e in await store.read_all() if e.stream_id != elsewhere]
+    assert [(e.stream_id, e.seq) for e in seen] == [(late, 1), (early, 2)]
     checkpoint = START
     collected = []
     while batch := await store.read_all(after=checkpoint, limit=1):
         collected += batch
         checkpoint = checkpoint.past(batch)
-    assert [e.stream_id for e in collected] == ["late", "early"]
+    assert sorted(e.stream_id for e in collected) == sorted([late, early, elsewhere])
+    assert [e.stream_id for e in collected if e.stream_id != elsewhere] == [late, early]
 
 
 async def test_a_rolled_back_append_leaves_no_gap(store: EventStore, pool: asyncpg.Pool):
+    gone, kept = await streams_in_lanes(pool, 2)
     async with pool.acquire() as connection:
         transaction = connection.transaction()
         await transaction.start()
-        await store.append("gone", 0, [ev(1)], connection=connection)
+        await store.append(gone, 0, [ev(1)], connection=connection)
         await transaction.rollback()
-    await store.append("kept", 0, [ev(2)])
-    [kept] = await store.read_all()
-    assert (kept.stream_id, kept.seq) == ("kept", 1)
+    await store.append(kept, 0, [ev(2)])
+    [event] = await store.read_all()
+    assert (event.stream_id, event.seq) == (kept, 1)
 
 
 async def test_a_long_transaction_elsewhere_does_not_hold_readers_back(
@@ -161,7 +199,7 @@ async def test_a_long_transaction_elsewhere_does_not_hold_readers_back(
             await connection.fetchval("select pg_current_xact_id()")  # takes a transaction id and keeps it
         await store.append("a", 0, [ev(1)])
         await store.append("b", 0, [ev(2)])
-        assert [e.stream_id for e in await store.read_all()] == ["a", "b"]
+        assert sorted(e.stream_id for e in await store.read_all()) == ["a", "b"]
     finally:
         await other_database.close()
         await this_database.close()

@@ -1,8 +1,8 @@
-"""The deliverer: follows the global event order per subscription and POSTs each event, signed.
+"""The deliverer: follows the commit order per subscription and POSTs each event, signed.
 
 Per subscription, one batch at a time: take the subscription's advisory lock (a deliverer in
 another process that holds it is skipped, so one process sends a subscription's events at a
-time), read the events after its checkpoint in the gap-safe global order, and POST those it
+time), read the events after its checkpoint in the gap-safe commit order, and POST those it
 wants, one after another. Each 2xx moves the checkpoint past that event; a failure blocks the
 subscription on that event (so every card's events arrive in ledger order), to be retried
 after an exponential backoff; after ``attempts_max`` failures the event is moved to the dead
