@@ -102,6 +102,8 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
             for status in await checkpoints.statuses(request.app[POOL]):
                 metrics.projection_lag_events.labels(status.name).set(status.lag_events)
                 metrics.projection_lag_seconds.labels(status.name).set(status.lag_s)
+                for source, lag in status.lag_by_source.items():
+                    metrics.projection_source_lag_events.labels(status.name, str(source)).set(lag)
     except Exception:  # a database that is down must not take the metrics of the outage down with it
         log.warning("projection lag not refreshed for /metrics", exc_info=True)
     return await metrics_handler(metrics)(request)

@@ -62,6 +62,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
+        self.projection_source_lag_events = Gauge(
+            "giftcard_projection_source_lag_events",
+            "Events of one source (a lane of one server, a shard on Citus) not yet applied by a projection",
+            ["projection", "source"],
+            registry=r,
+            multiprocess_mode="max",
+        )
         self.projection_lag_seconds = Gauge(
             "giftcard_projection_lag_seconds",
             "Age of the oldest event a projection has not applied",

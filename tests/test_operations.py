@@ -38,7 +38,7 @@ async def test_openapi_json_and_docs_are_served(service):
     assert status == 200 and len(script) > 100_000
 
 
-async def test_metrics_count_requests_and_appends(service):
+async def test_metrics_count_requests_and_appends(service, pool):
     status, card, _ = await service.call(
         "POST", "/native/giftcards", {"relationName": "m", "caption": "c", "profileId": "p"}
     )
@@ -50,3 +50,5 @@ async def test_metrics_count_requests_and_appends(service):
     assert 'route="/native/giftcards/{card_id}",status="404"' in text
     assert "giftcard_event_append_seconds_count 1.0" in text
     assert 'giftcard_projection_lag_events{projection="card_balances"}' in text
+    lane = await pool.fetchval("select event_lane($1)", card["id"])  # the card's source
+    assert f'giftcard_projection_source_lag_events{{projection="card_balances",source="{lane}"}}' in text
