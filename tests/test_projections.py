@@ -236,6 +236,37 @@ async def test_two_runners_side_by_side_apply_every_event_exactly_once(pool, led
     await assert_balances_match_the_ledger(pool, ledger, card_ids)
 
 
+async def test_runners_miss_no_event_of_writers_whose_commits_land_out_of_order(pool, database_url):
+    """Three writer processes hold each append's transaction open a random while, so commits land in
+    another order than inserts, in every lane; two runner processes follow meanwhile."""
+    await pool.execute(PROBE_TABLE_SQL)
+    options = ("--batch-events-max", "7", "--delay-s", "0", "--poll-interval-s", "0.005")
+    runners = [await start_worker(database_url, name, *options) for name in ("A", "B")]
+    try:
+        writers = [
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "tests.append_worker",
+                database_url,
+                f"w{n}",
+                "--events",
+                "150",
+                stderr=asyncio.subprocess.PIPE,
+            )
+            for n in range(3)
+        ]
+        for writer in writers:
+            _, stderr = await writer.communicate()
+            assert writer.returncode == 0, stderr.decode()[-3000:]
+        await wait_for(all_caught_up(pool, [PROBE]), "both runners to catch up")
+    finally:
+        for runner in runners:
+            await stop(runner)
+    assert await assert_probe_applied_each_event_once(pool) == {"A", "B"}
+    assert await pool.fetchval("select count(*) from projection_probe") == 450
+
+
 async def test_a_checkpoint_moved_by_another_batch_rolls_this_one_back(pool, ledger, clock):
     """The second wall behind the lock: a batch started from a stale checkpoint cannot commit."""
     await write_cards(ledger, clock, 1, "cas")
