@@ -65,8 +65,7 @@ _APPEND_EVENT_SIGNATURE = "append_event(text, integer, text, jsonb, jsonb, bytea
 # ON CONFLICT DO NOTHING (no subtransaction per row, as an exception block would open). Returns the
 # streams appended. Row by row rather than one INSERT ... SELECT for the reason append_event gives;
 # the caller sends the rows in stream order, so two writers never wait for each other in a cycle.
-# The JSON comes as text[]: asyncpg knows no jsonb[] of its own and would look the type up on
-# each new connection, a catalog query that took seconds on a loaded coordinator.
+# The JSON comes as text[] (see _APPEND_ON_ONE_SHARD in ledger.store: why arrays go as text).
 _APPEND_EVENTS_FUNCTION = """
 create or replace function append_events(
     p_route text, p_stream_ids text[], p_expected integer[], p_types text[], p_data text[], p_metadata text[],

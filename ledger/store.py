@@ -165,12 +165,13 @@ on conflict do nothing
 returning stream_id
 """
 
-# _APPEND_ONE as the function ledger.distribution installs on Citus, which runs on the card's worker.
-_APPEND_ON_ITS_SHARD = "select append_event($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7, $8)"
-
 # _APPEND_EACH on Citus for streams that share a shard: ledger.distribution's append_events, run on
 # that shard's worker ($1, any of the streams, routes the call), one local transaction for them all.
-_APPEND_ON_ONE_SHARD = "select append_events($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+# Every array goes as text[]: asyncpg knows only text[] and oid[] of its own and looks any other
+# array type up on each new connection, a catalog query that took seconds on a loaded coordinator.
+_APPEND_ON_ONE_SHARD = (
+    "select append_events($1, $2, $3::text[]::integer[], $4, $5, $6, $7::text[]::bytea[], $8, $9::text[]::bytea[])"
+)
 
 # Which shard of events holds each stream: Citus's own hash of the id against its shard ranges,
 # answered from the coordinator's metadata, no worker asked.
@@ -337,13 +338,13 @@ class EventStore:
                 _APPEND_ON_ONE_SHARD,
                 group[0].stream_id,
                 [a.stream_id for a in group],
-                [a.expected_version for a in group],
+                [str(a.expected_version) for a in group],
                 [a.event.type for a in group],
                 [a.event.data.decode() for a in group],
                 [_metadata_encoder.encode(a.metadata or {}).decode() for a in group],
-                [a.hash for a in group],
+                ["\\x" + a.hash.hex() for a in group],
                 [a.idempotency_key for a in group],
-                [a.previous_hash for a in group],
+                ["\\x" + a.previous_hash.hex() for a in group],
             )
 
         return {stream_id for appended in await asyncio.gather(*map(one_shard, by_shard.values())) for stream_id in appended}
