@@ -347,7 +347,8 @@ class EventStore:
                 ["\\x" + a.previous_hash.hex() for a in group],
             )
 
-        return {stream_id for appended in await asyncio.gather(*map(one_shard, by_shard.values())) for stream_id in appended}
+        answers = await asyncio.gather(*map(one_shard, by_shard.values()))
+        return {stream_id for appended in answers for stream_id in appended}
 
     async def append_many(
         self,

@@ -165,9 +165,8 @@ async def test_a_batch_across_shards_judges_each_row_on_its_own(citus_ledger, ci
     tails = {c: (await store.read_stream(c))[-1] for c in (fresh_a, raced, reused, fresh_b, stale)}
     # Meanwhile another writer appended to `raced`, and `reused` holds the requestId "dup" already.
     await store.append(raced, tails[raced].version, [NewEvent("Noted", b"{}")], previous_hash=tails[raced].hash)
-    await store.append(
-        reused, tails[reused].version, [NewEvent("Noted", b"{}")], previous_hash=tails[reused].hash, idempotency_key="dup"
-    )
+    noted = [NewEvent("Noted", b"{}")]
+    await store.append(reused, tails[reused].version, noted, previous_hash=tails[reused].hash, idempotency_key="dup")
     tails[reused] = (await store.read_stream(reused))[-1]
     before = await two_phase_commits(citus_pool)
     appended = await store.append_each(
