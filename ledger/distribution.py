@@ -57,6 +57,55 @@ $$
 """
 _APPEND_EVENT_SIGNATURE = "append_event(text, integer, text, jsonb, jsonb, bytea, text, bytea)"
 
+# Group commit on the cluster: one event for each of many streams that all live on the shard of
+# p_route, in one call delegated to that shard's worker, so the whole group is one local
+# transaction and one commit there (append_event would be one of each per event). Each row is
+# judged on its own, as ledger.store's _APPEND_EACH does on one server: a row whose guard fails is
+# skipped, and so is a row that hits a unique key (a lost race, a reused idempotency key), through
+# ON CONFLICT DO NOTHING (no subtransaction per row, as an exception block would open). Returns the
+# streams appended. Row by row rather than one INSERT ... SELECT for the reason append_event gives;
+# the caller sends the rows in stream order, so two writers never wait for each other in a cycle.
+# The JSON comes as text[] (see _APPEND_ON_ONE_SHARD in ledger.store: why arrays go as text).
+_APPEND_EVENTS_FUNCTION = """
+create or replace function append_events(
+    p_route text, p_stream_ids text[], p_expected integer[], p_types text[], p_data text[], p_metadata text[],
+    p_hashes bytea[], p_idempotency_keys text[], p_previous_hashes bytea[]
+) returns text[] language plpgsql as $$
+declare
+    r record;
+    inserted text;
+    appended text[] := '{}';
+begin
+    for r in
+        select * from unnest(p_stream_ids, p_expected, p_types, p_data, p_metadata, p_hashes, p_idempotency_keys,
+                             p_previous_hashes)
+            as u(stream_id, expected, type, data, metadata, hash, idempotency_key, previous_hash)
+    loop
+        continue when r.expected > 0 and not exists (
+            select 1 from events where stream_id = r.stream_id and version = r.expected and hash = r.previous_hash
+        );
+        inserted := null;
+        insert into events (stream_id, version, type, data, metadata, hash, idempotency_key)
+        values (r.stream_id, r.expected + 1, r.type, r.data::jsonb, r.metadata::jsonb, r.hash, r.idempotency_key)
+        on conflict do nothing
+        returning stream_id into inserted;
+        if inserted is not null then
+            appended := appended || inserted;
+        end if;
+    end loop;
+    return appended;
+end
+$$
+"""
+_APPEND_EVENTS_SIGNATURE = "append_events(text, text[], integer[], text[], text[], text[], bytea[], text[], bytea[])"
+
+# The functions above, each run on the worker of the shard its argument names:
+# (signature, definition, distribution argument, what distribute() reports).
+_FUNCTIONS = (
+    (_APPEND_EVENT_SIGNATURE, _APPEND_EVENT_FUNCTION, "p_stream_id", "append_event runs on the card's worker"),
+    (_APPEND_EVENTS_SIGNATURE, _APPEND_EVENTS_FUNCTION, "p_route", "append_events runs on the shard's worker"),
+)
+
 _KEY_FOR_SHARDING = """
 alter table events drop constraint events_pkey, add primary key (stream_id, position)
 """
@@ -82,9 +131,11 @@ async def distribution_pending(connection: asyncpg.Connection) -> bool:
         return False
     tables = [table for table, _ in CARD_TABLES] + list(REFERENCE_TABLES)
     undistributed = [table for table in tables if await _method(connection, table) is None]
-    return bool(undistributed) or await connection.fetchval(
-        "select to_regprocedure($1) is null", _APPEND_EVENT_SIGNATURE
-    )
+    return bool(undistributed) or bool(await _functions_missing(connection))
+
+
+async def _functions_missing(connection: asyncpg.Connection) -> list[tuple[str, str, str, str]]:
+    return [f for f in _FUNCTIONS if await connection.fetchval("select to_regprocedure($1) is null", f[0])]
 
 
 async def distribute(connection: asyncpg.Connection) -> list[str]:
@@ -107,12 +158,12 @@ async def distribute(connection: asyncpg.Connection) -> list[str]:
         if await _method(connection, table) is None:
             await connection.execute("select create_reference_table($1)", table)
             done.append(f"{table} copied to every node")
-    if await connection.fetchval("select to_regprocedure($1) is null", _APPEND_EVENT_SIGNATURE):
-        await connection.execute(_APPEND_EVENT_FUNCTION)
+    for signature, definition, argument, report in await _functions_missing(connection):
+        await connection.execute(definition)
         await connection.execute(
-            "select create_distributed_function($1, 'p_stream_id', colocate_with => 'events')", _APPEND_EVENT_SIGNATURE
+            "select create_distributed_function($1, $2, colocate_with => 'events')", signature, argument
         )
-        done.append("append_event runs on the card's worker")
+        done.append(report)
     return done
 
 

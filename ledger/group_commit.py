@@ -46,6 +46,28 @@ class GroupCommitter(Batcher[OneEvent, bytes]):
         return item.stream_id
 
     async def flush(self, batch: list[Waiting]) -> None:
+        # On Citus each shard's share of the batch is its own call and commit on its worker, so it
+        # succeeds or fails on its own, and so do its commands: a worker down fails only the cards
+        # it holds. On one server the batch is one share.
+        shard_of = await self.store.shards_of([one.stream_id for one, _ in batch])
+        shares: dict[int, list[Waiting]] = {}
+        for waiting in batch:
+            shares.setdefault(shard_of[waiting[0].stream_id], []).append(waiting)
+        if len(shares) == 1:
+            await self._flush_share(batch)
+        else:
+            await asyncio.gather(*map(self._flush_share_alone, shares.values()))
+
+    async def _flush_share_alone(self, share: list[Waiting]) -> None:
+        """A share's failure goes to its own commands only (the Batcher would give it to the whole
+        batch, whose other shares may have committed)."""
+        try:
+            await self._flush_share(share)
+        except Exception as e:
+            for _, answer in share:
+                settle(answer, error=e)
+
+    async def _flush_share(self, batch: list[Waiting]) -> None:
         try:
             appended = await self.store.append_each([one for one, _ in batch])
         except InvalidRequest:

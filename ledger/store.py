@@ -158,8 +158,20 @@ on conflict do nothing
 returning stream_id
 """
 
-# _APPEND_ONE as the function ledger.distribution installs on Citus, which runs on the card's worker.
-_APPEND_ON_ITS_SHARD = "select append_event($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7, $8)"
+# _APPEND_EACH on Citus for streams that share a shard: ledger.distribution's append_events, run on
+# that shard's worker ($1, any of the streams, routes the call), one local transaction for them all.
+# Every array goes as text[]: asyncpg knows only text[] and oid[] of its own and looks any other
+# array type up on each new connection, a catalog query that took seconds on a loaded coordinator.
+_APPEND_ON_ONE_SHARD = (
+    "select append_events($1, $2, $3::text[]::integer[], $4, $5, $6, $7::text[]::bytea[], $8, $9::text[]::bytea[])"
+)
+
+# Which shard of events holds each stream: Citus's own hash of the id against its shard ranges,
+# answered from the coordinator's metadata, no worker asked.
+_SHARDS_OF = "select s, get_shard_id_for_distribution_column('events', s) from unnest($1::text[]) as s"
+# Streams whose shard is remembered (a card's shard never changes while shards only move; after a
+# split a stale entry only costs speed: see _append_each_on_its_shard). Forgotten all at once past this.
+SHARDS_REMEMBERED_MAX = 100_000
 
 _COLUMNS = (
     "position, source, seq, stream_id, version, type, data::text as data, metadata::text as metadata, recorded_at, hash"
@@ -198,6 +210,7 @@ class EventStore:
         self.observe_append = observe_append
         self._sharded: bool | None = None  # events distributed by Citus; learnt at the first append_each
         self._lanes: Sequence[int] | None = None  # one server's sources, learnt at the first read
+        self._shard_of: dict[str, int] = {}  # on Citus: stream id -> shard id of events
 
     async def sharded(self) -> bool:
         if self._sharded is None:
@@ -282,20 +295,44 @@ class EventStore:
         )
         return {row["stream_id"] for row in rows}
 
+    async def shards_of(self, stream_ids: Sequence[str]) -> dict[str, int]:
+        """The shard of events holding each stream: on Citus its shard id (one query for the ones
+        not remembered yet), on one server 0 for all (one shard)."""
+        if not await self.sharded():
+            return dict.fromkeys(stream_ids, 0)
+        unknown = [s for s in stream_ids if s not in self._shard_of]
+        if unknown:
+            if len(self._shard_of) + len(unknown) > SHARDS_REMEMBERED_MAX:
+                self._shard_of.clear()
+            self._shard_of.update(await self.pool.fetch(_SHARDS_OF, unknown))
+        return {s: self._shard_of[s] for s in stream_ids}
+
     async def _append_each_on_its_shard(self, appends: Sequence[OneEvent]) -> set[str]:
-        """On Citus, one statement a stream, side by side: each is a local transaction on the
-        card's own shard (one statement for all would be a transaction across shards and workers)."""
+        """On Citus, one call per shard, side by side: each is one local transaction on the shard's
+        worker (one statement for all would be a transaction across shards and workers, committed
+        in two phases). Were a shard split since its streams were looked up, a call would still be
+        right, only slower: the worker would then run it across shards itself."""
+        shard_of = await self.shards_of([a.stream_id for a in appends])
+        by_shard: dict[int, list[OneEvent]] = {}
+        for a in sorted(appends, key=lambda a: a.stream_id):  # stream order, as _APPEND_EACH: no deadlock
+            by_shard.setdefault(shard_of[a.stream_id], []).append(a)
 
-        async def one(a: OneEvent) -> str | None:
-            metadata_json = _metadata_encoder.encode(a.metadata or {}).decode()
-            args = (a.stream_id, a.expected_version, a.event.type, a.event.data.decode(), metadata_json, a.hash)
-            try:
-                position = await self.pool.fetchval(_APPEND_ON_ITS_SHARD, *args, a.idempotency_key, a.previous_hash)
-            except asyncpg.UniqueViolationError:  # a lost race or a reused key: skipped, as on conflict
-                return None
-            return None if position is None else a.stream_id
+        async def one_shard(group: list[OneEvent]) -> list[str]:
+            return await self.pool.fetchval(
+                _APPEND_ON_ONE_SHARD,
+                group[0].stream_id,
+                [a.stream_id for a in group],
+                [str(a.expected_version) for a in group],
+                [a.event.type for a in group],
+                [a.event.data.decode() for a in group],
+                [_metadata_encoder.encode(a.metadata or {}).decode() for a in group],
+                ["\\x" + a.hash.hex() for a in group],
+                [a.idempotency_key for a in group],
+                ["\\x" + a.previous_hash.hex() for a in group],
+            )
 
-        return {stream_id for stream_id in await asyncio.gather(*map(one, appends)) if stream_id is not None}
+        answers = await asyncio.gather(*map(one_shard, by_shard.values()))
+        return {stream_id for appended in answers for stream_id in appended}
 
     async def append_many(
         self,

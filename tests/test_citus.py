@@ -31,7 +31,7 @@ from ledger.commands import Ledger
 from ledger.database import create_pool
 from ledger.domain.giftcard import DEBIT
 from ledger.migrate import grant_service_role, upgrade
-from ledger.store import EventStore, NewEvent
+from ledger.store import EventStore, NewEvent, OneEvent, RecordedEvent, chain_hash, verify_chain
 from projections import card_balances, checkpoints
 from tests.cards import issue
 from tests.citus_cluster import CitusCluster, citus_missing
@@ -166,6 +166,55 @@ async def test_card_commands_are_local_transactions_on_one_shard(citus_ledger, c
     assert await two_phase_commits(citus_pool) - before == set()
     fresh = Ledger(EventStore(citus_pool), code_key=b"k" * 32)
     assert [(await fresh.card(c)).balance for c in cards] == [4500, 4600, 4500, 4500, 4500, 4500]
+
+
+async def cards_on_two_shards(ledger: Ledger, store: EventStore, each: int) -> tuple[list[str], list[str]]:
+    """Issued cards until two shards hold ``each`` of them (a card's id picks its shard)."""
+    by_shard: dict[int, list[str]] = {}
+    while sum(len(cards) >= each for cards in by_shard.values()) < 2:
+        card_id = str((await issue(ledger)).card.id)
+        by_shard.setdefault((await store.shards_of([card_id]))[card_id], []).append(card_id)
+    first, second = [cards[:each] for cards in by_shard.values() if len(cards) >= each][:2]
+    return first, second
+
+
+def next_event(stream_id: str, tail: RecordedEvent, *, key: str | None = None, previous_hash: bytes | None = None):
+    """A group-commit row appending one event after ``tail`` (with another previous hash if given)."""
+    event = NewEvent("Noted", b'{"note":"batch"}')
+    previous = tail.hash if previous_hash is None else previous_hash
+    hash_ = chain_hash(previous, stream_id, tail.version + 1, event.type, event.data)
+    return OneEvent(stream_id, tail.version, event, previous, hash_, key, None)
+
+
+async def test_a_batch_across_shards_judges_each_row_on_its_own(citus_ledger, citus_pool):
+    """Group commit on the cluster sends one call per shard; inside a call, a row that lost its
+    race, reuses a requestId or does not follow its stream's last event is skipped, and the rows
+    beside it, on its shard and on the other, are appended, each shard in one local transaction."""
+    store = EventStore(citus_pool)
+    (fresh_a, raced, reused), (fresh_b, stale, _) = await cards_on_two_shards(citus_ledger, store, 3)
+    tails = {c: (await store.read_stream(c))[-1] for c in (fresh_a, raced, reused, fresh_b, stale)}
+    # Meanwhile another writer appended to `raced`, and `reused` holds the requestId "dup" already.
+    await store.append(raced, tails[raced].version, [NewEvent("Noted", b"{}")], previous_hash=tails[raced].hash)
+    noted = [NewEvent("Noted", b"{}")]
+    await store.append(reused, tails[reused].version, noted, previous_hash=tails[reused].hash, idempotency_key="dup")
+    tails[reused] = (await store.read_stream(reused))[-1]
+    before = await two_phase_commits(citus_pool)
+    appended = await store.append_each(
+        [
+            next_event(fresh_a, tails[fresh_a], key="a"),
+            next_event(raced, tails[raced], key="r"),  # its version is taken: unique (stream_id, version)
+            next_event(reused, tails[reused], key="dup"),  # unique (stream_id, idempotency_key)
+            next_event(fresh_b, tails[fresh_b], key="b"),
+            next_event(stale, tails[stale], previous_hash=b"not its last hash"),  # its guard fails
+        ]
+    )
+    assert appended == {fresh_a, fresh_b}
+    assert await two_phase_commits(citus_pool) - before == set()
+    versions = {c: [e.version for e in await store.read_stream(c)] for c in tails}
+    assert versions == {fresh_a: [1, 2], raced: [1, 2], reused: [1, 2], fresh_b: [1, 2], stale: [1]}
+    for card_id in tails:
+        verify_chain(await store.read_stream(card_id))
+    assert (await store.read_stream(raced))[1].data == b"{}"  # the other writer's event stayed
 
 
 async def test_events_are_immutable_on_the_coordinator_and_on_each_shard(citus_ledger, citus_pool, cluster):
