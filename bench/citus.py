@@ -4,8 +4,9 @@ Per round, two fresh databases of the same PostgreSQL 15 binaries and settings (
 fsync off on both): one server, and a Citus coordinator with two workers on the same machine
 (tests/citus_cluster.py; three servers share its two cores). Each gets ``giftcard serve`` with
 1,000 cards it created itself, then wrk posts Debits of 0.01 to them round-robin at 64
-connections (the setting of bench/http_debits.py). Projections and webhooks are off on both: the
-read side does not run on Citus yet. The servers take turns; each row is the median round.
+connections (the setting of bench/http_debits.py). Both run as ``serve`` runs by default, the
+projection runner following every source (ledger.commit_order) beside the web workers. The servers
+take turns; each row is the median round.
 
 Last, on a cluster under the same load, one shard (and the shards co-located with it) moves to
 the other worker online, and its time is reported.
@@ -37,7 +38,6 @@ from tests.pg_cluster import PgNode, owned_folder
 
 DATABASE = "giftcard"
 CONNECTIONS = 64
-OFF = ["GIFTCARD_RUN_PROJECTIONS=false", "GIFTCARD_RUN_WEBHOOKS=false"]
 TARGET_SHARE = 0.5
 WRK_THREADS = 2
 
@@ -66,7 +66,7 @@ def citus_cluster() -> Iterator[CitusCluster]:
 
 
 def measure(name: str, url: str, args: argparse.Namespace, work: Path, credentials: Credentials) -> dict:
-    server = ours(name, DATABASE, credentials, OFF)
+    server = ours(name, DATABASE, credentials, extra_env=[])
     with running(server, url, work) as (_, base_url):
         cards = asyncio.run(seed_ours(base_url, credentials))
         script = write_lua_script(work, cards, credentials, server.route)
@@ -79,7 +79,7 @@ def measure(name: str, url: str, args: argparse.Namespace, work: Path, credentia
 def move_one_shard_under_load(args: argparse.Namespace, work: Path, credentials: Credentials) -> float:
     """Seconds ``citus_move_shard_placement`` took while wrk posted Debits to the cluster."""
     with citus_cluster() as cluster:
-        server = ours("citus", DATABASE, credentials, OFF)
+        server = ours("citus", DATABASE, credentials, extra_env=[])
         with running(server, cluster.url(), work) as (_, base_url):
             cards = asyncio.run(seed_ours(base_url, credentials))
             script = write_lua_script(work, cards, credentials, server.route)
