@@ -42,6 +42,7 @@ import asyncpg
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 
+from bench.arguments import add_database_url, int_list
 from bench.report import write_json
 from ledger.codec import MsgspecTranscoder
 from ledger.database import EmbeddedPostgres, create_pool, database_named
@@ -488,12 +489,7 @@ def report(args: argparse.Namespace, results: list[Result], facts: dict[str, Any
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("GIFTCARD_DATABASE_URL"),
-        help="a PostgreSQL server to run on (any database of it: the benchmark creates its own); "
-        "default $GIFTCARD_DATABASE_URL, else an embedded server in a temporary directory",
-    )
+    add_database_url(parser, "a PostgreSQL server to run on (any database of it: the benchmark creates its own)")
     parser.add_argument("--bench-database", default=BENCH_DATABASE, help="dropped and recreated (%(default)s)")
     parser.add_argument(
         "--seconds", type=float, default=4.0, help="measured time per contender and level (%(default)s)"
@@ -503,7 +499,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 s in one slice, 0.3 s warm-up")
     parser.add_argument(
         "--writers",
-        type=lambda s: [int(n) for n in s.split(",")],
+        type=int_list,
         default=list(WRITERS),
         help="comma-separated concurrency levels (default 1,8,32,64)",
     )

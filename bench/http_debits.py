@@ -52,6 +52,7 @@ import aiohttp
 import asyncpg
 
 from bench import event_store_appends
+from bench.arguments import int_list
 from bench.report import write_json
 from ledger.database import database_named
 
@@ -911,10 +912,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="4 s measured, 1 s warm-up, one round: a smoke run")
     parser.add_argument(
-        "--connections",
-        type=lambda s: [int(n) for n in s.split(",")],
-        default=list(CONNECTIONS),
-        help="comma-separated (default 16,64)",
+        "--connections", type=int_list, default=list(CONNECTIONS), help="comma-separated (default 16,64)"
     )
     parser.add_argument(
         "--servers",

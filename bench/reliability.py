@@ -46,6 +46,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
+from bench.arguments import add_database_url
 from ledger.database import database_named
 from tests.debit_load import (
     MINOR_PER_MAJOR,
@@ -374,12 +375,7 @@ Each run appends a section below.
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("GIFTCARD_DATABASE_URL"),
-        help="a PostgreSQL server (the bench creates and drops a database of its own on it); "
-        "default $GIFTCARD_DATABASE_URL, else an embedded server in a temporary directory",
-    )
+    add_database_url(parser, "a PostgreSQL server (the bench creates and drops a database of its own on it)")
     parser.add_argument("--cards", type=int, default=100, help="cards the load spreads over (%(default)s)")
     parser.add_argument("--debits", type=int, default=10000, help="Debits sent (%(default)s)")
     parser.add_argument("--restarts", type=int, default=8, help="SIGKILL + restart cycles (%(default)s)")

@@ -13,6 +13,7 @@ from ledger.codec import canonical_json
 from ledger.credentials_cipher import CredentialsCipher
 from ledger.domain.errors import InvalidRequest, NotFound
 from ledger.domain.provider import NativeProviderIsBuiltIn, ProviderSpec, check_provider_id, check_registration
+from ledger.rows import from_row
 from ledger.store import GENESIS_HASH, EventStore, NewEvent
 
 REGISTERED = "ProviderRegistered"
@@ -106,14 +107,7 @@ class ProviderRegistry:
         return {row["id"]: self._from_row(row) for row in rows}
 
     def _from_row(self, row: asyncpg.Record) -> RegisteredProvider:
-        spec = ProviderSpec(
-            id=row["id"],
-            service_url=row["service_url"],
-            oauth_provider=row["oauth_provider"],
-            caption=row["caption"],
-            pre_auth_enabled=row["pre_auth_enabled"],
-            cancel_enabled=row["cancel_enabled"],
-        )
+        spec = from_row(ProviderSpec, row)
         credentials = None
         if row["credentials"] and self.cipher.available:
             credentials = _credentials_codec[1].decode(self.cipher.decrypt(row["credentials"], context=row["id"]))

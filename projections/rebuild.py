@@ -105,11 +105,14 @@ async def rebuild(
                 await checkpoints.ensure_checkpoints(connection, [projection.name])
                 for sql in shadow.create_sql():
                     await connection.execute(sql)
-            while await _replay_batch(connection, store, shadow, batch_events_max, on_progress):
-                pass
+            while True:  # batch by batch, each committed on its own, while the live tables keep serving
+                async with connection.transaction():
+                    if not await _apply_to_shadow(connection, store, shadow, batch_events_max, on_progress):
+                        break
             async with connection.transaction():
                 await checkpoints.wait_for_lock(connection, projection.name)
-                await _catch_up_in_transaction(connection, store, shadow, batch_events_max, on_progress)
+                while await _apply_to_shadow(connection, store, shadow, batch_events_max, on_progress):
+                    pass  # what committed meanwhile; with the batch lock held, the live tables stand still
                 await connection.execute(_SWAP_STATEMENT_TIMEOUT, f"{round(SWAP_STATEMENT_TIMEOUT_S * 1000)}")
                 for sql in shadow.swap_sql():
                     await connection.execute(sql, timeout=SWAP_STATEMENT_TIMEOUT_S)
@@ -120,28 +123,6 @@ async def rebuild(
             await connection.execute(shadow.drop_sql())
             await connection.fetchval(_RELEASE_REBUILD_LOCK, checkpoints.REBUILD_LOCK_CLASS, projection.name)
     return RebuildResult(projection.name, shadow.events_applied, shadow.checkpoint)
-
-
-async def _replay_batch(
-    connection: asyncpg.Connection,
-    store: EventStore,
-    shadow: _Shadow,
-    batch_events_max: int,
-    on_progress: Callable[[int], None] | None,
-) -> int:
-    async with connection.transaction():
-        return await _apply_to_shadow(connection, store, shadow, batch_events_max, on_progress)
-
-
-async def _catch_up_in_transaction(
-    connection: asyncpg.Connection,
-    store: EventStore,
-    shadow: _Shadow,
-    batch_events_max: int,
-    on_progress: Callable[[int], None] | None,
-) -> None:
-    while await _apply_to_shadow(connection, store, shadow, batch_events_max, on_progress):
-        pass
 
 
 async def _apply_to_shadow(

@@ -14,6 +14,7 @@ from decimal import Decimal
 import asyncpg
 import msgspec
 
+from ledger.rows import from_row
 from projections.audit import VerifyReport, render_report
 
 FAILURES_RECORDED_MAX = 20  # the page shows these; the command prints every one
@@ -95,15 +96,9 @@ async def latest_run(connection: asyncpg.Connection | asyncpg.Pool) -> VerifyRun
     row = await connection.fetchrow(_LATEST)
     if row is None:
         return None
-    return VerifyRun(
-        id=row["id"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        ok=row["ok"],
-        events=row["events"],
-        streams=row["streams"],
-        cards=row["cards"],
-        failures_total=row["failures_total"],
+    return from_row(
+        VerifyRun,
+        row,
         failures=msgspec.json.decode(row["failures"], type=list[RecordedFailure]),
         totals=msgspec.json.decode(row["totals"], type=list[RecordedTotal]),
         read_models=msgspec.json.decode(row["read_models"], type=list[RecordedReadModel]),

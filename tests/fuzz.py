@@ -37,6 +37,23 @@ JSON_DEPTH_LIMIT = 32  # hub.wire.JSON_DEPTH_MAX: one level deeper must be refus
 
 
 @dataclass(frozen=True)
+class FuzzRequest:
+    """One request a fuzz test draws; its repr is cut short, so that a failing example stays readable."""
+
+    method: str
+    path: str
+    body: bytes | None
+    headers: dict[str, str]
+    auth: str = "valid"
+    oversized: bool = False  # a header larger than the server takes: a refusal must write nothing
+
+    def __repr__(self) -> str:
+        body = None if self.body is None else self.body[:800] + (b"..." if len(self.body) > 800 else b"")
+        headers = {k: (v if len(v) < 200 else v[:20] + f"...({len(v)} chars)") for k, v in self.headers.items()}
+        return f"{self.method} {self.path[:300]} auth={self.auth} headers={headers} body={body!r}"
+
+
+@dataclass(frozen=True)
 class Raw:
     """A literal JSON token written as is (``NaN``, ``1e999999``, ``-0``, a 5000-digit integer)."""
 

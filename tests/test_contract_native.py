@@ -43,6 +43,7 @@ from hypothesis import strategies as st
 from yarl import URL
 
 from tests import fuzz
+from tests.fuzz import FuzzRequest
 from tests.openapi import (
     SpecViolation,
     operation,
@@ -496,19 +497,6 @@ OPERATION_IDS = ["", "4a0b5d2c-9c0e-4e55-9c51-000000000001", "x" * 300, "not a u
 # Credentials: valid, or what the Hub's verification requests send (NOTES 2.1): missing -> 401,
 # wrong or the other audience's -> 403, both with an empty body and no effect.
 AUTH_STATUS = {"valid": None, "missing": 401, "wrong": 403, "other-audience": 403}
-
-
-@dataclass(frozen=True)
-class FuzzRequest:
-    method: str
-    path: str
-    body: bytes | None
-    headers: dict[str, str]
-    auth: str = "valid"
-
-    def __repr__(self) -> str:
-        body = None if self.body is None else self.body[:800] + (b"..." if len(self.body) > 800 else b"")
-        return f"{self.method} {self.path[:300]} auth={self.auth} headers={self.headers} body={body!r}"
 
 
 @st.composite

@@ -9,7 +9,7 @@ import pytest
 
 from ledger.domain import errors
 from ledger.domain.codes import CODE_ENTROPY_BITS, hash_code, mask_code, new_redemption_code, visible_tail
-from ledger.domain.giftcard import Client, GiftCard
+from ledger.domain.giftcard import Client, GiftCard, Transaction
 from ledger.domain.snapshot import restore_snapshot, take_snapshot
 from tests.cards import issued_aggregate
 
@@ -23,27 +23,24 @@ def new_card(**overrides) -> GiftCard:
 _counter = iter(range(1, 10**9))
 
 
-def credit(card: GiftCard, value: int, request_id: str | None = None, now: datetime = NOW):
-    return card.credit(
+def transaction_fields(value: int, description: str, request_id: str | None, now: datetime) -> dict:
+    """What a Credit and a Debit both take: a fresh transaction id, and a fresh requestId unless one is given."""
+    return dict(
         transaction_id=f"t{next(_counter)}",
         value=value,
-        description="load",
+        description=description,
         request_id=request_id or f"r{next(_counter)}",
         order_info=None,
         now=now,
     )
+
+
+def credit(card: GiftCard, value: int, request_id: str | None = None, now: datetime = NOW):
+    return card.credit(**transaction_fields(value, "load", request_id, now))
 
 
 def debit(card: GiftCard, value: int, request_id: str | None = None, now: datetime = NOW, client: Client | None = None):
-    return card.debit(
-        transaction_id=f"t{next(_counter)}",
-        value=value,
-        description="order",
-        request_id=request_id or f"r{next(_counter)}",
-        order_info=None,
-        client=client,
-        now=now,
-    )
+    return card.debit(**transaction_fields(value, "order", request_id, now), client=client)
 
 
 def settle(card, tx, value, request_id=None):
@@ -60,6 +57,13 @@ def cancel(card, tx, value, request_id=None):
         request_id=request_id or f"c{next(_counter)}",
         now=NOW,
     )
+
+
+def card_holding(value: int) -> tuple[GiftCard, Transaction]:
+    """A card loaded with 1000 and a Debit of ``value`` on it, held: where settling and cancelling start."""
+    card = new_card()
+    credit(card, 1000)
+    return card, debit(card, value)
 
 
 def test_a_new_card_has_balance_zero():
@@ -89,9 +93,7 @@ def test_debit_reduces_available_balance_at_once_and_never_below_zero():
 
 
 def test_settlement_captures_at_most_what_is_held():
-    card = new_card()
-    credit(card, 1000)
-    spend = debit(card, 300)
+    card, spend = card_holding(300)
     settle(card, spend, 200, "s1")
     settle(card, spend, 100, "s2")
     with pytest.raises(errors.OverSettlement):
@@ -100,9 +102,7 @@ def test_settlement_captures_at_most_what_is_held():
 
 
 def test_cancellation_releases_held_first_then_refunds_captured():
-    card = new_card()
-    credit(card, 1000)
-    spend = debit(card, 300)
+    card, spend = card_holding(300)
     settle(card, spend, 200, "s1")
     cancel(card, spend, 150)  # 100 still held, then 50 of the 200 captured
     assert (spend.released, spend.refunded) == (100, 50)
@@ -214,9 +214,7 @@ def test_request_id_replay_returns_the_original_and_a_different_payload_conflict
 
 
 def test_settlement_and_cancellation_request_ids_are_idempotent_per_transaction():
-    card = new_card()
-    credit(card, 1000)
-    spend = debit(card, 300)
+    card, spend = card_holding(300)
     first = settle(card, spend, 100, "pay-1")
     assert settle(card, spend, 100, "pay-1") is first
     with pytest.raises(errors.RequestIdReused):

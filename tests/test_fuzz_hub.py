@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from tests import fuzz
+from tests.fuzz import FuzzRequest
 from tests.openapi import Operation, operations, request_schema, require_spec, requires_spec
 from tests.test_contract_native import (
     CONTENT_TYPES,
@@ -110,21 +110,6 @@ SERVICE_URLS = (
     "http://127.0.0.1/" + "a" * 5000,
     "",
 )
-
-
-@dataclass(frozen=True)
-class FuzzRequest:
-    method: str
-    path: str
-    body: bytes | None
-    headers: dict[str, str]
-    auth: str = "valid"
-    oversized: bool = False
-
-    def __repr__(self) -> str:
-        body = None if self.body is None else self.body[:800] + (b"..." if len(self.body) > 800 else b"")
-        headers = {k: (v if len(v) < 200 else v[:20] + f"...({len(v)} chars)") for k, v in self.headers.items()}
-        return f"{self.method} {self.path[:300]} auth={self.auth} headers={headers} body={body!r}"
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ from projections.runner import ProjectionRunner, SharedRead
 from tests.conftest import Clock
 from tests.projection_worker import PROBE, PROBE_TABLE_SQL, Probe
 from tests.providers.reference import start_reference_provider
+from tests.test_hub import register
 
 NATIVE = "VtexGiftCard"
 READ_MODEL_TABLES = [table for projection in read_models(NATIVE) for table in projection.tables]
@@ -594,19 +595,7 @@ async def test_listings_need_hub_credentials_and_a_valid_range(service):
 
 async def test_forwarded_operations_appear_marked_with_their_provider(service, clock):
     async with start_reference_provider() as provider:
-        status, _, _ = await service.call(
-            "PUT",
-            "/api/giftcardproviders/Acme",
-            {
-                "id": "Acme",
-                "serviceUrl": provider.service_url,
-                "oauthProvider": "vtex",
-                "preAuthEnabled": True,
-                "cancelEnabled": True,
-                "appKey": provider.app_key,
-                "appToken": provider.app_token,
-            },
-        )
+        status, _, _ = await register(service, "Acme", provider)
         assert status == 200
         voucher = provider.state.issue_card(balance="75.00")
         base = f"/api/giftcardproviders/Acme/giftcards/{voucher.id}/transactions"

@@ -223,18 +223,17 @@ async def test_routes_are_exactly_the_provider_protocol_operations():
     assert set(OPERATION_IDS) == {op.operation_id for op in operations(SPEC)}
 
 
+async def create_transaction(session, provider, card: dict, operation_name: str, value: str, request_id: str) -> Any:
+    body = transaction_body(card, operation_name, value, request_id)
+    return await call(session, provider, "CreateGiftCardTransaction", body, giftCardId=card["id"])
+
+
 async def test_all_eleven_operations_answer_bodies_that_match_the_spec(provider, session):
     created = await call(session, provider, "CreateGiftCard", create_card_body())
     card_id = created["id"]
     assert created["caption"] == "Loyalty Program" and created["profileId"] == "shopper@example.com"
 
-    credit = await call(
-        session,
-        provider,
-        "CreateGiftCardTransaction",
-        transaction_body(created, "Credit", "100.00", "r1"),
-        giftCardId=card_id,
-    )
+    credit = await create_transaction(session, provider, created, "Credit", "100.00", "r1")
     assert credit["cardId"] == card_id
 
     [found] = await call(session, provider, "ListAllGiftCards", search_body(created["redemptionCode"]))
@@ -244,13 +243,7 @@ async def test_all_eleven_operations_answer_bodies_that_match_the_spec(provider,
     assert card["balance"] == Decimal("100.0")
     assert card["redemptionCode"].endswith(created["redemptionCode"][-4:]) and card["redemptionCode"].startswith("*")
 
-    debit = await call(
-        session,
-        provider,
-        "CreateGiftCardTransaction",
-        transaction_body(created, "Debit", "40.25", "r2"),
-        giftCardId=card_id,
-    )
+    debit = await create_transaction(session, provider, created, "Debit", "40.25", "r2")
     ids = {"giftCardId": card_id, "transactionId": debit["id"], "tId": debit["id"]}
 
     listed = await call(session, provider, "ListAllGiftCardTransactions", giftCardId=card_id)

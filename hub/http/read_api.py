@@ -11,6 +11,8 @@ and answer ``REST-Content-Range``; filters are query parameters, and a bad one i
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
@@ -20,7 +22,7 @@ from aiohttp import web
 
 from hub.errors import ApiError
 from hub.http.native import json_response
-from hub.http.paging import content_range, parse_rest_range
+from hub.http.paging import RestRange, content_range, parse_rest_range
 from hub.http.read_pool import read_pool, with_replica_lag
 from hub.http.state import SETTINGS
 from hub.wire import format_datetime, parse_datetime
@@ -209,23 +211,33 @@ async def freshness_of(request: web.Request, connection: asyncpg.Connection, nam
     return with_replica_lag(request, render_freshness(found[0]))
 
 
+@contextlib.asynccontextmanager
+async def reading(request: web.Request, name: str) -> AsyncIterator[tuple[asyncpg.Connection, dict[str, Any]]]:
+    """A connection to read projection ``name``'s rows on, and its freshness, read on it first."""
+    async with (await read_pool(request)).acquire() as connection:
+        yield connection, await freshness_of(request, connection, name)
+
+
+def page_response(
+    window: RestRange, items: list[dict[str, Any]], total: int, freshness: dict[str, Any]
+) -> web.Response:
+    return json_response({"items": items, "freshness": freshness}, content_range(window, len(items), total))
+
+
 async def list_balances(request: web.Request) -> web.Response:
     window = parse_rest_range(request.headers.get("REST-Range"))
     where = card_balances.BalanceFilter(
         currency=currency_param(request), status=choice_param(request, "status", card_balances.STATUSES)
     )
     provider = request.app[SETTINGS].native_provider_id
-    async with (await read_pool(request)).acquire() as connection:
-        freshness = await freshness_of(request, connection, card_balances.NAME)
+    async with reading(request, card_balances.NAME) as (connection, freshness):
         rows, total = await card_balances.list_balances(connection, where, window.start, window.size)
-    items = [render_balance(row, provider) for row in rows]
-    return json_response({"items": items, "freshness": freshness}, content_range(window, len(items), total))
+    return page_response(window, [render_balance(row, provider) for row in rows], total, freshness)
 
 
 async def get_balance(request: web.Request) -> web.Response:
     card_id = request.match_info["card_id"]
-    async with (await read_pool(request)).acquire() as connection:
-        freshness = await freshness_of(request, connection, card_balances.NAME)
+    async with reading(request, card_balances.NAME) as (connection, freshness):
         row = await card_balances.one_balance(connection, card_id)
     if row is None:
         raise CardNotFound(
@@ -246,15 +258,14 @@ async def list_transactions(request: web.Request) -> web.Response:
         until=instant_param(request, "until"),
     )
     check_order(where.since, where.until)
-    async with (await read_pool(request)).acquire() as connection:
-        freshness = await freshness_of(request, connection, transaction_history.NAME)
+    async with reading(request, transaction_history.NAME) as (connection, freshness):
         rows, operations, total = await transaction_history.list_transactions(
             connection, where, window.start, window.size
         )
     items = [
         render_transaction(row, operations[(row["provider"], row["card_id"], row["transaction_id"])]) for row in rows
     ]
-    return json_response({"items": items, "freshness": freshness}, content_range(window, len(items), total))
+    return page_response(window, items, total, freshness)
 
 
 async def list_daily_totals(request: web.Request) -> web.Response:
@@ -267,11 +278,9 @@ async def list_daily_totals(request: web.Request) -> web.Response:
     )
     check_order(where.since, where.until)
     native = request.app[SETTINGS].native_provider_id
-    async with (await read_pool(request)).acquire() as connection:
-        freshness = await freshness_of(request, connection, daily_totals.NAME)
+    async with reading(request, daily_totals.NAME) as (connection, freshness):
         rows, total = await daily_totals.list_totals(connection, where, window.start, window.size)
-    items = [render_day(row, native) for row in rows]
-    return json_response({"items": items, "freshness": freshness}, content_range(window, len(items), total))
+    return page_response(window, [render_day(row, native) for row in rows], total, freshness)
 
 
 async def list_projections(request: web.Request) -> web.Response:

@@ -17,6 +17,7 @@ import asyncpg
 
 from ledger.commit_order import Checkpoint
 from ledger.domain.errors import InvalidRequest, NotFound
+from ledger.rows import from_row
 from ledger.store import EventStore, RecordedEvent
 
 LOCK_CLASS = 0x77686B73  # "whks": advisory lock namespace; the second key is hashtext(subscription id)
@@ -367,35 +368,17 @@ def _check_moved(status: str, subscription_id: str, after: Checkpoint) -> None:
 
 
 def _subscription(row: asyncpg.Record, head: Checkpoint | None = None) -> Subscription:
-    keys = row.keys()
     checkpoint = Checkpoint.from_json(row["checkpoint"])
-    return Subscription(
-        id=row["id"],
-        url=row["url"],
+    return from_row(
+        Subscription,
+        row,
         event_types=None if row["event_types"] is None else tuple(row["event_types"]),
-        description=row["description"],
         sealed_secret=row["secret"],
         checkpoint=checkpoint,
-        attempts=row["attempts"],
-        next_attempt_at=row["next_attempt_at"],
-        last_error=row["last_error"],
-        delivered=row["delivered"],
-        last_delivered_at=row["last_delivered_at"],
-        created_at=row["created_at"],
-        dead_letters=row["dead_letters"] if "dead_letters" in keys else 0,
+        dead_letters=row.get("dead_letters", 0),  # counted only when subscriptions are listed
         lag_events=0 if head is None else checkpoint.behind(head),
     )
 
 
 def _dead_letter(row: asyncpg.Record) -> DeadLetter:
-    return DeadLetter(
-        subscription_id=row["subscription_id"],
-        position=row["position"],
-        event_type=row["event_type"],
-        subject_id=row["subject_id"],
-        body=row["body"].encode(),
-        attempts=row["attempts"],
-        last_error=row["last_error"],
-        dead_at=row["dead_at"],
-        retry_requested=row["retry_requested"],
-    )
+    return from_row(DeadLetter, row, body=row["body"].encode())

@@ -68,19 +68,21 @@ $$;
 create trigger events_take_seq before insert on events for each row execute function events_take_seq();
 
 -- Readers' places: the last seq read from each source, as {"source": seq}.
-alter table projection_checkpoints add column checkpoint jsonb not null default '{}';
 -- A reader at event E has read, in every lane, what committed before E (the old order was one).
-update projection_checkpoints c set checkpoint = coalesce((
-    select jsonb_object_agg(l.source, l.seq) from (
-        select e.source, max(e.seq) as seq from events e, events at
-        where at.position = c.position and (e.tx, e.position) <= (at.tx, at.position) group by e.source) l
-), '{}');
+create function pg_temp.checkpoint_at(at_position bigint) returns jsonb language sql stable as $$
+    select coalesce((
+        select jsonb_object_agg(l.source, l.seq) from (
+            select e.source, max(e.seq) as seq from events e, events at
+            where at.position = at_position and (e.tx, e.position) <= (at.tx, at.position) group by e.source) l
+    ), '{}')
+$$;
+
+alter table projection_checkpoints add column checkpoint jsonb not null default '{}';
+update projection_checkpoints set checkpoint = pg_temp.checkpoint_at(position);
 alter table projection_checkpoints drop column tx, drop column position;
 
 alter table webhook_subscriptions add column checkpoint jsonb not null default '{}';
-update webhook_subscriptions s set checkpoint = coalesce((
-    select jsonb_object_agg(l.source, l.seq) from (
-        select e.source, max(e.seq) as seq from events e, events at
-        where at.position = s.position and (e.tx, e.position) <= (at.tx, at.position) group by e.source) l
-), '{}');
+update webhook_subscriptions set checkpoint = pg_temp.checkpoint_at(position);
 alter table webhook_subscriptions drop column tx, drop column position;
+
+drop function pg_temp.checkpoint_at(bigint);
