@@ -529,8 +529,11 @@ async def _check_guards(connection: asyncpg.Connection, appends: Sequence[Stream
         raise ConcurrentUpdate(f"{len(guarded) - held} stream(s) not at the expected version")
 
 
-def recorded_event(row: asyncpg.Record) -> RecordedEvent:
-    """A row selected with the event columns (see ``_COLUMNS``), decoded; for readers outside the store too."""
+def recorded_event(
+    row: asyncpg.Record, *, data: bytes | None = None, metadata: dict[str, Any] | None = None
+) -> RecordedEvent:
+    """A row selected with the event columns (see ``_COLUMNS``), decoded; for readers outside the store
+    too, who pass ``data`` or ``metadata`` when they decoded it already or did not select it."""
     return RecordedEvent(
         position=row["position"],
         source=row["source"],
@@ -538,8 +541,8 @@ def recorded_event(row: asyncpg.Record) -> RecordedEvent:
         stream_id=row["stream_id"],
         version=row["version"],
         type=row["type"],
-        data=canonical_json(row["data"]),
-        metadata=_metadata_decoder.decode(row["metadata"]),
+        data=canonical_json(row["data"]) if data is None else data,
+        metadata=_metadata_decoder.decode(row["metadata"]) if metadata is None else metadata,
         recorded_at=row["recorded_at"],
         hash=row["hash"],
     )

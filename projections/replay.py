@@ -28,7 +28,7 @@ from eventsourcing.persistence import StoredEvent
 from ledger.codec import decode_canonical, new_decoded_mapper
 from ledger.commit_order import Checkpoint
 from ledger.domain.giftcard import CREDIT, DEBIT, GiftCard, Transaction
-from ledger.store import GENESIS_HASH, RecordedEvent, chain_hash
+from ledger.store import GENESIS_HASH, RecordedEvent, chain_hash, recorded_event
 from projections import events as ev
 
 CARD_TOPICS = (ev.ISSUED, ev.CREDITED, ev.DEBITED, ev.SETTLED, ev.CANCELLED, ev.VOIDED)
@@ -82,18 +82,7 @@ def read_decoded(row: asyncpg.Record) -> tuple[RecordedEvent, Any]:
     """``read_event``, and the event's data decoded: the one decode its canonical bytes come from,
     which a walk hands on (``state``) to whatever reads the data, so that no event is decoded twice."""
     state, data = decode_canonical(row["data"])
-    event = RecordedEvent(
-        position=row["position"],
-        source=row["source"],
-        seq=row["seq"],
-        stream_id=row["stream_id"],
-        version=row["version"],
-        type=row["type"],
-        data=data,
-        metadata={},
-        recorded_at=row["recorded_at"],
-        hash=row["hash"],
-    )
+    event = recorded_event(row, data=data, metadata={})
     return event, state
 
 

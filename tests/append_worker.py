@@ -2,14 +2,14 @@
 transaction held open for a random while after its insert, so that commits land in another order
 than the inserts did and every source has writers waiting on it.
 
-    python -m tests.append_worker URL PREFIX --events 200 --streams 40 --hold-s 0.02
+    python -m tests.append_worker URL PREFIX EVENTS
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import random
+import sys
 
 import asyncpg
 
@@ -17,7 +17,7 @@ from ledger.codec import canonical_json
 from ledger.store import EventStore, NewEvent
 
 
-async def append_events(url: str, prefix: str, events: int, streams: int, hold_s: float) -> None:
+async def append_events(url: str, prefix: str, events: int, *, streams: int, hold_s: float) -> None:
     pool = await asyncpg.create_pool(url, min_size=4, max_size=4)
     store = EventStore(pool)
     versions = dict.fromkeys((f"{prefix}-{n}" for n in range(streams)), 0)
@@ -41,16 +41,6 @@ async def append_events(url: str, prefix: str, events: int, streams: int, hold_s
         await pool.close()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("url")
-    parser.add_argument("prefix")
-    parser.add_argument("--events", type=int, default=200)
-    parser.add_argument("--streams", type=int, default=40)
-    parser.add_argument("--hold-s", type=float, default=0.02)
-    args = parser.parse_args()
-    asyncio.run(append_events(args.url, args.prefix, args.events, args.streams, args.hold_s))
-
-
 if __name__ == "__main__":
-    main()
+    url, prefix, events = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    asyncio.run(append_events(url, prefix, events, streams=40, hold_s=0.02))

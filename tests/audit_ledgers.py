@@ -15,11 +15,11 @@ from decimal import Decimal
 import asyncpg
 
 from ledger.codec import canonical_json, new_mapper
-from ledger.commands import IssueCard, Ledger
+from ledger.commands import Ledger
 from ledger.store import EventStore, NewEvent, chain_hash
 from projections import read_models
 from projections.runner import ProjectionRunner
-from tests.cards import issued_aggregate
+from tests.cards import issue, issued_aggregate
 from tests.conftest import Clock
 
 NATIVE = "VtexGiftCard"
@@ -37,7 +37,7 @@ class History:
 
 async def write_history(ledger: Ledger, clock: Clock) -> History:
     """Three cards in three currencies over three days (15, 16, 17 January 2026, by the ledger's clock)."""
-    usd = await _issue(ledger, clock, "USD")
+    usd = await _issue(ledger, "USD")
     credit = await ledger.create_transaction(
         usd,
         operation="Credit",
@@ -51,9 +51,9 @@ async def write_history(ledger: Ledger, clock: Clock) -> History:
     )
     clock.advance(timedelta(days=1))
     await ledger.settle(usd, debit.id, value=Decimal(20), request_id="s1")
-    jpy = await _issue(ledger, clock, "JPY")
+    jpy = await _issue(ledger, "JPY")
     await ledger.create_transaction(jpy, operation="Credit", value=Decimal(500), description="load", request_id="l")
-    bhd = await _issue(ledger, clock, "BHD")
+    bhd = await _issue(ledger, "BHD")
     await ledger.create_transaction(bhd, operation="Credit", value=Decimal("12.345"), description="l", request_id="l")
     await ledger.create_transaction(bhd, operation="Debit", value=Decimal("0.005"), description="d", request_id="d")
     clock.advance(timedelta(days=1))
@@ -62,17 +62,9 @@ async def write_history(ledger: Ledger, clock: Clock) -> History:
     return History(usd, jpy, bhd, debit.id, credit.id)
 
 
-async def _issue(ledger: Ledger, clock: Clock, currency: str) -> str:
-    issued = await ledger.issue(
-        IssueCard(
-            relation_name=f"audit-{uuid.uuid4().hex}",
-            caption="c",
-            profile_id="ana@example.com",
-            currency=currency,
-            expiring_date=clock.now + timedelta(days=365),
-        )
-    )
-    return str(issued.card.id)
+async def _issue(ledger: Ledger, currency: str) -> str:
+    fields = {"caption": "c", "profile_id": "ana@example.com", "relation_name": f"audit-{uuid.uuid4().hex}"}
+    return str((await issue(ledger, currency=currency, **fields)).card.id)
 
 
 async def forward(

@@ -251,7 +251,6 @@ async def test_runners_miss_no_event_of_writers_whose_commits_land_out_of_order(
                 "tests.append_worker",
                 database_url,
                 f"w{n}",
-                "--events",
                 "150",
                 stderr=asyncio.subprocess.PIPE,
             )
