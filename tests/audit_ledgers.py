@@ -19,7 +19,7 @@ from ledger.commands import Ledger
 from ledger.store import EventStore, NewEvent, chain_hash
 from projections import read_models
 from projections.runner import ProjectionRunner
-from tests.cards import issue, issued_aggregate
+from tests.cards import issue, issued_aggregate, load_and_order
 from tests.conftest import Clock
 
 NATIVE = "VtexGiftCard"
@@ -38,17 +38,7 @@ class History:
 async def write_history(ledger: Ledger, clock: Clock) -> History:
     """Three cards in three currencies over three days (15, 16, 17 January 2026, by the ledger's clock)."""
     usd = await _issue(ledger, "USD")
-    credit = await ledger.create_transaction(
-        usd,
-        operation="Credit",
-        value=Decimal(100),
-        description="load",
-        request_id="load",
-        order_info={"orderId": "o-1"},
-    )
-    debit = await ledger.create_transaction(
-        usd, operation="Debit", value=Decimal("30.5"), description="order", request_id="order"
-    )
+    credit, debit = await load_and_order(ledger, usd, "o-1")
     clock.advance(timedelta(days=1))
     await ledger.settle(usd, debit.id, value=Decimal(20), request_id="s1")
     jpy = await _issue(ledger, "JPY")

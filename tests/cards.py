@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timedelta
+from decimal import Decimal
 
 from ledger.commands import IssueCard, IssuedCard, Ledger
-from ledger.domain.giftcard import GiftCard
+from ledger.domain.giftcard import GiftCard, Operation
 
 
 def issue_command(clock_now, **overrides) -> IssueCard:
@@ -23,6 +24,23 @@ def issue_command(clock_now, **overrides) -> IssueCard:
 
 async def issue(ledger: Ledger, **overrides) -> IssuedCard:
     return await ledger.issue(issue_command(ledger.clock(), **overrides))
+
+
+async def load_and_order(ledger: Ledger, card_id: str, order_id: str) -> tuple[Operation, Operation]:
+    """The Credit of 100 ("load", for ``order_id``) and the Debit of 30.5 ("order") that the projection
+    and audit tests build their cards' histories on."""
+    credit = await ledger.create_transaction(
+        card_id,
+        operation="Credit",
+        value=Decimal(100),
+        description="load",
+        request_id="load",
+        order_info={"orderId": order_id},
+    )
+    debit = await ledger.create_transaction(
+        card_id, operation="Debit", value=Decimal("30.5"), description="order", request_id="order"
+    )
+    return credit, debit
 
 
 def issued_aggregate(now: datetime, **overrides) -> GiftCard:

@@ -25,6 +25,7 @@ from projections.events import SETTLED
 from projections.projection import ProjectionBug
 from projections.rebuild import rebuild
 from projections.runner import ProjectionRunner, SharedRead
+from tests.cards import load_and_order
 from tests.conftest import Clock
 from tests.projection_worker import PROBE, PROBE_TABLE_SQL, Probe
 from tests.providers.reference import start_reference_provider
@@ -56,17 +57,7 @@ async def write_cards(ledger: Ledger, clock: Clock, count: int, tag: str) -> lis
             )
         )
         card_id = str(issued.card.id)
-        credit = await ledger.create_transaction(
-            card_id,
-            operation="Credit",
-            value=Decimal(100),
-            description="load",
-            request_id="load",
-            order_info={"orderId": f"order-{tag}-{n}"},
-        )
-        debit = await ledger.create_transaction(
-            card_id, operation="Debit", value=Decimal("30.5"), description="order", request_id="order"
-        )
+        credit, debit = await load_and_order(ledger, card_id, f"order-{tag}-{n}")
         await ledger.settle(card_id, debit.id, value=Decimal(20), request_id="s1")
         await ledger.cancel(card_id, debit.id, value=Decimal(15), request_id="c1")
         await ledger.cancel(card_id, credit.id, value=Decimal(5), request_id="c2")
