@@ -62,6 +62,13 @@ alter table events drop constraint events_pkey, add primary key (stream_id, posi
 """
 
 
+def violates(error: asyncpg.UniqueViolationError, constraint: str) -> bool:
+    """Whether ``error`` is a violation of ``constraint``. On Citus the error comes from the shard
+    that refused the row, and names that shard's copy of the constraint: ``{constraint}_{shard id}``."""
+    name = error.constraint_name or ""
+    return name == constraint or (name.startswith(constraint + "_") and name[len(constraint) + 1 :].isdigit())
+
+
 async def on_citus_coordinator(connection: asyncpg.Connection) -> bool:
     return await connection.fetchval(_CITUS_INSTALLED) and await connection.fetchval("select citus_is_coordinator()")
 

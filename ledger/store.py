@@ -411,12 +411,14 @@ class EventStore:
     # ---- snapshots ----------------------------------------------------------
 
     async def save_snapshot(self, stream_id: str, version: int, hash_: bytes, state: bytes) -> None:
+        # excluded.taken_at is the column's default, clock_timestamp(), taken for the new row:
+        # Citus refuses a volatile function in DO UPDATE SET on a distributed table.
         await self.pool.execute(
             """
             insert into snapshots (stream_id, version, hash, state) values ($1, $2, $3, $4)
             on conflict (stream_id) do update
                 set version = excluded.version, hash = excluded.hash, state = excluded.state,
-                    taken_at = clock_timestamp()
+                    taken_at = excluded.taken_at
                 where snapshots.version < excluded.version
             """,
             stream_id,

@@ -12,6 +12,8 @@ from ledger.codec import canonical_json
 from ledger.domain.errors import ConcurrentUpdate, InvalidRequest
 from ledger.store import GENESIS_HASH, ChainBroken, Checkpoint, EventStore, NewEvent, StreamAppend, verify_chain
 
+pytestmark = pytest.mark.also_on_citus
+
 
 def ev(n: int, type_: str = "Tested") -> NewEvent:
     return NewEvent(type_, canonical_json(b'{"n": %d, "text": "caf\\u00e9"}' % n))

@@ -45,6 +45,8 @@ from tests.audit_ledgers import (
     write_many_cards,
 )
 
+pytestmark = pytest.mark.also_on_citus
+
 NATIVE_ROWS = 5 + 1 + 2  # transactions, settlements, cancellations of the history
 FORWARDED_ROWS = 1 + 1 + 1  # the replayed transaction counts once; the refused call and card creation not at all
 

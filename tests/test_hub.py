@@ -12,6 +12,8 @@ from tests.conftest import TEST_SECRET_KEY
 from tests.providers.faulty import Fault, start_faulty_provider
 from tests.providers.reference import start_reference_provider
 
+pytestmark = pytest.mark.also_on_citus
+
 HUB = "/api/giftcardproviders"
 
 
