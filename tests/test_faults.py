@@ -261,6 +261,7 @@ TERMINATE_AGAIN_S = 0.02
 
 
 @pytest.mark.parametrize("fault", ["terminate_backends", "restart_fast", "restart_immediate"])
+@pytest.mark.single_server("restarts a PostgreSQL of its own; a worker down on a cluster: test_citus")
 async def test_postgres_fault_mid_load_gives_503_or_success_and_writes_nothing_half(
     fault, own_postgres, start_hub, http
 ):
