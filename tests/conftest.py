@@ -42,12 +42,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "also_on_citus: this module runs on a Citus cluster too (pytest --on-citus)")
+    config.addinivalue_line("markers", "also_on_citus: a suite or test run on Citus too (--on-citus)")
     config.addinivalue_line("markers", "single_server(reason): not meaningful on a Citus cluster, and why")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under --on-citus: only the suites marked also_on_citus, without their single-server tests;
+    """Under --on-citus: only what is marked also_on_citus, without the single-server tests;
     everything skips, saying why, where no cluster can start."""
     if not config.getoption("--on-citus"):
         return
