@@ -59,6 +59,7 @@ from ledger import codes_file
 from ledger.codec import new_mapper
 from ledger.codes_file import CodeRow, CodesFileRefused
 from ledger.commands import Ledger
+from ledger.distribution import violates
 from ledger.domain import errors
 from ledger.domain.codes import hash_code, new_redemption_code, visible_tail
 from ledger.domain.giftcard import CREDIT, GiftCard, transaction_key
@@ -511,7 +512,7 @@ class BulkIssuer:
                 [card.profile_id for card in cards],
             )
         except asyncpg.UniqueViolationError as e:
-            if e.constraint_name == "card_lookup_relation_name_key":
+            if violates(e, "card_lookup_relation_name_key"):
                 raise errors.DuplicateRelationName(
                     f"a relationName of cards {cards[0].relation_name}..{cards[-1].relation_name} was taken "
                     "while the batch was being issued (by a card created one by one?)"

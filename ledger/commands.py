@@ -30,6 +30,7 @@ from eventsourcing.utils import get_topic
 
 from ledger.codec import new_mapper
 from ledger.database import DATABASE_ERRORS
+from ledger.distribution import violates
 from ledger.domain import errors
 from ledger.domain.codes import hash_code, new_redemption_code, visible_tail
 from ledger.domain.giftcard import (
@@ -434,7 +435,7 @@ class Ledger:
                 command.profile_id,
             )
         except asyncpg.UniqueViolationError as e:
-            if e.constraint_name == "card_lookup_relation_name_key":
+            if violates(e, "card_lookup_relation_name_key"):
                 raise errors.DuplicateRelationName(
                     f"relationName {command.relation_name!r} is already used by another gift card"
                 ) from e

@@ -100,6 +100,10 @@ async def sources(connection: Connection, *, sharded: bool) -> Sequence[int]:
     return [row[0] for row in await connection.fetch(_SHARD_SOURCES if sharded else _LANES)]
 
 
+def source_of_statement(sharded: bool) -> str:
+    return "select get_shard_id_for_distribution_column('events', $1::text)" if sharded else "select event_lane($1)"
+
+
 def read_after_statement(columns: str, source_count: int) -> str:
     """The next events after a checkpoint, ``limit`` at most, ordered by (seq, source).
 

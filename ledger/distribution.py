@@ -17,6 +17,8 @@ Two changes the distribution needs and plain PostgreSQL does not:
 
 from __future__ import annotations
 
+import re
+
 import asyncpg
 
 # Distributed by the card's id, co-located with events: (table, distribution column).
@@ -25,6 +27,8 @@ CARD_TABLES = (("events", "stream_id"), ("snapshots", "stream_id"))
 # (a redemption code's hash, a relationName).
 REFERENCE_TABLES = ("card_lookup",)
 
+# How PostgreSQL names the constraint in a unique violation's message (lc_messages in English).
+_CONSTRAINT_IN_MESSAGE = re.compile(r'unique constraint "([^"]+)"')
 _CITUS_INSTALLED = "select exists (select 1 from pg_extension where extname = 'citus')"
 # partmethod: 'h' hash-distributed, 'n' a reference table.
 _DISTRIBUTION_METHOD = "select partmethod::text from pg_dist_partition where logicalrelid = $1::regclass"
@@ -109,6 +113,15 @@ _FUNCTIONS = (
 _KEY_FOR_SHARDING = """
 alter table events drop constraint events_pkey, add primary key (stream_id, position)
 """
+
+
+def violates(error: asyncpg.UniqueViolationError, constraint: str) -> bool:
+    """Whether ``error`` is a violation of ``constraint``. On Citus the error comes from the shard
+    that refused the row and the coordinator relays only its message, which names that shard's
+    copy of the constraint: ``{constraint}_{shard id}``."""
+    named = _CONSTRAINT_IN_MESSAGE.search(error.message or "")
+    name = error.constraint_name or (named[1] if named else "")
+    return name == constraint or (name.startswith(constraint + "_") and name[len(constraint) + 1 :].isdigit())
 
 
 async def on_citus_coordinator(connection: asyncpg.Connection) -> bool:

@@ -443,6 +443,10 @@ class EventStore:
         arguments = commit_order.after_arguments(after, await self.sources(reader))
         return await reader.fetchval(commit_order.next_after_statement(len(arguments) // 2), *arguments)
 
+    async def source_of(self, stream_id: str) -> int:
+        """The source a stream's events are written to: its lane on one server, its shard on Citus."""
+        return await self.pool.fetchval(commit_order.source_of_statement(await self.sharded()), stream_id)
+
     async def sources(self, connection: asyncpg.Connection | asyncpg.Pool | None = None) -> Sequence[int]:
         """Where events are written (see ledger.commit_order): one server's lanes never change, a
         cluster's shards may (a split), so those are asked for at each read."""
@@ -457,12 +461,14 @@ class EventStore:
     # ---- snapshots ----------------------------------------------------------
 
     async def save_snapshot(self, stream_id: str, version: int, hash_: bytes, state: bytes) -> None:
+        # excluded.taken_at is the column's default, clock_timestamp(), taken for the new row:
+        # Citus refuses a volatile function in DO UPDATE SET on a distributed table.
         await self.pool.execute(
             """
             insert into snapshots (stream_id, version, hash, state) values ($1, $2, $3, $4)
             on conflict (stream_id) do update
                 set version = excluded.version, hash = excluded.hash, state = excluded.state,
-                    taken_at = clock_timestamp()
+                    taken_at = excluded.taken_at
                 where snapshots.version < excluded.version
             """,
             stream_id,

@@ -1,12 +1,19 @@
 """Fixtures: a real PostgreSQL (embedded unless GIFTCARD_TEST_DATABASE_URL names one) and a
-fresh, migrated database for every test, cloned from a template so each starts empty."""
+fresh, migrated database for every test, cloned from a template so each starts empty.
+
+``pytest --on-citus`` runs the suites marked ``also_on_citus`` a second time on a Citus cluster
+(a coordinator and two workers on loopback, started once per session): every test then gets a
+fresh, migrated, distributed database on it. Tests marked ``single_server("why")`` skip there.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -20,13 +27,60 @@ from ledger.commands import Ledger
 from ledger.database import EmbeddedPostgres, create_pool, database_named
 from ledger.migrate import upgrade
 from ledger.store import EventStore
+from tests.citus_cluster import CitusCluster, citus_missing
 
 TEMPLATE_DB = "giftcard_template"
 SPEC_DIR = Path(__file__).resolve().parents[2] / "shared" / "spec"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--on-citus",
+        action="store_true",
+        help="run the suites marked also_on_citus on a Citus cluster (coordinator + 2 workers) instead of one server",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "also_on_citus: a suite or test run on Citus too (--on-citus)")
+    config.addinivalue_line("markers", "single_server(reason): not meaningful on a Citus cluster, and why")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under --on-citus: only what is marked also_on_citus, without the single-server tests;
+    everything skips, saying why, where no cluster can start."""
+    if not config.getoption("--on-citus"):
+        return
+    selected = [item for item in items if item.get_closest_marker("also_on_citus")]
+    config.hook.pytest_deselected(items=[item for item in items if item not in selected])
+    items[:] = selected
+    missing = citus_missing()
+    for item in selected:
+        if missing:
+            item.add_marker(pytest.mark.skip(reason=f"--on-citus: {missing}"))
+        elif marker := item.get_closest_marker("single_server"):
+            item.add_marker(pytest.mark.skip(reason=f"single server only: {marker.args[0]}"))
+
+
 @pytest.fixture(scope="session")
-def server_url() -> Iterator[str]:
+def citus(request: pytest.FixtureRequest) -> Iterator[CitusCluster | None]:
+    """Under --on-citus, the cluster every database of the session lives on (always stopped), else None.
+    Its nodes start with the template database, the extension in it on each, the workers registered."""
+    if not request.config.getoption("--on-citus"):
+        yield None
+        return
+    cluster = CitusCluster(database=TEMPLATE_DB)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def server_url(citus: CitusCluster | None) -> Iterator[str]:
+    if citus:
+        yield citus.coordinator.url()
+        return
     configured = os.environ.get("GIFTCARD_TEST_DATABASE_URL")
     if configured:
         yield configured
@@ -43,31 +97,85 @@ def server_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-async def template_url(server_url: str) -> str:
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f"drop database if exists {TEMPLATE_DB} with (force)")
-        await admin.execute(f"create database {TEMPLATE_DB}")
-    finally:
-        await admin.close()
+def server_nodes(server_url: str, citus: CitusCluster | None) -> list[str]:
+    """Where each test's database is cloned: the one server, or every node of the cluster, the
+    coordinator first (its metadata names the workers' databases by the same name)."""
+    return [node.url() for node in citus.nodes] if citus else [server_url]
+
+
+@pytest.fixture(scope="session")
+async def template_url(server_url: str, citus: CitusCluster | None, server_nodes: list[str]) -> str:
+    if not citus:  # (on Citus, the cluster started with it)
+        admin = await asyncpg.connect(server_url)
+        try:
+            await admin.execute(f"drop database if exists {TEMPLATE_DB} with (force)")
+            await admin.execute(f"create database {TEMPLATE_DB}")
+        finally:
+            await admin.close()
     connection = await asyncpg.connect(database_named(server_url, TEMPLATE_DB))
     try:
-        await upgrade(connection)
+        await upgrade(connection)  # on a Citus coordinator, this distributes the tables too
     finally:
         await connection.close()
+    if citus:
+        # A database is cloned only while nobody is connected to it, and Citus keeps connections
+        # open to its databases (each node's maintenance daemon, and theirs to each other).
+        admins = [await asyncpg.connect(node_url) for node_url in server_nodes]
+        try:
+            await close_to_connections(admins, TEMPLATE_DB)
+        finally:
+            for admin in admins:
+                await admin.close()
     return database_named(server_url, TEMPLATE_DB)
 
 
+CLOSE_TIMEOUT_S = 30
+
+
+async def close_to_connections(admins: list[asyncpg.Connection], database: str) -> None:
+    """``database`` refuses new connections on every server and has none left.
+
+    On Citus the nodes' maintenance daemons talk to each other's copies of a database, and a
+    daemon waiting on another node does not exit when terminated until that wait ends. A DROP
+    DATABASE issued then would hold the database's lock, block the other node's connection back
+    in (taken before ``allow_connections`` is checked) and wait out its 5 s for nothing. So first
+    refuse connections everywhere, then end the sessions until none is left, then drop.
+    """
+    for admin in admins:
+        await admin.execute(f"alter database {database} allow_connections false")
+    deadline = time.monotonic() + CLOSE_TIMEOUT_S
+    while True:
+        left = [
+            await admin.fetchval(
+                "select count(pg_terminate_backend(pid)) from pg_stat_activity"
+                " where datname = $1 and pid <> pg_backend_pid()",
+                database,
+            )
+            for admin in admins
+        ]
+        if not any(left):
+            return
+        assert time.monotonic() < deadline, f"sessions left in {database} after {CLOSE_TIMEOUT_S} s: {left}"
+        await asyncio.sleep(0.05)
+
+
 @pytest.fixture
-async def database_url(server_url: str, template_url: str) -> AsyncIterator[str]:
+async def database_url(server_url: str, template_url: str, server_nodes: list[str]) -> AsyncIterator[str]:
     name = f"test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(server_url)
+    # On Citus, one clone on each node (the coordinator's metadata names the workers' databases by
+    # its own name); file_copy clones a small database in a third of the time the default takes.
+    strategy = " strategy file_copy" if len(server_nodes) > 1 else ""
+    admins = [await asyncpg.connect(node_url) for node_url in server_nodes]
     try:
-        await admin.execute(f"create database {name} template {TEMPLATE_DB}")
+        await asyncio.gather(
+            *(admin.execute(f"create database {name} template {TEMPLATE_DB}{strategy}") for admin in admins)
+        )
         yield database_named(server_url, name)
-        await admin.execute(f"drop database if exists {name} with (force)")
+        await close_to_connections(admins, name)
+        await asyncio.gather(*(admin.execute(f"drop database {name} with (force)") for admin in admins))
     finally:
-        await admin.close()
+        for admin in admins:
+            await admin.close()
 
 
 @pytest.fixture

@@ -29,6 +29,8 @@ from tests.audit_ledgers import (
     write_many_cards,
 )
 
+pytestmark = pytest.mark.also_on_citus
+
 AUDIT_ROUTE = "/api/audit/cards/{card_id}"
 
 

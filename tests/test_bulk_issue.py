@@ -42,6 +42,8 @@ from ledger.store import EventStore, verify_chain
 from tests.audit_ledgers import finance_cli
 from tests.cards import issue_command
 
+pytestmark = pytest.mark.also_on_citus
+
 ROOT = Path(__file__).resolve().parents[1]
 CLI_TIMEOUT_S = 60
 KILL_AFTER_ROWS = (400, 1200)  # codes on disk before each SIGKILL: two interruptions at different points

@@ -42,6 +42,8 @@ from tests.debit_load import (
 from tests.hub_process import HubProcess, NativeClient
 from tests.postgres_faults import DisposablePostgres, create_database, terminate_backends
 
+pytestmark = pytest.mark.also_on_citus
+
 SCENARIO_TIMEOUT_S = 60  # a hang fails the test instead of stalling the suite
 LOAD_TIMEOUT_S = 45
 DEBIT_VALUES = tuple(Decimal(v) for v in ("0.01", "0.37", "1.25", "2.50", "0.99"))  # distinct sums per card
@@ -259,6 +261,7 @@ TERMINATE_AGAIN_S = 0.02
 
 
 @pytest.mark.parametrize("fault", ["terminate_backends", "restart_fast", "restart_immediate"])
+@pytest.mark.single_server("restarts a PostgreSQL of its own; a worker down on a cluster: test_citus")
 async def test_postgres_fault_mid_load_gives_503_or_success_and_writes_nothing_half(
     fault, own_postgres, start_hub, http
 ):

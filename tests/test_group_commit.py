@@ -13,6 +13,8 @@ from ledger.domain import errors
 from ledger.store import EventStore, verify_chain
 from tests.cards import count_events, issue
 
+pytestmark = pytest.mark.also_on_citus
+
 
 class CountingStore(EventStore):
     """The real store, counting how many events each shared statement carried."""

@@ -16,6 +16,8 @@ from projections.hold_expiry import sweep_once
 from tests.cards import issue
 from tests.test_domain import NOW, credit, debit, new_card, settle
 
+pytestmark = pytest.mark.also_on_citus
+
 TTL = timedelta(hours=72)
 
 

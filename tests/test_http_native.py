@@ -10,6 +10,8 @@ import pytest
 
 from tests.cards import count_events
 
+pytestmark = pytest.mark.also_on_citus
+
 VND = "application/vnd.vtex.giftcards.v1+json"
 
 

@@ -149,6 +149,8 @@ async def test_unknown_provider_is_a_404_with_a_json_error(service):
 # ---- routing to the native provider ---------------------------------------------------------
 
 
+# On Citus too: the rest of this file is the registry and the external providers, not the ledger.
+@pytest.mark.also_on_citus
 async def test_checkout_through_the_hub_on_the_native_provider(service, pool):
     base = f"{HUB}/VtexGiftCard/giftcards"
     status, card, _ = await service.call(

@@ -18,6 +18,8 @@ from ledger.domain.giftcard import Client
 from ledger.store import EventStore, verify_chain
 from tests.cards import count_events, issue
 
+pytestmark = pytest.mark.also_on_citus
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

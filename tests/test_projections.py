@@ -31,6 +31,8 @@ from tests.projection_worker import PROBE, PROBE_TABLE_SQL, Probe
 from tests.providers.reference import start_reference_provider
 from tests.test_hub import register
 
+pytestmark = pytest.mark.also_on_citus
+
 NATIVE = "VtexGiftCard"
 READ_MODEL_TABLES = [table for projection in read_models(NATIVE) for table in projection.tables]
 EVENTS_PER_CARD = 6

@@ -55,6 +55,8 @@ from ledger.store import EventStore, RecordedEvent
 from tests.conftest import TEST_SECRET_KEY, Clock
 from tests.providers.serving import serve
 
+pytestmark = pytest.mark.also_on_citus
+
 WAIT_S = 15.0
 SLOW_S = 2.0  # a receiver's "slow" answer: far beyond the deliverer's timeout below
 SETTINGS = Settings(provider_allowlist=("127.0.0.0/8",))  # receivers live on loopback
