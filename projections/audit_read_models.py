@@ -84,21 +84,27 @@ _ROWS_HELD = {
     transaction_history.NAME: "select count(*) from read_transactions where provider = $1",
 }
 
-# Rows whose card (or transaction) no event at or below the checkpoint creates.
+# Rows whose card (or transaction) no event at or below the checkpoint creates. Set differences, not
+# a correlated NOT EXISTS: on Citus the read models are local tables and the events are sharded, and a
+# local table cannot be joined with a distributed one directly (the events' side is read first).
 _PHANTOM_CARDS = """
-select b.card_id from read_card_balances b
-where not exists (select 1 from events e where e.stream_id = b.card_id and e.version = 1 and e.type = $1
-                  and e.seq <= coalesce(($2::jsonb ->> e.source::text)::bigint, 0))
-order by b.card_id limit $3
+select card_id from (
+    select card_id from read_card_balances
+    except
+    select stream_id from events e
+    where e.version = 1 and e.type = $1 and e.seq <= coalesce(($2::jsonb ->> e.source::text)::bigint, 0)
+) phantom
+order by card_id limit $3
 """
 
 _PHANTOM_TRANSACTIONS = """
-select t.card_id, t.transaction_id from read_transactions t
-where t.provider = $1
-  and not exists (select 1 from events e where e.stream_id = t.card_id and e.type = any($2::text[])
-                  and e.data->>'transaction_id' = t.transaction_id
-                  and e.seq <= coalesce(($3::jsonb ->> e.source::text)::bigint, 0))
-order by t.card_id, t.transaction_id limit $4
+select card_id, transaction_id from (
+    select card_id, transaction_id from read_transactions where provider = $1
+    except
+    select stream_id, data->>'transaction_id' from events e
+    where e.type = any($2::text[]) and e.seq <= coalesce(($3::jsonb ->> e.source::text)::bigint, 0)
+) phantom
+order by card_id, transaction_id limit $4
 """
 
 _FORWARDED_TOTALS = """
