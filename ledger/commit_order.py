@@ -4,8 +4,9 @@ A source is where events are written under one lock: on one server one of a fixe
 lanes, a stream's by its hash (``event_lane`` in SQL), so that appends to different lanes commit
 side by side; on Citus each shard of ``events`` (the source is the shard's id). Every insert takes its
 source's next ``seq`` in a trigger (migration 0013) that holds the source's lock until the
-transaction ends, so within a source ``seq`` is gap-free and follows the commit order: a reader
-that sees ``seq`` n committed has seen 1..n-1 too. No reader waits for transactions it cannot
+transaction ends, so within a source ``seq`` follows the commit order: a reader that sees ``seq``
+n committed has seen every event below it too. (A row refused at insert, a lost race skipped by
+``on conflict do nothing``, has taken its number by then: such numbers stay unused.) No reader waits for transactions it cannot
 see (no ``pg_snapshot_xmin``), so a long transaction elsewhere, in another database or on
 another node, holds nothing back; a slow writer holds back only its own source.
 
@@ -72,7 +73,8 @@ class Checkpoint(msgspec.Struct, frozen=True):
         return Checkpoint.of(seqs)
 
     def behind(self, head: Checkpoint) -> int:
-        """How many events lie between here and ``head`` (seq is gap-free in each source)."""
+        """How many events lie between here and ``head``: seq numbers, so counting the few that
+        refused appends left unused, and 0 exactly when nothing is left to read."""
         return sum(max(0, seq - self.seq(source)) for source, seq in head.seqs)
 
     def behind_by_source(self, head: Checkpoint) -> dict[int, int]:

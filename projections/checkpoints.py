@@ -123,7 +123,7 @@ async def statuses(
     connection: asyncpg.Connection | asyncpg.Pool, names: Sequence[str] | None = None
 ) -> list[ProjectionStatus]:
     """Each projection's place and lag: the events between it and the head of every source
-    (exact: seq has no gaps), and how long the oldest of them has waited."""
+    (see ``Checkpoint.behind``), and how long the oldest of them has waited."""
     store = EventStore(connection)
     rows = await connection.fetch(_STATUS, None if names is None else list(names), REBUILD_LOCK_CLASS)
     head = await store.head()

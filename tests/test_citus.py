@@ -8,7 +8,7 @@ concurrent Debits from ``giftcard serve`` nothing is spent twice; with a worker 
 answer 503 while the other worker's cards keep working, and they catch up when it returns.
 
 The read side follows each shard's own commit order (ledger.commit_order): every shard is a
-source whose events take a gap-free seq on their worker, so projections run beside ``serve`` on
+source whose events take an increasing seq on their worker, so projections run beside ``serve`` on
 the cluster, keep up through shard moves, and are held back by no other node's transactions.
 """
 
@@ -100,15 +100,16 @@ async def shard_of(pool: asyncpg.Pool, card_id: str) -> tuple[str, int]:
     return row["shard_name"], row["nodeport"]
 
 
-async def assert_each_shard_is_a_gap_free_source(pool: asyncpg.Pool) -> None:
-    """Every event's source is the shard it lives in, and each source's seqs are 1..n, once each:
-    also after shards moved (a moved row keeps its seq; its new worker continues after them)."""
+async def assert_each_shard_is_a_source(pool: asyncpg.Pool) -> None:
+    """Every event's source is the shard it lives in, and no seq of a source is taken twice: also
+    after shards moved (a moved row keeps its seq; its new worker continues after them). Numbers
+    may be left unused, by appends that lost their race (see ledger.commit_order)."""
     rows = await pool.fetch(
         "select source, count(*) as n, count(distinct seq) as seqs, max(seq) as last,"
         " bool_and(source = get_shard_id_for_distribution_column('events', stream_id)) as in_its_shard"
         " from events group by source"
     )
-    assert rows and all(r["in_its_shard"] and r["n"] == r["seqs"] == r["last"] for r in rows), rows
+    assert rows and all(r["in_its_shard"] and r["n"] == r["seqs"] <= r["last"] for r in rows), rows
 
 
 async def assert_read_models_caught_up(pool: asyncpg.Pool, client: NativeClient, cards: list[str]) -> None:
@@ -246,7 +247,7 @@ async def test_concurrent_debits_through_serve_never_double_spend(cluster, upgra
         print(summary(debits))
         assert Counter((d.status, d.code) for d in debits) == {(200, None): 600, (422, "insufficient_funds"): 100}
         await assert_ledger_consistent(citus_pool, client, debits, credits_of(cards, LOAD_CREDIT))
-        await assert_each_shard_is_a_gap_free_source(citus_pool)
+        await assert_each_shard_is_a_source(citus_pool)
         await assert_read_models_caught_up(citus_pool, client, cards)
     finally:
         await hub.stop()
@@ -372,7 +373,7 @@ async def test_shards_move_while_debits_flow_and_nothing_is_lost_or_doubled(
         assert not any(d.server_errors for d in debits), [d.server_errors[0] for d in debits if d.server_errors][:3]
         assert all(d.acknowledged for d in debits), summary(debits)
         await assert_ledger_consistent(citus_pool, client, debits, credits_of(cards, LOAD_CREDIT))
-        await assert_each_shard_is_a_gap_free_source(citus_pool)
+        await assert_each_shard_is_a_source(citus_pool)
         await assert_read_models_caught_up(citus_pool, client, cards)
     finally:
         await hub.stop()

@@ -3,7 +3,8 @@
 -- source  where the event was written under one lock: on one server one of 16 lanes, picked by
 --         the stream's hash (event_lane), so that appends to different lanes commit side by side;
 --         on Citus the shard's id (a shard's rows are the table events_<id> on its worker)
--- seq     1, 2, 3... inside its source, taken in the source's commit order, without gaps
+-- seq     1, 2, 3... inside its source, taken in the source's commit order (a row refused at insert
+--         by on conflict do nothing has taken its number first: that number stays unused)
 --
 -- Readers followed (tx, position) and stopped below the oldest transaction still running on the
 -- server, in any database: one long transaction anywhere stalled every projection, and on Citus
