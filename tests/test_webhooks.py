@@ -354,7 +354,7 @@ async def test_after_attempts_max_failures_an_event_is_dead_lettered_and_deliver
         async with delivering(pool, options):
             await wait_for(lambda: len(receiver.accepted) >= len(expected) - 2, "every other event")
             letters, total = await storage.dead_letters(pool, subscription.id, 0, 10)
-            assert total == 2 and [letter.position for letter in letters] == credited
+            assert total == 2 and sorted(letter.position for letter in letters) == sorted(credited)
             assert all(letter.attempts == 3 and letter.last_error.startswith("HTTP 500") for letter in letters)
             assert all(sum(1 for _, i in receiver.requests if i == position) == 3 for position in credited)
             assert receiver.ids() == [e.position for e in expected if e.position not in credited]
@@ -365,7 +365,7 @@ async def test_after_attempts_max_failures_an_event_is_dead_lettered_and_deliver
             await wait_for(lambda: _no_dead_letters(pool, subscription.id), "the dead letters gone")
 
     assert sorted(receiver.ids()) == sorted(e.position for e in expected)
-    assert receiver.ids()[-2:] == credited  # redelivered last: out of order, as dead letters are
+    assert sorted(receiver.ids()[-2:]) == sorted(credited)  # redelivered last: out of order, as dead letters are
 
 
 async def _no_dead_letters(pool: asyncpg.Pool, subscription_id: str) -> bool:
@@ -381,8 +381,10 @@ async def test_replay_from_a_position_sends_those_events_again(pool, ledger, clo
             await wait_for(lambda: len(receiver.accepted) == len(expected), "first delivery")
             from_position = expected[3].position
             replayed = await storage.replay(pool, subscription.id, from_position)
-            assert replayed.lag_events >= len(expected) - 3
-            wanted = {e.position for e in expected if e.position >= from_position}
+            wanted = {
+                e.position for e in expected if e.position >= from_position
+            }  # on Citus: each node numbers its own
+            assert replayed.lag_events >= len(wanted)
             await wait_for(lambda: wanted <= set(receiver.ids()[len(expected) :]), "the replay")
             await wait_for(lambda: _lag_is_zero(pool, subscription.id), "the replay's end")
 
