@@ -59,7 +59,11 @@ class Checkpoint(msgspec.Struct, frozen=True):
         return dict(self.seqs)
 
     def seq(self, source: int) -> int:
-        return self.as_dict().get(source, 0)
+        # A scan, not a dict: verify asks this for every event it walks, and a checkpoint names a few sources.
+        for named, seq in self.seqs:
+            if named == source:
+                return seq
+        return 0
 
     def covers(self, event: Sequenced) -> bool:
         """Whether a reader standing here has read ``event``."""
@@ -100,10 +104,6 @@ Connection = asyncpg.Connection | asyncpg.Pool
 async def sources(connection: Connection, *, sharded: bool) -> Sequence[int]:
     """The sources events are written to now: the lanes on one server, the shards on Citus."""
     return [row[0] for row in await connection.fetch(_SHARD_SOURCES if sharded else _LANES)]
-
-
-def source_of_statement(sharded: bool) -> str:
-    return "select get_shard_id_for_distribution_column('events', $1::text)" if sharded else "select event_lane($1)"
 
 
 def read_after_statement(columns: str, source_count: int) -> str:

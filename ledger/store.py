@@ -445,7 +445,9 @@ class EventStore:
 
     async def source_of(self, stream_id: str) -> int:
         """The source a stream's events are written to: its lane on one server, its shard on Citus."""
-        return await self.pool.fetchval(commit_order.source_of_statement(await self.sharded()), stream_id)
+        if await self.sharded():
+            return (await self.shards_of([stream_id]))[stream_id]
+        return await self.pool.fetchval("select event_lane($1)", stream_id)
 
     async def sources(self, connection: asyncpg.Connection | asyncpg.Pool | None = None) -> Sequence[int]:
         """Where events are written (see ledger.commit_order): one server's lanes never change, a
