@@ -13,6 +13,12 @@ another node, holds nothing back; a slow writer holds back only its own source.
 A card lives in one shard, so its events keep their order in one source; a shard moved to
 another worker takes its rows and their ``seq`` with it, and its new node continues after them.
 A reader's ``Checkpoint`` is the last ``seq`` it has taken from each source.
+
+On Citus a source is read where it lives: ``EventStore.read_all`` calls ledger.distribution's
+``source_events`` once per shard, side by side, and Citus runs each call on the shard's worker
+against the shard's own table. A read of ``events`` by source from the coordinator (the statements
+below, still used inside a transaction) is sent to every shard, since ``source`` is not the
+distribution column.
 """
 
 from __future__ import annotations

@@ -103,11 +103,55 @@ $$
 """
 _APPEND_EVENTS_SIGNATURE = "append_events(text, text[], integer[], text[], text[], text[], bytea[], text[], bytea[])"
 
+# Readers of the commit order on the cluster (ledger.commit_order): a source is a shard, and its
+# events are read on the shard's worker, from the shard's own table (events_<shard id>), where a
+# read of events by source from the coordinator is sent to every shard. The call goes to the shard
+# that p_route's hash falls in, a key picked for the purpose (commit_order.SHARD_ROUTES). Where the
+# call is not delegated (inside a transaction block), no shard is local: the distributed table is
+# read, by source, as before. Call them only as "select ... from source_events(...)" or
+# "select source_head(...)": Citus 13.2 delegates only those shapes, and the coordinator crashed on
+# the function in a subquery ("select count(*) from (select ... from source_events(...)) x").
+_SOURCE_EVENTS_FUNCTION = """
+create or replace function source_events(p_route text, p_source bigint, p_after bigint, p_limit integer)
+returns setof events language plpgsql stable as $$
+declare
+    shard regclass := to_regclass('events_' || p_source);
+begin
+    if shard is null then
+        return query select * from events where source = p_source and seq > p_after order by seq limit p_limit;
+    else
+        return query execute format('select * from %s where source = $1 and seq > $2 order by seq limit $3', shard)
+            using p_source, p_after, p_limit;
+    end if;
+end
+$$
+"""
+_SOURCE_EVENTS_SIGNATURE = "source_events(text, bigint, bigint, integer)"
+
+_SOURCE_HEAD_FUNCTION = """
+create or replace function source_head(p_route text, p_source bigint) returns bigint language plpgsql stable as $$
+declare
+    shard regclass := to_regclass('events_' || p_source);
+    head bigint;
+begin
+    if shard is null then
+        select max(seq) into head from events where source = p_source;
+    else
+        execute format('select max(seq) from %s where source = $1', shard) into head using p_source;
+    end if;
+    return head;
+end
+$$
+"""
+_SOURCE_HEAD_SIGNATURE = "source_head(text, bigint)"
+
 # The functions above, each run on the worker of the shard its argument names:
 # (signature, definition, distribution argument, what distribute() reports).
 _FUNCTIONS = (
     (_APPEND_EVENT_SIGNATURE, _APPEND_EVENT_FUNCTION, "p_stream_id", "append_event runs on the card's worker"),
     (_APPEND_EVENTS_SIGNATURE, _APPEND_EVENTS_FUNCTION, "p_route", "append_events runs on the shard's worker"),
+    (_SOURCE_EVENTS_SIGNATURE, _SOURCE_EVENTS_FUNCTION, "p_route", "source_events reads on the shard's worker"),
+    (_SOURCE_HEAD_SIGNATURE, _SOURCE_HEAD_FUNCTION, "p_route", "source_head reads on the shard's worker"),
 )
 
 _KEY_FOR_SHARDING = """

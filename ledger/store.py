@@ -177,6 +177,16 @@ _COLUMNS = (
     "position, source, seq, stream_id, version, type, data::text as data, metadata::text as metadata, recorded_at, hash"
 )
 
+# The commit order on Citus, read on the worker of each shard (ledger.distribution's source_events
+# and source_head, routed by their first argument; see EventStore._routes_to). A batch reads at most
+# this many rounds of shares (a round a call per shard, side by side): one when every shard has
+# events to give, one more each time the shards that gave fewer leave their part to the others.
+_SOURCE_EVENTS = f"select {_COLUMNS} from source_events($1, $2, $3, $4)"
+_SOURCE_HEAD = "select source_head($1, $2)"
+_SOURCE_NEXT_AT = "select recorded_at from source_events($1, $2, $3, 1)"
+READ_ROUNDS_MAX = 4
+ROUTE_ROUNDS_MAX = 8
+
 _READ_STREAM = f"""
 select {_COLUMNS} from events
 where stream_id = $1 and version >= $2 and ($3::timestamptz is null or recorded_at <= $3)
@@ -211,6 +221,7 @@ class EventStore:
         self._sharded: bool | None = None  # events distributed by Citus; learnt at the first append_each
         self._lanes: Sequence[int] | None = None  # one server's sources, learnt at the first read
         self._shard_of: dict[str, int] = {}  # on Citus: stream id -> shard id of events
+        self._route_of: dict[int, str] = {}  # on Citus: shard id -> a key of that shard (see _routes_to)
 
     async def sharded(self) -> bool:
         if self._sharded is None:
@@ -424,14 +435,46 @@ class EventStore:
         """The next events after ``after`` in each source's commit order (see ledger.commit_order);
         pass ``connection`` to read inside its transaction."""
         reader = connection or self.pool
-        arguments = commit_order.after_arguments(after, await self.sources(reader))
+        found = await self.sources(reader)
+        routes = await self._routes_to(found, after) if connection is None else None
+        if routes is not None:
+            return await self._read_shard_by_shard(after, limit, routes)
+        arguments = commit_order.after_arguments(after, found)
         statement = commit_order.read_after_statement(_COLUMNS, len(arguments) // 2)
         return [recorded_event(row) for row in await reader.fetch(statement, limit, *arguments)]
+
+    async def _read_shard_by_shard(self, after: Checkpoint, limit: int, routes: dict[int, str]) -> list[RecordedEvent]:
+        """``read_all`` on Citus: every shard's share read on its own worker, side by side, then merged
+        in (seq, source) order. A share is an equal part of ``limit``; the shards that had as much as
+        they were asked for share what the others left, in another call each."""
+        after_seq = {source: after.seq(source) for source in routes}
+        rows: list[asyncpg.Record] = []
+        wanting = list(routes)
+        for _ in range(READ_ROUNDS_MAX):
+            share = -(-(limit - len(rows)) // len(wanting))
+            answers = await asyncio.gather(
+                *(self.pool.fetch(_SOURCE_EVENTS, routes[s], s, after_seq[s], share) for s in wanting)
+            )
+            full = []
+            for source, found in zip(wanting, answers, strict=True):
+                rows += found
+                if len(found) == share:
+                    after_seq[source] = found[-1]["seq"]
+                    full.append(source)
+            wanting = full
+            if not wanting or len(rows) >= limit:
+                break
+        rows.sort(key=lambda row: (row["seq"], row["source"]))
+        return [recorded_event(row) for row in rows[:limit]]
 
     async def head(self, connection: asyncpg.Connection | asyncpg.Pool | None = None) -> Checkpoint:
         """Where a reader that has read every committed event stands."""
         reader = connection or self.pool
         found = await self.sources(reader)
+        routes = await self._routes_to(found) if connection is None else None
+        if routes is not None:
+            seqs = await asyncio.gather(*(self.pool.fetchval(_SOURCE_HEAD, routes[s], s) for s in found))
+            return Checkpoint.of({source: seq for source, seq in zip(found, seqs, strict=True) if seq is not None})
         rows = await reader.fetch(commit_order.heads_statement(len(found)), *found)
         return Checkpoint.of({row["source"]: row["seq"] for row in rows})
 
@@ -440,8 +483,40 @@ class EventStore:
     ) -> datetime | None:
         """When the oldest event after ``after`` was recorded; None when there is none."""
         reader = connection or self.pool
-        arguments = commit_order.after_arguments(after, await self.sources(reader))
+        found = await self.sources(reader)
+        routes = await self._routes_to(found, after) if connection is None else None
+        if routes is not None:
+            recorded = await asyncio.gather(
+                *(self.pool.fetchval(_SOURCE_NEXT_AT, routes[s], s, after.seq(s)) for s in found)
+            )
+            return min((at for at in recorded if at is not None), default=None)
+        arguments = commit_order.after_arguments(after, found)
         return await reader.fetchval(commit_order.next_after_statement(len(arguments) // 2), *arguments)
+
+    async def _routes_to(self, shards: Sequence[int], after: Checkpoint = START) -> dict[int, str] | None:
+        """On Citus, for each of ``shards``, a key that routes a call of the source-reading functions
+        (ledger.distribution's source_events, source_head) to the shard's worker. None where a read
+        must be one statement instead: on one server; on a connection (a statement cannot run side by
+        side with others there, and inside a transaction block Citus would not route the call); and
+        where ``after`` names a source that is no shard any more (a shard split since)."""
+        if not isinstance(self.pool, asyncpg.Pool) or not await self.sharded():
+            return None
+        if any(source not in shards for source, _ in after.seqs):
+            return None
+        missing = [s for s in shards if s not in self._route_of]
+        tried = 0
+        for _ in range(ROUTE_ROUNDS_MAX):
+            if not missing:
+                break
+            # A shard holding 1/n of the hash range takes a key in about n tries.
+            keys = [f"route-{i}" for i in range(tried, tried + 8 * len(shards))]
+            tried += len(keys)
+            for key, shard in await self.pool.fetch(_SHARDS_OF, keys):
+                self._route_of.setdefault(shard, key)
+            missing = [s for s in missing if s not in self._route_of]
+        if missing:
+            return None
+        return {s: self._route_of[s] for s in shards}
 
     async def source_of(self, stream_id: str) -> int:
         """The source a stream's events are written to: its lane on one server, its shard on Citus."""

@@ -419,6 +419,52 @@ async def test_an_open_transaction_on_one_shard_holds_back_no_other_source(citus
     assert {e.stream_id for e in await store.read_all(before, 100)} == {held_stream, free_stream}
 
 
+async def test_a_source_is_read_on_its_own_shard_alone(citus_pool, cluster):
+    """source_events runs on the worker of the shard its route names and reads that shard's table
+    only: it answers while another shard is locked on its worker, where a read of events by source
+    from the coordinator, sent to every shard, waits for the lock."""
+    store = EventStore(citus_pool)
+    read_stream, locked_stream = await streams_on_two_shards(citus_pool)
+    note = NewEvent("Noted", canonical_json(b'{"n": 1}'))
+    for stream_id in (read_stream, locked_stream):
+        await store.append(stream_id, 0, [note])
+    source = await store.source_of(read_stream)
+    locked_shard, port = await shard_of(citus_pool, locked_stream)
+    locker = await asyncpg.connect(next(w for w in cluster.workers if w.port == port).url(cluster.database))
+    try:
+        await locker.execute("begin; set local citus.enable_manual_changes_to_shards = on")
+        await locker.execute(f"lock table {locked_shard} in access exclusive mode")
+        async with asyncio.timeout(10):
+            rows = await citus_pool.fetch("select stream_id from source_events($1, $2, 0, 100000)", read_stream, source)
+        assert read_stream in {row["stream_id"] for row in rows}
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(1):
+                await citus_pool.fetch("select stream_id from events where source = $1 order by seq", source)
+    finally:
+        await locker.close()
+
+
+async def test_a_batch_shares_its_limit_among_the_shards_that_have_events(citus_pool):
+    """read_all asks every shard for an equal share of the batch; what the shards with fewer events
+    leave goes to the others, so a batch is full whenever that many events follow, and each shard's
+    events come as a prefix of its commit order."""
+    store = EventStore(citus_pool)
+    busy, quiet = await streams_on_two_shards(citus_pool)
+    before = await store.head()
+    await store.append(busy, 0, [NewEvent("Noted", canonical_json(b'{"n": %d}' % n)) for n in range(30)])
+    await store.append(quiet, 0, [NewEvent("Noted", canonical_json(b'{"n": 0}'))])
+    first = await store.read_all(before, 20)
+    assert len(first) == 20
+    rest = await store.read_all(before.past(first), 20)
+    assert len(rest) == 11 and await store.read_all(before.past(first + rest), 20) == []
+    by_stream = {s: [e.version for e in first + rest if e.stream_id == s] for s in (busy, quiet)}
+    assert by_stream == {busy: list(range(1, 31)), quiet: [1]}
+    async with citus_pool.acquire() as connection:  # the one-statement read, as inside a transaction
+        assert {e.position for e in await store.read_all(before, 100, connection=connection)} == {
+            e.position for e in first + rest
+        }
+
+
 @pytest.fixture
 async def citus_service_role(citus_pool: asyncpg.Pool, cluster: CitusCluster) -> AsyncIterator[str]:
     """A login role given what ``giftcard db grant`` gives, on the coordinator (Citus carries it to the workers)."""
