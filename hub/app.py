@@ -20,6 +20,7 @@ from aiohttp import web
 from hub import webhooks
 from hub.config import Settings
 from hub.errors import error_middleware, error_response
+from hub.external.client import Outbound
 from hub.external.directory import ProviderDirectory
 from hub.external.egress import EgressPolicy, GuardedResolver
 from hub.http import audit_api, auth, bulk_api, openapi, read_api, read_pool, webhooks_api
@@ -219,7 +220,8 @@ def create_app(
                 limit=PROVIDER_CONNECTIONS_MAX, resolver=GuardedResolver(app[EGRESS]), use_dns_cache=False
             )
             async with aiohttp.ClientSession(connector=connector) as session:
-                app[DIRECTORY] = ProviderDirectory(app[REGISTRY], session, store, settings, app[EGRESS], metrics)
+                outbound = Outbound(session, app[EGRESS], settings, metrics, store)
+                app[DIRECTORY] = ProviderDirectory(app[REGISTRY], outbound)
                 await app[DIRECTORY].refresh()
                 background = start_background_tasks(app, pool, webhook_pool, rings, cipher)
                 yield

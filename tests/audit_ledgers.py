@@ -22,6 +22,7 @@ from projections import read_models
 from projections.runner import ProjectionRunner
 from tests.cards import issue, issued_aggregate, load_and_order
 from tests.conftest import Clock
+from tests.subprocesses import output_within
 
 NATIVE = "VtexGiftCard"
 CLI_TIMEOUT_S = 60.0
@@ -181,6 +182,6 @@ async def finance_cli(database_url: str, *args: str) -> tuple[int, str, str]:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT_S)
+    stdout, stderr = await output_within(process, CLI_TIMEOUT_S)
     assert process.returncode is not None
     return process.returncode, stdout.decode(), stderr.decode()

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from tests.subprocesses import output_within
+
 ROOT = Path(__file__).resolve().parents[1]
 CLI_TIMEOUT_S = 120.0
 NATIVE = "VtexGiftCard"
@@ -26,11 +28,6 @@ async def giftcard(env: dict[str, str], *args: str) -> tuple[int, str, str]:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT_S)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
+    stdout, stderr = await output_within(process, CLI_TIMEOUT_S)
     assert process.returncode is not None
     return process.returncode, stdout.decode(), stderr.decode()

@@ -42,6 +42,7 @@ from tests.audit_ledgers import (
 )
 from tests.conftest import HUB_KEY, HUB_TOKEN
 from tests.png_pixels import count_near, rgb_pixels
+from tests.subprocesses import output_within
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_TIMEOUT_S = 90.0
@@ -347,12 +348,7 @@ async def chromium(url: str, *mode: str) -> str:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-        try:
-            stdout, stderr = await asyncio.wait_for(process.communicate(), CHROMIUM_TIMEOUT_S)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-            raise
+        stdout, stderr = await output_within(process, CHROMIUM_TIMEOUT_S)
         assert process.returncode == 0, stderr.decode()[-2000:]
         return stdout.decode()
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 
 import pytest
 
@@ -149,24 +150,27 @@ async def test_unknown_provider_is_a_404_with_a_json_error(service):
 # ---- routing to the native provider ---------------------------------------------------------
 
 
+def card_body(**overrides) -> dict:
+    """A create-card body with every field a typed VTEX client sends."""
+    return {
+        "relationName": f"hub-{uuid.uuid4().hex[:10]}",
+        "emissionDate": "2026-01-01T00:00:00Z",
+        "expiringDate": "2027-01-01T00:00:00Z",
+        "caption": "Gift",
+        "restrictedToOwner": False,
+        "multipleRedemptions": True,
+        "multipleCredits": True,
+        "profileId": "ana@example.com",
+        "currencyCode": "USD",
+        **overrides,
+    }
+
+
 # On Citus too: the rest of this file is the registry and the external providers, not the ledger.
 @pytest.mark.also_on_citus
 async def test_checkout_through_the_hub_on_the_native_provider(service, pool):
     base = f"{HUB}/VtexGiftCard/giftcards"
-    status, card, _ = await service.call(
-        "POST",
-        base,
-        {
-            "relationName": "hub-native-1",
-            "emissionDate": "2026-01-01T00:00:00Z",
-            "expiringDate": "2027-01-01T00:00:00Z",
-            "caption": "Gift",
-            "restrictedToOwner": False,
-            "multipleRedemptions": True,
-            "multipleCredits": True,
-            "profileId": "ana@example.com",
-        },
-    )
+    status, card, _ = await service.call("POST", base, card_body(relationName="hub-native-1"))
     assert status == 200 and card["provider"] == "VtexGiftCard"
     assert card["transactions"]["href"] == f"{base}/{card['id']}/transactions"
     code = card["redemptionCode"]

@@ -7,7 +7,6 @@ on the native Gift Card API (``/api/giftcards/...``) and the Provider Protocol (
 from __future__ import annotations
 
 import json
-import uuid
 
 import pytest
 
@@ -15,26 +14,11 @@ from hub.http.openapi import build_document
 from tests.openapi import require_spec, requires_spec, validate_response
 from tests.providers.reference import start_reference_provider
 from tests.test_contract_native import order_info
-from tests.test_hub import register
+from tests.test_hub import card_body, register
 
 HUB = "/api/giftcardproviders"
 HUB_NATIVE = f"{HUB}/VtexGiftCard"
 SURFACES = {"hub": HUB_NATIVE, "native-api": "/api", "protocol": "/native"}
-
-
-def card_body(**overrides) -> dict:
-    return {
-        "relationName": f"wire-{uuid.uuid4().hex[:10]}",
-        "emissionDate": "2026-01-01T00:00:00Z",
-        "expiringDate": "2027-01-01T00:00:00Z",
-        "caption": "Gift",
-        "restrictedToOwner": False,
-        "multipleRedemptions": True,
-        "multipleCredits": True,
-        "profileId": "ana@example.com",
-        "currencyCode": "USD",
-        **overrides,
-    }
 
 
 async def loaded_card(service, base: str, value: float = 100) -> str:

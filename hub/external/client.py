@@ -98,25 +98,25 @@ class Call:
     direction: str | None = None  # Credit or Debit, for a created transaction
 
 
+@dataclass(frozen=True)
+class Outbound:
+    """What every call to an external provider goes through, whichever provider it is: the HTTP
+    session, the egress policy that guards it, the settings that bound it, and the metrics and
+    event store that record it."""
+
+    session: aiohttp.ClientSession
+    egress: EgressPolicy
+    settings: Settings
+    metrics: Metrics
+    store: EventStore
+
+
 class ExternalProvider:
-    def __init__(
-        self,
-        registered: RegisteredProvider,
-        session: aiohttp.ClientSession,
-        breaker: CircuitBreaker,
-        store: EventStore,
-        settings: Settings,
-        egress: EgressPolicy,
-        metrics: Metrics,
-    ) -> None:
-        self.egress = egress
-        self.metrics = metrics
+    def __init__(self, registered: RegisteredProvider, breaker: CircuitBreaker, outbound: Outbound) -> None:
         self.registered = registered
         self.id = registered.spec.id
-        self.session = session
         self.breaker = breaker
-        self.store = store
-        self.settings = settings
+        self.outbound = outbound
 
     # ---- the 11 operations ---------------------------------------------------------
 
@@ -215,9 +215,9 @@ class ExternalProvider:
 
     async def call(self, call: Call, metadata: dict[str, Any] | None = None) -> tuple[Any, dict[str, str]]:
         timeout_s = (
-            self.settings.provider_get_card_timeout_s
+            self.outbound.settings.provider_get_card_timeout_s
             if call.operation == "GetGiftCardbyID"
-            else self.settings.provider_timeout_s
+            else self.outbound.settings.provider_timeout_s
         )
         correlation = (metadata or {}).get("requestId") or uuid.uuid4().hex
         started = time.monotonic()
@@ -261,7 +261,7 @@ class ExternalProvider:
             self.breaker.record_failure()
             attempt += 1
             backoff_s = RETRY_BACKOFF_S * 2**attempt * random.uniform(0.5, 1.0)
-            retryable = call.idempotent and attempt <= self.settings.provider_retries_max
+            retryable = call.idempotent and attempt <= self.outbound.settings.provider_retries_max
             if not retryable or time.monotonic() + backoff_s >= deadline:
                 await self._record(call, outcome, status, started)
                 raise failure
@@ -284,10 +284,10 @@ class ExternalProvider:
         if call.rest_range:
             headers["REST-Range"] = call.rest_range
         url = self.registered.spec.service_url + call.path
-        if refuses_literal(self.egress, url):
+        if refuses_literal(self.outbound.egress, url):
             raise OSError("the provider's address is internal and not in GIFTCARD_PROVIDER_ALLOWLIST")
         async with asyncio.timeout(remaining_s):
-            async with self.session.request(
+            async with self.outbound.session.request(
                 call.method, url, data=call.body, headers=headers, allow_redirects=False
             ) as response:
                 raw = await response.content.read(RESPONSE_BYTES_MAX + 1)
@@ -332,7 +332,9 @@ class ExternalProvider:
         if transaction_id is None and call.operation == "CreateGiftCardTransaction" and isinstance(answer, dict):
             transaction_id = str(answer.get("id"))  # the provider's id: its settlements join on it
         elapsed_s = time.monotonic() - started
-        self.metrics.observe_provider_call(self.id, call.operation, outcome, elapsed_s, self.breaker.state.value)
+        self.outbound.metrics.observe_provider_call(
+            self.id, call.operation, outcome, elapsed_s, self.breaker.state.value
+        )
         data = {
             "operation": call.operation,
             "providerId": self.id,
@@ -346,7 +348,9 @@ class ExternalProvider:
             "latencyMs": round(elapsed_s * 1000, 1),
         }
         try:
-            await self.store.append(f"forwarded-{uuid.uuid4()}", 0, [NewEvent(FORWARDED, canonical_json(encode(data)))])
+            await self.outbound.store.append(
+                f"forwarded-{uuid.uuid4()}", 0, [NewEvent(FORWARDED, canonical_json(encode(data)))]
+            )
         except Exception:  # the provider already answered; losing the record must not lose the answer
             log.warning("could not record a call forwarded to provider %s", self.id, exc_info=True)
 

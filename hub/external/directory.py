@@ -7,16 +7,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import aiohttp
 import asyncpg
 
-from hub.config import Settings
 from hub.external.breaker import CircuitBreaker
-from hub.external.client import ExternalProvider
-from hub.external.egress import EgressPolicy
-from hub.metrics import Metrics
+from hub.external.client import ExternalProvider, Outbound
 from ledger.providers import ProviderRegistry, RegisteredProvider
-from ledger.store import EventStore
 
 log = logging.getLogger(__name__)
 
@@ -24,21 +19,9 @@ REFRESH_S = 0.5
 
 
 class ProviderDirectory:
-    def __init__(
-        self,
-        registry: ProviderRegistry,
-        session: aiohttp.ClientSession,
-        store: EventStore,
-        settings: Settings,
-        egress: EgressPolicy,
-        metrics: Metrics,
-    ) -> None:
-        self.egress = egress
-        self.metrics = metrics
+    def __init__(self, registry: ProviderRegistry, outbound: Outbound) -> None:
         self.registry = registry
-        self.session = session
-        self.store = store
-        self.settings = settings
+        self.outbound = outbound
         self.registered: dict[str, RegisteredProvider] = {}
         self.breakers: dict[str, CircuitBreaker] = {}
 
@@ -60,6 +43,7 @@ class ProviderDirectory:
         breaker = self.breakers.get(provider_id)
         if breaker is None:
             breaker = self.breakers[provider_id] = CircuitBreaker(
-                failures_max=self.settings.provider_breaker_failures_max, open_s=self.settings.provider_breaker_open_s
+                failures_max=self.outbound.settings.provider_breaker_failures_max,
+                open_s=self.outbound.settings.provider_breaker_open_s,
             )
-        return ExternalProvider(registered, self.session, breaker, self.store, self.settings, self.egress, self.metrics)
+        return ExternalProvider(registered, breaker, self.outbound)
