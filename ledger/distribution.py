@@ -106,7 +106,7 @@ _APPEND_EVENTS_SIGNATURE = "append_events(text, text[], integer[], text[], text[
 # Readers of the commit order on the cluster (ledger.commit_order): a source is a shard, and its
 # events are read on the shard's worker, from the shard's own table (events_<shard id>), where a
 # read of events by source from the coordinator is sent to every shard. The call goes to the shard
-# that p_route's hash falls in, a key picked for the purpose (commit_order.SHARD_ROUTES). Where the
+# that p_route's hash falls in, a key picked for the purpose (ledger.store's EventStore._routes_to). Where the
 # call is not delegated (inside a transaction block), no shard is local: the distributed table is
 # read, by source, as before. Call them only as "select ... from source_events(...)" or
 # "select source_head(...)": Citus 13.2 delegates only those shapes, and the coordinator crashed on

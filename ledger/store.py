@@ -178,13 +178,14 @@ _COLUMNS = (
 )
 
 # The commit order on Citus, read on the worker of each shard (ledger.distribution's source_events
-# and source_head, routed by their first argument; see EventStore._routes_to). A batch reads at most
-# this many rounds of shares (a round a call per shard, side by side): one when every shard has
-# events to give, one more each time the shards that gave fewer leave their part to the others.
+# and source_head, routed by their first argument; see EventStore._routes_to).
 _SOURCE_EVENTS = f"select {_COLUMNS} from source_events($1, $2, $3, $4)"
 _SOURCE_HEAD = "select source_head($1, $2)"
 _SOURCE_NEXT_AT = "select recorded_at from source_events($1, $2, $3, 1)"
+# A batch reads at most this many rounds of shares (a round: a call per shard, side by side): one
+# when every shard has events to give, one more each time those that gave fewer leave their part.
 READ_ROUNDS_MAX = 4
+# Rounds of candidate keys tried before a shard is read by the one statement instead (see _routes_to).
 ROUTE_ROUNDS_MAX = 8
 
 _READ_STREAM = f"""
