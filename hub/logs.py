@@ -7,6 +7,7 @@ bodies, no query strings (a path never holds a token or a redemption code).
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -85,4 +86,10 @@ class JsonAccessLogger(AbstractAccessLogger):
 def _timestamp() -> str:
     """As logging's asctime writes it (local time, milliseconds after a comma)."""
     now = time.time()
-    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))},{int(now % 1 * 1000):03d}"
+    return f"{_local_second(int(now))},{int(now % 1 * 1000):03d}"
+
+
+@functools.lru_cache(maxsize=2)
+def _local_second(second: int) -> str:
+    """Formatted once per second, not once per request."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))

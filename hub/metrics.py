@@ -21,6 +21,7 @@ BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         r = self.registry
         self.requests = Counter(
             "giftcard_http_requests", "HTTP requests answered", ["method", "route", "status"], registry=r
@@ -77,6 +78,20 @@ class Metrics:
             multiprocess_mode="max",
         )
 
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        # A labelled child is looked up under a lock and a tuple of its labels: kept per label set,
+        # as few as the routes, methods and statuses answered.
+        key = (method, route, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self.requests.labels(method, route, str(status)),
+                self.request_seconds.labels(method, route),
+            )
+        count, latency = children
+        count.inc()
+        latency.observe(seconds)
+
     def observe_append(self, seconds: float) -> None:
         self.append_seconds.observe(seconds)
 
@@ -108,8 +123,7 @@ def make_metrics_middleware(metrics: Metrics):
         finally:
             route = request.match_info.route.resource
             label = route.canonical if route is not None else "unmatched"
-            metrics.requests.labels(request.method, label, str(status)).inc()
-            metrics.request_seconds.labels(request.method, label).observe(time.perf_counter() - started)
+            metrics.observe_request(request.method, label, status, time.perf_counter() - started)
 
     return metrics_middleware
 

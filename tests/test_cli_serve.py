@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+from datetime import datetime, timedelta
 
 import aiohttp
 import pytest
@@ -128,6 +129,8 @@ async def test_serve_runs_and_stops_cleanly_on_sigterm(database_url, workers):
         assert len(created) == 1, "one access line per request"
         assert created[0]["status"] == 200 and created[0]["route"] == "/api/giftcards"
         assert created[0]["level"] == "INFO" and created[0]["latency_ms"] > 0 and created[0]["request_id"]
+        logged_at = datetime.strptime(created[0]["ts"], "%Y-%m-%d %H:%M:%S,%f")  # as logging's asctime
+        assert abs(datetime.now() - logged_at) < timedelta(minutes=2)
     finally:
         if process.returncode is None:
             process.kill()

@@ -42,12 +42,14 @@ async def test_metrics_count_requests_and_appends(service, pool):
     status, card, _ = await service.call(
         "POST", "/native/giftcards", {"relationName": "m", "caption": "c", "profileId": "p"}
     )
-    await service.call("GET", "/native/giftcards/not-a-card")
+    for _ in range(2):
+        await service.call("GET", "/native/giftcards/not-a-card")
     status, body, content_type = await fetch(service, "/metrics")
     text = body.decode()
     assert status == 200 and content_type.startswith("text/plain")
     assert 'giftcard_http_requests_total{method="POST",route="/native/giftcards",status="200"} 1.0' in text
-    assert 'route="/native/giftcards/{card_id}",status="404"' in text
+    assert 'giftcard_http_requests_total{method="GET",route="/native/giftcards/{card_id}",status="404"} 2.0' in text
+    assert 'giftcard_http_request_seconds_count{method="GET",route="/native/giftcards/{card_id}"} 2.0' in text
     assert "giftcard_event_append_seconds_count 1.0" in text
     assert 'giftcard_projection_lag_events{projection="card_balances"}' in text
     lane = await pool.fetchval("select event_lane($1)", card["id"])  # the card's source
