@@ -79,8 +79,8 @@ class Metrics:
         )
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        # A labelled child is looked up under a lock and a tuple of its labels: kept per label set,
-        # as few as the routes, methods and statuses answered.
+        # labels() takes a lock and builds a tuple on every call. The children kept here are the
+        # ones the registry keeps anyway (aiohttp's parser answers 400 to an unknown method).
         key = (method, route, status)
         children = self._request_children.get(key)
         if children is None:

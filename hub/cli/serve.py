@@ -93,8 +93,8 @@ def run_worker(settings: Settings, url: str, host: str, port: int, *, reuse_port
         shutdown_timeout=settings.shutdown_timeout_s,
         print=None,
         access_log_class=JsonAccessLogger,
-        # libuv's loop: its transports and callbacks cost about a tenth less CPU per Debit than
-        # asyncio's (docs/benchmarks.md), and the server is CPU-bound on its one core.
+        # libuv's loop: 7 % less server CPU per Debit than asyncio's in back-to-back runs
+        # (docs/benchmarks.md), and at 16 connections the server is CPU-bound on its one core.
         loop=uvloop.new_event_loop(),
     )
 
