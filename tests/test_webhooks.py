@@ -1,6 +1,7 @@
 """Webhooks: ledger events POSTed, signed, to real receivers on loopback.
 
-Receivers verify every signature and record what they accepted. They can fail on demand (500,
+Receivers verify every signature (the Standard Webhooks headers with the ``standardwebhooks``
+library receivers use, and the deprecated ``X-Giftcard-Signature``) and record what they accepted. They can fail on demand (500,
 a connection reset, an answer slower than the deliverer's timeout), always fail one event type
 (dead letters), or answer slowly (two deliverers side by side). Backoffs are shrunk to
 milliseconds so the whole file runs in seconds.
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import logging
+import secrets
 import socket
 import struct
 import time
@@ -25,6 +28,7 @@ from typing import Any
 import asyncpg
 import pytest
 from aiohttp import web
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from hub.cli.webhooks import add_commands
 from hub.config import Settings
@@ -37,13 +41,23 @@ from hub.webhooks.events import render
 from hub.webhooks.signing import (
     EVENT_ID_HEADER,
     EVENT_TYPE_HEADER,
+    SECRET_BYTES,
     SIGNATURE_HEADER,
     TOLERANCE_S,
+    WEBHOOK_ID_HEADER,
+    WEBHOOK_SIGNATURE_HEADER,
+    WEBHOOK_TIMESTAMP_HEADER,
     SignatureInvalid,
+    new_secret,
     sign,
     verify,
 )
-from hub.webhooks.subscriptions import create_subscription
+from hub.webhooks.subscriptions import (
+    create_subscription,
+    drop_previous_secret,
+    rotate_secret,
+    seal_secrets,
+)
 from ledger.commands import IssueCard, Ledger
 from ledger.commit_order import Checkpoint
 from ledger.credentials_cipher import CredentialsCipher, SecretKeyMissing
@@ -85,12 +99,14 @@ class Received:
 
 @dataclass
 class Receiver:
-    """Verifies each delivery's signature and records the ones it accepts (answered 2xx)."""
+    """Verifies each delivery's signatures and records the ones it accepts (answered 2xx)."""
 
     url: str = ""
     secret: str | None = None
+    standard: bool = True  # check the Standard Webhooks headers too (a secret from before them has none)
     accepted: list[Received] = field(default_factory=list)
     requests: list[tuple[float, int]] = field(default_factory=list)  # (monotonic time, event id) of every request
+    verified: list[dict[str, str]] = field(default_factory=list)  # headers of every request whose signatures hold
     bad_signatures: int = 0
     faults: list[str] = field(default_factory=list)  # the next requests' faults, in order: 500, reset, slow
     refuse: Callable[[dict[str, Any]], bool] | None = None  # always answer 500 to these
@@ -109,10 +125,13 @@ class Receiver:
 
     async def _answer(self, request: web.Request, body: bytes) -> web.StreamResponse:
         try:
+            if self.standard:
+                Webhook(self.secret or "").verify(body, dict(request.headers))
             verify(self.secret or "", request.headers.get(SIGNATURE_HEADER, ""), body, now_s=time.time())
-        except SignatureInvalid:
+        except (WebhookVerificationError, SignatureInvalid):
             self.bad_signatures += 1
             return web.Response(status=401)
+        self.verified.append(dict(request.headers))
         payload = json.loads(body, parse_float=Decimal)
         self.requests.append((time.monotonic(), payload["id"]))
         fault = self.faults.pop(0) if self.faults else None
@@ -260,6 +279,7 @@ async def test_every_event_arrives_signed_once_in_ledger_order(pool, ledger, clo
     assert all(versions == [1, 2, 3, 4, 5] for versions in versions_per_card(receiver.accepted).values())
     assert set(versions_per_card(receiver.accepted)) == set(cards)
     for received in receiver.accepted:
+        assert received.headers[WEBHOOK_ID_HEADER] == str(received.payload["id"])
         assert received.headers[EVENT_ID_HEADER] == str(received.payload["id"])
         assert received.headers[EVENT_TYPE_HEADER] == received.payload["type"]
     card = [r.payload for r in receiver.accepted if r.payload.get("cardId") == cards[0]]
@@ -420,7 +440,84 @@ async def test_a_signature_is_bound_to_body_secret_and_time(pool, ledger, clock)
         verify(receiver.secret, fresh, received.body, now_s=signed_at + 600)
     with pytest.raises(SignatureInvalid, match="must look like"):
         verify(receiver.secret, "v1=abc", received.body, now_s=signed_at)
-    assert verify("s", sign("s", 100, b"{}"), b"{}", now_s=100) == 100
+    assert verify("s", sign(["s"], 100, b"{}"), b"{}", now_s=100) == 100
+    assert verify("t", sign(["s", "t"], 100, b"{}"), b"{}", now_s=100) == 100  # either secret, while rotating
+
+
+async def test_the_standardwebhooks_library_verifies_deliveries_and_retries_and_refuses_tampering(pool, ledger, clock):
+    async with receiving() as receiver:
+        await subscribe(pool, receiver)
+        receiver.faults = ["500"]  # the first event is refused once, then sent again
+        await write_card(ledger, clock, "standard")
+        async with delivering(pool):
+            await wait_for(lambda: len(receiver.accepted) == 5, "deliveries")
+
+    assert receiver.bad_signatures == 0  # every request, the refused one included, verified
+    first = receiver.accepted[0]
+    tries = [headers for headers in receiver.verified if headers[WEBHOOK_ID_HEADER] == first.headers[WEBHOOK_ID_HEADER]]
+    assert len(tries) == 2  # the retry carries the same id, for receivers to dedupe on
+    assert [r.headers[WEBHOOK_ID_HEADER] for r in receiver.accepted] == [str(r.event_id) for r in receiver.accepted]
+    assert len(first.headers[WEBHOOK_SIGNATURE_HEADER].split(" ")) == 1  # one secret, one signature
+
+    webhook = Webhook(receiver.secret)
+    assert webhook.verify(first.body, first.headers) == json.loads(first.body)
+    with pytest.raises(WebhookVerificationError, match="No matching signature"):
+        webhook.verify(first.body.replace(b'"card.issued"', b'"card.debited"'), first.headers)
+    with pytest.raises(WebhookVerificationError, match="No matching signature"):  # the id is signed
+        webhook.verify(first.body, first.headers | {WEBHOOK_ID_HEADER: str(first.event_id + 1)})
+    later = str(int(first.headers[WEBHOOK_TIMESTAMP_HEADER]) + 1)
+    with pytest.raises(WebhookVerificationError, match="No matching signature"):  # and so is the time
+        webhook.verify(first.body, first.headers | {WEBHOOK_TIMESTAMP_HEADER: later})
+    with pytest.raises(WebhookVerificationError, match="No matching signature"):
+        Webhook(new_secret()).verify(first.body, first.headers)
+    # The secret is the spec's: whsec_ and the standard base64 of 32 random bytes.
+    assert len(base64.b64decode(receiver.secret.removeprefix("whsec_"), validate=True)) == SECRET_BYTES
+
+
+async def give_secret(pool: asyncpg.Pool, subscription_id: str, secret: str) -> None:
+    """A subscription made before Standard Webhooks: its secret was ``whsec_`` + URL-safe base64."""
+    async with pool.acquire() as connection:
+        await storage.set_sealed_secret(connection, subscription_id, seal_secrets(CIPHER, subscription_id, [secret]))
+
+
+async def test_secrets_from_before_standard_webhooks_keep_working_and_rotate(pool, ledger, clock, caplog):
+    caplog.set_level(logging.INFO)
+    not_base64 = "whsec_-" + secrets.token_urlsafe(SECRET_BYTES)[1:]  # as three in four of them are
+    base64_too = "whsec_" + secrets.token_urlsafe(SECRET_BYTES).translate(str.maketrans("-_", "AB"))
+    async with receiving() as old, receiving() as lucky:
+        subscription = await subscribe(pool, old)
+        await give_secret(pool, subscription.id, not_base64)
+        old.secret, old.standard = not_base64, False
+        await give_secret(pool, (await subscribe(pool, lucky)).id, base64_too)
+        lucky.secret = base64_too  # the receiver's library reads it as it is
+        await write_card(ledger, clock, "legacy")
+        async with delivering(pool):
+            await wait_for(lambda: len(old.accepted) == len(lucky.accepted) == 5, "deliveries")
+        assert old.bad_signatures == lucky.bad_signatures == 0
+        assert not any(WEBHOOK_SIGNATURE_HEADER in r.headers for r in old.accepted)  # rather than a wrong one
+        asked = [r.getMessage() for r in caplog.records if "rotate-secret" in r.getMessage()]
+        assert len(asked) == 1 and subscription.id in asked[0]
+
+        new = await rotate_secret(pool, CIPHER, subscription.id)
+        old.secret, old.standard = new, True  # the receiver switches to the new secret (and the library)
+        await write_card(ledger, clock, "rotating")
+        async with delivering(pool):
+            await wait_for(lambda: len(old.accepted) == 10, "deliveries while rotating")
+        for received in old.accepted[5:]:  # and one still holding the old secret accepts them too
+            verify(not_base64, received.headers[SIGNATURE_HEADER], received.body, now_s=time.time())
+
+        assert await drop_previous_secret(pool, CIPHER, subscription.id) is True
+        assert await drop_previous_secret(pool, CIPHER, subscription.id) is False
+        await write_card(ledger, clock, "rotated")
+        async with delivering(pool):
+            await wait_for(lambda: len(old.accepted) == 15, "deliveries after the rotation")
+        assert old.bad_signatures == 0
+        with pytest.raises(SignatureInvalid, match="does not match"):
+            verify(not_base64, old.accepted[-1].headers[SIGNATURE_HEADER], old.accepted[-1].body, now_s=time.time())
+        with pytest.raises(storage.SubscriptionNotFound):
+            await rotate_secret(pool, CIPHER, "wh_unknown")
+
+    assert not any(secret in caplog.text for secret in (not_base64, base64_too, new))
 
 
 async def test_two_deliverers_never_send_one_subscription_at_once(pool, database_url, ledger, clock, store):
@@ -628,6 +725,29 @@ async def test_cli_add_list_replay_dead_letters_run_and_remove(pool, database_ur
         code, out, err = await cli("dead-letters", subscription_id, "--retry")
         assert code == 0 and "0 dead letter(s) queued" in err
         assert secret not in "".join([out, err])
+
+        code, out, _ = await cli("rotate-secret", subscription_id)
+        [new_secret_shown] = [line.strip() for line in out.splitlines() if line.startswith("  whsec_")]
+        assert code == 0 and new_secret_shown != secret and "--drop-previous" in out
+        delivered_before = set(receiver.ids())
+        await write_card(ledger, clock, "cli-rotating")
+        code, out, _ = await cli("run", "--once")
+        # Verified with the old secret by the receiver; the new one verifies them too.
+        rotating = [r for r in receiver.accepted if r.event_id not in delivered_before]
+        assert code == 0 and [r.payload["type"] for r in rotating] == ["card.credited", "card.debited"]
+        assert all(len(r.headers[WEBHOOK_SIGNATURE_HEADER].split(" ")) == 2 for r in rotating)
+        assert all(Webhook(new_secret_shown).verify(r.body, r.headers) for r in rotating)
+        code, out, _ = await cli("rotate-secret", subscription_id, "--drop-previous")
+        assert code == 0 and "no longer signs" in out
+        receiver.secret = new_secret_shown
+        await write_card(ledger, clock, "cli-rotated")
+        accepted_before = len(receiver.accepted)
+        code, out, _ = await cli("run", "--once")
+        assert code == 0 and len(receiver.accepted) == accepted_before + 2 and receiver.bad_signatures == 0
+        with pytest.raises(WebhookVerificationError):
+            Webhook(secret).verify(receiver.accepted[-1].body, receiver.accepted[-1].headers)
+        code, _, err = await cli("rotate-secret", "wh_unknown")
+        assert code == 1 and "not found" in err
 
         assert (await cli("add", receiver.url, "--events", "card.nope"))[0] == 1
         assert (await cli("dead-letters", "wh_unknown"))[0] == 1

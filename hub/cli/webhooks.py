@@ -1,4 +1,4 @@
-"""``giftcard webhooks add | list | remove | replay | dead-letters | run``.
+"""``giftcard webhooks add | list | remove | rotate-secret | replay | dead-letters | run``.
 
 Thin calls into ``hub.webhooks`` (storage, subscriptions, the deliverer).
 """
@@ -20,7 +20,7 @@ from hub.http.webhooks_api import render_dead_letter, render_subscription
 from hub.webhooks import storage
 from hub.webhooks.delivery import Deliverer, DeliveryOptions, delivery_session, run_deliveries
 from hub.webhooks.events import EVENT_TYPES
-from hub.webhooks.subscriptions import create_subscription
+from hub.webhooks.subscriptions import create_subscription, drop_previous_secret, rotate_secret
 from hub.wire import encode
 from ledger.credentials_cipher import CredentialsCipher
 from ledger.database import with_database
@@ -51,6 +51,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     remove = sub.add_parser("remove", help="delete a subscription and its dead letters")
     remove.add_argument("subscription")
     remove.set_defaults(run=remove_command)
+
+    rotate = sub.add_parser("rotate-secret", help="a new signing secret, printed once; the old one signs beside it")
+    rotate.add_argument("subscription")
+    rotate.add_argument(
+        "--drop-previous", action="store_true", help="end the rotation: only the newest secret signs from now on"
+    )
+    rotate.set_defaults(run=rotate_secret_command)
 
     replay = sub.add_parser("replay", help="deliver again every event from a position on")
     replay.add_argument("subscription")
@@ -108,6 +115,24 @@ def list_command(args: argparse.Namespace) -> int:
 def remove_command(args: argparse.Namespace) -> int:
     _refusals_exit(lambda pool: storage.remove(pool, args.subscription))
     print(f"removed {args.subscription}")
+    return 0
+
+
+def rotate_secret_command(args: argparse.Namespace) -> int:
+    cipher = CredentialsCipher.from_env()
+    if args.drop_previous:
+        dropped = _refusals_exit(lambda pool: drop_previous_secret(pool, cipher, args.subscription))
+        print(
+            f"{args.subscription}: "
+            + ("the previous secret no longer signs" if dropped else "no previous secret was kept")
+        )
+        return 0
+    secret = _refusals_exit(lambda pool: rotate_secret(pool, cipher, args.subscription))
+    print(f"new signing secret for {args.subscription} (shown once; only an encrypted copy is kept):\n  {secret}")
+    print(
+        "deliveries are signed with it and with the previous secret until "
+        f"`giftcard webhooks rotate-secret {args.subscription} --drop-previous`"
+    )
     return 0
 
 

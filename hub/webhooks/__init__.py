@@ -2,7 +2,7 @@
 
 What the rest of the hub uses: ``run_deliveries(pool, settings, stop)``, the background deliverer.
 ``/api/webhooks`` is ``hub.http.webhooks_api``; ``giftcard webhooks ...`` is ``hub.cli.webhooks``.
-Modules: ``events`` (the public payloads), ``signing`` (the signature header), ``storage`` (all the
+Modules: ``events`` (the public payloads), ``signing`` (the signature headers), ``storage`` (all the
 SQL), ``subscriptions`` (creation rules, the secret), ``delivery`` (the deliverer) and ``wire`` (the
 API's request bodies).
 """

@@ -9,7 +9,7 @@ after an exponential backoff; after ``attempts_max`` failures the event is moved
 letters and delivery goes on with the next one.
 
 At least once: a deliverer that dies between a receiver's 2xx and the checkpoint update
-sends that event again. Receivers dedupe by ``X-Giftcard-Event-Id``.
+sends that event again. Receivers dedupe by ``webhook-id`` (the event's id, signed).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from hub.config import Settings
 from hub.external.egress import EgressPolicy, GuardedResolver, refuses_literal
 from hub.webhooks import events as public_events
 from hub.webhooks import storage
-from hub.webhooks.signing import EVENT_ID_HEADER, EVENT_TYPE_HEADER, SIGNATURE_HEADER, sign
-from hub.webhooks.subscriptions import open_secret
+from hub.webhooks.signing import EVENT_TYPE_HEADER, is_standard, signed_headers
+from hub.webhooks.subscriptions import open_secrets
 from ledger.commit_order import Checkpoint
 from ledger.credentials_cipher import CredentialsCipher
 from ledger.database import DATABASE_ERRORS
@@ -188,6 +188,7 @@ class Deliverer:
         self.currencies = CardCurrencies(options.cards_cached_max)
         self._running: dict[str, asyncio.Task[int]] = {}
         self._paused_until: dict[str, float] = {}
+        self._told_to_rotate: set[str] = set()
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -278,8 +279,9 @@ class Deliverer:
         subscription = await storage.load_due(connection, subscription_id)
         if subscription is None:
             return IDLE
-        secret = open_secret(self.cipher, subscription)
-        await self._redeliver_dead_letters(connection, subscription, secret)
+        signing_secrets = open_secrets(self.cipher, subscription.id, subscription.sealed_secret)
+        self._ask_for_rotation(subscription.id, signing_secrets)
+        await self._redeliver_dead_letters(connection, subscription, signing_secrets)
         events = await self.store.read_all(
             subscription.checkpoint, self.options.batch_events_max, connection=connection
         )
@@ -291,7 +293,7 @@ class Deliverer:
                 batch.done = batch.done.past([event])
                 continue
             body = public_events.render(event, self.currencies.of(event.stream_id))
-            error = await self._post(subscription, secret, event.position, public_type, body)
+            error = await self._post(subscription, signing_secrets, event.position, public_type, body)
             if error is not None:
                 await self._failed(connection, subscription, batch, event, public_type, body, error)
                 return Progress(_handled(events, batch.done), more=False)
@@ -343,11 +345,11 @@ class Deliverer:
         )
 
     async def _redeliver_dead_letters(
-        self, connection: asyncpg.Connection, subscription: storage.Subscription, secret: str
+        self, connection: asyncpg.Connection, subscription: storage.Subscription, signing_secrets: Sequence[str]
     ) -> None:
         """One more attempt at each dead letter an operator asked to retry (out of ledger order, by nature)."""
         for letter in await storage.retries_due(connection, subscription.id, self.options.batch_events_max):
-            error = await self._post(subscription, secret, letter.position, letter.event_type, letter.body)
+            error = await self._post(subscription, signing_secrets, letter.position, letter.event_type, letter.body)
             if error is None:
                 await storage.redelivered(connection, letter)
                 log.info("webhook %s: dead letter %d redelivered", subscription.id, letter.position)
@@ -355,19 +357,36 @@ class Deliverer:
                 await storage.redelivery_failed(connection, letter, error)
                 log.warning("webhook %s: dead letter %d failed again (%s)", subscription.id, letter.position, error)
 
+    def _ask_for_rotation(self, subscription_id: str, signing_secrets: Sequence[str]) -> None:
+        """Once per process, a warning for a subscription whose secret cannot sign Standard Webhooks."""
+        if is_standard(signing_secrets[0]) or subscription_id in self._told_to_rotate:
+            return
+        self._told_to_rotate.add(subscription_id)
+        log.warning(
+            "webhook %s: its secret predates Standard Webhooks (not base64), so deliveries carry only the "
+            "deprecated X-Giftcard-Signature; give its receiver a new one: giftcard webhooks rotate-secret %s",
+            subscription_id,
+            subscription_id,
+        )
+
     # ---- HTTP ----------------------------------------------------------------------------------
 
     async def _post(
-        self, subscription: storage.Subscription, secret: str, event_id: int, public_type: str, body: bytes
+        self,
+        subscription: storage.Subscription,
+        signing_secrets: Sequence[str],
+        event_id: int,
+        public_type: str,
+        body: bytes,
     ) -> str | None:
         """POSTs one signed body; None when the receiver answered 2xx, else what went wrong."""
         if refuses_literal(self.policy, subscription.url):
             return "url is an internal address the egress policy (GIFTCARD_PROVIDER_ALLOWLIST) refuses"
         headers = {
             "Content-Type": "application/json",
-            SIGNATURE_HEADER: sign(secret, int(time.time()), body),  # signed afresh: receivers check its age
-            EVENT_ID_HEADER: str(event_id),
             EVENT_TYPE_HEADER: public_type,
+            # Signed afresh at every attempt: receivers refuse old timestamps.
+            **signed_headers(signing_secrets, event_id, int(time.time()), body),
         }
         timeout = aiohttp.ClientTimeout(total=self.options.timeout_s)
         try:

@@ -1,24 +1,41 @@
-"""Signatures receivers check: ``X-Giftcard-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256>``.
+"""Signatures receivers check: Standard Webhooks, and the hub's own older header for one release.
 
-The MAC covers ``f"{t}.{body}"`` with the subscription's secret as the key (its UTF-8 bytes),
-so the timestamp cannot be changed without breaking the signature: a receiver that refuses
-timestamps older than a few minutes refuses replays of a captured delivery, and dedupes the
-rest by ``X-Giftcard-Event-Id`` (delivery is at least once). Every attempt is signed afresh.
+Standard Webhooks (https://www.standardwebhooks.com): ``webhook-id`` is the event's id (the key
+receivers dedupe on, the same on every retry), ``webhook-timestamp`` this attempt's unix seconds,
+and ``webhook-signature`` is ``v1,<base64 HMAC-SHA256>`` of ``f"{id}.{timestamp}.{body}"``, keyed
+with the bytes the secret's base64 (after ``whsec_``) encodes. Signing the id and the timestamp
+means neither can be changed: a receiver that refuses old timestamps refuses replays of a captured
+delivery, and dedupes the rest by an id it can trust. Any Standard Webhooks library verifies them.
+
+Deprecated, sent alongside until the next release: ``X-Giftcard-Signature: t=<unix seconds>,v1=<hex>``,
+HMAC-SHA256 of ``f"{t}.{body}"`` keyed with the secret string's UTF-8 bytes, and the unsigned
+``X-Giftcard-Event-Id``.
+
+A subscription signs with one secret, or with two while it rotates (the new one first): each
+header then carries a signature per secret, and a receiver holding either accepts the delivery.
+Every attempt is signed afresh.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import secrets
+from collections.abc import Sequence
 
-SIGNATURE_HEADER = "X-Giftcard-Signature"
-EVENT_ID_HEADER = "X-Giftcard-Event-Id"
+WEBHOOK_ID_HEADER = "webhook-id"
+WEBHOOK_TIMESTAMP_HEADER = "webhook-timestamp"
+WEBHOOK_SIGNATURE_HEADER = "webhook-signature"
+SIGNATURE_HEADER = "X-Giftcard-Signature"  # deprecated
+EVENT_ID_HEADER = "X-Giftcard-Event-Id"  # deprecated: not signed; webhook-id is
 EVENT_TYPE_HEADER = "X-Giftcard-Event-Type"
 SCHEME = "v1"
 SECRET_PREFIX = "whsec_"
-SECRET_BYTES = 32  # 256 bits, the size of the HMAC-SHA256 key it becomes
-TOLERANCE_S = 300  # what we advise receivers: refuse signatures older (or newer) than 5 minutes
+SECRET_BYTES = 32  # 256 bits, the size of an HMAC-SHA256 key
+KEY_BYTES_MIN, KEY_BYTES_MAX = 24, 64  # what the Standard Webhooks spec allows a secret to encode
+TOLERANCE_S = 300  # what we advise receivers (and Standard Webhooks libraries do): 5 minutes either way
 
 
 class SignatureInvalid(Exception):
@@ -26,24 +43,71 @@ class SignatureInvalid(Exception):
 
 
 def new_secret() -> str:
-    return SECRET_PREFIX + secrets.token_urlsafe(SECRET_BYTES)
+    """A Standard Webhooks secret: ``whsec_`` and the standard base64 of random key bytes."""
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode()
+
+
+def standard_key(secret: str) -> bytes | None:
+    """The HMAC key a Standard Webhooks library takes from ``secret``; None when it holds none.
+
+    Secrets made before the hub spoke Standard Webhooks are URL-safe base64: the quarter of them
+    without ``-`` or ``_`` are standard base64 too (missing only their padding) and sign as they
+    are; the others are not base64 at all (libraries refuse them, or silently drop those characters
+    and derive another key), so they sign the deprecated header only until rotated.
+    """
+    if not secret.startswith(SECRET_PREFIX):
+        return None
+    encoded = secret.removeprefix(SECRET_PREFIX)
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except binascii.Error:
+        return None
+    return key if KEY_BYTES_MIN <= len(key) <= KEY_BYTES_MAX else None
+
+
+def is_standard(secret: str) -> bool:
+    return standard_key(secret) is not None
+
+
+def signed_headers(signing_secrets: Sequence[str], event_id: int, timestamp: int, body: bytes) -> dict[str, str]:
+    """Every signing header of one attempt at delivering ``body`` at ``timestamp`` (unix seconds).
+
+    The Standard Webhooks headers are left out when no secret holds a key: a receiver's library
+    then says they are missing rather than that every signature is wrong.
+    """
+    headers = {SIGNATURE_HEADER: sign(signing_secrets, timestamp, body), EVENT_ID_HEADER: str(event_id)}
+    keys = [key for key in map(standard_key, signing_secrets) if key is not None]
+    if keys:
+        message_id = str(event_id)
+        headers[WEBHOOK_ID_HEADER] = message_id
+        headers[WEBHOOK_TIMESTAMP_HEADER] = str(timestamp)
+        headers[WEBHOOK_SIGNATURE_HEADER] = " ".join(
+            standard_signature(key, message_id, timestamp, body) for key in keys
+        )
+    return headers
+
+
+def standard_signature(key: bytes, message_id: str, timestamp: int, body: bytes) -> str:
+    signed = hmac.new(key, b"%s.%d.%s" % (message_id.encode(), timestamp, body), hashlib.sha256).digest()
+    return f"{SCHEME},{base64.b64encode(signed).decode()}"
+
+
+# ---- the deprecated header ---------------------------------------------------------------------
 
 
 def mac(secret: str, timestamp: int, body: bytes) -> str:
     return hmac.new(secret.encode(), b"%d.%s" % (timestamp, body), hashlib.sha256).hexdigest()
 
 
-def sign(secret: str, timestamp: int, body: bytes) -> str:
-    """The header value for ``body`` sent at ``timestamp`` (unix seconds)."""
-    return f"t={timestamp},{SCHEME}={mac(secret, timestamp, body)}"
+def sign(signing_secrets: Sequence[str], timestamp: int, body: bytes) -> str:
+    """The ``X-Giftcard-Signature`` value for ``body`` sent at ``timestamp`` (unix seconds)."""
+    macs = ",".join(f"{SCHEME}={mac(secret, timestamp, body)}" for secret in signing_secrets)
+    return f"t={timestamp},{macs}"
 
 
 def verify(secret: str, header: str, body: bytes, *, now_s: float, tolerance_s: float = TOLERANCE_S) -> int:
-    """What a receiver does: returns the signed timestamp, or raises ``SignatureInvalid``.
-
-    Several ``v1=`` entries are accepted (one of them must match), so a sender could sign with
-    an old and a new secret while a receiver rotates.
-    """
+    """What a receiver of ``X-Giftcard-Signature`` does: returns the signed timestamp, or raises
+    ``SignatureInvalid``. One of the ``v1=`` entries must match (two while the sender rotates)."""
     timestamp, candidates = _parse(header)
     expected = mac(secret, timestamp, body)
     if not any(hmac.compare_digest(expected, candidate) for candidate in candidates):

@@ -97,6 +97,9 @@ order by s.created_at, s.id
 
 _REMOVE = "delete from webhook_subscriptions where id = $1 returning id"
 
+_SECRET_FOR_UPDATE = "select secret from webhook_subscriptions where id = $1 for update"
+_SET_SECRET = "update webhook_subscriptions set secret = $2 where id = $1"
+
 # Replay from position P: in each source, the checkpoint goes just before its first event, in
 # commit order, of those at P or later (a source with none stays at its head). Every event from
 # P on is then delivered again (and the few older ones that committed after it: receivers dedupe
@@ -234,6 +237,18 @@ async def get(pool: asyncpg.Pool, subscription_id: str) -> Subscription:
 async def remove(pool: asyncpg.Pool, subscription_id: str) -> None:
     if await pool.fetchval(_REMOVE, subscription_id) is None:
         raise SubscriptionNotFound(f"webhook subscription {subscription_id!r} not found")
+
+
+async def sealed_secret_for_update(connection: asyncpg.Connection, subscription_id: str) -> str:
+    """The sealed secret, its row locked until the transaction ends (two rotations queue up)."""
+    sealed = await connection.fetchval(_SECRET_FOR_UPDATE, subscription_id)
+    if sealed is None:
+        raise SubscriptionNotFound(f"webhook subscription {subscription_id!r} not found")
+    return sealed
+
+
+async def set_sealed_secret(connection: asyncpg.Connection, subscription_id: str, sealed: str) -> None:
+    await connection.execute(_SET_SECRET, subscription_id, sealed)
 
 
 async def replay(pool: asyncpg.Pool, subscription_id: str, from_position: int) -> Subscription:

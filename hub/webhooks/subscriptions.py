@@ -5,6 +5,10 @@ cipher (AES-256-GCM under a key derived from ``GIFTCARD_SECRET_KEY``). Without t
 subscription is refused, as provider credentials are: a secret the deliverer must read in
 clear cannot be stored as a hash, and storing it in clear would let anyone with a database
 dump forge deliveries.
+
+While a secret rotates, the sealed text holds the new secret and the previous one, separated by a
+space (neither contains one): deliveries are signed with both, so a receiver can switch at its
+own pace, until the operator drops the previous one.
 """
 
 from __future__ import annotations
@@ -45,8 +49,42 @@ def secret_context(subscription_id: str) -> str:
     return f"webhook:{subscription_id}"
 
 
-def open_secret(cipher: CredentialsCipher, subscription: storage.Subscription) -> str:
-    return cipher.decrypt(subscription.sealed_secret, context=secret_context(subscription.id)).decode()
+def seal_secrets(cipher: CredentialsCipher, subscription_id: str, signing_secrets: Sequence[str]) -> str:
+    return cipher.encrypt(" ".join(signing_secrets).encode(), context=secret_context(subscription_id))
+
+
+def open_secrets(cipher: CredentialsCipher, subscription_id: str, sealed: str) -> tuple[str, ...]:
+    """The secrets deliveries are signed with: the current one, then the previous one if rotating."""
+    return tuple(cipher.decrypt(sealed, context=secret_context(subscription_id)).decode().split(" "))
+
+
+async def rotate_secret(pool: asyncpg.Pool, cipher: CredentialsCipher, subscription_id: str) -> str:
+    """A new secret, returned once; the current one keeps signing beside it until dropped.
+
+    Rotating again while a previous secret is still kept drops that one: two secrets at most.
+    """
+    secret = new_secret()
+    async with pool.acquire() as connection, connection.transaction():
+        current, *_ = open_secrets(
+            cipher, subscription_id, await storage.sealed_secret_for_update(connection, subscription_id)
+        )
+        await storage.set_sealed_secret(
+            connection, subscription_id, seal_secrets(cipher, subscription_id, [secret, current])
+        )
+    return secret
+
+
+async def drop_previous_secret(pool: asyncpg.Pool, cipher: CredentialsCipher, subscription_id: str) -> bool:
+    """Ends a rotation: only the current secret signs from the next delivery on. False if none was kept."""
+    async with pool.acquire() as connection, connection.transaction():
+        current, *previous = open_secrets(
+            cipher, subscription_id, await storage.sealed_secret_for_update(connection, subscription_id)
+        )
+        if previous:
+            await storage.set_sealed_secret(
+                connection, subscription_id, seal_secrets(cipher, subscription_id, [current])
+            )
+    return bool(previous)
 
 
 async def create_subscription(
@@ -74,7 +112,7 @@ async def create_subscription(
         url=url,
         event_types=wanted,
         description=description,
-        sealed_secret=cipher.encrypt(secret.encode(), context=secret_context(subscription_id)),
+        sealed_secret=seal_secrets(cipher, subscription_id, [secret]),
         subscriptions_max=SUBSCRIPTIONS_MAX,
     )
     return CreatedSubscription(subscription, secret)
