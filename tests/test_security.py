@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -158,3 +159,50 @@ async def test_successful_lookups_write_nothing(service, pool):
     for _ in range(3):
         assert (await search_code(service, card["redemptionCode"], "holder"))[0] == 200
     assert await pool.fetchval("select count(*) from lookup_failures") == 0
+
+
+# ---- roles hold for every audience ------------------------------------------------------------
+
+
+async def provider_call(service, key: str, token: str, method: str, path: str, body=None):
+    headers = {"X-PROVIDER-API-AppKey": key, "X-PROVIDER-API-AppToken": token, "Content-Type": "application/json"}
+    async with service.session.request(method, service.base_url + path, json=body, headers=headers) as response:
+        raw = await response.read()
+        return response.status, (json.loads(raw) if raw else None)
+
+
+async def test_a_view_only_provider_key_reads_but_cannot_create_or_credit(service, pool, database_url):
+    card = await funded_voucher(service)
+    out = await asyncio.to_thread(run_cli, database_url, "keys", "create", "--audience", "provider", "--role", "view")
+    lines = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+    key, token = lines["X-PROVIDER-API-AppKey"], lines["X-PROVIDER-API-AppToken"]
+    card_path = f"/native/giftcards/{card['id']}"
+    await eventually(lambda: _is(_status(provider_call(service, key, token, "GET", card_path)), 200))
+    events_before = await pool.fetchval("select count(*) from events")
+
+    credit = {"operation": "Credit", "value": 1000, "description": "d", "requestId": "steal"}
+    issue = {"relationName": "r-view", "caption": "c", "profileId": "p"}
+    for method, path, body in (("POST", card_path + "/transactions", credit), ("POST", "/native/giftcards", issue)):
+        status, refusal = await provider_call(service, key, token, method, path, body)
+        assert status == 403, (method, path, status)
+        assert refusal["error"]["code"] == "forbidden" and "'edit' role" in refusal["error"]["message"]
+    search = {"client": {"id": "holder"}, "cart": {"redemptionCode": card["redemptionCode"]}}
+    status, found = await provider_call(service, key, token, "POST", "/native/giftcards/_search", search)
+    assert status == 200 and [c["id"] for c in found] == [card["id"]], "a search is a read"
+    assert await pool.fetchval("select count(*) from events") == events_before
+    status, shown = await provider_call(service, key, token, "GET", card_path)
+    assert status == 200 and shown["balance"] == 5
+
+
+async def test_an_edit_only_provider_key_cannot_read(service, pool):
+    card = await funded_voucher(service)
+    key, token = await auth.create_key(pool, auth.PROVIDER, (auth.EDIT,))
+    path = f"/native/giftcards/{card['id']}/transactions"
+    credit = {"operation": "Credit", "value": 1, "description": "d", "requestId": "edit-only"}
+    await eventually(lambda: _is(_status(provider_call(service, key, token, "POST", path, credit)), 200))
+    status, refusal = await provider_call(service, key, token, "GET", path)
+    assert status == 403 and refusal["error"]["code"] == "forbidden" and "'view' role" in refusal["error"]["message"]
+
+
+async def _status(call) -> int:
+    return (await call)[0]
