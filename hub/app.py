@@ -200,8 +200,10 @@ def create_app(
             store = EventStore(pool, observe_append=metrics.observe_append)
             app[THROTTLE] = LookupThrottle(
                 pool,
-                client_failures_max=settings.lookup_client_failures_max,
-                address_failures_max=settings.lookup_address_failures_max,
+                await instance_key(pool, "lookup-throttle"),
+                shopper_failures_max=settings.lookup_client_failures_max,
+                caller_failures_slow_after=settings.lookup_caller_failures_slow_after,
+                failure_delay_s=settings.lookup_failure_delay_s,
                 window_s=settings.lookup_window_s,
             )
             app[LEDGER] = Ledger(

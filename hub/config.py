@@ -46,8 +46,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     provider_allowlist: tuple[str, ...] = ()
     hold_ttl_s: float = 0.0  # off: holds last until settled or cancelled
     hold_sweep_interval_s: float = 30.0
-    lookup_client_failures_max: int = 10
-    lookup_address_failures_max: int = 100
+    lookup_client_failures_max: int = 10  # per (caller key, shopper identity) pair
+    lookup_caller_failures_slow_after: int = 100  # then each failure of that caller waits lookup_failure_delay_s
+    lookup_failure_delay_s: float = 1.0
     lookup_window_s: int = 600
     run_projections: bool = True
     public_url: str | None = None  # where callers reach this service (the native provider's serviceUrl)
@@ -82,8 +83,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             "lookup_client_failures_max": int(
                 env.get("GIFTCARD_LOOKUP_CLIENT_FAILURES_MAX", defaults.lookup_client_failures_max)
             ),
-            "lookup_address_failures_max": int(
-                env.get("GIFTCARD_LOOKUP_ADDRESS_FAILURES_MAX", defaults.lookup_address_failures_max)
+            "lookup_caller_failures_slow_after": int(
+                env.get("GIFTCARD_LOOKUP_CALLER_FAILURES_SLOW_AFTER", defaults.lookup_caller_failures_slow_after)
+            ),
+            "lookup_failure_delay_s": float(
+                env.get("GIFTCARD_LOOKUP_FAILURE_DELAY_S", defaults.lookup_failure_delay_s)
             ),
             "lookup_window_s": int(env.get("GIFTCARD_LOOKUP_WINDOW_S", defaults.lookup_window_s)),
             "run_projections": env.get("GIFTCARD_RUN_PROJECTIONS", "true").strip().lower()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -114,17 +115,19 @@ async def funded_voucher(service) -> dict:
     return card
 
 
-async def search_code(service, code: str, client_id: str):
-    return await service.call(
-        "POST", "/native/giftcards/_search", {"client": {"id": client_id}, "cart": {"redemptionCode": code}}
-    )
+async def search_code(service, code: str, client_id: str, path: str = "/native/giftcards/_search", **client):
+    return await service.call("POST", path, {"client": {"id": client_id, **client}, "cart": {"redemptionCode": code}})
+
+
+def wrong_code(i: int) -> str:
+    return f"AAAA-BBBB-CCCC-{i:04d}"
 
 
 async def test_failed_code_lookups_are_limited_per_shopper(start_service):
-    service = await start_service(lookup_client_failures_max=5, lookup_address_failures_max=1000)
+    service = await start_service(lookup_client_failures_max=5)
     card = await funded_voucher(service)
     for i in range(5):
-        status, found, _ = await search_code(service, f"AAAA-BBBB-CCCC-{i:04d}", "guesser")
+        status, found, _ = await search_code(service, wrong_code(i), "guesser")
         assert (status, found) == (200, [])
     status, body, headers = await search_code(service, card["redemptionCode"], "guesser")
     assert status == 429 and body["error"]["code"] == "too_many_failed_lookups"
@@ -133,21 +136,74 @@ async def test_failed_code_lookups_are_limited_per_shopper(start_service):
     assert status == 200 and [c["id"] for c in found] == [card["id"]], "others are not slowed"
 
 
-async def test_failed_code_lookups_are_limited_per_calling_address(start_service):
-    service = await start_service(lookup_client_failures_max=1000, lookup_address_failures_max=5)
-    for i in range(5):
-        await search_code(service, f"AAAA-BBBB-CCCC-{i:04d}", f"rotating-{i}")
-    status, _, _ = await search_code(service, "AAAA-BBBB-CCCC-9999", "yet-another")
-    assert status == 429
+async def test_one_identity_guessing_is_stopped_by_the_default_limit(service):
+    card = await funded_voucher(service)
+    statuses = [(await search_code(service, wrong_code(i), "guesser"))[0] for i in range(12)]
+    assert statuses[:10] == [200] * 10 and statuses[10:] == [429, 429]
+    assert (await search_code(service, card["redemptionCode"], "guesser"))[0] == 429
+
+
+async def test_rotating_identities_behind_one_caller_lock_no_other_shopper_out(service):
+    """VTEX's hub is one caller for every shopper of a store: a hundred wrong codes, each with a
+    new identity, must not deny a new shopper's right code on any surface."""
+    card = await funded_voucher(service)
+    guesses = await asyncio.gather(*(search_code(service, wrong_code(i), f"rotating-{i}") for i in range(100)))
+    assert {status for status, _, _ in guesses} == {200}
+    surfaces = (
+        "/native/giftcards/_search",
+        "/api/giftcards/_search",
+        "/api/giftcardproviders/VtexGiftCard/giftcards/_search",
+    )
+    for path in surfaces:
+        status, found, _ = await search_code(service, card["redemptionCode"], "new-shopper", path)
+        assert status == 200, (path, status, found)
+        items = found["items"] if isinstance(found, dict) else found
+        assert [c["id"] for c in items] == [card["id"]], path
+    status, merged, _ = await search_code(
+        service, card["redemptionCode"], "new-shopper", "/api/giftcardproviders/_search"
+    )
+    assert status == 200 and [p["status"] for p in merged["providers"]] == ["ok"], merged
+
+
+async def test_naming_a_victim_does_not_lock_the_victim_out(service):
+    card = await funded_voucher(service)
+    victim = {"email": "victim@example.com", "document": "12345678900"}
+    for i in range(12):  # past the shopper limit, with the victim's e-mail and document
+        await search_code(service, wrong_code(i), "attacker", email=victim["email"], document=victim["document"])
+    status, found, _ = await search_code(service, card["redemptionCode"], "victim-profile", **victim)
+    assert status == 200 and [c["id"] for c in found] == [card["id"]], "the victim's own identity is not the attacker's"
+
+    for i in range(12):  # the victim's whole identity, through one caller (the provider key)
+        await search_code(service, wrong_code(i), "victim-profile", **victim)
+    assert (await search_code(service, card["redemptionCode"], "victim-profile", **victim))[0] == 429
+    status, found, _ = await search_code(
+        service, card["redemptionCode"], "victim-profile", "/api/giftcards/_search", **victim
+    )
+    assert status == 200 and found["items"][0]["id"] == card["id"], "another caller's lookups are not touched"
+
+
+async def test_a_caller_past_its_failure_ceiling_is_slowed_never_denied(start_service):
+    service = await start_service(lookup_caller_failures_slow_after=5, lookup_failure_delay_s=0.5)
+    card = await funded_voucher(service)
+    await asyncio.gather(*(search_code(service, wrong_code(i), f"rotating-{i}") for i in range(5)))
+    started = time.monotonic()
+    status, found, _ = await search_code(service, wrong_code(99), "yet-another")
+    assert (status, found) == (200, []) and time.monotonic() - started >= 0.5, "a failure past the ceiling waits"
+    started = time.monotonic()
+    status, found, _ = await search_code(service, card["redemptionCode"], "a-shopper")
+    assert status == 200 and found[0]["id"] == card["id"]
+    assert time.monotonic() - started < 0.5, "a right code is answered at once"
+    status, found, _ = await search_code(service, wrong_code(98), "hub-shopper", "/api/giftcards/_search")
+    assert status == 200 and found["items"] == [], "another caller is neither slowed nor refused"
 
 
 async def test_the_limit_holds_across_processes(start_service):
-    first = await start_service(lookup_client_failures_max=4, lookup_address_failures_max=1000)
-    second = await start_service(lookup_client_failures_max=4, lookup_address_failures_max=1000)
+    first = await start_service(lookup_client_failures_max=4)
+    second = await start_service(lookup_client_failures_max=4)
     card = await funded_voucher(first)
     for i in range(2):
-        await search_code(first, f"AAAA-BBBB-CCCC-{i:04d}", "guesser")
-        await search_code(second, f"AAAA-BBBB-DDDD-{i:04d}", "guesser")
+        await search_code(first, wrong_code(i), "guesser")
+        await search_code(second, wrong_code(10 + i), "guesser")
     # four failures in all, two through each process: both refuse the guesser, right code or not
     assert (await search_code(first, card["redemptionCode"], "guesser"))[0] == 429
     assert (await search_code(second, card["redemptionCode"], "guesser"))[0] == 429
@@ -158,3 +214,62 @@ async def test_successful_lookups_write_nothing(service, pool):
     for _ in range(3):
         assert (await search_code(service, card["redemptionCode"], "holder"))[0] == 200
     assert await pool.fetchval("select count(*) from lookup_failures") == 0
+
+
+async def test_failed_lookups_keep_no_shopper_identity_in_clear(service, pool):
+    await search_code(service, wrong_code(1), "profile-77", email="shopper@example.com", document="98765432100")
+    stored = str([dict(row) for row in await pool.fetch("select * from lookup_failures")])
+    assert stored != "[]"
+    for secret in ("profile-77", "shopper@example.com", "98765432100", auth_key_of(service)):
+        assert secret not in stored
+
+
+def auth_key_of(service) -> str:
+    return service.headers("/native")["X-PROVIDER-API-AppKey"]
+
+
+# ---- roles hold for every audience ------------------------------------------------------------
+
+
+async def provider_call(service, key: str, token: str, method: str, path: str, body=None):
+    headers = {"X-PROVIDER-API-AppKey": key, "X-PROVIDER-API-AppToken": token, "Content-Type": "application/json"}
+    async with service.session.request(method, service.base_url + path, json=body, headers=headers) as response:
+        raw = await response.read()
+        return response.status, (json.loads(raw) if raw else None)
+
+
+async def test_a_view_only_provider_key_reads_but_cannot_create_or_credit(service, pool, database_url):
+    card = await funded_voucher(service)
+    out = await asyncio.to_thread(run_cli, database_url, "keys", "create", "--audience", "provider", "--role", "view")
+    lines = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+    key, token = lines["X-PROVIDER-API-AppKey"], lines["X-PROVIDER-API-AppToken"]
+    card_path = f"/native/giftcards/{card['id']}"
+    await eventually(lambda: _is(_status(provider_call(service, key, token, "GET", card_path)), 200))
+    events_before = await pool.fetchval("select count(*) from events")
+
+    credit = {"operation": "Credit", "value": 1000, "description": "d", "requestId": "steal"}
+    issue = {"relationName": "r-view", "caption": "c", "profileId": "p"}
+    for method, path, body in (("POST", card_path + "/transactions", credit), ("POST", "/native/giftcards", issue)):
+        status, refusal = await provider_call(service, key, token, method, path, body)
+        assert status == 403, (method, path, status)
+        assert refusal["error"]["code"] == "forbidden" and "'edit' role" in refusal["error"]["message"]
+    search = {"client": {"id": "holder"}, "cart": {"redemptionCode": card["redemptionCode"]}}
+    status, found = await provider_call(service, key, token, "POST", "/native/giftcards/_search", search)
+    assert status == 200 and [c["id"] for c in found] == [card["id"]], "a search is a read"
+    assert await pool.fetchval("select count(*) from events") == events_before
+    status, shown = await provider_call(service, key, token, "GET", card_path)
+    assert status == 200 and shown["balance"] == 5
+
+
+async def test_an_edit_only_provider_key_cannot_read(service, pool):
+    card = await funded_voucher(service)
+    key, token = await auth.create_key(pool, auth.PROVIDER, (auth.EDIT,))
+    path = f"/native/giftcards/{card['id']}/transactions"
+    credit = {"operation": "Credit", "value": 1, "description": "d", "requestId": "edit-only"}
+    await eventually(lambda: _is(_status(provider_call(service, key, token, "POST", path, credit)), 200))
+    status, refusal = await provider_call(service, key, token, "GET", path)
+    assert status == 403 and refusal["error"]["code"] == "forbidden" and "'view' role" in refusal["error"]["message"]
+
+
+async def _status(call) -> int:
+    return (await call)[0]

@@ -5,7 +5,8 @@ A pair configured in the environment is compared in constant time. Stored pairs
 (generated on a first start, or created by operators) are kept as SHA-256 hashes
 of their tokens: the tokens are random and long, so a plain hash is enough.
 Missing headers answer 401 and wrong ones 403, both with an empty body, as the
-VTEX guide requires of providers.
+VTEX guide requires of providers. Every audience's keys carry roles: an accepted pair
+without the role a request needs (``role_needed``) gets 403 with a JSON error naming it.
 
 The auditor's pages (``/audit``) are opened in a browser, which cannot send those headers:
 they take the same hub-consumer pairs as HTTP Basic credentials (the key as user name, the
@@ -221,7 +222,7 @@ def make_auth_middleware(rings: dict[str, KeyRing]):
             if status != 200:
                 return web.Response(status=status)
             needed = role_needed(request)
-            if audience == HUB and needed not in roles:
+            if needed not in roles:
                 return error_response(403, "forbidden", f"this key lacks the {needed!r} role for {request.method}")
             request["actor"] = request.headers[key_header]
         return await handler(request)

@@ -266,7 +266,7 @@ class HubHandlers:
         settings = request.app[SETTINGS]
         if provider_id == settings.native_provider_id:
             return NativeProvider(
-                request.app[LEDGER], settings, hub_hrefs(provider_id), request.app[THROTTLE], request.remote
+                request.app[LEDGER], settings, hub_hrefs(provider_id), request.app[THROTTLE], request["actor"]
             )
         external = request.app[DIRECTORY].external(provider_id)
         if external is None:

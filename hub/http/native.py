@@ -22,7 +22,7 @@ from aiohttp import web
 from hub.config import Settings
 from hub.http.paging import content_range, page_of, parse_rest_range
 from hub.http.state import LEDGER, SETTINGS, THROTTLE
-from hub.http.throttle import LookupThrottle, lookup_subjects
+from hub.http.throttle import LookupThrottle
 from hub.wire import (
     CreateCardRequest,
     CreateTransactionRequest,
@@ -178,23 +178,23 @@ def search_client(body: SearchRequest) -> Client:
 
 
 async def find_usable_cards(
-    ledger: Ledger, body: SearchRequest, throttle: LookupThrottle, origin: str | None
+    ledger: Ledger, body: SearchRequest, throttle: LookupThrottle, caller: str
 ) -> list[GiftCard]:
     """A voucher by its code (exactly one, or none), else the client's loyalty cards.
 
     A card with no money or outside its validity is never offered: VTEX's checkout
     breaks on ``balance: 0``. A restricted card found by code needs its owner named.
-    Codes that match nothing count against the shopper and the caller (see hub.http.throttle).
+    Codes that match nothing count against the (caller, shopper) pair (see hub.http.throttle).
     """
     client = search_client(body)
     now = ledger.clock()
     code = body.cart.redemption_code if body.cart else None
     if code and code.strip():
-        subjects = lookup_subjects(client.identifiers(), origin)
+        subjects = throttle.subjects(caller, client)
         await throttle.check(subjects)
         card = await ledger.find_by_code(code)
         if card is None or (card.restricted_to_owner and not card.is_owned_by(client)):
-            await throttle.record_failure(subjects)
+            await throttle.record_failure(subjects, caller)
             return []
         candidates = [card]
     else:
@@ -221,19 +221,17 @@ class NativeProvider:
     provider, with no HTTP hop. Bodies arrive as raw JSON bytes and are decoded here.
     """
 
-    def __init__(
-        self, ledger: Ledger, settings: Settings, hrefs: Hrefs, throttle: LookupThrottle, origin: str | None
-    ) -> None:
+    def __init__(self, ledger: Ledger, settings: Settings, hrefs: Hrefs, throttle: LookupThrottle, caller: str) -> None:
         self.ledger = ledger
         self.settings = settings
         self.hrefs = hrefs
         self.throttle = throttle
-        self.origin = origin
+        self.caller = caller  # the app key that called: code lookups are throttled per caller and shopper
 
     async def search(self, body: bytes, rest_range: str | None) -> tuple[list[dict[str, Any]], dict[str, str]]:
         request = decode(body, SearchRequest)
         window = parse_rest_range(rest_range)
-        cards = await find_usable_cards(self.ledger, request, self.throttle, self.origin)
+        cards = await find_usable_cards(self.ledger, request, self.throttle, self.caller)
         page = page_of(cards, window)
         items = [
             {
@@ -351,7 +349,7 @@ class NativeHandlers:
 
     def provider(self, request: web.Request) -> NativeProvider:
         return NativeProvider(
-            request.app[LEDGER], request.app[SETTINGS], self.hrefs, request.app[THROTTLE], request.remote
+            request.app[LEDGER], request.app[SETTINGS], self.hrefs, request.app[THROTTLE], request["actor"]
         )
 
     async def search(self, request: web.Request) -> web.Response:
