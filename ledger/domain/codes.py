@@ -9,6 +9,7 @@ derived rather than stored, every card has one, however old.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import secrets
@@ -28,6 +29,7 @@ MASK_VISIBLE_CHARS = 4
 # 32 letters (160 bits of the HMAC): as long as the token in VTEX's examples.
 TOKEN_CHARS = 32
 TOKEN_KEY_PURPOSE = b"redemption-tokens"
+_TO_CODE_ALPHABET = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", CODE_ALPHABET.encode())
 
 
 def new_redemption_code() -> str:
@@ -54,7 +56,7 @@ def normalize_code(code: str) -> str:
 
 
 def hash_code(code: str, key: bytes) -> bytes:
-    return hmac.new(key, normalize_code(code).encode(), hashlib.sha256).digest()
+    return hmac.digest(key, normalize_code(code).encode(), "sha256")
 
 
 def mask_code(last_chars: str, length: int = CODE_GROUPS * CODE_GROUP_CHARS + CODE_GROUPS - 1) -> str:
@@ -72,8 +74,10 @@ def token_key(code_key: bytes) -> bytes:
 
 
 def redemption_token(card_id: str, key: bytes) -> str:
-    bits = int.from_bytes(hmac.new(key, card_id.encode(), hashlib.sha256).digest())
-    return "".join(CODE_ALPHABET[(bits >> (CODE_BITS_PER_CHAR * i)) & CODE_CHAR_MASK] for i in range(TOKEN_CHARS))
+    # 20 bytes are exactly 32 letters of base32, whose alphabet is then swapped for the codes' own
+    # (no letter a shopper or a support agent can misread).
+    digest = hmac.digest(key, card_id.encode(), "sha256")[: TOKEN_CHARS * CODE_BITS_PER_CHAR // 8]
+    return base64.b32encode(digest).translate(_TO_CODE_ALPHABET).decode()
 
 
 # ---- guards: a transaction that names a code or token must name this card's ----------------
