@@ -330,3 +330,6 @@ def test_a_given_code_or_token_must_be_the_cards_and_an_empty_one_names_nothing(
         check_redemption_code(code, None, key)  # a card with no code on record has no code to match
     with pytest.raises(errors.RedemptionTokenMismatch, match="redemptionToken"):
         check_redemption_token(token, "card-2", token_key(key))
+    for foreign in ("é" * 32, "\u0661" * 32):  # not ASCII: refused like any other wrong token
+        with pytest.raises(errors.RedemptionTokenMismatch):
+            check_redemption_token(foreign, "card-1", token_key(key))

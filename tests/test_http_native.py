@@ -140,6 +140,7 @@ async def test_a_transaction_naming_another_cards_code_or_token_is_refused_and_w
         ({"redemptionCode": masked}, "redemption_code_mismatch", "redemptionCode"),
         ({"redemptionCode": code, "redemptionToken": other["redemptionToken"]}, "redemption_token_mismatch", "redemptionToken"),
         ({"redemptionToken": code}, "redemption_token_mismatch", "redemptionToken"),  # the code is not the token
+        ({"redemptionToken": "é" * 32}, "redemption_token_mismatch", "redemptionToken"),  # not ASCII: not a 500
     ]  # fmt: skip
     for fields, error, field in wrong:
         status, body, _ = await transact(service, base, card["id"], operation, 10, "order", **fields)

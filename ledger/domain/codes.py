@@ -94,5 +94,6 @@ def check_redemption_code(given: str | None, code_hash: bytes | None, key: bytes
 def check_redemption_token(given: str | None, card_id: str, key: bytes) -> None:
     if not given or not given.strip():
         return
-    if not hmac.compare_digest("".join(given.split()).upper(), redemption_token(card_id, key)):
+    # Compared as bytes: compare_digest refuses a str that is not ASCII, and a caller may send one.
+    if not hmac.compare_digest("".join(given.split()).upper().encode(), redemption_token(card_id, key).encode()):
         raise errors.RedemptionTokenMismatch("redemptionToken is not this gift card's redemption token")
