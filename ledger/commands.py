@@ -32,7 +32,15 @@ from ledger.codec import new_mapper
 from ledger.database import DATABASE_ERRORS
 from ledger.distribution import violates
 from ledger.domain import errors
-from ledger.domain.codes import hash_code, new_redemption_code, visible_tail
+from ledger.domain.codes import (
+    check_redemption_code,
+    check_redemption_token,
+    hash_code,
+    new_redemption_code,
+    redemption_token,
+    token_key,
+    visible_tail,
+)
 from ledger.domain.giftcard import (
     CREDIT,
     DEBIT,
@@ -111,11 +119,14 @@ class Ledger:
         a cached card is caught up (a batch of cards per query) before each decision."""
         self.store = store
         self.code_key = code_key
+        self.token_key = token_key(code_key)
         self.clock = clock
         self.snapshot_interval_events = snapshot_interval_events
         self.cache_cards_max = cache_cards_max
         self._mapper = new_mapper()
         self._cache: OrderedDict[str, _Loaded] = OrderedDict()
+        # A card's code hash never changes, so once read it is checked against with no query.
+        self._code_hashes: OrderedDict[str, bytes] = OrderedDict()
         self._locks = [asyncio.Lock() for _ in range(LOCK_STRIPES)]
         self._committer = GroupCommitter(store)
         self._reader = GroupReader(store)
@@ -142,10 +153,12 @@ class Ledger:
         )
         card_id = str(card.id)
         new_events = self._to_new_events(card.collect_events())
+        code_hash = hash_code(code, self.code_key)
         async with self.store.pool.acquire() as connection, connection.transaction():
-            await self._insert_lookup(connection, card_id, hash_code(code, self.code_key), command)
+            await self._insert_lookup(connection, card_id, code_hash, command)
             last_hash = await self.store.append(card_id, 0, new_events, metadata=metadata, connection=connection)
         self._remember(card_id, _Loaded(card, last_hash))
+        self._remember_code_hash(card_id, code_hash)
         return IssuedCard(card=card, redemption_code=code)
 
     async def create_transaction(
@@ -158,13 +171,20 @@ class Ledger:
         request_id: str,
         order_info: dict[str, Any] | None = None,
         client: Client | None = None,
+        redemption_code: str | None = None,
+        redemption_token: str | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> Transaction:
+        """A Credit or Debit; a ``redemption_code`` or ``redemption_token`` that is given must be the card's."""
         if operation not in (CREDIT, DEBIT):
             raise errors.InvalidRequest(f"operation must be 'Credit' or 'Debit', got {operation!r}")
+        card_id = parse_card_id(card_id)
+        code_hash = await self._code_hash(card_id) if redemption_code else None
         transaction_id = uuid.uuid4().hex
 
         def decide(card: GiftCard) -> Transaction:
+            check_redemption_code(redemption_code, code_hash, self.code_key)
+            check_redemption_token(redemption_token, card_id, self.token_key)
             # A Credit and a Debit record the same fields; only a Debit asks who redeems.
             fields = {
                 "transaction_id": transaction_id,
@@ -269,6 +289,9 @@ class Ledger:
         )
         order_info = None if stored is None else _order_info_decoder.decode(stored)
         return order_info if isinstance(order_info, dict) else None
+
+    def redemption_token(self, card_id: str) -> str:
+        return redemption_token(card_id, self.token_key)
 
     async def find_by_code(self, code: str) -> GiftCard | None:
         card_id = await self.store.pool.fetchval(
@@ -415,6 +438,21 @@ class Ledger:
 
     def _forget(self, card_id: str) -> None:
         self._cache.pop(card_id, None)
+
+    async def _code_hash(self, card_id: str) -> bytes | None:
+        """The card's code hash, None when it has none (a card that does not exist: its load refuses it)."""
+        code_hash = self._code_hashes.get(card_id)
+        if code_hash is None:
+            code_hash = await self.store.pool.fetchval("select code_hash from card_lookup where card_id = $1", card_id)
+        if code_hash is not None:
+            self._remember_code_hash(card_id, code_hash)
+        return code_hash
+
+    def _remember_code_hash(self, card_id: str, code_hash: bytes) -> None:
+        self._code_hashes[card_id] = code_hash
+        self._code_hashes.move_to_end(card_id)
+        while len(self._code_hashes) > self.cache_cards_max:
+            self._code_hashes.popitem(last=False)
 
     def _lock(self, card_id: str) -> asyncio.Lock:
         return self._locks[hash(card_id) % LOCK_STRIPES]

@@ -234,13 +234,16 @@ def order_info(email: str) -> dict[str, Any]:
     }
 
 
-def transaction_request(operation_: str, value: float, code: str, email: str, request_id: str) -> dict[str, Any]:
+def transaction_request(
+    operation_: str, value: float, card: dict[str, Any], email: str, request_id: str
+) -> dict[str, Any]:
+    """A transaction naming the card as VTEX's hub does: the code the shopper typed, the token a read gave."""
     return {
         "operation": operation_,
         "value": value,
         "description": f"{operation_} for order 1234567890123-01",
-        "redemptionToken": code,
-        "redemptionCode": code,
+        "redemptionToken": card["redemptionToken"],
+        "redemptionCode": card["redemptionCode"],
         "requestId": request_id,
         "orderInfo": order_info(email),
     }
@@ -292,7 +295,9 @@ async def test_every_operation_answers_in_the_spec_shape(service, spec):
         return [item["id"] for item in items]
 
     assert found(await call("search", search_request(code=code, email=owner))) == []  # balance 0: never offered
-    credit = await call("create_transaction", transaction_request("Credit", 500, code, owner, "credit-1"), card=card_id)
+    credit = await call(
+        "create_transaction", transaction_request("Credit", 500, created, owner, "credit-1"), card=card_id
+    )
     assert credit["id"]
 
     by_code = await call("search", search_request(code=code, email="someone.else@example.com"))
@@ -308,7 +313,9 @@ async def test_every_operation_answers_in_the_spec_shape(service, spec):
     assert card["id"] == card_id and card["balance"] == 500 and card["redemptionCode"].endswith(code[-4:])
 
     debit = await call(
-        "create_transaction", transaction_request("Debit", 120.5, code, owner, "1234567890123-01-debit"), card=card_id
+        "create_transaction",
+        transaction_request("Debit", 120.5, {**card, "redemptionCode": code}, owner, "1234567890123-01-debit"),
+        card=card_id,
     )
     listed = await call("list_transactions", card=card_id)
     assert {t["id"] for t in listed} == {credit["id"], debit["id"]}
@@ -367,6 +374,7 @@ class World:
     restricted: str  # restricted to `restricted_owner`
     restricted_owner: str
     restricted_code: str
+    tokens: list[str]  # both cards' redemptionTokens
 
 
 async def native_world(service, owner: str, restricted_owner: str) -> World:
@@ -395,6 +403,7 @@ async def native_world(service, owner: str, restricted_owner: str) -> World:
         restricted=restricted["id"],
         restricted_owner=restricted_owner,
         restricted_code=restricted["redemptionCode"],
+        tokens=[card["redemptionToken"], restricted["redemptionToken"]],
     )
 
 
@@ -459,7 +468,7 @@ def hints(world: World) -> dict[str, st.SearchStrategy]:
         "value": st.one_of(fuzz.money, st.sampled_from([0.01, 1, 10.5, 99.99])),
         "requestId": st.one_of(st.just(fuzz.Fresh("req")), st.sampled_from(["load", "order", "r-1"])),
         "redemptionCode": st.sampled_from(codes),
-        "redemptionToken": st.sampled_from(codes),
+        "redemptionToken": st.sampled_from([*world.tokens, "", world.code]),
         "email": st.sampled_from(people),
         "id": st.sampled_from(people),
         "document": st.sampled_from(people),

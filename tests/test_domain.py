@@ -8,7 +8,17 @@ from decimal import Decimal
 import pytest
 
 from ledger.domain import errors
-from ledger.domain.codes import CODE_ENTROPY_BITS, hash_code, mask_code, new_redemption_code, visible_tail
+from ledger.domain.codes import (
+    CODE_ENTROPY_BITS,
+    check_redemption_code,
+    check_redemption_token,
+    hash_code,
+    mask_code,
+    new_redemption_code,
+    redemption_token,
+    token_key,
+    visible_tail,
+)
 from ledger.domain.giftcard import Client, GiftCard, Transaction
 from ledger.domain.snapshot import restore_snapshot, take_snapshot
 from tests.cards import issued_aggregate
@@ -289,3 +299,37 @@ def test_redemption_codes_have_enough_entropy_and_are_only_kept_hashed():
     assert hash_code(code, key) != hash_code(code, b"other" * 8)
     assert code.encode() not in hash_code(code, key)
     assert mask_code(visible_tail(code)) == "*" * 15 + code[-4:]
+
+
+def test_a_code_is_the_same_code_whatever_its_case_spacing_and_dashes():
+    code, key = new_redemption_code(), b"k" * 32
+    for typed in (code.lower(), code.replace("-", ""), f" {code.replace('-', ' ')} ", code[:9] + code[10:]):
+        assert hash_code(typed, key) == hash_code(code, key), typed
+    assert hash_code(code[:-1], key) != hash_code(code, key)
+
+
+def test_a_token_is_a_keyed_value_of_the_card_alone():
+    key = token_key(b"k" * 32)
+    token = redemption_token("card-1", key)
+    assert token == redemption_token("card-1", key) and len(token) == 32
+    assert token not in (redemption_token("card-2", key), redemption_token("card-1", token_key(b"j" * 32)))
+    assert key != b"k" * 32  # not the codes' key itself
+
+
+def test_a_given_code_or_token_must_be_the_cards_and_an_empty_one_names_nothing():
+    code, key = new_redemption_code(), b"k" * 32
+    token = redemption_token("card-1", token_key(key))
+    for empty in (None, "", "  "):
+        check_redemption_code(empty, hash_code(code, key), key)
+        check_redemption_token(empty, "card-1", token_key(key))
+    check_redemption_code(code.lower(), hash_code(code, key), key)
+    check_redemption_token(token.lower(), "card-1", token_key(key))
+    with pytest.raises(errors.RedemptionCodeMismatch, match="redemptionCode"):
+        check_redemption_code(new_redemption_code(), hash_code(code, key), key)
+    with pytest.raises(errors.RedemptionCodeMismatch):
+        check_redemption_code(code, None, key)  # a card with no code on record has no code to match
+    with pytest.raises(errors.RedemptionTokenMismatch, match="redemptionToken"):
+        check_redemption_token(token, "card-2", token_key(key))
+    for foreign in ("é" * 32, "\u0661" * 32):  # not ASCII: refused like any other wrong token
+        with pytest.raises(errors.RedemptionTokenMismatch):
+            check_redemption_token(foreign, "card-1", token_key(key))

@@ -110,6 +110,56 @@ async def test_redemption_code_is_shown_once_then_masked(service):
         assert code not in str(got)
 
 
+@pytest.mark.parametrize("base", ["/native", "/api"])
+async def test_the_token_is_the_cards_own_and_shown_in_full_by_every_read(service, base):
+    card = await create_card(service, base, profileId="token-holder@example.com")
+    other = await create_card(service, base, profileId="token-holder@example.com")
+    token = card["redemptionToken"]
+    assert token not in (card["redemptionCode"], other["redemptionToken"]) and "*" not in token
+    assert (await service.call("GET", f"{base}/giftcards/{card['id']}"))[1]["redemptionToken"] == token
+    await transact(service, base, card["id"], "Credit", 10, "load")
+    search = {"client": {"email": "token-holder@example.com"}, "cart": {}}
+    found = (await service.call("POST", f"{base}/giftcards/_search", search))[1]
+    items = found if base == "/native" else found["items"]
+    assert [(i["id"], i["redemptionToken"]) for i in items] == [(card["id"], token)]
+
+
+@pytest.mark.parametrize("base", ["/native", "/api"])
+@pytest.mark.parametrize("operation", ["Debit", "Credit"])
+async def test_a_transaction_naming_another_cards_code_or_token_is_refused_and_writes_nothing(
+    service, pool, base, operation
+):
+    card = await create_card(service, base)
+    other = await create_card(service, base)
+    code, token = card["redemptionCode"], card["redemptionToken"]
+    assert (await transact(service, base, card["id"], "Credit", 100, "load", redemptionCode=code))[0] == 200
+    before = await count_events(pool)
+    masked = (await service.call("GET", f"{base}/giftcards/{card['id']}"))[1]["redemptionCode"]
+    wrong = [
+        ({"redemptionCode": other["redemptionCode"]}, "redemption_code_mismatch", "redemptionCode"),
+        ({"redemptionCode": masked}, "redemption_code_mismatch", "redemptionCode"),
+        ({"redemptionCode": code, "redemptionToken": other["redemptionToken"]}, "redemption_token_mismatch", "redemptionToken"),
+        ({"redemptionToken": code}, "redemption_token_mismatch", "redemptionToken"),  # the code is not the token
+        ({"redemptionToken": "é" * 32}, "redemption_token_mismatch", "redemptionToken"),  # not ASCII: not a 500
+    ]  # fmt: skip
+    for fields, error, field in wrong:
+        status, body, _ = await transact(service, base, card["id"], operation, 10, "order", **fields)
+        assert status == 400 and body["error"]["code"] == error and field in body["error"]["message"], body
+    assert await count_events(pool) == before
+    # Nothing was recorded under the requestId either: it is free for the right code, typed as a shopper might.
+    typed = code.lower().replace("-", "")
+    status, _, _ = await transact(
+        service, base, card["id"], operation, 10, "order", redemptionCode=typed, redemptionToken=token
+    )
+    assert status == 200
+    status, _, _ = await transact(
+        service, base, card["id"], operation, 10, "empty", redemptionCode="", redemptionToken=""
+    )
+    assert status == 200
+    balance = (await service.call("GET", f"{base}/giftcards/{card['id']}"))[1]["balance"]
+    assert balance == (80 if operation == "Debit" else 120)
+
+
 async def test_search_by_client_skips_empty_expired_and_other_cards(service, clock):
     funded = await create_card(service, profileId="loyal@example.com")
     await transact(service, "/native", funded["id"], "Credit", 10, "load")
@@ -194,8 +244,8 @@ async def test_vnd_media_types_unknown_fields_and_headers_are_accepted(service):
             "value": 12.5,
             "description": "x",
             "requestId": "r",
-            "redemptionToken": "t",
-            "redemptionCode": "c",
+            "redemptionToken": card["redemptionToken"],
+            "redemptionCode": card["redemptionCode"],
             "orderInfo": {"orderId": "o1", "sequence": 5, "cart": {"items": [{"price": 5.92, "priceTags": []}]}},
             "somethingNew": 1,
         },

@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 
+from tests.cards import count_events
 from tests.conftest import TEST_SECRET_KEY
 from tests.providers.faulty import Fault, start_faulty_provider
 from tests.providers.reference import start_reference_provider
@@ -211,6 +212,28 @@ async def test_checkout_through_the_hub_on_the_native_provider(service, pool):
 
 def total(operations) -> float:
     return sum(op["value"] for op in operations)
+
+
+async def test_the_hub_passes_the_code_and_token_it_was_sent_to_the_native_provider(service, pool):
+    base = f"{HUB}/VtexGiftCard/giftcards"
+    holder = "hub-token@example.com"
+    card = (await service.call("POST", base, card_body(relationName="hub-token-1", profileId=holder)))[1]
+    other = (await service.call("POST", base, card_body(relationName="hub-token-2")))[1]
+    transactions = f"{base}/{card['id']}/transactions"
+    load = {"operation": "Credit", "value": 100, "requestId": "load", "redemptionCode": card["redemptionCode"]}
+    assert (await service.call("POST", transactions, load))[0] == 200
+    found = (await service.call("POST", f"{base}/_search", {"client": {"id": holder}, "cart": {}}))[1]
+    token = (await service.call("GET", f"{base}/{card['id']}"))[1]["redemptionToken"]
+    assert [f["redemptionToken"] for f in found] == [token] and token == card["redemptionToken"]
+    events = await count_events(pool)
+    for wrong in ({"redemptionCode": other["redemptionCode"]}, {"redemptionToken": other["redemptionToken"]}):
+        status, body, _ = await service.call(
+            "POST", transactions, {"operation": "Debit", "value": 10, "requestId": "order", **wrong}
+        )
+        assert status == 400 and body["error"]["code"] in ("redemption_code_mismatch", "redemption_token_mismatch")
+    assert await count_events(pool) == events
+    debit = {"operation": "Debit", "value": 10, "requestId": "order", "redemptionToken": token, "redemptionCode": ""}
+    assert (await service.call("POST", transactions, debit))[0] == 200
 
 
 # ---- routing to an external provider ---------------------------------------------------------

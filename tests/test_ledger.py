@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import uuid
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -200,6 +201,20 @@ async def test_find_by_code_and_owner(ledger: Ledger):
     assert await ledger.find_by_code("AAAA-BBBB-CCCC-DDDD") is None
     assert [str(c.id) for c in await ledger.find_by_owner(Client(email="alice"))] == [card_id]
     assert await ledger.find_by_owner(Client()) == []
+
+
+async def test_a_card_issued_before_is_checked_by_its_stored_code_hash(ledger: Ledger, store: EventStore, clock, pool):
+    """Another process (nothing cached) reads the code hash the card was issued with; no new state is needed."""
+    issued = await issue(ledger)
+    card_id = str(issued.card.id)
+    other = Ledger(store, code_key=ledger.code_key, clock=clock)
+    with pytest.raises(errors.RedemptionCodeMismatch):
+        await tx(other, card_id, "Credit", "10", "load", redemption_code=(await issue(ledger)).redemption_code)
+    await tx(other, card_id, "Credit", "10", "load", redemption_code=issued.redemption_code)
+    await tx(other, card_id, "Debit", "4", "order", redemption_token=ledger.redemption_token(card_id))
+    assert (await other.card(card_id)).balance == 600
+    with pytest.raises(errors.CardNotFound):  # an unknown card is not found, whatever code it is sent with
+        await tx(other, str(uuid.uuid4()), "Debit", "1", "x", redemption_code=issued.redemption_code)
 
 
 async def test_redemption_code_is_never_stored_in_clear(ledger: Ledger, pool):

@@ -53,6 +53,8 @@ async def test_no_secret_reaches_logs_errors_metrics_or_exports(database_url, tm
                 steps = [
                     ("POST", f"{base}/api/giftcards/{card_id}/transactions",
                      {"operation": "Credit", "value": 10, "requestId": "l", "redemptionCode": code}),
+                    ("POST", f"{base}/api/giftcards/{card_id}/transactions",  # refused: the token is wrong
+                     {"operation": "Debit", "value": 1, "requestId": "w", "redemptionCode": code, "redemptionToken": "x"}),
                     ("POST", f"{base}/api/giftcards/_search", {"client": {"id": "x"}, "cart": {"redemptionCode": code}}),
                     ("POST", f"{base}/api/giftcards/_search",
                      {"client": {"id": "x"}, "cart": {"redemptionCode": code[:-1] + "0"}}),

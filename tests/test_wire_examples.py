@@ -78,6 +78,7 @@ _SEARCH_ITEM_EXTRAS = {
     "caption": "NOTES 3.2: the reference typings and the data-structures guide show it on search items",
     "relationName": "NOTES 3.2: the reference typings show it on search items",
     "currencyCode": "NOTES 3.2: the data-structures guide shows card fields on search items",
+    "redemptionToken": "issue 21: the card's token, for the hub to send back with a transaction as from GET card",
 }
 
 # (spec, operationId) -> {extra key: why it is there}. Keys are compared at every depth by name.
@@ -93,6 +94,7 @@ EXTRAS: dict[tuple[str, str], dict[str, str]] = {
     ("native", "GetGiftCardbyID"): {
         name: _CARD_EXTRAS[name] for name in ("relationName", "caption", "discount", "transaction")
     },
+    ("native", "SearchGiftCardsfromcartdata"): {"redemptionToken": _SEARCH_ITEM_EXTRAS["redemptionToken"]},
     ("native", "GetGiftCardTransactions"): {"cardId": "the native guide's examples include it"},
     ("native", "CreateGiftCardTransaction"): {"cardId": "the native guide's examples include it"},
     ("native", "GetGiftCardTransactionbyID"): _TRANSACTION_DETAIL_EXTRAS,
@@ -183,7 +185,8 @@ async def drive_every_operation(service, spec: str) -> dict[str, Any]:
     owner = f"ana+{uuid.uuid4().hex[:8]}@example.com"
     card = await call("create_card", card_request("provider" if spec != "native" else "native", owner))
     card_id, code = card["id"], card["redemptionCode"]
-    load = {"operation": "Credit", "value": 500, "requestId": "load", "redemptionCode": code, "redemptionToken": code}
+    token = card["redemptionToken"]
+    load = {"operation": "Credit", "value": 500, "requestId": "load", "redemptionCode": code, "redemptionToken": token}
     await call("create_transaction", load, card=card_id)
     await call("search", search_request(code=code, email=owner))
     await call("get_card", card=card_id)

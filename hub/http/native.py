@@ -68,15 +68,14 @@ class Hrefs:
 # ---- rendering ---------------------------------------------------------------
 
 
-def render_card(card: GiftCard, hrefs: Hrefs, redemption_code: str | None = None) -> dict[str, Any]:
-    """A card as GET returns it; the full code only on creation, masked ever after."""
+def render_card(card: GiftCard, hrefs: Hrefs, token: str, redemption_code: str | None = None) -> dict[str, Any]:
+    """A card as GET returns it: its token in full; the full code only on creation, masked ever after."""
     card_id = str(card.id)
-    code = redemption_code or mask_code(card.code_tail)
     link = {"href": hrefs.transactions(card_id)}
     return {
         "id": card_id,
-        "redemptionToken": code,
-        "redemptionCode": code,
+        "redemptionToken": token,
+        "redemptionCode": redemption_code or mask_code(card.code_tail),
         "balance": to_major(card.balance, card.currency),
         "relationName": card.relation_name,
         "caption": card.caption,
@@ -241,6 +240,7 @@ class NativeProvider:
                 "caption": c.caption,
                 "relationName": c.relation_name,
                 "currencyCode": c.currency,
+                "redemptionToken": self.ledger.redemption_token(str(c.id)),
                 "_self": {"href": self.hrefs.card(str(c.id))},
             }
             for c in page
@@ -277,12 +277,17 @@ class NativeProvider:
         what typed clients read from a create through a hub, as from the native API's."""
         issued = await self.issue(body, metadata, expiring_required=False)
         return {
-            **render_card(issued.card, self.hrefs, issued.redemption_code),
+            **self.render_issued(issued),
             **render_created_for_protocol(issued.card, issued.redemption_code),
         }
 
+    def render_issued(self, issued: IssuedCard) -> dict[str, Any]:
+        card_id = str(issued.card.id)
+        return render_card(issued.card, self.hrefs, self.ledger.redemption_token(card_id), issued.redemption_code)
+
     async def get_card(self, card_id: str) -> dict[str, Any]:
-        return render_card(await self.ledger.card(card_id), self.hrefs)
+        card = await self.ledger.card(card_id)
+        return render_card(card, self.hrefs, self.ledger.redemption_token(str(card.id)))
 
     async def list_transactions(self, card_id: str) -> list[dict[str, Any]]:
         card = await self.ledger.card(card_id)
@@ -299,6 +304,8 @@ class NativeProvider:
             request_id=request.request_id,
             order_info=request.order_info,
             client=Client(email=profile.email, document=profile.document) if profile else None,
+            redemption_code=request.redemption_code,
+            redemption_token=request.redemption_token,
             metadata=metadata,
         )
         return render_transaction_ref(parse_card_id(card_id), transaction, self.hrefs)
@@ -366,7 +373,11 @@ class NativeHandlers:
             "pages": math.ceil(total / window.size),
         }
         return json_response(
-            {"items": [{"id": i["id"], "_self": i["_self"]} for i in items], "paging": paging}, headers
+            {
+                "items": [{"id": i["id"], "redemptionToken": i["redemptionToken"], "_self": i["_self"]} for i in items],
+                "paging": paging,
+            },
+            headers,
         )
 
     async def create_card(self, request: web.Request) -> web.Response:
@@ -375,7 +386,7 @@ class NativeHandlers:
         if self.surface is Surface.PROTOCOL:
             return json_response(await provider.create_card(body, event_metadata(request)))
         issued = await provider.issue(body, event_metadata(request), expiring_required=True)
-        return json_response(render_card(issued.card, self.hrefs, issued.redemption_code))
+        return json_response(provider.render_issued(issued))
 
     async def get_card(self, request: web.Request) -> web.Response:
         return json_response(await self.provider(request).get_card(request.match_info["card_id"]))

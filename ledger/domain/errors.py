@@ -34,6 +34,14 @@ class InvalidCard(InvalidRequest):
     code = "invalid_card"
 
 
+class RedemptionCodeMismatch(InvalidRequest):
+    code = "redemption_code_mismatch"
+
+
+class RedemptionTokenMismatch(InvalidRequest):
+    code = "redemption_token_mismatch"
+
+
 class NotFound(DomainError):
     code = "not_found"
 
