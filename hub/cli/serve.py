@@ -17,6 +17,7 @@ from aiohttp import web
 from hub.app import create_app
 from hub.cli.projections import run_beside_serve
 from hub.config import Settings
+from hub.http.server import serve_until_signalled
 from hub.logs import JsonAccessLogger, configure_logging
 from ledger.database import resolve_database_url
 
@@ -84,18 +85,17 @@ def stop_process(process: multiprocessing.Process, timeout_s: float = 10.0) -> N
 def run_worker(settings: Settings, url: str, host: str, port: int, *, reuse_port: bool) -> None:
     app = create_app(settings, url)
     app.on_startup.append(freeze_startup_objects)
-    # run_app stops accepting on SIGINT/SIGTERM and lets in-flight requests finish.
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        reuse_port=reuse_port,
-        shutdown_timeout=settings.shutdown_timeout_s,
-        print=None,
-        access_log_class=JsonAccessLogger,
-        # libuv's loop: 7 % less server CPU per Debit than asyncio's in back-to-back runs
-        # (docs/benchmarks.md), and at 16 connections the server is CPU-bound on its one core.
-        loop=uvloop.new_event_loop(),
+    # libuv's loop: 7 % less server CPU per Debit than asyncio's in back-to-back runs
+    # (docs/benchmarks.md), and at 16 connections the server is CPU-bound on its one core.
+    uvloop.run(
+        serve_until_signalled(
+            app,
+            host,
+            port,
+            reuse_port=reuse_port,
+            shutdown_timeout_s=settings.shutdown_timeout_s,
+            access_log_class=JsonAccessLogger,
+        )
     )
 
 

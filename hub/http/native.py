@@ -157,10 +157,16 @@ def json_response(body: Any, headers: dict[str, str] | None = None) -> web.Respo
 # ---- request plumbing ------------------------------------------------------------
 
 
+def is_json_media_type(media: str) -> bool:
+    """``application/json`` or a vnd type such as ``application/vnd.vtex.giftcards.v1+json``:
+    ``media`` is the bare type, lower case, without parameters."""
+    return media.endswith(_JSON_MEDIA_SUFFIXES)
+
+
 async def read_body(request: web.Request) -> bytes:
     """The raw JSON body, after checking it claims to be JSON (``application/json`` or a vnd type)."""
     media = request.content_type
-    if request.headers.get("Content-Type") and not media.endswith(_JSON_MEDIA_SUFFIXES):
+    if request.headers.get("Content-Type") and not is_json_media_type(media):
         raise web.HTTPUnsupportedMediaType(reason=f"Content-Type must be JSON, got {media!r}")
     return await request.read()
 
