@@ -68,6 +68,18 @@ async def test_register_get_list_and_delete_an_external_provider(service, pool):
     assert all('"actor": "hub-key"' in e["metadata"] for e in events), "who changed it is recorded"
 
 
+async def test_a_provider_registered_without_a_caption_answers_no_null_caption(service):
+    """VTEX types the caption as a string and leaves it out of its examples: never ``null``."""
+    async with start_reference_provider() as provider:
+        status, put, _ = await register(service, "Acme", provider)
+        assert status == 200
+        got = (await service.call("GET", f"{HUB}/Acme"))[1]
+        listed = [p for p in (await service.call("GET", HUB))[1] if p["id"] == "Acme"]
+        for answer in (put, got, *listed):
+            assert "caption" not in answer, answer
+        assert got == put
+
+
 async def test_credentials_are_encrypted_at_rest_and_never_shown(service, pool):
     async with start_reference_provider(app_key="acme-key-123", app_token="acme-token-456") as provider:
         status, body, _ = await register(service, "Acme", provider)

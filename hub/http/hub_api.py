@@ -62,12 +62,15 @@ def hub_hrefs(provider_id: str) -> Hrefs:
 
 
 def render_provider(registered: RegisteredProvider) -> dict[str, Any]:
+    """A provider as VTEX shows one: a registration without a caption has no ``caption`` key, as in
+    VTEX's examples, rather than a ``null`` where clients expect a string."""
     spec = registered.spec
+    caption = {} if spec.caption is None else {"caption": spec.caption}
     return {
         "id": spec.id,
         "serviceUrl": spec.service_url,
         "oauthProvider": spec.oauth_provider,
-        "caption": spec.caption,
+        **caption,
         "preAuthEnabled": spec.pre_auth_enabled,
         "cancelEnabled": spec.cancel_enabled,
         "_self": {"href": provider_href(spec.id)},
