@@ -462,6 +462,8 @@ def test_secret_key_used_by_tests_is_not_a_real_default():
         "http://[::1]:9/v1",
         "http://[::ffff:127.0.0.1]/v1",
         "http://0.0.0.0/v1",
+        "http://[2002:a9fe:a9fe::1]/v1",  # 169.254.169.254 (cloud metadata) inside 6to4
+        "http://[2002:7f00:1::1]/v1",  # 127.0.0.1 inside 6to4
     ],
 )
 async def test_service_url_cannot_point_at_internal_addresses_without_an_allowlist(start_service, pool, url):
@@ -469,6 +471,14 @@ async def test_service_url_cannot_point_at_internal_addresses_without_an_allowli
     status, body, _ = await service.call("PUT", f"{HUB}/Evil", {"serviceUrl": url, "appKey": "k", "appToken": "t"})
     assert status == 400 and body["error"]["code"] == "service_url_not_allowed", body
     assert await pool.fetchval("select count(*) from providers") == 0
+
+
+async def test_a_6to4_address_wrapping_a_public_one_is_allowed(start_service):
+    service = await start_service(provider_allowlist=())
+    status, body, _ = await service.call(
+        "PUT", f"{HUB}/Public", {"serviceUrl": "http://[2002:808:808::1]/v1", "appKey": "k", "appToken": "t"}
+    )
+    assert status == 200, body
 
 
 async def test_the_allowlist_admits_named_networks_only(start_service):
