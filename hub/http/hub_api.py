@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -199,6 +200,21 @@ async def currency_of(port: Port, card_id: str) -> str | None:
     return currency if isinstance(currency, str) else None
 
 
+# The ids a card operation forwards into a provider's URL, by the names VTEX's specs give them.
+PATH_IDS = {"card_id": "giftCardId", "transaction_id": "transactionId"}
+DOT_SEGMENTS = frozenset({".", ".."})
+
+
+def check_path_ids(match_info: Mapping[str, str]) -> None:
+    """Each id is one path segment of the provider's URL. ``..`` (sent as ``%2E%2E``) would be
+    resolved away by the URL and ``/`` would add segments, either way calling another route of
+    the provider with the hub's credentials: such ids are refused before anything is forwarded."""
+    for key, name in PATH_IDS.items():
+        value = match_info.get(key)
+        if value is not None and (value in DOT_SEGMENTS or "/" in value):
+            raise InvalidRequest(f"{name} {value!r} must be one path segment: not '.' or '..', and without '/'")
+
+
 def check_positive_value(body: bytes) -> OperationRequest:
     request = decode(body, OperationRequest)
     if not request.value.is_finite() or request.value <= 0:
@@ -277,6 +293,7 @@ class HubHandlers:
         return external
 
     async def routed(self, request: web.Request) -> tuple[str, Port]:
+        check_path_ids(request.match_info)
         provider_id = request.match_info["provider_id"]
         is_native = provider_id == request.app[SETTINGS].native_provider_id
         if not is_native and provider_id not in request.app[DIRECTORY].registered:
