@@ -159,6 +159,22 @@ async def test_search_honours_rest_range_in_both_forms(service, header):
     assert status == 400 and "REST-Range" in error["error"]["message"]
 
 
+@pytest.mark.parametrize("base", ["/native", "/api"])
+async def test_transaction_lists_are_paged_with_rest_range(service, base):
+    card = await create_card(service, base)
+    for n in range(3):
+        assert (await transact(service, base, card["id"], "Credit", 1, f"load-{n}"))[0] == 200
+    transactions = f"{base}/giftcards/{card['id']}/transactions"
+    status, everything, headers = await service.call("GET", transactions)
+    assert status == 200 and len(everything) == 3 and headers["REST-Content-Range"] == "resources 0-2/3"
+    status, page, headers = await service.call("GET", transactions, headers={"REST-Range": "resources=1-2"})
+    assert status == 200 and page == everything[1:3] and headers["REST-Content-Range"] == "resources 1-2/3"
+    status, page, headers = await service.call("GET", transactions, headers={"REST-Range": "0-0"})
+    assert page == everything[:1] and headers["REST-Content-Range"] == "resources 0-0/3"
+    status, error, _ = await service.call("GET", transactions, headers={"REST-Range": "0-5000"})
+    assert status == 400 and "REST-Range" in error["error"]["message"]
+
+
 @pytest.mark.parametrize(
     ("path", "key_header", "token_header"),
     [

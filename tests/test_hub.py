@@ -353,6 +353,35 @@ async def test_dot_segment_and_slashed_ids_are_refused_before_anything_is_forwar
         assert provider.state.requests == [], "nothing reached the provider, not even a listing"
 
 
+async def test_transaction_lists_through_the_hub_are_paged_with_rest_range(service):
+    async with start_reference_provider() as provider:
+        await register(service, "Acme", provider)
+        external = provider.state.issue_card(balance="0")
+        _, native, _ = await service.call("POST", f"{HUB}/VtexGiftCard/giftcards", card_body())
+        for pid, card_id, code in [
+            ("Acme", external.id, external.redemption_code),
+            ("VtexGiftCard", native["id"], native["redemptionCode"]),
+        ]:
+            transactions = f"{HUB}/{pid}/giftcards/{card_id}/transactions"
+            for n in range(3):
+                load = {"operation": "Credit", "value": 1, "requestId": f"load-{n}", "redemptionCode": code}
+                assert (await service.call("POST", transactions, load))[0] == 200
+            status, everything, headers = await service.call("GET", transactions)
+            assert status == 200 and len(everything) == 3
+            assert headers["REST-Content-Range"] == "resources 0-2/3", pid
+            status, page, headers = await service.call("GET", transactions, headers={"REST-Range": "resources=1-2"})
+            assert status == 200 and page == everything[1:3], pid
+            assert headers["REST-Content-Range"] == "resources 1-2/3", pid
+            status, page, headers = await service.call("GET", transactions, headers={"REST-Range": "2-9"})
+            assert page == everything[2:] and headers["REST-Content-Range"] == "resources 2-2/3", pid
+        before = len(provider.state.requests)
+        status, error, _ = await service.call(
+            "GET", f"{HUB}/Acme/giftcards/{external.id}/transactions", headers={"REST-Range": "9-1"}
+        )
+        assert status == 400 and "REST-Range" in error["error"]["message"]
+        assert len(provider.state.requests) == before, "a bad range is refused before anything is forwarded"
+
+
 async def test_cancel_enabled_false_refuses_cancellations(service):
     async with start_reference_provider() as provider:
         await register(service, "Acme", provider, cancelEnabled=False)

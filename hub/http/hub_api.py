@@ -354,10 +354,16 @@ class HubHandlers:
         return json_response(link_card(card, provider_id))
 
     async def list_transactions(self, request: web.Request) -> web.Response:
+        """Paged by the hub: the Provider Protocol pages no transaction list, so the provider's
+        whole list is fetched and the caller's ``REST-Range`` applied to it."""
         provider_id, port = await self.routed(request)
+        window = parse_rest_range(request.headers.get("REST-Range"))
         card_id = request.match_info["card_id"]
         refs = await port.list_transactions(card_id)
-        return json_response([link_transaction_ref(ref, provider_id, card_id) for ref in refs])
+        page = page_of(refs, window)
+        return json_response(
+            [link_transaction_ref(ref, provider_id, card_id) for ref in page], content_range(window, len(page), len(refs))
+        )
 
     async def create_transaction(self, request: web.Request) -> web.Response:
         provider_id, port = await self.routed(request)
