@@ -362,7 +362,8 @@ class HubHandlers:
         refs = await port.list_transactions(card_id)
         page = page_of(refs, window)
         return json_response(
-            [link_transaction_ref(ref, provider_id, card_id) for ref in page], content_range(window, len(page), len(refs))
+            [link_transaction_ref(ref, provider_id, card_id) for ref in page],
+            content_range(window, len(page), len(refs)),
         )
 
     async def create_transaction(self, request: web.Request) -> web.Response:
