@@ -400,6 +400,7 @@ async def test_cancel_enabled_false_refuses_cancellations(service):
         (Fault.HTTP_500, 502, "provider_error"),
         (Fault.MALFORMED_JSON, 502, "provider_bad_response"),
         (Fault.WRONG_SHAPE, 502, "provider_bad_response"),
+        (Fault.DEEP_JSON, 502, "provider_bad_response"),
         (Fault.RESET, 502, "provider_unreachable"),
         (Fault.SLOW, 504, "provider_timeout"),
     ],
