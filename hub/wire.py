@@ -10,13 +10,14 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from decimal import Decimal
+from itertools import accumulate
 from typing import Any
 
 import msgspec
 
 from ledger.domain.errors import InvalidRequest
 
-JSON_DEPTH_MAX = 32
+JSON_DEPTH_MAX = 32  # levels of objects and arrays in a request body, the body itself counted
 
 
 class SearchClient(msgspec.Struct, rename="camel"):
@@ -102,29 +103,61 @@ def decode(body: bytes, type_: type[Any]) -> Any:
         body.decode("utf-8")  # strict: msgspec lets encoded surrogates through, PostgreSQL would not
     except UnicodeDecodeError:
         raise InvalidRequest("request body is not valid UTF-8") from None
+    check_depth(body)
     value = decoder.decode(body)
     check_storable(value)
     return value
 
 
-def check_storable(value: Any, depth: int = 0) -> None:
-    """What PostgreSQL would refuse later is refused here, as a 400 naming it: documents nested
-    deeper than we keep, and the NUL character, which no text or jsonb column can hold."""
-    if depth > JSON_DEPTH_MAX:
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # a JSON string, escapes and all
+_DEPTH_STEP = [1 if byte in b"[{" else -1 for byte in range(256)]  # indexed by a bracket's byte
+_NOT_BRACKETS = bytes(byte for byte in range(256) if byte not in b"[]{}")
+_NOT_QUOTES_OR_BRACKETS = bytes(byte for byte in range(256) if byte not in b'"[]{}')
+
+
+def check_depth(body: bytes) -> None:
+    """Refuses a body nested deeper than ``JSON_DEPTH_MAX`` before it is decoded: msgspec (and
+    every walk over its result) recurses once per level, and past Python's recursion limit that
+    is a RecursionError, not a clear 400. Malformed JSON (an unclosed string or bracket) is left
+    to the decoder, unless its brackets alone already go too deep."""
+    if body.count(b"[") + body.count(b"{") <= JSON_DEPTH_MAX:
+        return  # no body nests deeper than it has brackets: a plain Debit stops here
+    depths = accumulate(map(_DEPTH_STEP.__getitem__, _nesting_brackets(body)))
+    if max(depths, default=0) > JSON_DEPTH_MAX:
         raise InvalidRequest(f"JSON nested deeper than {JSON_DEPTH_MAX} levels")
+
+
+def _nesting_brackets(body: bytes) -> bytes:
+    """The body's brackets outside its strings, in order.
+
+    Kept to quotes and brackets, a string without brackets (nearly every one) is two adjacent
+    quotes; when removing those pairs leaves no quote, every string was such a pair and what is
+    left is the nesting, found in a few microseconds on a checkout's orderInfo. Otherwise (a
+    bracket or an escaped quote in a string) the strings are cut out by a regular expression,
+    about thirty times slower."""
+    if b'\\"' not in body:
+        brackets = body.translate(None, _NOT_QUOTES_OR_BRACKETS).replace(b'""', b"")
+        if b'"' not in brackets:
+            return brackets
+    return _STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+
+
+def check_storable(value: Any) -> None:
+    """What PostgreSQL would refuse later is refused here, as a 400 naming it: the NUL character,
+    which no text or jsonb column can hold. (``check_depth`` has bounded the nesting.)"""
     if isinstance(value, str):
         if "\x00" in value:
             raise InvalidRequest("text must not contain the NUL character (\\u0000)")
     elif isinstance(value, dict):
         for key, item in value.items():
-            check_storable(key, depth + 1)
-            check_storable(item, depth + 1)
+            check_storable(key)
+            check_storable(item)
     elif isinstance(value, list):
         for item in value:
-            check_storable(item, depth + 1)
+            check_storable(item)
     elif isinstance(value, msgspec.Struct):
         for field in value.__struct_fields__:
-            check_storable(getattr(value, field), depth + 1)
+            check_storable(getattr(value, field))
 
 
 def order_info_client(order_info: dict[str, Any] | None) -> ClientProfile | None:

@@ -209,6 +209,22 @@ async def test_search_honours_rest_range_in_both_forms(service, header):
     assert status == 400 and "REST-Range" in error["error"]["message"]
 
 
+@pytest.mark.parametrize("base", ["/native", "/api"])
+async def test_transaction_lists_are_paged_with_rest_range(service, base):
+    card = await create_card(service, base)
+    for n in range(3):
+        assert (await transact(service, base, card["id"], "Credit", 1, f"load-{n}"))[0] == 200
+    transactions = f"{base}/giftcards/{card['id']}/transactions"
+    status, everything, headers = await service.call("GET", transactions)
+    assert status == 200 and len(everything) == 3 and headers["REST-Content-Range"] == "resources 0-2/3"
+    status, page, headers = await service.call("GET", transactions, headers={"REST-Range": "resources=1-2"})
+    assert status == 200 and page == everything[1:3] and headers["REST-Content-Range"] == "resources 1-2/3"
+    status, page, headers = await service.call("GET", transactions, headers={"REST-Range": "0-0"})
+    assert page == everything[:1] and headers["REST-Content-Range"] == "resources 0-0/3"
+    status, error, _ = await service.call("GET", transactions, headers={"REST-Range": "0-5000"})
+    assert status == 400 and "REST-Range" in error["error"]["message"]
+
+
 @pytest.mark.parametrize(
     ("path", "key_header", "token_header"),
     [
@@ -374,6 +390,53 @@ async def test_deeply_nested_order_info_is_refused(service):
     payload = b'{"operation":"Credit","value":1,"requestId":"r","orderInfo":' + nested + b"}"
     status, body, _ = await service.call("POST", f"/native/giftcards/{card['id']}/transactions", data=payload)
     assert status == 400 and "nested" in body["error"]["message"]
+
+
+NESTING_REFUSED = 1100  # deeper than Python's recursion limit: once a RecursionError and a 500
+
+
+@pytest.mark.parametrize(
+    "deep",
+    [
+        b"[" * NESTING_REFUSED + b"]" * NESTING_REFUSED,
+        b'{"a":' * NESTING_REFUSED + b"1" + b"}" * NESTING_REFUSED,
+        b"[" * NESTING_REFUSED,  # never closed
+    ],
+    ids=["lists", "objects", "unclosed"],
+)
+async def test_json_nested_past_the_limit_is_a_400_that_writes_nothing(service, pool, deep):
+    from hub.wire import JSON_DEPTH_MAX
+
+    card = await create_card(service)
+    before = await count_events(pool)
+    transaction = b'{"operation":"Credit","value":1,"requestId":"r","unknownField":'
+    for method, path, body in [
+        ("POST", f"/native/giftcards/{card['id']}/transactions", transaction + deep + b"}"),
+        ("POST", "/api/giftcards/_search", b'{"client":{"email":"x@example.com"},"cart":' + deep + b"}"),
+        ("POST", "/api/giftcardproviders/VtexGiftCard/giftcards", deep),
+        ("PUT", "/api/giftcardproviders/Deep", b'{"serviceUrl":"https://example.com/v1","caption":' + deep + b"}"),
+    ]:
+        status, answer, _ = await service.call(method, path, data=body)
+        assert status == 400, (path, answer)
+        assert answer["error"]["message"] == f"JSON nested deeper than {JSON_DEPTH_MAX} levels", (path, answer)
+    assert await count_events(pool) == before
+
+
+async def test_json_nested_to_the_limit_is_accepted_and_one_deeper_refused(service):
+    from hub.wire import JSON_DEPTH_MAX
+
+    card = await create_card(service)
+
+    def credit(depth: int, request_id: str) -> bytes:
+        inner = depth - 1  # the transaction's own object is the first level
+        nested = b"[" * inner + b'"[{ in a string do not count"' + b"]" * inner
+        return b'{"operation":"Credit","value":1,"requestId":"' + request_id.encode() + b'","extra":' + nested + b"}"
+
+    path = f"/native/giftcards/{card['id']}/transactions"
+    status, answer, _ = await service.call("POST", path, data=credit(JSON_DEPTH_MAX, "at-limit"))
+    assert status == 200, answer
+    status, answer, _ = await service.call("POST", path, data=credit(JSON_DEPTH_MAX + 1, "past-limit"))
+    assert status == 400 and "nested deeper" in answer["error"]["message"]
 
 
 async def test_200_concurrent_debits_over_http_exactly_100_succeed(service):

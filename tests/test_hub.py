@@ -8,6 +8,7 @@ import time
 import uuid
 
 import pytest
+import yarl
 
 from tests.cards import count_events
 from tests.conftest import TEST_SECRET_KEY
@@ -67,6 +68,18 @@ async def test_register_get_list_and_delete_an_external_provider(service, pool):
     events = await pool.fetch("select type, metadata from events where stream_id = 'provider-Acme' order by version")
     assert [e["type"] for e in events] == ["ProviderRegistered", "ProviderRemoved"]
     assert all('"actor": "hub-key"' in e["metadata"] for e in events), "who changed it is recorded"
+
+
+async def test_a_provider_registered_without_a_caption_answers_no_null_caption(service):
+    """VTEX types the caption as a string and leaves it out of its examples: never ``null``."""
+    async with start_reference_provider() as provider:
+        status, put, _ = await register(service, "Acme", provider)
+        assert status == 200
+        got = (await service.call("GET", f"{HUB}/Acme"))[1]
+        listed = [p for p in (await service.call("GET", HUB))[1] if p["id"] == "Acme"]
+        for answer in (put, got, *listed):
+            assert "caption" not in answer, answer
+        assert got == put
 
 
 async def test_credentials_are_encrypted_at_rest_and_never_shown(service, pool):
@@ -330,13 +343,66 @@ async def test_bad_input_is_refused_before_anything_is_forwarded(service):
         assert len(provider.state.requests) == before
 
 
-async def test_ids_cannot_escape_their_path_segment(service):
+async def call_unnormalised(service, method: str, path: str, body=None):
+    """A request whose path reaches the hub exactly as written (``%2E%2E`` is not folded to ``..``)."""
+    url = yarl.URL(service.base_url + path, encoded=True)
+    async with service.session.request(method, url, json=body, headers=service.headers(path)) as response:
+        return response.status, await response.json()
+
+
+@pytest.mark.parametrize(
+    ("method", "tail"),
+    [
+        ("GET", "%2E%2E/transactions/%2E%2E/settlements"),
+        ("POST", "%2E%2E/transactions/%2E%2E/settlements"),
+        ("POST", "{card}/transactions/%2e/cancellations"),
+        ("GET", "%2E"),
+        ("GET", "..%2F..%2Fx"),
+        ("GET", "{card}/transactions/..%2F..%2Fx/authorization"),
+        ("POST", "..%2Fx/transactions"),
+    ],
+)
+async def test_dot_segment_and_slashed_ids_are_refused_before_anything_is_forwarded(service, method, tail):
     async with start_reference_provider() as provider:
         await register(service, "Acme", provider)
-        await service.call("GET", f"{HUB}/Acme/giftcards/..%2F..%2Fadmin")
-        paths = [r.path for r in provider.state.requests]
-        assert all(p.startswith(provider.prefix + "/giftcards/") for p in paths), paths
-        assert all("/admin" not in p.replace("%2F", "/").split("/giftcards/")[0] for p in paths)
+        card = provider.state.issue_card(balance="5.00")
+        body = {"value": 1, "requestId": "r"} if method == "POST" else None
+        if tail.endswith("/transactions"):
+            body = {"operation": "Credit", "value": 1, "requestId": "r", "redemptionCode": card.redemption_code}
+        path = f"{HUB}/Acme/giftcards/{tail.format(card=card.id)}"
+        status, answer = await call_unnormalised(service, method, path, body)
+        assert status == 400 and answer["error"]["code"] == "invalid_request", answer
+        assert "'.'" in answer["error"]["message"] and "'/'" in answer["error"]["message"]
+        assert provider.state.requests == [], "nothing reached the provider, not even a listing"
+
+
+async def test_transaction_lists_through_the_hub_are_paged_with_rest_range(service):
+    async with start_reference_provider() as provider:
+        await register(service, "Acme", provider)
+        external = provider.state.issue_card(balance="0")
+        _, native, _ = await service.call("POST", f"{HUB}/VtexGiftCard/giftcards", card_body())
+        for pid, card_id, code in [
+            ("Acme", external.id, external.redemption_code),
+            ("VtexGiftCard", native["id"], native["redemptionCode"]),
+        ]:
+            transactions = f"{HUB}/{pid}/giftcards/{card_id}/transactions"
+            for n in range(3):
+                load = {"operation": "Credit", "value": 1, "requestId": f"load-{n}", "redemptionCode": code}
+                assert (await service.call("POST", transactions, load))[0] == 200
+            status, everything, headers = await service.call("GET", transactions)
+            assert status == 200 and len(everything) == 3
+            assert headers["REST-Content-Range"] == "resources 0-2/3", pid
+            status, page, headers = await service.call("GET", transactions, headers={"REST-Range": "resources=1-2"})
+            assert status == 200 and page == everything[1:3], pid
+            assert headers["REST-Content-Range"] == "resources 1-2/3", pid
+            status, page, headers = await service.call("GET", transactions, headers={"REST-Range": "2-9"})
+            assert page == everything[2:] and headers["REST-Content-Range"] == "resources 2-2/3", pid
+        before = len(provider.state.requests)
+        status, error, _ = await service.call(
+            "GET", f"{HUB}/Acme/giftcards/{external.id}/transactions", headers={"REST-Range": "9-1"}
+        )
+        assert status == 400 and "REST-Range" in error["error"]["message"]
+        assert len(provider.state.requests) == before, "a bad range is refused before anything is forwarded"
 
 
 async def test_cancel_enabled_false_refuses_cancellations(service):
@@ -357,6 +423,7 @@ async def test_cancel_enabled_false_refuses_cancellations(service):
         (Fault.HTTP_500, 502, "provider_error"),
         (Fault.MALFORMED_JSON, 502, "provider_bad_response"),
         (Fault.WRONG_SHAPE, 502, "provider_bad_response"),
+        (Fault.DEEP_JSON, 502, "provider_bad_response"),
         (Fault.RESET, 502, "provider_unreachable"),
         (Fault.SLOW, 504, "provider_timeout"),
     ],
@@ -473,6 +540,8 @@ def test_secret_key_used_by_tests_is_not_a_real_default():
         "http://[::1]:9/v1",
         "http://[::ffff:127.0.0.1]/v1",
         "http://0.0.0.0/v1",
+        "http://[2002:a9fe:a9fe::1]/v1",  # 169.254.169.254 (cloud metadata) inside 6to4
+        "http://[2002:7f00:1::1]/v1",  # 127.0.0.1 inside 6to4
     ],
 )
 async def test_service_url_cannot_point_at_internal_addresses_without_an_allowlist(start_service, pool, url):
@@ -480,6 +549,14 @@ async def test_service_url_cannot_point_at_internal_addresses_without_an_allowli
     status, body, _ = await service.call("PUT", f"{HUB}/Evil", {"serviceUrl": url, "appKey": "k", "appToken": "t"})
     assert status == 400 and body["error"]["code"] == "service_url_not_allowed", body
     assert await pool.fetchval("select count(*) from providers") == 0
+
+
+async def test_a_6to4_address_wrapping_a_public_one_is_allowed(start_service):
+    service = await start_service(provider_allowlist=())
+    status, body, _ = await service.call(
+        "PUT", f"{HUB}/Public", {"serviceUrl": "http://[2002:808:808::1]/v1", "appKey": "k", "appToken": "t"}
+    )
+    assert status == 200, body
 
 
 async def test_the_allowlist_admits_named_networks_only(start_service):

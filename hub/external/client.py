@@ -28,8 +28,9 @@ from hub.errors import ApiError
 from hub.external.breaker import CircuitBreaker
 from hub.external.egress import EgressPolicy, refuses_literal
 from hub.metrics import Metrics
-from hub.wire import encode
+from hub.wire import check_depth, encode
 from ledger.codec import canonical_json
+from ledger.domain.errors import InvalidRequest
 from ledger.providers import RegisteredProvider
 from ledger.store import EventStore, NewEvent
 
@@ -304,6 +305,12 @@ class ExternalProvider:
         if len(raw) > RESPONSE_BYTES_MAX:
             return "bad_response", ApiError(
                 502, "provider_bad_response", f"gift card provider {self.id} answered too much"
+            )
+        try:
+            check_depth(raw)
+        except InvalidRequest as e:
+            return "bad_response", ApiError(
+                502, "provider_bad_response", f"gift card provider {self.id} answered {e.message} (HTTP {status})"
             )
         try:
             body = _decoder.decode(raw) if raw.strip() else None

@@ -3,7 +3,8 @@
 A ``serviceUrl`` is chosen by whoever can edit the registry; without this check it
 would let them make the hub call loopback admin ports, cloud metadata services or
 the private network (SSRF). Internal means loopback, private, link-local, shared,
-reserved, multicast or unspecified. ``GIFTCARD_PROVIDER_ALLOWLIST`` lists CIDRs
+reserved, multicast or unspecified, judged for an IPv6 address that carries an IPv4
+one by that IPv4 address. ``GIFTCARD_PROVIDER_ALLOWLIST`` lists CIDRs
 (``10.0.0.0/8``) or host names (``giftcards.internal``) that are allowed anyway.
 The check runs when a provider is registered and again at every connection, so a
 name that later resolves elsewhere (DNS rebinding) is caught too.
@@ -30,9 +31,18 @@ class DestinationRefused(InvalidRequest):
     code = "service_url_not_allowed"
 
 
+def embedded_ipv4(address: IPAddress) -> IPAddress:
+    """The IPv4 address an IPv6 one carries, where it reaches that IPv4 host: IPv4-mapped
+    (``::ffff:a.b.c.d``) or 6to4 (``2002:AABB:CCDD::/48``, routed to ``a.b.c.d`` by any 6to4
+    relay). NAT64 (``64:ff9b::/96``) and Teredo (``2001::/32``) need no unwrapping: Python
+    already counts both ranges as internal."""
+    if isinstance(address, ipaddress.IPv6Address):
+        return address.ipv4_mapped or address.sixtofour or address
+    return address
+
+
 def is_internal(address: IPAddress) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    address = embedded_ipv4(address)
     return (
         address.is_private
         or address.is_loopback

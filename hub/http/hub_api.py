@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -62,12 +63,15 @@ def hub_hrefs(provider_id: str) -> Hrefs:
 
 
 def render_provider(registered: RegisteredProvider) -> dict[str, Any]:
+    """A provider as VTEX shows one: a registration without a caption has no ``caption`` key, as in
+    VTEX's examples, rather than a ``null`` where clients expect a string."""
     spec = registered.spec
+    caption = {} if spec.caption is None else {"caption": spec.caption}
     return {
         "id": spec.id,
         "serviceUrl": spec.service_url,
         "oauthProvider": spec.oauth_provider,
-        "caption": spec.caption,
+        **caption,
         "preAuthEnabled": spec.pre_auth_enabled,
         "cancelEnabled": spec.cancel_enabled,
         "_self": {"href": provider_href(spec.id)},
@@ -196,6 +200,21 @@ async def currency_of(port: Port, card_id: str) -> str | None:
     return currency if isinstance(currency, str) else None
 
 
+# The ids a card operation forwards into a provider's URL, by the names VTEX's specs give them.
+PATH_IDS = {"card_id": "giftCardId", "transaction_id": "transactionId"}
+DOT_SEGMENTS = frozenset({".", ".."})
+
+
+def check_path_ids(match_info: Mapping[str, str]) -> None:
+    """Each id is one path segment of the provider's URL. ``..`` (sent as ``%2E%2E``) would be
+    resolved away by the URL and ``/`` would add segments, either way calling another route of
+    the provider with the hub's credentials: such ids are refused before anything is forwarded."""
+    for key, name in PATH_IDS.items():
+        value = match_info.get(key)
+        if value is not None and (value in DOT_SEGMENTS or "/" in value):
+            raise InvalidRequest(f"{name} {value!r} must be one path segment: not '.' or '..', and without '/'")
+
+
 def check_positive_value(body: bytes) -> OperationRequest:
     request = decode(body, OperationRequest)
     if not request.value.is_finite() or request.value <= 0:
@@ -274,6 +293,7 @@ class HubHandlers:
         return external
 
     async def routed(self, request: web.Request) -> tuple[str, Port]:
+        check_path_ids(request.match_info)
         provider_id = request.match_info["provider_id"]
         is_native = provider_id == request.app[SETTINGS].native_provider_id
         if not is_native and provider_id not in request.app[DIRECTORY].registered:
@@ -334,10 +354,17 @@ class HubHandlers:
         return json_response(link_card(card, provider_id))
 
     async def list_transactions(self, request: web.Request) -> web.Response:
+        """Paged by the hub: the Provider Protocol pages no transaction list, so the provider's
+        whole list is fetched and the caller's ``REST-Range`` applied to it."""
         provider_id, port = await self.routed(request)
+        window = parse_rest_range(request.headers.get("REST-Range"))
         card_id = request.match_info["card_id"]
         refs = await port.list_transactions(card_id)
-        return json_response([link_transaction_ref(ref, provider_id, card_id) for ref in refs])
+        page = page_of(refs, window)
+        return json_response(
+            [link_transaction_ref(ref, provider_id, card_id) for ref in page],
+            content_range(window, len(page), len(refs)),
+        )
 
     async def create_transaction(self, request: web.Request) -> web.Response:
         provider_id, port = await self.routed(request)

@@ -398,7 +398,10 @@ class NativeHandlers:
         return json_response(await self.provider(request).get_card(request.match_info["card_id"]))
 
     async def list_transactions(self, request: web.Request) -> web.Response:
-        return json_response(await self.provider(request).list_transactions(request.match_info["card_id"]))
+        window = parse_rest_range(request.headers.get("REST-Range"))
+        refs = await self.provider(request).list_transactions(request.match_info["card_id"])
+        page = page_of(refs, window)
+        return json_response(page, content_range(window, len(page), len(refs)))
 
     async def create_transaction(self, request: web.Request) -> web.Response:
         body = await read_body(request)

@@ -30,7 +30,7 @@ _CARD_OPERATIONS = [
     ("POST", "/giftcards/_search", "Find usable cards by redemption code or by client (REST-Range)", wire.SearchRequest),
     ("POST", "/giftcards", "Create a gift card (the only answer that shows the full redemption code)", wire.CreateCardRequest),
     ("GET", "/giftcards/{card_id}", "Get a gift card and its balance", None),
-    ("GET", "/giftcards/{card_id}/transactions", "List a card's transactions (ids)", None),
+    ("GET", "/giftcards/{card_id}/transactions", "List a card's transactions (ids; REST-Range)", None),
     ("POST", "/giftcards/{card_id}/transactions", "Create a Credit or Debit (authorization); idempotent by requestId; a redemptionCode or redemptionToken sent must be the card's", wire.CreateTransactionRequest),
     ("GET", "/giftcards/{card_id}/transactions/{transaction_id}", "Get a transaction", None),
     ("GET", "/giftcards/{card_id}/transactions/{transaction_id}/authorization", "Get a transaction's authorization", None),

@@ -49,6 +49,7 @@ MAX_SLOW_S = 30.0  # bound, so a forgotten slow fault cannot hang the suite
 # types (or a missing required field) for every object route.
 WRONG_SHAPE_BODY = {"id": 12345, "cardId": 7, "balance": "a lot", "oid": None, "value": "a lot"}
 MALFORMED_JSON_BODY = b'{"id": "1", "balance": '  # cut off mid-document
+DEEP_JSON_BODY = b"[" * 1100 + b"]" * 1100  # deeper than Python's recursion limit
 
 
 class Fault(StrEnum):
@@ -57,6 +58,7 @@ class Fault(StrEnum):
     HTTP_500 = "http_500"  # 500 with a JSON error body
     MALFORMED_JSON = "malformed_json"  # 200, application/json, body is not JSON
     WRONG_SHAPE = "wrong_shape"  # 200, valid JSON of the wrong shape
+    DEEP_JSON = "deep_json"  # 200, valid JSON nested 1,100 levels deep
     RESET = "reset"  # TCP reset: the connection drops without a response
 
 
@@ -147,6 +149,10 @@ async def _wrong_shape(request: web.Request, handler: Handler, rule: FaultRule) 
     return json_response(WRONG_SHAPE_BODY)
 
 
+async def _deep_json(request: web.Request, handler: Handler, rule: FaultRule) -> web.StreamResponse:
+    return web.Response(body=DEEP_JSON_BODY, content_type="application/json")
+
+
 async def _reset(request: web.Request, handler: Handler, rule: FaultRule) -> web.StreamResponse:
     transport = request.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
@@ -164,6 +170,7 @@ _FAULT_HANDLERS: dict[Fault, FaultHandler] = {
     Fault.HTTP_500: _http_500,
     Fault.MALFORMED_JSON: _malformed_json,
     Fault.WRONG_SHAPE: _wrong_shape,
+    Fault.DEEP_JSON: _deep_json,
     Fault.RESET: _reset,
 }
 
