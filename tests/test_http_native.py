@@ -8,6 +8,7 @@ from datetime import timedelta
 import aiohttp
 import pytest
 
+from hub.http.paging import PAGE_ITEMS_DEFAULT
 from tests.cards import count_events
 
 pytestmark = pytest.mark.also_on_citus
@@ -223,6 +224,17 @@ async def test_transaction_lists_are_paged_with_rest_range(service, base):
     assert page == everything[:1] and headers["REST-Content-Range"] == "resources 0-0/3"
     status, error, _ = await service.call("GET", transactions, headers={"REST-Range": "0-5000"})
     assert status == 400 and "REST-Range" in error["error"]["message"]
+
+
+async def test_an_unranged_transaction_list_is_never_cut_to_a_first_page(service):
+    """VTEX's specs page no transaction list, so its hub sends no REST-Range: it must get all of them."""
+    card = await create_card(service, "/native")
+    loads = PAGE_ITEMS_DEFAULT + 2
+    for n in range(loads):
+        assert (await transact(service, "/native", card["id"], "Credit", 1, f"load-{n}"))[0] == 200
+    status, everything, headers = await service.call("GET", f"/native/giftcards/{card['id']}/transactions")
+    assert status == 200 and len(everything) == loads
+    assert headers["REST-Content-Range"] == f"resources 0-{loads - 1}/{loads}"
 
 
 @pytest.mark.parametrize(

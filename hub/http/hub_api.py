@@ -23,7 +23,7 @@ from aiohttp import web
 from hub.errors import ApiError
 from hub.external.client import ExternalProvider
 from hub.http.native import Hrefs, NativeProvider, card_operation_routes, event_metadata, json_response, read_body
-from hub.http.paging import content_range, page_of, parse_rest_range
+from hub.http.paging import content_range, page_of, parse_rest_range, unranged_means_whole
 from hub.http.state import DIRECTORY, EGRESS, LEDGER, REGISTRY, SETTINGS, THROTTLE
 from hub.public_address import public_base_url
 from hub.wire import CreateCardRequest, CreateTransactionRequest, OperationRequest, SearchRequest, decode, encode
@@ -357,14 +357,11 @@ class HubHandlers:
         """Paged by the hub: the Provider Protocol pages no transaction list, so the provider's
         whole list is fetched and the caller's ``REST-Range`` applied to it."""
         provider_id, port = await self.routed(request)
-        window = parse_rest_range(request.headers.get("REST-Range"))
+        parse_rest_range(request.headers.get("REST-Range"))  # a bad range is refused before anything is forwarded
         card_id = request.match_info["card_id"]
         refs = await port.list_transactions(card_id)
-        page = page_of(refs, window)
-        return json_response(
-            [link_transaction_ref(ref, provider_id, card_id) for ref in page],
-            content_range(window, len(page), len(refs)),
-        )
+        page, headers = unranged_means_whole(request.headers.get("REST-Range"), refs)
+        return json_response([link_transaction_ref(ref, provider_id, card_id) for ref in page], headers)
 
     async def create_transaction(self, request: web.Request) -> web.Response:
         provider_id, port = await self.routed(request)

@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from hub.config import Settings
-from hub.http.paging import content_range, page_of, parse_rest_range
+from hub.http.paging import content_range, page_of, parse_rest_range, unranged_means_whole
 from hub.http.state import LEDGER, SETTINGS, THROTTLE
 from hub.http.throttle import LookupThrottle
 from hub.wire import (
@@ -398,10 +398,9 @@ class NativeHandlers:
         return json_response(await self.provider(request).get_card(request.match_info["card_id"]))
 
     async def list_transactions(self, request: web.Request) -> web.Response:
-        window = parse_rest_range(request.headers.get("REST-Range"))
+        parse_rest_range(request.headers.get("REST-Range"))  # a bad range is refused before the card is read
         refs = await self.provider(request).list_transactions(request.match_info["card_id"])
-        page = page_of(refs, window)
-        return json_response(page, content_range(window, len(page), len(refs)))
+        return json_response(*unranged_means_whole(request.headers.get("REST-Range"), refs))
 
     async def create_transaction(self, request: web.Request) -> web.Response:
         body = await read_body(request)

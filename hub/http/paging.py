@@ -39,6 +39,16 @@ def page_of(items: list[Any], window: RestRange) -> list[Any]:
     return items[window.start : window.end + 1]
 
 
+def unranged_means_whole(header: str | None, items: list[Any]) -> tuple[list[Any], dict[str, str]]:
+    """A page of a list that VTEX's specs do not page (a card's transactions): a caller that sends no
+    ``REST-Range`` (VTEX's own hub, which was never told to) gets the whole list, never a silent
+    first 50; one that sends it gets that page. Both are told the total."""
+    unranged = header is None or not header.strip()
+    window = RestRange(0, max(len(items), 1) - 1) if unranged else parse_rest_range(header)
+    page = page_of(items, window)
+    return page, content_range(window, len(page), len(items))
+
+
 def content_range(window: RestRange, shown: int, total: int) -> dict[str, str]:
     last = window.start + shown - 1 if shown else window.start
     return {"REST-Content-Range": f"resources {window.start}-{last}/{total}"}
