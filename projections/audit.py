@@ -150,7 +150,7 @@ async def audit_card(store: EventStore, card_id: str, as_of: datetime | None = N
     """A card's whole history, replayed and checked; raises CardNotFound when no card has that id."""
     stream_id = parse_card_id(card_id)
     events = await store.read_stream(stream_id)
-    if not any(event.type in CARD_TOPICS for event in events):  # not first only: its issue may be the one removed
+    if not any(event.name in CARD_TOPICS for event in events):  # not first only: its issue may be the one removed
         raise CardNotFound(f"gift card {card_id!r} not found")
     chain, replay = ChainWalk(), CardReplay(stream_id)
     entries: list[AuditEntry] = []
@@ -314,7 +314,7 @@ class _StreamWalk:
         """``state``: the event's data, decoded once for everything that reads it (see ``read_decoded``)."""
         for failure in self.chain.check(event):
             self.found(failure)
-        if self.replay is None and event.type in CARD_TOPICS:
+        if self.replay is None and event.name in CARD_TOPICS:
             self.replay = CardReplay(self.stream_id)
             self.report.cards += 1
             self.models.card_started(event)

@@ -364,7 +364,12 @@ class GiftCard(Aggregate, CardState):
         self.check_hold_not_voided(transaction)
         self.check_settlement_within_held(transaction, value)
         self.trigger_event(
-            self.Settled, transaction_id=transaction_id, oid=oid, value=value, request_id=request_id, date=now.isoformat()
+            self.Settled,
+            transaction_id=transaction_id,
+            oid=oid,
+            value=value,
+            request_id=request_id,
+            date=now.isoformat(),
         )
         return transaction.settlements[-1]
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from eventsourcing.utils import register_topic, resolve_topic
 
-CARD = "giftcard.GiftCard"
-ISSUED = "giftcard.Issued"
-CREDITED = "giftcard.Credited"
-DEBITED = "giftcard.Debited"
-SETTLED = "giftcard.Settled"
-CANCELLED = "giftcard.Cancelled"
-VOIDED = "giftcard.Voided"
+CARD_PREFIX = "giftcard."  # of the card's name and of every card event's, including any added later
+CARD = CARD_PREFIX + "GiftCard"
+ISSUED = CARD_PREFIX + "Issued"
+CREDITED = CARD_PREFIX + "Credited"
+DEBITED = CARD_PREFIX + "Debited"
+SETTLED = CARD_PREFIX + "Settled"
+CANCELLED = CARD_PREFIX + "Cancelled"
+VOIDED = CARD_PREFIX + "Voided"
 CARD_EVENTS = (ISSUED, CREDITED, DEBITED, SETTLED, CANCELLED, VOIDED)
 
 # What releases before the stable names stored, to the stable name each means. Never remove an
@@ -26,7 +27,7 @@ CARD_EVENTS = (ISSUED, CREDITED, DEBITED, SETTLED, CANCELLED, VOIDED)
 _MODULE_PATH = "ledger.domain.giftcard:GiftCard"
 LEGACY_TOPICS = {
     _MODULE_PATH: CARD,
-    **{f"{_MODULE_PATH}.{name.split('.', 1)[1]}": name for name in CARD_EVENTS},
+    **{f"{_MODULE_PATH}.{name.removeprefix(CARD_PREFIX)}": name for name in CARD_EVENTS},
 }
 
 
