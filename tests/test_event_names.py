@@ -12,6 +12,7 @@ from pathlib import Path
 
 import msgspec
 
+from ledger import codec
 from ledger.commands import IssueCard, Ledger
 from ledger.domain import topics
 from ledger.domain.snapshot import SNAPSHOT_SCHEMA
@@ -157,3 +158,36 @@ def test_stored_events_replay_after_the_card_module_moves():
         "class": "ledger.domain.card.giftcard",
         "transactions": ["after", "t-credit", "t-debit", "t-held"],
     }
+
+
+async def test_loading_a_card_decodes_each_stored_event_once(store, clock, monkeypatch):
+    """The store decodes an event's data once (to re-derive the bytes its hash covers) and hands that
+    state on: the Mapper applies it without decoding the bytes again."""
+    ledger = Ledger(store, code_key=b"k" * 32, clock=clock)
+    issued = await ledger.issue(
+        IssueCard(
+            relation_name="once",
+            caption="c",
+            profile_id="p",
+            currency="USD",
+            expiring_date=clock.now.replace(year=2027),
+        )
+    )
+    card_id = str(issued.card.id)
+    for n, operation in enumerate(("Credit", "Debit")):
+        await ledger.create_transaction(
+            card_id, operation=operation, value=Decimal(1), description="", request_id=f"r{n}", order_info=None
+        )
+    decodes = []
+
+    class Counting:
+        def __init__(self, decoder):
+            self.decoder = decoder
+
+        def decode(self, data):
+            decodes.append(data)
+            return self.decoder.decode(data)
+
+    monkeypatch.setattr(codec, "_decoder", Counting(codec._decoder))
+    card = await Ledger(store, code_key=b"k" * 32, clock=clock).card(card_id)
+    assert card.version == 3 and len(decodes) == 3
