@@ -56,7 +56,7 @@ RAW_SCHEMA = "bench_raw"
 ES_SCHEMA = "bench_es"
 WRITERS = (1, 8, 32, 64)
 CONTENDERS = ("raw", "ours", "eventsourcing")
-EVENT_TYPE = "ledger.domain.giftcard:GiftCard.Debited"
+EVENT_TYPE = "giftcard.Debited"
 TARGET_VS_RAW = 0.60  # the targets, checked at the highest concurrency measured
 TARGET_VS_ES = 3.0
 

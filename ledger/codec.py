@@ -9,30 +9,25 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 import msgspec
-from eventsourcing.persistence import Mapper, Transcoder
+from eventsourcing.persistence import Mapper, StoredEvent, Transcoder
 
 _encoder = msgspec.json.Encoder(order="sorted")
 _decoder = msgspec.json.Decoder()
 
 
 class MsgspecTranscoder(Transcoder):
-    """JSON via msgspec. ``timestamp`` is the one field of our events that JSON has no type for."""
+    """Encodes an event's state as canonical JSON. Decoding is the reader's: every stored event is
+    decoded once, as its canonical bytes are re-derived for the hash chain (``decode_canonical``,
+    in ledger.store.recorded_event), and the Mapper is handed that decoded state, not bytes."""
 
     def encode(self, obj: Any) -> bytes:
         return _encoder.encode(obj)
 
-    def decode(self, data: bytes) -> Any:
-        return _timestamp_parsed(_decoder.decode(data))
-
-
-class DecodedTranscoder(MsgspecTranscoder):
-    """For a reader that has decoded each event's state already (to re-derive its canonical bytes):
-    the Mapper is handed that state in place of the bytes, so no event is decoded twice."""
-
     def decode(self, data: Any) -> Any:
-        # A copy: the Mapper adds its own keys to the event state it is given, which the reader keeps.
+        # A copy: the Mapper adds its own keys to the state it is given, which the reader keeps.
         return _timestamp_parsed(dict(data) if isinstance(data, dict) else data)
 
 
@@ -57,6 +52,12 @@ def new_mapper() -> Mapper:
     return Mapper(transcoder=MsgspecTranscoder())
 
 
-def new_decoded_mapper() -> Mapper:
-    """A Mapper whose stored events carry their state decoded (see ``DecodedTranscoder``)."""
-    return Mapper(transcoder=DecodedTranscoder())
+_reader = new_mapper()
+
+
+def domain_event(stream_id: UUID, version: int, stored_type: str, state: Any) -> Any:
+    """The domain event a stored one holds, from its data decoded once (see ``MsgspecTranscoder``);
+    ``stored_type`` resolves whichever release wrote it (see ledger.domain.topics)."""
+    return _reader.to_domain_event(
+        StoredEvent(originator_id=stream_id, originator_version=version, topic=stored_type, state=state)
+    )

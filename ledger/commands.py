@@ -25,13 +25,11 @@ from typing import Any, TypeVar
 
 import asyncpg
 import msgspec
-from eventsourcing.persistence import StoredEvent
-from eventsourcing.utils import get_topic
 
-from ledger.codec import new_mapper
+from ledger.codec import domain_event, new_mapper
 from ledger.database import DATABASE_ERRORS
 from ledger.distribution import violates
-from ledger.domain import errors
+from ledger.domain import errors, topics
 from ledger.domain.codes import (
     check_redemption_code,
     check_redemption_token,
@@ -63,7 +61,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-TRANSACTION_EVENT_TYPES = (get_topic(GiftCard.Credited), get_topic(GiftCard.Debited))
+TRANSACTION_EVENT_TYPES = topics.stored_types(topics.CREDITED, topics.DEBITED)
 _order_info_decoder = msgspec.json.Decoder()
 
 SNAPSHOT_INTERVAL_EVENTS = 100
@@ -386,13 +384,17 @@ class Ledger:
     async def _load(self, card_id: str) -> _Loaded:
         stream_id = parse_card_id(card_id)
         snapshot = await self.store.load_snapshot(stream_id)
-        if snapshot is None:
+        card = None if snapshot is None else restore_snapshot(snapshot[2])
+        if card is None:  # no snapshot, or a stale one (an older schema): the events are the card
             events = await self.store.read_stream(stream_id)
             if not events:
                 raise errors.CardNotFound(f"gift card {card_id!r} not found")
-            return self._replay(None, events, GENESIS_HASH)
-        version, last_hash, state = snapshot
-        return self._replay(restore_snapshot(state), await self.store.read_stream(stream_id, version + 1), last_hash)
+            loaded = self._replay(None, events, GENESIS_HASH)
+            if snapshot is not None:
+                await self._save_snapshot(stream_id, loaded)  # rebuilt in today's schema
+            return loaded
+        version, last_hash, _ = snapshot
+        return self._replay(card, await self.store.read_stream(stream_id, version + 1), last_hash)
 
     async def _catch_up(self, card_id: str, loaded: _Loaded) -> _Loaded:
         """The cached card with what was appended since; reloaded whole if the database no longer
@@ -406,13 +408,8 @@ class Ledger:
     def _replay(self, card: GiftCard | None, events: list[RecordedEvent], last_hash: bytes) -> _Loaded:
         last_hash = verify_chain(events, last_hash)
         for recorded in events:
-            stored = StoredEvent(
-                originator_id=uuid.UUID(recorded.stream_id),
-                originator_version=recorded.version,
-                topic=recorded.type,
-                state=recorded.data,
-            )
-            card = self._mapper.to_domain_event(stored).mutate(card)
+            event = domain_event(uuid.UUID(recorded.stream_id), recorded.version, recorded.type, recorded.state)
+            card = event.mutate(card)
         assert card is not None
         return _Loaded(card, last_hash)
 
@@ -420,12 +417,16 @@ class Ledger:
         version = loaded.card.version
         if version // self.snapshot_interval_events == (version - appended) // self.snapshot_interval_events:
             return
+        await self._save_snapshot(card_id, loaded)
+
+    async def _save_snapshot(self, card_id: str, loaded: _Loaded) -> None:
+        version = loaded.card.version
         try:
             await self.store.save_snapshot(card_id, version, loaded.last_hash, take_snapshot(loaded.card))
         except DATABASE_ERRORS:
-            # The command is already committed and a snapshot is a disposable cache: a connection
+            # The command (or load) is already done and a snapshot is a disposable cache: a connection
             # cut here (InterfaceError, or asyncpg's InternalClientError race, see hub.errors) must
-            # not turn the committed command's answer into an error.
+            # not turn its answer into an error.
             log.warning("snapshot of card %s at version %d not saved", card_id, version, exc_info=True)
 
     # ---- cache and locks -------------------------------------------------------

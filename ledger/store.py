@@ -20,10 +20,11 @@ import asyncpg
 import msgspec
 
 from ledger import commit_order
-from ledger.codec import canonical_json
+from ledger.codec import decode_canonical
 from ledger.commit_order import START, Checkpoint
 from ledger.distribution import is_distributed
 from ledger.domain.errors import ConcurrentUpdate, InvalidRequest
+from ledger.domain.topics import event_name
 
 GENESIS_HASH = b""
 
@@ -74,6 +75,15 @@ class RecordedEvent(msgspec.Struct, frozen=True):
     metadata: dict[str, Any]
     recorded_at: datetime
     hash: bytes
+    # ``data`` decoded: the one decode its canonical bytes came from, handed on to whatever applies
+    # the event (see ledger.codec), so that no event is decoded twice. None where not decoded here.
+    state: Any = None
+
+    @property
+    def name(self) -> str:
+        """What the event is, whichever release stored it: ``type`` is what the row holds (and what
+        its hash covers), which for older rows is a legacy topic (see ledger.domain.topics)."""
+        return event_name(self.type)
 
 
 class ChainBroken(Exception):
@@ -618,6 +628,9 @@ def recorded_event(
 ) -> RecordedEvent:
     """A row selected with the event columns (see ``_COLUMNS``), decoded; for readers outside the store
     too, who pass ``data`` or ``metadata`` when they decoded it already or did not select it."""
+    state = None
+    if data is None:
+        state, data = decode_canonical(row["data"])
     return RecordedEvent(
         position=row["position"],
         source=row["source"],
@@ -625,10 +638,11 @@ def recorded_event(
         stream_id=row["stream_id"],
         version=row["version"],
         type=row["type"],
-        data=canonical_json(row["data"]) if data is None else data,
+        data=data,
         metadata=_metadata_decoder.decode(row["metadata"]) if metadata is None else metadata,
         recorded_at=row["recorded_at"],
         hash=row["hash"],
+        state=state,
     )
 
 

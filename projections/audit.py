@@ -150,7 +150,7 @@ async def audit_card(store: EventStore, card_id: str, as_of: datetime | None = N
     """A card's whole history, replayed and checked; raises CardNotFound when no card has that id."""
     stream_id = parse_card_id(card_id)
     events = await store.read_stream(stream_id)
-    if not any(event.type in CARD_TOPICS for event in events):  # not first only: its issue may be the one removed
+    if not any(event.name in CARD_TOPICS for event in events):  # not first only: its issue may be the one removed
         raise CardNotFound(f"gift card {card_id!r} not found")
     chain, replay = ChainWalk(), CardReplay(stream_id)
     entries: list[AuditEntry] = []
@@ -314,7 +314,7 @@ class _StreamWalk:
         """``state``: the event's data, decoded once for everything that reads it (see ``read_decoded``)."""
         for failure in self.chain.check(event):
             self.found(failure)
-        if self.replay is None and event.type in CARD_TOPICS:
+        if self.replay is None and event.name in CARD_TOPICS:
             self.replay = CardReplay(self.stream_id)
             self.report.cards += 1
             self.models.card_started(event)
@@ -368,36 +368,42 @@ class _StreamWalk:
 def _snapshot_failures(
     event: RecordedEvent, stored_hash: bytes | None, stored: bytes, replayed: bytes
 ) -> list[Failure]:
-    """A snapshot is a cache the ledger loads cards from: it must be the replay at its version, exactly."""
+    """A snapshot is a cache the ledger loads cards from: it must be the replay at its version, exactly,
+    every field of it. One of an older schema is never loaded (the ledger rebuilds the card from its
+    events), so only its hash is held to account."""
     failures = []
     if stored_hash != event.hash:
         message = "the snapshot's hash is not the stored hash of the event at its version"
         failures.append(Failure(event.stream_id, event.version, event.position, RULE_SNAPSHOT, message))
-    if not _same_state(stored, replayed):
-        message = f"the snapshot differs from the replay at its version: {_snapshot_difference(stored, replayed)}"
+    difference = _snapshot_difference(stored, replayed)
+    if difference is not None:
+        message = f"the snapshot differs from the replay at its version: {difference}"
         failures.append(Failure(event.stream_id, event.version, event.position, RULE_SNAPSHOT, message))
     return failures
 
 
-def _same_state(stored: bytes, replayed: bytes) -> bool:
+def _snapshot_difference(stored: bytes, replayed: bytes) -> str | None:
+    """What differs between a stored snapshot and the replay's: the balance figures with their amounts,
+    then every other field by name only (some hold personal data); None when nothing differs, or when
+    the stored one is stale (an older schema, which the ledger does not load)."""
     try:
-        return decode_snapshot(stored) == decode_snapshot(replayed)
-    except (msgspec.MsgspecError, ValueError):
-        return False
-
-
-def _snapshot_difference(stored: bytes, replayed: bytes) -> str:
-    try:
-        held = balance_figures(restore_snapshot(stored))
+        held = decode_snapshot(stored)
     except (msgspec.MsgspecError, ValueError) as e:
         return f"it does not decode ({e})"
-    expected = balance_figures(restore_snapshot(replayed))
+    expected = decode_snapshot(replayed)
+    if held is None or held == expected:
+        return None
+    figures_held = balance_figures(restore_snapshot(stored))
+    figures_expected = balance_figures(restore_snapshot(replayed))
     differing = [
-        f"{name} {getattr(held, name)} in the snapshot, {getattr(expected, name)} by replay"
-        for name in held.__struct_fields__
-        if getattr(held, name) != getattr(expected, name)
+        f"{name} {getattr(figures_held, name)} in the snapshot, {getattr(figures_expected, name)} by replay"
+        for name in figures_held.__struct_fields__
+        if getattr(figures_held, name) != getattr(figures_expected, name)
     ]
-    return "; ".join(differing) or "its transactions or idempotency records differ"
+    differing += [
+        f"{name} differs" for name in held.__struct_fields__ if getattr(held, name) != getattr(expected, name)
+    ]
+    return "; ".join(differing)
 
 
 async def _orphaned_snapshots(connection: asyncpg.Connection) -> list[Failure]:

@@ -27,6 +27,7 @@ import asyncpg
 
 from ledger.commit_order import START, Checkpoint, earliest
 from ledger.domain.giftcard import DEBIT
+from ledger.domain.topics import stored_types
 from ledger.store import RecordedEvent
 from projections import card_balances, daily_totals, transaction_history
 from projections import events as ev
@@ -36,7 +37,7 @@ from projections.replay import (
     CANCELLATION,
     SETTLEMENT,
     TRANSACTION,
-    TRANSACTION_TOPICS,
+    TRANSACTION_STORED_TYPES,
     BalanceFigures,
     CardReplay,
     Failure,
@@ -92,7 +93,7 @@ select card_id from (
     select card_id from read_card_balances
     except
     select stream_id from events e
-    where e.version = 1 and e.type = $1 and e.seq <= coalesce(($2::jsonb ->> e.source::text)::bigint, 0)
+    where e.version = 1 and e.type = any($1::text[]) and e.seq <= coalesce(($2::jsonb ->> e.source::text)::bigint, 0)
 ) phantom
 order by card_id limit $3
 """
@@ -208,7 +209,7 @@ class ReadModelCheck:
     def card_started(self, event: RecordedEvent) -> None:
         """``event``: the card's first; its stream's first too when it is at version 1."""
         self._pending = {card_balances.NAME, transaction_history.NAME}
-        self._issued_first = event.version == 1 and event.type == ev.ISSUED
+        self._issued_first = event.version == 1 and event.name == ev.ISSUED
 
     def before_card_event(self, replay: CardReplay, event: RecordedEvent) -> None:
         """The first event a projection has not applied: the card as it stands now is what it holds."""
@@ -285,7 +286,7 @@ class ReadModelCheck:
         flows = self._days[(day, replay.card.currency, self.native)]
         transaction = step.transaction
         amount = step.amount or 0
-        if step.event.type == ev.ISSUED:
+        if step.event.name == ev.ISSUED:
             flows[_FLOW["cards_issued"]] += 1
         elif step.kind == TRANSACTION and transaction is not None:
             debit = transaction.operation == DEBIT
@@ -405,7 +406,9 @@ class ReadModelCheck:
 
     async def _name_phantom_cards(self) -> None:
         balances = self.checkpoints[card_balances.NAME]
-        for row in await self.connection.fetch(_PHANTOM_CARDS, ev.ISSUED, balances.to_json(), PHANTOMS_NAMED_MAX):
+        for row in await self.connection.fetch(
+            _PHANTOM_CARDS, stored_types(ev.ISSUED), balances.to_json(), PHANTOMS_NAMED_MAX
+        ):
             self.found(
                 Failure(row["card_id"], None, None, RULE_CARD_BALANCES, "a row exists for a card with no events")
             )
@@ -415,7 +418,7 @@ class ReadModelCheck:
         for row in await self.connection.fetch(
             _PHANTOM_TRANSACTIONS,
             self.native,
-            list(TRANSACTION_TOPICS),
+            TRANSACTION_STORED_TYPES,
             history.to_json(),
             PHANTOMS_NAMED_MAX,
         ):

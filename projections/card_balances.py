@@ -18,57 +18,10 @@ import asyncpg
 
 from ledger.store import RecordedEvent
 from projections import events as ev
-from projections.projection import BatchedProjection, Handler, ProjectionBug, execute_one, expect_rows
+from projections.projection import BatchedProjection, Handler, ProjectionBug, expect_rows
 
 NAME = "card_balances"
 
-_INSERT_CARD = """
-insert into read_card_balances
-    (card_id, currency, relation_name, emission_date, expiring_date, issued_at, last_activity_at)
-values ($1, $2, $3, $4, $5, $6, $6)
-"""
-
-_REMEMBER_TRANSACTION = """
-insert into read_card_balance_transactions (card_id, transaction_id, operation) values ($1, $2, $3)
-"""
-
-_CREDIT = """
-update read_card_balances
-set available = available + $2::bigint, credited = credited + $2::bigint,
-    last_activity_at = greatest(last_activity_at, $3)
-where card_id = $1
-"""
-
-_DEBIT = """
-update read_card_balances
-set available = available - $2::bigint, debited = debited + $2::bigint, authorized = authorized + $2::bigint,
-    last_activity_at = greatest(last_activity_at, $3)
-where card_id = $1
-"""
-
-# A settlement of a Debit moves its amount from authorized to settled; a Credit's changes no balance.
-_SETTLE = """
-update read_card_balances b
-set authorized = b.authorized - case t.operation when 'Debit' then $3::bigint else 0 end,
-    settled = b.settled + case t.operation when 'Debit' then $3::bigint else 0 end,
-    last_activity_at = greatest(b.last_activity_at, $4)
-from read_card_balance_transactions t
-where b.card_id = $1 and t.card_id = $1 and t.transaction_id = $2
-"""
-
-# $3 value = $4 released (from the hold) + $5 refunded (from what was settled).
-# Cancelling a Debit gives the money back to the card; cancelling a Credit takes it back.
-_CANCEL = """
-update read_card_balances b
-set available = b.available + case t.operation when 'Debit' then $3::bigint else -$3::bigint end,
-    credited = b.credited - case t.operation when 'Credit' then $3::bigint else 0 end,
-    debited = b.debited - case t.operation when 'Debit' then $3::bigint else 0 end,
-    authorized = b.authorized - case t.operation when 'Debit' then $4::bigint else 0 end,
-    settled = b.settled - case t.operation when 'Debit' then $5::bigint else 0 end,
-    last_activity_at = greatest(b.last_activity_at, $6)
-from read_card_balance_transactions t
-where b.card_id = $1 and t.card_id = $1 and t.transaction_id = $2
-"""
 
 # ---- a run of events, set-based (apply_run): the same arithmetic, summed per card -------------
 
@@ -143,7 +96,7 @@ class CardBalances(BatchedProjection):
     batched = frozenset((ev.ISSUED, ev.CREDITED, ev.DEBITED, ev.SETTLED, ev.CANCELLED, ev.VOIDED))
 
     async def apply_run(self, connection: asyncpg.Connection, events: Sequence[RecordedEvent]) -> None:
-        """The handlers' effect in five statements: new cards, new transactions, the directions of
+        """The card events' effect in five statements: new cards, new transactions, the directions of
         earlier transactions settled or cancelled here, then every touched card's sums at once."""
         cards: list[tuple[str, str, str, datetime, datetime, datetime]] = []
         operations: dict[tuple[str, str], str] = {}  # created in this run
@@ -160,19 +113,19 @@ class CardBalances(BatchedProjection):
             return d
 
         for event in events:
-            if event.type == ev.ISSUED:
+            if event.name == ev.ISSUED:
                 card = ev.decode(event, ev.Issued)
                 cards.append((
                     event.stream_id, card.currency, card.relation_name, ev.instant(card.emission_date),
                     ev.instant(card.expiring_date), ev.instant(card.issued_at),
                 ))  # fmt: skip
-            elif event.type in (ev.CREDITED, ev.DEBITED):
+            elif event.name in (ev.CREDITED, ev.DEBITED):
                 c = ev.decode(event, ev.TransactionCreated)
-                operation = ev.OPERATION_OF[event.type]
+                operation = ev.OPERATION_OF[event.name]
                 operations[(event.stream_id, c.transaction_id)] = operation
                 created.append((event.stream_id, c.transaction_id, operation))
                 d = delta(event.stream_id, ev.instant(c.date))
-                if event.type == ev.CREDITED:
+                if event.name == ev.CREDITED:
                     d[_AVAILABLE] += c.value
                     d[_CREDITED] += c.value
                 else:
@@ -180,7 +133,7 @@ class CardBalances(BatchedProjection):
                     d[_DEBITED] += c.value
                     d[_AUTHORIZED] += c.value
             else:
-                shape = ev.Settled if event.type == ev.SETTLED else ev.Cancelled
+                shape = ev.Settled if event.name == ev.SETTLED else ev.Cancelled
                 moves.append((event, ev.decode(event, shape)))
 
         earlier = {(e.stream_id, m.transaction_id) for e, m in moves} - operations.keys()
@@ -196,10 +149,10 @@ class CardBalances(BatchedProjection):
                 )
             d = delta(event.stream_id, ev.instant(move.date))
             if operation != ev.DEBIT:
-                if event.type != ev.SETTLED:  # a Credit's cancellation takes its money back
+                if event.name != ev.SETTLED:  # a Credit's cancellation takes its money back
                     d[_AVAILABLE] -= move.value
                     d[_CREDITED] -= move.value
-            elif event.type == ev.SETTLED:
+            elif event.name == ev.SETTLED:
                 d[_AUTHORIZED] -= move.value
                 d[_SETTLED] += move.value
             else:
@@ -225,52 +178,7 @@ class CardBalances(BatchedProjection):
             expect_rows(status, len(deltas), "cards of card_balances", events)
 
     def handlers(self) -> dict[str, Handler]:
-        return ev.card_handlers(self)
-
-    async def issued(self, connection: asyncpg.Connection, event: RecordedEvent) -> None:
-        card = ev.decode(event, ev.Issued)
-        await connection.execute(
-            _INSERT_CARD,
-            event.stream_id,
-            card.currency,
-            card.relation_name,
-            ev.instant(card.emission_date),
-            ev.instant(card.expiring_date),
-            ev.instant(card.issued_at),
-        )
-
-    async def transaction_created(self, connection: asyncpg.Connection, event: RecordedEvent) -> None:
-        created = ev.decode(event, ev.TransactionCreated)
-        operation = ev.OPERATION_OF[event.type]
-        await connection.execute(_REMEMBER_TRANSACTION, event.stream_id, created.transaction_id, operation)
-        sql = _CREDIT if event.type == ev.CREDITED else _DEBIT
-        await execute_one(connection, sql, event.stream_id, created.value, ev.instant(created.date), event=event)
-
-    async def settled(self, connection: asyncpg.Connection, event: RecordedEvent) -> None:
-        settled = ev.decode(event, ev.Settled)
-        await execute_one(
-            connection,
-            _SETTLE,
-            event.stream_id,
-            settled.transaction_id,
-            settled.value,
-            ev.instant(settled.date),
-            event=event,
-        )
-
-    async def cancelled(self, connection: asyncpg.Connection, event: RecordedEvent) -> None:
-        cancelled = ev.decode(event, ev.Cancelled)
-        await execute_one(
-            connection,
-            _CANCEL,
-            event.stream_id,
-            cancelled.transaction_id,
-            cancelled.value,
-            cancelled.released,
-            cancelled.refunded,
-            ev.instant(cancelled.date),
-            event=event,
-        )
+        return {}  # card events: apply_run, always
 
 
 # ---- queries for the read API ----------------------------------------------------------------

@@ -29,7 +29,7 @@ import asyncpg
 from ledger.domain.giftcard import CREDIT, DEBIT
 from ledger.store import RecordedEvent
 from projections import events as ev
-from projections.projection import BatchedProjection, Handler, ProjectionBug, execute_one
+from projections.projection import BatchedProjection, Handler, ProjectionBug
 
 log = logging.getLogger(__name__)
 
@@ -71,27 +71,7 @@ insert into read_daily_totals as t
 # $1 day, $2 currency, $3 provider, $4..$11 Flows
 _ADD = f"{_INTO} values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) {_ACCUMULATE}"
 
-# $2 is the card: its currency comes from its Issued event
-_ADD_FOR_CARD = f"""
-{_INTO} select $1, c.currency, $3, $4, $5, $6, $7, $8, $9, $10, $11
-from read_daily_totals_cards c where c.card_id = $2
-{_ACCUMULATE}
-"""
 
-# A cancellation gives the card back a Debit's money and takes back a Credit's: $11 is its value.
-_ADD_CANCELLATION = f"""
-{_INTO} select $1, c.currency, $3, $4, $5, $6, $7, $8, $9, $10,
-               case x.operation when 'Debit' then $11::bigint else -$11::bigint end
-from read_daily_totals_cards c
-join read_daily_totals_transactions x on x.card_id = c.card_id and x.transaction_id = $12
-where c.card_id = $2
-{_ACCUMULATE}
-"""
-
-_REMEMBER_CARD = "insert into read_daily_totals_cards (card_id, currency) values ($1, $2)"
-_REMEMBER_TRANSACTION = """
-insert into read_daily_totals_transactions (card_id, transaction_id, operation) values ($1, $2, $3)
-"""
 _FIRST_FORWARDED_REQUEST = """
 insert into read_daily_totals_forwarded_requests (provider, card_id, request_id) values ($1, $2, $3)
 on conflict do nothing returning true
@@ -179,10 +159,10 @@ class DailyTotals(BatchedProjection):
         self.native = native_provider_id
 
     def handlers(self) -> dict[str, Handler]:
-        return {**ev.card_handlers(self), ev.FORWARDED: self.forwarded}
+        return {ev.FORWARDED: self.forwarded}  # card events: apply_run, always
 
     async def apply_run(self, connection: asyncpg.Connection, events: Sequence[RecordedEvent]) -> None:
-        """The handlers' effect in at most five statements: cards, transactions, the currencies and
+        """The card events' effect in at most five statements: cards, transactions, the currencies and
         directions of earlier ones this run needs, then each (day, currency)'s summed flows at once."""
         currencies: dict[str, str] = {}  # of cards issued in this run, then of every card it needs
         cards: list[tuple[str, str]] = []
@@ -190,25 +170,25 @@ class DailyTotals(BatchedProjection):
         created_here: list[tuple[str, str, str]] = []
         decoded: list[tuple[RecordedEvent, object]] = []
         for event in events:
-            if event.type == ev.ISSUED:
+            if event.name == ev.ISSUED:
                 card = ev.decode(event, ev.Issued)
                 currencies[event.stream_id] = card.currency
                 cards.append((event.stream_id, card.currency))
                 decoded.append((event, card))
-            elif event.type in (ev.CREDITED, ev.DEBITED):
+            elif event.name in (ev.CREDITED, ev.DEBITED):
                 created = ev.decode(event, ev.TransactionCreated)
-                operations[(event.stream_id, created.transaction_id)] = ev.OPERATION_OF[event.type]
-                created_here.append((event.stream_id, created.transaction_id, ev.OPERATION_OF[event.type]))
+                operations[(event.stream_id, created.transaction_id)] = ev.OPERATION_OF[event.name]
+                created_here.append((event.stream_id, created.transaction_id, ev.OPERATION_OF[event.name]))
                 decoded.append((event, created))
             else:
-                decoded.append((event, ev.decode(event, ev.Settled if event.type == ev.SETTLED else ev.Cancelled)))
+                decoded.append((event, ev.decode(event, ev.Settled if event.name == ev.SETTLED else ev.Cancelled)))
 
         unknown_cards = {e.stream_id for e, _ in decoded} - currencies.keys()
         if unknown_cards:
             rows = await connection.fetch(_CURRENCIES_OF, list(unknown_cards))
             currencies.update({r["card_id"]: r["currency"] for r in rows})
         earlier = {
-            (e.stream_id, m.transaction_id) for e, m in decoded if e.type in (ev.CANCELLED, ev.VOIDED)
+            (e.stream_id, m.transaction_id) for e, m in decoded if e.name in (ev.CANCELLED, ev.VOIDED)
         } - operations.keys()
         if earlier:
             rows = await connection.fetch(_OPERATIONS_OF, [k[0] for k in earlier], [k[1] for k in earlier])
@@ -219,20 +199,20 @@ class DailyTotals(BatchedProjection):
             currency = currencies.get(event.stream_id)
             if currency is None:
                 raise ProjectionBug(f"event {event.position} ({event.type} on {event.stream_id}): no such card")
-            if event.type == ev.ISSUED:
+            if event.name == ev.ISSUED:
                 f = flows.setdefault((ev.utc_day(ev.instant(m.issued_at)), currency), [0] * 8)
                 f[_CARDS_ISSUED] += 1
                 continue
             f = flows.setdefault((ev.utc_day(ev.instant(m.date)), currency), [0] * 8)
-            if event.type == ev.CREDITED:
+            if event.name == ev.CREDITED:
                 f[_TRANSACTIONS] += 1
                 f[_LOADED] += m.value
                 f[_BALANCE_CHANGE] += m.value
-            elif event.type == ev.DEBITED:
+            elif event.name == ev.DEBITED:
                 f[_TRANSACTIONS] += 1
                 f[_REDEEMED] += m.value
                 f[_BALANCE_CHANGE] -= m.value
-            elif event.type == ev.SETTLED:
+            elif event.name == ev.SETTLED:
                 f[_SETTLED] += m.value
             else:
                 operation = operations.get((event.stream_id, m.transaction_id))
@@ -252,44 +232,6 @@ class DailyTotals(BatchedProjection):
             keys = list(flows)
             columns = [[k[0] for k in keys], [k[1] for k in keys]] + [[f[i] for f in flows.values()] for i in range(8)]
             await connection.execute(_ADD_ALL, self.native, *columns)
-
-    async def issued(self, connection: asyncpg.Connection, event: RecordedEvent) -> None:
-        card = ev.decode(event, ev.Issued)
-        await connection.execute(_REMEMBER_CARD, event.stream_id, card.currency)
-        day = ev.utc_day(ev.instant(card.issued_at))
-        await connection.execute(_ADD, day, card.currency, self.native, *astuple(Flows(cards_issued=1)))
-
-    async def transaction_created(self, connection: asyncpg.Connection, event: RecordedEvent) -> None:
-        created = ev.decode(event, ev.TransactionCreated)
-        operation = ev.OPERATION_OF[event.type]
-        await connection.execute(_REMEMBER_TRANSACTION, event.stream_id, created.transaction_id, operation)
-        if event.type == ev.CREDITED:
-            flows = Flows(transactions=1, loaded=created.value, balance_change=created.value)
-        else:
-            flows = Flows(transactions=1, redeemed=created.value, balance_change=-created.value)
-        day = ev.utc_day(ev.instant(created.date))
-        await execute_one(connection, _ADD_FOR_CARD, day, event.stream_id, self.native, *astuple(flows), event=event)
-
-    async def settled(self, connection: asyncpg.Connection, event: RecordedEvent) -> None:
-        settled = ev.decode(event, ev.Settled)
-        day = ev.utc_day(ev.instant(settled.date))
-        flows = Flows(settled=settled.value)
-        await execute_one(connection, _ADD_FOR_CARD, day, event.stream_id, self.native, *astuple(flows), event=event)
-
-    async def cancelled(self, connection: asyncpg.Connection, event: RecordedEvent) -> None:
-        cancelled = ev.decode(event, ev.Cancelled)
-        day = ev.utc_day(ev.instant(cancelled.date))
-        flows = Flows(cancelled=cancelled.value, balance_change=cancelled.value)  # signed by direction in SQL
-        await execute_one(
-            connection,
-            _ADD_CANCELLATION,
-            day,
-            event.stream_id,
-            self.native,
-            *astuple(flows),
-            cancelled.transaction_id,
-            event=event,
-        )
 
     async def forwarded(self, connection: asyncpg.Connection, event: RecordedEvent) -> None:
         call = ev.decode(event, ev.Forwarded)

@@ -1,7 +1,8 @@
 """The events the read models follow, decoded into the few fields they need.
 
-Native card events are the GiftCard aggregate's (stored ``type`` is the eventsourcing
-topic, ``data`` its JSON state, amounts already in minor units). Calls the hub forwards
+Native card events are the GiftCard aggregate's (stored ``type`` is the event's stable name
+or, in rows of earlier releases, a legacy topic: match on ``RecordedEvent.name``, and filter SQL on
+``sql_types``; ``data`` is its JSON state, amounts already in minor units). Calls the hub forwards
 to external providers are ``ProviderCallForwarded`` events (written by hub/external/client.py)
 whose ``value`` is a decimal string in major units of a currency the hub never learns.
 """
@@ -13,35 +14,27 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import msgspec
-from eventsourcing.utils import get_topic
 
-from ledger.domain.giftcard import CREDIT, DEBIT, GiftCard
+from ledger.domain import topics
+from ledger.domain.giftcard import CREDIT, DEBIT
 from ledger.money import AMOUNT_MINOR_MAX
 from ledger.store import RecordedEvent
 
-ISSUED = get_topic(GiftCard.Issued)
-CREDITED = get_topic(GiftCard.Credited)
-DEBITED = get_topic(GiftCard.Debited)
-SETTLED = get_topic(GiftCard.Settled)
-CANCELLED = get_topic(GiftCard.Cancelled)
+ISSUED = topics.ISSUED
+CREDITED = topics.CREDITED
+DEBITED = topics.DEBITED
+SETTLED = topics.SETTLED
+CANCELLED = topics.CANCELLED
 # An expired hold voided by the ledger: the same fields as a cancellation that only releases.
-VOIDED = get_topic(GiftCard.Voided)
+VOIDED = topics.VOIDED
 FORWARDED = "ProviderCallForwarded"  # hub/external/client.py FORWARDED; projections do not import the hub
 
 OPERATION_OF = {CREDITED: CREDIT, DEBITED: DEBIT}
 
 
-def card_handlers(projection: Any) -> dict[str, Any]:
-    """Every native card event to the projection's method for it: a void is a cancellation that only
-    releases, and a Credit or a Debit is a transaction created."""
-    return {
-        ISSUED: projection.issued,
-        CREDITED: projection.transaction_created,
-        DEBITED: projection.transaction_created,
-        SETTLED: projection.settled,
-        CANCELLED: projection.cancelled,
-        VOIDED: projection.cancelled,
-    }
+def sql_types(*names: str) -> str:
+    """Every stored ``type`` of ``names`` as a list of SQL literals, for ``type in (...)`` in a query's text."""
+    return ", ".join(f"'{t}'" for t in topics.stored_types(*names))
 
 
 # Forwarded calls that moved money or made a card, when the provider answered "ok". A call that

@@ -35,13 +35,14 @@ import asyncpg
 import msgspec
 
 from ledger.domain.giftcard import CREDIT, DEBIT
+from ledger.domain.topics import stored_types
 from ledger.money import CURRENCY_EXPONENTS
 from ledger.store import RecordedEvent
 from projections import events as ev
 from projections.forwarded import FORWARDED_REPLAYS_CTE
 from projections.replay import (
     CANCELLATION,
-    CARD_TOPICS,
+    CARD_STORED_TYPES,
     EVENT_COLUMNS,
     SETTLEMENT,
     TRANSACTION,
@@ -59,7 +60,9 @@ LIABILITY_FORMATS = ("csv", "jsonl")
 PARQUET_AMOUNT_PRECISION = 38
 PARQUET_AMOUNT_SCALE = ev.UNKNOWN_CURRENCY_EXPONENT  # 4: the finest minor unit of any supported currency
 
-_NATIVE_MONEY_TOPICS = [ev.CREDITED, ev.DEBITED, ev.SETTLED, ev.CANCELLED, ev.VOIDED]  # a void: a cancellation
+# a void: a cancellation
+_NATIVE_MONEY_TOPICS = stored_types(ev.CREDITED, ev.DEBITED, ev.SETTLED, ev.CANCELLED, ev.VOIDED)
+_CREATES = ev.sql_types(ev.CREDITED, ev.DEBITED)
 _MONEY_OPERATIONS = [ev.FORWARDED_CREATE_TRANSACTION, ev.FORWARDED_SETTLE, ev.FORWARDED_CANCEL]
 
 _CARD_EVENTS = f"select {EVENT_COLUMNS} from events e where e.type = any($1::text[]) order by e.stream_id, e.version"
@@ -98,33 +101,33 @@ money as not materialized (  -- read twice (native, forwarded): two scans cost l
 -- Each card's currency, and the operation of every transaction a settlement or cancellation names
 -- (its latest create, as the domain keeps it): looked up by hash, not through an index per row.
 issues as (
-    select stream_id, data->>'currency' as currency from events where version = 1 and type = '{ev.ISSUED}'
+    select stream_id, data->>'currency' as currency from events where version = 1 and type in ({ev.sql_types(ev.ISSUED)})
 ),
 directions as (
     select distinct on (c.stream_id, c.data->>'transaction_id')
            c.stream_id, c.data->>'transaction_id' as transaction_id, c.type
-    from events c where c.type in ('{ev.CREDITED}', '{ev.DEBITED}')
+    from events c where c.type in ({_CREATES})
     order by c.stream_id, c.data->>'transaction_id', c.version desc
 ),
 native as (
     select m.position, coalesce((m.data->>'date')::timestamptz, m.recorded_at) as date, m.recorded_at,
            $6::text as provider, 'ledger' as source, m.stream_id as card_id,
            m.data->>'transaction_id' as transaction_id,
-           case when m.type in ('{ev.CREDITED}', '{ev.DEBITED}') then '{TRANSACTION}'
-                when m.type = '{ev.SETTLED}' then '{SETTLEMENT}' else '{CANCELLATION}' end as kind,
-           case coalesce(t.type, m.type) when '{ev.CREDITED}' then '{CREDIT}' when '{ev.DEBITED}' then '{DEBIT}' end
-               as operation,
+           case when m.type in ({_CREATES}) then '{TRANSACTION}'
+                when m.type in ({ev.sql_types(ev.SETTLED)}) then '{SETTLEMENT}' else '{CANCELLATION}' end as kind,
+           case when coalesce(t.type, m.type) in ({ev.sql_types(ev.CREDITED)}) then '{CREDIT}'
+                when coalesce(t.type, m.type) in ({ev.sql_types(ev.DEBITED)}) then '{DEBIT}' end as operation,
            m.data->>'oid' as oid, i.currency,
            (m.data->'value')::bigint as amount, (m.data->'released')::bigint as released,
            (m.data->'refunded')::bigint as refunded, m.data->>'request_id' as request_id,
            m.data->'order_info'->>'orderId' as order_id,
-           case when m.type in ('{ev.CREDITED}', '{ev.DEBITED}') then coalesce(m.data->>'description', '') end
+           case when m.type in ({_CREATES}) then coalesce(m.data->>'description', '') end
                as description
     from money m
     left join issues i on i.stream_id = m.stream_id
     left join directions t  -- a create needs no lookup: its key is null, so it is not even hashed
         on t.stream_id = m.stream_id
-           and t.transaction_id = case when m.type not in ('{ev.CREDITED}', '{ev.DEBITED}')
+           and t.transaction_id = case when m.type not in ({_CREATES})
                                        then m.data->>'transaction_id' end
     where m.type <> '{ev.FORWARDED}'
 ),
@@ -428,7 +431,7 @@ async def count_export_events(pool: asyncpg.Pool) -> int:
 
 async def count_card_events(pool: asyncpg.Pool) -> int:
     """The events ``export_liabilities`` reads, for a progress bar's total."""
-    return await pool.fetchval("select count(*) from events where type = any($1::text[])", list(CARD_TOPICS))
+    return await pool.fetchval("select count(*) from events where type = any($1::text[])", CARD_STORED_TYPES)
 
 
 # ---- writers ---------------------------------------------------------------------------------
@@ -565,7 +568,7 @@ async def export_liabilities(
     result = LiabilitiesResult(as_of, end_of_day(as_of))
     card: _CardUntil | None = None
     async with pool.acquire() as connection, connection.transaction(isolation="repeatable_read", readonly=True):
-        async for batch in cursor_batches(connection, _CARD_EVENTS, (list(CARD_TOPICS),), batch_rows):
+        async for batch in cursor_batches(connection, _CARD_EVENTS, (CARD_STORED_TYPES,), batch_rows):
             for row in batch:
                 event = read_event(row)
                 if card is None or card.replay.stream_id != event.stream_id:

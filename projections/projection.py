@@ -35,7 +35,7 @@ class Projection:
     async def apply(self, connection: asyncpg.Connection, events: Sequence[RecordedEvent]) -> None:
         handlers = self.handlers()
         for event in events:
-            handler = handlers.get(event.type)
+            handler = handlers.get(event.name)
             if handler is not None:
                 await handler(connection, event)
 
@@ -44,9 +44,10 @@ class BatchedProjection(Projection):
     """A projection that applies runs of consecutive ``batched`` events set-based (``apply_run``: a
     few statements a run, whatever its length) and every other event by its handler, in order.
 
-    ``apply_run`` must leave the tables as the handlers would, one event after the other, and
-    raise ProjectionBug when an event of the run does not find the state it needs (the runner
-    then halves the batch down to that event, as with the handlers).
+    ``apply_run`` is the one path of its events (a run may be a single event): there is no handler
+    per event beside it to drift from it. It must leave the tables as applying its events one after
+    the other would, and raise ProjectionBug when an event of the run does not find the state it
+    needs (the runner then halves the batch down to that event).
     """
 
     batched: frozenset[str] = frozenset()
@@ -58,10 +59,10 @@ class BatchedProjection(Projection):
         handlers = self.handlers()
         run: list[RecordedEvent] = []
         for event in events:
-            if event.type in self.batched:
+            if event.name in self.batched:
                 run.append(event)
                 continue
-            handler = handlers.get(event.type)
+            handler = handlers.get(event.name)
             if handler is None:
                 continue
             if run:
@@ -80,10 +81,3 @@ def expect_rows(status: str, expected: int, what: str, events: Sequence[Recorded
         raise ProjectionBug(
             f"{what}: {touched} row(s) of {expected} found for events {first.position}..{last.position}"
         )
-
-
-async def execute_one(connection: asyncpg.Connection, sql: str, *args: object, event: RecordedEvent) -> None:
-    """Runs a statement that must touch exactly one row (asyncpg status like ``UPDATE 1``)."""
-    status = await connection.execute(sql, *args)
-    if not status.endswith(" 1"):
-        raise ProjectionBug(f"event {event.position} ({event.type} on {event.stream_id}) touched {status!r}")

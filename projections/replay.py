@@ -2,9 +2,9 @@
 
 The auditors (``projections.audit``) and the liabilities export (``projections.exports``) all
 walk the ledger through these: ``ChainWalk`` re-derives each stored hash, and ``CardReplay``
-turns stored events back into the card the ledger would load (eventsourcing's Mapper and
-``.mutate``, exactly as ``Ledger._replay`` does; the Mapper is handed each event's data decoded,
-as the walk decoded it once to re-derive its canonical bytes) and checks, after every event, the rules the
+turns stored events back into the card the ledger would load (``ledger.codec.domain_event`` and
+``.mutate``, exactly as ``Ledger._replay`` does, from each event's data as the walk decoded it
+once to re-derive its canonical bytes) and checks, after every event, the rules the
 domain promises. Neither stops at the first problem: an auditor wants every one named.
 
 Times: a card event's *effective* time is the ledger's clock written inside the event (``date``;
@@ -23,16 +23,19 @@ from typing import Any
 
 import asyncpg
 import msgspec
-from eventsourcing.persistence import StoredEvent
 
-from ledger.codec import decode_canonical, new_decoded_mapper
+from ledger.codec import domain_event
 from ledger.commit_order import Checkpoint
+from ledger.domain import topics
 from ledger.domain.giftcard import CREDIT, DEBIT, GiftCard, Transaction
 from ledger.store import GENESIS_HASH, RecordedEvent, chain_hash, recorded_event
 from projections import events as ev
 
-CARD_TOPICS = (ev.ISSUED, ev.CREDITED, ev.DEBITED, ev.SETTLED, ev.CANCELLED, ev.VOIDED)
+CARD_TOPICS = topics.CARD_EVENTS
 TRANSACTION_TOPICS = (ev.CREDITED, ev.DEBITED)
+# What rows of those carry in ``type``, whichever release wrote them: for queries that filter on it.
+CARD_STORED_TYPES = topics.stored_types(*CARD_TOPICS)
+TRANSACTION_STORED_TYPES = topics.stored_types(*TRANSACTION_TOPICS)
 
 # The rules an auditor checks, as they are named in every failure.
 RULE_VERSIONS = "versions_contiguous"
@@ -81,9 +84,8 @@ def read_event(row: asyncpg.Record) -> RecordedEvent:
 def read_decoded(row: asyncpg.Record) -> tuple[RecordedEvent, Any]:
     """``read_event``, and the event's data decoded: the one decode its canonical bytes come from,
     which a walk hands on (``state``) to whatever reads the data, so that no event is decoded twice."""
-    state, data = decode_canonical(row["data"])
-    event = recorded_event(row, data=data, metadata={})
-    return event, state
+    event = recorded_event(row, metadata={})
+    return event, event.state
 
 
 async def cursor_batches(
@@ -120,7 +122,7 @@ async def cursor_batches(
 
 
 def short_type(event_type: str) -> str:
-    """``ledger.domain.giftcard:GiftCard.Credited`` -> ``Credited``."""
+    """``giftcard.Credited`` (or a legacy ``ledger.domain.giftcard:GiftCard.Credited``) -> ``Credited``."""
     return event_type.rsplit(".", 1)[-1].rsplit(":", 1)[-1]
 
 
@@ -141,7 +143,7 @@ def effective_at(event: RecordedEvent, state: Any = None) -> datetime:
     """When the ledger says the event happened: its ``date`` (``issued_at`` for an issue);
     ``recorded_at`` for events that carry neither (calls forwarded to external providers).
     ``state``: the event's data already decoded (see ``read_decoded``), when the caller has it."""
-    if event.type not in CARD_TOPICS:
+    if event.name not in CARD_TOPICS:
         return event.recorded_at
     try:
         dated = msgspec.convert(_decoded(event, state), _Dated)
@@ -215,14 +217,16 @@ class _TransactionRef(msgspec.Struct):
 
 
 def transaction_id_of(event: RecordedEvent, state: Any = None) -> str | None:
-    if event.type not in _KIND_OF:
+    if event.name not in _KIND_OF:
         return None
     return msgspec.convert(_decoded(event, state), _TransactionRef).transaction_id
 
 
 def _decoded(event: RecordedEvent, state: Any) -> Any:
-    """The event's data decoded: ``state`` when the caller decoded it already."""
-    return msgspec.json.decode(event.data) if state is None else state
+    """The event's data decoded: ``state`` when the caller decoded it already, else the store's decode."""
+    if state is not None:
+        return state
+    return msgspec.json.decode(event.data) if event.state is None else event.state
 
 
 class Step(msgspec.Struct, frozen=True):
@@ -250,7 +254,6 @@ class CardReplay:
         self.card: GiftCard | None = None
         self.broken = False
         self.last_event: RecordedEvent | None = None
-        self._mapper = new_decoded_mapper()
 
     @property
     def currency(self) -> str | None:
@@ -267,9 +270,9 @@ class CardReplay:
             before = self._live_transaction(transaction_id)
             failures = self._duplicate_transaction(event, before)
             before_figures = _moved(before)  # read before mutate changes the transaction in place
-            if event.type == ev.ISSUED and self.card is not None:
+            if event.name == ev.ISSUED and self.card is not None:
                 raise ValueError("the card was already issued; a second issue would silently reset it")
-            self.card = self._mapper.to_domain_event(self._stored(event, state)).mutate(self.card)
+            self.card = domain_event(self._originator_id, event.version, event.type, state).mutate(self.card)
         except Exception as e:  # any refusal of the domain to apply a stored fact is what we report
             self.broken = True
             return None, [_failure(event, RULE_REPLAY, f"the domain cannot apply this event: {e!r}")]
@@ -288,28 +291,19 @@ class CardReplay:
         # A copy of the figures, not the live object: the next event's mutate changes it in place.
         return None if found is None else msgspec.structs.replace(found)
 
-    def _stored(self, event: RecordedEvent, state: Any) -> StoredEvent:
-        """The stored event the Mapper turns into a domain event, its state decoded (``new_decoded_mapper``)."""
-        return StoredEvent(
-            originator_id=self._originator_id,
-            originator_version=event.version,
-            topic=event.type,
-            state=state,
-        )
-
     @functools.cached_property
     def _originator_id(self) -> uuid.UUID:
         """Parsed once per card (inside ``apply``'s try: a stream id that is no UUID is a replay failure)."""
         return uuid.UUID(self.stream_id)
 
     def _duplicate_transaction(self, event: RecordedEvent, before: Transaction | None) -> list[Failure]:
-        if event.type in TRANSACTION_TOPICS and before is not None:
+        if event.name in TRANSACTION_TOPICS and before is not None:
             return [_failure(event, RULE_TRANSACTION_ID, f"transaction {before.id} already exists on this card")]
         return []
 
     def _step(self, event: RecordedEvent, transaction: Transaction | None, before: tuple[int, int, int, int]) -> Step:
         assert self.card is not None
-        kind = _KIND_OF.get(event.type)
+        kind = _KIND_OF.get(event.name)
         after = _moved(transaction)
         amount = released = refunded = None
         if kind == TRANSACTION and transaction is not None:
@@ -324,7 +318,7 @@ class CardReplay:
     def _invariant_failures(self, event: RecordedEvent, step: Step) -> list[Failure]:
         """The domain's promises, checked again on what the stored events actually say."""
         failures = []
-        if event.type not in CARD_TOPICS:
+        if event.name not in CARD_TOPICS:
             message = f"{event.type} changes the card but audit and exports do not count it"
             failures.append(_failure(event, RULE_KNOWN_TYPE, message))
         if step.balance < 0:
@@ -334,7 +328,7 @@ class CardReplay:
         if step.kind == CANCELLATION:
             failures += _cancellation_split_failures(event, step)
         transaction = step.transaction
-        if event.type == ev.VOIDED and transaction is not None and transaction.operation != DEBIT:
+        if event.name == ev.VOIDED and transaction is not None and transaction.operation != DEBIT:
             message = f"transaction {transaction.id} is a {transaction.operation}: only a Debit's hold expires"
             failures.append(_failure(event, RULE_VOID, message))
         if transaction is not None:

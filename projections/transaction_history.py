@@ -21,7 +21,7 @@ import asyncpg
 
 from ledger.store import RecordedEvent
 from projections import events as ev
-from projections.projection import BatchedProjection, Handler, ProjectionBug, execute_one, expect_rows
+from projections.projection import BatchedProjection, Handler, ProjectionBug, expect_rows
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +29,6 @@ NAME = "transaction_history"
 SETTLEMENT = "settlement"
 CANCELLATION = "cancellation"
 
-_REMEMBER_CARD = "insert into read_history_cards (card_id, currency) values ($1, $2)"
-
-_INSERT_NATIVE = """
-insert into read_transactions
-    (provider, card_id, transaction_id, source, operation, currency, value, released, refunded,
-     description, request_id, order_id, date, position)
-select $1, $2, $3, 'ledger', $4, c.currency, $5, 0, 0, $6, $7, $8, $9, $10
-from read_history_cards c where c.card_id = $2
-"""
 
 # A replay of a forwarded create-transaction (same provider, card and requestId) is skipped.
 _INSERT_FORWARDED = """
@@ -52,12 +43,6 @@ insert into read_transaction_operations
 values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
 """
 
-_ADD_TO_NATIVE = """
-update read_transactions
-set settled = settled + $4::bigint, cancelled = cancelled + $5::bigint,
-    released = released + $6::bigint, refunded = refunded + $7::bigint
-where provider = $1 and card_id = $2 and transaction_id = $3
-"""
 
 # The creation of a transaction whose settlement or cancellation was applied first: each forwarded
 # call is a stream of its own, so on another source (ledger.commit_order), and the sources are
@@ -154,10 +139,10 @@ class TransactionHistory(BatchedProjection):
         self.native = native_provider_id
 
     def handlers(self) -> dict[str, Handler]:
-        return {**ev.card_handlers(self), ev.FORWARDED: self.forwarded}
+        return {ev.FORWARDED: self.forwarded}  # card events: apply_run, always
 
     async def apply_run(self, connection: asyncpg.Connection, events: Sequence[RecordedEvent]) -> None:
-        """The handlers' effect in four statements: cards; the transactions created here, with the sums
+        """The card events' effect in four statements: cards; the transactions created here, with the sums
         of their settlements and cancellations here already in; the settled, cancelled, released and
         refunded sums of every earlier transaction moved here; and the operations themselves."""
         cards: list[tuple[str, str]] = []
@@ -165,20 +150,20 @@ class TransactionHistory(BatchedProjection):
         sums: dict[tuple[str, str], list[int]] = {}  # of transactions created before this run
         operations: list[tuple[object, ...]] = []
         for event in events:
-            if event.type == ev.ISSUED:
+            if event.name == ev.ISSUED:
                 cards.append((event.stream_id, ev.decode(event, ev.Issued).currency))
                 continue
-            if event.type in (ev.CREDITED, ev.DEBITED):
+            if event.name in (ev.CREDITED, ev.DEBITED):
                 c = ev.decode(event, ev.TransactionCreated)
                 key = (event.stream_id, c.transaction_id)
                 if key in created:
                     raise ProjectionBug(f"event {event.position}: transaction {key} created twice")
                 created[key] = [
-                    event.stream_id, c.transaction_id, ev.OPERATION_OF[event.type], c.value, 0, 0, 0, 0,
+                    event.stream_id, c.transaction_id, ev.OPERATION_OF[event.name], c.value, 0, 0, 0, 0,
                     c.description, c.request_id, c.order_id, ev.instant(c.date), event.position,
                 ]  # fmt: skip
                 continue
-            if event.type == ev.SETTLED:
+            if event.name == ev.SETTLED:
                 m = ev.decode(event, ev.Settled)
                 moved = (m.value, 0, 0, 0)
                 operations.append((
@@ -214,70 +199,6 @@ class TransactionHistory(BatchedProjection):
             expect_rows(status, len(sums), "transactions of transaction_history", events)
         if operations:
             await connection.execute(_INSERT_OPERATIONS, self.native, *map(list, zip(*operations, strict=True)))
-
-    async def issued(self, connection: asyncpg.Connection, event: RecordedEvent) -> None:
-        await connection.execute(_REMEMBER_CARD, event.stream_id, ev.decode(event, ev.Issued).currency)
-
-    async def transaction_created(self, connection: asyncpg.Connection, event: RecordedEvent) -> None:
-        created = ev.decode(event, ev.TransactionCreated)
-        await execute_one(
-            connection,
-            _INSERT_NATIVE,
-            self.native,
-            event.stream_id,
-            created.transaction_id,
-            ev.OPERATION_OF[event.type],
-            created.value,
-            created.description,
-            created.request_id,
-            created.order_id,
-            ev.instant(created.date),
-            event.position,
-            event=event,
-        )
-
-    async def settled(self, connection: asyncpg.Connection, event: RecordedEvent) -> None:
-        settled = ev.decode(event, ev.Settled)
-        key = (self.native, event.stream_id, settled.transaction_id)
-        await execute_one(connection, _ADD_TO_NATIVE, *key, settled.value, 0, 0, 0, event=event)
-        await connection.execute(
-            _INSERT_OPERATION,
-            *key,
-            settled.oid,
-            SETTLEMENT,
-            settled.value,
-            None,
-            None,
-            settled.request_id,
-            ev.instant(settled.date),
-            event.position,
-        )
-
-    async def cancelled(self, connection: asyncpg.Connection, event: RecordedEvent) -> None:
-        cancelled = ev.decode(event, ev.Cancelled)
-        key = (self.native, event.stream_id, cancelled.transaction_id)
-        await execute_one(
-            connection,
-            _ADD_TO_NATIVE,
-            *key,
-            0,
-            cancelled.value,
-            cancelled.released,
-            cancelled.refunded,
-            event=event,
-        )
-        await connection.execute(
-            _INSERT_OPERATION,
-            *key,
-            cancelled.oid,
-            CANCELLATION,
-            cancelled.value,
-            cancelled.released,
-            cancelled.refunded,
-            cancelled.request_id,
-            ev.instant(cancelled.date),
-            event.position,
-        )
 
     async def forwarded(self, connection: asyncpg.Connection, event: RecordedEvent) -> None:
         call = ev.decode(event, ev.Forwarded)

@@ -238,6 +238,10 @@ async def test_verify_compares_each_snapshot_with_the_replay_at_its_version(stor
     named = {(f.stream_id, f.version, f.rule): f.message for f in report.failures}
     assert list(named) == [(history.usd, 4, RULE_SNAPSHOT)]
     assert "available 1000000 in the snapshot, 6950 by replay" in named[(history.usd, 4, RULE_SNAPSHOT)]
+    altered.balance, altered.caption = 6950, "altered"  # a field no balance figure shows: named all the same
+    await pool.execute("update snapshots set state = $1 where stream_id = $2", take_snapshot(altered), history.usd)
+    [failure] = (await verify(pool, NATIVE)).failures
+    assert failure.message == "the snapshot differs from the replay at its version: caption differs"
     await pool.execute("update snapshots set version = 99 where stream_id = $1", history.usd)
     orphaned = {(f.stream_id, f.version, f.rule) for f in (await verify(pool, NATIVE)).failures}
     assert orphaned == {(history.usd, 99, RULE_SNAPSHOT)}

@@ -47,8 +47,8 @@ pytestmark = pytest.mark.also_on_citus
 ROOT = Path(__file__).resolve().parents[1]
 CLI_TIMEOUT_S = 60
 KILL_AFTER_ROWS = (400, 1200)  # codes on disk before each SIGKILL: two interruptions at different points
-ISSUED = "ledger.domain.giftcard:GiftCard.Issued"
-CREDITED = "ledger.domain.giftcard:GiftCard.Credited"
+ISSUED = "giftcard.Issued"
+CREDITED = "giftcard.Credited"
 
 
 def batch(batch_id: str, count: int, value: str = "25", **terms) -> BatchRequest:

@@ -43,7 +43,7 @@ _issue_decoder = msgspec.json.Decoder(IssueFacts)
 
 def issue_facts(audit: CardAudit) -> IssueFacts:
     """From the card's issue event; an issue that does not decode (an altered event) tells nothing."""
-    issue = next((entry.event for entry in audit.entries if entry.event.type == ev.ISSUED), None)
+    issue = next((entry.event for entry in audit.entries if entry.event.name == ev.ISSUED), None)
     if issue is None:
         return IssueFacts()
     try:

@@ -37,6 +37,7 @@ from hub.webhooks.subscriptions import open_secrets
 from ledger.commit_order import Checkpoint
 from ledger.credentials_cipher import CredentialsCipher
 from ledger.database import DATABASE_ERRORS
+from ledger.domain.topics import stored_types
 from ledger.store import EventStore, RecordedEvent
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ class CardCurrencies:
                 self._remember(event.stream_id, currency)
         missing = sorted({e.stream_id for e in events if public_events.needs_card_currency(e)} - self._known.keys())
         if missing:
-            found = await storage.card_currencies(connection, missing, public_events.ISSUED)
+            found = await storage.card_currencies(connection, missing, stored_types(public_events.ISSUED))
             for card_id, currency in found.items():
                 self._remember(card_id, currency)
 

@@ -22,16 +22,14 @@ from decimal import Decimal
 from typing import Any
 
 import msgspec
-from eventsourcing.utils import get_topic
 
 from hub.wire import encode, format_datetime
-from ledger.domain.giftcard import GiftCard
+from ledger.domain import topics
 from ledger.money import to_major
 from ledger.providers import REGISTERED, REMOVED
 from ledger.store import RecordedEvent
 
-CARD_TOPIC_PREFIX = get_topic(GiftCard) + "."  # stored type of a card event: the prefix, then its name
-ISSUED = get_topic(GiftCard.Issued)
+ISSUED = topics.ISSUED
 PROVIDER_CHANGES = {REGISTERED: "registered", REMOVED: "removed"}
 
 CARD_PREFIX = "card."
@@ -63,24 +61,25 @@ class Unrenderable(Exception):
 
 def public_type(stored_type: str) -> str | None:
     """The type subscribers see; None for events that are not delivered."""
-    if stored_type.startswith(CARD_TOPIC_PREFIX):
-        return CARD_PREFIX + stored_type[len(CARD_TOPIC_PREFIX) :].lower()
+    name = topics.event_name(stored_type)
+    if name.startswith(topics.CARD_PREFIX):
+        return CARD_PREFIX + name.removeprefix(topics.CARD_PREFIX).lower()
     if stored_type in PROVIDER_CHANGES:
         return PROVIDER_CHANGED
     return None
 
 
 def is_card_event(event: RecordedEvent) -> bool:
-    return event.type.startswith(CARD_TOPIC_PREFIX)
+    return event.name.startswith(topics.CARD_PREFIX)
 
 
 def needs_card_currency(event: RecordedEvent) -> bool:
     """Card events other than the issue carry amounts without their currency (the issue has it)."""
-    return is_card_event(event) and event.type != ISSUED
+    return is_card_event(event) and event.name != ISSUED
 
 
 def currency_of_issue(event: RecordedEvent) -> str | None:
-    return _data_decoder.decode(event.data).get("currency") if event.type == ISSUED else None
+    return _data_decoder.decode(event.data).get("currency") if event.name == ISSUED else None
 
 
 def render(event: RecordedEvent, currency: str | None) -> bytes:

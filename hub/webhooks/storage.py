@@ -188,7 +188,7 @@ where subscription_id = $1 and position = $2
 # A card's currency is on its issue event only (version 1); amounts in later events need it.
 _CARD_CURRENCIES = """
 select stream_id, data->>'currency' as currency from events
-where stream_id = any($1::text[]) and version = 1 and type = $2
+where stream_id = any($1::text[]) and version = 1 and type = any($2::text[])
 """
 
 
@@ -369,8 +369,11 @@ async def redelivery_failed(connection: asyncpg.Connection, letter: DeadLetter, 
     await connection.execute(_REDELIVERY_FAILED, letter.subscription_id, letter.position, error)
 
 
-async def card_currencies(connection: asyncpg.Connection, card_ids: Sequence[str], issued_type: str) -> dict[str, str]:
-    rows = await connection.fetch(_CARD_CURRENCIES, list(card_ids), issued_type)
+async def card_currencies(
+    connection: asyncpg.Connection, card_ids: Sequence[str], issued_types: Sequence[str]
+) -> dict[str, str]:
+    """Each card's currency, read from its issue (stored under any of ``issued_types``)."""
+    rows = await connection.fetch(_CARD_CURRENCIES, list(card_ids), list(issued_types))
     return {row["stream_id"]: row["currency"] for row in rows if row["currency"]}
 
 

@@ -2,9 +2,10 @@
 
 One verb per VTEX operation (``issue``, ``credit``, ``debit``, ``settle``,
 ``cancel``), one event per fact (``Issued``, ``Credited``, ``Debited``,
-``Settled``, ``Cancelled``), one guard per rule. Guards live in the plain
-command methods, because the bodies of ``@event`` methods run again on every
-replay and must only apply facts that were already decided.
+``Settled``, ``Cancelled``, ``Voided``), one guard per rule. Guards live in the
+command methods; an event's ``apply`` runs again on every replay and only applies
+a fact that was already decided. Each event carries a stable stored name
+(``ledger.domain.topics``), never the path of the module it is defined in.
 
 Money is in integer minor units of the card's currency. Every transaction's
 value is first *held*: a settlement captures part of what is held, a
@@ -20,9 +21,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
-from eventsourcing.domain import Aggregate, event
+from eventsourcing.domain import Aggregate
 
-from ledger.domain import errors
+from ledger.domain import errors, topics
 from ledger.money import AMOUNT_MINOR_MAX, exponent_of, to_major
 
 CREDIT = "Credit"
@@ -102,11 +103,142 @@ def _fingerprint(*parts: object) -> str:
     return "|".join(str(p) for p in parts)
 
 
-def _after_datetime(value: str) -> datetime:
-    return datetime.fromisoformat(value)
+class CardState:
+    """Everything a card knows, field by field: what its events set, and so exactly what its
+    snapshot carries (``ledger.domain.snapshot`` is derived from these annotations)."""
+
+    relation_name: str
+    caption: str
+    profile_id: str
+    currency: str
+    emission_date: datetime
+    expiring_date: datetime
+    restricted_to_owner: bool
+    multiple_credits: bool
+    multiple_redemptions: bool
+    code_tail: str
+    issued_at: datetime
+    balance: int
+    transactions: dict[str, Transaction]
+    request_ids: dict[str, IdempotencyRecord]
 
 
-class GiftCard(Aggregate):
+class GiftCard(Aggregate, CardState):
+    TOPIC = topics.CARD
+
+    # ---- events: one per fact, each applying only what was already decided ----
+
+    class Event(Aggregate.Event):
+        """A card event (defined here, so that the library need not derive one per event)."""
+
+    class Issued(Event, Aggregate.Created):
+        TOPIC = topics.ISSUED
+        relation_name: str
+        caption: str
+        profile_id: str
+        currency: str
+        emission_date: str
+        expiring_date: str
+        restricted_to_owner: bool
+        multiple_credits: bool
+        multiple_redemptions: bool
+        code_tail: str
+        issued_at: str
+
+        def apply(self, card: GiftCard) -> None:
+            card.relation_name = self.relation_name
+            card.caption = self.caption
+            card.profile_id = self.profile_id
+            card.currency = self.currency
+            card.emission_date = datetime.fromisoformat(self.emission_date)
+            card.expiring_date = datetime.fromisoformat(self.expiring_date)
+            card.restricted_to_owner = self.restricted_to_owner
+            card.multiple_credits = self.multiple_credits
+            card.multiple_redemptions = self.multiple_redemptions
+            card.code_tail = self.code_tail
+            card.issued_at = datetime.fromisoformat(self.issued_at)
+            card.balance = 0
+            card.transactions = {}
+            card.request_ids = {}
+
+    Created = Issued  # the library's name for a card's first event: without it, it would derive one
+
+    class Credited(Event):
+        TOPIC = topics.CREDITED
+        transaction_id: str
+        value: int
+        description: str
+        request_id: str
+        order_info: Any
+        date: str
+
+        def apply(self, card: GiftCard) -> None:
+            card.record_transaction(CREDIT, self)
+            card.balance += self.value
+
+    class Debited(Event):
+        TOPIC = topics.DEBITED
+        transaction_id: str
+        value: int
+        description: str
+        request_id: str
+        order_info: Any
+        date: str
+
+        def apply(self, card: GiftCard) -> None:
+            card.record_transaction(DEBIT, self)
+            card.balance -= self.value
+
+    class Settled(Event):
+        TOPIC = topics.SETTLED
+        transaction_id: str
+        oid: str
+        value: int
+        request_id: str
+        date: str
+
+        def apply(self, card: GiftCard) -> None:
+            transaction = card.transactions[self.transaction_id]
+            transaction.settled += self.value
+            transaction.settlements += (
+                Operation(oid=self.oid, value=self.value, date=self.date, request_id=self.request_id),
+            )
+            card.request_ids[settlement_key(self.transaction_id, self.request_id)] = IdempotencyRecord(
+                fingerprint=_fingerprint(self.value), transaction_id=self.transaction_id, oid=self.oid
+            )
+
+    class Cancelled(Event):
+        TOPIC = topics.CANCELLED
+        transaction_id: str
+        oid: str
+        value: int
+        released: int
+        refunded: int
+        request_id: str
+        date: str
+
+        def apply(self, card: GiftCard) -> None:
+            card.undo_part(self)
+            card.request_ids[cancellation_key(self.transaction_id, self.request_id)] = IdempotencyRecord(
+                fingerprint=_fingerprint(self.value), transaction_id=self.transaction_id, oid=self.oid
+            )
+
+    class Voided(Event):
+        """An expired hold released by the ledger itself: a cancellation that only releases."""
+
+        TOPIC = topics.VOIDED
+        transaction_id: str
+        oid: str
+        value: int
+        released: int
+        refunded: int
+        request_id: str
+        date: str
+
+        def apply(self, card: GiftCard) -> None:
+            card.undo_part(self)
+            card.transactions[self.transaction_id].voided_at = self.date
+
     # ---- issue -------------------------------------------------------------
 
     @classmethod
@@ -130,7 +262,8 @@ class GiftCard(Aggregate):
         cls.check_text("caption", caption)
         cls.check_text("profileId", profile_id)
         cls.check_validity_window(emission_date, expiring_date)
-        return cls(
+        return cls._create(
+            cls.Issued,
             relation_name=relation_name,
             caption=caption,
             profile_id=profile_id,
@@ -143,37 +276,6 @@ class GiftCard(Aggregate):
             code_tail=code_tail,
             issued_at=issued_at.isoformat(),
         )
-
-    @event("Issued")
-    def __init__(
-        self,
-        *,
-        relation_name: str,
-        caption: str,
-        profile_id: str,
-        currency: str,
-        emission_date: str,
-        expiring_date: str,
-        restricted_to_owner: bool,
-        multiple_credits: bool,
-        multiple_redemptions: bool,
-        code_tail: str,
-        issued_at: str,
-    ) -> None:
-        self.relation_name = relation_name
-        self.caption = caption
-        self.profile_id = profile_id
-        self.currency = currency
-        self.emission_date = _after_datetime(emission_date)
-        self.expiring_date = _after_datetime(expiring_date)
-        self.restricted_to_owner = restricted_to_owner
-        self.multiple_credits = multiple_credits
-        self.multiple_redemptions = multiple_redemptions
-        self.code_tail = code_tail
-        self.issued_at = _after_datetime(issued_at)
-        self.balance = 0
-        self.transactions: dict[str, Transaction] = {}
-        self.request_ids: dict[str, IdempotencyRecord] = {}
 
     # ---- transactions ------------------------------------------------------
 
@@ -194,7 +296,8 @@ class GiftCard(Aggregate):
         self.check_not_expired(now)
         self.check_credit_allowed()
         self.check_balance_limit(value)
-        self._credited(
+        self.trigger_event(
+            self.Credited,
             transaction_id=transaction_id,
             value=value,
             description=description,
@@ -223,7 +326,8 @@ class GiftCard(Aggregate):
         self.check_owner(client)
         self.check_redemption_allowed()
         self.check_sufficient_funds(value)
-        self._debited(
+        self.trigger_event(
+            self.Debited,
             transaction_id=transaction_id,
             value=value,
             description=description,
@@ -233,40 +337,18 @@ class GiftCard(Aggregate):
         )
         return self.transactions[transaction_id]
 
-    @event("Credited")
-    def _credited(
-        self, *, transaction_id: str, value: int, description: str, request_id: str, order_info: Any, date: str
-    ) -> None:
-        self._record_transaction(CREDIT, transaction_id, value, description, request_id, order_info, date)
-        self.balance += value
-
-    @event("Debited")
-    def _debited(
-        self, *, transaction_id: str, value: int, description: str, request_id: str, order_info: Any, date: str
-    ) -> None:
-        self._record_transaction(DEBIT, transaction_id, value, description, request_id, order_info, date)
-        self.balance -= value
-
-    def _record_transaction(
-        self,
-        operation: str,
-        transaction_id: str,
-        value: int,
-        description: str,
-        request_id: str,
-        order_info: Any,
-        date: str,
-    ) -> None:
-        self.transactions[transaction_id] = Transaction(
-            id=transaction_id,
+    def record_transaction(self, operation: str, event: GiftCard.Credited | GiftCard.Debited) -> None:
+        """What a Credit and a Debit both record: the transaction, and its requestId for a retry."""
+        self.transactions[event.transaction_id] = Transaction(
+            id=event.transaction_id,
             operation=operation,
-            value=value,
-            description=description,
-            request_id=request_id,
-            date=date,
+            value=event.value,
+            description=event.description,
+            request_id=event.request_id,
+            date=event.date,
         )  # orderInfo stays in the event only: no rule reads it, and a long card's state stays small
-        self.request_ids[transaction_key(request_id)] = IdempotencyRecord(
-            fingerprint=_fingerprint(operation, value), transaction_id=transaction_id
+        self.request_ids[transaction_key(event.request_id)] = IdempotencyRecord(
+            fingerprint=_fingerprint(operation, event.value), transaction_id=event.transaction_id
         )
 
     # ---- settlements and cancellations --------------------------------------
@@ -281,7 +363,14 @@ class GiftCard(Aggregate):
         self.check_positive(value)
         self.check_hold_not_voided(transaction)
         self.check_settlement_within_held(transaction, value)
-        self._settled(transaction_id=transaction_id, oid=oid, value=value, request_id=request_id, date=now.isoformat())
+        self.trigger_event(
+            self.Settled,
+            transaction_id=transaction_id,
+            oid=oid,
+            value=value,
+            request_id=request_id,
+            date=now.isoformat(),
+        )
         return transaction.settlements[-1]
 
     def cancel(self, *, transaction_id: str, oid: str, value: int, request_id: str, now: datetime) -> Operation:
@@ -298,7 +387,8 @@ class GiftCard(Aggregate):
         else:
             self.check_balance_limit(value)
         released = min(value, transaction.held)
-        self._cancelled(
+        self.trigger_event(
+            self.Cancelled,
             transaction_id=transaction_id,
             oid=oid,
             value=value,
@@ -308,32 +398,6 @@ class GiftCard(Aggregate):
             date=now.isoformat(),
         )
         return transaction.cancellations[-1]
-
-    @event("Settled")
-    def _settled(self, *, transaction_id: str, oid: str, value: int, request_id: str, date: str) -> None:
-        transaction = self.transactions[transaction_id]
-        transaction.settled += value
-        transaction.settlements += (Operation(oid=oid, value=value, date=date, request_id=request_id),)
-        self.request_ids[settlement_key(transaction_id, request_id)] = IdempotencyRecord(
-            fingerprint=_fingerprint(value), transaction_id=transaction_id, oid=oid
-        )
-
-    @event("Cancelled")
-    def _cancelled(
-        self,
-        *,
-        transaction_id: str,
-        oid: str,
-        value: int,
-        released: int,
-        refunded: int,
-        request_id: str,
-        date: str,
-    ) -> None:
-        self._undo_part(transaction_id, oid, value, released, refunded, request_id, date)
-        self.request_ids[cancellation_key(transaction_id, request_id)] = IdempotencyRecord(
-            fingerprint=_fingerprint(value), transaction_id=transaction_id, oid=oid
-        )
 
     # ---- hold expiry -----------------------------------------------------------
 
@@ -351,7 +415,8 @@ class GiftCard(Aggregate):
             return None
         if now < datetime.fromisoformat(transaction.date) + hold_ttl:
             return None
-        self._voided(
+        self.trigger_event(
+            self.Voided,
             transaction_id=transaction_id,
             oid=oid,
             value=transaction.held,
@@ -362,30 +427,15 @@ class GiftCard(Aggregate):
         )
         return transaction.cancellations[-1]
 
-    @event("Voided")
-    def _voided(
-        self,
-        *,
-        transaction_id: str,
-        oid: str,
-        value: int,
-        released: int,
-        refunded: int,
-        request_id: str,
-        date: str,
-    ) -> None:
-        self._undo_part(transaction_id, oid, value, released, refunded, request_id, date)
-        self.transactions[transaction_id].voided_at = date
-
-    def _undo_part(
-        self, transaction_id: str, oid: str, value: int, released: int, refunded: int, request_id: str, date: str
-    ) -> None:
+    def undo_part(self, event: GiftCard.Cancelled | GiftCard.Voided) -> None:
         """What a cancellation and a void both do: release, refund, list it, move the balance back."""
-        transaction = self.transactions[transaction_id]
-        transaction.released += released
-        transaction.refunded += refunded
-        transaction.cancellations += (Operation(oid=oid, value=value, date=date, request_id=request_id),)
-        self.balance += value if transaction.operation == DEBIT else -value
+        transaction = self.transactions[event.transaction_id]
+        transaction.released += event.released
+        transaction.refunded += event.refunded
+        transaction.cancellations += (
+            Operation(oid=event.oid, value=event.value, date=event.date, request_id=event.request_id),
+        )
+        self.balance += event.value if transaction.operation == DEBIT else -event.value
 
     # ---- queries -----------------------------------------------------------
 
@@ -532,3 +582,6 @@ def cancellation_key(transaction_id: str, request_id: str) -> str:
 
 def void_key(transaction_id: str) -> str:
     return f"void:{transaction_id}"
+
+
+topics.register_legacy_topics()
