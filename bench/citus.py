@@ -32,7 +32,18 @@ from pathlib import Path
 
 import asyncpg
 
-from bench.http_debits import CARDS, Credentials, cell_of, ours, run_wrk, running, seed_ours, write_lua_script
+from bench.http_debits import (
+    CARDS,
+    CHECKOUT_BODY,
+    CheckoutBody,
+    Credentials,
+    cell_of,
+    ours,
+    run_wrk,
+    running,
+    seed_ours,
+    write_lua_script,
+)
 from tests.citus_cluster import CitusCluster, citus_missing
 from tests.pg_cluster import PgNode, owned_folder
 
@@ -69,7 +80,7 @@ def measure(name: str, url: str, args: argparse.Namespace, work: Path, credentia
     server = ours(name, DATABASE, credentials, extra_env=[])
     with running(server, url, work) as (_, base_url):
         cards = asyncio.run(seed_ours(base_url, credentials))
-        script = write_lua_script(work, cards, credentials, server.route)
+        script = write_lua_script(work, cards, credentials, server.route, CheckoutBody.read(CHECKOUT_BODY))
         run_wrk(base_url, script, CONNECTIONS, args.warmup, f"warm-{name}", WRK_THREADS)
         cell = cell_of(name, CONNECTIONS, run_wrk(base_url, script, CONNECTIONS, args.seconds, name, WRK_THREADS))
     print(f"  {name:<8} {cell.requests_per_s:>8,.0f} req/s  p99 {cell.p99_ms:7.2f} ms  non-2xx {cell.non_2xx}")
@@ -82,7 +93,7 @@ def move_one_shard_under_load(args: argparse.Namespace, work: Path, credentials:
         server = ours("citus", DATABASE, credentials, extra_env=[])
         with running(server, cluster.url(), work) as (_, base_url):
             cards = asyncio.run(seed_ours(base_url, credentials))
-            script = write_lua_script(work, cards, credentials, server.route)
+            script = write_lua_script(work, cards, credentials, server.route, CheckoutBody.read(CHECKOUT_BODY))
             load = threading.Thread(
                 target=run_wrk, args=(base_url, script, CONNECTIONS, args.seconds + 10, "move", WRK_THREADS)
             )

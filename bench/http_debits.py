@@ -58,8 +58,8 @@ from bench.report import write_json
 from ledger.database import database_named
 
 CARDS = 1_000
-CARD_CREDIT = "1000000.00"  # 100,000,000 debits of 0.01 per card: no run comes near it
-DEBIT_VALUE = "0.01"
+CARD_CREDIT = "1000000.00"  # a million of the checkout body's 1.00 Debits per card: no run comes near it
+CHECKOUT_BODY = Path(__file__).resolve().parents[2] / "shared" / "bench" / "debit-body.json"  # beside the checkout
 CONNECTIONS = (16, 64)
 HOST = "127.0.0.1"  # every request of the benchmark stays on this machine
 DEFAULT_SERVER_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -459,6 +459,10 @@ local cards = {
 %(cards)s
 }
 local n = #cards
+-- The checkout's Debit body around its two blanks: the card's code, then a fresh requestId.
+local body_head = %(body_head)s
+local body_middle = %(body_middle)s
+local body_tail = %(body_tail)s
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 %(headers)s
@@ -478,8 +482,7 @@ end
 function request()
   counter = counter + 1
   local card = cards[((counter * nthreads + tid) %% n) + 1]
-  local body = '{"operation":"Debit","value":%(value)s,"description":"bench","redemptionCode":"' .. card[2]
-    .. '","requestId":"' .. prefix .. "-" .. tid .. "-" .. counter .. '"}'
+  local body = body_head .. card[2] .. body_middle .. prefix .. "-" .. tid .. "-" .. counter .. body_tail
   return wrk.format(nil, "%(path_head)s" .. card[1] .. "%(path_tail)s", nil, body)
 end
 
@@ -495,17 +498,61 @@ end
 """
 
 
-def write_lua_script(directory: Path, cards: list[tuple[str, str]], credentials: Credentials, route: Route) -> Path:
+def write_lua_script(
+    directory: Path, cards: list[tuple[str, str]], credentials: Credentials, route: Route, body: CheckoutBody
+) -> Path:
     path = directory / "debits.lua"
     rows = ",\n".join(f'{{"{card_id}", "{code}"}}' for card_id, code in cards)
     headers = "\n".join(f'wrk.headers["{name}"] = "{value}"' for name, value in route.headers(credentials).items())
     # The route as the text around a placeholder id, so the Lua side only concatenates.
     path_head, path_tail = route.transactions("\0").split("\0")
+    head, middle, tail = (lua_string(part) for part in body.parts)
     path.write_text(
         LUA_TEMPLATE
-        % {"cards": rows, "headers": headers, "path_head": path_head, "path_tail": path_tail, "value": DEBIT_VALUE}
+        % {
+            "cards": rows,
+            "headers": headers,
+            "path_head": path_head,
+            "path_tail": path_tail,
+            "body_head": head,
+            "body_middle": middle,
+            "body_tail": tail,
+        }
     )
     return path
+
+
+def lua_string(text: str) -> str:
+    # A Lua long bracket takes the JSON as it is (quotes and backslashes included); the level is
+    # chosen so that no closing bracket of that level occurs inside.
+    level = 0
+    while f"]{'=' * level}]" in text:
+        level += 1
+    return f"[{'=' * level}[{text}]{'=' * level}]"
+
+
+@dataclass(frozen=True)
+class CheckoutBody:
+    """The Debit VTEX's checkout sends (../shared/bench/debit-body.json), compacted as a client
+    sends it, split around its two blanks: ``{{redemptionCode}}`` and ``{{requestId}}``."""
+
+    parts: tuple[str, str, str]
+    value: str  # the Debit's amount, as the body carries it
+
+    @classmethod
+    def read(cls, path: Path) -> CheckoutBody:
+        if not path.is_file():
+            raise SystemExit(
+                f"the checkout's Debit body is not at {path}: pass --body FILE (see ../shared/bench/README.md)"
+            )
+        template = json.loads(path.read_text())
+        text = json.dumps(template, separators=(",", ":"), ensure_ascii=False)
+        code, request_id = "{{redemptionCode}}", "{{requestId}}"
+        if not 0 <= text.find(code) < text.find(request_id):
+            raise SystemExit(f"{path}: the body must hold {code} and then {request_id}")
+        head, rest = text.split(code)
+        middle, tail = rest.split(request_id)
+        return cls((head, middle, tail), str(template["value"]))
 
 
 def run_wrk(base_url: str, script: Path, connections: int, seconds: float, tag: str, threads: int) -> dict[str, float]:
@@ -550,7 +597,7 @@ def measure_server(
             started = time.monotonic()
             cards = asyncio.run(asyncio.wait_for(server.seed(base_url, credentials), SEED_TIMEOUT_S))
             log(f"{server.name}: {len(cards)} cards created and credited in {time.monotonic() - started:.1f} s")
-            script = write_lua_script(work, cards, credentials, server.route)
+            script = write_lua_script(work, cards, credentials, server.route, CheckoutBody.read(args.body))
             cells = []
             for connections in args.connections:
                 checkpoint(server_url)
@@ -876,7 +923,8 @@ def report(args: argparse.Namespace, cells: list[Cell], facts: dict[str, str], s
         "rounds": args.rounds,
         "cards": CARDS,
         "card_credit": CARD_CREDIT,
-        "debit_value": DEBIT_VALUE,
+        "debit_body": str(args.body),
+        "debit_value": CheckoutBody.read(args.body).value,
         "server": facts,
         "skipped": skipped,
         "results": [asdict(c) for c in cells],
@@ -903,6 +951,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--bench-database", default="giftcard_bench_http", help="name prefix of the databases, dropped after the run"
+    )
+    parser.add_argument(
+        "--body",
+        type=Path,
+        default=CHECKOUT_BODY,
+        help="the Debit a checkout sends, with {{redemptionCode}} and {{requestId}} blanks (default: ../shared/bench/debit-body.json)",
     )
     parser.add_argument("--seconds", type=float, default=10.0, help="measured time per server and connection count")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured load before each measurement")
