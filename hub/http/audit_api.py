@@ -14,6 +14,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from hub.http import openapi
+from hub.http.answers import CardAudit
 from hub.http.native import json_response
 from hub.http.read_api import instant_param
 from hub.http.read_pool import read_pool
@@ -24,10 +25,15 @@ from projections.audit import audit_card, render_card_audit
 BASE = "/api/audit"
 
 # Documented here, beside the route, so that wiring routes() in is the only edit app.py needs.
-openapi.OPERATIONS[("GET", f"{BASE}/cards/{{card_id}}")] = (
-    "Audit",
-    "A card's events replayed with the balance after each, its state as of ?asOf= (ISO 8601), and any failure",
-    None,
+openapi.document(
+    "GET",
+    f"{BASE}/cards/{{card_id}}",
+    openapi.Operation(
+        "Audit",
+        "A card's events replayed with the balance after each, its state as of asOf, and any failure",
+        answer=CardAudit,
+        query=(openapi.AS_OF,),
+    ),
 )
 
 
