@@ -32,7 +32,7 @@ async def loaded_card(service, base: str, value: float = 100) -> str:
 
 
 async def event_count(pool) -> int:
-    return await pool.fetchval("select count(*) from events where type like 'ledger.domain.%'")
+    return await pool.fetchval("select count(*) from events where type like 'giftcard.%'")
 
 
 # ---- 5. amounts as the caller sent them, with the currency --------------------------------
