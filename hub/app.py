@@ -211,6 +211,7 @@ def create_app(
                 await instance_key(pool, "redemption-codes"),
                 clock=clock,
                 shared_cards=settings.workers > 1,  # the other workers debit the same cards
+                deadline_s=settings.statement_timeout_s,  # a request's, not only each statement's
             )
             for ring in rings.values():
                 pair = await auth.bootstrap_pair(pool, ring)

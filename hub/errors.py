@@ -15,6 +15,7 @@ import msgspec
 from aiohttp import web
 
 from hub.wire import encode
+from ledger.commands import CommandTimedOut
 from ledger.domain import errors
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,10 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         # A value PostgreSQL cannot hold or compare (a NUL in a path id, a number out of range)
         # came from the request: the request is wrong, whichever handler let it through.
         return error_response(400, "invalid_request", "a value in the request is not valid text or is out of range")
+    except CommandTimedOut as e:
+        # Its message says what the client needs: the outcome may be unknown, the retry is safe.
+        log.warning("no answer from the database in time during %s %s", request.method, request.path)
+        return error_response(503, "unavailable", str(e), headers={"Retry-After": "1"})
     except _UNAVAILABLE as e:
         log.warning("database unavailable during %s %s: %r", request.method, request.path, e)
         return error_response(

@@ -3,6 +3,10 @@
 The first item goes out at once; the items that arrive while a statement is in flight go
 together in the next one. At low load nothing waits; at high load the round trip, the pool
 checkout and (for writes) the commit are paid once per batch instead of once per item.
+
+A command that stops waiting (its deadline passed) cancels its answer; an item whose answer is
+cancelled before its statement goes out is never sent, and the others of its batch are answered
+as usual.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ class Batcher(Generic[Item, Answer]):
         try:
             while self._waiting:
                 batch = self.next_batch()
+                if not batch:  # every item waiting was abandoned
+                    continue
                 try:
                     await self.flush(batch)
                 except BaseException as e:  # the database is gone: every command of the batch learns it
@@ -44,9 +50,12 @@ class Batcher(Generic[Item, Answer]):
 
     def next_batch(self) -> list[tuple[Item, asyncio.Future[Answer]]]:
         """Up to ``batch_max`` of the oldest waiting items, one per stream: a second item on a
-        stream waits for the next statement, so that each statement sees each stream once."""
+        stream waits for the next statement, so that each statement sees each stream once.
+        Abandoned items are dropped: their commands have answered already, without them."""
         batch, later, streams = [], [], set()
         for waiting in self._waiting:
+            if waiting[1].done():
+                continue
             stream_id = self.stream_of(waiting[0])
             if len(batch) < self.batch_max and stream_id not in streams:
                 batch.append(waiting)

@@ -17,7 +17,8 @@ import random
 import re
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -27,7 +28,7 @@ import asyncpg
 import msgspec
 
 from ledger.codec import domain_event, new_mapper
-from ledger.database import DATABASE_ERRORS
+from ledger.database import DATABASE_ERRORS, acquire_for_commit
 from ledger.distribution import violates
 from ledger.domain import errors, topics
 from ledger.domain.codes import (
@@ -88,6 +89,12 @@ class IssueCard(msgspec.Struct, kw_only=True):
     multiple_redemptions: bool = True
 
 
+class CommandTimedOut(TimeoutError):
+    """A command (or a card's read) not finished by its deadline. Whatever it had sent may still
+    commit: its outcome is unknown, and the same command sent again (same requestId) is applied
+    at most once."""
+
+
 @dataclass(frozen=True)
 class IssuedCard:
     card: GiftCard
@@ -112,9 +119,14 @@ class Ledger:
         snapshot_interval_events: int = SNAPSHOT_INTERVAL_EVENTS,
         cache_cards_max: int = CACHE_CARDS_MAX,
         shared_cards: bool = False,
+        deadline_s: float | None = None,
     ) -> None:
         """``shared_cards``: other processes write the same cards all the time (serve's workers), so
-        a cached card is caught up (a batch of cards per query) before each decision."""
+        a cached card is caught up (a batch of cards per query) before each decision.
+
+        ``deadline_s`` bounds each command and card read as a whole: the wait for the card's lock
+        (behind commands stuck on the same card), for a pool connection, for the group commit's
+        queue, and its statements and commit. None: each statement is bounded on its own only."""
         self.store = store
         self.code_key = code_key
         self.token_key = token_key(code_key)
@@ -129,6 +141,7 @@ class Ledger:
         self._committer = GroupCommitter(store)
         self._reader = GroupReader(store)
         self.shared_cards = shared_cards
+        self.deadline_s = deadline_s
         self.races_lost = 0  # appends refused because another writer moved the card first
 
     # ---- commands -----------------------------------------------------------
@@ -152,7 +165,11 @@ class Ledger:
         card_id = str(card.id)
         new_events = self._to_new_events(card.collect_events())
         code_hash = hash_code(code, self.code_key)
-        async with self.store.pool.acquire() as connection, connection.transaction():
+        async with (
+            self._within_deadline(),
+            acquire_for_commit(self.store.pool) as connection,
+            connection.transaction(),
+        ):
             await self._insert_lookup(connection, card_id, code_hash, command)
             last_hash = await self.store.append(card_id, 0, new_events, metadata=metadata, connection=connection)
         self._remember(card_id, _Loaded(card, last_hash))
@@ -263,7 +280,7 @@ class Ledger:
     async def card(self, card_id: str) -> GiftCard:
         """The card with every committed event applied (cached state caught up with one query)."""
         card_id = parse_card_id(card_id)
-        async with self._lock(card_id):
+        async with self._within_deadline(), self._lock(card_id):
             loaded = self._cache.get(card_id)
             loaded = await (self._load(card_id) if loaded is None else self._catch_up(card_id, loaded))
             self._remember(card_id, loaded)
@@ -316,7 +333,7 @@ class Ledger:
         metadata: dict[str, Any] | None,
     ) -> T:
         card_id = parse_card_id(card_id)
-        async with self._lock(card_id):
+        async with self._within_deadline(), self._lock(card_id):
             loaded = self._cache.get(card_id)
             fresh = loaded is None or self.shared_cards
             if loaded is None:
@@ -429,7 +446,19 @@ class Ledger:
             # not turn its answer into an error.
             log.warning("snapshot of card %s at version %d not saved", card_id, version, exc_info=True)
 
-    # ---- cache and locks -------------------------------------------------------
+    # ---- deadline, cache and locks -----------------------------------------------
+
+    @asynccontextmanager
+    async def _within_deadline(self) -> AsyncIterator[None]:
+        try:
+            async with asyncio.timeout(self.deadline_s):
+                yield
+        except TimeoutError as e:  # the deadline's, or a statement's own timeout inside it
+            within = "in time" if self.deadline_s is None else f"within {self.deadline_s:g} s"
+            raise CommandTimedOut(
+                f"the ledger database did not answer {within}; retry the request: a command sent again "
+                "with the same requestId is applied at most once"
+            ) from e
 
     def _remember(self, card_id: str, loaded: _Loaded) -> None:
         self._cache[card_id] = loaded

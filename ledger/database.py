@@ -8,9 +8,10 @@ folder), so a fresh machine needs nothing installed by hand.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -38,6 +39,8 @@ SERVER_TIMEOUT_FACTOR = 2
 # A server that accepts connections but never answers must become a 503 quickly, not after
 # asyncpg's default 60 s. With several hosts in the URL, this bounds the whole search for the primary.
 CONNECT_TIMEOUT_S = 5.0
+# A server that takes longer to acknowledge a cancel is not answering at all (see acquire_for_commit).
+CANCEL_ACK_TIMEOUT_S = 1.0
 
 
 # What a statement raises when the server is lost, restarting, failing over or refusing it: the
@@ -92,6 +95,26 @@ async def rollback_if_in_transaction(connection: asyncpg.Connection) -> None:
     round trip on every release, a tenth of a request's time on the hot path."""
     if connection.is_in_transaction():
         await connection.execute("rollback")
+
+
+@contextlib.asynccontextmanager
+async def acquire_for_commit(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection for a statement or transaction that commits.
+
+    When its user stops waiting in the middle (the statement's timeout, a request's deadline),
+    the commit's outcome is unknown and the connection is still inside it. It is closed, never
+    handed back to the pool. Closing first lets PostgreSQL acknowledge the cancel asyncpg sent: a
+    COMMIT waiting for a synchronous standby then commits locally and frees its backend, which
+    would otherwise wait for the standby's return, however long. A server that does not
+    acknowledge within CANCEL_ACK_TIMEOUT_S is cut off.
+    """
+    async with pool.acquire() as connection:
+        try:
+            yield connection
+        except (TimeoutError, asyncio.CancelledError):
+            with contextlib.suppress(*DATABASE_ERRORS):  # the failure to report is the one being raised
+                await connection.close(timeout=CANCEL_ACK_TIMEOUT_S)
+            raise
 
 
 def connect_options(statement_timeout_s: float = STATEMENT_TIMEOUT_S) -> dict[str, Any]:

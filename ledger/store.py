@@ -22,6 +22,7 @@ import msgspec
 from ledger import commit_order
 from ledger.codec import decode_canonical
 from ledger.commit_order import START, Checkpoint
+from ledger.database import acquire_for_commit
 from ledger.distribution import is_distributed
 from ledger.domain.errors import ConcurrentUpdate, InvalidRequest
 from ledger.domain.topics import event_name
@@ -273,7 +274,8 @@ class EventStore:
         started = time.perf_counter()
         try:
             if connection is None:
-                rows = await self.pool.fetch(statement, *args)
+                async with acquire_for_commit(self.pool) as own:
+                    rows = await own.fetch(statement, *args)
             else:
                 rows = await connection.fetch(statement, *args)
         except asyncpg.UniqueViolationError as e:
@@ -304,17 +306,18 @@ class EventStore:
         return appended
 
     async def _append_each_in_one_statement(self, appends: Sequence[OneEvent]) -> set[str]:
-        rows = await self.pool.fetch(
-            _APPEND_EACH,
-            [a.stream_id for a in appends],
-            [a.expected_version for a in appends],
-            [a.event.type for a in appends],
-            [a.event.data.decode() for a in appends],
-            [_metadata_encoder.encode(a.metadata or {}).decode() for a in appends],
-            [a.hash for a in appends],
-            [a.idempotency_key for a in appends],
-            [a.previous_hash for a in appends],
-        )
+        async with acquire_for_commit(self.pool) as connection:
+            rows = await connection.fetch(
+                _APPEND_EACH,
+                [a.stream_id for a in appends],
+                [a.expected_version for a in appends],
+                [a.event.type for a in appends],
+                [a.event.data.decode() for a in appends],
+                [_metadata_encoder.encode(a.metadata or {}).decode() for a in appends],
+                [a.hash for a in appends],
+                [a.idempotency_key for a in appends],
+                [a.previous_hash for a in appends],
+            )
         return {row["stream_id"] for row in rows}
 
     async def shards_of(self, stream_ids: Sequence[str]) -> dict[str, int]:
@@ -340,18 +343,19 @@ class EventStore:
             by_shard.setdefault(shard_of[a.stream_id], []).append(a)
 
         async def one_shard(group: list[OneEvent]) -> list[str]:
-            return await self.pool.fetchval(
-                _APPEND_ON_ONE_SHARD,
-                group[0].stream_id,
-                [a.stream_id for a in group],
-                [str(a.expected_version) for a in group],
-                [a.event.type for a in group],
-                [a.event.data.decode() for a in group],
-                [_metadata_encoder.encode(a.metadata or {}).decode() for a in group],
-                ["\\x" + a.hash.hex() for a in group],
-                [a.idempotency_key for a in group],
-                ["\\x" + a.previous_hash.hex() for a in group],
-            )
+            async with acquire_for_commit(self.pool) as connection:
+                return await connection.fetchval(
+                    _APPEND_ON_ONE_SHARD,
+                    group[0].stream_id,
+                    [a.stream_id for a in group],
+                    [str(a.expected_version) for a in group],
+                    [a.event.type for a in group],
+                    [a.event.data.decode() for a in group],
+                    [_metadata_encoder.encode(a.metadata or {}).decode() for a in group],
+                    ["\\x" + a.hash.hex() for a in group],
+                    [a.idempotency_key for a in group],
+                    ["\\x" + a.previous_hash.hex() for a in group],
+                )
 
         answers = await asyncio.gather(*map(one_shard, by_shard.values()))
         return {stream_id for appended in answers for stream_id in appended}
@@ -376,7 +380,7 @@ class EventStore:
         started = time.perf_counter()
         try:
             if connection is None:
-                async with self.pool.acquire() as own:
+                async with acquire_for_commit(self.pool) as own:
                     await self._append_many(own, appends, args, len(columns.types))
             else:
                 await self._append_many(connection, appends, args, len(columns.types))

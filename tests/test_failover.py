@@ -34,8 +34,8 @@ from ledger.migrate import upgrade
 from ledger.store import EventStore
 from projections import checkpoints
 from tests.cards import issue
-from tests.debit_load import until_acknowledged
-from tests.hub_process import HubProcess, NativeClient
+from tests.debit_load import Debit, RetryPolicy, plan_debits, send_all, until_acknowledged
+from tests.hub_process import Answer, HubProcess, NativeClient
 from tests.pg_cluster import ReplicatedPair, pg_binaries_missing
 from tests.postgres_faults import create_database
 from tests.test_faults import (
@@ -44,6 +44,7 @@ from tests.test_faults import (
     assert_ledger_consistent_at,
     assert_unavailable_answers_are_clear,
     credits_of,
+    deadline_in,
     funded_cards,
     funded_load,
     send_during,
@@ -265,5 +266,55 @@ async def test_hold_sweeper_and_webhook_deliverer_follow_the_new_primary(pair, h
                         await asyncio.sleep(0.2)
             finally:
                 await promoted.close()
+    finally:
+        await hub.stop()
+
+
+# ---- commits that cannot finish: every request answered within its deadline ---------------------
+
+REQUEST_DEADLINE_S = 2.0  # GIFTCARD_STATEMENT_TIMEOUT_S of the hub under test, short to keep the test fast
+ANSWER_SLACK_S = 1.0
+
+
+async def timed_debit(client: NativeClient, debit: Debit) -> tuple[float, Answer]:
+    started = asyncio.get_running_loop().time()
+    answer = await client.transaction(debit.card_id, "Debit", debit.value, debit.request_id, timeout_s=60)
+    return asyncio.get_running_loop().time() - started, answer
+
+
+async def test_with_the_synchronous_standby_stopped_every_debit_is_answered_503_within_its_deadline(
+    pair, http, tmp_path: Path
+):
+    """Half the Debits queue on one card's lock, half on the group commit's queue behind a commit
+    that waits for the standby: each is answered by its deadline, and once the standby is back each
+    one sent again with its requestId is applied exactly once."""
+    await create_database(pair.primary.url(), DATABASE)
+    env = {"GIFTCARD_STATEMENT_TIMEOUT_S": str(REQUEST_DEADLINE_S)}
+    hub = HubProcess(pair.url(DATABASE), tmp_path / "hub.log", env=env)
+    await hub.start()
+    try:
+        client = NativeClient(http, hub.base_url)
+        cards = await funded_cards(client, 9, LOAD_CREDIT)
+        one_card = plan_debits(cards[:1], 8, [Decimal("1.00")])
+        many_cards = plan_debits(cards[1:], 8, [Decimal("2.00")])
+        debits = [*one_card, *many_cards]
+        await asyncio.to_thread(pair.standby.stop, "fast")
+
+        answers = await asyncio.gather(*(timed_debit(client, debit) for debit in debits))
+        slowest_s = max(elapsed for elapsed, _ in answers)
+        print(f"slowest of {len(debits)} answers while the standby was stopped: {slowest_s:.2f} s")
+        assert [answer.status for _, answer in answers] == [503] * len(debits), answers
+        for debit, (_, answer) in zip(debits, answers, strict=True):
+            debit.unavailable_answers.append(answer)
+        assert_unavailable_answers_are_clear(debits)
+        assert all("same requestId" in answer.body["error"]["message"] for _, answer in answers)
+        assert slowest_s <= REQUEST_DEADLINE_S + ANSWER_SLACK_S
+
+        await asyncio.to_thread(pair.standby.start)
+        async with asyncio.timeout(SCENARIO_TIMEOUT_S):
+            await send_all([client], debits, concurrency=16, policy=RetryPolicy(), deadline=deadline_in(LOAD_TIMEOUT_S))
+        assert_every_debit_came_through(debits)
+        await assert_ledger_consistent_at(pair.primary.url(DATABASE), client, debits, credits_of(cards, LOAD_CREDIT))
+        assert "unexpected error" not in hub.log_text()
     finally:
         await hub.stop()

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 from decimal import Decimal
 
+import asyncpg
 import pytest
 
-from ledger.commands import Ledger
+from ledger.commands import CommandTimedOut, Ledger
+from ledger.database import create_pool
 from ledger.domain import errors
 from ledger.store import EventStore, verify_chain
 from tests.cards import count_events, issue
@@ -129,3 +131,75 @@ async def test_two_processes_batching_the_same_cards_in_opposite_orders_never_de
         )
         assert [r for r in results if isinstance(r, Exception)] == []
     assert [(await first.card(c)).balance for c in cards] == [1000 - 10] * 20
+
+
+# ---- commands past their deadline ----------------------------------------------------------------
+
+DEADLINE_S = 0.5
+# An insert into events waits while another transaction holds this lock; reads go on.
+HOLD_APPENDS = "lock table events in share row exclusive mode"
+
+
+async def debits_on(pool, card_id: str) -> list[str]:
+    rows = await pool.fetch(
+        "select data->>'request_id' as request_id from events where stream_id = $1 and type like '%Debited'"
+        " order by version",
+        card_id,
+    )
+    return [row["request_id"] for row in rows]
+
+
+def debit(ledger: Ledger, card_id: str, request_id: str):
+    return ledger.create_transaction(
+        card_id, operation="Debit", value=Decimal(1), description="", request_id=request_id
+    )
+
+
+@pytest.mark.single_server("locks the events table of one server")
+async def test_commands_past_their_deadline_answer_at_once_and_a_queued_one_is_never_sent(pool, clock):
+    cards = await funded_cards(Ledger(EventStore(pool), code_key=b"k" * 32, clock=clock), 2)
+    bounded = Ledger(EventStore(pool), code_key=b"k" * 32, clock=clock, deadline_s=DEADLINE_S)
+    loop = asyncio.get_running_loop()
+    async with pool.acquire() as blocker, blocker.transaction():
+        await blocker.execute(HOLD_APPENDS)
+        started = loop.time()
+        sent = asyncio.create_task(debit(bounded, cards[0], "sent"))
+        await asyncio.sleep(0.1)  # its batch's statement is out, waiting for the lock
+        queued = asyncio.create_task(debit(bounded, cards[1], "queued"))  # waits for the next batch
+        results = await asyncio.gather(sent, queued, return_exceptions=True)
+        answered_s = loop.time() - started
+    assert [type(r) for r in results] == [CommandTimedOut, CommandTimedOut], results
+    assert answered_s < DEADLINE_S + 0.3
+    assert "same requestId" in str(results[0])
+
+    # The lock is gone: the statement that was out commits (its outcome was unknown, not "not
+    # applied"); the one still queued at its deadline never goes out, and the Debit sent after it
+    # on the same card, through the same queue, is the only one there.
+    await debit(bounded, cards[1], "after")
+    assert await debits_on(pool, cards[0]) == ["sent"]
+    assert await debits_on(pool, cards[1]) == ["after"]
+    # Sent again with their requestIds, both are applied exactly once.
+    again = [await debit(bounded, cards[0], "sent"), await debit(bounded, cards[1], "queued")]
+    assert await debits_on(pool, cards[0]) == ["sent"]
+    assert await debits_on(pool, cards[1]) == ["after", "queued"]
+    assert [t.request_id for t in again] == ["sent", "queued"]
+    assert [(await bounded.card(c)).balance for c in cards] == [900, 800]
+
+
+@pytest.mark.single_server("locks the events table of one server")
+async def test_a_connection_whose_commit_timed_out_is_closed_not_returned_to_the_pool(database_url, clock):
+    pool = await create_pool(database_url, size_min=1, size_max=1, statement_timeout_s=DEADLINE_S)
+    blocker = await asyncpg.connect(database_url)
+    try:
+        ledger = Ledger(EventStore(pool), code_key=b"k" * 32, clock=clock)
+        [card] = await funded_cards(ledger, 1)
+        backend_before = await pool.fetchval("select pg_backend_pid()")
+        async with blocker.transaction():
+            await blocker.execute(HOLD_APPENDS)
+            with pytest.raises(CommandTimedOut):
+                async with asyncio.timeout(DEADLINE_S * 4):  # a release waiting on the server would hang here
+                    await debit(ledger, card, "timed-out")
+        assert await pool.fetchval("select pg_backend_pid()") != backend_before
+    finally:
+        await blocker.close()
+        await pool.close()
