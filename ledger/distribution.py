@@ -34,23 +34,6 @@ _CITUS_INSTALLED = "select exists (select 1 from pg_extension where extname = 'c
 # partmethod: 'h' hash-distributed, 'n' a reference table.
 _DISTRIBUTION_METHOD = "select partmethod::text from pg_dist_partition where logicalrelid = $1::regclass"
 
-# The append guard on the cluster, its one definition: the stream is at p_version with p_hash as
-# its last hash (any stream is at version 0). Used by append_events on a shard's worker and by
-# EventStore's append_many on Citus; distributed by the stream so that it exists on every node.
-# PL/pgSQL, never inlined into the query calling it: inlined, the coordinator would have to plan a
-# subquery on events correlated with that query's rows, which Citus cannot.
-_STREAM_IS_AT_FUNCTION = """
-create or replace function stream_is_at(p_stream_id text, p_version integer, p_hash bytea)
-returns boolean language plpgsql stable as $$
-begin
-    return p_version = 0 or exists (
-        select 1 from events where stream_id = p_stream_id and version = p_version and hash = p_hash
-    );
-end
-$$
-"""
-_STREAM_IS_AT_SIGNATURE = "stream_is_at(text, integer, bytea)"
-
 # Group commit on the cluster: one event for each of many streams that all live on the shard of
 # p_route, in one call delegated to that shard's worker, so the whole group is one local
 # transaction and one commit there. Each row is judged on its own, as ledger.store's _APPEND_EACH
@@ -76,7 +59,11 @@ begin
                              p_previous_hashes)
             as u(stream_id, expected, type, data, metadata, hash, idempotency_key, previous_hash)
     loop
-        continue when not stream_is_at(r.stream_id, r.expected, r.previous_hash);
+        -- The guard, as ledger.store's _GUARDS_HELD checks it for many streams at once from the
+        -- coordinator: here one stream at a time, each a lookup on this shard.
+        continue when r.expected > 0 and not exists (
+            select 1 from events where stream_id = r.stream_id and version = r.expected and hash = r.previous_hash
+        );
         inserted := null;
         insert into events (stream_id, version, type, data, metadata, hash, idempotency_key)
         values (r.stream_id, r.expected + 1, r.type, r.data::jsonb, r.metadata::jsonb, r.hash, r.idempotency_key)
@@ -150,9 +137,6 @@ class DistributedFunction(NamedTuple):
 
 
 FUNCTIONS = (
-    DistributedFunction(
-        _STREAM_IS_AT_SIGNATURE, _STREAM_IS_AT_FUNCTION, "p_stream_id", "stream_is_at guards appends on every node"
-    ),
     DistributedFunction(
         _APPEND_EVENTS_SIGNATURE, _APPEND_EVENTS_FUNCTION, "p_route", "append_events runs on the shard's worker"
     ),

@@ -91,7 +91,7 @@ def chain_hash(previous_hash: bytes, stream_id: str, version: int, type_: str, d
 def _stream_is_at(stream_id: str, version: str, previous_hash: str) -> str:
     """The append guard on one server, its one definition: the stream is at ``version`` with
     ``previous_hash`` as its last hash (any stream is at version 0). The arguments are SQL
-    expressions; on Citus the guard is ledger.distribution's ``stream_is_at`` function instead."""
+    expressions. (On Citus, see _GUARDS_HELD.)"""
     return (
         f"({version} = 0 or exists (select 1 from events p"
         f" where p.stream_id = {stream_id} and p.version = {version} and p.hash = {previous_hash}))"
@@ -457,8 +457,7 @@ class OneServerBackend:
 # ---- Citus ----------------------------------------------------------------------
 
 # append_many on Citus, where a subquery correlated with unnest's rows cannot be planned: the guard
-# (ledger.distribution's stream_is_at) is checked first, in the same transaction, and the rows
-# inserted as given. Checked then inserted is as safe as one statement: an event, once there, never
+# is checked first (_GUARDS_HELD), in the same transaction, and the rows inserted as given. Checked then inserted is as safe as one statement: an event, once there, never
 # changes, and a writer who appended meanwhile makes the insert hit unique (stream_id, version).
 _APPEND_MANY_CHECKED = """
 insert into events (stream_id, version, type, data, metadata, hash, idempotency_key)
@@ -468,9 +467,13 @@ from unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::bytea[], $6::text
 order by e.stream_id, e.version
 returning position
 """
-_STREAMS_NOT_AT = """
-select count(*) from unnest($1::text[], $2::int[], $3::bytea[]) as g(stream_id, version, hash)
-where not stream_is_at(g.stream_id, g.version, g.hash)
+# The guard on Citus for many streams at once, as one join the coordinator can plan: how many of
+# the streams are at their expected version with their previous hash. ledger.distribution's
+# append_events checks the same one stream at a time on a shard's worker; one shared definition
+# (a function called per row) made a bulk issuance's check of 1000 streams 0.7 s instead of 0.05 s.
+_GUARDS_HELD = """
+select count(*) from events p, unnest($1::text[], $2::int[], $3::bytea[]) as g(stream_id, version, hash)
+where p.stream_id = g.stream_id and p.version = g.version and p.hash = g.hash
 """
 
 # append_each on Citus for streams that share a shard: ledger.distribution's append_events, run on
@@ -551,14 +554,14 @@ class CitusBackend(OneServerBackend):
     ) -> list[asyncpg.Record]:
         guarded = [a for a in appends if a.expected_version > 0]
         if guarded:
-            not_at = await connection.fetchval(
-                _STREAMS_NOT_AT,
+            held = await connection.fetchval(
+                _GUARDS_HELD,
                 [a.stream_id for a in guarded],
                 [a.expected_version for a in guarded],
                 [a.previous_hash for a in guarded],
             )
-            if not_at:
-                raise ConcurrentUpdate(f"{not_at} stream(s) not at the expected version")
+            if held != len(guarded):
+                raise ConcurrentUpdate(f"{len(guarded) - held} stream(s) not at the expected version")
         return await connection.fetch(_APPEND_MANY_CHECKED, *args)
 
     async def read_all(self, after: Checkpoint, limit: int, reader: Reader) -> list[RecordedEvent]:
