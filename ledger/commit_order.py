@@ -107,9 +107,14 @@ def earliest(checkpoints: Iterable[Checkpoint]) -> Checkpoint:
 Connection = asyncpg.Connection | asyncpg.Pool
 
 
-async def sources(connection: Connection, *, sharded: bool) -> Sequence[int]:
-    """The sources events are written to now: the lanes on one server, the shards on Citus."""
-    return [row[0] for row in await connection.fetch(_SHARD_SOURCES if sharded else _LANES)]
+async def lanes(connection: Connection) -> Sequence[int]:
+    """The sources events are written to on one server."""
+    return [row[0] for row in await connection.fetch(_LANES)]
+
+
+async def shards(connection: Connection) -> Sequence[int]:
+    """The sources events are written to on Citus, now (a shard split makes more)."""
+    return [row[0] for row in await connection.fetch(_SHARD_SOURCES)]
 
 
 def read_after_statement(columns: str, source_count: int) -> str:

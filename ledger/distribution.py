@@ -18,6 +18,7 @@ Two changes the distribution needs and plain PostgreSQL does not:
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import asyncpg
 
@@ -33,42 +34,15 @@ _CITUS_INSTALLED = "select exists (select 1 from pg_extension where extname = 'c
 # partmethod: 'h' hash-distributed, 'n' a reference table.
 _DISTRIBUTION_METHOD = "select partmethod::text from pg_dist_partition where logicalrelid = $1::regclass"
 
-# A card command's append, run where the card's shard lives: Citus delegates the call to that
-# worker (the function is distributed by its stream argument, co-located with events), so the
-# guarded insert is one local transaction there. The same statement sent from the coordinator
-# would be planned "pull to coordinator" (the identity column), a two-phase commit on one worker.
-_APPEND_EVENT_FUNCTION = """
-create or replace function append_event(
-    p_stream_id text, p_expected integer, p_type text, p_data jsonb, p_metadata jsonb, p_hash bytea,
-    p_idempotency_key text, p_previous_hash bytea
-) returns bigint language plpgsql as $$
-declare
-    appended bigint;
-begin
-    -- Two plain statements, not INSERT ... SELECT: Citus plans each as a local query on the shard,
-    -- where an INSERT ... SELECT would go through its distributed INSERT ... SELECT machinery.
-    if p_expected > 0 and not exists (
-        select 1 from events where stream_id = p_stream_id and version = p_expected and hash = p_previous_hash
-    ) then
-        return null;  -- the stream is not at p_expected with p_previous_hash
-    end if;
-    insert into events (stream_id, version, type, data, metadata, hash, idempotency_key)
-    values (p_stream_id, p_expected + 1, p_type, p_data, p_metadata, p_hash, p_idempotency_key)
-    returning position into appended;
-    return appended;
-end
-$$
-"""
-_APPEND_EVENT_SIGNATURE = "append_event(text, integer, text, jsonb, jsonb, bytea, text, bytea)"
-
 # Group commit on the cluster: one event for each of many streams that all live on the shard of
 # p_route, in one call delegated to that shard's worker, so the whole group is one local
-# transaction and one commit there (append_event would be one of each per event). Each row is
-# judged on its own, as ledger.store's _APPEND_EACH does on one server: a row whose guard fails is
-# skipped, and so is a row that hits a unique key (a lost race, a reused idempotency key), through
-# ON CONFLICT DO NOTHING (no subtransaction per row, as an exception block would open). Returns the
-# streams appended. Row by row rather than one INSERT ... SELECT for the reason append_event gives;
-# the caller sends the rows in stream order, so two writers never wait for each other in a cycle.
+# transaction and one commit there. Each row is judged on its own, as ledger.store's _APPEND_EACH
+# does on one server: a row whose guard fails is skipped, and so is a row that hits a unique key (a
+# lost race, a reused idempotency key), through ON CONFLICT DO NOTHING (no subtransaction per row,
+# as an exception block would open). Returns the streams appended. Row by row, in plain statements
+# rather than one INSERT ... SELECT: Citus plans each as a local query on the shard, where an
+# INSERT ... SELECT would go through its distributed INSERT ... SELECT machinery. The caller sends
+# the rows in stream order, so two writers never wait for each other in a cycle.
 # The JSON comes as text[] (see _APPEND_ON_ONE_SHARD in ledger.store: why arrays go as text).
 _APPEND_EVENTS_FUNCTION = """
 create or replace function append_events(
@@ -85,6 +59,8 @@ begin
                              p_previous_hashes)
             as u(stream_id, expected, type, data, metadata, hash, idempotency_key, previous_hash)
     loop
+        -- The guard, as ledger.store's _GUARDS_HELD checks it for many streams at once from the
+        -- coordinator: here one stream at a time, each a lookup on this shard.
         continue when r.expected > 0 and not exists (
             select 1 from events where stream_id = r.stream_id and version = r.expected and hash = r.previous_hash
         );
@@ -106,7 +82,7 @@ _APPEND_EVENTS_SIGNATURE = "append_events(text, text[], integer[], text[], text[
 # Readers of the commit order on the cluster (ledger.commit_order): a source is a shard, and its
 # events are read on the shard's worker, from the shard's own table (events_<shard id>), where a
 # read of events by source from the coordinator is sent to every shard. The call goes to the shard
-# that p_route's hash falls in, a key picked for the purpose (ledger.store's EventStore._routes_to). Where the
+# that p_route's hash falls in, a key picked for the purpose (ledger.store's CitusBackend._routes_to). Where the
 # call is not delegated (inside a transaction block), no shard is local: the distributed table is
 # read, by source, as before. Call them only as "select ... from source_events(...)" or
 # "select source_head(...)": Citus 13.2 delegates only those shapes, and the coordinator crashed on
@@ -145,14 +121,44 @@ $$
 """
 _SOURCE_HEAD_SIGNATURE = "source_head(text, bigint)"
 
-# The functions above, each run on the worker of the shard its argument names:
-# (signature, definition, distribution argument, what distribute() reports).
-_FUNCTIONS = (
-    (_APPEND_EVENT_SIGNATURE, _APPEND_EVENT_FUNCTION, "p_stream_id", "append_event runs on the card's worker"),
-    (_APPEND_EVENTS_SIGNATURE, _APPEND_EVENTS_FUNCTION, "p_route", "append_events runs on the shard's worker"),
-    (_SOURCE_EVENTS_SIGNATURE, _SOURCE_EVENTS_FUNCTION, "p_route", "source_events reads on the shard's worker"),
-    (_SOURCE_HEAD_SIGNATURE, _SOURCE_HEAD_FUNCTION, "p_route", "source_head reads on the shard's worker"),
+
+class DistributedFunction(NamedTuple):
+    """A function run on the worker of the shard its ``argument`` names, co-located with events."""
+
+    signature: str
+    definition: str  # CREATE OR REPLACE: installed over any earlier body
+    argument: str
+    report: str  # what distribute() says when it installs this body
+
+    @property
+    def body(self) -> str:
+        """The body between the dollar quotes: what PostgreSQL keeps as the function's source."""
+        return self.definition.split("$$")[1]
+
+
+FUNCTIONS = (
+    DistributedFunction(
+        _APPEND_EVENTS_SIGNATURE, _APPEND_EVENTS_FUNCTION, "p_route", "append_events runs on the shard's worker"
+    ),
+    DistributedFunction(
+        _SOURCE_EVENTS_SIGNATURE, _SOURCE_EVENTS_FUNCTION, "p_route", "source_events reads on the shard's worker"
+    ),
+    DistributedFunction(
+        _SOURCE_HEAD_SIGNATURE, _SOURCE_HEAD_FUNCTION, "p_route", "source_head reads on the shard's worker"
+    ),
 )
+# Functions an earlier release installed that nothing calls any more: (signature, name).
+RETIRED_FUNCTIONS = (("append_event(text, integer, text, jsonb, jsonb, bytea, text, bytea)", "append_event"),)
+# A function is current when its stored source is the one shipped and Citus runs it on the workers
+# (distributed, with an argument to route by); null when it does not exist.
+_FUNCTION_CURRENT = """
+select p.prosrc = $2 and exists (
+    select 1 from pg_dist_object d
+    where d.classid = 'pg_proc'::regclass and d.objid = p.oid and d.distribution_argument_index is not null
+)
+from pg_proc p where p.oid = to_regprocedure($1)
+"""
+_EXISTS = "select to_regprocedure($1) is not null"
 
 _KEY_FOR_SHARDING = """
 alter table events drop constraint events_pkey, add primary key (stream_id, position)
@@ -182,17 +188,22 @@ async def _method(connection: asyncpg.Connection | asyncpg.Pool, table: str) -> 
 
 
 async def distribution_pending(connection: asyncpg.Connection) -> bool:
-    """A Citus coordinator with a table or the append function not distributed yet: a role that
-    may not change the schema finds nothing to do on a distributed ledger, as on a current one."""
+    """A Citus coordinator with a table not distributed yet, or a function not as shipped: a role
+    that may not change the schema finds nothing to do on a distributed ledger, as on a current one."""
     if not await on_citus_coordinator(connection):
         return False
     tables = [table for table, _ in CARD_TABLES] + list(REFERENCE_TABLES)
     undistributed = [table for table in tables if await _method(connection, table) is None]
-    return bool(undistributed) or bool(await _functions_missing(connection))
+    return bool(undistributed) or bool(await _functions_outdated(connection)) or bool(await _retired(connection))
 
 
-async def _functions_missing(connection: asyncpg.Connection) -> list[tuple[str, str, str, str]]:
-    return [f for f in _FUNCTIONS if await connection.fetchval("select to_regprocedure($1) is null", f[0])]
+async def _functions_outdated(connection: asyncpg.Connection) -> list[DistributedFunction]:
+    """Functions missing, not distributed, or whose body is not the one shipped (edited since)."""
+    return [f for f in FUNCTIONS if not await connection.fetchval(_FUNCTION_CURRENT, f.signature, f.body)]
+
+
+async def _retired(connection: asyncpg.Connection) -> list[tuple[str, str]]:
+    return [f for f in RETIRED_FUNCTIONS if await connection.fetchval(_EXISTS, f[0])]
 
 
 async def distribute(connection: asyncpg.Connection) -> list[str]:
@@ -215,12 +226,20 @@ async def distribute(connection: asyncpg.Connection) -> list[str]:
         if await _method(connection, table) is None:
             await connection.execute("select create_reference_table($1)", table)
             done.append(f"{table} copied to every node")
-    for signature, definition, argument, report in await _functions_missing(connection):
-        await connection.execute(definition)
+    outdated = await _functions_outdated(connection)
+    # Every body, every time, over whatever an earlier release left: CREATE OR REPLACE on a
+    # distributed function reaches its copy on every worker, which is the one a delegated call runs.
+    for function in FUNCTIONS:
+        await connection.execute(function.definition)
         await connection.execute(
-            "select create_distributed_function($1, $2, colocate_with => 'events')", signature, argument
+            "select create_distributed_function($1, $2, colocate_with => 'events')",
+            function.signature,
+            function.argument,
         )
-        done.append(report)
+    done += [function.report for function in outdated]
+    for signature, name in await _retired(connection):
+        await connection.execute(f"drop function {signature}")
+        done.append(f"{name} dropped")
     return done
 
 

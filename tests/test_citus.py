@@ -25,9 +25,11 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from ledger import distribution
 from ledger.bulk_issue import BatchDefaults, BatchRequest, BulkIssuer
 from ledger.codec import canonical_json
 from ledger.commands import Ledger
+from ledger.commit_order import Checkpoint
 from ledger.database import create_pool
 from ledger.domain.giftcard import DEBIT
 from ledger.migrate import grant_service_role, upgrade
@@ -530,3 +532,76 @@ async def test_a_worker_added_with_the_cli_takes_shards_by_rebalancing_and_serve
     for card_id in moved:
         await fresh.create_transaction(card_id, operation=DEBIT, value=Decimal(4), description="", request_id="after")
         assert (await fresh.card(card_id)).balance == 500
+
+
+# The previous release's schema, as far as functions go: append_event, which nothing called any more,
+# and a body of source_head older than the one shipped (this one answers no head at all).
+PREVIOUS_APPEND_EVENT = """
+create or replace function append_event(
+    p_stream_id text, p_expected integer, p_type text, p_data jsonb, p_metadata jsonb, p_hash bytea,
+    p_idempotency_key text, p_previous_hash bytea
+) returns bigint language plpgsql as $$
+declare
+    appended bigint;
+begin
+    if p_expected > 0 and not exists (
+        select 1 from events where stream_id = p_stream_id and version = p_expected and hash = p_previous_hash
+    ) then
+        return null;
+    end if;
+    insert into events (stream_id, version, type, data, metadata, hash, idempotency_key)
+    values (p_stream_id, p_expected + 1, p_type, p_data, p_metadata, p_hash, p_idempotency_key)
+    returning position into appended;
+    return appended;
+end
+$$
+"""
+OLDER_SOURCE_HEAD = """
+create or replace function source_head(p_route text, p_source bigint) returns bigint language plpgsql stable as $$
+begin
+    return null;
+end
+$$
+"""
+_BODY = "select prosrc from pg_proc where oid = to_regprocedure($1)"
+
+
+async def bodies_on_every_node(cluster: CitusCluster, signature: str) -> list[str | None]:
+    """The function's body as each node (coordinator, then workers) holds it; None where it does not exist."""
+    found = []
+    for node in cluster.nodes:
+        connection = await asyncpg.connect(node.url(cluster.database))
+        try:
+            found.append(await connection.fetchval(_BODY, signature))
+        finally:
+            await connection.close()
+    return found
+
+
+async def test_upgrade_of_a_running_cluster_installs_every_function_body_shipped(cluster, citus_ledger, citus_pool):
+    cards = [str((await issue(citus_ledger)).card.id) for _ in range(4)]
+    async with citus_pool.acquire() as connection:
+        await connection.execute(PREVIOUS_APPEND_EVENT)
+        await connection.execute(
+            "select create_distributed_function($1, 'p_stream_id', colocate_with => 'events')",
+            "append_event(text, integer, text, jsonb, jsonb, bytea, text, bytea)",
+        )
+        await connection.execute(OLDER_SOURCE_HEAD)
+    older = OLDER_SOURCE_HEAD.split("$$")[1]
+    assert await bodies_on_every_node(cluster, "source_head(text, bigint)") == [older] * len(cluster.nodes)
+    store = EventStore(citus_pool)
+    assert await store.head() == Checkpoint()  # the older body answers no head, on every worker
+
+    async with citus_pool.acquire() as connection:
+        done = await upgrade(connection)
+
+    assert "source_head reads on the shard's worker" in done and "append_event dropped" in done
+    [shipped] = [f.body for f in distribution.FUNCTIONS if f.signature == "source_head(text, bigint)"]
+    assert await bodies_on_every_node(cluster, "source_head(text, bigint)") == [shipped] * len(cluster.nodes)
+    retired = "append_event(text, integer, text, jsonb, jsonb, bytea, text, bytea)"
+    assert await bodies_on_every_node(cluster, retired) == [None] * len(cluster.nodes)
+    async with citus_pool.acquire() as connection:
+        one_statement = await EventStore(connection).head()  # not delegated: reads every shard from here
+        assert await upgrade(connection) == []  # current now: a second upgrade changes nothing
+    assert await EventStore(citus_pool).head() == one_statement
+    assert set((await store.shards_of(cards)).values()) <= set(one_statement.as_dict())
