@@ -1,6 +1,6 @@
 """Bulk issuance: cards per second of ``giftcard cards issue`` beside issuing them one by one.
 
-bulk        ``ledger.bulk_issue.BulkIssuer.issue_to_file``, what ``giftcard cards issue`` runs:
+bulk        ``ledger.application.bulk_issue.BulkIssuer.issue_to_file``, what ``giftcard cards issue`` runs:
             ``--count`` cards loaded with a value, ``--chunk-cards`` per transaction, each chunk's
             codes fsynced to the output before it commits.
 one by one  ``Ledger.issue`` then ``Ledger.create_transaction`` (the Credit) per card, in
@@ -36,10 +36,10 @@ import asyncpg
 
 from bench.event_store_appends import create_migrated_database, database_server, drop_database, server_facts
 from bench.report import write_json
-from ledger.bulk_issue import CHUNK_CARDS_DEFAULT, BatchDefaults, BatchRequest, BulkIssuer
-from ledger.commands import IssueCard, Ledger
-from ledger.database import create_pool
-from ledger.store import EventStore
+from ledger.application.bulk_issue import CHUNK_CARDS_DEFAULT, BatchDefaults, BatchRequest, BulkIssuer
+from ledger.application.commands import IssueCard, Ledger
+from ledger.eventstore.store import EventStore
+from ledger.postgres.database import create_pool
 
 BENCH_DATABASE = "giftcard_bench_bulk"  # its own name: dropped WITH (FORCE), other benchmarks may share the server
 COUNT_DEFAULT = 100_000

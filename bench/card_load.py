@@ -21,9 +21,9 @@ from typing import Any
 
 from bench.event_store_appends import create_bench_database, database_server, drop_database
 from bench.report import write_json
-from ledger.commands import IssueCard, Ledger
-from ledger.database import create_pool
-from ledger.store import EventStore
+from ledger.application.commands import IssueCard, Ledger
+from ledger.eventstore.store import EventStore
+from ledger.postgres.database import create_pool
 
 BENCH_DATABASE = "giftcard_bench_card_load"
 CHUNK_TRANSACTIONS = 500

@@ -5,7 +5,7 @@ fsync off on both): one server, and a Citus coordinator with two workers on the 
 (tests/citus_cluster.py; three servers share its two cores). Each gets ``giftcard serve`` with
 1,000 cards it created itself, then wrk posts Debits of 0.01 to them round-robin at 64
 connections (the setting of bench/http_debits.py). Both run as ``serve`` runs by default, the
-projection runner following every source (ledger.commit_order) beside the web workers. The servers
+projection runner following every source (ledger.eventstore.commit_order) beside the web workers. The servers
 take turns; each row is the median round.
 
 Last, on a cluster under the same load, one shard (and the shards co-located with it) moves to

@@ -3,7 +3,7 @@
 raw            one asyncpg ``insert`` of one row per autocommit statement into a copy of our
                events table (same columns, same indexes): what PostgreSQL sustains for our row
                shape, so the ceiling.
-ours           ``ledger.store.EventStore.append`` of one Debited-sized event per call, each writer
+ours           ``ledger.eventstore.store.EventStore.append`` of one Debited-sized event per call, each writer
                on its own stream, with the right expected version and previous hash.
 eventsourcing  the library's stock PostgreSQL application (psycopg, synchronous), one thread per
                writer, each saving one new event of its own small aggregate per ``save``.
@@ -44,10 +44,10 @@ from eventsourcing.domain import Aggregate, event
 
 from bench.arguments import add_database_url, int_list
 from bench.report import write_json
-from ledger.codec import MsgspecTranscoder
-from ledger.database import EmbeddedPostgres, create_pool, database_named
-from ledger.migrate import upgrade
-from ledger.store import GENESIS_HASH, EventStore, NewEvent
+from ledger.eventstore.codec import MsgspecTranscoder
+from ledger.eventstore.store import GENESIS_HASH, EventStore, NewEvent
+from ledger.postgres.database import EmbeddedPostgres, create_pool, database_named
+from ledger.postgres.migrate import upgrade
 
 # Its own name, not the generic giftcard_bench: it is dropped WITH (FORCE), and other
 # benchmarks may be running against the same server.

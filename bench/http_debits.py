@@ -55,7 +55,7 @@ import asyncpg
 from bench import event_store_appends
 from bench.arguments import int_list
 from bench.report import write_json
-from ledger.database import database_named
+from ledger.postgres.database import database_named
 
 CARDS = 1_000
 CARD_CREDIT = "1000000.00"  # a million of the checkout body's 1.00 Debits per card: no run comes near it

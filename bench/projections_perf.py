@@ -2,7 +2,7 @@
 
 The ledger is written fast but is genuine: every card's events are decided by the ``GiftCard``
 aggregate (Issued, Credited, Debited, Settled, Cancelled mixed, about 20 events a card spread over
-many days) and stored through ``ledger.codec``'s mapper and ``EventStore.append_many`` (hash
+many days) and stored through ``ledger.eventstore.codec``'s mapper and ``EventStore.append_many`` (hash
 chains and all), a chunk of cards per statement. Then, on that ledger:
 
 - catch-up: all three read models from zero with one ``ProjectionRunner``, as a service catches up,
@@ -41,11 +41,11 @@ import asyncpg
 from bench.citus import citus_cluster
 from bench.event_store_appends import create_bench_database, database_server, drop_database
 from bench.report import write_json
-from ledger.codec import new_mapper
-from ledger.commit_order import START
-from ledger.database import create_pool
-from ledger.migrate import upgrade
-from ledger.store import EventStore, NewEvent, StreamAppend
+from ledger.eventstore.codec import new_mapper
+from ledger.eventstore.commit_order import START
+from ledger.eventstore.store import EventStore, NewEvent, StreamAppend
+from ledger.postgres.database import create_pool
+from ledger.postgres.migrate import upgrade
 from projections import checkpoints, read_models
 from projections.projection import Projection
 from projections.runner import ProjectionRunner

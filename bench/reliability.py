@@ -47,7 +47,7 @@ import aiohttp
 import asyncpg
 
 from bench.arguments import add_database_url
-from ledger.database import database_named
+from ledger.postgres.database import database_named
 from tests.debit_load import (
     MINOR_PER_MAJOR,
     Debit,

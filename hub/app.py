@@ -20,26 +20,27 @@ from aiohttp import web
 from hub import webhooks
 from hub.config import Settings
 from hub.errors import error_middleware, error_response
-from hub.external.client import Outbound
-from hub.external.directory import ProviderDirectory
-from hub.external.egress import EgressPolicy, GuardedResolver
 from hub.http import audit_api, auth, bulk_api, openapi, read_api, read_pool, webhooks_api
 from hub.http.hub_api import HubHandlers
-from hub.http.native import NativeHandlers, Surface, json_response
+from hub.http.native import NativeHandlers, json_response
 from hub.http.state import DIRECTORY, EGRESS, LEDGER, METRICS, POOL, READ_POOL, REGISTRY, SETTINGS, THROTTLE
-from hub.http.throttle import LookupThrottle
 from hub.metrics import Metrics, make_metrics_middleware, metrics_handler
 from hub.pages import audit as audit_pages
-from ledger.commands import Ledger, utc_now
-from ledger.credentials_cipher import CredentialsCipher
-from ledger.database import create_pool
-from ledger.instance_keys import instance_key
-from ledger.migrate import upgrade
-from ledger.providers import ProviderRegistry
-from ledger.replication import replication_status
-from ledger.store import EventStore
+from hub.providers.directory import ProviderDirectory
+from hub.providers.egress import EgressPolicy, GuardedResolver
+from hub.providers.external import Outbound
+from hub.providers.lookup_throttle import LookupThrottle
+from hub.providers.native import Surface
+from ledger.application.commands import Ledger, utc_now
+from ledger.application.hold_expiry import run_hold_expiry
+from ledger.application.providers import ProviderRegistry
+from ledger.eventstore.store import EventStore
+from ledger.postgres.credentials_cipher import CredentialsCipher
+from ledger.postgres.database import create_pool
+from ledger.postgres.instance_keys import instance_key
+from ledger.postgres.migrate import upgrade
+from ledger.postgres.replication import replication_status
 from projections import checkpoints, read_models
-from projections.hold_expiry import run_hold_expiry
 from projections.runner import ProjectionRunner
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ import re
 import msgspec
 
 from hub.public_address import parse_public_url, parse_trusted_proxies
-from ledger.database import REQUEST_STATEMENT_TIMEOUT_S
+from ledger.postgres.database import REQUEST_STATEMENT_TIMEOUT_S
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -18,13 +18,13 @@ import asyncpg
 from tqdm import tqdm
 
 from hub.http import auth
-from ledger.commands import IssueCard, Ledger
-from ledger.credentials_cipher import CredentialsCipher
+from ledger.application.commands import IssueCard, Ledger
+from ledger.application.providers import Credentials, ProviderRegistry
 from ledger.domain.errors import DomainError
 from ledger.domain.provider import ProviderSpec
-from ledger.instance_keys import instance_key
-from ledger.providers import Credentials, ProviderRegistry
-from ledger.store import EventStore
+from ledger.eventstore.store import EventStore
+from ledger.postgres.credentials_cipher import CredentialsCipher
+from ledger.postgres.instance_keys import instance_key
 
 CURRENCIES = {
     "USD": ("25", "50", "100", "200"),

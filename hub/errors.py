@@ -15,7 +15,7 @@ import msgspec
 from aiohttp import web
 
 from hub.wire import encode
-from ledger.commands import CommandTimedOut
+from ledger.application.commands import CommandTimedOut
 from ledger.domain import errors
 
 log = logging.getLogger(__name__)

@@ -9,10 +9,10 @@ Each read model is a projection with its own checkpoint (see ``projections.runne
 
 from __future__ import annotations
 
-from projections.card_balances import CardBalances
-from projections.daily_totals import DailyTotals
+from projections.models.card_balances import CardBalances
+from projections.models.daily_totals import DailyTotals
+from projections.models.transaction_history import TransactionHistory
 from projections.projection import Projection
-from projections.transaction_history import TransactionHistory
 
 
 def read_models(native_provider_id: str) -> list[Projection]:

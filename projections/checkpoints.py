@@ -14,8 +14,8 @@ from datetime import datetime
 import asyncpg
 import msgspec
 
-from ledger.commit_order import Checkpoint
-from ledger.store import EventStore, RecordedEvent
+from ledger.eventstore.commit_order import Checkpoint
+from ledger.eventstore.store import EventStore, RecordedEvent
 
 # Advisory lock namespaces (the two-int4 form; the second key is hashtext(projection name)).
 BATCH_LOCK_CLASS = 0x70726F6A  # "proj": held by the transaction applying a batch, or swapping a rebuild in
@@ -67,7 +67,7 @@ class ProjectionStatus(msgspec.Struct, frozen=True):
     updated_at: datetime
     rebuilt_at: datetime | None
     lag_events: int  # committed events not applied yet
-    lag_by_source: dict[int, int]  # the same, for each source (ledger.commit_order)
+    lag_by_source: dict[int, int]  # the same, for each source (ledger.eventstore.commit_order)
     lag_s: float  # how long the oldest unapplied event has waited; 0 when caught up
     rebuilding: bool
 

@@ -3,7 +3,7 @@
 Native card events are the GiftCard aggregate's (stored ``type`` is the event's stable name
 or, in rows of earlier releases, a legacy topic: match on ``RecordedEvent.name``, and filter SQL on
 ``sql_types``; ``data`` is its JSON state, amounts already in minor units). Calls the hub forwards
-to external providers are ``ProviderCallForwarded`` events (written by hub/external/client.py)
+to external providers are ``ProviderCallForwarded`` events (written by hub/providers/external.py)
 whose ``value`` is a decimal string in major units of a currency the hub never learns.
 """
 
@@ -17,8 +17,8 @@ import msgspec
 
 from ledger.domain import topics
 from ledger.domain.giftcard import CREDIT, DEBIT
-from ledger.money import AMOUNT_MINOR_MAX
-from ledger.store import RecordedEvent
+from ledger.domain.money import AMOUNT_MINOR_MAX
+from ledger.eventstore.store import RecordedEvent
 
 ISSUED = topics.ISSUED
 CREDITED = topics.CREDITED
@@ -27,7 +27,7 @@ SETTLED = topics.SETTLED
 CANCELLED = topics.CANCELLED
 # An expired hold voided by the ledger: the same fields as a cancellation that only releases.
 VOIDED = topics.VOIDED
-FORWARDED = "ProviderCallForwarded"  # hub/external/client.py FORWARDED; projections do not import the hub
+FORWARDED = "ProviderCallForwarded"  # hub/providers/external.py FORWARDED; projections do not import the hub
 
 OPERATION_OF = {CREDITED: CREDIT, DEBITED: DEBIT}
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from ledger.store import RecordedEvent
+from ledger.eventstore.store import RecordedEvent
 from projections import events as ev
-from projections.replay import CANCELLATION, SETTLEMENT, TRANSACTION
+from projections.audit.replay import CANCELLATION, SETTLEMENT, TRANSACTION
 
 # Forwarded create-transactions that repeat an earlier one (same provider, card and requestId, the
 # requestId trimmed as the read model trims it), in commit order: these are not counted again.

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
 
-from ledger.store import RecordedEvent
+from ledger.eventstore.store import RecordedEvent
 
 Handler = Callable[[asyncpg.Connection, RecordedEvent], Awaitable[None]]
 

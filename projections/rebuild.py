@@ -20,8 +20,8 @@ from datetime import datetime
 import asyncpg
 import msgspec
 
-from ledger.commit_order import START, Checkpoint
-from ledger.store import EventStore, RecordedEvent
+from ledger.eventstore.commit_order import START, Checkpoint
+from ledger.eventstore.store import EventStore, RecordedEvent
 from projections import checkpoints
 from projections.projection import Projection
 from projections.runner import BATCH_EVENTS_MAX

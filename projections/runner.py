@@ -12,7 +12,7 @@ projection that stood at the same checkpoint when the round began, usually all o
 That read is made before the locks, so each batch checks under its lock that its checkpoint
 is still the one the events follow; if another runner moved it meanwhile, the batch reads
 its own events inside its transaction instead. Events ``read_all`` returns are, in every
-source, a prefix of its commit order that never changes (ledger.commit_order), so a shared
+source, a prefix of its commit order that never changes (ledger.eventstore.commit_order), so a shared
 read applies exactly what a read inside the batch would have.
 
 Runners may run side by side (the one ``giftcard serve`` starts beside its workers, and
@@ -32,9 +32,9 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from ledger.commit_order import Checkpoint
-from ledger.database import DATABASE_ERRORS
-from ledger.store import EventStore, RecordedEvent
+from ledger.eventstore.commit_order import Checkpoint
+from ledger.eventstore.store import EventStore, RecordedEvent
+from ledger.postgres.database import DATABASE_ERRORS
 from projections import checkpoints
 from projections.projection import Projection
 

@@ -13,8 +13,8 @@ import sys
 
 import asyncpg
 
-from ledger.codec import canonical_json
-from ledger.store import EventStore, NewEvent
+from ledger.eventstore.codec import canonical_json
+from ledger.eventstore.store import EventStore, NewEvent
 
 
 async def append_events(url: str, prefix: str, events: int, *, streams: int, hold_s: float) -> None:

@@ -14,10 +14,10 @@ from decimal import Decimal
 
 import asyncpg
 
-from ledger.codec import canonical_json, new_mapper
-from ledger.commands import Ledger
-from ledger.distribution import is_distributed
-from ledger.store import EventStore, NewEvent, chain_hash
+from ledger.application.commands import Ledger
+from ledger.eventstore.codec import canonical_json, new_mapper
+from ledger.eventstore.store import EventStore, NewEvent, chain_hash
+from ledger.postgres.distribution import is_distributed
 from projections import read_models
 from projections.runner import ProjectionRunner
 from tests.cards import issue, issued_aggregate, load_and_order
@@ -70,7 +70,7 @@ async def forward(
     request_id: str | None = None,
     outcome: str = "ok",
 ) -> str:
-    """A ProviderCallForwarded event as hub/external/client.py records it; returns its stream."""
+    """A ProviderCallForwarded event as hub/providers/external.py records it; returns its stream."""
     stream = f"forwarded-{uuid.uuid4()}"
     data = {
         "operation": operation,

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from ledger.commands import IssueCard, IssuedCard, Ledger
+from ledger.application.commands import IssueCard, IssuedCard, Ledger
 from ledger.domain.giftcard import GiftCard, Operation
 
 

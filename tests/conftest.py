@@ -23,10 +23,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from ledger.commands import Ledger
-from ledger.database import EmbeddedPostgres, create_pool, database_named
-from ledger.migrate import upgrade
-from ledger.store import EventStore
+from ledger.application.commands import Ledger
+from ledger.eventstore.store import EventStore
+from ledger.postgres.database import EmbeddedPostgres, create_pool, database_named
+from ledger.postgres.migrate import upgrade
 from tests.citus_cluster import CitusCluster, citus_missing
 
 TEMPLATE_DB = "giftcard_template"
@@ -256,7 +256,7 @@ async def services_on(database_url: str, **app_options) -> AsyncIterator:
     from hub.app import create_app
     from hub.config import Settings
     from hub.http.server import HubRunner
-    from ledger.credentials_cipher import CredentialsCipher
+    from ledger.postgres.credentials_cipher import CredentialsCipher
 
     runners = []
     sessions = []

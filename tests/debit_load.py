@@ -20,7 +20,7 @@ import asyncpg
 from eventsourcing.utils import get_topic
 
 from ledger.domain.giftcard import GiftCard
-from ledger.store import ChainBroken, EventStore, verify_chain
+from ledger.eventstore.store import ChainBroken, EventStore, verify_chain
 from tests.hub_process import Answer, NativeClient
 
 DEBITED = get_topic(GiftCard.Debited)
@@ -192,7 +192,7 @@ async def audit(pool: asyncpg.Pool, debits: Sequence[Debit], credit_minor: dict[
 
 
 async def broken_chains(pool: asyncpg.Pool, card_ids: Sequence[str]) -> list[str]:
-    """Cards whose stream has a version gap or a hash that does not follow (see ledger.store)."""
+    """Cards whose stream has a version gap or a hash that does not follow (see ledger.eventstore.store)."""
     store = EventStore(pool)
     broken = []
     for card_id in card_ids:

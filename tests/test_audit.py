@@ -12,12 +12,12 @@ import pytest
 
 from hub.http import openapi
 from hub.http.state import LEDGER
-from ledger.codec import canonical_json
-from ledger.commands import Ledger
+from ledger.application.commands import Ledger
 from ledger.domain.snapshot import restore_snapshot, take_snapshot
-from ledger.store import NewEvent
-from projections.audit import RULE_SNAPSHOT, audit_card, render_card_audit, verify
-from projections.replay import RULE_BALANCE, RULE_CHAIN, RULE_REFUNDED, RULE_SETTLED_RELEASED, RULE_VERSIONS
+from ledger.eventstore.codec import canonical_json
+from ledger.eventstore.store import NewEvent
+from projections.audit.auditors import RULE_SNAPSHOT, audit_card, render_card_audit, verify
+from projections.audit.replay import RULE_BALANCE, RULE_CHAIN, RULE_REFUNDED, RULE_SETTLED_RELEASED, RULE_VERSIONS
 from tests.audit_ledgers import (
     EVENTS_PER_FABRICATED_CARD,
     NATIVE,

@@ -1,6 +1,6 @@
 """The auditor's web view (``/audit``, ``/audit/cards/{id}``): HTTP Basic with hub-consumer pairs, data
 escaped, and every number shown equal to the ledger: the balance after each event to the domain's
-replay, the totals to ``audit verify``'s (``projections.totals``) and to the cards' own balances.
+replay, the totals to ``audit verify``'s (``projections.exports.totals``) and to the cards' own balances.
 
 Then the same pages in a real headless Chromium (Debian's ``chromium``; skipped without it): the
 page loads, the chart is painted, the numbers match. Set ``GIFTCARD_TEST_SCREENSHOTS=DIR`` to keep
@@ -25,11 +25,11 @@ from hub.http.state import LEDGER
 from hub.pages import audit as audit_pages
 from hub.pages.charts import value_ticks
 from ledger.domain.giftcard import CREDIT, DEBIT
-from ledger.money import to_major
-from projections.audit import audit_card, verify
-from projections.replay import CANCELLATION, SETTLEMENT, TRANSACTION
-from projections.totals import Totals, major
-from projections.verify_runs import latest_run
+from ledger.domain.money import to_major
+from projections.audit.auditors import audit_card, verify
+from projections.audit.replay import CANCELLATION, SETTLEMENT, TRANSACTION
+from projections.audit.verify_runs import latest_run
+from projections.exports.totals import Totals, major
 from tests import page_dom
 from tests.audit_ledgers import (
     NATIVE,
@@ -205,7 +205,7 @@ async def test_data_is_escaped_never_markup(pages):
 async def assert_card_page_matches_the_ledger(document: page_dom.Node, service, card_id: str) -> None:
     """Each row's and chart point's balance is the domain replay's; the last is the ledger's own."""
     ledger = service.app[LEDGER]
-    audit = await audit_card(ledger.store, card_id)
+    audit = await audit_card(ledger.eventstore.store, card_id)
     replayed = [to_major(entry.step.balance, audit.currency) for entry in audit.entries]
     rows = page_dom.rows(document, "event")
     assert [int(row.attrs["data-version"]) for row in rows] == [entry.event.version for entry in audit.entries]

@@ -20,9 +20,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from ledger.commands import IssueCard, Ledger
-from ledger.migrate import upgrade
-from ledger.store import EventStore
+from ledger.application.commands import IssueCard, Ledger
+from ledger.eventstore.store import EventStore
+from ledger.postgres.migrate import upgrade
 from projections import read_models
 from projections.runner import ProjectionRunner
 from tests.cards import issue_command

@@ -20,8 +20,8 @@ import pytest
 
 from hub.http import auth, bulk_api, openapi
 from hub.http.state import LEDGER
-from ledger import codes_file
-from ledger.bulk_issue import (
+from ledger.application import codes_file
+from ledger.application.bulk_issue import (
     BatchBusy,
     BatchDefaults,
     BatchRequest,
@@ -33,12 +33,12 @@ from ledger.bulk_issue import (
     relation_name,
     resolve_terms,
 )
-from ledger.codes_file import CodesFileRefused
-from ledger.commands import Ledger
+from ledger.application.codes_file import CodesFileRefused
+from ledger.application.commands import Ledger
 from ledger.domain import errors
 from ledger.domain.codes import hash_code, normalize_code
-from ledger.instance_keys import instance_key
-from ledger.store import EventStore, verify_chain
+from ledger.eventstore.store import EventStore, verify_chain
+from ledger.postgres.instance_keys import instance_key
 from tests.audit_ledgers import finance_cli
 from tests.cards import issue_command
 

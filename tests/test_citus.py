@@ -7,7 +7,7 @@ Events stay immutable on every shard placement, also when a worker is written to
 concurrent Debits from ``giftcard serve`` nothing is spent twice; with a worker down, its cards
 answer 503 while the other worker's cards keep working, and they catch up when it returns.
 
-The read side follows each shard's own commit order (ledger.commit_order): every shard is a
+The read side follows each shard's own commit order (ledger.eventstore.commit_order): every shard is a
 source whose events take an increasing seq on their worker, so projections run beside ``serve`` on
 the cluster, keep up through shard moves, and are held back by no other node's transactions.
 """
@@ -26,14 +26,14 @@ import asyncpg
 import pytest
 
 from ledger import distribution
-from ledger.bulk_issue import BatchDefaults, BatchRequest, BulkIssuer
-from ledger.codec import canonical_json
-from ledger.commands import Ledger
-from ledger.commit_order import Checkpoint
-from ledger.database import create_pool
+from ledger.application.bulk_issue import BatchDefaults, BatchRequest, BulkIssuer
+from ledger.application.commands import Ledger
 from ledger.domain.giftcard import DEBIT
-from ledger.migrate import grant_service_role, upgrade
-from ledger.store import EventStore, NewEvent, OneEvent, RecordedEvent, chain_hash, verify_chain
+from ledger.eventstore.codec import canonical_json
+from ledger.eventstore.commit_order import Checkpoint
+from ledger.eventstore.store import EventStore, NewEvent, OneEvent, RecordedEvent, chain_hash, verify_chain
+from ledger.postgres.database import create_pool
+from ledger.postgres.migrate import grant_service_role, upgrade
 from projections import card_balances, checkpoints
 from tests.cards import issue
 from tests.citus_cluster import CitusCluster, citus_missing
@@ -105,7 +105,7 @@ async def shard_of(pool: asyncpg.Pool, card_id: str) -> tuple[str, int]:
 async def assert_each_shard_is_a_source(pool: asyncpg.Pool) -> None:
     """Every event's source is the shard it lives in, and no seq of a source is taken twice: also
     after shards moved (a moved row keeps its seq; its new worker continues after them). Numbers
-    may be left unused, by appends that lost their race (see ledger.commit_order)."""
+    may be left unused, by appends that lost their race (see ledger.eventstore.commit_order)."""
     rows = await pool.fetch(
         "select source, count(*) as n, count(distinct seq) as seqs, max(seq) as last,"
         " bool_and(source = get_shard_id_for_distribution_column('events', stream_id)) as in_its_shard"

@@ -10,10 +10,10 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from ledger.commands import Ledger
-from ledger.database import create_pool
-from ledger.migrate import grant_service_role, grant_service_role_statements, upgrade
-from ledger.store import EventStore
+from ledger.application.commands import Ledger
+from ledger.eventstore.store import EventStore
+from ledger.postgres.database import create_pool
+from ledger.postgres.migrate import grant_service_role, grant_service_role_statements, upgrade
 from tests.cards import issue
 
 

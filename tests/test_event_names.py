@@ -13,11 +13,11 @@ from pathlib import Path
 import msgspec
 
 from ledger import codec
-from ledger.commands import IssueCard, Ledger
+from ledger.application.commands import IssueCard, Ledger
 from ledger.domain import topics
 from ledger.domain.snapshot import SNAPSHOT_SCHEMA
-from projections.audit import verify
-from projections.card_balances import one_balance
+from projections.audit.auditors import verify
+from projections.models.card_balances import one_balance
 from tests import release_rows
 from tests.audit_ledgers import NATIVE, catch_up
 
@@ -128,7 +128,7 @@ def test_stored_events_replay_after_the_card_module_moves():
         sys.modules[spec.name] = moved
         spec.loader.exec_module(moved)
         import msgspec
-        from ledger.codec import domain_event, new_mapper
+        from ledger.eventstore.codec import domain_event, new_mapper
         from tests import release_rows
 
         card = None

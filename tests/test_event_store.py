@@ -8,10 +8,10 @@ import asyncio
 import asyncpg
 import pytest
 
-from ledger.codec import canonical_json
-from ledger.commit_order import START
 from ledger.domain.errors import ConcurrentUpdate, InvalidRequest
-from ledger.store import GENESIS_HASH, ChainBroken, EventStore, NewEvent, StreamAppend, verify_chain
+from ledger.eventstore.codec import canonical_json
+from ledger.eventstore.commit_order import START
+from ledger.eventstore.store import GENESIS_HASH, ChainBroken, EventStore, NewEvent, StreamAppend, verify_chain
 from tests.audit_ledgers import as_owner_bypassing_immutability
 
 pytestmark = pytest.mark.also_on_citus

@@ -23,11 +23,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ledger.commands import IssueCard
-from ledger.money import to_major
-from projections.audit import audit_card, verify
+from ledger.application.commands import IssueCard
+from ledger.domain.money import to_major
+from projections.audit.auditors import audit_card, verify
 from projections.events import ISSUED, SETTLED
-from projections.exports import (
+from projections.exports.export_files import (
     COLUMNS,
     FORMATS,
     ExportFilter,
@@ -333,7 +333,7 @@ async def test_csv_keeps_awkward_text_whole_wherever_the_copy_is_cut(
 ):
     """Commas, quotes, LF and CRLF inside fields, with COPY's stream cut every ``slice_bytes``: each
     field reads back as written, records end in CRLF, and the totals are the JSON Lines export's."""
-    monkeypatch.setattr("projections.exports.CSV_SLICE_BYTES_MAX", slice_bytes)
+    monkeypatch.setattr("projections.exports.export_files.CSV_SLICE_BYTES_MAX", slice_bytes)
     await write_history(ledger, clock)
     await write_forwarded(store)
     card_id = str((await ledger.issue(IssueCard(relation_name="awkward", caption="c", profile_id="p",

@@ -27,11 +27,11 @@ import aiohttp
 import asyncpg
 import pytest
 
-from ledger.commands import Ledger
-from ledger.database import create_pool
+from ledger.application.commands import Ledger
 from ledger.domain.giftcard import DEBIT
-from ledger.migrate import upgrade
-from ledger.store import EventStore
+from ledger.eventstore.store import EventStore
+from ledger.postgres.database import create_pool
+from ledger.postgres.migrate import upgrade
 from projections import checkpoints
 from tests.cards import issue
 from tests.debit_load import Debit, RetryPolicy, plan_debits, send_all, until_acknowledged

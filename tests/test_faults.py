@@ -23,9 +23,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from ledger.commands import Ledger
-from ledger.database import database_named
-from ledger.store import EventStore
+from ledger.application.commands import Ledger
+from ledger.eventstore.store import EventStore
+from ledger.postgres.database import database_named
 from tests.cards import issue
 from tests.debit_load import (
     MINOR_PER_MAJOR,

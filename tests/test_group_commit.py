@@ -9,10 +9,10 @@ from decimal import Decimal
 import asyncpg
 import pytest
 
-from ledger.commands import CommandTimedOut, Ledger
-from ledger.database import create_pool
+from ledger.application.commands import CommandTimedOut, Ledger
 from ledger.domain import errors
-from ledger.store import EventStore, verify_chain
+from ledger.eventstore.store import EventStore, verify_chain
+from ledger.postgres.database import create_pool
 from tests.cards import count_events, issue
 
 pytestmark = pytest.mark.also_on_citus

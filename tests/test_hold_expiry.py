@@ -10,9 +10,9 @@ from decimal import Decimal
 import pytest
 
 from hub.config import parse_duration_s
-from ledger.commands import Ledger
+from ledger.application.commands import Ledger
+from ledger.application.hold_expiry import sweep_once
 from ledger.domain import errors
-from projections.hold_expiry import sweep_once
 from tests.cards import issue
 from tests.test_domain import NOW, credit, debit, new_card, settle
 

@@ -8,7 +8,7 @@ from datetime import timedelta
 import aiohttp
 import pytest
 
-from hub.http.paging import PAGE_ITEMS_DEFAULT
+from hub.paging import PAGE_ITEMS_DEFAULT
 from tests.cards import count_events
 
 pytestmark = pytest.mark.also_on_citus

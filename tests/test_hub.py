@@ -96,7 +96,7 @@ async def test_credentials_are_encrypted_at_rest_and_never_shown(service, pool):
 
 
 async def test_credentials_are_refused_without_a_secret_key(start_service, pool):
-    from ledger.credentials_cipher import CredentialsCipher
+    from ledger.postgres.credentials_cipher import CredentialsCipher
 
     service = await start_service()
     service.app  # noqa: B018 (the started app; replace its cipher with one that has no key)

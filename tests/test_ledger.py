@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from ledger.commands import Ledger
+from ledger.application.commands import Ledger
 from ledger.domain import errors
 from ledger.domain.giftcard import Client
-from ledger.store import EventStore, verify_chain
+from ledger.eventstore.store import EventStore, verify_chain
 from tests.cards import count_events, issue
 
 pytestmark = pytest.mark.also_on_citus

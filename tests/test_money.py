@@ -3,7 +3,7 @@ from decimal import Decimal
 import pytest
 
 from ledger.domain.errors import InvalidAmount, UnknownCurrency
-from ledger.money import AMOUNT_MINOR_MAX, to_major, to_minor
+from ledger.domain.money import AMOUNT_MINOR_MAX, to_major, to_minor
 
 
 @pytest.mark.parametrize(

@@ -16,10 +16,10 @@ from decimal import Decimal
 import asyncpg
 import pytest
 
-from ledger.codec import canonical_json
-from ledger.commands import IssueCard, Ledger
-from ledger.commit_order import START
-from ledger.store import EventStore, NewEvent, RecordedEvent
+from ledger.application.commands import IssueCard, Ledger
+from ledger.eventstore.codec import canonical_json
+from ledger.eventstore.commit_order import START
+from ledger.eventstore.store import EventStore, NewEvent, RecordedEvent
 from projections import checkpoints, names, read_model, read_models
 from projections.events import SETTLED
 from projections.projection import ProjectionBug

@@ -23,10 +23,10 @@ import asyncpg
 import pytest
 
 from hub.http.read_pool import LAG_BYTES_HEADER, LAG_SECONDS_HEADER
-from ledger.commands import Ledger
-from ledger.migrate import upgrade
-from ledger.replication import replica_lag
-from ledger.store import EventStore
+from ledger.application.commands import Ledger
+from ledger.eventstore.store import EventStore
+from ledger.postgres.migrate import upgrade
+from ledger.postgres.replication import replica_lag
 from tests.cards import issue_command
 from tests.conftest import HUB_KEY, HUB_TOKEN, Clock, Service, services_on
 from tests.giftcard_cli import giftcard

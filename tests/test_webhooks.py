@@ -32,9 +32,9 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from hub.cli.webhooks import add_commands
 from hub.config import Settings
-from hub.external.egress import EgressPolicy
 from hub.http import auth
 from hub.http.openapi import describe, route_path
+from hub.providers.egress import EgressPolicy
 from hub.webhooks import run_deliveries, storage
 from hub.webhooks.delivery import DeliveryOptions
 from hub.webhooks.events import render
@@ -58,14 +58,14 @@ from hub.webhooks.subscriptions import (
     rotate_secret,
     seal_secrets,
 )
-from ledger.commands import IssueCard, Ledger
-from ledger.commit_order import Checkpoint
-from ledger.credentials_cipher import CredentialsCipher, SecretKeyMissing
-from ledger.database import create_pool
+from ledger.application.commands import IssueCard, Ledger
+from ledger.application.providers import Credentials, ProviderRegistry
 from ledger.domain.errors import InvalidRequest
 from ledger.domain.provider import ProviderSpec
-from ledger.providers import Credentials, ProviderRegistry
-from ledger.store import EventStore, RecordedEvent
+from ledger.eventstore.commit_order import Checkpoint
+from ledger.eventstore.store import EventStore, RecordedEvent
+from ledger.postgres.credentials_cipher import CredentialsCipher, SecretKeyMissing
+from ledger.postgres.database import create_pool
 from tests.conftest import TEST_SECRET_KEY, Clock
 from tests.providers.serving import serve
 

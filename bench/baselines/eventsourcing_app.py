@@ -34,7 +34,7 @@ from bench.baselines.common import Refused, add_routes, credentials, make_middle
 
 T = TypeVar("T")
 
-SNAPSHOT_INTERVAL_EVENTS = 100  # the service's own interval (ledger.commands.SNAPSHOT_INTERVAL_EVENTS)
+SNAPSHOT_INTERVAL_EVENTS = 100  # the service's own interval (ledger.application.commands.SNAPSHOT_INTERVAL_EVENTS)
 CONFLICT_RETRIES_MAX = 25
 CONFLICT_BACKOFF_S = 0.002
 

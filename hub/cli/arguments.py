@@ -9,7 +9,7 @@ from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
 
 from ledger.domain.errors import DomainError
-from ledger.money import exponent_of
+from ledger.domain.money import exponent_of
 
 
 def instant(value: str) -> datetime:

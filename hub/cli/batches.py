@@ -1,8 +1,8 @@
 """``giftcard cards issue``: a batch of native cards, their redemption codes written once, to a file.
 
-Thin calls into ``ledger.bulk_issue``, which does the work. The batch id is printed first: an
+Thin calls into ``ledger.application.bulk_issue``, which does the work. The batch id is printed first: an
 interrupted run (Ctrl-C, a crash, a lost connection) is finished by running the same command with
-``--batch-id``, which issues only the missing cards and never one twice (see ``ledger.bulk_issue`` for why no code can be lost).
+``--batch-id``, which issues only the missing cards and never one twice (see ``ledger.application.bulk_issue`` for why no code can be lost).
 
 Exit codes: 0 every card of the batch exists and its code is in the output; 1 some cards exist
 whose codes are not in this output (listed: the file of an earlier run holds them, or they are
@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from hub.cli import arguments
 from hub.config import Settings
-from ledger.bulk_issue import (
+from ledger.application.bulk_issue import (
     BATCH_CARDS_MAX,
     CHUNK_CARDS_DEFAULT,
     CHUNK_CARDS_MAX,
@@ -37,11 +37,11 @@ from ledger.bulk_issue import (
     check_batch_id,
     new_batch_id,
 )
-from ledger.commands import Ledger, utc_now
-from ledger.database import with_database
+from ledger.application.commands import Ledger, utc_now
 from ledger.domain.errors import DomainError
-from ledger.instance_keys import instance_key
-from ledger.store import EventStore
+from ledger.eventstore.store import EventStore
+from ledger.postgres.database import with_database
+from ledger.postgres.instance_keys import instance_key
 
 EXIT_OK, EXIT_CODES_LOST, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 130
 CHUNK_PAUSE_S_MAX = 60.0

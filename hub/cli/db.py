@@ -9,10 +9,10 @@ import sys
 import asyncpg
 import msgspec
 
-from ledger.database import with_database
-from ledger.distribution import add_worker
-from ledger.migrate import grant_service_role, upgrade
-from ledger.replication import Replication, replication_status
+from ledger.postgres.database import with_database
+from ledger.postgres.distribution import add_worker
+from ledger.postgres.migrate import grant_service_role, upgrade
+from ledger.postgres.replication import Replication, replication_status
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:

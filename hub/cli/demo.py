@@ -8,7 +8,7 @@ import asyncpg
 
 from hub import demo
 from hub.config import Settings
-from ledger.database import with_database
+from ledger.postgres.database import with_database
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:

@@ -1,6 +1,6 @@
 """``giftcard audit card | verify`` and ``giftcard export transactions | liabilities``.
 
-Thin calls into ``projections.audit`` and ``projections.exports``, which do the work.
+Thin calls into ``projections.audit.auditors`` and ``projections.exports.export_files``, which do the work.
 
 With ``GIFTCARD_REPLICA_URL`` set, ``audit verify`` and the exports read that replica (never
 upgrading its schema: it is read-only) and say on stderr how far behind the primary it was when
@@ -29,11 +29,11 @@ from tqdm import tqdm
 
 from hub.cli import arguments
 from hub.config import native_provider_id_from_env
-from ledger.database import with_database
 from ledger.domain.errors import CardNotFound
-from ledger.replication import configured_replica_url, with_read_database
-from ledger.store import EventStore
-from projections.audit import (
+from ledger.eventstore.store import EventStore
+from ledger.postgres.database import with_database
+from ledger.postgres.replication import configured_replica_url, with_read_database
+from projections.audit.auditors import (
     VERIFY_BATCH_EVENTS,
     VERIFY_WALKERS_MAX,
     CardAudit,
@@ -43,7 +43,9 @@ from projections.audit import (
     render_report,
     verify,
 )
-from projections.exports import (
+from projections.audit.replay import Failure
+from projections.audit.verify_runs import record_run
+from projections.exports.export_files import (
     EXPORT_BATCH_ROWS,
     FORMATS,
     LIABILITY_FORMATS,
@@ -56,9 +58,7 @@ from projections.exports import (
     export_transactions,
     render_liabilities,
 )
-from projections.replay import Failure
-from projections.totals import Totals, major
-from projections.verify_runs import record_run
+from projections.exports.totals import Totals, major
 
 T = TypeVar("T")
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from hub.http import auth
-from ledger.database import with_database
+from ledger.postgres.database import with_database
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:

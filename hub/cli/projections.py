@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from hub.cli import arguments
 from hub.config import native_provider_id_from_env
-from ledger.database import create_pool, with_database
-from ledger.migrate import upgrade
+from ledger.postgres.database import create_pool, with_database
+from ledger.postgres.migrate import upgrade
 from projections import checkpoints, names, read_model, read_models
 from projections.checkpoints import ProjectionStatus
 from projections.rebuild import RebuildInProgress, count_events, rebuild

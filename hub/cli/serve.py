@@ -19,7 +19,7 @@ from hub.cli.projections import run_beside_serve
 from hub.config import Settings
 from hub.http.server import serve_until_signalled
 from hub.logs import JsonAccessLogger, configure_logging
-from ledger.database import resolve_database_url
+from ledger.postgres.database import resolve_database_url
 
 PROJECTION_RUNNER_NICENESS = 10  # requests first: read models may lag a busy second, a Debit may not
 

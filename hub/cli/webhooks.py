@@ -15,16 +15,16 @@ from typing import Any, TypeVar
 import asyncpg
 
 from hub.config import Settings
-from hub.external.egress import EgressPolicy
 from hub.http.webhooks_api import render_dead_letter, render_subscription
+from hub.providers.egress import EgressPolicy
 from hub.webhooks import storage
 from hub.webhooks.delivery import Deliverer, DeliveryOptions, delivery_session, run_deliveries
 from hub.webhooks.events import EVENT_TYPES
 from hub.webhooks.subscriptions import create_subscription, drop_previous_secret, rotate_secret
 from hub.wire import encode
-from ledger.credentials_cipher import CredentialsCipher
-from ledger.database import with_database
 from ledger.domain.errors import DomainError
+from ledger.postgres.credentials_cipher import CredentialsCipher
+from ledger.postgres.database import with_database
 
 T = TypeVar("T")
 

@@ -19,8 +19,8 @@ from hub.http.native import json_response
 from hub.http.read_api import instant_param
 from hub.http.read_pool import read_pool
 from hub.http.state import SETTINGS
-from ledger.store import EventStore
-from projections.audit import audit_card, render_card_audit
+from ledger.eventstore.store import EventStore
+from projections.audit.auditors import audit_card, render_card_audit
 
 BASE = "/api/audit"
 

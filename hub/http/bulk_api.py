@@ -14,12 +14,20 @@ from typing import Any
 
 from aiohttp import web
 
-from hub.http.native import Hrefs, default_expiry, event_metadata, json_response, read_body
+from hub.http.native import event_metadata, json_response, read_body
 from hub.http.state import LEDGER, SETTINGS
+from hub.providers.native import Hrefs, default_expiry
 from hub.wire import CreateBatchRequest, decode, format_datetime, parse_datetime
-from ledger.bulk_issue import BatchDefaults, BatchOutcome, BatchRequest, BulkIssuer, check_count, new_batch_id
+from ledger.application.bulk_issue import (
+    BatchDefaults,
+    BatchOutcome,
+    BatchRequest,
+    BulkIssuer,
+    check_count,
+    new_batch_id,
+)
 from ledger.domain.errors import InvalidRequest
-from ledger.money import to_major
+from ledger.domain.money import to_major
 
 ROUTE = "/api/giftcards/_batches"
 # One request, one transaction, one answer holding every code (about 210 bytes a card): 10,000

@@ -21,16 +21,17 @@ import msgspec
 from aiohttp import web
 
 from hub.errors import ApiError
-from hub.external.client import ExternalProvider
-from hub.http.native import Hrefs, NativeProvider, card_operation_routes, event_metadata, json_response, read_body
-from hub.http.paging import content_range, page_of, parse_rest_range, unranged_means_whole
+from hub.http.native import card_operation_routes, event_metadata, json_response, read_body
 from hub.http.state import DIRECTORY, EGRESS, LEDGER, REGISTRY, SETTINGS, THROTTLE
+from hub.paging import content_range, page_of, parse_rest_range, unranged_means_whole
+from hub.providers.external import ExternalProvider
+from hub.providers.native import Hrefs, NativeProvider
 from hub.public_address import public_base_url
 from hub.wire import CreateCardRequest, CreateTransactionRequest, OperationRequest, SearchRequest, decode, encode
+from ledger.application.providers import Credentials, ProviderNotFound, RegisteredProvider
 from ledger.domain import errors
 from ledger.domain.errors import InvalidRequest
 from ledger.domain.provider import ProviderSpec, check_provider_id, check_registration
-from ledger.providers import Credentials, ProviderNotFound, RegisteredProvider
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ from typing import Any, NamedTuple
 import msgspec
 from aiohttp import web
 
-from hub import wire
-from hub.http import answers, auth, paging, read_api
+from hub import paging, wire
+from hub.http import answers, auth, read_api
 from hub.http.hub_api import ProviderPut
 from hub.webhooks.wire import CreateWebhookRequest, ReplayWebhookRequest
 from ledger.domain.giftcard import OPERATIONS as TRANSACTION_OPERATIONS
-from projections.card_balances import STATUSES as CARD_STATUSES
+from projections.models.card_balances import STATUSES as CARD_STATUSES
 
 SWAGGER_STATIC = "/docs/static"
 OPENAPI_VERSION = "3.0.3"

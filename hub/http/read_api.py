@@ -22,16 +22,17 @@ from aiohttp import web
 
 from hub.errors import ApiError
 from hub.http.native import json_response
-from hub.http.paging import RestRange, content_range, parse_rest_range
 from hub.http.read_pool import read_pool, with_replica_lag
 from hub.http.state import SETTINGS
+from hub.paging import RestRange, content_range, parse_rest_range
 from hub.wire import format_datetime, parse_datetime
 from ledger.domain.errors import CardNotFound, InvalidRequest
 from ledger.domain.giftcard import OPERATIONS
-from ledger.money import exponent_of, to_major
-from projections import card_balances, checkpoints, daily_totals, transaction_history
+from ledger.domain.money import exponent_of, to_major
+from projections import checkpoints
 from projections.checkpoints import ProjectionStatus
 from projections.events import UNKNOWN_CURRENCY_EXPONENT
+from projections.models import card_balances, daily_totals, transaction_history
 
 BASE = "/api/ledger"
 QUERY_TEXT_CHARS_MAX = 256

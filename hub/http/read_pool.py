@@ -20,7 +20,7 @@ import asyncpg
 from aiohttp import web
 
 from hub.http.state import POOL, READ_POOL
-from ledger.replication import ReplicaLag, replica_lag
+from ledger.postgres.replication import ReplicaLag, replica_lag
 
 LAG_SECONDS_HEADER = "X-Replica-Lag-Seconds"
 LAG_BYTES_HEADER = "X-Replica-Lag-Bytes"

@@ -6,12 +6,12 @@ import asyncpg
 from aiohttp import web
 
 from hub.config import Settings
-from hub.external.directory import ProviderDirectory
-from hub.external.egress import EgressPolicy
-from hub.http.throttle import LookupThrottle
 from hub.metrics import Metrics
-from ledger.commands import Ledger
-from ledger.providers import ProviderRegistry
+from hub.providers.directory import ProviderDirectory
+from hub.providers.egress import EgressPolicy
+from hub.providers.lookup_throttle import LookupThrottle
+from ledger.application.commands import Ledger
+from ledger.application.providers import ProviderRegistry
 
 SETTINGS = web.AppKey("settings", Settings)
 POOL = web.AppKey("pool", asyncpg.Pool)

@@ -12,8 +12,8 @@ import msgspec
 from aiohttp import web
 
 from hub.http.native import json_response, read_body
-from hub.http.paging import content_range, parse_rest_range
 from hub.http.state import EGRESS, POOL, REGISTRY
+from hub.paging import content_range, parse_rest_range
 from hub.webhooks import storage
 from hub.webhooks.subscriptions import create_subscription
 from hub.webhooks.wire import CreateWebhookRequest, ReplayWebhookRequest

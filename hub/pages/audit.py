@@ -28,14 +28,14 @@ from hub.http.state import LEDGER, SETTINGS
 from hub.pages.card import card_page_context
 from hub.pages.charts import ChartPoint, LineChart, line_chart
 from hub.pages.rendering import amount_text, decimal_text, html_response
-from ledger.commands import parse_card_id
+from ledger.application.commands import parse_card_id
 from ledger.domain.errors import DomainError
-from ledger.store import EventStore
-from projections.audit import audit_card
-from projections.audit_overview import LIABILITY_DAYS_MAX, GroupTotals, Overview, read_overview
+from ledger.eventstore.store import EventStore
+from projections.audit.auditors import audit_card
+from projections.audit.overview import LIABILITY_DAYS_MAX, GroupTotals, Overview, read_overview
+from projections.audit.verify_runs import RecordedFailure, VerifyRun
 from projections.checkpoints import ProjectionStatus
-from projections.totals import major
-from projections.verify_runs import RecordedFailure, VerifyRun
+from projections.exports.totals import major
 
 BASE = "/audit"
 CARD_ID_CHARS_MAX = 64  # a UUID is 36; the form's field is free text

@@ -1,6 +1,6 @@
 """The auditor's page of one card: its summary, a chart of its balance, and every event.
 
-Everything comes from ``projections.audit.audit_card``: the card's own events, hash chain
+Everything comes from ``projections.audit.auditors.audit_card``: the card's own events, hash chain
 checked and replayed through the domain, exactly what ``giftcard audit card`` and
 ``GET /api/audit/cards/{id}`` report. Amounts are exact decimals in major units of the card's
 currency. Each event's row and chart point carry their figures in ``data-`` attributes, so a
@@ -21,8 +21,8 @@ from hub.pages.charts import ChartPoint, LineChart, line_chart
 from hub.pages.rendering import amount_text, instant_text, written_instant_text
 from ledger.domain.giftcard import DEBIT, Transaction
 from projections import events as ev
-from projections.audit import AuditEntry, CardAudit
-from projections.replay import CANCELLATION, short_type
+from projections.audit.auditors import AuditEntry, CardAudit
+from projections.audit.replay import CANCELLATION, short_type
 
 METADATA_SHOWN_MAX = 6  # keys of an event's metadata shown in "caused by"
 METADATA_VALUE_CHARS_MAX = 200

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hub.pages.rendering import amount_text
-from ledger.money import exponent_of
+from ledger.domain.money import exponent_of
 
 WIDTH_PX, HEIGHT_PX = 960, 300
 LEFT_PX, RIGHT_PX, TOP_PX, BOTTOM_PX = 92, 32, 16, 56  # room for the axes' labels and titles

@@ -19,7 +19,7 @@ import jinja2
 import markupsafe
 from aiohttp import web
 
-from ledger.money import to_major
+from ledger.domain.money import to_major
 from projections import events as ev
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"

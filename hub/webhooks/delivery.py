@@ -29,16 +29,16 @@ import aiohttp
 import asyncpg
 
 from hub.config import Settings
-from hub.external.egress import EgressPolicy, GuardedResolver, refuses_literal
+from hub.providers.egress import EgressPolicy, GuardedResolver, refuses_literal
 from hub.webhooks import events as public_events
 from hub.webhooks import storage
 from hub.webhooks.signing import EVENT_TYPE_HEADER, is_standard, signed_headers
 from hub.webhooks.subscriptions import open_secrets
-from ledger.commit_order import Checkpoint
-from ledger.credentials_cipher import CredentialsCipher
-from ledger.database import DATABASE_ERRORS
 from ledger.domain.topics import stored_types
-from ledger.store import EventStore, RecordedEvent
+from ledger.eventstore.commit_order import Checkpoint
+from ledger.eventstore.store import EventStore, RecordedEvent
+from ledger.postgres.credentials_cipher import CredentialsCipher
+from ledger.postgres.database import DATABASE_ERRORS
 
 log = logging.getLogger(__name__)
 

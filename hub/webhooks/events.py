@@ -24,10 +24,10 @@ from typing import Any
 import msgspec
 
 from hub.wire import encode, format_datetime
+from ledger.application.providers import REGISTERED, REMOVED
 from ledger.domain import topics
-from ledger.money import to_major
-from ledger.providers import REGISTERED, REMOVED
-from ledger.store import RecordedEvent
+from ledger.domain.money import to_major
+from ledger.eventstore.store import RecordedEvent
 
 ISSUED = topics.ISSUED
 PROVIDER_CHANGES = {REGISTERED: "registered", REMOVED: "removed"}

@@ -1,6 +1,6 @@
 """Subscriptions, their checkpoints and dead letters: all of the webhooks' SQL is in this file.
 
-A subscription's checkpoint is its place in each source's commit order (ledger.commit_order),
+A subscription's checkpoint is its place in each source's commit order (ledger.eventstore.commit_order),
 moved with a compare-and-set on the place it started from, so a replay (or a removal) that
 lands while a batch is being delivered makes the batch stop instead of overwriting it.
 Delivering holds a *session* advisory lock on the subscription, not a transaction held open
@@ -15,10 +15,10 @@ from datetime import datetime
 
 import asyncpg
 
-from ledger.commit_order import Checkpoint
 from ledger.domain.errors import InvalidRequest, NotFound
-from ledger.rows import from_row
-from ledger.store import EventStore, RecordedEvent
+from ledger.eventstore.commit_order import Checkpoint
+from ledger.eventstore.store import EventStore, RecordedEvent
+from ledger.postgres.rows import from_row
 
 LOCK_CLASS = 0x77686B73  # "whks": advisory lock namespace; the second key is hashtext(subscription id)
 

@@ -20,12 +20,12 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from hub.external.egress import EgressPolicy
+from hub.providers.egress import EgressPolicy
 from hub.webhooks import storage
 from hub.webhooks.events import EVENT_TYPES
 from hub.webhooks.signing import new_secret
-from ledger.credentials_cipher import CredentialsCipher, SecretKeyMissing
 from ledger.domain.errors import InvalidRequest
+from ledger.postgres.credentials_cipher import CredentialsCipher, SecretKeyMissing
 
 URL_CHARS_MAX = 2048
 DESCRIPTION_CHARS_MAX = 256

@@ -24,7 +24,7 @@ import msgspec
 from eventsourcing.domain import Aggregate
 
 from ledger.domain import errors, topics
-from ledger.money import AMOUNT_MINOR_MAX, exponent_of, to_major
+from ledger.domain.money import AMOUNT_MINOR_MAX, exponent_of, to_major
 
 CREDIT = "Credit"
 VOID_REQUEST_ID = "hold-expired"

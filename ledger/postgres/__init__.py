@@ -1,0 +1,1 @@
+"""PostgreSQL plumbing: where the database comes from, migrations, replication, Citus distribution, keys and ciphers."""

@@ -1,0 +1,1 @@
+"""Finance exports: transactions and liabilities, streamed from the events, with their totals."""
