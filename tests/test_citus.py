@@ -25,16 +25,17 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from ledger import distribution
 from ledger.application.bulk_issue import BatchDefaults, BatchRequest, BulkIssuer
 from ledger.application.commands import Ledger
 from ledger.domain.giftcard import DEBIT
 from ledger.eventstore.codec import canonical_json
 from ledger.eventstore.commit_order import Checkpoint
 from ledger.eventstore.store import EventStore, NewEvent, OneEvent, RecordedEvent, chain_hash, verify_chain
+from ledger.postgres import distribution
 from ledger.postgres.database import create_pool
 from ledger.postgres.migrate import grant_service_role, upgrade
-from projections import card_balances, checkpoints
+from projections import checkpoints
+from projections.models import card_balances
 from tests.cards import issue
 from tests.citus_cluster import CitusCluster, citus_missing
 from tests.debit_load import RetryPolicy, acknowledged_count, send_all, until_acknowledged

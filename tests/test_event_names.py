@@ -12,10 +12,10 @@ from pathlib import Path
 
 import msgspec
 
-from ledger import codec
 from ledger.application.commands import IssueCard, Ledger
 from ledger.domain import topics
 from ledger.domain.snapshot import SNAPSHOT_SCHEMA
+from ledger.eventstore import codec
 from projections.audit.auditors import verify
 from projections.models.card_balances import one_balance
 from tests import release_rows
