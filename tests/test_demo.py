@@ -34,7 +34,7 @@ async def test_demo_fills_a_fresh_database_once(start_service, pool, database_ur
     assert len(currencies) >= 3
     kinds = {
         r["t"].rsplit(".", 1)[1]
-        for r in await pool.fetch("select distinct type as t from events where type like '%GiftCard%'")
+        for r in await pool.fetch("select distinct type as t from events where type like 'giftcard.%'")
     }
     assert {"Issued", "Credited", "Debited", "Settled", "Cancelled"} <= kinds
     again = await asyncio.to_thread(demo, database_url, "--cards", "10")
