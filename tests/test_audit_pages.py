@@ -205,7 +205,7 @@ async def test_data_is_escaped_never_markup(pages):
 async def assert_card_page_matches_the_ledger(document: page_dom.Node, service, card_id: str) -> None:
     """Each row's and chart point's balance is the domain replay's; the last is the ledger's own."""
     ledger = service.app[LEDGER]
-    audit = await audit_card(ledger.eventstore.store, card_id)
+    audit = await audit_card(ledger.store, card_id)
     replayed = [to_major(entry.step.balance, audit.currency) for entry in audit.entries]
     rows = page_dom.rows(document, "event")
     assert [int(row.attrs["data-version"]) for row in rows] == [entry.event.version for entry in audit.entries]

@@ -367,7 +367,7 @@ class BulkIssuer:
         if not 1 <= chunk_cards <= CHUNK_CARDS_MAX:
             raise ValueError(f"chunk_cards must be between 1 and {CHUNK_CARDS_MAX}, got {chunk_cards}")
         self.ledger = ledger
-        self.store = ledger.eventstore.store
+        self.store = ledger.store
         self.chunk_cards = chunk_cards
         self._mapper = new_mapper()
 
