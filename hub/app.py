@@ -169,7 +169,7 @@ def create_app(
     )
     app[METRICS] = metrics
     app[SETTINGS] = settings
-    cipher = cipher or CredentialsCipher.from_env()
+    cipher = cipher or CredentialsCipher(settings.secret_key)
     app[EGRESS] = EgressPolicy(settings.provider_allowlist)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
@@ -183,7 +183,7 @@ def create_app(
         # Webhook deliverers hold session-level advisory locks: they get a pool with the full reset.
         webhook_pool = (
             await create_pool(database_url, size_min=1, size_max=WEBHOOK_POOL_SIZE_MAX)
-            if webhooks.run_in_serve()
+            if settings.run_webhooks
             else None
         )
         # No connection opened at start (size_min 0): a replica that is down fails only what reads it.
@@ -201,7 +201,7 @@ def create_app(
             store = EventStore(pool, observe_append=metrics.observe_append)
             app[THROTTLE] = LookupThrottle(
                 pool,
-                await instance_key(pool, "lookup-throttle"),
+                await instance_key(pool, "lookup-throttle", settings.secret_key),
                 shopper_failures_max=settings.lookup_client_failures_max,
                 caller_failures_slow_after=settings.lookup_caller_failures_slow_after,
                 failure_delay_s=settings.lookup_failure_delay_s,
@@ -209,7 +209,7 @@ def create_app(
             )
             app[LEDGER] = Ledger(
                 store,
-                await instance_key(pool, "redemption-codes"),
+                await instance_key(pool, "redemption-codes", settings.secret_key),
                 clock=clock,
                 shared_cards=settings.workers > 1,  # the other workers debit the same cards
                 deadline_s=settings.statement_timeout_s,  # a request's, not only each statement's

@@ -56,11 +56,13 @@ class DemoSummary:
     partner_registered: bool
 
 
-async def fill(pool: asyncpg.Pool, *, cards: int, seed: int, native_id: str, base_url: str) -> DemoSummary:
+async def fill(
+    pool: asyncpg.Pool, *, cards: int, seed: int, native_id: str, base_url: str, secret_key: str | None
+) -> DemoSummary:
     rng = random.Random(seed)
     start = datetime.now(UTC) - timedelta(days=DAYS)
     clock = DemoClock(start)
-    ledger = Ledger(EventStore(pool), await instance_key(pool, "redemption-codes"), clock=clock)
+    ledger = Ledger(EventStore(pool), await instance_key(pool, "redemption-codes", secret_key), clock=clock)
     counts = {"transactions": 0, "settlements": 0, "cancellations": 0, "refused": 0}
     for n in tqdm(range(cards), desc="demo cards", unit="card", disable=None):
         clock.now = start + timedelta(seconds=DAYS * 86400 * n / cards)
@@ -68,7 +70,7 @@ async def fill(pool: asyncpg.Pool, *, cards: int, seed: int, native_id: str, bas
             await one_card(ledger, rng, n, counts)
         except DomainError:
             counts["refused"] += 1  # a realistic refusal (e.g. insufficient funds): nothing written
-    registered = await register_partner(pool, native_id, base_url)
+    registered = await register_partner(pool, native_id, base_url, CredentialsCipher(secret_key))
     return DemoSummary(cards=cards, partner_registered=registered, **counts)
 
 
@@ -141,9 +143,8 @@ def cards_per_shopper(n: int) -> int:
     return max(1, n // 3 + 1)
 
 
-async def register_partner(pool: asyncpg.Pool, native_id: str, base_url: str) -> bool:
+async def register_partner(pool: asyncpg.Pool, native_id: str, base_url: str, cipher: CredentialsCipher) -> bool:
     """This service's /native as an external provider; needs GIFTCARD_SECRET_KEY to seal credentials."""
-    cipher = CredentialsCipher.from_env()
     if not cipher.available:
         return False
     # The hub will call /native with a Provider Protocol pair of the partner's own.

@@ -28,10 +28,15 @@ def _serialize(record: dict, **_: object) -> str:
     return _encoder.encode(record).decode()
 
 
-def configure_logging(level: int = logging.INFO) -> None:
+def configure_logging(level: int = logging.INFO, *, readable: bool = False) -> None:
+    """JSON lines, or with ``readable`` the same fields as plain text (for a person at a terminal)."""
     handler = logging.StreamHandler(sys.stderr)
-    formatter = JsonFormatter(
-        LOG_FIELDS, rename_fields={"asctime": "ts", "levelname": "level"}, json_serializer=_serialize
+    formatter = (
+        logging.Formatter(LOG_FIELDS)
+        if readable
+        else JsonFormatter(
+            LOG_FIELDS, rename_fields={"asctime": "ts", "levelname": "level"}, json_serializer=_serialize
+        )
     )
     handler.setFormatter(formatter)
     root = logging.getLogger()

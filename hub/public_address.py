@@ -29,9 +29,7 @@ def parse_public_url(text: str) -> str | None:
         return None
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not is_host(parts.netloc) or parts.query or parts.fragment:
-        raise ValueError(
-            f"GIFTCARD_PUBLIC_URL must be an http(s) URL such as https://gift.example.com, without query; got {text!r}"
-        )
+        raise ValueError("an http(s) URL such as https://gift.example.com, without query")
     return text.rstrip("/")  # links are appended to it: no trailing slash, or they would hold "//"
 
 
@@ -44,7 +42,7 @@ def parse_trusted_proxies(text: str) -> tuple[str, ...]:
         try:
             networks.append(str(ipaddress.ip_network(entry, strict=False)))
         except ValueError:
-            raise ValueError(f"GIFTCARD_TRUSTED_PROXIES: {entry!r} is not an IP address or CIDR") from None
+            raise ValueError(f"{entry!r} is not an IP address or CIDR") from None
     return tuple(networks)
 
 

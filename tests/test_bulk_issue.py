@@ -297,7 +297,7 @@ async def test_a_cli_run_killed_twice_finishes_with_every_card_once_and_every_co
     assert [int(row["n"]) for row in rows] == list(range(2000)), "every card's code exactly once, in order"
     cards = await batch_cards(pool, "killed")
     assert len(cards) == 2000 and {row["relationName"]: row["cardId"] for row in rows} == cards
-    code_key = await instance_key(pool, "redemption-codes")
+    code_key = await instance_key(pool, "redemption-codes", None)
     await assert_codes_match_the_database(pool, rows, code_key)
     counts = await pool.fetch("select type, count(*), count(distinct stream_id) as streams from events group by type")
     assert {r["type"]: (r["count"], r["streams"]) for r in counts} == {ISSUED: (2000, 2000), CREDITED: (2000, 2000)}

@@ -689,6 +689,7 @@ def run_cli(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="giftcard")
     add_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["webhooks", *argv])
+    args.settings = Settings.from_env()  # as hub.cli.main reads them
     try:
         return args.run(args)
     except SystemExit as e:

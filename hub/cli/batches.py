@@ -24,7 +24,6 @@ import asyncpg
 from tqdm import tqdm
 
 from hub.cli import arguments
-from hub.config import Settings
 from ledger.application.bulk_issue import (
     BATCH_CARDS_MAX,
     CHUNK_CARDS_DEFAULT,
@@ -92,7 +91,7 @@ def issue_command(args: argparse.Namespace) -> int:
     if not args.output.parent.is_dir():
         print(f"refused: {args.output.parent} is not a directory to write {args.output.name} in", file=sys.stderr)
         return EXIT_REFUSED
-    settings = Settings.from_env()
+    settings = args.settings
     batch_id = args.batch_id or new_batch_id(utc_now())
     # First, before anything can fail: whoever runs this needs the id to resume an interrupted run.
     print(f"batch {batch_id} (to resume an interrupted run: the same command with --batch-id {batch_id})", flush=True)
@@ -110,7 +109,7 @@ def issue_command(args: argparse.Namespace) -> int:
     )
     progress = Progress()
     try:
-        outcome = with_database(lambda pool: _issue(pool, request, defaults, args, progress))
+        outcome = with_database(lambda pool: _issue(pool, request, defaults, args, progress), settings.database)
     except DomainError as e:
         print(f"refused: {e.message}", file=sys.stderr)
         return EXIT_REFUSED
@@ -149,7 +148,7 @@ class Progress:
 async def _issue(
     pool: asyncpg.Pool, request: BatchRequest, defaults: BatchDefaults, args: argparse.Namespace, progress: Progress
 ) -> BatchOutcome:
-    ledger = Ledger(EventStore(pool), await instance_key(pool, "redemption-codes"))
+    ledger = Ledger(EventStore(pool), await instance_key(pool, "redemption-codes", args.settings.secret_key))
     return await BulkIssuer(ledger, chunk_cards=args.chunk_cards).issue_to_file(
         request,
         defaults,

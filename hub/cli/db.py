@@ -9,10 +9,12 @@ import sys
 import asyncpg
 import msgspec
 
-from ledger.postgres.database import with_database
+from ledger.postgres.database import Database, with_database
 from ledger.postgres.distribution import add_worker
 from ledger.postgres.migrate import grant_service_role, upgrade
 from ledger.postgres.replication import Replication, replication_status
+
+EXIT_USAGE = 2
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -44,14 +46,14 @@ def db_upgrade(args: argparse.Namespace) -> int:
         async with pool.acquire() as connection:
             return await upgrade(connection)
 
-    applied = with_database(apply)
+    applied = with_database(apply, _acted_on(args.settings.database))
     print("applied: " + ", ".join(applied) if applied else "database schema is current")
     return 0
 
 
 def db_status(args: argparse.Namespace) -> int:
     """Which server answered, whether its commits are synchronously replicated, each standby's lag."""
-    replication = with_database(replication_status, upgrade_schema=False)
+    replication = with_database(replication_status, _server(args), upgrade_schema=False)
     if args.json:
         print(msgspec.json.encode(replication.to_wire()).decode())
     else:
@@ -80,7 +82,8 @@ def db_add_worker(args: argparse.Namespace) -> int:
             return await add_worker(connection, args.host, args.port, coordinator_host=args.coordinator_host)
 
     try:
-        node_id = with_database(add, upgrade_schema=False)  # distributing needs the workers first
+        # Not upgraded: distributing the tables needs the workers first.
+        node_id = with_database(add, _server(args), upgrade_schema=False)
     except ValueError as e:
         print(str(e), file=sys.stderr)
         return 2
@@ -95,6 +98,25 @@ def db_grant(args: argparse.Namespace) -> int:
         async with pool.acquire() as connection, connection.transaction():
             await grant_service_role(connection, args.role)
 
-    with_database(grant)
+    with_database(grant, _server(args))
     print(f"granted {args.role}: read and append events, never update, delete or truncate them")
     return 0
+
+
+def _acted_on(database: Database) -> Database:
+    """Says first which database the command acts on (on stderr: stdout stays the command's answer)."""
+    print(f"database: {database.described()}", file=sys.stderr, flush=True)
+    return database
+
+
+def _server(args: argparse.Namespace) -> Database:
+    """A configured server: replication, workers and roles are a real server's, never a throwaway
+    embedded one's, so none is started for them."""
+    database = args.settings.database
+    if database.url is None:
+        print(
+            f"giftcard db {args.db_command}: no database named: set GIFTCARD_DATABASE_URL or pass --database-url",
+            file=sys.stderr,
+        )
+        raise SystemExit(EXIT_USAGE)
+    return _acted_on(database)

@@ -7,7 +7,6 @@ import argparse
 import asyncpg
 
 from hub import demo
-from hub.config import Settings
 from ledger.postgres.database import with_database
 
 
@@ -22,14 +21,21 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def demo_fill(args: argparse.Namespace) -> int:
-    native_id = Settings.from_env().native_provider_id
+    settings = args.settings
 
     async def fill(pool: asyncpg.Pool) -> demo.DemoSummary | None:
         if await demo.has_demo_data(pool):
             return None
-        return await demo.fill(pool, cards=args.cards, seed=args.seed, native_id=native_id, base_url=args.base_url)
+        return await demo.fill(
+            pool,
+            cards=args.cards,
+            seed=args.seed,
+            native_id=settings.native_provider_id,
+            base_url=args.base_url,
+            secret_key=settings.secret_key,
+        )
 
-    summary = with_database(fill)
+    summary = with_database(fill, settings.database)
     if summary is None:
         print("this database already holds demo data; point GIFTCARD_DATA_DIR or GIFTCARD_DATABASE_URL elsewhere")
         return 1

@@ -16,23 +16,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
+import shutil
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
 import msgspec
-from tqdm import tqdm
 
 from hub.cli import arguments
-from hub.config import native_provider_id_from_env
+from hub.cli.progress import progress_bar as _progress
 from ledger.domain.errors import CardNotFound
 from ledger.eventstore.store import EventStore
-from ledger.postgres.database import with_database
-from ledger.postgres.replication import configured_replica_url, with_read_database
+from ledger.postgres.database import Database, with_database
+from ledger.postgres.replication import with_read_database
 from projections.audit.auditors import (
     VERIFY_BATCH_EVENTS,
     VERIFY_WALKERS_MAX,
@@ -63,6 +62,7 @@ from projections.exports.totals import Totals, major
 T = TypeVar("T")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+STDOUT = "-"  # as --output: the export goes to stdout
 
 _json = msgspec.json.Encoder(decimal_format="number")  # as the HTTP API writes amounts
 
@@ -83,12 +83,12 @@ def _add_audit(commands: argparse._SubParsersAction) -> None:
         "--as-of", type=arguments.instant, help="ISO 8601 instant (naive: UTC) to show the card's state at"
     )
     card.add_argument("--json", action="store_true", help="the JSON document GET /api/audit/cards/{id} answers")
-    card.set_defaults(run=lambda args: audit_card_command(args, native_provider_id_from_env()))
+    card.set_defaults(run=audit_card_command)
 
     check = sub.add_parser("verify", help="hash chains, invariants and read models; exit 1 naming every failure")
     check.add_argument("--json", action="store_true", help="one JSON report instead of lines")
     arguments.add_batch_size(check, "--batch-events-max", VERIFY_BATCH_EVENTS, "events per cursor fetch")
-    check.set_defaults(run=lambda args: verify_command(args, native_provider_id_from_env()))
+    check.set_defaults(run=verify_command)
 
 
 def _add_export(commands: argparse._SubParsersAction) -> None:
@@ -96,8 +96,16 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
     sub = group.add_subparsers(dest="export_command", required=True)
 
     transactions = sub.add_parser("transactions", help="one row per transaction, settlement and cancellation")
-    transactions.add_argument("--format", choices=FORMATS, required=True)
-    transactions.add_argument("--output", type=Path, required=True, help="the file to write")
+    transactions.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="csv",
+        help="csv (a header row, then one row per line), jsonl (one JSON object per line, exact decimal "
+        "strings) or parquet (typed columns, exact decimal128 amounts) (default csv)",
+    )
+    transactions.add_argument(
+        "--output", type=Path, required=True, help="the file to write; - writes to stdout (the summary goes to stderr)"
+    )
     transactions.add_argument("--since", type=arguments.instant, help="effective date from (inclusive), ISO 8601")
     transactions.add_argument("--until", type=arguments.instant, help="effective date up to (exclusive), ISO 8601")
     transactions.add_argument("--provider", help="only this provider's rows (the native one's id, or an external)")
@@ -105,7 +113,7 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
     transactions.add_argument("--json", action="store_true", help="print the summary (rows, totals) as JSON")
     what = "events per cursor fetch and Parquet row group"
     arguments.add_batch_size(transactions, "--batch-rows", EXPORT_BATCH_ROWS, what)
-    transactions.set_defaults(run=lambda args: export_transactions_command(args, native_provider_id_from_env()))
+    transactions.set_defaults(run=export_transactions_command)
 
     liabilities = sub.add_parser("liabilities", help="outstanding balance per card, total per currency")
     liabilities.add_argument("--as-of", type=arguments.day, required=True, help="a date (UTC): balances at its end")
@@ -118,9 +126,12 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
 # ---- audit ---------------------------------------------------------------------------------------
 
 
-def audit_card_command(args: argparse.Namespace, native_provider_id: str) -> int:
+def audit_card_command(args: argparse.Namespace) -> int:
+    native_provider_id = args.settings.native_provider_id
     try:
-        audit = with_database(lambda pool: audit_card(EventStore(pool), args.card_id, args.as_of))
+        audit = with_database(
+            lambda pool: audit_card(EventStore(pool), args.card_id, args.as_of), args.settings.database
+        )
     except CardNotFound as e:
         print(e.message, file=sys.stderr)
         return EXIT_USAGE
@@ -160,20 +171,21 @@ def _print_card_audit(audit: CardAudit, provider: str) -> None:
 # ---- verify ----------------------------------------------------------------------------------------
 
 
-def verify_command(args: argparse.Namespace, native_provider_id: str) -> int:
+def verify_command(args: argparse.Namespace) -> int:
+    settings = args.settings
     print_each = None if args.json else (lambda failure: print(f"FAIL {failure.line()}", flush=True))
 
     # A walker process connects by URL: an embedded PostgreSQL (no GIFTCARD_DATABASE_URL) is walked by one.
     # On a replica the walkers import the snapshot verify exports there (a hot standby can, since PG 10).
-    replica_url = configured_replica_url()
-    database_url = replica_url or os.environ.get("GIFTCARD_DATABASE_URL")
+    replica_url = settings.replica_url
+    database_url = replica_url or settings.database_url
     started_at = datetime.now(UTC)
 
     async def work(pool: asyncpg.Pool) -> VerifyReport:
         async with _progress(pool, "verify", _count_events) as bar:
             report = await verify(
                 pool,
-                native_provider_id,
+                settings.native_provider_id,
                 batch_events_max=args.batch_events_max,
                 on_failure=print_each,
                 on_progress=bar.update,
@@ -184,9 +196,9 @@ def verify_command(args: argparse.Namespace, native_provider_id: str) -> int:
             await _record_verify_run(pool, report, started_at)
         return report
 
-    report = with_read_database(work)
+    report = with_read_database(work, settings.database, replica_url)
     if replica_url is not None:  # a replica is read-only: the verdict is kept on the primary
-        _record_verify_run_on_primary(report, started_at)
+        _record_verify_run_on_primary(report, started_at, settings.database)
     if args.json:
         print(_json.encode(render_report(report)).decode())
     else:
@@ -205,10 +217,10 @@ async def _record_verify_run(pool: asyncpg.Pool, report: VerifyReport, started_a
     print(f"recorded as verify run {run_id} (shown on GET /audit)", file=sys.stderr)
 
 
-def _record_verify_run_on_primary(report: VerifyReport, started_at: datetime) -> None:
+def _record_verify_run_on_primary(report: VerifyReport, started_at: datetime, primary: Database) -> None:
     """After reading a replica; a primary out of reach loses only the record, as a refused write does."""
     try:
-        with_database(lambda pool: _record_verify_run(pool, report, started_at), pool_size_max=1)
+        with_database(lambda pool: _record_verify_run(pool, report, started_at), primary, pool_size_max=1)
     except (OSError, TimeoutError, asyncpg.PostgresError) as e:
         print(f"warning: this run's result was not recorded for GET /audit: {e}", file=sys.stderr)
 
@@ -227,7 +239,9 @@ def _print_verify_summary(report: VerifyReport) -> None:
 # ---- exports ---------------------------------------------------------------------------------------
 
 
-def export_transactions_command(args: argparse.Namespace, native_provider_id: str) -> int:
+def export_transactions_command(args: argparse.Namespace) -> int:
+    if str(args.output) == STDOUT:
+        return _export_to_stdout(args)
     where = ExportFilter(since=args.since, until=args.until, provider=args.provider, currency=args.currency)
     if where.since and where.until and where.until < where.since:
         print("--until must not be before --since", file=sys.stderr)
@@ -239,14 +253,14 @@ def export_transactions_command(args: argparse.Namespace, native_provider_id: st
                 pool,
                 args.output,
                 args.format,
-                native_provider_id,
+                args.settings.native_provider_id,
                 where,
                 batch_rows=args.batch_rows,
                 on_progress=bar.update,
             )
 
     try:
-        result = with_read_database(work)
+        result = with_read_database(work, args.settings.database, args.settings.replica_url)
     except LedgerInconsistent as e:
         print(str(e), file=sys.stderr)
         return EXIT_FAILED
@@ -257,6 +271,20 @@ def export_transactions_command(args: argparse.Namespace, native_provider_id: st
         print(f"exported {result.rows} row(s) to {args.output} ({args.format})")
         _print_totals(result.totals)
     return EXIT_OK
+
+
+def _export_to_stdout(args: argparse.Namespace) -> int:
+    """Written to a file first and copied out once complete: a failed export sends nothing down the
+    pipe that could pass for a whole one. The summary goes to stderr, off the data's way."""
+    with tempfile.TemporaryDirectory(prefix="giftcard-export-") as folder:
+        staged = Path(folder) / f"transactions.{args.format}"
+        with contextlib.redirect_stdout(sys.stderr):
+            code = export_transactions_command(argparse.Namespace(**{**vars(args), "output": staged}))
+        if code == EXIT_OK:
+            with staged.open("rb") as written:
+                shutil.copyfileobj(written, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+    return code
 
 
 def export_liabilities_command(args: argparse.Namespace) -> int:
@@ -276,7 +304,7 @@ def export_liabilities_command(args: argparse.Namespace) -> int:
         return result
 
     try:
-        result = with_read_database(work)
+        result = with_read_database(work, args.settings.database, args.settings.replica_url)
     except LedgerInconsistent as e:
         print(str(e), file=sys.stderr)
         return EXIT_FAILED
@@ -318,14 +346,3 @@ def _text(value: Any) -> str:
 
 async def _count_events(pool: asyncpg.Pool) -> int:
     return await pool.fetchval("select count(*) from events")
-
-
-@contextlib.asynccontextmanager
-async def _progress(
-    pool: asyncpg.Pool, what: str, count: Callable[[asyncpg.Pool], Awaitable[int]]
-) -> AsyncIterator[tqdm]:
-    """A tqdm bar on stderr when stderr is a terminal (its total counted only then); a no-op otherwise."""
-    shown = sys.stderr.isatty()
-    total = await count(pool) if shown else None
-    with tqdm(total=total, desc=what, unit="event", file=sys.stderr, disable=not shown) as bar:
-        yield bar

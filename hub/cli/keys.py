@@ -26,14 +26,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def keys_create(args: argparse.Namespace) -> int:
     roles = tuple(args.role or auth.ROLES)
-    app_key, app_token = with_database(lambda pool: auth.create_key(pool, args.audience, roles))
+    app_key, app_token = with_database(lambda pool: auth.create_key(pool, args.audience, roles), args.settings.database)
     key_header, token_header = auth.HEADERS[args.audience]
     print(f"{key_header}: {app_key}\n{token_header}: {app_token}\n(the token is shown once; only its hash is kept)")
     return 0
 
 
 def keys_list(args: argparse.Namespace) -> int:
-    rows = with_database(auth.list_keys)
+    rows = with_database(auth.list_keys, args.settings.database)
     print(f"{'app key':<34} {'audience':<9} {'roles':<10} {'created':<20} revoked")
     for row in rows:
         revoked = row["revoked_at"].strftime("%Y-%m-%d %H:%M:%S") if row["revoked_at"] else "-"
@@ -43,7 +43,7 @@ def keys_list(args: argparse.Namespace) -> int:
 
 
 def keys_revoke(args: argparse.Namespace) -> int:
-    if with_database(lambda pool: auth.revoke_key(pool, args.app_key)):
+    if with_database(lambda pool: auth.revoke_key(pool, args.app_key), args.settings.database):
         print(f"revoked {args.app_key}; every process refuses it within {auth.KEY_REFRESH_S:g} s")
         return 0
     print(f"no active key {args.app_key!r}", file=sys.stderr)

@@ -13,14 +13,14 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import asyncpg
 from tqdm import tqdm
 
 from hub.cli import arguments
-from hub.config import native_provider_id_from_env
+from hub.cli.progress import progress_bar
 from ledger.postgres.database import create_pool, with_database
 from ledger.postgres.migrate import upgrade
 from projections import checkpoints, names, read_model, read_models
@@ -46,7 +46,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         default=POLL_INTERVAL_S,
         help=f"wait when caught up (default {POLL_INTERVAL_S})",
     )
-    run.set_defaults(run=lambda args: run_command(args, native_provider_id_from_env()))
+    run.set_defaults(run=run_command)
 
     status = sub.add_parser("status", help="each projection's position and lag")
     status.add_argument("--json", action="store_true", help="one JSON object per projection")
@@ -55,7 +55,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     again = sub.add_parser("rebuild", help="rebuild one read model from zero while the service keeps running")
     again.add_argument("name", choices=names(), help="the projection to rebuild")
     _batch_option(again)
-    again.set_defaults(run=lambda args: rebuild_command(args, native_provider_id_from_env()))
+    again.set_defaults(run=rebuild_command)
 
 
 def _batch_option(parser: argparse.ArgumentParser) -> None:
@@ -65,23 +65,30 @@ def _batch_option(parser: argparse.ArgumentParser) -> None:
 # ---- commands ------------------------------------------------------------------------------
 
 
-def run_command(args: argparse.Namespace, native_provider_id: str) -> int:
-    async def work(pool: asyncpg.Pool) -> None:
-        runner = ProjectionRunner(
+def run_command(args: argparse.Namespace) -> int:
+    def runner(pool: asyncpg.Pool, on_batch: Callable[[str, int], None]) -> ProjectionRunner:
+        return ProjectionRunner(
             pool,
-            read_models(native_provider_id),
+            read_models(args.settings.native_provider_id),
             batch_events_max=args.batch_events_max,
             poll_interval_s=args.poll_interval_s,
-            on_batch=lambda name, count: log.info("projection %s applied %d event(s)", name, count),
+            on_batch=on_batch,
         )
-        if args.once:
-            applied = await runner.catch_up()
-            print(f"caught up: {applied} event(s) applied")
-            return
-        await _until_signalled(runner.run_forever())
 
-    with_database(work)
+    async def work(pool: asyncpg.Pool) -> None:
+        if not args.once:
+            await _until_signalled(runner(pool, _log_batch).run_forever())
+            return
+        async with progress_bar(pool, "projections", _events_behind) as bar:
+            applied = await runner(pool, lambda name, count: (_log_batch(name, count), bar.update(count))).catch_up()
+        print(f"caught up: {applied} event(s) applied")
+
+    with_database(work, args.settings.database)
     return 0
+
+
+def _log_batch(name: str, count: int) -> None:
+    log.info("projection %s applied %d event(s)", name, count)
 
 
 def run_beside_serve(database_url: str, native_provider_id: str, serve_pid: int) -> None:
@@ -107,7 +114,7 @@ def run_beside_serve(database_url: str, native_provider_id: str, serve_pid: int)
 
 
 def status_command(args: argparse.Namespace) -> int:
-    found = with_database(checkpoints.statuses)
+    found = with_database(checkpoints.statuses, args.settings.database)
     if args.json:
         for status in found:
             print(json.dumps(_status_json(status)))
@@ -123,8 +130,8 @@ def status_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def rebuild_command(args: argparse.Namespace, native_provider_id: str) -> int:
-    projection = read_model(args.name, native_provider_id)
+def rebuild_command(args: argparse.Namespace) -> int:
+    projection = read_model(args.name, args.settings.native_provider_id)
 
     async def work(pool: asyncpg.Pool) -> int:
         with tqdm(total=await count_events(pool), unit="event", desc=f"rebuild {projection.name}") as bar:
@@ -132,7 +139,7 @@ def rebuild_command(args: argparse.Namespace, native_provider_id: str) -> int:
         return result.events_applied
 
     try:
-        applied = with_database(work)
+        applied = with_database(work, args.settings.database)
     except RebuildInProgress as e:
         print(str(e), file=sys.stderr)
         return 1
@@ -154,6 +161,11 @@ def _status_json(status: ProjectionStatus) -> dict[str, object]:
         "lastEventAt": None if status.last_event_at is None else status.last_event_at.isoformat(),
         "rebuilding": status.rebuilding,
     }
+
+
+async def _events_behind(pool: asyncpg.Pool) -> int:
+    """What a catch-up will apply: every projection's lag, added up."""
+    return sum(status.lag_events for status in await checkpoints.statuses(pool))
 
 
 async def _while_alive(parent_pid: int, work: Awaitable[None], check_interval_s: float = 1.0) -> None:

@@ -35,8 +35,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    settings = Settings.from_env()
-    url, embedded = resolve_database_url()
+    settings = args.settings
+    url, embedded = resolve_database_url(settings.database)
     print(
         f"giftcard serving on http://{args.host}:{args.port} ({args.workers} process(es))", file=sys.stderr, flush=True
     )

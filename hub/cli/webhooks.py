@@ -14,7 +14,6 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from hub.config import Settings
 from hub.http.webhooks_api import render_dead_letter, render_subscription
 from hub.providers.egress import EgressPolicy
 from hub.webhooks import storage
@@ -80,14 +79,20 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def add_command(args: argparse.Namespace) -> int:
     events = None if args.events is None else [e.strip() for e in args.events.split(",") if e.strip()]
-    policy = EgressPolicy(Settings.from_env().provider_allowlist)
+    settings = args.settings
+    policy = EgressPolicy(settings.provider_allowlist)
 
     async def work(pool: asyncpg.Pool) -> Any:
         return await create_subscription(
-            pool, CredentialsCipher.from_env(), policy, url=args.url, event_types=events, description=args.description
+            pool,
+            CredentialsCipher(settings.secret_key),
+            policy,
+            url=args.url,
+            event_types=events,
+            description=args.description,
         )
 
-    created = _refusals_exit(work)
+    created = _refusals_exit(args, work)
     subscription = created.subscription
     print(f"webhook {subscription.id} -> {subscription.url} ({_events_text(subscription)})")
     print(f"signing secret (shown once; only an encrypted copy is kept):\n  {created.secret}")
@@ -95,7 +100,7 @@ def add_command(args: argparse.Namespace) -> int:
 
 
 def list_command(args: argparse.Namespace) -> int:
-    found = _refusals_exit(storage.list_subscriptions)
+    found = _refusals_exit(args, storage.list_subscriptions)
     if args.json:
         for subscription in found:
             print(encode(render_subscription(subscription)).decode())
@@ -113,21 +118,21 @@ def list_command(args: argparse.Namespace) -> int:
 
 
 def remove_command(args: argparse.Namespace) -> int:
-    _refusals_exit(lambda pool: storage.remove(pool, args.subscription))
+    _refusals_exit(args, lambda pool: storage.remove(pool, args.subscription))
     print(f"removed {args.subscription}")
     return 0
 
 
 def rotate_secret_command(args: argparse.Namespace) -> int:
-    cipher = CredentialsCipher.from_env()
+    cipher = CredentialsCipher(args.settings.secret_key)
     if args.drop_previous:
-        dropped = _refusals_exit(lambda pool: drop_previous_secret(pool, cipher, args.subscription))
+        dropped = _refusals_exit(args, lambda pool: drop_previous_secret(pool, cipher, args.subscription))
         print(
             f"{args.subscription}: "
             + ("the previous secret no longer signs" if dropped else "no previous secret was kept")
         )
         return 0
-    secret = _refusals_exit(lambda pool: rotate_secret(pool, cipher, args.subscription))
+    secret = _refusals_exit(args, lambda pool: rotate_secret(pool, cipher, args.subscription))
     print(f"new signing secret for {args.subscription} (shown once; only an encrypted copy is kept):\n  {secret}")
     print(
         "deliveries are signed with it and with the previous secret until "
@@ -137,7 +142,7 @@ def rotate_secret_command(args: argparse.Namespace) -> int:
 
 
 def replay_command(args: argparse.Namespace) -> int:
-    subscription = _refusals_exit(lambda pool: storage.replay(pool, args.subscription, args.from_position))
+    subscription = _refusals_exit(args, lambda pool: storage.replay(pool, args.subscription, args.from_position))
     print(
         f"{subscription.id} replays from position {args.from_position}: "
         f"{subscription.lag_events} event(s) to go through again"
@@ -153,7 +158,7 @@ def dead_letters_command(args: argparse.Namespace) -> int:
         letters, total = await storage.dead_letters(pool, args.subscription, 0, DEAD_LETTERS_LISTED_MAX)
         return letters, total, marked
 
-    letters, total, marked = _refusals_exit(work)
+    letters, total, marked = _refusals_exit(args, work)
     if args.json:
         for letter in letters:
             print(encode(render_dead_letter(letter)).decode())
@@ -165,13 +170,13 @@ def dead_letters_command(args: argparse.Namespace) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    settings = Settings.from_env()
-    options = DeliveryOptions.from_env(subscriptions_concurrent_max=CLI_SUBSCRIPTIONS_CONCURRENT_MAX)
+    settings = args.settings
+    options = DeliveryOptions.from_settings(settings, subscriptions_concurrent_max=CLI_SUBSCRIPTIONS_CONCURRENT_MAX)
 
     async def once(pool: asyncpg.Pool) -> int:
         policy = EgressPolicy(settings.provider_allowlist)
         async with delivery_session(policy, options) as session:
-            return await Deliverer(pool, session, policy, CredentialsCipher.from_env(), options).run_once()
+            return await Deliverer(pool, session, policy, CredentialsCipher(settings.secret_key), options).run_once()
 
     async def until_signalled(pool: asyncpg.Pool) -> None:
         stop = asyncio.Event()
@@ -180,20 +185,20 @@ def run_command(args: argparse.Namespace) -> int:
         await run_deliveries(pool, settings, stop, options=options)
 
     if args.once:
-        print(f"delivered: {_refusals_exit(once)} event(s) handled")
+        print(f"delivered: {_refusals_exit(args, once)} event(s) handled")
     else:
-        _refusals_exit(until_signalled)
+        _refusals_exit(args, until_signalled)
     return 0
 
 
 # ---- plumbing ------------------------------------------------------------------------------
 
 
-def _refusals_exit(work: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
-    """Runs ``work`` with a pool; a refusal (unknown id, bad URL, no secret key) exits 1 saying why."""
+def _refusals_exit(args: argparse.Namespace, work: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
+    """Runs ``work`` with a pool of the configured database; a refusal (unknown id, bad URL, no secret key) exits 1 saying why."""
 
     try:
-        return with_database(work)
+        return with_database(work, args.settings.database)
     except DomainError as e:
         print(e.message, file=sys.stderr)
         raise SystemExit(1) from None

@@ -7,6 +7,6 @@ SQL), ``subscriptions`` (creation rules, the secret), ``delivery`` (the delivere
 API's request bodies).
 """
 
-from hub.webhooks.delivery import DeliveryOptions, run_deliveries, run_in_serve
+from hub.webhooks.delivery import DeliveryOptions, run_deliveries
 
-__all__ = ["DeliveryOptions", "run_deliveries", "run_in_serve"]
+__all__ = ["DeliveryOptions", "run_deliveries"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
@@ -61,7 +60,6 @@ class DeliveryOptions:
     failure_pause_s: float = 5.0  # after an unexpected error (database down) before trying again
     cards_cached_max: int = 10_000  # card currencies remembered
     error_chars_max: int = 300  # of a failure's description, as stored and shown
-    run_in_serve: bool = True  # GIFTCARD_RUN_WEBHOOKS: whether `giftcard serve` delivers
 
     def __post_init__(self) -> None:
         counts = (self.attempts_max, self.batch_events_max, self.batches_per_turn_max)
@@ -80,18 +78,15 @@ class DeliveryOptions:
         return min(self.backoff_max_s, self.backoff_base_s * 2.0 ** min(attempts - 1, 64))
 
     @classmethod
-    def from_env(cls, **overrides: object) -> DeliveryOptions:
-        env = os.environ
-        defaults = cls()
+    def from_settings(cls, settings: Settings, **overrides: object) -> DeliveryOptions:
+        """The limits an operator sets (``GIFTCARD_WEBHOOK_*``); the rest keep their defaults."""
         values: dict[str, object] = {
-            "attempts_max": int(env.get("GIFTCARD_WEBHOOK_ATTEMPTS_MAX", defaults.attempts_max)),
-            "backoff_base_s": float(env.get("GIFTCARD_WEBHOOK_BACKOFF_BASE_S", defaults.backoff_base_s)),
-            "backoff_max_s": float(env.get("GIFTCARD_WEBHOOK_BACKOFF_MAX_S", defaults.backoff_max_s)),
-            "timeout_s": float(env.get("GIFTCARD_WEBHOOK_TIMEOUT_S", defaults.timeout_s)),
-            "run_in_serve": env.get("GIFTCARD_RUN_WEBHOOKS", "true").strip().lower() not in ("0", "false", "no", "off"),
+            "attempts_max": settings.webhook_attempts_max,
+            "backoff_base_s": settings.webhook_backoff_base_s,
+            "backoff_max_s": settings.webhook_backoff_max_s,
+            "timeout_s": settings.webhook_timeout_s,
         }
-        values.update(overrides)
-        return cls(**values)
+        return cls(**{**values, **overrides})
 
 
 class Progress(NamedTuple):
@@ -100,11 +95,6 @@ class Progress(NamedTuple):
 
 
 IDLE = Progress(0, False)
-
-
-def run_in_serve() -> bool:
-    """Whether ``giftcard serve`` runs a deliverer (``GIFTCARD_RUN_WEBHOOKS``, default true)."""
-    return DeliveryOptions.from_env().run_in_serve
 
 
 async def run_deliveries(
@@ -120,10 +110,10 @@ async def run_deliveries(
     Any number of deliverers may run side by side (every ``giftcard serve`` process and
     ``giftcard webhooks run``): each subscription is delivered by one of them at a time.
     """
-    options = options or DeliveryOptions.from_env()
+    options = options or DeliveryOptions.from_settings(settings)
     policy = EgressPolicy(settings.provider_allowlist)
     async with delivery_session(policy, options) as session:
-        deliverer = Deliverer(pool, session, policy, cipher or CredentialsCipher.from_env(), options)
+        deliverer = Deliverer(pool, session, policy, cipher or CredentialsCipher(settings.secret_key), options)
         await deliverer.run(stop)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
 import secrets
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -29,10 +28,6 @@ class CredentialsCipher:
         self._aead = (
             None if not root_secret else AESGCM(hmac.new(root_secret.encode(), PURPOSE, hashlib.sha256).digest())
         )
-
-    @classmethod
-    def from_env(cls) -> CredentialsCipher:
-        return cls(os.environ.get("GIFTCARD_SECRET_KEY"))
 
     @property
     def available(self) -> bool:

