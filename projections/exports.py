@@ -9,7 +9,8 @@ large the ledger. It adds up what it writes into the same ``Totals`` that ``audi
 computes from its replay.
 
 ``export_liabilities`` replays every card through the domain up to the end of a day (UTC,
-effective time) and yields the outstanding balance of each, with the total per currency.
+effective time) and yields what each owes then (``projections.finance.liability``: nothing once
+it has expired), with the total per currency.
 
 Amounts are exact decimals in major units of ``currency``: strings in CSV and JSON Lines,
 ``decimal128(38, 4)`` in Parquet (10^-4 is the finest minor unit of any ISO 4217 currency the
@@ -38,6 +39,7 @@ from ledger.domain.giftcard import CREDIT, DEBIT
 from ledger.money import CURRENCY_EXPONENTS
 from ledger.store import RecordedEvent
 from projections import events as ev
+from projections.finance.liability import card_liability
 from projections.forwarded import FORWARDED_REPLAYS_CTE
 from projections.replay import (
     CANCELLATION,
@@ -560,7 +562,7 @@ async def export_liabilities(
     batch_rows: int = EXPORT_BATCH_ROWS,
     on_progress: Callable[[int], None] | None = None,
 ) -> LiabilitiesResult:
-    """Every card with a balance at the end of ``as_of`` (UTC), replayed through the domain one at a
+    """Every card that owes something at the end of ``as_of`` (UTC), replayed through the domain one at a
     time in (card, version) order; raises LedgerInconsistent if a card cannot be replayed."""
     result = LiabilitiesResult(as_of, end_of_day(as_of))
     card: _CardUntil | None = None
@@ -600,13 +602,16 @@ def _close_card(
     card_until: _CardUntil | None, result: LiabilitiesResult, on_card: Callable[[CardLiability], None] | None
 ) -> None:
     replay = None if card_until is None else card_until.replay
-    if replay is None or replay.card is None or replay.last_event is None or replay.card.balance == 0:
+    if replay is None or replay.card is None or replay.last_event is None:
         return
     card = replay.card
+    owed = card_liability(card, card_until.cutoff)
+    if owed == 0:
+        return
     liability = CardLiability(
         card_id=replay.stream_id,
         currency=card.currency,
-        balance=card.balance,
+        balance=owed,
         version=replay.last_event.version,
         issued_at=card.issued_at,
         expiring_date=card.expiring_date,

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 
-from hub.cli import batches, bench, db, demo, finance, keys, projections, serve, webhooks
+from hub.cli import batches, bench, close, db, demo, finance, keys, projections, serve, webhooks
 from hub.logs import configure_logging
 
-COMMAND_MODULES = (serve, db, demo, bench, keys, projections, finance, webhooks, batches)
+COMMAND_MODULES = (serve, db, demo, bench, keys, projections, finance, close, webhooks, batches)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -170,7 +170,7 @@ def verify_command(args: argparse.Namespace, native_provider_id: str) -> int:
     started_at = datetime.now(UTC)
 
     async def work(pool: asyncpg.Pool) -> VerifyReport:
-        async with _progress(pool, "verify", _count_events) as bar:
+        async with progress_bar(pool, "verify", _count_events) as bar:
             report = await verify(
                 pool,
                 native_provider_id,
@@ -234,7 +234,7 @@ def export_transactions_command(args: argparse.Namespace, native_provider_id: st
         return EXIT_USAGE
 
     async def work(pool: asyncpg.Pool):
-        async with _progress(pool, "export", count_export_events) as bar:
+        async with progress_bar(pool, "export", count_export_events) as bar:
             return await export_transactions(
                 pool,
                 args.output,
@@ -263,7 +263,7 @@ def export_liabilities_command(args: argparse.Namespace) -> int:
     async def work(pool: asyncpg.Pool):
         rows = None if args.output is None else LiabilityFile(args.output, args.format)
         try:
-            async with _progress(pool, "liabilities", count_card_events) as bar:
+            async with progress_bar(pool, "liabilities", count_card_events) as bar:
                 result = await export_liabilities(
                     pool, args.as_of, on_card=None if rows is None else rows.write, on_progress=bar.update
                 )
@@ -321,7 +321,7 @@ async def _count_events(pool: asyncpg.Pool) -> int:
 
 
 @contextlib.asynccontextmanager
-async def _progress(
+async def progress_bar(
     pool: asyncpg.Pool, what: str, count: Callable[[asyncpg.Pool], Awaitable[int]]
 ) -> AsyncIterator[tqdm]:
     """A tqdm bar on stderr when stderr is a terminal (its total counted only then); a no-op otherwise."""

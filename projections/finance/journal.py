@@ -1,0 +1,179 @@
+"""Double-entry journal lines for a period: one entry per movement of the liability, two lines each
+(one debit, one credit, same amount), so every entry balances and so does the file.
+
+The accounts, by key (renamed in the finance configuration's ``[accounts]``):
+
+=============================  ========================  ========================
+movement                       debit                     credit
+=============================  ========================  ========================
+loaded (a Credit)              cash                      liability
+load_cancelled                 liability                 cash
+redeemed (a Debit)             liability                 redemptions
+redemption_released/refunded   redemptions               liability
+expired_to_breakage            liability                 breakage
+expired_to_unclaimed_property  liability                 unclaimed_property
+=============================  ========================  ========================
+
+A movement that runs the other way (a Credit cancelled on a card that had already expired takes
+back value recognised as breakage) swaps the two sides. Settlements move nothing owed and make no
+entry: the Debit's authorisation already did.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import asyncpg
+import msgspec
+
+from projections.exports import EXPORT_BATCH_ROWS
+from projections.finance.config import BREAKAGE, CASH, LIABILITY, REDEMPTIONS, UNCLAIMED_PROPERTY, FinanceConfig
+from projections.finance.rollforward import Period
+from projections.finance.walk import (
+    EXPIRED_TO,
+    LOAD_CANCELLED,
+    LOADED,
+    REDEEMED,
+    REDEMPTION_REFUNDED,
+    REDEMPTION_RELEASED,
+    CardFacts,
+    Movement,
+    walk_cards,
+)
+from projections.totals import major
+
+JOURNAL_FORMATS = ("csv", "jsonl")
+JOURNAL_COLUMNS = [
+    "entry_id",
+    "date",
+    "account",
+    "debit",
+    "credit",
+    "currency",
+    "card_id",
+    "event_position",
+    "event_version",
+    "transaction_id",
+    "movement",
+]
+
+# The account on the other side of the liability, for each movement.
+COUNTER_ACCOUNT = {
+    LOADED: CASH,
+    LOAD_CANCELLED: CASH,
+    REDEEMED: REDEMPTIONS,
+    REDEMPTION_RELEASED: REDEMPTIONS,
+    REDEMPTION_REFUNDED: REDEMPTIONS,
+    EXPIRED_TO[BREAKAGE]: BREAKAGE,
+    EXPIRED_TO[UNCLAIMED_PROPERTY]: UNCLAIMED_PROPERTY,
+}
+
+
+@dataclass
+class JournalResult:
+    entries: int = 0
+    lines: int = 0
+    debits: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # per currency, minor units
+    credits: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+async def write_journal(
+    pool: asyncpg.Pool,
+    period: Period,
+    config: FinanceConfig,
+    output: Path,
+    file_format: str,
+    *,
+    batch_rows: int = EXPORT_BATCH_ROWS,
+    on_progress: Callable[[int], None] | None = None,
+) -> JournalResult:
+    """Writes the period's entries to ``output`` (through ``output.partial``, renamed when complete)."""
+    if file_format not in JOURNAL_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(JOURNAL_FORMATS)}; got {file_format!r}")
+    partial = output.with_name(output.name + ".partial")
+    result = JournalResult()
+    try:
+        with partial.open("w", newline="", encoding="utf-8") as file:
+            write_lines = _csv_lines(file) if file_format == "csv" else _jsonl_lines(file)
+
+            def write(card: CardFacts) -> None:
+                for movement in card.movements:
+                    if movement.change and period.holds(movement.at):
+                        lines = entry_lines(card, movement, config)
+                        write_lines(lines)
+                        _add_up(result, lines, abs(movement.change), card.currency)
+
+            await walk_cards(pool, [], config, write, batch_rows=batch_rows, on_progress=on_progress)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, output)
+    return result
+
+
+def entry_lines(card: CardFacts, movement: Movement, config: FinanceConfig) -> list[dict[str, Any]]:
+    """The two lines of the movement's entry: amounts exact in major units, the other side empty."""
+    counter = config.account(COUNTER_ACCOUNT[movement.kind])
+    liability = config.account(LIABILITY)
+    debit_account, credit_account = (counter, liability) if movement.change > 0 else (liability, counter)
+    amount = major(abs(movement.change), card.currency)
+    common = {
+        "entry_id": f"{movement.position}-{movement.kind}",
+        "date": movement.at.isoformat(),
+        "currency": card.currency,
+        "card_id": card.card_id,
+        "event_position": movement.position,
+        "event_version": movement.version,
+        "transaction_id": movement.transaction_id,
+        "movement": movement.kind,
+    }
+    return [
+        {**common, "account": debit_account, "debit": amount, "credit": None},
+        {**common, "account": credit_account, "debit": None, "credit": amount},
+    ]
+
+
+def _add_up(result: JournalResult, lines: list[dict[str, Any]], units: int, currency: str) -> None:
+    result.entries += 1
+    result.lines += len(lines)
+    result.debits[currency] += units
+    result.credits[currency] += units
+
+
+def _csv_lines(file: IO[str]) -> Callable[[list[dict[str, Any]]], None]:
+    writer = csv.writer(file)
+    writer.writerow(JOURNAL_COLUMNS)
+
+    def write(lines: list[dict[str, Any]]) -> None:
+        writer.writerows([("" if line[c] is None else str(line[c])) for c in JOURNAL_COLUMNS] for line in lines)
+
+    return write
+
+
+_jsonl = msgspec.json.Encoder(decimal_format="string")  # exact decimals, never floats
+
+
+def _jsonl_lines(file: IO[str]) -> Callable[[list[dict[str, Any]]], None]:
+    def write(lines: list[dict[str, Any]]) -> None:
+        file.write("".join(_jsonl.encode({c: line[c] for c in JOURNAL_COLUMNS}).decode() + "\n" for line in lines))
+
+    return write
+
+
+def render_journal(result: JournalResult, output: Path, file_format: str) -> dict[str, Any]:
+    return {
+        "output": str(output),
+        "format": file_format,
+        "entries": result.entries,
+        "lines": result.lines,
+        "totals": [
+            {"currency": c, "debit": major(result.debits[c], c), "credit": major(result.credits[c], c)}
+            for c in sorted(result.debits)
+        ],
+    }

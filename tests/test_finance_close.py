@@ -1,0 +1,238 @@
+"""Closing the month: the roll-forward, expiry, the journal, against a February worked out by hand.
+
+The ledger below is written through the domain with the test's clock; every expected figure is
+computed by hand in the comments, not by the code under test. The identities checked on top:
+opening + movements = closing, closing = ``export liabilities``, journal debits = credits per
+entry and in total.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from tests.audit_ledgers import finance_cli
+from tests.cards import issue
+
+pytestmark = pytest.mark.also_on_citus
+
+
+def at(day: str, hour: int = 12) -> datetime:
+    return datetime.fromisoformat(day).replace(hour=hour, tzinfo=UTC)
+
+
+async def write_february(ledger, clock) -> dict[str, str]:
+    """Card A (USD): loaded 100.00 in January; in February loaded 50.00, a Debit of 30.00 settled 20.00
+    then cancelled 15.00 (10.00 released, 5.00 refunded), the load cancelled 5.00: owes 130.00.
+    Card C (USD, expires 2026-02-15T00:00Z): loaded 40.00, redeemed 15.00 in January (owes 25.00);
+    a Debit of 5.00 on 10 February; expires with 20.00 left; the 5.00 Debit cancelled on 20 February
+    (released after expiry: expires again at once). Card E (EUR), issued in February: loaded 80.00,
+    a Debit of 12.34 still held at the close. After the period: A redeems 1.00, F (USD) is loaded."""
+    money = ledger.create_transaction
+
+    clock.now = at("2026-01-10")
+    c = str((await issue(ledger, expiring_date=datetime(2026, 2, 15, tzinfo=UTC))).card.id)
+    await money(c, operation="Credit", value=Decimal(40), description="load", request_id="c1")
+    clock.now = at("2026-01-20")
+    a = str((await issue(ledger, expiring_date=datetime(2027, 1, 1, tzinfo=UTC))).card.id)
+    a_load = await money(a, operation="Credit", value=Decimal(100), description="load", request_id="a1")
+    clock.now = at("2026-01-25")
+    c_order = await money(c, operation="Debit", value=Decimal(15), description="order", request_id="c2")
+    await ledger.settle(c, c_order.id, value=Decimal(15), request_id="c3")
+
+    clock.now = at("2026-02-02")
+    e = str((await issue(ledger, currency="EUR", expiring_date=datetime(2027, 1, 1, tzinfo=UTC))).card.id)
+    await money(e, operation="Credit", value=Decimal(80), description="load", request_id="e1")
+    await money(e, operation="Debit", value=Decimal("12.34"), description="order", request_id="e2")
+    clock.now = at("2026-02-03")
+    await money(a, operation="Credit", value=Decimal(50), description="top-up", request_id="a2")
+    clock.now = at("2026-02-05")
+    a_order = await money(a, operation="Debit", value=Decimal(30), description="order", request_id="a3")
+    clock.now = at("2026-02-06")
+    await ledger.settle(a, a_order.id, value=Decimal(20), request_id="a4")
+    clock.now = at("2026-02-07")
+    await ledger.cancel(a, a_order.id, value=Decimal(15), request_id="a5")
+    clock.now = at("2026-02-08")
+    await ledger.cancel(a, a_load.id, value=Decimal(5), request_id="a6")
+    clock.now = at("2026-02-10")
+    c_late = await money(c, operation="Debit", value=Decimal(5), description="order", request_id="c4")
+    clock.now = at("2026-02-20")
+    await ledger.cancel(c, c_late.id, value=Decimal(5), request_id="c5")
+
+    clock.now = at("2026-03-02")
+    f = str((await issue(ledger)).card.id)
+    await money(f, operation="Credit", value=Decimal(10), description="load", request_id="f1")
+    clock.now = at("2026-03-05")
+    await money(a, operation="Debit", value=Decimal(1), description="order", request_id="a7")
+    return {"A": a, "C": c, "E": e, "F": f}
+
+
+# February, by hand. USD: A owed 100.00 and C 25.00 at the opening.
+FEBRUARY_USD = {
+    "opening": "125.00",  # 100.00 + 25.00
+    "loaded": ("50.00", 1),  # A's top-up
+    "load_cancelled": ("-5.00", 1),  # A's load cancelled 5.00
+    "redeemed": ("-35.00", 2),  # A's Debit 30.00 + C's Debit 5.00
+    "redemption_released": ("15.00", 2),  # A's cancel released 10.00 of its hold; C's 5.00 after expiry
+    "redemption_refunded": ("5.00", 1),  # A's cancel refunded 5.00 of the 20.00 settled
+    "expired_to_breakage": ("-25.00", 2),  # C: 25.00 - 5.00 = 20.00 at expiry, then the 5.00 released
+    "expired_to_unclaimed_property": ("0.00", 0),
+    "closing": "130.00",  # 125 + 50 - 5 - 35 + 15 + 5 - 25; A: 100 + 50 - 30 + 15 - 5; C: 0 (expired)
+}
+FEBRUARY_EUR = {
+    "opening": "0.00",
+    "loaded": ("80.00", 1),
+    "load_cancelled": ("0.00", 0),
+    "redeemed": ("-12.34", 1),
+    "redemption_released": ("0.00", 0),
+    "redemption_refunded": ("0.00", 0),
+    "expired_to_breakage": ("0.00", 0),
+    "expired_to_unclaimed_property": ("0.00", 0),
+    "closing": "67.66",  # 80.00 - 12.34
+}
+MEMO = {
+    "USD": {"cardsIssued": 0, "settled": Decimal("20.00"), "heldAtOpening": Decimal(0), "heldAtClosing": Decimal(0)},
+    "EUR": {"cardsIssued": 1, "settled": Decimal(0), "heldAtOpening": Decimal(0), "heldAtClosing": Decimal("12.34")},
+}
+
+
+def as_table(rolled: dict) -> dict:
+    table = {"opening": str(rolled["opening"]), "closing": str(rolled["closing"])}
+    for line in rolled["movements"]:
+        table[line["movement"]] = (str(line["amount"]), line["count"])
+    return table
+
+
+async def rollforward(database_url: str, tmp_path: Path, *args: str, env: dict | None = None) -> dict:
+    output = tmp_path / "rollforward.json"
+    code, out, err = await finance_cli(database_url, "finance", "rollforward", *args, "--json", str(output), env=env)
+    assert code == 0, err
+    assert "opening" in out and "closing" in out
+    return json.loads(output.read_text(), parse_float=Decimal)
+
+
+async def liabilities(database_url: str, day: str) -> dict[str, str]:
+    code, out, err = await finance_cli(database_url, "export", "liabilities", "--as-of", day, "--json")
+    assert code == 0, err
+    return {t["currency"]: str(t["outstanding"]) for t in json.loads(out, parse_float=Decimal)["totals"]}
+
+
+async def test_february_rolls_forward_as_worked_out_by_hand(ledger, clock, database_url, tmp_path):
+    await write_february(ledger, clock)
+    document = await rollforward(database_url, tmp_path, "--from", "2026-02-01", "--to", "2026-02-28")
+    assert (document["opensAt"], document["closesAt"]) == ("2026-02-01T00:00:00+00:00", "2026-03-01T00:00:00+00:00")
+    by_currency = {rolled["currency"]: rolled for rolled in document["currencies"]}
+    assert as_table(by_currency["USD"]) == FEBRUARY_USD
+    assert as_table(by_currency["EUR"]) == FEBRUARY_EUR
+    assert {c: r["memo"] for c, r in by_currency.items()} == MEMO
+    for rolled in by_currency.values():
+        moved = sum(Decimal(str(line["amount"])) for line in rolled["movements"])
+        assert Decimal(str(rolled["opening"])) + moved == Decimal(str(rolled["closing"]))
+
+    # The closing is what export liabilities says at the end of the last day, the opening what it
+    # says at the end of the day before the first.
+    assert await liabilities(database_url, "2026-02-28") == {"USD": "130.00", "EUR": "67.66"}
+    assert await liabilities(database_url, "2026-01-31") == {"USD": "125.00"}
+
+
+async def test_an_expired_card_leaves_the_liability_at_its_expiry_instant(ledger, clock, database_url, tmp_path):
+    cards = await write_february(ledger, clock)
+    # C expires at 2026-02-15T00:00Z: still owed at the end of the 14th, not at the end of the 15th.
+    assert await liabilities(database_url, "2026-02-14") == {"USD": "150.00", "EUR": "67.66"}  # A 130 + C 20
+    assert await liabilities(database_url, "2026-02-15") == {"USD": "130.00", "EUR": "67.66"}
+    document = await rollforward(database_url, tmp_path, "--from", "2026-02-15", "--to", "2026-02-15")
+    usd = as_table(next(r for r in document["currencies"] if r["currency"] == "USD"))
+    assert (usd["opening"], usd["expired_to_breakage"], usd["closing"]) == ("150.00", ("-20.00", 1), "130.00")
+
+    code, out, err = await finance_cli(
+        database_url, "export", "liabilities", "--as-of", "2026-02-28", "--output", str(tmp_path / "l.csv")
+    )
+    assert code == 0, err
+    with (tmp_path / "l.csv").open(newline="") as file:
+        assert cards["C"] not in {row["card_id"] for row in csv.DictReader(file)}
+
+
+async def test_a_currency_can_send_expired_value_to_unclaimed_property(ledger, clock, database_url, tmp_path):
+    await write_february(ledger, clock)
+    config = tmp_path / "finance.toml"
+    config.write_text('[expiry]\ndefault = "breakage"\ncurrencies = { USD = "unclaimed_property" }\n')
+    env = {"GIFTCARD_FINANCE_CONFIG": str(config)}
+    document = await rollforward(database_url, tmp_path, "--from", "2026-02-01", "--to", "2026-02-28", env=env)
+    usd = as_table(next(r for r in document["currencies"] if r["currency"] == "USD"))
+    assert usd == {
+        **FEBRUARY_USD,
+        "expired_to_breakage": ("0.00", 0),
+        "expired_to_unclaimed_property": ("-25.00", 2),
+    }
+
+    config.write_text('[expiry]\ndefault = "forfeit"\n')
+    code, _, err = await finance_cli(
+        database_url, "finance", "rollforward", "--from", "2026-02-01", "--to", "2026-02-28", env=env
+    )
+    assert code == 2 and "expiry.default must be one of breakage, unclaimed_property" in err
+
+
+async def test_the_journal_balances_per_entry_and_in_total(ledger, clock, database_url, tmp_path):
+    cards = await write_february(ledger, clock)
+    config = tmp_path / "finance.toml"
+    config.write_text('[accounts]\nbreakage = "4900 Breakage revenue"\n')
+    output = tmp_path / "journal.csv"
+    code, out, err = await finance_cli(
+        database_url,
+        "finance", "journal", "--from", "2026-02-01", "--to", "2026-02-28", "--format", "csv", "--output", str(output),
+        env={"GIFTCARD_FINANCE_CONFIG": str(config)},
+    )  # fmt: skip
+    assert code == 0, err
+    with output.open(newline="", encoding="utf-8") as file:
+        lines = list(csv.DictReader(file))
+    # USD: 1 load, 1 load cancelled, 2 Debits, 2 releases, 1 refund, 2 expiries; EUR: 1 load, 1 Debit.
+    assert len(lines) == 2 * 11 and "wrote 11 entries, 22 lines" in out
+
+    def amount(line: dict, side: str) -> Decimal:
+        return Decimal(line[side] or 0)
+
+    entries: dict[str, list[dict]] = defaultdict(list)
+    for line in lines:
+        entries[line["entry_id"]].append(line)
+        assert bool(line["debit"]) != bool(line["credit"]), line
+    for entry_id, entry in entries.items():
+        assert sum(amount(x, "debit") for x in entry) == sum(amount(x, "credit") for x in entry), entry_id
+        assert len({(x["date"], x["currency"], x["card_id"], x["event_position"]) for x in entry}) == 1
+
+    def net(account: str, currency: str) -> Decimal:
+        """Credits less debits."""
+        mine = [x for x in lines if x["account"] == account and x["currency"] == currency]
+        return sum(amount(x, "credit") - amount(x, "debit") for x in mine)
+
+    # The liability account moves by closing - opening: USD 130.00 - 125.00, EUR 67.66.
+    assert (net("Gift card liability", "USD"), net("Gift card liability", "EUR")) == (Decimal("5.00"), Decimal("67.66"))
+    assert net("4900 Breakage revenue", "USD") == Decimal("25.00")  # renamed by the file
+    assert net("Cash or receivable", "USD") == Decimal("-45.00")  # 50.00 loaded, 5.00 given back
+    # Redemptions (sales clearing): 35.00 redeemed less 15.00 released and 5.00 refunded.
+    assert net("Gift card redemptions (sales clearing)", "USD") == Decimal("15.00")
+    for currency in ("USD", "EUR"):
+        mine = [x for x in lines if x["currency"] == currency]
+        assert sum(amount(x, "debit") for x in mine) == sum(amount(x, "credit") for x in mine)
+    expiries = [x for x in lines if x["movement"] == "expired_to_breakage" and x["card_id"] == cards["C"]]
+    assert sorted(x["date"] for x in expiries) == ["2026-02-15T00:00:00+00:00"] * 2 + ["2026-02-20T12:00:00+00:00"] * 2
+    assert cards["F"] not in {x["card_id"] for x in lines}
+
+
+async def test_bad_arguments_are_refused_before_reading(database_url, tmp_path):
+    code, _, err = await finance_cli(
+        database_url, "finance", "rollforward", "--from", "2026-02-10", "--to", "2026-02-01"
+    )
+    assert code == 2 and "--to must not be before --from" in err
+    code, _, err = await finance_cli(database_url, "finance", "rollforward", "--from", "Feb", "--to", "2026-02-01")
+    assert code == 2 and "not a date" in err
+    code, _, err = await finance_cli(
+        database_url, "finance", "journal", "--from", "2026-02-01", "--to", "2026-02-28", "--output", str(tmp_path / "j"),
+        env={"GIFTCARD_FINANCE_CONFIG": str(tmp_path / "missing.toml")},
+    )  # fmt: skip
+    assert code == 2 and "cannot read" in err and not (tmp_path / "j").exists()
