@@ -622,20 +622,24 @@ def _close_card(
 
 
 class LiabilityFile:
-    """The per-card rows of ``export liabilities``, as CSV or JSON Lines (amounts exact, in major units),
-    written to ``PATH.partial`` and renamed to ``PATH`` only by ``commit``."""
+    """The per-card rows of ``export liabilities`` (or another per-card report: ``columns``, with its
+    amount in ``amount``), as CSV or JSON Lines (amounts exact, in major units), written to
+    ``PATH.partial`` and renamed to ``PATH`` only by ``commit``."""
 
-    def __init__(self, path: Path, file_format: str) -> None:
+    def __init__(
+        self, path: Path, file_format: str, columns: list[str] = LIABILITY_COLUMNS, amount: str = "balance"
+    ) -> None:
         if file_format not in LIABILITY_FORMATS:
             raise ValueError(f"format must be one of {', '.join(LIABILITY_FORMATS)}; got {file_format!r}")
         self.path = path
         self.partial = path.with_name(path.name + ".partial")
+        self.columns, self.amount = columns, amount
         csv_file = file_format == "csv"
-        self.writer = _CsvWriter(self.partial, LIABILITY_COLUMNS) if csv_file else _JsonLinesWriter(self.partial)
+        self.writer = _CsvWriter(self.partial, columns) if csv_file else _JsonLinesWriter(self.partial)
 
-    def write(self, card: CardLiability) -> None:
-        values = {name: getattr(card, name) for name in LIABILITY_COLUMNS}
-        values["balance"] = major(card.balance, card.currency)
+    def write(self, card: Any) -> None:
+        values = {name: getattr(card, name) for name in self.columns}
+        values[self.amount] = major(values[self.amount], card.currency)
         self.writer.write_values([values])
 
     def commit(self) -> None:

@@ -236,3 +236,63 @@ async def test_bad_arguments_are_refused_before_reading(database_url, tmp_path):
         env={"GIFTCARD_FINANCE_CONFIG": str(tmp_path / "missing.toml")},
     )  # fmt: skip
     assert code == 2 and "cannot read" in err and not (tmp_path / "j").exists()
+
+
+async def test_breakage_rate_and_recognition_from_the_ledgers_history(ledger, clock, database_url, tmp_path):
+    await write_february(ledger, clock)
+    output = tmp_path / "breakage.json"
+
+    async def breakage(method: str) -> dict:
+        args = ("finance", "breakage", "--as-of", "2026-02-28", "--method", method, "--json", str(output))
+        code, out, err = await finance_cli(database_url, *args)
+        assert code == 0, err
+        assert "rate" in out
+        document = json.loads(output.read_text(), parse_float=Decimal)
+        return {c["currency"]: c for c in document["currencies"]}
+
+    proportional = await breakage("proportional")
+    usd, eur = proportional["USD"], proportional["EUR"]
+    # Expired by then: C alone, loaded 40.00, 25.00 left on it (20.00 at expiry, 5.00 released after).
+    assert usd["rateInputs"] == {"expiredCards": 1, "loadedOnExpiredCards": Decimal(40), "leftAtExpiry": Decimal(25)}
+    assert usd["rate"] == Decimal("0.625")  # 25 / 40
+    (january,) = usd["cohorts"]  # A and C were issued in January; F only in March
+    # A, open: loaded 150.00 - 5.00 = 145.00, redeemed 30.00 - 10.00 - 5.00 = 15.00.
+    # Expected breakage 145.00 x 0.625 = 90.625 -> 90.62 (half-even); expected redemptions 145.00 - 90.62 = 54.38;
+    # recognised 90.62 x 15.00 / 54.38 = 24.9963... -> 25.00; with C's 25.00 at expiry: 50.00.
+    assert (january["issued"], january["cards"], january["openLoaded"], january["openRedeemed"]) == (
+        "2026-01",
+        2,
+        Decimal(145),
+        Decimal(15),
+    )
+    assert (january["expectedBreakageOnOpen"], january["recognisedOnOpen"]) == (Decimal("90.62"), Decimal(25))
+    assert usd["recognisedToDate"] == Decimal(50)
+    assert (eur["rate"], eur["recognisedToDate"]) == (Decimal(0), Decimal(0))  # no EUR card has expired yet
+    assert (await breakage("remote"))["USD"]["recognisedToDate"] == Decimal(25)  # only what expired
+
+
+async def test_dormant_cards_with_their_last_shopper_activity(ledger, clock, database_url, tmp_path):
+    await write_february(ledger, clock)
+    clock.now = at("2024-01-10")
+    g = str((await issue(ledger, expiring_date=datetime(2030, 1, 1, tzinfo=UTC))).card.id)
+    await ledger.create_transaction(g, operation="Credit", value=Decimal(7), description="load", request_id="g1")
+    clock.now = at("2024-01-11")
+    order = await ledger.create_transaction(g, operation="Debit", value=Decimal(2), description="o", request_id="g2")
+    clock.now = at("2025-06-01")
+    await ledger.settle(g, order.id, value=Decimal(2), request_id="g3")  # the store's, not the shopper's
+
+    output = tmp_path / "dormant.csv"
+    args = ("finance", "dormant", "--as-of", "2026-02-28", "--years", "1", "--output", str(output))
+    code, out, err = await finance_cli(database_url, *args)
+    assert code == 0, err
+    assert "since 2025-03-01T00:00:00+00:00" in out and "USD" in out and "5.00" in out
+    with output.open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    # G owes 7.00 - 2.00; A was used in February, C has expired and owes nothing, E is a month old.
+    assert [(r["card_id"], r["currency"], r["owed"], r["last_activity_at"]) for r in rows] == [
+        (g, "USD", "5.00", "2024-01-11T12:00:00+00:00")
+    ]
+    code, out, err = await finance_cli(database_url, "finance", "dormant", "--as-of", "2026-02-28", "--years", "3")
+    assert code == 0 and "none" in out, err
+    code, _, err = await finance_cli(database_url, "finance", "dormant", "--as-of", "2026-02-28", "--years", "0")
+    assert code == 2 and "--years" in err

@@ -22,10 +22,13 @@ import msgspec
 from hub.cli import arguments
 from hub.cli.finance import EXIT_FAILED, EXIT_OK, EXIT_USAGE, progress_bar
 from ledger.replication import with_read_database
-from projections.exports import LedgerInconsistent, count_card_events
+from projections.exports import LedgerInconsistent, LiabilityFile, count_card_events
+from projections.finance.breakage import METHODS, PROPORTIONAL, estimate_breakage, render_breakage
 from projections.finance.config import FinanceConfig, FinanceConfigError, finance_config_from_env
+from projections.finance.dormancy import DORMANT_COLUMNS, DormancyResult, dormant_cards
 from projections.finance.journal import JOURNAL_FORMATS, render_journal, write_journal
 from projections.finance.rollforward import Period, render_roll_forward, roll_forward, write_roll_forward_csv
+from projections.totals import major
 
 T = TypeVar("T")
 
@@ -50,6 +53,18 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     journal.add_argument("--format", choices=JOURNAL_FORMATS, default="csv", help="default csv")
     journal.add_argument("--output", type=Path, required=True, help="the file to write")
     journal.set_defaults(run=journal_command)
+
+    breakage = sub.add_parser("breakage", help="the breakage rate from the ledger's history, and what is recognised")
+    breakage.add_argument("--as-of", type=arguments.day, required=True, help="a date (UTC): as at its end")
+    breakage.add_argument("--method", choices=METHODS, default=PROPORTIONAL, help="default proportional")
+    breakage.add_argument("--json", type=Path, metavar="FILE", help="also write the report and its inputs as JSON")
+    breakage.set_defaults(run=breakage_command)
+
+    dormant = sub.add_parser("dormant", help="cards with value and no shopper activity for N years")
+    dormant.add_argument("--as-of", type=arguments.day, required=True, help="a date (UTC): as at its end")
+    dormant.add_argument("--years", type=arguments.bounded_int(1, 100), required=True, help="years without activity")
+    dormant.add_argument("--output", type=Path, help="also write one row per dormant card (CSV) to this file")
+    dormant.set_defaults(run=dormant_command)
 
 
 def _add_period(parser: argparse.ArgumentParser) -> None:
@@ -90,6 +105,60 @@ def journal_command(args: argparse.Namespace) -> int:
     for total in document["totals"]:
         print(f"  {total['currency']:<4} debit {total['debit']:>20}  credit {total['credit']:>20}")
     return EXIT_OK
+
+
+def breakage_command(args: argparse.Namespace) -> int:
+    def report(pool: asyncpg.Pool, config: FinanceConfig, on_progress: Callable[[int], None]) -> Awaitable[Any]:
+        return estimate_breakage(pool, args.as_of, args.method, config, on_progress=on_progress)
+
+    code, result = _run(args, "breakage", report)
+    if result is None:
+        return code
+    document = render_breakage(result)
+    if args.json is not None:
+        args.json.write_bytes(_json.encode(document) + b"\n")
+    print(f"breakage as at the end of {document['asOf']} ({document['method']} method):")
+    for currency in document["currencies"]:
+        inputs = currency["rateInputs"]
+        print(
+            f"  {currency['currency']:<4} rate {currency['rate']} ({inputs['leftAtExpiry']} left on "
+            f"{inputs['expiredCards']} expired card(s) loaded with {inputs['loadedOnExpiredCards']}), "
+            f"recognised to date {currency['recognisedToDate']} ({currency['expiryPolicy']})"
+        )
+    return EXIT_OK
+
+
+def dormant_command(args: argparse.Namespace) -> int:
+    def report(pool: asyncpg.Pool, config: FinanceConfig, on_progress: Callable[[int], None]) -> Awaitable[Any]:
+        return _dormant_to_file(pool, config, args, on_progress)
+
+    code, result = _run(args, "dormant", report)
+    if result is None:
+        return code
+    print(
+        f"cards owing value at the end of {result.as_of.isoformat()} with no shopper activity since "
+        f"{result.quiet_since.isoformat()} ({result.years} year(s)):"
+    )
+    for currency, owed in sorted(result.owed.items()):
+        print(f"  {currency:<4} {major(owed, currency):>20}  over {result.cards[currency]} card(s)")
+    if not result.owed:
+        print("  none")
+    return EXIT_OK
+
+
+async def _dormant_to_file(
+    pool: asyncpg.Pool, config: FinanceConfig, args: argparse.Namespace, on_progress: Callable[[int], None]
+) -> DormancyResult:
+    if args.output is None:
+        return await dormant_cards(pool, args.as_of, args.years, config, lambda card: None, on_progress=on_progress)
+    rows = LiabilityFile(args.output, "csv", DORMANT_COLUMNS, amount="owed")
+    try:
+        result = await dormant_cards(pool, args.as_of, args.years, config, rows.write, on_progress=on_progress)
+    except BaseException:
+        rows.discard()
+        raise
+    rows.commit()
+    return result
 
 
 # ---- plumbing ----------------------------------------------------------------------------------------
