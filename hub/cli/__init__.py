@@ -2,7 +2,8 @@
 layer that does the work (``ledger``, ``projections``, ``hub.webhooks``, ``hub.http.auth``, ``hub.app``).
 
 ``serve``, ``db``, ``keys``, ``demo``, ``bench``, ``projections`` (the read models), ``finance``
-(``audit`` and ``export``), ``webhooks`` and ``batches`` (``cards issue``) each add their commands
+(``audit`` and ``export``), ``close`` (the ``finance`` group: closing the month), ``webhooks`` and
+``batches`` (``cards issue``) each add their commands
 with ``add_commands``. ``python -m hub.cli`` is the same as ``giftcard``.
 """
 
