@@ -30,6 +30,7 @@ from hub.http.state import DIRECTORY, EGRESS, LEDGER, METRICS, POOL, READ_POOL, 
 from hub.http.throttle import LookupThrottle
 from hub.metrics import Metrics, make_metrics_middleware, metrics_handler
 from hub.pages import audit as audit_pages
+from hub.pages import rollforward as rollforward_pages
 from ledger.commands import Ledger, utc_now
 from ledger.credentials_cipher import CredentialsCipher
 from ledger.database import create_pool
@@ -247,6 +248,7 @@ def create_app(
     app.router.add_routes(webhooks_api.routes())
     app.router.add_routes(audit_api.routes())
     app.router.add_routes(audit_pages.routes())
+    app.router.add_routes(rollforward_pages.routes())
     app.router.add_routes(bulk_api.routes())
     return app
 

@@ -17,8 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from hub.http.state import LEDGER
+from tests import page_dom
 from tests.audit_ledgers import finance_cli
 from tests.cards import issue
+from tests.test_audit_pages import get
 
 pytestmark = pytest.mark.also_on_citus
 
@@ -296,3 +299,48 @@ async def test_dormant_cards_with_their_last_shopper_activity(ledger, clock, dat
     assert code == 0 and "none" in out, err
     code, _, err = await finance_cli(database_url, "finance", "dormant", "--as-of", "2026-02-28", "--years", "0")
     assert code == 2 and "--years" in err
+
+
+async def test_the_auditors_roll_forward_page_links_each_figure_to_its_movements(start_service, clock):
+    pages = await start_service()
+    cards = await write_february(pages.app[LEDGER], clock)
+    status, _, _ = await get(pages, "/audit/rollforward?from=2026-02-01&to=2026-02-28", credentials=None)
+    assert status == 401
+    status, html, _ = await get(pages, "/audit/rollforward?from=2026-02-01&to=2026-02-28")
+    assert status == 200, html
+    document = page_dom.parse(html)
+    usd = {
+        row.fields()["line"]: row.fields()
+        for row in page_dom.rows(document, "line")
+        if row.attrs["data-currency"] == "USD"
+    }
+    assert usd["opening"]["amount"] == FEBRUARY_USD["opening"] and usd["closing"]["amount"] == FEBRUARY_USD["closing"]
+    assert (usd["redeemed"]["amount"], usd["redeemed"]["count"]) == ("-35.00", "2")
+    link = next(
+        a.attrs["href"]
+        for a in document.find_all(lambda n: n.tag == "a")
+        if "movement=expired_to_breakage" in a.attrs.get("href", "") and "currency=USD" in a.attrs["href"]
+    )
+
+    status, html, _ = await get(pages, link)
+    assert status == 200, html
+    listing = page_dom.parse(html)
+    assert listing.by_id("summary").fields() == {"count": "2", "total": "-25.00"}
+    rows = [row.fields() for row in page_dom.rows(listing, "movement")]
+    # C's 20.00 at its expiry instant, then the 5.00 released after it (each traced to its event).
+    assert [(r["at"], r["card"], r["change"]) for r in rows] == [
+        ("2026-02-15 00:00:00", cards["C"], "-20.00"),
+        ("2026-02-20 12:00:00", cards["C"], "-5.00"),
+    ]
+    assert f'href="/audit/cards/{cards["C"]}"' in html
+    assert rows[0]["version"] == "1"  # the expiry is traced to the issue, which carries the expiring date
+
+    for query, named in [
+        ("from=Feb&to=2026-02-28", "from must be a date"),
+        ("from=2026-02-28&to=2026-02-01", "must not be before"),
+        ("from=2026-02-01&to=2026-02-28&currency=USD&movement=stolen", "movement must be one of"),
+        ("from=2026-02-01&to=2026-02-28&currency=XYZ&movement=redeemed", "XYZ"),
+    ]:
+        path = "/audit/rollforward" + ("/movements" if "movement=" in query else "") + "?" + query
+        status, html, _ = await get(pages, path)
+        assert status == 400 and named in html, (path, status)

@@ -144,6 +144,8 @@ _describe(
         ("GET", "", "HTML: ledger totals, liability per currency over time, the last audit verify's result", None),
         ("GET", "/cards", "HTML form target: redirects ?card=ID to that card's page", None),
         ("GET", "/cards/{card_id}", "HTML: a card's timeline, balance chart and state (?asOf= ISO 8601)", None),
+        ("GET", "/rollforward", "HTML: the liability roll-forward of ?from=DAY&to=DAY per currency", None),
+        ("GET", "/rollforward/movements", "HTML: the movements behind one roll-forward figure", None),
     ],
 )
 

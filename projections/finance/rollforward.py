@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import msgspec
 
 from projections.exports import EXPORT_BATCH_ROWS, LedgerInconsistent, end_of_day
 from projections.finance.config import FinanceConfig
-from projections.finance.walk import ISSUED, LIABILITY_MOVEMENTS, SETTLED, CardFacts, walk_cards
+from projections.finance.walk import ISSUED, LIABILITY_MOVEMENTS, SETTLED, CardFacts, Movement, walk_cards
 from projections.totals import major
 
 
@@ -168,3 +169,44 @@ def write_roll_forward_csv(result: RollForward, path: Path) -> None:
             writer.writerow([currency, "memo_cards_issued", memo["cardsIssued"], ""])
             for name in ("settled", "heldAtOpening", "heldAtClosing"):
                 writer.writerow([currency, f"memo_{name}", "", memo[name]])
+
+
+class MovementRow(msgspec.Struct, frozen=True):
+    card_id: str
+    currency: str
+    movement: Movement
+
+
+@dataclass
+class MovementsBehind:
+    """The movements of one kind, currency and period that make one roll-forward figure."""
+
+    rows: list[MovementRow] = field(default_factory=list)  # the first ``rows_max``, in card order
+    count: int = 0
+    total: int = 0  # minor units, signed as in the roll-forward
+
+
+async def movements_behind(
+    pool: asyncpg.Pool,
+    period: Period,
+    config: FinanceConfig,
+    currency: str,
+    kind: str,
+    *,
+    rows_max: int,
+    batch_rows: int = EXPORT_BATCH_ROWS,
+) -> MovementsBehind:
+    found = MovementsBehind()
+
+    def add(card: CardFacts) -> None:
+        if card.currency != currency:
+            return
+        for movement in card.movements:
+            if movement.kind == kind and period.holds(movement.at):
+                found.count += 1
+                found.total += movement.change
+                if len(found.rows) < rows_max:
+                    found.rows.append(MovementRow(card.card_id, card.currency, movement))
+
+    await walk_cards(pool, [], config, add, batch_rows=batch_rows)
+    return found
