@@ -226,6 +226,17 @@ async def test_the_journal_balances_per_entry_and_in_total(ledger, clock, databa
     assert sorted(x["date"] for x in expiries) == ["2026-02-15T00:00:00+00:00"] * 2 + ["2026-02-20T12:00:00+00:00"] * 2
     assert cards["F"] not in {x["card_id"] for x in lines}
 
+    jsonl = tmp_path / "journal.jsonl"
+    code, _, err = await finance_cli(
+        database_url, "finance", "journal", "--from", "2026-02-01", "--to", "2026-02-28", "--format", "jsonl",
+        "--output", str(jsonl), env={"GIFTCARD_FINANCE_CONFIG": str(config)},
+    )  # fmt: skip
+    assert code == 0, err
+    documents = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    as_text = [{k: "" if v is None else str(v) for k, v in d.items()} for d in documents]
+    assert as_text == lines  # the same lines; amounts as exact decimal strings
+    assert all(isinstance(d["debit"] or d["credit"], str) for d in documents)
+
 
 async def test_bad_arguments_are_refused_before_reading(database_url, tmp_path):
     code, _, err = await finance_cli(

@@ -117,51 +117,39 @@ async def write_journal(
     return result
 
 
-def entry_lines(card: CardFacts, movement: Movement, config: FinanceConfig) -> list[dict[str, Any]]:
-    """The two lines of the movement's entry: amounts exact in major units, the other side empty."""
+def entry_lines(card: CardFacts, movement: Movement, config: FinanceConfig) -> list[tuple[Any, ...]]:
+    """The two lines of the movement's entry, values in ``JOURNAL_COLUMNS`` order: amounts exact in major
+    units, the other side None. Tuples, not dicts: a journal of a large ledger has millions of lines."""
     counter = config.account(COUNTER_ACCOUNT[movement.kind])
     liability = config.account(LIABILITY)
     debit_account, credit_account = (counter, liability) if movement.change > 0 else (liability, counter)
     amount = major(abs(movement.change), card.currency)
-    common = {
-        "entry_id": f"{movement.position}-{movement.kind}",
-        "date": movement.at.isoformat(),
-        "currency": card.currency,
-        "card_id": card.card_id,
-        "event_position": movement.position,
-        "event_version": movement.version,
-        "transaction_id": movement.transaction_id,
-        "movement": movement.kind,
-    }
-    return [
-        {**common, "account": debit_account, "debit": amount, "credit": None},
-        {**common, "account": credit_account, "debit": None, "credit": amount},
-    ]
+    entry_id, date = f"{movement.position}-{movement.kind}", movement.at.isoformat()
+    tail = (card.currency, card.card_id, movement.position, movement.version, movement.transaction_id, movement.kind)
+    return [(entry_id, date, debit_account, amount, None, *tail), (entry_id, date, credit_account, None, amount, *tail)]
 
 
-def _add_up(result: JournalResult, lines: list[dict[str, Any]], units: int, currency: str) -> None:
+def _add_up(result: JournalResult, lines: list[tuple[Any, ...]], units: int, currency: str) -> None:
     result.entries += 1
     result.lines += len(lines)
     result.debits[currency] += units
     result.credits[currency] += units
 
 
-def _csv_lines(file: IO[str]) -> Callable[[list[dict[str, Any]]], None]:
+def _csv_lines(file: IO[str]) -> Callable[[list[tuple[Any, ...]]], None]:
     writer = csv.writer(file)
     writer.writerow(JOURNAL_COLUMNS)
-
-    def write(lines: list[dict[str, Any]]) -> None:
-        writer.writerows([("" if line[c] is None else str(line[c])) for c in JOURNAL_COLUMNS] for line in lines)
-
-    return write
+    return writer.writerows  # None is written as an empty field, a Decimal exactly
 
 
 _jsonl = msgspec.json.Encoder(decimal_format="string")  # exact decimals, never floats
 
 
-def _jsonl_lines(file: IO[str]) -> Callable[[list[dict[str, Any]]], None]:
-    def write(lines: list[dict[str, Any]]) -> None:
-        file.write("".join(_jsonl.encode({c: line[c] for c in JOURNAL_COLUMNS}).decode() + "\n" for line in lines))
+def _jsonl_lines(file: IO[str]) -> Callable[[list[tuple[Any, ...]]], None]:
+    def write(lines: list[tuple[Any, ...]]) -> None:
+        file.write(
+            "".join(_jsonl.encode(dict(zip(JOURNAL_COLUMNS, line, strict=True))).decode() + "\n" for line in lines)
+        )
 
     return write
 

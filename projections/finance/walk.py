@@ -23,6 +23,7 @@ import msgspec
 
 from ledger.domain.giftcard import CREDIT, GiftCard
 from ledger.store import RecordedEvent
+from projections import events as ev
 from projections.exports import EXPORT_BATCH_ROWS, LedgerInconsistent
 from projections.finance.config import BREAKAGE, UNCLAIMED_PROPERTY, FinanceConfig
 from projections.finance.liability import card_liability
@@ -137,7 +138,7 @@ class _CardWalk:
         if step is None:
             raise LedgerInconsistent(f"{failures[0].line()}; run giftcard audit verify")
         if self.facts is None:
-            self._start(event, step)
+            self._start(event)
         moved = _movements(step, at)
         self._check_adds_up(event, moved, step.balance - before)
         self.facts.movements += moved
@@ -153,9 +154,9 @@ class _CardWalk:
             self._expire(card)
         return self.facts
 
-    def _start(self, event: RecordedEvent, step: Step) -> None:
+    def _start(self, event: RecordedEvent) -> None:
         card = self.replay.card
-        if event.type != _ISSUED_TOPIC or card is None:
+        if event.type != ev.ISSUED or card is None:
             raise LedgerInconsistent(
                 f"card {event.stream_id} has money events but no issue event; run giftcard audit verify"
             )
@@ -190,9 +191,6 @@ class _CardWalk:
                 f"{sum(m.change for m in moved)}, the balance moved {balance_change} (minor units); "
                 "run giftcard audit verify"
             )
-
-
-_ISSUED_TOPIC = CARD_TOPICS[0]
 
 
 def _movements(step: Step, at: datetime) -> list[Movement]:
