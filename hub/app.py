@@ -26,6 +26,7 @@ from hub.http.native import NativeHandlers, json_response
 from hub.http.state import DIRECTORY, EGRESS, LEDGER, METRICS, POOL, READ_POOL, REGISTRY, SETTINGS, THROTTLE
 from hub.metrics import Metrics, make_metrics_middleware, metrics_handler
 from hub.pages import audit as audit_pages
+from hub.pages import rollforward as rollforward_pages
 from hub.providers.directory import ProviderDirectory
 from hub.providers.egress import EgressPolicy, GuardedResolver
 from hub.providers.external import Outbound
@@ -251,6 +252,7 @@ def create_app(
     app.router.add_routes(webhooks_api.routes())
     app.router.add_routes(audit_api.routes())
     app.router.add_routes(audit_pages.routes())
+    app.router.add_routes(rollforward_pages.routes())
     app.router.add_routes(bulk_api.routes())
     return app
 

@@ -50,6 +50,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # a hot standby for what only reads; None: everything reads the primary
     replica_url: Annotated[str, Meta(description="a PostgreSQL URL", extra={"url": True})] | None = None
     data_dir: text("a folder") | None = None  # the embedded PostgreSQL's; None: the user data folder
+    finance_config: text("a TOML file") | None = None  # the chart of accounts and expiry policy; None: the defaults
     secret_key: Secret | None = None
     native_provider_id: Annotated[str, Meta(min_length=1, max_length=100, description="a provider id")] = "VtexGiftCard"
     provider_app_key: text("an app key") | None = None

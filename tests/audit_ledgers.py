@@ -170,15 +170,15 @@ async def as_owner_bypassing_immutability(pool: asyncpg.Pool, sql: str, *args: o
 # ---- the finance command line as a real process ------------------------------------------------
 
 
-async def finance_cli(database_url: str, *args: str) -> tuple[int, str, str]:
-    """``python -m hub.cli ARGS`` (the ``audit`` and ``export`` commands) against the test database:
-    (exit code, stdout, stderr)."""
+async def finance_cli(database_url: str, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """``python -m hub.cli ARGS`` (the ``audit``, ``export`` and ``finance`` commands) against the test
+    database, with ``env`` added to the environment: (exit code, stdout, stderr)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "hub.cli",
         *args,
-        env={**os.environ, "GIFTCARD_DATABASE_URL": database_url, "GIFTCARD_NATIVE_PROVIDER_ID": NATIVE},
+        env={**os.environ, "GIFTCARD_DATABASE_URL": database_url, "GIFTCARD_NATIVE_PROVIDER_ID": NATIVE, **(env or {})},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

@@ -27,7 +27,7 @@ import asyncpg
 import msgspec
 
 from hub.cli import arguments
-from hub.cli.progress import progress_bar as _progress
+from hub.cli.progress import progress_bar
 from ledger.domain.errors import CardNotFound
 from ledger.eventstore.store import EventStore
 from ledger.postgres.database import Database, with_database
@@ -182,7 +182,7 @@ def verify_command(args: argparse.Namespace) -> int:
     started_at = datetime.now(UTC)
 
     async def work(pool: asyncpg.Pool) -> VerifyReport:
-        async with _progress(pool, "verify", _count_events) as bar:
+        async with progress_bar(pool, "verify", _count_events) as bar:
             report = await verify(
                 pool,
                 settings.native_provider_id,
@@ -248,7 +248,7 @@ def export_transactions_command(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     async def work(pool: asyncpg.Pool):
-        async with _progress(pool, "export", count_export_events) as bar:
+        async with progress_bar(pool, "export", count_export_events) as bar:
             return await export_transactions(
                 pool,
                 args.output,
@@ -291,7 +291,7 @@ def export_liabilities_command(args: argparse.Namespace) -> int:
     async def work(pool: asyncpg.Pool):
         rows = None if args.output is None else LiabilityFile(args.output, args.format)
         try:
-            async with _progress(pool, "liabilities", count_card_events) as bar:
+            async with progress_bar(pool, "liabilities", count_card_events) as bar:
                 result = await export_liabilities(
                     pool, args.as_of, on_card=None if rows is None else rows.write, on_progress=bar.update
                 )

@@ -76,6 +76,8 @@ _DAY = {"type": "string", "format": "date"}
 CURRENCY = Query("currency", {"type": "string", "example": "BRL"}, "ISO 4217 code; an unknown one is a 400")
 PROVIDER = Query("provider", _TEXT, "Provider id")
 AS_OF = Query("asOf", _INSTANT, "The state as of this instant (ISO 8601; naive means UTC)")
+FROM_DAY = Query("from", {"type": "string", "format": "date"}, "The period's first UTC day (YYYY-MM-DD)")
+TO_DAY = Query("to", {"type": "string", "format": "date"}, "The period's last UTC day, included (YYYY-MM-DD)")
 CACHE_BUSTER = Query("ts", {"type": "string"}, "VTEX's cache buster: accepted and ignored")
 ACCOUNT = Query(
     "an", {"type": "string"}, "VTEX's account name, as VTEX's own hub client sends it: accepted and ignored"
@@ -217,6 +219,9 @@ _document_all(
         ("GET", "/cards", Operation(_AUDITOR, "HTML form target: redirects ?card=ID to that card's page", answer=None, success=303, query=(
             Query("card", {"type": "string", "minLength": 1}, "The card id to open"),), note="See Other: Location is the card's page")),
         ("GET", "/cards/{card_id}", Operation(_AUDITOR, "HTML: a card's timeline, balance chart and state", answer=HTML, query=(AS_OF,))),
+        ("GET", "/rollforward", Operation(_AUDITOR, "HTML: the liability roll-forward of a period, per currency, each figure linked to its movements", answer=HTML, query=(FROM_DAY, TO_DAY))),
+        ("GET", "/rollforward/movements", Operation(_AUDITOR, "HTML: the movements behind one roll-forward figure", answer=HTML, query=(
+            FROM_DAY, TO_DAY, CURRENCY, Query("movement", _TEXT, "The movement: loaded, redeemed, expired_to_breakage, ...")))),
     ],
 )  # fmt: skip
 

@@ -9,7 +9,8 @@ large the ledger. It adds up what it writes into the same ``Totals`` that ``audi
 computes from its replay.
 
 ``export_liabilities`` replays every card through the domain up to the end of a day (UTC,
-effective time) and yields the outstanding balance of each, with the total per currency.
+effective time) and yields what each owes then (``projections.finance.liability``: nothing once
+it has expired), with the total per currency.
 
 Amounts are exact decimals in major units of ``currency``: strings in CSV and JSON Lines,
 ``decimal128(38, 4)`` in Parquet (10^-4 is the finest minor unit of any ISO 4217 currency the
@@ -51,6 +52,7 @@ from projections.audit.replay import (
     read_event,
 )
 from projections.exports.totals import TotalKey, Totals, major
+from projections.finance.liability import card_liability
 from projections.forwarded import FORWARDED_REPLAYS_CTE
 
 EXPORT_BATCH_ROWS = 2_000  # rows per cursor fetch, and rows per Parquet row group at most
@@ -563,7 +565,7 @@ async def export_liabilities(
     batch_rows: int = EXPORT_BATCH_ROWS,
     on_progress: Callable[[int], None] | None = None,
 ) -> LiabilitiesResult:
-    """Every card with a balance at the end of ``as_of`` (UTC), replayed through the domain one at a
+    """Every card that owes something at the end of ``as_of`` (UTC), replayed through the domain one at a
     time in (card, version) order; raises LedgerInconsistent if a card cannot be replayed."""
     result = LiabilitiesResult(as_of, end_of_day(as_of))
     card: _CardUntil | None = None
@@ -603,13 +605,16 @@ def _close_card(
     card_until: _CardUntil | None, result: LiabilitiesResult, on_card: Callable[[CardLiability], None] | None
 ) -> None:
     replay = None if card_until is None else card_until.replay
-    if replay is None or replay.card is None or replay.last_event is None or replay.card.balance == 0:
+    if replay is None or replay.card is None or replay.last_event is None:
         return
     card = replay.card
+    owed = card_liability(card, card_until.cutoff)
+    if owed == 0:
+        return
     liability = CardLiability(
         card_id=replay.stream_id,
         currency=card.currency,
-        balance=card.balance,
+        balance=owed,
         version=replay.last_event.version,
         issued_at=card.issued_at,
         expiring_date=card.expiring_date,
@@ -620,20 +625,24 @@ def _close_card(
 
 
 class LiabilityFile:
-    """The per-card rows of ``export liabilities``, as CSV or JSON Lines (amounts exact, in major units),
-    written to ``PATH.partial`` and renamed to ``PATH`` only by ``commit``."""
+    """The per-card rows of ``export liabilities`` (or another per-card report: ``columns``, with its
+    amount in ``amount``), as CSV or JSON Lines (amounts exact, in major units), written to
+    ``PATH.partial`` and renamed to ``PATH`` only by ``commit``."""
 
-    def __init__(self, path: Path, file_format: str) -> None:
+    def __init__(
+        self, path: Path, file_format: str, columns: list[str] = LIABILITY_COLUMNS, amount: str = "balance"
+    ) -> None:
         if file_format not in LIABILITY_FORMATS:
             raise ValueError(f"format must be one of {', '.join(LIABILITY_FORMATS)}; got {file_format!r}")
         self.path = path
         self.partial = path.with_name(path.name + ".partial")
+        self.columns, self.amount = columns, amount
         csv_file = file_format == "csv"
-        self.writer = _CsvWriter(self.partial, LIABILITY_COLUMNS) if csv_file else _JsonLinesWriter(self.partial)
+        self.writer = _CsvWriter(self.partial, columns) if csv_file else _JsonLinesWriter(self.partial)
 
-    def write(self, card: CardLiability) -> None:
-        values = {name: getattr(card, name) for name in LIABILITY_COLUMNS}
-        values["balance"] = major(card.balance, card.currency)
+    def write(self, card: Any) -> None:
+        values = {name: getattr(card, name) for name in self.columns}
+        values[self.amount] = major(values[self.amount], card.currency)
         self.writer.write_values([values])
 
     def commit(self) -> None:
