@@ -7,6 +7,7 @@ re-encoding the ``data`` column read back from PostgreSQL gives them again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -25,6 +26,17 @@ class MsgspecTranscoder(Transcoder):
 
     def decode(self, data: bytes) -> Any:
         return _timestamp_parsed(_decoder.decode(data))
+
+
+class SealingTranscoder(MsgspecTranscoder):
+    """Personal fields are sealed (ledger.personal_data) before the bytes are made: the hash chain
+    covers their ciphertext, never their clear text."""
+
+    def __init__(self, seal: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        self._seal = seal
+
+    def encode(self, obj: Any) -> bytes:
+        return _encoder.encode(self._seal(obj))
 
 
 class DecodedTranscoder(MsgspecTranscoder):
@@ -53,8 +65,9 @@ def decode_canonical(data: bytes | str) -> tuple[Any, bytes]:
     return state, _encoder.encode(state)
 
 
-def new_mapper() -> Mapper:
-    return Mapper(transcoder=MsgspecTranscoder())
+def new_mapper(seal: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Mapper:
+    """``seal``: what replaces an event's personal fields before it is encoded (see SealingTranscoder)."""
+    return Mapper(transcoder=MsgspecTranscoder() if seal is None else SealingTranscoder(seal))
 
 
 def new_decoded_mapper() -> Mapper:

@@ -57,6 +57,7 @@ from ledger.domain.snapshot import restore_snapshot, take_snapshot
 from ledger.group_commit import GroupCommitter
 from ledger.group_read import GroupReader
 from ledger.money import to_minor
+from ledger.personal_data import PROFILE, PersonalData, is_sealed, sealed_from_text, sealed_to_text
 from ledger.store import GENESIS_HASH, EventStore, KnownTail, NewEvent, RecordedEvent, verify_chain
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class IssuedCard:
 class _Loaded:
     card: GiftCard
     last_hash: bytes
+    profile_key: str | None = None  # the key its owner's profileId was sealed with (see _opened)
 
 
 class Ledger:
@@ -123,7 +125,8 @@ class Ledger:
         self.clock = clock
         self.snapshot_interval_events = snapshot_interval_events
         self.cache_cards_max = cache_cards_max
-        self._mapper = new_mapper()
+        self.personal = PersonalData(store.pool)
+        self._mapper = new_mapper(seal=self.personal.sealed)
         self._cache: OrderedDict[str, _Loaded] = OrderedDict()
         # A card's code hash never changes, so once read it is checked against with no query.
         self._code_hashes: OrderedDict[str, bytes] = OrderedDict()
@@ -152,10 +155,11 @@ class Ledger:
             issued_at=now,
         )
         card_id = str(card.id)
-        new_events = self._to_new_events(card.collect_events())
+        new_events = await self._sealed_new_events(card.collect_events())
         code_hash = hash_code(code, self.code_key)
+        owner = self.personal.subject_of(command.profile_id)
         async with self.store.pool.acquire() as connection, connection.transaction():
-            await self._insert_lookup(connection, card_id, code_hash, command)
+            await self._insert_lookup(connection, card_id, code_hash, command.relation_name, owner)
             last_hash = await self.store.append(card_id, 0, new_events, metadata=metadata, connection=connection)
         self._remember(card_id, _Loaded(card, last_hash))
         self._remember_code_hash(card_id, code_hash)
@@ -265,6 +269,7 @@ class Ledger:
     async def card(self, card_id: str) -> GiftCard:
         """The card with every committed event applied (cached state caught up with one query)."""
         card_id = parse_card_id(card_id)
+        await self._drop_forgotten()
         async with self._lock(card_id):
             loaded = self._cache.get(card_id)
             loaded = await (self._load(card_id) if loaded is None else self._catch_up(card_id, loaded))
@@ -276,7 +281,7 @@ class Ledger:
         events = await self.store.read_stream(parse_card_id(card_id), until=instant)
         if not events:
             raise errors.CardNotFound(f"gift card {card_id!r} had no events at {instant.isoformat()}")
-        return self._replay(None, events, GENESIS_HASH).card
+        return (await self._opened(self._replay(None, events, GENESIS_HASH))).card
 
     async def order_info(self, card_id: str, transaction_id: str) -> dict[str, Any] | None:
         """The ``orderInfo`` a caller sent with a transaction, as its Credited or Debited event holds it.
@@ -288,7 +293,7 @@ class Ledger:
             parse_card_id(card_id), TRANSACTION_EVENT_TYPES, transaction_id, "order_info"
         )
         order_info = None if stored is None else _order_info_decoder.decode(stored)
-        return order_info if isinstance(order_info, dict) else None
+        return await self.personal.opened_order_info(order_info) if isinstance(order_info, dict) else None
 
     def redemption_token(self, card_id: str) -> str:
         return redemption_token(card_id, self.token_key)
@@ -303,8 +308,10 @@ class Ledger:
         identifiers = sorted(client.identifiers())
         if not identifiers:
             return []
+        # Cards issued before personal data was sealed name their owner in clear.
+        owners = await self.personal.subjects_of(identifiers) + identifiers
         rows = await self.store.pool.fetch(
-            "select card_id from card_lookup where profile_id = any($1::text[]) order by card_id", identifiers
+            "select card_id from card_lookup where profile_id = any($1::text[]) order by card_id", owners
         )
         return [await self.card(row["card_id"]) for row in rows]
 
@@ -318,6 +325,7 @@ class Ledger:
         metadata: dict[str, Any] | None,
     ) -> T:
         card_id = parse_card_id(card_id)
+        await self._drop_forgotten()
         async with self._lock(card_id):
             loaded = self._cache.get(card_id)
             fresh = loaded is None or self.shared_cards
@@ -361,7 +369,7 @@ class Ledger:
         self, card_id: str, loaded: _Loaded, pending: list[Any], idempotency_key: str, metadata: dict[str, Any] | None
     ) -> bytes:
         """One event (every card command's case) goes through group commit; anything else alone."""
-        new_events = self._to_new_events(pending)
+        new_events = await self._sealed_new_events(pending)
         expected_version = pending[0].originator_version - 1
         if len(new_events) == 1:
             return await self._committer.append(
@@ -390,9 +398,27 @@ class Ledger:
             events = await self.store.read_stream(stream_id)
             if not events:
                 raise errors.CardNotFound(f"gift card {card_id!r} not found")
-            return self._replay(None, events, GENESIS_HASH)
+            return await self._opened(self._replay(None, events, GENESIS_HASH))
         version, last_hash, state = snapshot
-        return self._replay(restore_snapshot(state), await self.store.read_stream(stream_id, version + 1), last_hash)
+        card = restore_snapshot(state)
+        card.profile_id = sealed_from_text(card.profile_id)
+        return await self._opened(self._replay(card, await self.store.read_stream(stream_id, version + 1), last_hash))
+
+    async def _opened(self, loaded: _Loaded) -> _Loaded:
+        """The card with its owner's profileId in clear (its rules compare it), or empty once forgotten.
+        The key is remembered: when it is forgotten, the card leaves the cache (_drop_forgotten)."""
+        sealed = loaded.card.profile_id
+        if is_sealed(sealed):
+            loaded.profile_key = sealed["pii"]
+            loaded.card.profile_id = await self.personal.open(sealed) or ""
+        return loaded
+
+    async def _drop_forgotten(self) -> None:
+        """Cached cards whose owner was forgotten (by any process) since this one last asked are dropped."""
+        forgotten = await self.personal.newly_forgotten()
+        if forgotten:
+            for card_id in [c for c, loaded in self._cache.items() if loaded.profile_key in forgotten]:
+                self._forget(card_id)
 
     async def _catch_up(self, card_id: str, loaded: _Loaded) -> _Loaded:
         """The cached card with what was appended since; reloaded whole if the database no longer
@@ -421,7 +447,7 @@ class Ledger:
         if version // self.snapshot_interval_events == (version - appended) // self.snapshot_interval_events:
             return
         try:
-            await self.store.save_snapshot(card_id, version, loaded.last_hash, take_snapshot(loaded.card))
+            await self.store.save_snapshot(card_id, version, loaded.last_hash, await self._sealed_snapshot(loaded.card))
         except DATABASE_ERRORS:
             # The command is already committed and a snapshot is a disposable cache: a connection
             # cut here (InterfaceError, or asyncpg's InternalClientError race, see hub.errors) must
@@ -457,25 +483,39 @@ class Ledger:
     def _lock(self, card_id: str) -> asyncio.Lock:
         return self._locks[hash(card_id) % LOCK_STRIPES]
 
-    def _to_new_events(self, pending: list[Any]) -> list[NewEvent]:
+    async def _sealed_new_events(self, pending: list[Any]) -> list[NewEvent]:
+        """The events as stored: their personal fields sealed, under keys stored first."""
+        await self.personal.prepare(vars(e) for e in pending)
         return [NewEvent(s.topic, s.state) for s in map(self._mapper.to_stored_event, pending)]
+
+    async def _sealed_snapshot(self, card: GiftCard) -> bytes:
+        """A snapshot holds the owner's profileId sealed, as the events do."""
+        profile_id = card.profile_id
+        if not profile_id:
+            return take_snapshot(card)
+        await self.personal.prepare([{PROFILE: profile_id}])
+        card.profile_id = sealed_to_text(self.personal.seal(profile_id, profile_id))
+        try:
+            return take_snapshot(card)
+        finally:
+            card.profile_id = profile_id
 
     @staticmethod
     async def _insert_lookup(
-        connection: asyncpg.Connection, card_id: str, code_hash: bytes, command: IssueCard
+        connection: asyncpg.Connection, card_id: str, code_hash: bytes, relation_name: str, owner: str
     ) -> None:
         try:
             await connection.execute(
                 "insert into card_lookup (card_id, code_hash, relation_name, profile_id) values ($1, $2, $3, $4)",
                 card_id,
                 code_hash,
-                command.relation_name,
-                command.profile_id,
+                relation_name,
+                owner,
             )
         except asyncpg.UniqueViolationError as e:
             if violates(e, "card_lookup_relation_name_key"):
                 raise errors.DuplicateRelationName(
-                    f"relationName {command.relation_name!r} is already used by another gift card"
+                    f"relationName {relation_name!r} is already used by another gift card"
                 ) from e
             raise
 

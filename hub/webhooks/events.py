@@ -27,6 +27,7 @@ from eventsourcing.utils import get_topic
 from hub.wire import encode, format_datetime
 from ledger.domain.giftcard import GiftCard
 from ledger.money import to_major
+from ledger.personal_data import without_personal
 from ledger.providers import REGISTERED, REMOVED
 from ledger.store import RecordedEvent
 
@@ -108,7 +109,11 @@ def _card_data(event: RecordedEvent, data: dict[str, Any], currency: str | None)
     money = [key for key, value in data.items() if key in MONEY_FIELDS and isinstance(value, int)]
     if money and currency is None:
         raise Unrenderable(f"event {event.position} ({event.type}) has amounts but its card has no known currency")
-    public = _public_fields({key: to_major(value, currency) if key in money else value for key, value in data.items()})
+    # Personal data (ledger.personal_data) is never delivered, sealed or not: a subscriber's copy,
+    # or a dead letter's, could not be erased with its person.
+    public = _public_fields(
+        {key: to_major(value, currency) if key in money else value for key, value in without_personal(data).items()}
+    )
     public["currency"] = currency
     return public
 
