@@ -53,11 +53,11 @@ from ledger.domain.giftcard import (
     transaction_key,
     void_key,
 )
-from ledger.domain.snapshot import restore_snapshot, take_snapshot
+from ledger.domain.snapshot import restore_snapshot
 from ledger.group_commit import GroupCommitter
 from ledger.group_read import GroupReader
 from ledger.money import to_minor
-from ledger.personal_data import PROFILE, PersonalData, is_sealed, sealed_from_text, sealed_to_text
+from ledger.personal_data import PROFILE, PersonalData, is_sealed, sealed_from_text, snapshot_of
 from ledger.store import GENESIS_HASH, EventStore, KnownTail, NewEvent, RecordedEvent, verify_chain
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TRANSACTION_EVENT_TYPES = (get_topic(GiftCard.Credited), get_topic(GiftCard.Debited))
-_order_info_decoder = msgspec.json.Decoder()
+_json_decoder = msgspec.json.Decoder()
 
 SNAPSHOT_INTERVAL_EVENTS = 100
 CACHE_CARDS_MAX = 10_000
@@ -101,7 +101,11 @@ class IssuedCard:
 class _Loaded:
     card: GiftCard
     last_hash: bytes
-    profile_key: str | None = None  # the key its owner's profileId was sealed with (see _opened)
+    profile_sealed: Any = None  # its owner's profileId as the Issued event holds it (see _opened)
+
+    @property
+    def profile_key(self) -> str | None:
+        return self.profile_sealed["pii"] if is_sealed(self.profile_sealed) else None
 
 
 class Ledger:
@@ -161,7 +165,7 @@ class Ledger:
         async with self.store.pool.acquire() as connection, connection.transaction():
             await self._insert_lookup(connection, card_id, code_hash, command.relation_name, owner)
             last_hash = await self.store.append(card_id, 0, new_events, metadata=metadata, connection=connection)
-        self._remember(card_id, _Loaded(card, last_hash))
+        self._remember(card_id, _Loaded(card, last_hash, _json_decoder.decode(new_events[0].data)[PROFILE]))
         self._remember_code_hash(card_id, code_hash)
         return IssuedCard(card=card, redemption_code=code)
 
@@ -292,7 +296,7 @@ class Ledger:
         stored = await self.store.read_transaction_field(
             parse_card_id(card_id), TRANSACTION_EVENT_TYPES, transaction_id, "order_info"
         )
-        order_info = None if stored is None else _order_info_decoder.decode(stored)
+        order_info = None if stored is None else _json_decoder.decode(stored)
         return await self.personal.opened_order_info(order_info) if isinstance(order_info, dict) else None
 
     def redemption_token(self, card_id: str) -> str:
@@ -407,9 +411,8 @@ class Ledger:
     async def _opened(self, loaded: _Loaded) -> _Loaded:
         """The card with its owner's profileId in clear (its rules compare it), or empty once forgotten.
         The key is remembered: when it is forgotten, the card leaves the cache (_drop_forgotten)."""
-        sealed = loaded.card.profile_id
+        loaded.profile_sealed = sealed = loaded.card.profile_id
         if is_sealed(sealed):
-            loaded.profile_key = sealed["pii"]
             loaded.card.profile_id = await self.personal.open(sealed) or ""
         return loaded
 
@@ -427,7 +430,11 @@ class Ledger:
         if events is None:
             self._forget(card_id)
             return await self._load(card_id)
-        return self._replay(loaded.card, events, loaded.last_hash) if events else loaded
+        if not events:
+            return loaded
+        caught_up = self._replay(loaded.card, events, loaded.last_hash)
+        caught_up.profile_sealed = loaded.profile_sealed
+        return caught_up
 
     def _replay(self, card: GiftCard | None, events: list[RecordedEvent], last_hash: bytes) -> _Loaded:
         last_hash = verify_chain(events, last_hash)
@@ -447,7 +454,9 @@ class Ledger:
         if version // self.snapshot_interval_events == (version - appended) // self.snapshot_interval_events:
             return
         try:
-            await self.store.save_snapshot(card_id, version, loaded.last_hash, await self._sealed_snapshot(loaded.card))
+            await self.store.save_snapshot(
+                card_id, version, loaded.last_hash, snapshot_of(loaded.card, loaded.profile_sealed)
+            )
         except DATABASE_ERRORS:
             # The command is already committed and a snapshot is a disposable cache: a connection
             # cut here (InterfaceError, or asyncpg's InternalClientError race, see hub.errors) must
@@ -487,18 +496,6 @@ class Ledger:
         """The events as stored: their personal fields sealed, under keys stored first."""
         await self.personal.prepare(vars(e) for e in pending)
         return [NewEvent(s.topic, s.state) for s in map(self._mapper.to_stored_event, pending)]
-
-    async def _sealed_snapshot(self, card: GiftCard) -> bytes:
-        """A snapshot holds the owner's profileId sealed, as the events do."""
-        profile_id = card.profile_id
-        if not profile_id:
-            return take_snapshot(card)
-        await self.personal.prepare([{PROFILE: profile_id}])
-        card.profile_id = sealed_to_text(self.personal.seal(profile_id, profile_id))
-        try:
-            return take_snapshot(card)
-        finally:
-            card.profile_id = profile_id
 
     @staticmethod
     async def _insert_lookup(

@@ -31,7 +31,10 @@ import asyncpg
 import msgspec
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from eventsourcing.utils import get_topic
 
+from ledger.domain.giftcard import GiftCard
+from ledger.domain.snapshot import take_snapshot
 from ledger.instance_keys import instance_key
 from ledger.store import EventStore, NewEvent
 
@@ -40,6 +43,7 @@ ORDER_INFO = "order_info"
 ORDER_INFO_PERSONAL = ("clientProfile", "shipping")
 # What a personal field reads as once its person is forgotten (JSON null on the wire).
 ERASED = None
+PERSONAL_EVENT_TYPES = [get_topic(GiftCard.Issued), get_topic(GiftCard.Credited), get_topic(GiftCard.Debited)]
 FORGOTTEN = "PersonalDataForgotten"  # the event type that records an erasure
 FORGOTTEN_STREAM_PREFIX = "privacy-"
 
@@ -99,6 +103,17 @@ def sealed_from_text(text: str) -> Any:
         if is_sealed(decoded):
             return decoded
     return text
+
+
+def snapshot_of(card: GiftCard, profile: Any) -> bytes:
+    """A card's snapshot with its owner's profileId as the Issued event stores it (``profile``: sealed,
+    as its text), never in clear: and an auditor's replay, which holds no key, takes the very same one."""
+    in_memory = card.profile_id
+    card.profile_id = sealed_to_text(profile) if is_sealed(profile) else profile
+    try:
+        return take_snapshot(card)
+    finally:
+        card.profile_id = in_memory
 
 
 def normalized(identifier: str) -> str:
@@ -356,9 +371,7 @@ async def forget(store: EventStore, personal: PersonalData, identifiers: list[st
     return Forgotten(len(key_ids), owners_erased, erasure)
 
 
-async def export(
-    store: EventStore, personal: PersonalData, identifiers: list[str], card_topics: list[str]
-) -> dict[str, Any]:
+async def export(store: EventStore, personal: PersonalData, identifiers: list[str]) -> dict[str, Any]:
     """Everything held about the people ``identifiers`` name (the right of access), opened."""
     subjects = await personal.subjects_of(identifiers)
     keys = await store.pool.fetch(_KEYS_OF_SUBJECTS, subjects)
@@ -367,7 +380,9 @@ async def export(
         "select card_id from card_lookup where profile_id = any($1::text[]) order by card_id",
         subjects + [normalized(i) for i in identifiers] + list(identifiers),
     )
-    rows = await store.pool.fetch(_EVENTS_OF_PERSON, card_topics, key_ids, [normalized(i) for i in identifiers])
+    rows = await store.pool.fetch(
+        _EVENTS_OF_PERSON, PERSONAL_EVENT_TYPES, key_ids, [normalized(i) for i in identifiers]
+    )
     return {
         "identifiers": identifiers,
         "keys": [{"createdAt": k["created_at"].isoformat(), "forgottenAt": _iso(k["forgotten_at"])} for k in keys],

@@ -35,8 +35,9 @@ from ledger.commit_order import Checkpoint
 from ledger.database import connect_options
 from ledger.domain.errors import CardNotFound
 from ledger.domain.giftcard import Transaction
-from ledger.domain.snapshot import decode_snapshot, restore_snapshot, take_snapshot
+from ledger.domain.snapshot import decode_snapshot, restore_snapshot
 from ledger.money import to_major
+from ledger.personal_data import snapshot_of
 from ledger.store import EventStore, RecordedEvent
 from projections import events as ev
 from projections.audit_read_models import (
@@ -339,7 +340,9 @@ class _StreamWalk:
         if step is None:
             return
         if snapshot is not None and replay.card is not None:
-            for failure in _snapshot_failures(event, snapshot_hash, snapshot, take_snapshot(replay.card)):
+            for failure in _snapshot_failures(
+                event, snapshot_hash, snapshot, snapshot_of(replay.card, replay.card.profile_id)
+            ):
                 self.found(failure)
         self.models.card_step(replay, step, state)
         transaction = step.transaction

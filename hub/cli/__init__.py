@@ -2,7 +2,7 @@
 layer that does the work (``ledger``, ``projections``, ``hub.webhooks``, ``hub.http.auth``, ``hub.app``).
 
 ``serve``, ``db``, ``keys``, ``demo``, ``bench``, ``projections`` (the read models), ``finance``
-(``audit`` and ``export``), ``webhooks`` and ``batches`` (``cards issue``) each add their commands
+(``audit`` and ``export``), ``webhooks``, ``batches`` (``cards issue``) and ``privacy`` each add their commands
 with ``add_commands``. ``python -m hub.cli`` is the same as ``giftcard``.
 """
 
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 
-from hub.cli import batches, bench, db, demo, finance, keys, projections, serve, webhooks
+from hub.cli import batches, bench, db, demo, finance, keys, privacy, projections, serve, webhooks
 from hub.logs import configure_logging
 
-COMMAND_MODULES = (serve, db, demo, bench, keys, projections, finance, webhooks, batches)
+COMMAND_MODULES = (serve, db, demo, bench, keys, projections, finance, webhooks, batches, privacy)
 
 
 def build_parser() -> argparse.ArgumentParser:
