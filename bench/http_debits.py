@@ -459,6 +459,7 @@ local cards = {
 %(cards)s
 }
 local n = #cards
+local order_info = [==[%(order_info)s]==]
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 %(headers)s
@@ -479,7 +480,7 @@ function request()
   counter = counter + 1
   local card = cards[((counter * nthreads + tid) %% n) + 1]
   local body = '{"operation":"Debit","value":%(value)s,"description":"bench","redemptionCode":"' .. card[2]
-    .. '","requestId":"' .. prefix .. "-" .. tid .. "-" .. counter .. '"}'
+    .. '","requestId":"' .. prefix .. "-" .. tid .. "-" .. counter .. '"' .. order_info .. '}'
   return wrk.format(nil, "%(path_head)s" .. card[1] .. "%(path_tail)s", nil, body)
 end
 
@@ -495,15 +496,30 @@ end
 """
 
 
-def write_lua_script(directory: Path, cards: list[tuple[str, str]], credentials: Credentials, route: Route) -> Path:
+def write_lua_script(
+    directory: Path, cards: list[tuple[str, str]], credentials: Credentials, route: Route, order_info: Path | None
+) -> Path:
+    """``order_info``: a Debit body (as VTEX's checkout sends it) whose orderInfo every Debit carries."""
     path = directory / "debits.lua"
+    order_info_field = (
+        ""
+        if order_info is None
+        else ',"orderInfo":' + json.dumps(json.loads(order_info.read_text())["orderInfo"], separators=(",", ":"))
+    )
     rows = ",\n".join(f'{{"{card_id}", "{code}"}}' for card_id, code in cards)
     headers = "\n".join(f'wrk.headers["{name}"] = "{value}"' for name, value in route.headers(credentials).items())
     # The route as the text around a placeholder id, so the Lua side only concatenates.
     path_head, path_tail = route.transactions("\0").split("\0")
     path.write_text(
         LUA_TEMPLATE
-        % {"cards": rows, "headers": headers, "path_head": path_head, "path_tail": path_tail, "value": DEBIT_VALUE}
+        % {
+            "cards": rows,
+            "headers": headers,
+            "path_head": path_head,
+            "path_tail": path_tail,
+            "value": DEBIT_VALUE,
+            "order_info": order_info_field.replace("%", "%%"),
+        }
     )
     return path
 
@@ -550,7 +566,7 @@ def measure_server(
             started = time.monotonic()
             cards = asyncio.run(asyncio.wait_for(server.seed(base_url, credentials), SEED_TIMEOUT_S))
             log(f"{server.name}: {len(cards)} cards created and credited in {time.monotonic() - started:.1f} s")
-            script = write_lua_script(work, cards, credentials, server.route)
+            script = write_lua_script(work, cards, credentials, server.route, args.order_info)
             cells = []
             for connections in args.connections:
                 checkpoint(server_url)
@@ -911,6 +927,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=3,
         help="times every server is measured, in turns; the median round is reported (default %(default)s)",
+    )
+    parser.add_argument(
+        "--order-info",
+        type=Path,
+        metavar="FILE",
+        help="a Debit body whose orderInfo every Debit carries (a checkout's: cart, shopper, shipping); default none",
     )
     parser.add_argument("--quick", action="store_true", help="4 s measured, 1 s warm-up, one round: a smoke run")
     parser.add_argument(

@@ -152,6 +152,7 @@ class PersonalData:
         self._subject_key = b""
         self._of_subject: dict[str, _Cached] = {}  # subject -> the key new data of theirs is sealed with
         self._by_id: dict[str, _Cached] = {}
+        self._subjects: dict[str, str] = {}  # identifier -> subject
         self._polled_at: Any = None  # the database's clock at the last poll for forgotten keys
         self._next_poll = 0.0
 
@@ -161,8 +162,15 @@ class PersonalData:
             self._wrapping = AESGCM(await instance_key(self.pool, "personal-data-keys"))
 
     def subject_of(self, identifier: str) -> str:
-        """The keyed hash that names a person (call after ``prepare`` or any other awaited method)."""
-        return hmac.new(self._subject_key, normalized(identifier).encode(), hashlib.sha256).hexdigest()
+        """The keyed hash that names a person (call after ``prepare`` or any other awaited method);
+        remembered, as a Debit asks for its shopper's up to three times."""
+        subject = self._subjects.get(identifier)
+        if subject is None:
+            subject = hmac.new(self._subject_key, normalized(identifier).encode(), hashlib.sha256).hexdigest()
+            if len(self._subjects) >= KEYS_CACHED_MAX:
+                self._subjects.clear()
+            self._subjects[identifier] = subject
+        return subject
 
     async def subjects_of(self, identifiers: Iterable[str]) -> list[str]:
         await self._ready()
