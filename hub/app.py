@@ -40,6 +40,7 @@ from ledger.postgres.credentials_cipher import CredentialsCipher
 from ledger.postgres.database import create_pool
 from ledger.postgres.instance_keys import instance_key
 from ledger.postgres.migrate import upgrade
+from ledger.postgres.personal_data import PersonalData
 from ledger.postgres.replication import replication_status
 from projections import checkpoints, read_models
 from projections.runner import ProjectionRunner
@@ -214,6 +215,7 @@ def create_app(
                 clock=clock,
                 shared_cards=settings.workers > 1,  # the other workers debit the same cards
                 deadline_s=settings.statement_timeout_s,  # a request's, not only each statement's
+                personal_data=PersonalData(pool, settings.secret_key, settings.privacy_poll_s),
             )
             for ring in rings.values():
                 pair = await auth.bootstrap_pair(pool, ring)

@@ -76,6 +76,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     lookup_caller_failures_slow_after: whole(ge=1, le=1_000_000) = 100
     lookup_failure_delay_s: seconds(ge=0, le=60) = 1.0
     lookup_window_s: whole(ge=1, le=int(DAY_S)) = 600
+    privacy_poll_s: seconds(ge=0, le=HOUR_S) = 5.0  # how soon every process sees a `privacy forget`
     run_projections: Switch = True
     run_webhooks: Switch = True  # whether `giftcard serve` runs a webhook deliverer
     webhook_attempts_max: whole(ge=1, le=1000) = 10

@@ -2,8 +2,8 @@
 layer that does the work (``ledger``, ``projections``, ``hub.webhooks``, ``hub.http.auth``, ``hub.app``).
 
 ``serve``, ``db``, ``keys``, ``demo``, ``bench``, ``projections`` (the read models), ``finance``
-(``audit`` and ``export``), ``close`` (the ``finance`` group: closing the month), ``webhooks`` and
-``batches`` (``cards issue``) each add their commands
+(``audit`` and ``export``), ``close`` (the ``finance`` group: closing the month), ``webhooks``,
+``batches`` (``cards issue``) and ``privacy`` each add their commands
 with ``add_commands``. ``python -m hub.cli`` is the same as ``giftcard``.
 
 The settings are read once, after the arguments (so ``--help`` and ``--version`` work whatever the
@@ -18,11 +18,11 @@ import logging
 import sys
 from importlib.metadata import version
 
-from hub.cli import batches, bench, close, db, demo, finance, keys, projections, serve, webhooks
+from hub.cli import batches, bench, close, db, demo, finance, keys, privacy, projections, serve, webhooks
 from hub.config import SettingRefused, Settings, parse_database_url
 from hub.logs import configure_logging
 
-COMMAND_MODULES = (serve, db, demo, bench, keys, projections, finance, close, webhooks, batches)
+COMMAND_MODULES = (serve, db, demo, bench, keys, projections, finance, close, webhooks, batches, privacy)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 EXIT_USAGE = 2
 

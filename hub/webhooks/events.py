@@ -28,6 +28,7 @@ from ledger.application.providers import REGISTERED, REMOVED
 from ledger.domain import topics
 from ledger.domain.money import to_major
 from ledger.eventstore.store import RecordedEvent
+from ledger.postgres.personal_data import without_personal
 
 ISSUED = topics.ISSUED
 PROVIDER_CHANGES = {REGISTERED: "registered", REMOVED: "removed"}
@@ -107,7 +108,11 @@ def _card_data(event: RecordedEvent, data: dict[str, Any], currency: str | None)
     money = [key for key, value in data.items() if key in MONEY_FIELDS and isinstance(value, int)]
     if money and currency is None:
         raise Unrenderable(f"event {event.position} ({event.type}) has amounts but its card has no known currency")
-    public = _public_fields({key: to_major(value, currency) if key in money else value for key, value in data.items()})
+    # Personal data (ledger.postgres.personal_data) is never delivered, sealed or not: a subscriber's copy,
+    # or a dead letter's, could not be erased with its person.
+    public = _public_fields(
+        {key: to_major(value, currency) if key in money else value for key, value in without_personal(data).items()}
+    )
     public["currency"] = currency
     return public
 

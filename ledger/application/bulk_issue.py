@@ -65,6 +65,7 @@ from ledger.domain.money import exponent_of, to_major, to_minor
 from ledger.eventstore.codec import new_mapper
 from ledger.eventstore.store import NewEvent, StreamAppend
 from ledger.postgres.distribution import violates
+from ledger.postgres.personal_data import PROFILE
 
 CHUNK_CARDS_DEFAULT = 1_000  # cards per transaction: large enough to amortize a commit, small enough to redo
 CHUNK_CARDS_MAX = 5_000
@@ -369,7 +370,7 @@ class BulkIssuer:
         self.ledger = ledger
         self.store = ledger.store
         self.chunk_cards = chunk_cards
-        self._mapper = new_mapper()
+        self._mapper = new_mapper(seal=ledger.personal.sealed)
 
     # ---- over HTTP: all or nothing, the answer is the only copy ----------------------------
 
@@ -460,6 +461,7 @@ class BulkIssuer:
             card = await self.ledger.card(existing[first])
             issued_before = terms_of_card(card, request.batch_id, first, request.count)
         terms = resolve_terms(request, defaults, issued_before)
+        await self.ledger.personal.prepare([{PROFILE: terms.profile_id}])  # its cards' events are sealed in threads
         prepare_card(terms, 0, self.ledger.clock(), self.ledger.code_key, self._mapper)
         return terms
 
@@ -501,15 +503,14 @@ class BulkIssuer:
             if credits:
                 await self.store.append_many(credits, metadata=metadata, connection=connection)
 
-    @staticmethod
-    async def _insert_lookup_rows(connection: asyncpg.Connection, cards: list[PreparedCard]) -> None:
+    async def _insert_lookup_rows(self, connection: asyncpg.Connection, cards: list[PreparedCard]) -> None:
         try:
             await connection.execute(
                 _INSERT_LOOKUP_ROWS,
                 [card.card_id for card in cards],
                 [card.code_hash for card in cards],
                 [card.relation_name for card in cards],
-                [card.profile_id for card in cards],
+                [self.ledger.personal.subject_of(card.profile_id) for card in cards],
             )
         except asyncpg.UniqueViolationError as e:
             if violates(e, "card_lookup_relation_name_key"):

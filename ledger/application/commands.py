@@ -50,20 +50,21 @@ from ledger.domain.giftcard import (
     void_key,
 )
 from ledger.domain.money import to_minor
-from ledger.domain.snapshot import restore_snapshot, take_snapshot
+from ledger.domain.snapshot import restore_snapshot
 from ledger.eventstore.codec import domain_event, new_mapper
 from ledger.eventstore.group_commit import GroupCommitter
 from ledger.eventstore.group_read import GroupReader
 from ledger.eventstore.store import GENESIS_HASH, EventStore, KnownTail, NewEvent, RecordedEvent, verify_chain
 from ledger.postgres.database import DATABASE_ERRORS, acquire_for_commit
 from ledger.postgres.distribution import violates
+from ledger.postgres.personal_data import PROFILE, PersonalData, is_sealed, sealed_from_text, snapshot_of
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 TRANSACTION_EVENT_TYPES = topics.stored_types(topics.CREDITED, topics.DEBITED)
-_order_info_decoder = msgspec.json.Decoder()
+_json_decoder = msgspec.json.Decoder()
 
 SNAPSHOT_INTERVAL_EVENTS = 100
 CACHE_CARDS_MAX = 10_000
@@ -105,6 +106,11 @@ class IssuedCard:
 class _Loaded:
     card: GiftCard
     last_hash: bytes
+    profile_sealed: Any = None  # its owner's profileId as the Issued event holds it (see _opened)
+
+    @property
+    def profile_key(self) -> str | None:
+        return self.profile_sealed["pii"] if is_sealed(self.profile_sealed) else None
 
 
 class Ledger:
@@ -120,6 +126,7 @@ class Ledger:
         cache_cards_max: int = CACHE_CARDS_MAX,
         shared_cards: bool = False,
         deadline_s: float | None = None,
+        personal_data: PersonalData | None = None,
     ) -> None:
         """``shared_cards``: other processes write the same cards all the time (serve's workers), so
         a cached card is caught up (a batch of cards per query) before each decision.
@@ -133,7 +140,8 @@ class Ledger:
         self.clock = clock
         self.snapshot_interval_events = snapshot_interval_events
         self.cache_cards_max = cache_cards_max
-        self._mapper = new_mapper()
+        self.personal = personal_data or PersonalData(store.pool)
+        self._mapper = new_mapper(seal=self.personal.sealed)
         self._cache: OrderedDict[str, _Loaded] = OrderedDict()
         # A card's code hash never changes, so once read it is checked against with no query.
         self._code_hashes: OrderedDict[str, bytes] = OrderedDict()
@@ -163,16 +171,17 @@ class Ledger:
             issued_at=now,
         )
         card_id = str(card.id)
-        new_events = self._to_new_events(card.collect_events())
+        new_events = await self._sealed_new_events(card.collect_events())
         code_hash = hash_code(code, self.code_key)
+        owner = self.personal.subject_of(command.profile_id)
         async with (
             self._within_deadline(),
             acquire_for_commit(self.store.pool) as connection,
             connection.transaction(),
         ):
-            await self._insert_lookup(connection, card_id, code_hash, command)
+            await self._insert_lookup(connection, card_id, code_hash, command.relation_name, owner)
             last_hash = await self.store.append(card_id, 0, new_events, metadata=metadata, connection=connection)
-        self._remember(card_id, _Loaded(card, last_hash))
+        self._remember(card_id, _Loaded(card, last_hash, _json_decoder.decode(new_events[0].data)[PROFILE]))
         self._remember_code_hash(card_id, code_hash)
         return IssuedCard(card=card, redemption_code=code)
 
@@ -280,6 +289,7 @@ class Ledger:
     async def card(self, card_id: str) -> GiftCard:
         """The card with every committed event applied (cached state caught up with one query)."""
         card_id = parse_card_id(card_id)
+        await self._drop_forgotten()
         async with self._within_deadline(), self._lock(card_id):
             loaded = self._cache.get(card_id)
             loaded = await (self._load(card_id) if loaded is None else self._catch_up(card_id, loaded))
@@ -291,7 +301,7 @@ class Ledger:
         events = await self.store.read_stream(parse_card_id(card_id), until=instant)
         if not events:
             raise errors.CardNotFound(f"gift card {card_id!r} had no events at {instant.isoformat()}")
-        return self._replay(None, events, GENESIS_HASH).card
+        return (await self._opened(self._replay(None, events, GENESIS_HASH))).card
 
     async def order_info(self, card_id: str, transaction_id: str) -> dict[str, Any] | None:
         """The ``orderInfo`` a caller sent with a transaction, as its Credited or Debited event holds it.
@@ -302,8 +312,8 @@ class Ledger:
         stored = await self.store.read_transaction_field(
             parse_card_id(card_id), TRANSACTION_EVENT_TYPES, transaction_id, "order_info"
         )
-        order_info = None if stored is None else _order_info_decoder.decode(stored)
-        return order_info if isinstance(order_info, dict) else None
+        order_info = None if stored is None else _json_decoder.decode(stored)
+        return await self.personal.opened_order_info(order_info) if isinstance(order_info, dict) else None
 
     def redemption_token(self, card_id: str) -> str:
         return redemption_token(card_id, self.token_key)
@@ -318,8 +328,10 @@ class Ledger:
         identifiers = sorted(client.identifiers())
         if not identifiers:
             return []
+        # Cards issued before personal data was sealed name their owner in clear.
+        owners = await self.personal.subjects_of(identifiers) + identifiers
         rows = await self.store.pool.fetch(
-            "select card_id from card_lookup where profile_id = any($1::text[]) order by card_id", identifiers
+            "select card_id from card_lookup where profile_id = any($1::text[]) order by card_id", owners
         )
         return [await self.card(row["card_id"]) for row in rows]
 
@@ -333,6 +345,7 @@ class Ledger:
         metadata: dict[str, Any] | None,
     ) -> T:
         card_id = parse_card_id(card_id)
+        await self._drop_forgotten()
         async with self._within_deadline(), self._lock(card_id):
             loaded = self._cache.get(card_id)
             fresh = loaded is None or self.shared_cards
@@ -376,7 +389,7 @@ class Ledger:
         self, card_id: str, loaded: _Loaded, pending: list[Any], idempotency_key: str, metadata: dict[str, Any] | None
     ) -> bytes:
         """One event (every card command's case) goes through group commit; anything else alone."""
-        new_events = self._to_new_events(pending)
+        new_events = await self._sealed_new_events(pending)
         expected_version = pending[0].originator_version - 1
         if len(new_events) == 1:
             return await self._committer.append(
@@ -406,12 +419,28 @@ class Ledger:
             events = await self.store.read_stream(stream_id)
             if not events:
                 raise errors.CardNotFound(f"gift card {card_id!r} not found")
-            loaded = self._replay(None, events, GENESIS_HASH)
+            loaded = await self._opened(self._replay(None, events, GENESIS_HASH))
             if snapshot is not None:
                 await self._save_snapshot(stream_id, loaded)  # rebuilt in today's schema
             return loaded
         version, last_hash, _ = snapshot
-        return self._replay(card, await self.store.read_stream(stream_id, version + 1), last_hash)
+        card.profile_id = sealed_from_text(card.profile_id)
+        return await self._opened(self._replay(card, await self.store.read_stream(stream_id, version + 1), last_hash))
+
+    async def _opened(self, loaded: _Loaded) -> _Loaded:
+        """The card with its owner's profileId in clear (its rules compare it), or empty once forgotten.
+        The key is remembered: when it is forgotten, the card leaves the cache (_drop_forgotten)."""
+        loaded.profile_sealed = sealed = loaded.card.profile_id
+        if is_sealed(sealed):
+            loaded.card.profile_id = await self.personal.open(sealed) or ""
+        return loaded
+
+    async def _drop_forgotten(self) -> None:
+        """Cached cards whose owner was forgotten (by any process) since this one last asked are dropped."""
+        forgotten = await self.personal.newly_forgotten()
+        if forgotten:
+            for card_id in [c for c, loaded in self._cache.items() if loaded.profile_key in forgotten]:
+                self._forget(card_id)
 
     async def _catch_up(self, card_id: str, loaded: _Loaded) -> _Loaded:
         """The cached card with what was appended since; reloaded whole if the database no longer
@@ -420,7 +449,11 @@ class Ledger:
         if events is None:
             self._forget(card_id)
             return await self._load(card_id)
-        return self._replay(loaded.card, events, loaded.last_hash) if events else loaded
+        if not events:
+            return loaded
+        caught_up = self._replay(loaded.card, events, loaded.last_hash)
+        caught_up.profile_sealed = loaded.profile_sealed
+        return caught_up
 
     def _replay(self, card: GiftCard | None, events: list[RecordedEvent], last_hash: bytes) -> _Loaded:
         last_hash = verify_chain(events, last_hash)
@@ -439,7 +472,9 @@ class Ledger:
     async def _save_snapshot(self, card_id: str, loaded: _Loaded) -> None:
         version = loaded.card.version
         try:
-            await self.store.save_snapshot(card_id, version, loaded.last_hash, take_snapshot(loaded.card))
+            await self.store.save_snapshot(
+                card_id, version, loaded.last_hash, snapshot_of(loaded.card, loaded.profile_sealed)
+            )
         except DATABASE_ERRORS:
             # The command (or load) is already done and a snapshot is a disposable cache: a connection
             # cut here (InterfaceError, or asyncpg's InternalClientError race, see hub.errors) must
@@ -487,25 +522,27 @@ class Ledger:
     def _lock(self, card_id: str) -> asyncio.Lock:
         return self._locks[hash(card_id) % LOCK_STRIPES]
 
-    def _to_new_events(self, pending: list[Any]) -> list[NewEvent]:
+    async def _sealed_new_events(self, pending: list[Any]) -> list[NewEvent]:
+        """The events as stored: their personal fields sealed, under keys stored first."""
+        await self.personal.prepare(vars(e) for e in pending)
         return [NewEvent(s.topic, s.state) for s in map(self._mapper.to_stored_event, pending)]
 
     @staticmethod
     async def _insert_lookup(
-        connection: asyncpg.Connection, card_id: str, code_hash: bytes, command: IssueCard
+        connection: asyncpg.Connection, card_id: str, code_hash: bytes, relation_name: str, owner: str
     ) -> None:
         try:
             await connection.execute(
                 "insert into card_lookup (card_id, code_hash, relation_name, profile_id) values ($1, $2, $3, $4)",
                 card_id,
                 code_hash,
-                command.relation_name,
-                command.profile_id,
+                relation_name,
+                owner,
             )
         except asyncpg.UniqueViolationError as e:
             if violates(e, "card_lookup_relation_name_key"):
                 raise errors.DuplicateRelationName(
-                    f"relationName {command.relation_name!r} is already used by another gift card"
+                    f"relationName {relation_name!r} is already used by another gift card"
                 ) from e
             raise
 

@@ -7,6 +7,7 @@ re-encoding the ``data`` column read back from PostgreSQL gives them again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -31,6 +32,17 @@ class MsgspecTranscoder(Transcoder):
         return _timestamp_parsed(dict(data) if isinstance(data, dict) else data)
 
 
+class SealingTranscoder(MsgspecTranscoder):
+    """Personal fields are sealed (ledger.postgres.personal_data) before the bytes are made: the hash
+    chain covers their ciphertext, never their clear text."""
+
+    def __init__(self, seal: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        self._seal = seal
+
+    def encode(self, obj: Any) -> bytes:
+        return _encoder.encode(self._seal(obj))
+
+
 def _timestamp_parsed(state: Any) -> Any:
     if isinstance(state, dict) and isinstance(state.get("timestamp"), str):
         state["timestamp"] = datetime.fromisoformat(state["timestamp"])
@@ -48,8 +60,9 @@ def decode_canonical(data: bytes | str) -> tuple[Any, bytes]:
     return state, _encoder.encode(state)
 
 
-def new_mapper() -> Mapper:
-    return Mapper(transcoder=MsgspecTranscoder())
+def new_mapper(seal: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Mapper:
+    """``seal``: what replaces an event's personal fields before it is encoded (see SealingTranscoder)."""
+    return Mapper(transcoder=MsgspecTranscoder() if seal is None else SealingTranscoder(seal))
 
 
 _reader = new_mapper()

@@ -34,10 +34,11 @@ from ledger.application.commands import parse_card_id
 from ledger.domain.errors import CardNotFound
 from ledger.domain.giftcard import Transaction
 from ledger.domain.money import to_major
-from ledger.domain.snapshot import decode_snapshot, restore_snapshot, take_snapshot
+from ledger.domain.snapshot import decode_snapshot, restore_snapshot
 from ledger.eventstore.commit_order import Checkpoint
 from ledger.eventstore.store import EventStore, RecordedEvent
 from ledger.postgres.database import connect_options
+from ledger.postgres.personal_data import snapshot_of
 from projections import events as ev
 from projections.audit.read_models import (
     CARDS_PER_CHECK_MAX,
@@ -339,7 +340,9 @@ class _StreamWalk:
         if step is None:
             return
         if snapshot is not None and replay.card is not None:
-            for failure in _snapshot_failures(event, snapshot_hash, snapshot, take_snapshot(replay.card)):
+            for failure in _snapshot_failures(
+                event, snapshot_hash, snapshot, snapshot_of(replay.card, replay.card.profile_id)
+            ):
                 self.found(failure)
         self.models.card_step(replay, step, state)
         transaction = step.transaction
