@@ -317,3 +317,17 @@ async def wait_until(condition, timeout_s: float = 10.0) -> None:
     while not await condition():
         assert asyncio.get_running_loop().time() < deadline, "condition never met"
         await asyncio.sleep(0.05)
+
+
+async def test_workers_do_not_outlive_a_killed_supervisor(database_url, tmp_path):
+    port, metrics_dir = free_port(), tmp_path / "metrics"
+    metrics_dir.mkdir()
+    process = await start_workers(database_url, port, metrics_dir)
+    workers: set[int] = set()
+    try:
+        async with fresh_connections() as session:
+            workers = await wait_all_serving(session, f"http://127.0.0.1:{port}", process.pid, metrics_dir, 2)
+        process.kill()
+        await wait_gone(list(workers))
+    finally:
+        await kill_serve(process, workers)
