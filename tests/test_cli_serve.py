@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import sys
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import asyncpg
@@ -75,6 +76,15 @@ def niceness(pid: int) -> int | None:
         return None
 
 
+RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+def rfc3339(ts: str) -> datetime:
+    """A log line's ``ts``, which must be RFC 3339 in UTC (``Z``), with milliseconds."""
+    assert RFC3339_UTC.fullmatch(ts), ts
+    return datetime.fromisoformat(ts)
+
+
 async def wait_gone(pids: list[int], timeout_s: float = 10.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout_s
     while alive := [pid for pid in pids if os.path.exists(f"/proc/{pid}")]:
@@ -130,8 +140,7 @@ async def test_serve_runs_and_stops_cleanly_on_sigterm(database_url, workers):
         assert len(created) == 1, "one access line per request"
         assert created[0]["status"] == 200 and created[0]["route"] == "/api/giftcards"
         assert created[0]["level"] == "INFO" and created[0]["latency_ms"] > 0 and created[0]["request_id"]
-        logged_at = datetime.strptime(created[0]["ts"], "%Y-%m-%d %H:%M:%S,%f")  # as logging's asctime
-        assert abs(datetime.now() - logged_at) < timedelta(minutes=2)
+        assert abs(datetime.now(UTC) - rfc3339(created[0]["ts"])) < timedelta(minutes=2)
     finally:
         if process.returncode is None:
             process.kill()
@@ -331,3 +340,36 @@ async def test_workers_do_not_outlive_a_killed_supervisor(database_url, tmp_path
         await wait_gone(list(workers))
     finally:
         await kill_serve(process, workers)
+
+
+async def test_every_line_logged_while_serving_a_request_names_it_and_every_ts_is_rfc3339_utc(database_url):
+    """A failed code lookup past the caller's threshold logs a warning while the request is served."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIFTCARD_")}
+    env |= {"GIFTCARD_DATABASE_URL": database_url, "GIFTCARD_APP_KEY": HUB_KEY, "GIFTCARD_APP_TOKEN": HUB_TOKEN}
+    env |= {"GIFTCARD_PROVIDER_APP_KEY": "p", "GIFTCARD_PROVIDER_APP_TOKEN": "p", "GIFTCARD_RUN_PROJECTIONS": "false"}
+    env |= {"GIFTCARD_LOOKUP_CALLER_FAILURES_SLOW_AFTER": "0", "GIFTCARD_LOOKUP_FAILURE_DELAY_S": "0"}
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "hub.cli", "serve", "--port", str(port), env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await wait_healthy(f"http://127.0.0.1:{port}")
+        headers = {"X-VTEX-API-AppKey": HUB_KEY, "X-VTEX-API-AppToken": HUB_TOKEN, "X-Request-Id": "trace-me-42"}
+        search = {"client": {"id": "c1"}, "cart": {"redemptionCode": "AAAA-BBBB-CCCC-0001"}}
+        url = f"http://127.0.0.1:{port}/api/giftcards/_search"
+        async with aiohttp.ClientSession(headers=headers) as session, session.post(url, json=search) as response:
+            assert response.status == 200 and response.headers["X-Request-Id"] == "trace-me-42"
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=20)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    lines = [json.loads(line) for line in stderr.decode().splitlines()[1:]]  # after "giftcard serving on ..."
+    for line in lines:
+        assert abs(datetime.now(UTC) - rfc3339(line["ts"])) < timedelta(minutes=2), line
+    during = [line for line in lines if line["name"] == "hub.http.throttle"]
+    assert len(during) == 1 and "failed code lookups" in during[0]["message"], lines
+    assert during[0]["request_id"] == "trace-me-42"
+    assert all("request_id" not in line for line in lines if line["name"] == "hub.app"), "no request, no id"
