@@ -24,6 +24,7 @@ from hub.http import audit_api, auth, bulk_api, openapi, read_api, read_pool, we
 from hub.http.hub_api import HubHandlers
 from hub.http.native import NativeHandlers, json_response
 from hub.http.state import DIRECTORY, EGRESS, LEDGER, METRICS, POOL, READ_POOL, REGISTRY, SETTINGS, THROTTLE
+from hub.logs import CURRENT_REQUEST_ID
 from hub.metrics import Metrics, make_metrics_middleware, metrics_handler
 from hub.pages import audit as audit_pages
 from hub.pages import rollforward as rollforward_pages
@@ -60,7 +61,11 @@ async def request_id_middleware(request: web.Request, handler) -> web.StreamResp
     given = request.headers.get("X-Request-Id") or request.headers.get("x-vtex-operation-id") or ""
     request_id = given[:REQUEST_ID_CHARS_MAX] if given.isprintable() and given else new_request_id()
     request["request_id"] = request_id
-    response = await handler(request)
+    token = CURRENT_REQUEST_ID.set(request_id)
+    try:
+        response = await handler(request)
+    finally:
+        CURRENT_REQUEST_ID.reset(token)
     response.headers["X-Request-Id"] = request_id
     return response
 

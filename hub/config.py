@@ -73,7 +73,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     hold_sweep_interval_s: seconds(gt=0, le=DAY_S) = 30.0
     lookup_client_failures_max: whole(ge=1, le=1_000_000) = 10  # per (caller key, shopper identity) pair
     # then each failure of that caller waits lookup_failure_delay_s
-    lookup_caller_failures_slow_after: whole(ge=1, le=1_000_000) = 100
+    lookup_caller_failures_slow_after: whole(ge=0, le=1_000_000) = 100  # 0: every failure waits
     lookup_failure_delay_s: seconds(ge=0, le=60) = 1.0
     lookup_window_s: whole(ge=1, le=int(DAY_S)) = 600
     privacy_poll_s: seconds(ge=0, le=HOUR_S) = 5.0  # how soon every process sees a `privacy forget`

@@ -3,14 +3,18 @@
 The access line carries what an operator needs to follow a request (request id,
 route, status, latency, provider) and nothing a thief could use: no headers, no
 bodies, no query strings (a path never holds a token or a redemption code).
+Every line written while a request is served carries its ``request_id`` too, and
+every ``ts`` is RFC 3339 in UTC (``2026-01-15T12:00:00.123Z``).
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import sys
 import time
+from typing import NamedTuple
 
 import msgspec
 from aiohttp.abc import AbstractAccessLogger
@@ -22,23 +26,69 @@ LOG_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 _encoder = msgspec.json.Encoder(enc_hook=str)
 
+# Set by the request-id middleware (hub.app) for the time a request is served, in its task and in
+# the tasks it starts, so each line logged meanwhile names the request.
+CURRENT_REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
 
 def _serialize(record: dict, **_: object) -> str:
     """msgspec rather than the stdlib's json: the access line is written on every request."""
     return _encoder.encode(record).decode()
 
 
+class _Rfc3339Utc:
+    """``ts`` in RFC 3339, UTC: what log shippers parse without being told the zone or format."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 (logging's name)
+        return rfc3339_utc(record.created)
+
+
+class UtcJsonFormatter(_Rfc3339Utc, JsonFormatter):
+    """JSON lines, ``ts`` in RFC 3339 UTC."""
+
+
+class UtcTextFormatter(_Rfc3339Utc, logging.Formatter):
+    """The same fields as plain text, for a person at a terminal."""
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds the request being served, if any, to every record (a field of its own in the line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        request_id = CURRENT_REQUEST_ID.get()
+        if request_id is not None:
+            record.request_id = request_id
+        return True
+
+
+class LogSetup(NamedTuple):
+    level: int = logging.INFO
+    readable: bool = False
+
+
+_current_setup = LogSetup()
+
+
+def current_log_setup() -> LogSetup:
+    """What ``configure_logging`` was last given: a spawned child (serve's workers, the projection
+    runner) logs as its parent does."""
+    return _current_setup
+
+
 def configure_logging(level: int = logging.INFO, *, readable: bool = False) -> None:
     """JSON lines, or with ``readable`` the same fields as plain text (for a person at a terminal)."""
+    global _current_setup
+    _current_setup = LogSetup(level, readable)
     handler = logging.StreamHandler(sys.stderr)
     formatter = (
-        logging.Formatter(LOG_FIELDS)
+        UtcTextFormatter(LOG_FIELDS)
         if readable
-        else JsonFormatter(
+        else UtcJsonFormatter(
             LOG_FIELDS, rename_fields={"asctime": "ts", "levelname": "level"}, json_serializer=_serialize
         )
     )
     handler.setFormatter(formatter)
+    handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -96,12 +146,15 @@ class JsonAccessLogger(AbstractAccessLogger):
 
 
 def _timestamp() -> str:
-    """As logging's asctime writes it (local time, milliseconds after a comma)."""
-    now = time.time()
-    return f"{_local_second(int(now))},{int(now % 1 * 1000):03d}"
+    return rfc3339_utc(time.time())  # not inline: log()'s parameter ``time`` hides the module there
+
+
+def rfc3339_utc(timestamp: float) -> str:
+    """``2026-01-15T12:00:00.123Z``: milliseconds, UTC."""
+    return f"{_utc_second(int(timestamp))}.{int(timestamp % 1 * 1000):03d}Z"
 
 
 @functools.lru_cache(maxsize=2)
-def _local_second(second: int) -> str:
+def _utc_second(second: int) -> str:
     """Formatted once per second, not once per request."""
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))

@@ -2,7 +2,8 @@
 
 Each application owns its registry, so several apps in one process (tests) do
 not share counters. With ``serve --workers N`` every worker writes to
-``PROMETHEUS_MULTIPROC_DIR`` and any worker answers for all of them.
+``PROMETHEUS_MULTIPROC_DIR`` and any worker answers for all of them; gauges count
+live workers only (``livemax``: the supervisor marks a dead worker's files dead).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class Metrics:
             "Circuit breaker per provider: 0 closed, 1 half-open, 2 open",
             ["provider"],
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self.append_seconds = Histogram(
             "giftcard_event_append_seconds", "Event store append latency", buckets=LATENCY_BUCKETS_S, registry=r
@@ -61,21 +62,21 @@ class Metrics:
             "Events not yet applied by a projection",
             ["projection"],
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self.projection_source_lag_events = Gauge(
             "giftcard_projection_source_lag_events",
             "Events of one source (a lane of one server, a shard on Citus) not yet applied by a projection",
             ["projection", "source"],
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self.projection_lag_seconds = Gauge(
             "giftcard_projection_lag_seconds",
             "Age of the oldest event a projection has not applied",
             ["projection"],
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import sys
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
+import asyncpg
 import pytest
 
 from hub.cli.serve import PROJECTION_RUNNER_NICENESS
@@ -74,6 +76,15 @@ def niceness(pid: int) -> int | None:
         return None
 
 
+RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+def rfc3339(ts: str) -> datetime:
+    """A log line's ``ts``, which must be RFC 3339 in UTC (``Z``), with milliseconds."""
+    assert RFC3339_UTC.fullmatch(ts), ts
+    return datetime.fromisoformat(ts)
+
+
 async def wait_gone(pids: list[int], timeout_s: float = 10.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout_s
     while alive := [pid for pid in pids if os.path.exists(f"/proc/{pid}")]:
@@ -129,8 +140,7 @@ async def test_serve_runs_and_stops_cleanly_on_sigterm(database_url, workers):
         assert len(created) == 1, "one access line per request"
         assert created[0]["status"] == 200 and created[0]["route"] == "/api/giftcards"
         assert created[0]["level"] == "INFO" and created[0]["latency_ms"] > 0 and created[0]["request_id"]
-        logged_at = datetime.strptime(created[0]["ts"], "%Y-%m-%d %H:%M:%S,%f")  # as logging's asctime
-        assert abs(datetime.now() - logged_at) < timedelta(minutes=2)
+        assert abs(datetime.now(UTC) - rfc3339(created[0]["ts"])) < timedelta(minutes=2)
     finally:
         if process.returncode is None:
             process.kill()
@@ -154,3 +164,212 @@ async def test_the_projection_runner_does_not_outlive_a_killed_serve(database_ur
         process.kill()
         await process.wait()
     await wait_gone(children)
+
+
+# ---- serve --workers N under its supervisor ------------------------------------------------------
+
+
+def serving_workers(serve_pid: int) -> set[int]:
+    """serve's web workers: its children started by multiprocessing's spawn (projections are off)."""
+    found = set()
+    for pid in children_of(serve_pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"spawn_main" in f.read():
+                    found.add(pid)
+        except OSError:
+            continue
+    return found
+
+
+def gauge_pids(metrics_dir) -> set[int]:
+    """Workers whose live gauges are in the Prometheus folder: each scrape writes the answering one's."""
+    return {int(path.stem.rsplit("_", 1)[1]) for path in metrics_dir.glob("gauge_*.db")}
+
+
+async def start_workers(database_url: str, port: int, metrics_dir, count: int = 2) -> asyncio.subprocess.Process:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIFTCARD_")}
+    env |= {"GIFTCARD_DATABASE_URL": database_url, "GIFTCARD_APP_KEY": HUB_KEY, "GIFTCARD_APP_TOKEN": HUB_TOKEN}
+    env |= {"GIFTCARD_PROVIDER_APP_KEY": "p", "GIFTCARD_PROVIDER_APP_TOKEN": "p", "GIFTCARD_RUN_PROJECTIONS": "false"}
+    env |= {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "hub.cli", "serve", "--port", str(port), "--workers", str(count), env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    await wait_healthy(f"http://127.0.0.1:{port}")
+    return process
+
+
+def fresh_connections() -> aiohttp.ClientSession:
+    """A new connection per request, so the kernel picks a worker for each (SO_REUSEPORT)."""
+    timeout = aiohttp.ClientTimeout(total=10)
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True), timeout=timeout)
+
+
+async def kill_serve(process: asyncio.subprocess.Process, workers: set[int] = frozenset()) -> None:
+    """serve and its workers, however the test ended: a worker left behind would hold stderr's pipe."""
+    for pid in workers | (serving_workers(process.pid) if process.returncode is None else set()):
+        if os.path.exists(f"/proc/{pid}"):
+            os.kill(pid, signal.SIGKILL)
+    if process.returncode is None:
+        process.kill()
+    await asyncio.wait_for(process.communicate(), timeout=30)
+
+
+async def wait_all_serving(session, base: str, serve_pid: int, metrics_dir, count: int, timeout_s: float = 30.0):
+    """Scrapes /metrics until ``count`` workers, all current children of serve, have each answered one:
+    every one of them accepts connections. Every answer on the way must be a 200."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        async with session.get(base + "/metrics") as response:
+            assert response.status == 200
+        workers = serving_workers(serve_pid)
+        if len(workers) == count and workers <= gauge_pids(metrics_dir):
+            return workers
+        assert asyncio.get_running_loop().time() < deadline, (workers, gauge_pids(metrics_dir))
+        await asyncio.sleep(0.05)
+
+
+async def stop_serve(process: asyncio.subprocess.Process) -> str:
+    process.send_signal(signal.SIGTERM)
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode == 0, stderr.decode()[-3000:]
+    assert b"Traceback" not in stderr, stderr.decode()[-3000:]
+    return stderr.decode()
+
+
+async def test_a_killed_worker_is_replaced_while_requests_keep_succeeding(database_url, tmp_path):
+    port, metrics_dir = free_port(), tmp_path / "metrics"
+    metrics_dir.mkdir()
+    process = await start_workers(database_url, port, metrics_dir)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with fresh_connections() as session:
+            first = await wait_all_serving(session, base, process.pid, metrics_dir, 2)
+            victim = min(first)
+            os.kill(victim, signal.SIGKILL)
+            await wait_gone([victim])
+            for _ in range(20):  # the survivor alone, then with the replacement: never a refusal
+                async with session.get(base + "/healthz") as response:
+                    assert response.status == 200
+            now = await wait_all_serving(session, base, process.pid, metrics_dir, 2)
+        assert len(now - first) == 1 and victim not in now, (first, now)
+        assert victim not in gauge_pids(metrics_dir), "the dead worker's gauges would still be answered"
+        stderr = await stop_serve(process)
+        assert f"worker {victim} exited (killed by SIGKILL)" in stderr
+    finally:
+        await kill_serve(process)
+
+
+async def test_sighup_replaces_every_worker_without_refusing_a_request(database_url, tmp_path):
+    port, metrics_dir = free_port(), tmp_path / "metrics"
+    metrics_dir.mkdir()
+    process = await start_workers(database_url, port, metrics_dir)
+    base = f"http://127.0.0.1:{port}"
+    first: set[int] = set()
+    try:
+        async with fresh_connections() as session:
+            first = await wait_all_serving(session, base, process.pid, metrics_dir, 2)
+            process.send_signal(signal.SIGHUP)
+            deadline = asyncio.get_running_loop().time() + 30
+            while serving_workers(process.pid) & first:  # the old ones stop once new ones serve
+                async with session.get(base + "/healthz") as response:
+                    assert response.status == 200
+                assert asyncio.get_running_loop().time() < deadline, "old workers still running"
+            now = await wait_all_serving(session, base, process.pid, metrics_dir, 2)
+        assert not now & first
+        assert not gauge_pids(metrics_dir) & first
+        await stop_serve(process)
+    finally:
+        await kill_serve(process, first)  # a serve that died of SIGHUP leaves them behind
+
+
+async def test_sigterm_lets_the_request_in_flight_finish(database_url, tmp_path):
+    """A card's creation held up in the database when SIGTERM comes: no worker accepts a new
+    connection any more, and the request still gets its 200 once the database lets it through."""
+    port, metrics_dir = free_port(), tmp_path / "metrics"
+    metrics_dir.mkdir()
+    process = await start_workers(database_url, port, metrics_dir)
+    blocker = await asyncpg.connect(database_url)
+    try:
+        blocking = blocker.transaction()
+        await blocking.start()
+        await blocker.execute("lock table events in share mode")  # appends wait; reads go on
+        headers = {"X-VTEX-API-AppKey": HUB_KEY, "X-VTEX-API-AppToken": HUB_TOKEN}
+        body = {"relationName": "in-flight", "caption": "c", "profileId": "p", "expiringDate": "2030-01-01T00:00:00Z"}
+        async with aiohttp.ClientSession(headers=headers) as session:
+            in_flight = asyncio.create_task(session.post(f"http://127.0.0.1:{port}/api/giftcards", json=body))
+            await wait_until(lambda: blocked_on_a_lock(blocker, "events"))
+            process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(1.0)
+            with pytest.raises(OSError):  # draining: no worker accepts a connection any more
+                await asyncio.open_connection("127.0.0.1", port)
+            assert not in_flight.done()
+            await blocking.rollback()
+            async with await asyncio.wait_for(in_flight, timeout=10) as response:
+                assert response.status == 200, await response.text()
+                assert (await response.json())["redemptionCode"]
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+        assert process.returncode == 0, stderr.decode()[-3000:]
+    finally:
+        await blocker.close()
+        await kill_serve(process)
+
+
+async def blocked_on_a_lock(connection: asyncpg.Connection, table: str) -> bool:
+    waiting = "select count(*) from pg_locks where not granted and relation = $1::regclass"
+    return await connection.fetchval(waiting, table) > 0
+
+
+async def wait_until(condition, timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never met"
+        await asyncio.sleep(0.05)
+
+
+async def test_workers_do_not_outlive_a_killed_supervisor(database_url, tmp_path):
+    port, metrics_dir = free_port(), tmp_path / "metrics"
+    metrics_dir.mkdir()
+    process = await start_workers(database_url, port, metrics_dir)
+    workers: set[int] = set()
+    try:
+        async with fresh_connections() as session:
+            workers = await wait_all_serving(session, f"http://127.0.0.1:{port}", process.pid, metrics_dir, 2)
+        process.kill()
+        await wait_gone(list(workers))
+    finally:
+        await kill_serve(process, workers)
+
+
+async def test_every_line_logged_while_serving_a_request_names_it_and_every_ts_is_rfc3339_utc(database_url):
+    """A failed code lookup past the caller's threshold logs a warning while the request is served."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIFTCARD_")}
+    env |= {"GIFTCARD_DATABASE_URL": database_url, "GIFTCARD_APP_KEY": HUB_KEY, "GIFTCARD_APP_TOKEN": HUB_TOKEN}
+    env |= {"GIFTCARD_PROVIDER_APP_KEY": "p", "GIFTCARD_PROVIDER_APP_TOKEN": "p", "GIFTCARD_RUN_PROJECTIONS": "false"}
+    env |= {"GIFTCARD_LOOKUP_CALLER_FAILURES_SLOW_AFTER": "0", "GIFTCARD_LOOKUP_FAILURE_DELAY_S": "0"}
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "hub.cli", "serve", "--port", str(port), env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await wait_healthy(f"http://127.0.0.1:{port}")
+        headers = {"X-VTEX-API-AppKey": HUB_KEY, "X-VTEX-API-AppToken": HUB_TOKEN, "X-Request-Id": "trace-me-42"}
+        search = {"client": {"id": "c1"}, "cart": {"redemptionCode": "AAAA-BBBB-CCCC-0001"}}
+        url = f"http://127.0.0.1:{port}/api/giftcards/_search"
+        async with aiohttp.ClientSession(headers=headers) as session, session.post(url, json=search) as response:
+            assert response.status == 200 and response.headers["X-Request-Id"] == "trace-me-42"
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=20)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    lines = [json.loads(line) for line in stderr.decode().splitlines()[1:]]  # after "giftcard serving on ..."
+    for line in lines:
+        assert abs(datetime.now(UTC) - rfc3339(line["ts"])) < timedelta(minutes=2), line
+    during = [line for line in lines if line["name"] == "hub.providers.lookup_throttle"]
+    assert len(during) == 1 and "failed code lookups" in during[0]["message"], lines
+    assert during[0]["request_id"] == "trace-me-42"
+    assert all("request_id" not in line for line in lines if line["name"] == "hub.app"), "no request, no id"

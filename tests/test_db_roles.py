@@ -14,7 +14,10 @@ from ledger.application.commands import Ledger
 from ledger.eventstore.store import EventStore
 from ledger.postgres.database import create_pool
 from ledger.postgres.migrate import grant_service_role, grant_service_role_statements, upgrade
+from projections import checkpoints, read_models
+from projections.runner import ProjectionRunner
 from tests.cards import issue
+from tests.conftest import services_on
 
 
 def as_user(url: str, user: str) -> str:
@@ -72,3 +75,22 @@ async def test_the_service_role_cannot_rewrite_history(service_role_url, ledger,
 def test_role_names_are_checked():
     with pytest.raises(ValueError):
         grant_service_role_statements("app; drop table events")
+
+
+async def test_the_service_role_serves_and_projects(service_role_url):
+    """What the compose file runs as giftcard_app: the hub (a card created and read over HTTP) and
+    the projection worker (the read models caught up, their status read)."""
+    async with services_on(service_role_url) as start:
+        service = await start()
+        status, card, _ = await service.call(
+            "POST",
+            "/api/giftcards",
+            {"relationName": "r", "caption": "c", "profileId": "p", "expiringDate": "2030-01-01T00:00:00Z"},
+        )
+        assert status == 200, card
+    pool = await create_pool(service_role_url, size_min=1, size_max=2)
+    try:
+        assert await ProjectionRunner(pool, read_models("VtexGiftCard")).catch_up() > 0
+        assert all(status.lag_events == 0 for status in await checkpoints.statuses(pool))
+    finally:
+        await pool.close()

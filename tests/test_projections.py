@@ -675,3 +675,26 @@ async def test_cli_run_once_and_status(pool, ledger, clock, database_url):
     assert "caught up: 54 event(s) applied" in await giftcard("projections", "run", "--once")
     status = await giftcard("projections", "status", "--json")
     assert status.count('"lagEvents": 0') == 3 and status.count('"eventsApplied": 18') == 3
+
+
+async def test_cli_status_fails_a_healthcheck_while_projections_lag(pool, ledger, clock, database_url):
+    """``projections status --max-lag-s`` is the compose file's healthcheck of the projection worker."""
+    await write_cards(ledger, clock, 1, "health")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIFTCARD_")}
+    env["GIFTCARD_DATABASE_URL"] = database_url
+
+    async def status(max_lag_s: str) -> tuple[int | None, str]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "hub.cli", "projections", "status", "--max-lag-s", max_lag_s, env=env,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, stderr = await asyncio.wait_for(process.communicate(), 60)
+        return process.returncode, stderr.decode()
+
+    await asyncio.sleep(1.1)
+    code, stderr = await status("1")
+    assert code == 1, stderr
+    assert all(f"{name} is " in stderr and "behind (more than 1 s)" in stderr for name in names()), stderr
+    assert (await status("3600"))[0] == 0, "a lag under the bound is healthy"
+    await ProjectionRunner(pool, read_models(NATIVE)).catch_up()
+    assert await status("1") == (0, "")

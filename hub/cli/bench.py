@@ -1,11 +1,18 @@
-"""``giftcard bench``: the benchmark suite. The only way product code reaches ``bench/``."""
+"""``giftcard bench``: the benchmark suite. The only way product code reaches ``bench/``.
+
+Offered only where ``bench/`` is installed (a source checkout): the container image leaves it out,
+with the baselines it needs (``.[bench]``), so its ``giftcard`` has no command that cannot run.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
+    if importlib.util.find_spec("bench") is None:
+        return
     bench = commands.add_parser(
         "bench", help="the benchmark suite side by side (raw PostgreSQL, stock eventsourcing, this service)"
     )

@@ -50,6 +50,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     status = sub.add_parser("status", help="each projection's position and lag")
     status.add_argument("--json", action="store_true", help="one JSON object per projection")
+    status.add_argument(
+        "--max-lag-s",
+        type=float,
+        metavar="SECONDS",
+        help="exit 1 when a projection's oldest unapplied event has waited longer (a healthcheck)",
+    )
     status.set_defaults(run=status_command)
 
     again = sub.add_parser("rebuild", help="rebuild one read model from zero while the service keeps running")
@@ -118,7 +124,15 @@ def status_command(args: argparse.Namespace) -> int:
     if args.json:
         for status in found:
             print(json.dumps(_status_json(status)))
-        return 0
+    else:
+        _print_status_table(found)
+    behind = [s for s in found if args.max_lag_s is not None and s.lag_s > args.max_lag_s]
+    for status in behind:
+        print(f"{status.name} is {status.lag_s:.1f} s behind (more than {args.max_lag_s:g} s)", file=sys.stderr)
+    return 1 if behind else 0
+
+
+def _print_status_table(found: list[ProjectionStatus]) -> None:
     print(f"{'projection':<20} {'applied':>9} {'lag events':>11} {'lag s':>8}  {'last event':<19}  place (source:seq)")
     for status in found:
         last = "-" if status.last_event_at is None else f"{status.last_event_at:%Y-%m-%d %H:%M:%S}"
@@ -127,7 +141,6 @@ def status_command(args: argparse.Namespace) -> int:
             f"{status.name:<20} {status.events_applied:>9} {status.lag_events:>11} {status.lag_s:>8.1f}  {last:<19}  "
             f"{status.checkpoint}{note}"
         )
-    return 0
 
 
 def rebuild_command(args: argparse.Namespace) -> int:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import multiprocessing
 import os
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
+from multiprocessing.connection import Connection
 
 import msgspec
 import uvloop
@@ -18,10 +21,12 @@ from hub.app import create_app
 from hub.cli.projections import run_beside_serve
 from hub.config import Settings
 from hub.http.server import serve_until_signalled
-from hub.logs import JsonAccessLogger, configure_logging
+from hub.logs import JsonAccessLogger, LogSetup, configure_logging, current_log_setup
+from hub.supervisor import SERVING, Supervisor
 from ledger.postgres.database import resolve_database_url
 
 PROJECTION_RUNNER_NICENESS = 10  # requests first: read models may lag a busy second, a Debit may not
+WORKER_STOP_MARGIN_S = 5.0
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -46,21 +51,22 @@ def serve(args: argparse.Namespace) -> int:
     try:
         if args.workers == 1:
             run_worker(web_settings, url, args.host, args.port, reuse_port=False)
+            status = 0
         else:
-            run_workers(web_settings, url, args.host, args.port, args.workers)
+            status = run_workers(web_settings, url, args.host, args.port, args.workers)
     finally:
         if runner is not None:
             stop_process(runner)
         if embedded is not None:
             embedded.stop()
-    return 0
+    return status
 
 
 def start_projection_runner(settings: Settings, url: str) -> multiprocessing.Process:
     """The read models' runner beside the web workers, so no request waits behind a batch."""
     runner = multiprocessing.get_context("spawn").Process(
         target=_projection_runner_main,
-        args=(url, settings.native_provider_id, os.getpid()),
+        args=(url, settings.native_provider_id, os.getpid(), current_log_setup()),
         name="giftcard-projections",
         daemon=True,
     )
@@ -68,8 +74,8 @@ def start_projection_runner(settings: Settings, url: str) -> multiprocessing.Pro
     return runner
 
 
-def _projection_runner_main(url: str, native_provider_id: str, serve_pid: int) -> None:
-    configure_logging()
+def _projection_runner_main(url: str, native_provider_id: str, serve_pid: int, log_setup: LogSetup) -> None:
+    configure_logging(log_setup.level, readable=log_setup.readable)
     os.nice(PROJECTION_RUNNER_NICENESS)
     run_beside_serve(url, native_provider_id, serve_pid)
 
@@ -82,7 +88,15 @@ def stop_process(process: multiprocessing.Process, timeout_s: float = 10.0) -> N
         process.kill()
 
 
-def run_worker(settings: Settings, url: str, host: str, port: int, *, reuse_port: bool) -> None:
+def run_worker(
+    settings: Settings,
+    url: str,
+    host: str,
+    port: int,
+    *,
+    reuse_port: bool,
+    on_serving: Callable[[asyncio.Event], None] | None = None,
+) -> None:
     app = create_app(settings, url)
     app.on_startup.append(freeze_startup_objects)
     # libuv's loop: 7 % less server CPU per Debit than asyncio's in back-to-back runs
@@ -95,6 +109,7 @@ def run_worker(settings: Settings, url: str, host: str, port: int, *, reuse_port
             reuse_port=reuse_port,
             shutdown_timeout_s=settings.shutdown_timeout_s,
             access_log_class=JsonAccessLogger,
+            on_serving=on_serving,
         )
     )
 
@@ -106,33 +121,39 @@ async def freeze_startup_objects(app: web.Application) -> None:
     gc.freeze()
 
 
-def run_workers(settings: Settings, url: str, host: str, port: int, count: int) -> None:
-    """Several processes on one port (SO_REUSEPORT): the kernel spreads connections over them.
+def run_workers(settings: Settings, url: str, host: str, port: int, count: int) -> int:
+    """Several processes on one port (SO_REUSEPORT): the kernel spreads connections over them,
+    and ``hub.supervisor`` keeps them running (replaced when one dies, all replaced on SIGHUP).
 
     They share nothing but the database, which is all the ledger needs: every
     invariant is checked against the card's stream at append time.
     """
     # Every worker writes its metrics here, so whichever answers /metrics answers for all.
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="giftcard-metrics-"))
-    context = multiprocessing.get_context("spawn")
-    workers = [
-        context.Process(target=_worker_main, args=(settings, url, host, port), name=f"giftcard-worker-{n}")
-        for n in range(count)
-    ]
-    for worker in workers:
-        worker.start()
-
-    def stop(signum: int, frame: object) -> None:
-        for worker in workers:
-            if worker.is_alive():
-                os.kill(worker.pid, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    for worker in workers:
-        worker.join()
+    # A worker drains within its shutdown timeout; the margin is its start-up, if SIGTERM comes then.
+    stop_timeout_s = settings.shutdown_timeout_s + WORKER_STOP_MARGIN_S
+    return Supervisor(_worker_main, (settings, url, host, port, current_log_setup()), count, stop_timeout_s=stop_timeout_s).run()
 
 
-def _worker_main(settings: Settings, url: str, host: str, port: int) -> None:
-    configure_logging()
-    run_worker(settings, url, host, port, reuse_port=True)
+def _worker_main(
+    settings: Settings, url: str, host: str, port: int, log_setup: LogSetup, supervisor: Connection
+) -> None:
+    configure_logging(log_setup.level, readable=log_setup.readable)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor's to act on: it replaces this process
+    run_worker(settings, url, host, port, reuse_port=True, on_serving=report_to(supervisor))
+
+
+def report_to(supervisor: Connection) -> Callable[[asyncio.Event], None]:
+    """Tells the supervisor this worker serves, and stops the worker when the supervisor is gone."""
+
+    def on_serving(stop: asyncio.Event) -> None:
+        supervisor.send_bytes(SERVING)
+        loop = asyncio.get_running_loop()
+
+        def supervisor_gone() -> None:  # it never writes: readable means its end closed
+            loop.remove_reader(supervisor.fileno())
+            stop.set()
+
+        loop.add_reader(supervisor.fileno(), supervisor_gone)
+
+    return on_serving

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import re
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -178,9 +179,12 @@ async def serve_until_signalled(
     reuse_port: bool,
     shutdown_timeout_s: float,
     access_log_class: type[AbstractAccessLogger],
+    on_serving: Callable[[asyncio.Event], None] | None = None,
 ) -> None:
     """What ``web.run_app`` does, through ``HubRunner``: serve until SIGINT or SIGTERM, then stop
-    accepting and let the requests in flight finish (up to ``shutdown_timeout_s``)."""
+    accepting and let the requests in flight finish (up to ``shutdown_timeout_s``).
+
+    ``on_serving`` is called once the port accepts, with the event that stops the service."""
     runner = HubRunner(app, shutdown_timeout=shutdown_timeout_s, access_log_class=access_log_class)
     await runner.setup()
     stop = asyncio.Event()
@@ -189,6 +193,8 @@ async def serve_until_signalled(
         loop.add_signal_handler(signum, stop.set)
     try:
         await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
+        if on_serving is not None:
+            on_serving(stop)
         await stop.wait()
     finally:
         await runner.cleanup()
