@@ -12,6 +12,11 @@ conventional   ``bench.baselines.eventsourcing_app``: the eventsourcing library'
 lean           ``bench.baselines.lean_update_app``: one guarded UPDATE and one idempotency row
                per Debit, no history.
 
+Every Debit is the body VTEX's checkout sends (``../shared/bench/debit-body.json``: the card's
+redemption code, a unique requestId, an orderInfo with cart, shopper and shipping), which every
+contender parses whole; every server runs on uvloop. Our servers run as shipped: projections on,
+and a webhook subscription delivering every Debit to a sink on loopback (``bench.webhook_sink``).
+
 Each server runs alone, as a subprocess on 127.0.0.1, against a fresh database of its own on the
 same PostgreSQL server, with 1,000 cards it created and credited itself. wrk then sends Debits of
 0.01 to those cards round-robin, each with a unique requestId and the card's redemptionCode (as
@@ -55,6 +60,7 @@ import asyncpg
 from bench import event_store_appends
 from bench.arguments import int_list
 from bench.report import write_json
+from bench.webhook_sink import running_sink
 from ledger.postgres.database import database_named
 
 CARDS = 1_000
@@ -180,7 +186,8 @@ def ours(
         argv = [*giftcard_command(), "serve", "--host", HOST, "--port", str(port)]
         return argv + ["--workers", str(workers)] if workers else argv
 
-    env = service_env(credentials, extra_env)
+    # The webhook sink is on loopback, which the egress policy refuses unless allowed.
+    env = {"GIFTCARD_PROVIDER_ALLOWLIST": "127.0.0.0/8", **service_env(credentials, extra_env)}
     if route is VIA_HUB:
         env["GIFTCARD_NATIVE_PROVIDER_ID"] = NATIVE_PROVIDER_ID  # the id the hub path names
     return Server(name, database, command, seed_ours, env=env, route=route)
@@ -240,6 +247,16 @@ async def seed_ours(base_url: str, credentials: Credentials) -> list[tuple[str, 
             return created["id"], created["redemptionCode"]
 
         return list(await asyncio.gather(*(card(i) for i in range(CARDS))))
+
+
+async def subscribe(base_url: str, credentials: Credentials, url: str) -> None:
+    """Our service as shipped delivers webhooks: a subscription to every Debit, to the bench's sink."""
+    async with (
+        aiohttp.ClientSession(base_url, headers=credentials.hub_headers) as session,
+        session.post("/api/webhooks", json={"url": url, "events": ["card.debited"]}) as response,
+    ):
+        if response.status != 200:
+            raise RuntimeError(f"subscribing: answered {response.status}: {await response.text()}")
 
 
 async def seed_baseline(base_url: str, credentials: Credentials) -> list[tuple[str, str]]:
@@ -597,6 +614,8 @@ def measure_server(
             started = time.monotonic()
             cards = asyncio.run(asyncio.wait_for(server.seed(base_url, credentials), SEED_TIMEOUT_S))
             log(f"{server.name}: {len(cards)} cards created and credited in {time.monotonic() - started:.1f} s")
+            if server.name in OUR_SERVERS and args.webhook_sink is not None:
+                asyncio.run(subscribe(base_url, credentials, args.webhook_sink.url))
             script = write_lua_script(work, cards, credentials, server.route, CheckoutBody.read(args.body))
             cells = []
             for connections in args.connections:
@@ -966,6 +985,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=3,
         help="times every server is measured, in turns; the median round is reported (default %(default)s)",
     )
+    parser.add_argument(
+        "--no-webhooks",
+        action="store_true",
+        help="no webhook subscription on our servers (default: every Debit delivered to a loopback sink, as shipped)",
+    )
     parser.add_argument("--quick", action="store_true", help="4 s measured, 1 s warm-up, one round: a smoke run")
     parser.add_argument(
         "--connections", type=int_list, default=list(CONNECTIONS), help="comma-separated (default 16,64)"
@@ -1035,7 +1059,8 @@ def main(argv: list[str] | None = None) -> int:
     credentials = Credentials(key="bench-" + secrets.token_hex(4), token=secrets.token_urlsafe(24))
     facts = server_facts(args.database_url)
     every_round: list[Cell] = []
-    with tempfile.TemporaryDirectory(prefix="giftcard-http-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="giftcard-http-bench-") as tmp, running_sink() as sink:
+        args.webhook_sink = None if args.no_webhooks else sink
         for number in range(args.rounds):
             log(f"round {number + 1} of {args.rounds}")
             for server in contenders(args, credentials):
@@ -1043,9 +1068,11 @@ def main(argv: list[str] | None = None) -> int:
                 for cell in cells:
                     cell.round = number
                 every_round += cells
+        log(f"webhooks: {sink.deliveries} deliveries received" if not args.no_webhooks else "webhooks: off")
     cells = median_cells(every_round)
     add_ratios(cells)
     figures = report(args, cells, facts, skipped)
+    figures["webhook_deliveries"] = sink.deliveries
     figures["every_round"] = [asdict(c) for c in every_round]
     print(table(cells))
     print()
