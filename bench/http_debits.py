@@ -187,7 +187,12 @@ def ours(
         return argv + ["--workers", str(workers)] if workers else argv
 
     # The webhook sink is on loopback, which the egress policy refuses unless allowed.
-    env = {"GIFTCARD_PROVIDER_ALLOWLIST": "127.0.0.0/8", **service_env(credentials, extra_env)}
+    # A subscription's signing secret is stored encrypted, under GIFTCARD_SECRET_KEY.
+    env = {
+        "GIFTCARD_PROVIDER_ALLOWLIST": "127.0.0.0/8",
+        "GIFTCARD_SECRET_KEY": credentials.token + "-secret",
+        **service_env(credentials, extra_env),
+    }
     if route is VIA_HUB:
         env["GIFTCARD_NATIVE_PROVIDER_ID"] = NATIVE_PROVIDER_ID  # the id the hub path names
     return Server(name, database, command, seed_ours, env=env, route=route)

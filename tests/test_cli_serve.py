@@ -15,7 +15,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from hub.cli.serve import PROJECTION_RUNNER_NICENESS
+from hub.cli.serve import BACKGROUND_NICENESS
 from tests.conftest import HUB_KEY, HUB_TOKEN
 
 
@@ -129,7 +129,7 @@ async def test_serve_runs_and_stops_cleanly_on_sigterm(database_url, workers):
                 assert response.status == 200
             await wait_projected(session, f"{base}/api/ledger/balances/{card_id}")
         children = children_of(process.pid)
-        assert PROJECTION_RUNNER_NICENESS in map(niceness, children), "the runner yields the CPU to requests"
+        assert BACKGROUND_NICENESS in map(niceness, children), "the runner yields the CPU to requests"
         process.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.wait_for(process.communicate(), timeout=20)
         assert process.returncode == 0, stderr.decode()[-2000:]
@@ -191,7 +191,7 @@ async def start_workers(database_url: str, port: int, metrics_dir, count: int = 
     env = {k: v for k, v in os.environ.items() if not k.startswith("GIFTCARD_")}
     env |= {"GIFTCARD_DATABASE_URL": database_url, "GIFTCARD_APP_KEY": HUB_KEY, "GIFTCARD_APP_TOKEN": HUB_TOKEN}
     env |= {"GIFTCARD_PROVIDER_APP_KEY": "p", "GIFTCARD_PROVIDER_APP_TOKEN": "p", "GIFTCARD_RUN_PROJECTIONS": "false"}
-    env |= {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    env |= {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "GIFTCARD_RUN_WEBHOOKS": "false"}  # no background process
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "hub.cli", "serve", "--port", str(port), "--workers", str(count), env=env,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,

@@ -19,8 +19,11 @@ from typing import TypeVar
 import asyncpg
 from tqdm import tqdm
 
+from hub.app import WEBHOOK_POOL_SIZE_MAX
 from hub.cli import arguments
 from hub.cli.progress import progress_bar
+from hub.config import Settings
+from hub.webhooks import run_deliveries
 from ledger.postgres.database import create_pool, with_database
 from ledger.postgres.migrate import upgrade
 from projections import checkpoints, names, read_model, read_models
@@ -97,23 +100,36 @@ def _log_batch(name: str, count: int) -> None:
     log.info("projection %s applied %d event(s)", name, count)
 
 
-def run_beside_serve(database_url: str, native_provider_id: str, serve_pid: int) -> None:
-    """The runner that ``giftcard serve`` starts in a process of its own, until SIGTERM or SIGINT
-    or until ``serve_pid`` is gone (killed outright, it could not stop its children).
+def run_beside_serve(database_url: str, settings: Settings, serve_pid: int) -> None:
+    """The background work that ``giftcard serve`` runs in a process of its own: the projection
+    runner and the webhook deliveries (each as its setting says), until SIGTERM or SIGINT or until
+    ``serve_pid`` is gone (killed outright, it could not stop its children).
 
-    Not in the web process: applying a batch is seconds of Python work a minute under load, and
-    in the event loop every request waiting behind it would pay for it. Here the kernel gives
-    it the other core, and one runner serves however many web workers there are.
+    Not in the web process: applying a batch is seconds of Python work a minute under load, and a
+    delivery per Debit is a tenth of a web process's CPU; in the event loop every request waiting
+    behind them would pay for it. Here the kernel gives them the other core, and one process serves
+    however many web workers there are.
     """
 
     async def work() -> None:
         pool = await create_pool(database_url, size_min=1, size_max=4)
+        webhook_pool = (
+            await create_pool(database_url, size_min=1, size_max=WEBHOOK_POOL_SIZE_MAX)
+            if settings.run_webhooks
+            else None
+        )
         try:
             async with pool.acquire() as connection:
                 await upgrade(connection)
-            runner = ProjectionRunner(pool, read_models(native_provider_id))
-            await _until_signalled(_while_alive(serve_pid, runner.run_forever()))
+            jobs = []
+            if settings.run_projections:
+                jobs.append(ProjectionRunner(pool, read_models(settings.native_provider_id)).run_forever())
+            if webhook_pool is not None:
+                jobs.append(run_deliveries(webhook_pool, settings, asyncio.Event()))
+            await _until_signalled(_while_alive(serve_pid, _all_of(jobs)))
         finally:
+            if webhook_pool is not None:
+                await webhook_pool.close()
             await pool.close()
 
     asyncio.run(work())
@@ -181,13 +197,18 @@ async def _events_behind(pool: asyncpg.Pool) -> int:
     return sum(status.lag_events for status in await checkpoints.statuses(pool))
 
 
+async def _all_of(jobs: list[Awaitable[None]]) -> None:
+    # A coroutine, not the bare gather: cancelling its task cancels the jobs and awaits them.
+    await asyncio.gather(*jobs)
+
+
 async def _while_alive(parent_pid: int, work: Awaitable[None], check_interval_s: float = 1.0) -> None:
     """Runs ``work`` until it ends or this process's parent ``parent_pid`` is gone."""
     task = asyncio.ensure_future(work)
     try:
         while not task.done():
             if os.getppid() != parent_pid:
-                log.warning("serve (pid %d) is gone; the projection runner stops", parent_pid)
+                log.warning("serve (pid %d) is gone; its background process stops", parent_pid)
                 task.cancel()
                 break
             await asyncio.wait({task}, timeout=check_interval_s)

@@ -25,7 +25,7 @@ from hub.logs import JsonAccessLogger, LogSetup, configure_logging, current_log_
 from hub.supervisor import SERVING, Supervisor
 from ledger.postgres.database import resolve_database_url
 
-PROJECTION_RUNNER_NICENESS = 10  # requests first: read models may lag a busy second, a Debit may not
+BACKGROUND_NICENESS = 10  # requests first: read models and webhooks may lag a busy second, a Debit may not
 WORKER_STOP_MARGIN_S = 5.0
 
 
@@ -45,9 +45,10 @@ def serve(args: argparse.Namespace) -> int:
     print(
         f"giftcard serving on http://{args.host}:{args.port} ({args.workers} process(es))", file=sys.stderr, flush=True
     )
-    runner = start_projection_runner(settings, url) if settings.run_projections else None
-    # The runner process has the projections; the workers know of each other (see Ledger's shared_cards).
-    web_settings = msgspec.structs.replace(settings, run_projections=False, workers=args.workers)
+    runner = start_background(settings, url) if settings.run_projections or settings.run_webhooks else None
+    # The background process has the projections and the webhooks; the workers know of each other
+    # (see Ledger's shared_cards).
+    web_settings = msgspec.structs.replace(settings, run_projections=False, run_webhooks=False, workers=args.workers)
     try:
         if args.workers == 1:
             run_worker(web_settings, url, args.host, args.port, reuse_port=False)
@@ -62,22 +63,23 @@ def serve(args: argparse.Namespace) -> int:
     return status
 
 
-def start_projection_runner(settings: Settings, url: str) -> multiprocessing.Process:
-    """The read models' runner beside the web workers, so no request waits behind a batch."""
+def start_background(settings: Settings, url: str) -> multiprocessing.Process:
+    """The read models' runner and the webhook deliveries beside the web workers, so no request
+    waits behind a batch or a delivery."""
     runner = multiprocessing.get_context("spawn").Process(
-        target=_projection_runner_main,
-        args=(url, settings.native_provider_id, os.getpid(), current_log_setup()),
-        name="giftcard-projections",
+        target=_background_main,
+        args=(url, settings, os.getpid(), current_log_setup()),
+        name="giftcard-background",
         daemon=True,
     )
     runner.start()
     return runner
 
 
-def _projection_runner_main(url: str, native_provider_id: str, serve_pid: int, log_setup: LogSetup) -> None:
+def _background_main(url: str, settings: Settings, serve_pid: int, log_setup: LogSetup) -> None:
     configure_logging(log_setup.level, readable=log_setup.readable)
-    os.nice(PROJECTION_RUNNER_NICENESS)
-    run_beside_serve(url, native_provider_id, serve_pid)
+    os.nice(BACKGROUND_NICENESS)
+    run_beside_serve(url, settings, serve_pid)
 
 
 def stop_process(process: multiprocessing.Process, timeout_s: float = 10.0) -> None:
@@ -132,7 +134,9 @@ def run_workers(settings: Settings, url: str, host: str, port: int, count: int) 
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="giftcard-metrics-"))
     # A worker drains within its shutdown timeout; the margin is its start-up, if SIGTERM comes then.
     stop_timeout_s = settings.shutdown_timeout_s + WORKER_STOP_MARGIN_S
-    return Supervisor(_worker_main, (settings, url, host, port, current_log_setup()), count, stop_timeout_s=stop_timeout_s).run()
+    return Supervisor(
+        _worker_main, (settings, url, host, port, current_log_setup()), count, stop_timeout_s=stop_timeout_s
+    ).run()
 
 
 def _worker_main(
