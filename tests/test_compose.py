@@ -139,6 +139,24 @@ def test_migrations_run_once_as_the_owner_and_the_service_as_the_granted_role():
     assert 'password="$GIFTCARD_APP_DB_PASSWORD"' in script
 
 
+@pytest.mark.parametrize(
+    ("profile", "job", "served"),
+    [("ha", "migrate-ha", ("hub-ha", "projections-ha")), ("citus", "citus-setup", ("hub-citus",))],
+)
+def test_the_ha_and_citus_stacks_migrate_as_the_owner_and_serve_as_the_granted_role(profile, job, served):
+    found = services(config(SECRETS, profile))
+    steps = " ".join(found[job].split())
+    assert (
+        "giftcard db upgrade" in steps
+        and "giftcard db grant giftcard_app --create-with-password-env GIFTCARD_APP_DB_PASSWORD" in steps
+    )
+    assert setting(found[job], "GIFTCARD_DATABASE_URL").startswith("postgresql://giftcard:pw@"), found[job]
+    assert "GIFTCARD_SECRET_KEY" not in found[job], "a migration needs no secret key"
+    for name in served:
+        assert setting(found[name], "GIFTCARD_DATABASE_URL").startswith("postgresql://giftcard_app:app-pw@"), name
+    assert re.search(rf"^      {job}:\n        condition: service_completed_successfully$", found[served[0]], re.M)
+
+
 def test_the_projections_healthcheck_fails_when_projections_fall_behind():
     """``status --max-lag-s`` exits 1 past the bound (tests/test_projections.py runs it against a lag)."""
     done = config(SECRETS)

@@ -16,6 +16,7 @@ from ledger.postgres.database import create_pool
 from ledger.postgres.migrate import grant_service_role, grant_service_role_statements, upgrade
 from projections import checkpoints, read_models
 from projections.runner import ProjectionRunner
+from tests.audit_ledgers import finance_cli
 from tests.cards import issue
 from tests.conftest import services_on
 
@@ -94,3 +95,30 @@ async def test_the_service_role_serves_and_projects(service_role_url):
         assert all(status.lag_events == 0 for status in await checkpoints.statuses(pool))
     finally:
         await pool.close()
+
+
+async def test_db_grant_creates_the_service_role_once_and_never_prints_its_password(database_url, pool):
+    """A fresh deployment (compose's migrate jobs) makes the service's role with ``db grant``."""
+    role, password = f"giftcard_app_{uuid.uuid4().hex[:8]}", "pw-" + uuid.uuid4().hex
+    env = {"SERVICE_ROLE_PASSWORD": password}
+    try:
+        code, out, err = await finance_cli(
+            database_url, "db", "grant", role, "--create-with-password-env", "SERVICE_ROLE_PASSWORD", env=env
+        )
+        assert code == 0, err
+        assert f"created login role {role}" in out and password not in out + err
+        assert await pool.fetchval("select rolcanlogin from pg_roles where rolname = $1", role)
+        assert await pool.fetchval("select has_table_privilege($1, 'events', 'INSERT')", role)
+        assert not await pool.fetchval("select has_table_privilege($1, 'events', 'UPDATE')", role)
+        code, out, err = await finance_cli(
+            database_url, "db", "grant", role, "--create-with-password-env", "SERVICE_ROLE_PASSWORD", env=env
+        )
+        assert code == 0 and "created" not in out, "an existing role is left as it is"
+        code, out, err = await finance_cli(
+            database_url, "db", "grant", role, "--create-with-password-env", "UNSET_VARIABLE_X"
+        )
+        assert code == 2 and "UNSET_VARIABLE_X is not set" in err
+    finally:
+        if await pool.fetchval("select 1 from pg_roles where rolname = $1", role):
+            await pool.execute(f"drop owned by {role}")
+            await pool.execute(f"drop role {role}")

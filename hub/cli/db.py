@@ -4,6 +4,7 @@ workers, the service's role."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import asyncpg
@@ -11,7 +12,7 @@ import msgspec
 
 from ledger.postgres.database import Database, with_database
 from ledger.postgres.distribution import add_worker
-from ledger.postgres.migrate import grant_service_role, upgrade
+from ledger.postgres.migrate import create_login_role, grant_service_role, upgrade
 from ledger.postgres.replication import Replication, replication_status
 
 EXIT_USAGE = 2
@@ -37,7 +38,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     add.set_defaults(run=db_add_worker)
     grant = db_commands.add_parser("grant", help="grant the service's role what it needs, and no rewriting of events")
-    grant.add_argument("role", help="the existing PostgreSQL role the service connects as")
+    grant.add_argument("role", help="the PostgreSQL role the service connects as")
+    grant.add_argument(
+        "--create-with-password-env",
+        metavar="VAR",
+        help="create the role first, as a login role whose password is in environment variable VAR, "
+        "when it does not exist (a fresh deployment); the password is never printed",
+    )
     grant.set_defaults(run=db_grant)
 
 
@@ -94,8 +101,17 @@ def db_add_worker(args: argparse.Namespace) -> int:
 
 
 def db_grant(args: argparse.Namespace) -> int:
+    password = None
+    if args.create_with_password_env:
+        password = os.environ.get(args.create_with_password_env)
+        if not password:
+            print(f"--create-with-password-env: {args.create_with_password_env} is not set", file=sys.stderr)
+            return EXIT_USAGE
+
     async def grant(pool: asyncpg.Pool) -> None:
         async with pool.acquire() as connection, connection.transaction():
+            if password is not None and await create_login_role(connection, args.role, password):
+                print(f"created login role {args.role}")
             await grant_service_role(connection, args.role)
 
     with_database(grant, _server(args))

@@ -91,6 +91,20 @@ def grant_service_role_statements(role: str) -> list[str]:
     ]
 
 
+async def create_login_role(connection: asyncpg.Connection, role: str, password: str) -> bool:
+    """The service's role, made a login role with ``password`` when it does not exist yet (a fresh
+    deployment's first ``db grant``); an existing role is left as it is. True when it was created."""
+    grant_service_role_statements(role)  # checks the name
+    if await connection.fetchval("select 1 from pg_roles where rolname = $1", role):
+        return False
+    # No parameters in a utility statement: format's %L quotes the password as a literal.
+    statement = await connection.fetchval(
+        "select format('create role %I login password %L', $1::text, $2::text)", role, password
+    )
+    await connection.execute(statement)
+    return True
+
+
 async def grant_service_role(connection: asyncpg.Connection, role: str) -> None:
     """``giftcard db grant``: the statements above, and on Citus what the workers need besides."""
     for statement in grant_service_role_statements(role):
