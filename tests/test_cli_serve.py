@@ -14,9 +14,11 @@ from datetime import UTC, datetime, timedelta
 import aiohttp
 import asyncpg
 import pytest
+from aiohttp import web
 
 from hub.cli.serve import BACKGROUND_NICENESS
 from tests.conftest import HUB_KEY, HUB_TOKEN
+from tests.providers.serving import serve as serve_app
 
 
 def free_port() -> int:
@@ -373,3 +375,50 @@ async def test_every_line_logged_while_serving_a_request_names_it_and_every_ts_i
     assert len(during) == 1 and "failed code lookups" in during[0]["message"], lines
     assert during[0]["request_id"] == "trace-me-42"
     assert all("request_id" not in line for line in lines if line["name"] == "hub.app"), "no request, no id"
+
+
+@pytest.mark.parametrize("run_webhooks", ["true", "false"])
+async def test_webhooks_are_delivered_by_serves_background_process_not_a_web_worker(database_url, run_webhooks):
+    """With projections off, serve has a background process only for the webhooks, and they arrive."""
+    received: list[dict] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.Response(status=204)
+
+    sink = web.Application()
+    sink.router.add_post("/events", receive)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIFTCARD_")}
+    env |= {"GIFTCARD_DATABASE_URL": database_url, "GIFTCARD_APP_KEY": HUB_KEY, "GIFTCARD_APP_TOKEN": HUB_TOKEN}
+    env |= {"GIFTCARD_PROVIDER_APP_KEY": "p", "GIFTCARD_PROVIDER_APP_TOKEN": "p", "GIFTCARD_RUN_PROJECTIONS": "false"}
+    env |= {"GIFTCARD_RUN_WEBHOOKS": run_webhooks, "GIFTCARD_SECRET_KEY": "s" * 32}
+    env |= {"GIFTCARD_PROVIDER_ALLOWLIST": "127.0.0.0/8"}
+    port = free_port()
+    async with serve_app(sink) as sink_url:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "hub.cli", "serve", "--port", str(port), env=env,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            base = f"http://127.0.0.1:{port}"
+            await wait_healthy(base)
+            headers = {"X-VTEX-API-AppKey": HUB_KEY, "X-VTEX-API-AppToken": HUB_TOKEN}
+            async with aiohttp.ClientSession(base, headers=headers) as session:
+                async with session.post("/api/webhooks", json={"url": f"{sink_url}/events"}) as response:
+                    assert response.status == 200, await response.text()
+                body = {"relationName": "r", "caption": "c", "profileId": "p", "expiringDate": "2030-01-01T00:00:00Z"}
+                async with session.post("/api/giftcards", json=body) as response:
+                    assert response.status == 200
+            for _ in range(100 if run_webhooks == "true" else 20):
+                if received:
+                    break
+                await asyncio.sleep(0.1)
+            nice = list(map(niceness, children_of(process.pid)))
+            if run_webhooks == "true":
+                assert [event["type"] for event in received] == ["card.issued"], received
+                assert BACKGROUND_NICENESS in nice, "delivered by the background process"
+            else:
+                assert received == [] and BACKGROUND_NICENESS not in nice, "neither projections nor webhooks"
+            await stop_serve(process)
+        finally:
+            await kill_serve(process)
