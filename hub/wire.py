@@ -91,6 +91,9 @@ class CreateBatchRequest(msgspec.Struct, rename="camel"):
 _decoders: dict[type, msgspec.json.Decoder] = {}
 # Untyped parts (orderInfo) keep their numbers exact, so no float ever reaches an event.
 _order_info_decoder = msgspec.json.Decoder(OrderInfo)
+# JSON has one way to write U+0000 in a string: this escape (msgspec refuses a raw NUL byte), so a
+# body without it decodes to no NUL, and one with it (even as an escaped backslash's "\\u0000") is walked.
+_NUL_ESCAPE = b"\\u0000"
 
 
 def decode(body: bytes, type_: type[Any]) -> Any:
@@ -105,7 +108,8 @@ def decode(body: bytes, type_: type[Any]) -> Any:
         raise InvalidRequest("request body is not valid UTF-8") from None
     check_depth(body)
     value = decoder.decode(body)
-    check_storable(value)
+    if _NUL_ESCAPE in body:  # the walk costs a checkout's Debit 8 µs; without this escape it finds nothing
+        check_storable(value)
     return value
 
 

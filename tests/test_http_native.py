@@ -404,6 +404,35 @@ async def test_deeply_nested_order_info_is_refused(service):
     assert status == 400 and "nested" in body["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    "order_info",
+    [
+        b'{"cart":{"items":[{"name":"shoe\\u0000s"}]}}',  # deep in a value
+        b'{"clientProfile":{"first\\u0000Name":"Ana"}}',  # in a key
+    ],
+    ids=["value", "key"],
+)
+async def test_nul_anywhere_in_order_info_is_a_400_that_writes_nothing(service, pool, order_info):
+    """Only the escape \\u0000 decodes to NUL (a raw NUL byte is not JSON): a body holding it
+    anywhere is walked, and refused before it reaches the jsonb column."""
+    card = await create_card(service)
+    before = await count_events(pool)
+    payload = b'{"operation":"Credit","value":1,"requestId":"r","orderInfo":' + order_info + b"}"
+    status, body, _ = await service.call("POST", f"/native/giftcards/{card['id']}/transactions", data=payload)
+    assert status == 400 and "NUL" in body["error"]["message"], body
+    assert await count_events(pool) == before
+
+
+async def test_an_escaped_backslash_before_u0000_is_text_not_nul(service):
+    """``\\\\u0000`` in JSON is a backslash and the letters u0000: stored as sent, not refused."""
+    card = await create_card(service)
+    payload = b'{"operation":"Credit","value":1,"requestId":"r","description":"a\\\\u0000b"}'
+    status, body, _ = await service.call("POST", f"/native/giftcards/{card['id']}/transactions", data=payload)
+    assert status == 200, body
+    _, got, _ = await service.call("GET", f"/native/giftcards/{card['id']}/transactions/{body['id']}")
+    assert got["description"] == "a\\u0000b"
+
+
 NESTING_REFUSED = 1100  # deeper than Python's recursion limit: once a RecursionError and a 500
 
 
