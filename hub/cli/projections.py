@@ -23,6 +23,7 @@ from hub.cli import arguments
 from hub.cli.progress import progress_bar
 from ledger.postgres.database import create_pool, with_database
 from ledger.postgres.migrate import upgrade
+from ledger.postgres.tenancy import ALL_TENANTS, tenant_scope
 from projections import checkpoints, names, read_model, read_models
 from projections.checkpoints import ProjectionStatus
 from projections.rebuild import RebuildInProgress, count_events, rebuild
@@ -97,7 +98,7 @@ def _log_batch(name: str, count: int) -> None:
     log.info("projection %s applied %d event(s)", name, count)
 
 
-def run_beside_serve(database_url: str, native_provider_id: str, serve_pid: int) -> None:
+def run_beside_serve(database_url: str, native_provider_id: str, default_tenant: str, serve_pid: int) -> None:
     """The runner that ``giftcard serve`` starts in a process of its own, until SIGTERM or SIGINT
     or until ``serve_pid`` is gone (killed outright, it could not stop its children).
 
@@ -109,10 +110,11 @@ def run_beside_serve(database_url: str, native_provider_id: str, serve_pid: int)
     async def work() -> None:
         pool = await create_pool(database_url, size_min=1, size_max=4)
         try:
-            async with pool.acquire() as connection:
-                await upgrade(connection)
-            runner = ProjectionRunner(pool, read_models(native_provider_id))
-            await _until_signalled(_while_alive(serve_pid, runner.run_forever()))
+            with tenant_scope(ALL_TENANTS):  # one runner for every store's read models
+                async with pool.acquire() as connection:
+                    await upgrade(connection, default_tenant=default_tenant)
+                runner = ProjectionRunner(pool, read_models(native_provider_id))
+                await _until_signalled(_while_alive(serve_pid, runner.run_forever()))
         finally:
             await pool.close()
 

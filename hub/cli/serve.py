@@ -66,7 +66,7 @@ def start_projection_runner(settings: Settings, url: str) -> multiprocessing.Pro
     """The read models' runner beside the web workers, so no request waits behind a batch."""
     runner = multiprocessing.get_context("spawn").Process(
         target=_projection_runner_main,
-        args=(url, settings.native_provider_id, os.getpid(), current_log_setup()),
+        args=(url, settings.native_provider_id, settings.default_tenant, os.getpid(), current_log_setup()),
         name="giftcard-projections",
         daemon=True,
     )
@@ -74,10 +74,12 @@ def start_projection_runner(settings: Settings, url: str) -> multiprocessing.Pro
     return runner
 
 
-def _projection_runner_main(url: str, native_provider_id: str, serve_pid: int, log_setup: LogSetup) -> None:
+def _projection_runner_main(
+    url: str, native_provider_id: str, default_tenant: str, serve_pid: int, log_setup: LogSetup
+) -> None:
     configure_logging(log_setup.level, readable=log_setup.readable)
     os.nice(PROJECTION_RUNNER_NICENESS)
-    run_beside_serve(url, native_provider_id, serve_pid)
+    run_beside_serve(url, native_provider_id, default_tenant, serve_pid)
 
 
 def stop_process(process: multiprocessing.Process, timeout_s: float = 10.0) -> None:
@@ -132,7 +134,9 @@ def run_workers(settings: Settings, url: str, host: str, port: int, count: int) 
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="giftcard-metrics-"))
     # A worker drains within its shutdown timeout; the margin is its start-up, if SIGTERM comes then.
     stop_timeout_s = settings.shutdown_timeout_s + WORKER_STOP_MARGIN_S
-    return Supervisor(_worker_main, (settings, url, host, port, current_log_setup()), count, stop_timeout_s=stop_timeout_s).run()
+    return Supervisor(
+        _worker_main, (settings, url, host, port, current_log_setup()), count, stop_timeout_s=stop_timeout_s
+    ).run()
 
 
 def _worker_main(

@@ -75,7 +75,7 @@ class ProviderRegistry:
                 insert into providers (id, service_url, oauth_provider, caption, pre_auth_enabled, cancel_enabled,
                                        credentials, version)
                 values ($1, $2, $3, $4, $5, $6, $7, $8)
-                on conflict (id) do update set
+                on conflict (tenant_id, id) do update set
                     service_url = excluded.service_url, oauth_provider = excluded.oauth_provider,
                     caption = excluded.caption, pre_auth_enabled = excluded.pre_auth_enabled,
                     cancel_enabled = excluded.cancel_enabled, credentials = excluded.credentials,

@@ -1,0 +1,77 @@
+-- Many stores on one deployment: a tenant is a store, named by its VTEX account. Every row of a
+-- store's data carries its tenant_id, and PostgreSQL itself keeps the stores apart: row-level
+-- security is enabled and forced on every such table (so the tables' owner is held to it too;
+-- only a superuser or a BYPASSRLS role is not), with one policy, tenant_rows.
+--
+-- The service names the tenants a statement may touch in the setting giftcard.tenant
+-- (ledger.postgres.tenancy): one account for a request, a comma-separated list for a group
+-- commit of several stores' Debits, '*' for the operator's own work (projection runner, webhook
+-- deliverer, hold sweeper, command-line tools). Unset or empty, a statement sees no row and may
+-- write none: a query that forgets its tenant finds nothing rather than another store's data.
+--
+-- A new row's tenant_id defaults to the one tenant in scope, so a store's writes need not name it;
+-- a row written under a list or '*' must name its tenant (the check refuses '*' and lists).
+--
+-- Existing rows become the default tenant: the account upgrade() sets in giftcard.default_tenant
+-- (GIFTCARD_DEFAULT_TENANT), 'default' when unset. The column is added with a constant default
+-- and the check NOT VALID, so no table is rewritten or scanned; only the lookup indexes that now
+-- hold the tenant are rebuilt.
+--
+-- Not tenant data, and so without tenant_id: tenants itself, instance_secrets (keys of the
+-- deployment), schema_migrations, projection_checkpoints (one projection runs for every store).
+
+create table tenants (
+    account     text        primary key check (account ~ '^[a-z0-9][a-z0-9-]{0,62}$'),
+    created_at  timestamptz not null default clock_timestamp()
+);
+
+do $$
+declare
+    default_tenant text := coalesce(nullif(current_setting('giftcard.default_tenant', true), ''), 'default');
+    tenant_data text[] := array[
+        'events', 'snapshots', 'card_lookup', 'api_keys', 'providers', 'lookup_failures',
+        'webhook_subscriptions', 'webhook_dead_letters', 'verify_runs', 'personal_data_keys',
+        'read_card_balances', 'read_card_balance_transactions', 'read_transactions',
+        'read_transaction_operations', 'read_history_cards', 'read_daily_totals', 'read_daily_totals_cards',
+        'read_daily_totals_transactions', 'read_daily_totals_forwarded_requests'
+    ];
+    t text;
+begin
+    if default_tenant !~ '^[a-z0-9][a-z0-9-]{0,62}$' then
+        raise exception 'the default tenant % is not a VTEX account name (^[a-z0-9][a-z0-9-]{0,62}$)', default_tenant;
+    end if;
+    insert into tenants (account) values (default_tenant);
+    foreach t in array tenant_data loop
+        execute format('alter table %I add column tenant_id text not null default %L', t, default_tenant);
+        execute format(
+            $f$alter table %I alter column tenant_id set default
+                   coalesce(nullif(current_setting('giftcard.tenant', true), ''), %L)$f$,
+            t, default_tenant);
+        execute format(
+            $f$alter table %I add constraint %I check (tenant_id ~ '^[a-z0-9][a-z0-9-]{0,62}$') not valid$f$,
+            t, t || '_tenant_is_an_account');
+        execute format('alter table %I enable row level security', t);
+        execute format('alter table %I force row level security', t);
+        execute format(
+            $f$create policy tenant_rows on %I
+                   using (tenant_id = any(string_to_array(current_setting('giftcard.tenant', true), ','))
+                          or current_setting('giftcard.tenant', true) = '*')$f$,
+            t);
+    end loop;
+end
+$$;
+
+-- The tenant is part of every key a store chooses or a lookup finds rows by: two stores may hold
+-- the same redemption code, relationName or provider id, and a lookup never crosses.
+-- The constraints keep their names: the service tells a duplicate relationName by its constraint.
+alter table card_lookup drop constraint card_lookup_code_hash_key,
+    add constraint card_lookup_code_hash_key unique (tenant_id, code_hash);
+alter table card_lookup drop constraint card_lookup_relation_name_key,
+    add constraint card_lookup_relation_name_key unique (tenant_id, relation_name);
+alter table providers drop constraint providers_pkey, add constraint providers_pkey primary key (tenant_id, id);
+alter table lookup_failures drop constraint lookup_failures_pkey,
+    add constraint lookup_failures_pkey primary key (tenant_id, subject, bucket);
+drop index api_keys_one_bootstrap;
+create unique index api_keys_one_bootstrap on api_keys (tenant_id, audience) where bootstrap;
+drop index read_daily_totals_key;
+create unique index read_daily_totals_key on read_daily_totals (tenant_id, day, provider, (coalesce(currency, '')));
