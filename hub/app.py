@@ -94,6 +94,20 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response({"status": "ready", "replication": replication.to_wire()})
 
 
+async def warn_unless_tenants_enforced(pool: asyncpg.Pool) -> None:
+    """A superuser or BYPASSRLS role passes through row-level security: the service still scopes
+    every request to its key's tenant, but the database no longer catches what it would miss."""
+    role, bypasses = await pool.fetchrow(
+        "select current_user, rolsuper or rolbypassrls from pg_roles where rolname = current_user"
+    )
+    if bypasses:
+        log.warning(
+            "the database role %s bypasses row-level security: the database does not keep tenants apart; "
+            'run the service as the role `giftcard db grant` sets up (see the README\'s "Many stores")',
+            role,
+        )
+
+
 async def warn_unless_replicated(pool: asyncpg.Pool) -> None:
     reason = (await replication_status(pool)).why_not_synchronous()
     if reason is not None:
@@ -209,6 +223,7 @@ def create_app(
             async with pool.acquire() as connection:
                 await upgrade(connection, default_tenant=settings.default_tenant)
             await warn_unless_replicated(pool)
+            await warn_unless_tenants_enforced(pool)
             app[POOL] = pool
             app[READ_POOL] = replica_pool if replica_pool is not None else pool
             store = EventStore(pool, observe_append=metrics.observe_append)
@@ -234,7 +249,7 @@ def create_app(
                 if pair is not None:
                     announce(ring.audience, pair)
                 await ring.refresh(pool)
-            app[REGISTRY] = ProviderRegistry(store, cipher, settings.native_provider_id)
+            app[REGISTRY] = ProviderRegistry(store, cipher, settings.native_provider_id, settings.default_tenant)
             connector = aiohttp.TCPConnector(
                 limit=PROVIDER_CONNECTIONS_MAX, resolver=GuardedResolver(app[EGRESS]), use_dns_cache=False
             )
