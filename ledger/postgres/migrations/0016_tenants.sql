@@ -41,6 +41,10 @@ begin
         raise exception 'the default tenant % is not a VTEX account name (^[a-z0-9][a-z0-9-]{0,62}$)', default_tenant;
     end if;
     insert into tenants (account) values (default_tenant);
+    -- For a statement that names each row's tenant (group commit) run where no tenant is in scope:
+    -- an owner's or superuser's tool, as the column defaults below fall back to the same tenant.
+    execute format('create function default_tenant() returns text language sql immutable as %L',
+                   format('select %L::text', default_tenant));
     foreach t in array tenant_data loop
         execute format('alter table %I add column tenant_id text not null default %L', t, default_tenant);
         execute format(
