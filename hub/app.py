@@ -94,18 +94,24 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response({"status": "ready", "replication": replication.to_wire()})
 
 
-async def warn_unless_tenants_enforced(pool: asyncpg.Pool) -> None:
-    """A superuser or BYPASSRLS role passes through row-level security: the service still scopes
-    every request to its key's tenant, but the database no longer catches what it would miss."""
-    role, bypasses = await pool.fetchrow(
-        "select current_user, rolsuper or rolbypassrls from pg_roles where rolname = current_user"
+async def tenants_isolated(pool: asyncpg.Pool) -> bool:
+    """Whether row-level security keeps the tenants apart here. The service's statements do not
+    name their tenant, so without it (a superuser or BYPASSRLS role; the workers' tables on Citus)
+    only the default tenant's keys are served: the others' get 403 (see auth.KeyRing)."""
+    role, bypasses, events_secured = await pool.fetchrow(
+        """
+        select current_user, rolsuper or rolbypassrls,
+               (select relrowsecurity from pg_class where oid = 'events'::regclass)
+        from pg_roles where rolname = current_user
+        """
     )
-    if bypasses:
+    if bypasses or not events_secured:
         log.warning(
-            "the database role %s bypasses row-level security: the database does not keep tenants apart; "
-            'run the service as the role `giftcard db grant` sets up (see the README\'s "Many stores")',
-            role,
+            "row-level security does not keep tenants apart here (%s): only the default tenant is served; "
+            "see the README's Many stores",
+            f"the database role {role} bypasses it" if bypasses else "the events are on Citus workers",
         )
+    return not bypasses and events_secured
 
 
 async def warn_unless_replicated(pool: asyncpg.Pool) -> None:
@@ -223,7 +229,7 @@ def create_app(
             async with pool.acquire() as connection:
                 await upgrade(connection, default_tenant=settings.default_tenant)
             await warn_unless_replicated(pool)
-            await warn_unless_tenants_enforced(pool)
+            isolated = await tenants_isolated(pool)
             app[POOL] = pool
             app[READ_POOL] = replica_pool if replica_pool is not None else pool
             store = EventStore(pool, observe_append=metrics.observe_append)
@@ -244,6 +250,7 @@ def create_app(
                 personal_data=PersonalData(pool, settings.secret_key, settings.privacy_poll_s),
             )
             for ring in rings.values():
+                ring.other_tenants_served = isolated
                 with tenant_scope(settings.default_tenant):  # a first start's pairs are the default tenant's
                     pair = await auth.bootstrap_pair(pool, ring)
                 if pair is not None:

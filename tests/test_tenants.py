@@ -270,3 +270,13 @@ async def test_keys_create_for_a_tenant(service, database_url, pool):
 def test_keys_create_refuses_a_tenant_that_is_no_account_name(database_url):
     done = run_cli(database_url, "keys", "create", "--tenant", "Not An Account")
     assert done.returncode == 2 and "'Not An Account' is not a VTEX account name" in done.stderr
+
+
+async def test_a_role_that_bypasses_row_level_security_serves_only_the_default_tenant(start_service, pool):
+    service = await start_service()  # as a superuser, which row-level security lets through
+    key, token = await auth.create_key(pool, auth.HUB, auth.ROLES, ACME)
+    store = Store(service, (key, token), ("", ""))
+    await asyncio.sleep(auth.KEY_REFRESH_S + 0.5)
+    status, body = await store.call("GET", "/api/giftcards/00000000-0000-0000-0000-000000000000")
+    assert status == 403 and body["error"]["code"] == "tenant_not_isolated" and "'acme'" in body["error"]["message"]
+    assert (await service.call("GET", "/api/giftcards/00000000-0000-0000-0000-000000000000"))[0] == 404

@@ -77,6 +77,8 @@ class KeyRing:
     default_tenant: str = DEFAULT_TENANT
     configured: tuple[str, str] | None = None
     stored: dict[str, StoredKey] = field(default_factory=dict)
+    # False where row-level security cannot keep the tenants apart (hub.app.tenants_isolated)
+    other_tenants_served: bool = True
 
     def verdict(self, key: str | None, token: str | None) -> Verdict:
         if not key or not token:
@@ -89,6 +91,8 @@ class KeyRing:
                 return Verdict(200, ALL_ROLES, self.default_tenant)
         expected = self.stored.get(key)
         if expected is not None and hmac.compare_digest(token_hash(token), expected.token_hash):
+            if expected.tenant != self.default_tenant and not self.other_tenants_served:
+                return Verdict(403, tenant=expected.tenant)
             return Verdict(200, expected.roles, expected.tenant)
         return Verdict(403)
 
@@ -253,6 +257,13 @@ def make_auth_middleware(rings: dict[str, KeyRing]):
             return await handler(request)
         key_header, token_header = HEADERS[audience]
         verdict = rings[audience].verdict(request.headers.get(key_header), request.headers.get(token_header))
+        if verdict.status == 403 and verdict.tenant:
+            return error_response(
+                403,
+                "tenant_not_isolated",
+                f"this deployment serves only its default tenant, not {verdict.tenant!r}: its database does not "
+                "keep tenants apart (see the README's Many stores)",
+            )
         if verdict.status != 200:
             return web.Response(status=verdict.status)
         needed = role_needed(request)

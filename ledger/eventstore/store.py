@@ -406,7 +406,7 @@ returning position
 _APPEND_EACH = f"""
 insert into events (stream_id, version, type, data, metadata, hash, idempotency_key, tenant_id)
 select r.stream_id, r.expected + 1, r.type, r.data::jsonb, r.metadata::jsonb, r.hash, r.key,
-       coalesce(nullif(r.tenant, ''), default_tenant())
+       coalesce(nullif(nullif(r.tenant, ''), '*'), default_tenant())
 from unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::bytea[], $7::text[], $8::bytea[],
             $9::text[])
     as r(stream_id, expected, type, data, metadata, hash, key, previous, tenant)

@@ -46,8 +46,10 @@ def tenant_scope(scope: str) -> Iterator[None]:
 
 
 def scope_of(tenants: Iterable[str]) -> str:
-    """The scope of a statement that writes rows of all these tenants, each row naming its own."""
-    return ",".join(sorted(set(tenants)))
+    """The scope of a statement that writes rows of all these tenants, each row naming its own
+    (a row written in the operator's scope names ALL_TENANTS, and is the default tenant's)."""
+    tenants = set(tenants)
+    return ALL_TENANTS if ALL_TENANTS in tenants else ",".join(sorted(tenants))
 
 
 class ScopedConnection(asyncpg.Connection):

@@ -10,7 +10,8 @@
 -- write none: a query that forgets its tenant finds nothing rather than another store's data.
 --
 -- A new row's tenant_id defaults to the one tenant in scope, so a store's writes need not name it;
--- a row written under a list or '*' must name its tenant (the check refuses '*' and lists).
+-- under '*' or no scope (the operator's tools: a bulk issue, a recorded verify run) to the default
+-- tenant; a row written under a list must name its tenant (the check refuses a list).
 --
 -- Existing rows become the default tenant: the account upgrade() sets in giftcard.default_tenant
 -- (GIFTCARD_DEFAULT_TENANT), 'default' when unset. The column is added with a constant default
@@ -36,26 +37,35 @@ declare
         'read_daily_totals_transactions', 'read_daily_totals_forwarded_requests'
     ];
     t text;
+    distributed boolean;
 begin
     if default_tenant !~ '^[a-z0-9][a-z0-9-]{0,62}$' then
         raise exception 'the default tenant % is not a VTEX account name (^[a-z0-9][a-z0-9-]{0,62}$)', default_tenant;
     end if;
     insert into tenants (account) values (default_tenant);
-    -- For a statement that names each row's tenant (group commit) run where no tenant is in scope:
-    -- an owner's or superuser's tool, as the column defaults below fall back to the same tenant.
+    -- For a statement that names each row's tenant (group commit) run where no one tenant is in
+    -- scope, as the column defaults below fall back to the same tenant.
     execute format('create function default_tenant() returns text language sql immutable as %L',
                    format('select %L::text', default_tenant));
     foreach t in array tenant_data loop
         execute format('alter table %I add column tenant_id text not null default %L', t, default_tenant);
         execute format(
             $f$alter table %I alter column tenant_id set default
-                   coalesce(nullif(current_setting('giftcard.tenant', true), ''), %L)$f$,
+                   coalesce(nullif(nullif(current_setting('giftcard.tenant', true), ''), '*'), %L)$f$,
             t, default_tenant);
         execute format(
             $f$alter table %I add constraint %I check (tenant_id ~ '^[a-z0-9][a-z0-9-]{0,62}$') not valid$f$,
             t, t || '_tenant_is_an_account');
-        execute format('alter table %I enable row level security', t);
-        execute format('alter table %I force row level security', t);
+        -- Tables already distributed on Citus stay out of it, as ledger.postgres.distribution says why.
+        distributed := false;
+        if to_regclass('pg_dist_partition') is not null then
+            execute 'select exists (select 1 from pg_dist_partition where logicalrelid = $1::regclass)'
+                into distributed using t;
+        end if;
+        if not distributed then
+            execute format('alter table %I enable row level security', t);
+            execute format('alter table %I force row level security', t);
+        end if;
         execute format(
             $f$create policy tenant_rows on %I
                    using (tenant_id = any(string_to_array(current_setting('giftcard.tenant', true), ','))
