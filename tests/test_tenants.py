@@ -280,3 +280,18 @@ async def test_a_role_that_bypasses_row_level_security_serves_only_the_default_t
     status, body = await store.call("GET", "/api/giftcards/00000000-0000-0000-0000-000000000000")
     assert status == 403 and body["error"]["code"] == "tenant_not_isolated" and "'acme'" in body["error"]["message"]
     assert (await service.call("GET", "/api/giftcards/00000000-0000-0000-0000-000000000000"))[0] == 404
+
+
+async def test_each_source_counts_one_commit_order_for_every_tenant(ledger, service_role_url):  # noqa: F811
+    """The seq an event takes in its source counts every store's events, not only those in scope."""
+    pool = await create_pool(service_role_url, size_min=1, size_max=2)
+    try:
+        role_ledger = Ledger(EventStore(pool), code_key=b"k" * 32, clock=ledger.clock)
+        for i in range(40):  # 40 cards over 16 sources: stores take turns in most of them
+            await issue_in(role_ledger, (ACME, GLOBEX)[i % 2], f"r{i}")
+    finally:
+        await pool.close()
+    duplicates = await ledger.store.pool.fetchval(
+        "select count(*) from (select source, seq from events group by source, seq having count(*) > 1) d"
+    )
+    assert duplicates == 0

@@ -89,3 +89,36 @@ drop index api_keys_one_bootstrap;
 create unique index api_keys_one_bootstrap on api_keys (tenant_id, audience) where bootstrap;
 drop index read_daily_totals_key;
 create unique index read_daily_totals_key on read_daily_totals (tenant_id, day, provider, (coalesce(currency, '')));
+
+-- A source's last seq is every store's: the commit order is one per source, whoever's rows it
+-- holds. The lookup runs in the operator's scope for that one statement, else it would see only
+-- the rows of the tenants in scope and hand out a seq another store's event already has.
+create or replace function events_take_seq() returns trigger language plpgsql as $$
+declare
+    source_id bigint := coalesce(substring(tg_table_name from '^events_(\d+)$')::bigint, event_lane(new.stream_id));
+    counter text := 'giftcard.last_seq_' || source_id;
+    last_seq bigint;
+    scope text;
+begin
+    if new.seq is not null then
+        return new;
+    end if;
+    last_seq := nullif(current_setting(counter, true), '')::bigint;
+    if last_seq is null then
+        if current_setting('transaction_isolation') <> 'read committed' then
+            raise exception 'events are appended in READ COMMITTED transactions only (this one is %)',
+                current_setting('transaction_isolation');
+        end if;
+        perform pg_advisory_xact_lock(hashtextextended(counter, 0));
+        scope := coalesce(current_setting('giftcard.tenant', true), '');
+        perform set_config('giftcard.tenant', '*', true);
+        execute format('select coalesce(max(seq), 0) from %I.%I where source = $1', tg_table_schema, tg_table_name)
+            into last_seq using source_id;
+        perform set_config('giftcard.tenant', scope, true);
+    end if;
+    new.source := source_id;
+    new.seq := last_seq + 1;
+    perform set_config(counter, new.seq::text, true);
+    return new;
+end
+$$;
