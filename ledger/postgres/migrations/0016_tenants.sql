@@ -92,7 +92,9 @@ create unique index read_daily_totals_key on read_daily_totals (tenant_id, day, 
 
 -- A source's last seq is every store's: the commit order is one per source, whoever's rows it
 -- holds. The lookup runs in the operator's scope for that one statement, else it would see only
--- the rows of the tenants in scope and hand out a seq another store's event already has.
+-- the rows of the tenants in scope and hand out a seq another store's event already has. It reads
+-- the last row rather than max(seq): under the policy's filter PostgreSQL no longer turns max()
+-- into one index probe, and scanned the whole source (2 ms a transaction at 2,000 events).
 create or replace function events_take_seq() returns trigger language plpgsql as $$
 declare
     source_id bigint := coalesce(substring(tg_table_name from '^events_(\d+)$')::bigint, event_lane(new.stream_id));
@@ -112,8 +114,10 @@ begin
         perform pg_advisory_xact_lock(hashtextextended(counter, 0));
         scope := coalesce(current_setting('giftcard.tenant', true), '');
         perform set_config('giftcard.tenant', '*', true);
-        execute format('select coalesce(max(seq), 0) from %I.%I where source = $1', tg_table_schema, tg_table_name)
+        execute format('select seq from %I.%I where source = $1 order by seq desc limit 1', tg_table_schema,
+                       tg_table_name)
             into last_seq using source_id;
+        last_seq := coalesce(last_seq, 0);
         perform set_config('giftcard.tenant', scope, true);
     end if;
     new.source := source_id;
