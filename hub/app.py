@@ -43,6 +43,7 @@ from ledger.postgres.instance_keys import instance_key
 from ledger.postgres.migrate import upgrade
 from ledger.postgres.personal_data import PersonalData
 from ledger.postgres.replication import replication_status
+from ledger.postgres.tenancy import ALL_TENANTS, tenant_scope
 from projections import checkpoints, read_models
 from projections.runner import ProjectionRunner
 
@@ -93,6 +94,26 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response({"status": "ready", "replication": replication.to_wire()})
 
 
+async def tenants_isolated(pool: asyncpg.Pool) -> bool:
+    """Whether row-level security keeps the tenants apart here. The service's statements do not
+    name their tenant, so without it (a superuser or BYPASSRLS role; the workers' tables on Citus)
+    only the default tenant's keys are served: the others' get 403 (see auth.KeyRing)."""
+    role, bypasses, events_secured = await pool.fetchrow(
+        """
+        select current_user, rolsuper or rolbypassrls,
+               (select relrowsecurity from pg_class where oid = 'events'::regclass)
+        from pg_roles where rolname = current_user
+        """
+    )
+    if bypasses or not events_secured:
+        log.warning(
+            "row-level security does not keep tenants apart here (%s): only the default tenant is served; "
+            "see the README's Many stores",
+            f"the database role {role} bypasses it" if bypasses else "the events are on Citus workers",
+        )
+    return not bypasses and events_secured
+
+
 async def warn_unless_replicated(pool: asyncpg.Pool) -> None:
     reason = (await replication_status(pool)).why_not_synchronous()
     if reason is not None:
@@ -107,12 +128,15 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     """Projection lag is read when scraped, so it is as fresh as the scrape."""
     metrics = request.app[METRICS]
     try:
-        async with asyncio.timeout(READY_TIMEOUT_S):
-            for status in await checkpoints.statuses(request.app[POOL]):
-                metrics.projection_lag_events.labels(status.name).set(status.lag_events)
-                metrics.projection_lag_seconds.labels(status.name).set(status.lag_s)
-                for source, lag in status.lag_by_source.items():
-                    metrics.projection_source_lag_events.labels(status.name, str(source)).set(lag)
+        # Counts over every store's events, never their contents: the operator's view.
+        with tenant_scope(ALL_TENANTS):
+            async with asyncio.timeout(READY_TIMEOUT_S):
+                statuses = await checkpoints.statuses(request.app[POOL])
+        for status in statuses:
+            metrics.projection_lag_events.labels(status.name).set(status.lag_events)
+            metrics.projection_lag_seconds.labels(status.name).set(status.lag_s)
+            for source, lag in status.lag_by_source.items():
+                metrics.projection_source_lag_events.labels(status.name, str(source)).set(lag)
     except Exception:  # a database that is down must not take the metrics of the outage down with it
         log.warning("projection lag not refreshed for /metrics", exc_info=True)
     return await metrics_handler(metrics)(request)
@@ -159,8 +183,10 @@ def create_app(
     announce: Callable[[str, tuple[str, str]], None] = auth.announce,
 ) -> web.Application:
     rings = {
-        auth.HUB: auth.KeyRing(auth.HUB, _pair(settings.app_key, settings.app_token)),
-        auth.PROVIDER: auth.KeyRing(auth.PROVIDER, _pair(settings.provider_app_key, settings.provider_app_token)),
+        auth.HUB: auth.KeyRing(auth.HUB, settings.default_tenant, _pair(settings.app_key, settings.app_token)),
+        auth.PROVIDER: auth.KeyRing(
+            auth.PROVIDER, settings.default_tenant, _pair(settings.provider_app_key, settings.provider_app_token)
+        ),
     }
     metrics = Metrics()
     app = web.Application(
@@ -201,8 +227,9 @@ def create_app(
         )
         try:
             async with pool.acquire() as connection:
-                await upgrade(connection)
+                await upgrade(connection, default_tenant=settings.default_tenant)
             await warn_unless_replicated(pool)
+            isolated = await tenants_isolated(pool)
             app[POOL] = pool
             app[READ_POOL] = replica_pool if replica_pool is not None else pool
             store = EventStore(pool, observe_append=metrics.observe_append)
@@ -223,19 +250,22 @@ def create_app(
                 personal_data=PersonalData(pool, settings.secret_key, settings.privacy_poll_s),
             )
             for ring in rings.values():
-                pair = await auth.bootstrap_pair(pool, ring)
+                ring.other_tenants_served = isolated
+                with tenant_scope(settings.default_tenant):  # a first start's pairs are the default tenant's
+                    pair = await auth.bootstrap_pair(pool, ring)
                 if pair is not None:
                     announce(ring.audience, pair)
                 await ring.refresh(pool)
-            app[REGISTRY] = ProviderRegistry(store, cipher, settings.native_provider_id)
+            app[REGISTRY] = ProviderRegistry(store, cipher, settings.native_provider_id, settings.default_tenant)
             connector = aiohttp.TCPConnector(
                 limit=PROVIDER_CONNECTIONS_MAX, resolver=GuardedResolver(app[EGRESS]), use_dns_cache=False
             )
             async with aiohttp.ClientSession(connector=connector) as session:
                 outbound = Outbound(session, app[EGRESS], settings, metrics, store)
                 app[DIRECTORY] = ProviderDirectory(app[REGISTRY], outbound)
-                await app[DIRECTORY].refresh()
-                background = start_background_tasks(app, pool, webhook_pool, rings, cipher)
+                with tenant_scope(ALL_TENANTS):  # the operator's work, for every store (tasks copy the scope)
+                    await app[DIRECTORY].refresh()
+                    background = start_background_tasks(app, pool, webhook_pool, rings, cipher)
                 yield
                 for task in background:
                     task.cancel()

@@ -20,6 +20,7 @@ from hub.public_address import parse_public_url, parse_trusted_proxies
 from ledger.domain.errors import DomainError
 from ledger.domain.money import exponent_of
 from ledger.postgres.database import REQUEST_STATEMENT_TIMEOUT_S, Database, shown_url
+from ledger.postgres.tenancy import DEFAULT_TENANT
 
 PREFIX = "GIFTCARD_"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
@@ -52,6 +53,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     data_dir: text("a folder") | None = None  # the embedded PostgreSQL's; None: the user data folder
     finance_config: text("a TOML file") | None = None  # the chart of accounts and expiry policy; None: the defaults
     secret_key: Secret | None = None
+    # the tenant (VTEX account) of the environment's key pairs, and of a single-store database's data
+    default_tenant: Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="a VTEX account name")] = (
+        DEFAULT_TENANT
+    )
     native_provider_id: Annotated[str, Meta(min_length=1, max_length=100, description="a provider id")] = "VtexGiftCard"
     provider_app_key: text("an app key") | None = None
     provider_app_token: Secret | None = None
@@ -98,12 +103,16 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
 
     @property
     def database(self) -> Database:
-        return Database(url=self.database_url, data_dir=self.data_dir)
+        return Database(url=self.database_url, data_dir=self.data_dir, default_tenant=self.default_tenant)
 
     @property
     def read_database(self) -> Database:
         """The replica when one is configured, else the primary."""
-        return Database(url=self.replica_url, data_dir=self.data_dir) if self.replica_url else self.database
+        return (
+            Database(url=self.replica_url, data_dir=self.data_dir, default_tenant=self.default_tenant)
+            if self.replica_url
+            else self.database
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -114,7 +115,11 @@ class ProjectionRunner:
                 events = await self.store.read_all(after, limit, connection=connection)
             if not events:
                 return 0
-            await projection.apply(connection, events)
+            for tenant, of_tenant in itertools.groupby(events, key=lambda event: event.tenant):
+                # The rows a store's events make are that store's: its scope for this stretch of the
+                # transaction gives them its tenant_id (the column's default), and hides every other's.
+                await connection.execute("select set_config('giftcard.tenant', $1, true)", tenant)
+                await projection.apply(connection, list(of_tenant))
             await checkpoints.advance(connection, projection.name, after, events)
         if self.on_batch is not None:
             self.on_batch(projection.name, len(events))

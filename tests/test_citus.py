@@ -34,6 +34,7 @@ from ledger.eventstore.store import EventStore, NewEvent, OneEvent, RecordedEven
 from ledger.postgres import distribution
 from ledger.postgres.database import create_pool
 from ledger.postgres.migrate import grant_service_role, upgrade
+from ledger.postgres.tenancy import DEFAULT_TENANT, tenant_scope
 from projections import checkpoints
 from projections.models import card_balances
 from tests.cards import issue
@@ -482,21 +483,24 @@ async def test_db_grant_lets_the_service_role_run_the_ledger_and_never_rewrite_i
     url = f"postgresql://{citus_service_role}@{cluster.coordinator.host_port}/{cluster.database}"
     pool = await create_pool(url, size_min=1, size_max=4)
     try:
-        async with pool.acquire() as connection:
-            assert await upgrade(connection) == [], "a distributed, current schema needs no DDL rights"
-        ledger = Ledger(EventStore(pool), code_key=b"k" * 32)
-        card_id = str((await issue(ledger)).card.id)
-        await ledger.create_transaction(card_id, operation="Credit", value=Decimal(5), description="", request_id="c")
-        await ledger.create_transaction(card_id, operation=DEBIT, value=Decimal(2), description="", request_id="d")
-        assert (await ledger.card(card_id)).balance == 300
-        for statement in (
-            "update events set type = 'Forged'",
-            "delete from events",
-            "truncate events",
-            "alter table events disable trigger user",
-        ):
-            with pytest.raises(asyncpg.InsufficientPrivilegeError):
-                await pool.execute(statement)
+        with tenant_scope(DEFAULT_TENANT):  # as a request with a key of the default tenant runs
+            async with pool.acquire() as connection:
+                assert await upgrade(connection) == [], "a distributed, current schema needs no DDL rights"
+            ledger = Ledger(EventStore(pool), code_key=b"k" * 32)
+            card_id = str((await issue(ledger)).card.id)
+            await ledger.create_transaction(
+                card_id, operation="Credit", value=Decimal(5), description="", request_id="c"
+            )
+            await ledger.create_transaction(card_id, operation=DEBIT, value=Decimal(2), description="", request_id="d")
+            assert (await ledger.card(card_id)).balance == 300
+            for statement in (
+                "update events set type = 'Forged'",
+                "delete from events",
+                "truncate events",
+                "alter table events disable trigger user",
+            ):
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await pool.execute(statement)
     finally:
         await pool.close()
 

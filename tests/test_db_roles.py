@@ -14,6 +14,7 @@ from ledger.application.commands import Ledger
 from ledger.eventstore.store import EventStore
 from ledger.postgres.database import create_pool
 from ledger.postgres.migrate import grant_service_role, grant_service_role_statements, upgrade
+from ledger.postgres.tenancy import ALL_TENANTS, DEFAULT_TENANT, tenant_scope
 from projections import checkpoints, read_models
 from projections.runner import ProjectionRunner
 from tests.audit_ledgers import finance_cli
@@ -41,14 +42,15 @@ async def service_role_url(database_url: str, pool) -> str:
 async def test_the_service_role_runs_the_ledger(service_role_url, clock):
     pool = await create_pool(service_role_url, size_min=1, size_max=2)
     try:
-        async with pool.acquire() as connection:
-            assert await upgrade(connection) == [], "a current schema needs no DDL rights"
-        ledger = Ledger(EventStore(pool), code_key=b"k" * 32, clock=clock)
-        card = (await issue(ledger)).card
-        await ledger.create_transaction(
-            str(card.id), operation="Credit", value=Decimal(5), description="x", request_id="r"
-        )
-        assert (await ledger.card(str(card.id))).balance == 500
+        with tenant_scope(DEFAULT_TENANT):  # as a request with a key of the default tenant runs
+            async with pool.acquire() as connection:
+                assert await upgrade(connection) == [], "a current schema needs no DDL rights"
+            ledger = Ledger(EventStore(pool), code_key=b"k" * 32, clock=clock)
+            card = (await issue(ledger)).card
+            await ledger.create_transaction(
+                str(card.id), operation="Credit", value=Decimal(5), description="x", request_id="r"
+            )
+            assert (await ledger.card(str(card.id))).balance == 500
     finally:
         await pool.close()
 
@@ -91,8 +93,9 @@ async def test_the_service_role_serves_and_projects(service_role_url):
         assert status == 200, card
     pool = await create_pool(service_role_url, size_min=1, size_max=2)
     try:
-        assert await ProjectionRunner(pool, read_models("VtexGiftCard")).catch_up() > 0
-        assert all(status.lag_events == 0 for status in await checkpoints.statuses(pool))
+        with tenant_scope(ALL_TENANTS):  # as the projection worker runs
+            assert await ProjectionRunner(pool, read_models("VtexGiftCard")).catch_up() > 0
+            assert all(status.lag_events == 0 for status in await checkpoints.statuses(pool))
     finally:
         await pool.close()
 

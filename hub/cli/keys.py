@@ -7,6 +7,7 @@ import sys
 
 from hub.http import auth
 from ledger.postgres.database import with_database
+from ledger.postgres.tenancy import ACCOUNT, is_account
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -17,6 +18,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     create.add_argument(
         "--role", action="append", choices=auth.ROLES, help="view (reads and searches) or edit; repeat for both"
     )
+    create.add_argument(
+        "--tenant",
+        type=account,
+        metavar="ACCOUNT",
+        help="the store (VTEX account) it acts for; created with its first key (default GIFTCARD_DEFAULT_TENANT)",
+    )
     create.set_defaults(run=keys_create)
     keys_commands.add_parser("list", help="list pairs (never their tokens)").set_defaults(run=keys_list)
     revoke = keys_commands.add_parser("revoke", help="revoke a pair by its app key")
@@ -24,9 +31,18 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     revoke.set_defaults(run=keys_revoke)
 
 
+def account(value: str) -> str:
+    if not is_account(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a VTEX account name ({ACCOUNT.pattern})")
+    return value
+
+
 def keys_create(args: argparse.Namespace) -> int:
     roles = tuple(args.role or auth.ROLES)
-    app_key, app_token = with_database(lambda pool: auth.create_key(pool, args.audience, roles), args.settings.database)
+    tenant = args.tenant or args.settings.default_tenant
+    app_key, app_token = with_database(
+        lambda pool: auth.create_key(pool, args.audience, roles, tenant), args.settings.database
+    )
     key_header, token_header = auth.HEADERS[args.audience]
     print(f"{key_header}: {app_key}\n{token_header}: {app_token}\n(the token is shown once; only its hash is kept)")
     return 0
@@ -34,11 +50,14 @@ def keys_create(args: argparse.Namespace) -> int:
 
 def keys_list(args: argparse.Namespace) -> int:
     rows = with_database(auth.list_keys, args.settings.database)
-    print(f"{'app key':<34} {'audience':<9} {'roles':<10} {'created':<20} revoked")
+    print(f"{'app key':<34} {'tenant':<20} {'audience':<9} {'roles':<10} {'created':<20} revoked")
     for row in rows:
         revoked = row["revoked_at"].strftime("%Y-%m-%d %H:%M:%S") if row["revoked_at"] else "-"
         roles = ",".join(row["roles"]) + (" (bootstrap)" if row["bootstrap"] else "")
-        print(f"{row['app_key']:<34} {row['audience']:<9} {roles:<10} {row['created_at']:%Y-%m-%d %H:%M:%S}  {revoked}")
+        print(
+            f"{row['app_key']:<34} {row['tenant_id']:<20} {row['audience']:<9} {roles:<10} "
+            f"{row['created_at']:%Y-%m-%d %H:%M:%S}  {revoked}"
+        )
     return 0
 
 

@@ -26,6 +26,7 @@ from hub.config import Settings
 from hub.webhooks import run_deliveries
 from ledger.postgres.database import create_pool, with_database
 from ledger.postgres.migrate import upgrade
+from ledger.postgres.tenancy import ALL_TENANTS, tenant_scope
 from projections import checkpoints, names, read_model, read_models
 from projections.checkpoints import ProjectionStatus
 from projections.rebuild import RebuildInProgress, count_events, rebuild
@@ -119,14 +120,15 @@ def run_beside_serve(database_url: str, settings: Settings, serve_pid: int) -> N
             else None
         )
         try:
-            async with pool.acquire() as connection:
-                await upgrade(connection)
-            jobs = []
-            if settings.run_projections:
-                jobs.append(ProjectionRunner(pool, read_models(settings.native_provider_id)).run_forever())
-            if webhook_pool is not None:
-                jobs.append(run_deliveries(webhook_pool, settings, asyncio.Event()))
-            await _until_signalled(_while_alive(serve_pid, _all_of(jobs)))
+            with tenant_scope(ALL_TENANTS):  # one process for every store's read models and webhooks
+                async with pool.acquire() as connection:
+                    await upgrade(connection, default_tenant=settings.default_tenant)
+                jobs = []
+                if settings.run_projections:
+                    jobs.append(ProjectionRunner(pool, read_models(settings.native_provider_id)).run_forever())
+                if webhook_pool is not None:
+                    jobs.append(run_deliveries(webhook_pool, settings, asyncio.Event()))
+                await _until_signalled(_while_alive(serve_pid, _all_of(jobs)))
         finally:
             if webhook_pool is not None:
                 await webhook_pool.close()

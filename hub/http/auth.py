@@ -24,11 +24,13 @@ import logging
 import secrets
 import sys
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import asyncpg
 from aiohttp import web
 
 from hub.errors import error_response
+from ledger.postgres.tenancy import ACCOUNT, ALL_TENANTS, DEFAULT_TENANT, NO_TENANT, is_account, tenant_scope
 
 log = logging.getLogger(__name__)
 
@@ -52,58 +54,91 @@ def token_hash(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
+class Verdict(NamedTuple):
+    """What a presented pair earns: 200 with the key's roles and tenant, 401 when absent, 403 when wrong."""
+
+    status: int
+    roles: frozenset[str] = frozenset()
+    tenant: str = NO_TENANT
+
+
+class StoredKey(NamedTuple):
+    token_hash: bytes
+    roles: frozenset[str]
+    tenant: str
+
+
 @dataclass
 class KeyRing:
-    """The credentials one audience accepts; stored ones are refreshed from the database."""
+    """The credentials one audience accepts, each with its tenant; stored ones are refreshed from
+    the database. The environment's pair belongs to ``default_tenant``."""
 
     audience: str
+    default_tenant: str = DEFAULT_TENANT
     configured: tuple[str, str] | None = None
-    stored: dict[str, tuple[bytes, frozenset[str]]] = field(default_factory=dict)
+    stored: dict[str, StoredKey] = field(default_factory=dict)
+    # False where row-level security cannot keep the tenants apart (hub.app.tenants_isolated)
+    other_tenants_served: bool = True
 
-    def verdict(self, key: str | None, token: str | None) -> tuple[int, frozenset[str]]:
-        """(200, roles) when the pair is accepted, 401 when absent, 403 when wrong."""
+    def verdict(self, key: str | None, token: str | None) -> Verdict:
         if not key or not token:
-            return 401, frozenset()
+            return Verdict(401)
         if self.configured is not None:
             key_ok = hmac.compare_digest(key.encode(), self.configured[0].encode())
             token_ok = hmac.compare_digest(token.encode(), self.configured[1].encode())
             if key_ok and token_ok:
-                return 200, ALL_ROLES  # the environment's pair bootstraps everything else
+                # the environment's pair bootstraps everything else
+                return Verdict(200, ALL_ROLES, self.default_tenant)
         expected = self.stored.get(key)
-        if expected is not None and hmac.compare_digest(token_hash(token), expected[0]):
-            return 200, expected[1]
-        return 403, frozenset()
+        if expected is not None and hmac.compare_digest(token_hash(token), expected.token_hash):
+            if expected.tenant != self.default_tenant and not self.other_tenants_served:
+                return Verdict(403, tenant=expected.tenant)
+            return Verdict(200, expected.roles, expected.tenant)
+        return Verdict(403)
 
     async def refresh(self, pool: asyncpg.Pool) -> None:
-        rows = await pool.fetch(
-            "select app_key, token_hash, roles from api_keys where audience = $1 and revoked_at is null", self.audience
-        )
-        self.stored = {row["app_key"]: (bytes(row["token_hash"]), frozenset(row["roles"])) for row in rows}
+        with tenant_scope(ALL_TENANTS):  # a key names its tenant: every tenant's keys are read to learn it
+            rows = await pool.fetch(
+                "select app_key, token_hash, roles, tenant_id from api_keys where audience = $1 and revoked_at is null",
+                self.audience,
+            )
+        self.stored = {
+            row["app_key"]: StoredKey(bytes(row["token_hash"]), frozenset(row["roles"]), row["tenant_id"])
+            for row in rows
+        }
 
 
 # ---- operators' key management (giftcard keys create|list|revoke) ------------------------
 
 
-async def create_key(pool: asyncpg.Pool, audience: str, roles: tuple[str, ...]) -> tuple[str, str]:
-    """A new pair with these roles; the token is returned once and only its hash is stored."""
+async def create_key(
+    pool: asyncpg.Pool, audience: str, roles: tuple[str, ...], tenant: str = DEFAULT_TENANT
+) -> tuple[str, str]:
+    """A new pair of ``tenant`` with these roles; the token is returned once and only its hash is
+    stored. The tenant is created with its first key."""
     unknown = set(roles) - ALL_ROLES
     if audience not in HEADERS or unknown or not roles:
         raise ValueError(f"audience must be one of {sorted(HEADERS)} and roles a non-empty subset of {list(ROLES)}")
+    if not is_account(tenant):
+        raise ValueError(f"tenant {tenant!r} is not a VTEX account name ({ACCOUNT.pattern})")
     app_key = f"giftcard-{audience}-{secrets.token_hex(6)}"
     app_token = secrets.token_urlsafe(TOKEN_BYTES)
-    await pool.execute(
-        "insert into api_keys (app_key, token_hash, audience, roles) values ($1, $2, $3, $4)",
-        app_key,
-        token_hash(app_token),
-        audience,
-        sorted(roles),
-    )
+    async with pool.acquire() as connection, connection.transaction():
+        await connection.execute("insert into tenants (account) values ($1) on conflict do nothing", tenant)
+        await connection.execute(
+            "insert into api_keys (app_key, token_hash, audience, roles, tenant_id) values ($1, $2, $3, $4, $5)",
+            app_key,
+            token_hash(app_token),
+            audience,
+            sorted(roles),
+            tenant,
+        )
     return app_key, app_token
 
 
 async def list_keys(pool: asyncpg.Pool) -> list[asyncpg.Record]:
     return await pool.fetch(
-        "select app_key, audience, roles, bootstrap, created_at, revoked_at from api_keys order by created_at"
+        "select app_key, tenant_id, audience, roles, bootstrap, created_at, revoked_at from api_keys order by created_at"
     )
 
 
@@ -179,21 +214,21 @@ def is_audit_page(path: str) -> bool:
     return path == AUDIT_PAGES or path.startswith(AUDIT_PAGES + "/")
 
 
-def basic_verdict(ring: KeyRing, authorization: str | None) -> tuple[int, str | None, frozenset[str]]:
-    """(status, key, roles) for ``Authorization: Basic base64(key:token)``: 401 when there is no Basic
+def basic_verdict(ring: KeyRing, authorization: str | None) -> tuple[Verdict, str | None]:
+    """(verdict, key) for ``Authorization: Basic base64(key:token)``: 401 when there is no Basic
     header, 403 when it does not decode or the pair is wrong; the key only when accepted."""
     scheme, _, encoded = (authorization or "").strip().partition(" ")
     if scheme.lower() != "basic":
-        return 401, None, frozenset()
+        return Verdict(401), None
     try:
         decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
     except ValueError:  # binascii.Error and UnicodeDecodeError both are
-        return 403, None, frozenset()
+        return Verdict(403), None
     key, colon, token = decoded.partition(":")  # a key has no colon; a token may
     if not colon:
-        return 403, None, frozenset()
-    status, roles = ring.verdict(key, token)
-    return status, (key if status == 200 else None), roles
+        return Verdict(403), None
+    verdict = ring.verdict(key, token)
+    return verdict, (key if verdict.status == 200 else None)
 
 
 def audit_page_refusal(status: int) -> web.Response:
@@ -207,24 +242,40 @@ def audit_page_refusal(status: int) -> web.Response:
 
 
 def make_auth_middleware(rings: dict[str, KeyRing]):
+    """A request accepted runs in its key's tenant (``tenant_scope``): every statement it makes
+    sees that store's rows only. One without a key (health, metrics, the OpenAPI document) in none."""
+
     @web.middleware
     async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
         if is_audit_page(request.path):
-            status, key, roles = basic_verdict(rings[HUB], request.headers.get("Authorization"))
-            if status != 200 or role_needed(request) not in roles:
-                return audit_page_refusal(status)
-            request["actor"] = key
-            return await handler(request)
+            verdict, key = basic_verdict(rings[HUB], request.headers.get("Authorization"))
+            if verdict.status != 200 or role_needed(request) not in verdict.roles:
+                return audit_page_refusal(verdict.status)
+            return await _handled_in_tenant(request, handler, key, verdict.tenant)
         audience = audience_of(request.path)
-        if audience is not None:
-            key_header, token_header = HEADERS[audience]
-            status, roles = rings[audience].verdict(request.headers.get(key_header), request.headers.get(token_header))
-            if status != 200:
-                return web.Response(status=status)
-            needed = role_needed(request)
-            if needed not in roles:
-                return error_response(403, "forbidden", f"this key lacks the {needed!r} role for {request.method}")
-            request["actor"] = request.headers[key_header]
-        return await handler(request)
+        if audience is None:
+            return await handler(request)
+        key_header, token_header = HEADERS[audience]
+        verdict = rings[audience].verdict(request.headers.get(key_header), request.headers.get(token_header))
+        if verdict.status == 403 and verdict.tenant:
+            return error_response(
+                403,
+                "tenant_not_isolated",
+                f"this deployment serves only its default tenant, not {verdict.tenant!r}: its database does not "
+                "keep tenants apart (see the README's Many stores)",
+            )
+        if verdict.status != 200:
+            return web.Response(status=verdict.status)
+        needed = role_needed(request)
+        if needed not in verdict.roles:
+            return error_response(403, "forbidden", f"this key lacks the {needed!r} role for {request.method}")
+        return await _handled_in_tenant(request, handler, request.headers[key_header], verdict.tenant)
 
     return auth_middleware
+
+
+async def _handled_in_tenant(request: web.Request, handler, key: str | None, tenant: str) -> web.StreamResponse:
+    request["actor"] = key
+    request["tenant"] = tenant
+    with tenant_scope(tenant):
+        return await handler(request)

@@ -12,6 +12,7 @@ import asyncpg
 from hub.providers.breaker import CircuitBreaker
 from hub.providers.external import ExternalProvider, Outbound
 from ledger.application.providers import ProviderRegistry, RegisteredProvider
+from ledger.postgres.tenancy import current_scope
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +23,16 @@ class ProviderDirectory:
     def __init__(self, registry: ProviderRegistry, outbound: Outbound) -> None:
         self.registry = registry
         self.outbound = outbound
-        self.registered: dict[str, RegisteredProvider] = {}
-        self.breakers: dict[str, CircuitBreaker] = {}
+        self._by_tenant: dict[str, dict[str, RegisteredProvider]] = {}
+        self.breakers: dict[tuple[str, str], CircuitBreaker] = {}
+
+    @property
+    def registered(self) -> dict[str, RegisteredProvider]:
+        """The providers of the store whose request asks (its key's tenant): never another's."""
+        return self._by_tenant.get(current_scope(), {})
 
     async def refresh(self) -> None:
-        self.registered = await self.registry.load_all()
+        self._by_tenant = await self.registry.load_all()
 
     async def keep_refreshed(self) -> None:
         while True:
@@ -40,9 +46,9 @@ class ProviderDirectory:
         registered = self.registered.get(provider_id)
         if registered is None:
             return None
-        breaker = self.breakers.get(provider_id)
+        breaker = self.breakers.get((current_scope(), provider_id))
         if breaker is None:
-            breaker = self.breakers[provider_id] = CircuitBreaker(
+            breaker = self.breakers[current_scope(), provider_id] = CircuitBreaker(
                 failures_max=self.outbound.settings.provider_breaker_failures_max,
                 open_s=self.outbound.settings.provider_breaker_open_s,
             )

@@ -94,7 +94,7 @@ class LookupThrottle:
             """
             insert into lookup_failures (subject, bucket, failures)
             select unnest($1::text[]), $2, 1
-            on conflict (subject, bucket) do update set failures = lookup_failures.failures + 1
+            on conflict (tenant_id, subject, bucket) do update set failures = lookup_failures.failures + 1
             returning subject, failures
             """,
             subjects.as_list(),

@@ -38,6 +38,7 @@ from ledger.eventstore.commit_order import Checkpoint
 from ledger.eventstore.store import EventStore, RecordedEvent
 from ledger.postgres.credentials_cipher import CredentialsCipher
 from ledger.postgres.database import DATABASE_ERRORS
+from ledger.postgres.tenancy import ALL_TENANTS, tenant_scope
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +254,17 @@ class Deliverer:
     # ---- one batch -----------------------------------------------------------------------------
 
     async def deliver_batch(self, subscription_id: str) -> Progress:
-        """One batch under the subscription's lock; IDLE when another deliverer holds it."""
+        """One batch under the subscription's lock; IDLE when another deliverer holds it.
+
+        It runs in the subscription's tenant: the events it reads are that store's alone."""
+        with tenant_scope(ALL_TENANTS):
+            tenant = await storage.tenant_of(self.pool, subscription_id)
+        if tenant is None:  # deleted meanwhile
+            return IDLE
+        with tenant_scope(tenant):
+            return await self._deliver_batch_in_tenant(subscription_id)
+
+    async def _deliver_batch_in_tenant(self, subscription_id: str) -> Progress:
         async with self.pool.acquire() as connection:
             if not await storage.try_lock(connection, subscription_id):
                 return IDLE

@@ -290,6 +290,10 @@ async def due_subscriptions(pool: asyncpg.Pool, limit: int) -> list[str]:
     return [row["id"] for row in rows if row["retry"] or Checkpoint.from_json(row["checkpoint"]).behind(head)][:limit]
 
 
+async def tenant_of(pool: asyncpg.Pool, subscription_id: str) -> str | None:
+    return await pool.fetchval("select tenant_id from webhook_subscriptions where id = $1", subscription_id)
+
+
 async def try_lock(connection: asyncpg.Connection, subscription_id: str) -> bool:
     return await connection.fetchval(_TRY_LOCK, LOCK_CLASS, subscription_id)
 

@@ -18,7 +18,7 @@ import re
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -57,6 +57,7 @@ from ledger.eventstore.store import GENESIS_HASH, EventStore, KnownTail, NewEven
 from ledger.postgres.database import DATABASE_ERRORS, acquire_for_commit
 from ledger.postgres.distribution import violates
 from ledger.postgres.personal_data import PROFILE, PersonalData, is_sealed, sealed_from_text, snapshot_of
+from ledger.postgres.tenancy import current_scope
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class _Loaded:
     card: GiftCard
     last_hash: bytes
     profile_sealed: Any = None  # its owner's profileId as the Issued event holds it (see _opened)
+    tenant: str = field(default_factory=current_scope)  # the store whose request loaded it
 
     @property
     def profile_key(self) -> str | None:
@@ -290,7 +292,7 @@ class Ledger:
         card_id = parse_card_id(card_id)
         await self._drop_forgotten()
         async with self._within_deadline(), self._lock(card_id):
-            loaded = self._cache.get(card_id)
+            loaded = self._cached(card_id)
             loaded = await (self._load(card_id) if loaded is None else self._catch_up(card_id, loaded))
             self._remember(card_id, loaded)
             return loaded.card
@@ -346,7 +348,7 @@ class Ledger:
         card_id = parse_card_id(card_id)
         await self._drop_forgotten()
         async with self._within_deadline(), self._lock(card_id):
-            loaded = self._cache.get(card_id)
+            loaded = self._cached(card_id)
             fresh = loaded is None or self.shared_cards
             if loaded is None:
                 loaded = await self._load(card_id)
@@ -484,6 +486,12 @@ class Ledger:
 
     def _within_deadline(self) -> _Deadline:
         return _Deadline(self.deadline_s)
+
+    def _cached(self, card_id: str) -> _Loaded | None:
+        """A card another store's request loaded is not this request's to see: it is loaded again,
+        and row-level security finds it or not."""
+        loaded = self._cache.get(card_id)
+        return loaded if loaded is not None and loaded.tenant == current_scope() else None
 
     def _remember(self, card_id: str, loaded: _Loaded) -> None:
         self._cache[card_id] = loaded

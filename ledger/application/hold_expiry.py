@@ -20,13 +20,14 @@ import asyncpg
 from ledger.application.commands import Ledger
 from ledger.domain.errors import DomainError
 from ledger.postgres.database import DATABASE_ERRORS
+from ledger.postgres.tenancy import ALL_TENANTS, tenant_scope
 
 log = logging.getLogger(__name__)
 
 SWEEP_BATCH_MAX = 500
 
 _EXPIRED_HOLDS = """
-select card_id, transaction_id from read_transactions
+select tenant_id, card_id, transaction_id from read_transactions
 where source = 'ledger' and operation = 'Debit' and value > settled + coalesce(released, 0)
   and provider = $1 and date <= $2
 order by date
@@ -35,15 +36,17 @@ limit $3
 
 
 async def sweep_once(pool: asyncpg.Pool, ledger: Ledger, hold_ttl: timedelta, native_provider_id: str) -> int:
-    """Voids every expired hold the read model knows of; returns how many this call voided."""
+    """Voids every expired hold the read model knows of, in every store; returns how many this call voided."""
     cutoff = ledger.clock() - hold_ttl
-    candidates = await pool.fetch(_EXPIRED_HOLDS, native_provider_id, cutoff, SWEEP_BATCH_MAX)
+    with tenant_scope(ALL_TENANTS):
+        candidates = await pool.fetch(_EXPIRED_HOLDS, native_provider_id, cutoff, SWEEP_BATCH_MAX)
     voided = 0
     for row in candidates:
         try:
-            operation = await ledger.void_expired_hold(
-                row["card_id"], row["transaction_id"], hold_ttl=hold_ttl, metadata={"actor": "hold-expiry"}
-            )
+            with tenant_scope(row["tenant_id"]):  # the void is the card's store's event
+                operation = await ledger.void_expired_hold(
+                    row["card_id"], row["transaction_id"], hold_ttl=hold_ttl, metadata={"actor": "hold-expiry"}
+                )
         except DomainError as e:
             log.warning("hold of %s/%s not voided: %s", row["card_id"], row["transaction_id"], e.message)
             continue

@@ -15,6 +15,7 @@ from ledger.eventstore.codec import canonical_json
 from ledger.eventstore.store import GENESIS_HASH, EventStore, NewEvent
 from ledger.postgres.credentials_cipher import CredentialsCipher
 from ledger.postgres.rows import from_row
+from ledger.postgres.tenancy import ALL_TENANTS, DEFAULT_TENANT, current_scope, tenant_scope
 
 REGISTERED = "ProviderRegistered"
 REMOVED = "ProviderRemoved"
@@ -42,15 +43,23 @@ class RegisteredProvider:
 _credentials_codec = (msgspec.json.Encoder(), msgspec.json.Decoder(Credentials))
 
 
-def stream_of(provider_id: str) -> str:
-    return f"provider-{provider_id}"
+def stream_of(provider_id: str, tenant: str, default_tenant: str) -> str:
+    """A provider's stream; two stores may register the same provider id, so the tenant names it
+    too ('@' is in neither a provider id nor an account). The default tenant's keep the names they
+    had before there were tenants, so an upgraded registry's history goes on in the same streams."""
+    return f"provider-{provider_id}" if tenant == default_tenant else f"provider-{provider_id}@{tenant}"
 
 
 class ProviderRegistry:
-    def __init__(self, store: EventStore, cipher: CredentialsCipher, native_id: str) -> None:
+    """Each store's providers: every statement runs in the request's tenant (row-level security)."""
+
+    def __init__(
+        self, store: EventStore, cipher: CredentialsCipher, native_id: str, default_tenant: str = DEFAULT_TENANT
+    ) -> None:
         self.store = store
         self.cipher = cipher
         self.native_id = native_id
+        self.default_tenant = default_tenant
 
     async def put(
         self, spec: ProviderSpec, credentials: Credentials | None, *, metadata: dict[str, Any] | None = None
@@ -75,7 +84,7 @@ class ProviderRegistry:
                 insert into providers (id, service_url, oauth_provider, caption, pre_auth_enabled, cancel_enabled,
                                        credentials, version)
                 values ($1, $2, $3, $4, $5, $6, $7, $8)
-                on conflict (id) do update set
+                on conflict (tenant_id, id) do update set
                     service_url = excluded.service_url, oauth_provider = excluded.oauth_provider,
                     caption = excluded.caption, pre_auth_enabled = excluded.pre_auth_enabled,
                     cancel_enabled = excluded.cancel_enabled, credentials = excluded.credentials,
@@ -102,9 +111,14 @@ class ProviderRegistry:
                 raise ProviderNotFound(f"gift card provider {provider_id!r} not found")
             await self._append(connection, provider_id, REMOVED, {"providerId": provider_id}, metadata)
 
-    async def load_all(self) -> dict[str, RegisteredProvider]:
-        rows = await self.store.pool.fetch("select * from providers order by id")
-        return {row["id"]: self._from_row(row) for row in rows}
+    async def load_all(self) -> dict[str, dict[str, RegisteredProvider]]:
+        """Every store's providers (tenant -> provider id -> provider), for the hub's directory."""
+        with tenant_scope(ALL_TENANTS):
+            rows = await self.store.pool.fetch("select * from providers order by tenant_id, id")
+        by_tenant: dict[str, dict[str, RegisteredProvider]] = {}
+        for row in rows:
+            by_tenant.setdefault(row["tenant_id"], {})[row["id"]] = self._from_row(row)
+        return by_tenant
 
     def _from_row(self, row: asyncpg.Record) -> RegisteredProvider:
         spec = from_row(ProviderSpec, row)
@@ -116,7 +130,7 @@ class ProviderRegistry:
     async def _append(
         self, connection: asyncpg.Connection, provider_id: str, type_: str, data: dict[str, Any], metadata: Any
     ) -> int:
-        stream = stream_of(provider_id)
+        stream = stream_of(provider_id, current_scope(), self.default_tenant)
         # An advisory lock (not FOR UPDATE, which needs UPDATE rights on events) serialises
         # changes to one provider across processes.
         await connection.execute("select pg_advisory_xact_lock(hashtext($1))", stream)

@@ -15,6 +15,7 @@ import asyncpg
 from ledger.domain.errors import ConcurrentUpdate, InvalidRequest
 from ledger.eventstore.batching import Batcher, settle
 from ledger.eventstore.store import EventStore, NewEvent, OneEvent, chain_hash
+from ledger.postgres.tenancy import current_scope
 
 BATCH_APPENDS_MAX = 256
 
@@ -39,7 +40,9 @@ class GroupCommitter(Batcher[OneEvent, bytes]):
         """Appends one event after ``expected_version`` and returns its hash, or raises ConcurrentUpdate."""
         hash_ = chain_hash(previous_hash, stream_id, expected_version + 1, event.type, event.data)
         return await self.submit(
-            OneEvent(stream_id, expected_version, event, previous_hash, hash_, idempotency_key, metadata)
+            OneEvent(
+                stream_id, expected_version, event, previous_hash, hash_, idempotency_key, metadata, current_scope()
+            )
         )
 
     def stream_of(self, item: OneEvent) -> str:

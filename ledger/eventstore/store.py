@@ -26,6 +26,7 @@ from ledger.eventstore.codec import decode_canonical
 from ledger.eventstore.commit_order import START, Checkpoint
 from ledger.postgres.database import acquire_for_commit
 from ledger.postgres.distribution import is_distributed
+from ledger.postgres.tenancy import DEFAULT_TENANT, scope_of, tenant_scope
 
 GENESIS_HASH = b""
 
@@ -55,6 +56,8 @@ class OneEvent(NamedTuple):
     hash: bytes
     idempotency_key: str | None
     metadata: dict[str, Any] | None
+    # The store whose card this is: one statement may append the Debits of several stores.
+    tenant: str = DEFAULT_TENANT
 
 
 class KnownTail(NamedTuple):
@@ -79,6 +82,7 @@ class RecordedEvent(msgspec.Struct, frozen=True):
     # ``data`` decoded: the one decode its canonical bytes came from, handed on to whatever applies
     # the event (see ledger.eventstore.codec), so that no event is decoded twice. None where not decoded here.
     state: Any = None
+    tenant: str = DEFAULT_TENANT  # the store whose event it is
 
     @property
     def name(self) -> str:
@@ -129,7 +133,8 @@ returning position
 """
 
 _COLUMNS = (
-    "position, source, seq, stream_id, version, type, data::text as data, metadata::text as metadata, recorded_at, hash"
+    "position, source, seq, stream_id, version, type, data::text as data, metadata::text as metadata, recorded_at, hash,"
+    " tenant_id"
 )
 
 _READ_STREAM = f"""
@@ -399,10 +404,12 @@ returning position
 # inserting into the same sources and streams then wait for each other in the same order, never in
 # a cycle (a deadlock).
 _APPEND_EACH = f"""
-insert into events (stream_id, version, type, data, metadata, hash, idempotency_key)
-select r.stream_id, r.expected + 1, r.type, r.data::jsonb, r.metadata::jsonb, r.hash, r.key
-from unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::bytea[], $7::text[], $8::bytea[])
-    as r(stream_id, expected, type, data, metadata, hash, key, previous)
+insert into events (stream_id, version, type, data, metadata, hash, idempotency_key, tenant_id)
+select r.stream_id, r.expected + 1, r.type, r.data::jsonb, r.metadata::jsonb, r.hash, r.key,
+       coalesce(nullif(nullif(r.tenant, ''), '*'), default_tenant())
+from unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::bytea[], $7::text[], $8::bytea[],
+            $9::text[])
+    as r(stream_id, expected, type, data, metadata, hash, key, previous, tenant)
 where {_stream_is_at("r.stream_id", "r.expected", "r.previous")}
 order by event_lane(r.stream_id), r.stream_id
 on conflict do nothing
@@ -421,18 +428,22 @@ class OneServerBackend:
         self._lanes: Sequence[int] | None = None  # learnt at the first read: one server's lanes never change
 
     async def append_each(self, appends: Sequence[OneEvent]) -> set[str]:
-        async with acquire_for_commit(self.pool) as connection:
-            rows = await connection.fetch(
-                _APPEND_EACH,
-                [a.stream_id for a in appends],
-                [a.expected_version for a in appends],
-                [a.event.type for a in appends],
-                [a.event.data.decode() for a in appends],
-                [_metadata_encoder.encode(a.metadata or {}).decode() for a in appends],
-                [a.hash for a in appends],
-                [a.idempotency_key for a in appends],
-                [a.previous_hash for a in appends],
-            )
+        # Several stores' rows in one statement: each names its tenant, and the statement runs in
+        # the scope of exactly those tenants, so row-level security still checks every row.
+        with tenant_scope(scope_of(a.tenant for a in appends)):
+            async with acquire_for_commit(self.pool) as connection:
+                rows = await connection.fetch(
+                    _APPEND_EACH,
+                    [a.stream_id for a in appends],
+                    [a.expected_version for a in appends],
+                    [a.event.type for a in appends],
+                    [a.event.data.decode() for a in appends],
+                    [_metadata_encoder.encode(a.metadata or {}).decode() for a in appends],
+                    [a.hash for a in appends],
+                    [a.idempotency_key for a in appends],
+                    [a.previous_hash for a in appends],
+                    [a.tenant for a in appends],
+                )
         return {row["stream_id"] for row in rows}
 
     async def shards_of(self, stream_ids: Sequence[str]) -> dict[str, int]:
@@ -532,27 +543,32 @@ class CitusBackend(OneServerBackend):
         phases). Were a shard split since its streams were looked up, a call would still be right,
         only slower: the worker would then run it across shards itself."""
         shard_of = await self.shards_of([a.stream_id for a in appends])
-        by_shard: dict[int, list[OneEvent]] = {}
+        by_shard: dict[tuple[int, str], list[OneEvent]] = {}
         for a in sorted(appends, key=lambda a: a.stream_id):  # stream order, as _APPEND_EACH: no deadlock
-            by_shard.setdefault(shard_of[a.stream_id], []).append(a)
+            # A call per store too: the shard's function writes the tenant in scope on every row.
+            by_shard.setdefault((shard_of[a.stream_id], a.tenant), []).append(a)
 
         async def one_shard(group: list[OneEvent]) -> list[str]:
-            async with acquire_for_commit(self.pool) as connection:
-                return await connection.fetchval(
-                    _APPEND_ON_ONE_SHARD,
-                    group[0].stream_id,
-                    [a.stream_id for a in group],
-                    [str(a.expected_version) for a in group],
-                    [a.event.type for a in group],
-                    [a.event.data.decode() for a in group],
-                    [_metadata_encoder.encode(a.metadata or {}).decode() for a in group],
-                    ["\\x" + a.hash.hex() for a in group],
-                    [a.idempotency_key for a in group],
-                    ["\\x" + a.previous_hash.hex() for a in group],
-                )
+            with tenant_scope(group[0].tenant):
+                return await self._append_on_one_shard(group)
 
         answers = await asyncio.gather(*map(one_shard, by_shard.values()))
         return {stream_id for appended in answers for stream_id in appended}
+
+    async def _append_on_one_shard(self, group: list[OneEvent]) -> list[str]:
+        async with acquire_for_commit(self.pool) as connection:
+            return await connection.fetchval(
+                _APPEND_ON_ONE_SHARD,
+                group[0].stream_id,
+                [a.stream_id for a in group],
+                [str(a.expected_version) for a in group],
+                [a.event.type for a in group],
+                [a.event.data.decode() for a in group],
+                [_metadata_encoder.encode(a.metadata or {}).decode() for a in group],
+                ["\\x" + a.hash.hex() for a in group],
+                [a.idempotency_key for a in group],
+                ["\\x" + a.previous_hash.hex() for a in group],
+            )
 
     async def shards_of(self, stream_ids: Sequence[str]) -> dict[str, int]:
         """Its shard id for each stream: one query for the ones not remembered yet."""
@@ -717,6 +733,7 @@ def recorded_event(
         recorded_at=row["recorded_at"],
         hash=row["hash"],
         state=state,
+        tenant=row.get("tenant_id", DEFAULT_TENANT),
     )
 
 

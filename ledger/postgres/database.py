@@ -20,6 +20,15 @@ import asyncpg
 import msgspec
 import platformdirs
 
+from ledger.postgres.tenancy import (
+    ALL_TENANTS,
+    DEFAULT_TENANT,
+    ScopedConnection,
+    enter_current_scope,
+    reset_fully,
+    tenant_scope,
+)
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -63,6 +72,8 @@ class Database(msgspec.Struct, frozen=True, kw_only=True):
 
     url: str | None = None
     data_dir: str | None = None
+    # The tenant whose data a single-store database's rows become when it is upgraded (migration 0016).
+    default_tenant: str = DEFAULT_TENANT
 
     def pgdata(self) -> Path:
         return Path(self.data_dir or platformdirs.user_data_dir("giftcard")) / "pgdata"
@@ -169,12 +180,17 @@ async def create_pool(
     statement_timeout_s: float = STATEMENT_TIMEOUT_S,
 ) -> asyncpg.Pool:
     """``session_state=False`` promises the pool's users leave nothing on a connection but,
-    at worst, an open transaction; only then is the full reset skipped."""
+    at worst, an open transaction (and their tenant scope); only then is the full reset skipped.
+
+    Every connection handed out carries the acquiring task's tenant scope (``ledger.postgres.tenancy``).
+    """
     return await asyncpg.create_pool(
         url,
         min_size=size_min,
         max_size=size_max,
-        reset=None if session_state else rollback_if_in_transaction,
+        connection_class=ScopedConnection,
+        setup=enter_current_scope,
+        reset=reset_fully if session_state else rollback_if_in_transaction,
         **connect_options(statement_timeout_s),
     )
 
@@ -190,17 +206,18 @@ def with_database(
     ``upgrade_schema`` is False (a tool that only inspects the server, or reads a standby).
 
     The one way every command-line tool reaches the database: it starts and stops the embedded
-    server when no URL is configured.
+    server when no URL is configured. The tools are the operator's: they act for every tenant.
     """
     from ledger.postgres.migrate import upgrade  # migrate is a sibling; imported here to keep this module's top small
 
     async def run() -> T:
         pool = await create_pool(url, size_min=1, size_max=pool_size_max)
         try:
-            if upgrade_schema:
-                async with pool.acquire() as connection:
-                    await upgrade(connection)
-            return await work(pool)
+            with tenant_scope(ALL_TENANTS):
+                if upgrade_schema:
+                    async with pool.acquire() as connection:
+                        await upgrade(connection, default_tenant=database.default_tenant)
+                return await work(pool)
         finally:
             await pool.close()
 

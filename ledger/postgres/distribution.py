@@ -28,6 +28,13 @@ CARD_TABLES = (("events", "stream_id"), ("snapshots", "stream_id"))
 # (a redemption code's hash, a relationName).
 REFERENCE_TABLES = ("card_lookup",)
 
+# The tables whose rows live on the workers are not under row-level security (migration 0016): a
+# worker never sees the scope the service sets in its coordinator session, so the service's role
+# would find nothing there, and an online shard move copies rows as the tables' owner, which
+# FORCE would hold to the policy (COPY FROM refuses row-level security). Such a deployment serves
+# only its default tenant (hub.app: tenants_isolated) until the scope reaches the workers.
+_WORKERS_WITHOUT_ROW_SECURITY = "alter table {table} disable row level security, no force row level security"
+
 # How PostgreSQL names the constraint in a unique violation's message (lc_messages in English).
 _CONSTRAINT_IN_MESSAGE = re.compile(r'unique constraint "([^"]+)"')
 _CITUS_INSTALLED = "select exists (select 1 from pg_extension where extname = 'citus')"
@@ -222,9 +229,11 @@ async def distribute(connection: asyncpg.Connection) -> list[str]:
                 "select create_distributed_table($1, $2, colocate_with => $3)", table, column, colocate
             )
             done.append(f"{table} distributed by {column}")
+            await connection.execute(_WORKERS_WITHOUT_ROW_SECURITY.format(table=table))
     for table in REFERENCE_TABLES:
         if await _method(connection, table) is None:
             await connection.execute("select create_reference_table($1)", table)
+            await connection.execute(_WORKERS_WITHOUT_ROW_SECURITY.format(table=table))
             done.append(f"{table} copied to every node")
     outdated = await _functions_outdated(connection)
     # Every body, every time, over whatever an earlier release left: CREATE OR REPLACE on a

@@ -12,6 +12,7 @@ import re
 import asyncpg
 
 from ledger.postgres.distribution import distribute, distribution_pending, grant_on_workers
+from ledger.postgres.tenancy import DEFAULT_TENANT
 
 _LOCK_KEY = 0x6769667463617264  # "giftcard"
 # A migration may rewrite a large table: it is not held to the few seconds a request's statement gets.
@@ -37,11 +38,12 @@ async def pending(connection: asyncpg.Connection) -> list[int]:
     return [version for version, _, _ in migration_files() if version not in done]
 
 
-async def upgrade(connection: asyncpg.Connection) -> list[str]:
+async def upgrade(connection: asyncpg.Connection, *, default_tenant: str = DEFAULT_TENANT) -> list[str]:
     """Applies every migration not yet recorded; returns the names applied (empty when current).
 
     A current schema is left alone without taking the lock or running any DDL, so the
-    service can run as a role that may not change the schema (see grant_service_role); on a
+    service can run as a role that may not change the schema (see grant_service_role).
+    ``default_tenant`` is the tenant a single-store database's rows become (migration 0016); on a
     Citus coordinator the tables are then distributed if they are not yet (``ledger.postgres.distribution``).
     """
     if not await pending(connection):
@@ -53,6 +55,7 @@ async def upgrade(connection: asyncpg.Connection) -> list[str]:
     applied_now = []
     async with connection.transaction():
         await connection.execute("select set_config('statement_timeout', '0', true)")
+        await connection.execute("select set_config('giftcard.default_tenant', $1, true)", default_tenant)
         await connection.execute("select pg_advisory_xact_lock($1)", _LOCK_KEY, timeout=MIGRATION_TIMEOUT_S)
         await connection.execute(
             """

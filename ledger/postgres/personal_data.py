@@ -36,6 +36,7 @@ from ledger.domain.giftcard import GiftCard
 from ledger.domain.snapshot import take_snapshot
 from ledger.eventstore.store import EventStore, NewEvent
 from ledger.postgres.instance_keys import instance_key
+from ledger.postgres.tenancy import current_scope
 
 PROFILE = "profile_id"
 ORDER_INFO = "order_info"
@@ -155,7 +156,9 @@ class PersonalData:
         self.forgotten_poll_s = FORGOTTEN_POLL_S if forgotten_poll_s is None else forgotten_poll_s
         self._wrapping: AESGCM | None = None
         self._subject_key = b""
-        self._of_subject: dict[str, _Cached] = {}  # subject -> the key new data of theirs is sealed with
+        # (tenant, subject) -> the key new data of theirs is sealed with: each store keeps its own keys
+        # (row-level security), even for a person two stores share
+        self._of_subject: dict[tuple[str, str], _Cached] = {}
         self._by_id: dict[str, _Cached] = {}
         self._subjects: dict[str, str] = {}  # identifier -> subject
         self._polled_at: Any = None  # the database's clock at the last poll for forgotten keys
@@ -189,8 +192,8 @@ class PersonalData:
         await self._ready()
         for identifier in {i for state in states for i in identifiers_of(state)}:
             subject = self.subject_of(identifier)
-            if subject not in self._of_subject:
-                self._remember(self._of_subject, subject, await self._key_of_subject(subject))
+            if (current_scope(), subject) not in self._of_subject:
+                self._remember(self._of_subject, (current_scope(), subject), await self._key_of_subject(subject))
 
     async def _key_of_subject(self, subject: str) -> _Cached:
         key_id = secrets.token_urlsafe(16)
@@ -218,7 +221,7 @@ class PersonalData:
         return state
 
     def seal(self, identifier: str, value: Any) -> dict[str, str]:
-        cached = self._of_subject[self.subject_of(identifier)]  # see prepare
+        cached = self._of_subject[current_scope(), self.subject_of(identifier)]  # see prepare
         assert cached.aead is not None
         nonce = secrets.token_bytes(NONCE_BYTES)
         ciphertext = cached.aead.encrypt(nonce, _json_encoder.encode(value), cached.key_id.encode())
@@ -297,7 +300,7 @@ class PersonalData:
         return _Cached(AESGCM(data_key), key_id)
 
     @staticmethod
-    def _remember(cache: dict[str, _Cached], name: str, cached: _Cached) -> None:
+    def _remember(cache: dict[Any, _Cached], name: Any, cached: _Cached) -> None:
         if len(cache) >= KEYS_CACHED_MAX:
             cache.clear()
         cache[name] = cached

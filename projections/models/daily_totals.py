@@ -51,7 +51,7 @@ class Flows:
 
 
 _ACCUMULATE = """
-on conflict (day, provider, (coalesce(currency, ''))) do update set
+on conflict (tenant_id, day, provider, (coalesce(currency, ''))) do update set
     cards_issued = t.cards_issued + excluded.cards_issued,
     transactions = t.transactions + excluded.transactions,
     loaded = t.loaded + excluded.loaded,

@@ -1,0 +1,297 @@
+"""Many stores on one deployment: a key's tenant is the boundary, and PostgreSQL enforces it.
+
+Two tenants over real HTTP each see only their own cards, codes, searches and providers, though
+they hold the same relationName, redemption code and provider id; as the service's own database
+role, a query that forgets its tenant finds nothing; a single-store database upgrades in place.
+
+The service here runs as the role ``giftcard db grant`` sets up, as deployed: a superuser (the
+other suites' role) passes through row-level security, which is the point of these tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+import pytest
+
+from hub.http import auth
+from ledger.application import commands
+from ledger.application.commands import Ledger
+from ledger.domain.errors import CardNotFound
+from ledger.eventstore.store import EventStore
+from ledger.postgres.database import create_pool, database_named
+from ledger.postgres.migrate import migration_files, upgrade
+from ledger.postgres.tenancy import ALL_TENANTS, tenant_scope
+from tests.cards import issue
+from tests.conftest import PROVIDER_KEY, PROVIDER_TOKEN, services_on
+from tests.test_db_roles import as_user, service_role_url  # noqa: F401 (a fixture)
+from tests.test_security import ROOT, eventually
+
+ACME, GLOBEX = "acme", "globex"
+SAME_CODE = "SAME-C0DE-BTH5-XYZ7"  # in the codes' alphabet (no I, L, O, U)
+TENANT_TABLES = ("events", "card_lookup", "personal_data_keys", "api_keys", "providers")
+
+
+class Store:
+    """One tenant's hub and provider key pairs, and a client that calls with them."""
+
+    def __init__(self, service, hub: tuple[str, str], provider: tuple[str, str]) -> None:
+        self.service, self.hub, self.provider = service, hub, provider
+
+    async def call(self, method: str, path: str, body=None):
+        if path.startswith("/native"):
+            headers = {"X-PROVIDER-API-AppKey": self.provider[0], "X-PROVIDER-API-AppToken": self.provider[1]}
+        else:
+            headers = {"X-VTEX-API-AppKey": self.hub[0], "X-VTEX-API-AppToken": self.hub[1]}
+        status, body, _ = await self.service.call(method, path, body, headers=headers)
+        return status, body
+
+
+async def store_of(service, pool, tenant: str) -> Store:
+    hub = await auth.create_key(pool, auth.HUB, auth.ROLES, tenant)
+    provider = await auth.create_key(pool, auth.PROVIDER, auth.ROLES, tenant)
+    store = Store(service, hub, provider)
+    await eventually(lambda: _answers(store, "GET", "/api/giftcards/00000000-0000-0000-0000-000000000000", 404))
+    return store
+
+
+async def _answers(store: Store, method: str, path: str, status: int) -> bool:
+    return (await store.call(method, path))[0] == status
+
+
+def card_body(relation_name: str) -> dict:
+    return {
+        "relationName": relation_name,
+        "caption": "Loyalty",
+        "profileId": "shopper@example.com",  # the same shopper in both stores
+        "expiringDate": "2030-01-01T00:00:00Z",
+        "currencyCode": "USD",
+    }
+
+
+@pytest.fixture
+async def service(service_role_url, clock):  # noqa: F811
+    async with services_on(service_role_url, clock=clock) as start:
+        yield await start()
+
+
+async def test_two_tenants_see_only_their_own_cards_codes_and_searches(service, pool, monkeypatch):
+    acme, globex = await store_of(service, pool, ACME), await store_of(service, pool, GLOBEX)
+    monkeypatch.setattr(commands, "new_redemption_code", lambda: SAME_CODE)  # both stores draw the same code
+    status, acme_card = await acme.call("POST", "/native/giftcards", card_body("gift-1"))
+    assert status == 200, acme_card
+    status, globex_card = await globex.call("POST", "/native/giftcards", card_body("gift-1"))
+    assert status == 200, globex_card
+    assert acme_card["redemptionCode"] == globex_card["redemptionCode"] == SAME_CODE
+    monkeypatch.undo()
+    status, again = await acme.call("POST", "/native/giftcards", card_body("gift-1"))
+    assert status == 409, "a relationName is still unique inside its store"
+
+    credit = {"operation": "Credit", "value": 30, "description": "load", "requestId": "r1"}
+    assert (await acme.call("POST", f"/native/giftcards/{acme_card['id']}/transactions", credit))[0] == 200
+
+    # Another store's card is not there at all, on every surface and verb: not 403, 404.
+    for path in (f"/native/giftcards/{acme_card['id']}", f"/api/giftcards/{acme_card['id']}"):
+        status, body = await globex.call("GET", path)
+        assert status == 404, body
+    status, body = await globex.call("POST", f"/native/giftcards/{acme_card['id']}/transactions", credit)
+    assert status == 404, body
+    assert (await acme.call("GET", f"/api/giftcards/{acme_card['id']}"))[1]["balance"] == 30
+    assert (await globex.call("GET", f"/api/giftcards/{globex_card['id']}"))[1]["balance"] == 0
+    # A search by code skips empty cards: globex's gets its own load (the same requestId, its own card).
+    assert (await globex.call("POST", f"/native/giftcards/{globex_card['id']}/transactions", credit))[0] == 200
+
+    search = {"client": {"id": "c1", "email": "x@example.com", "document": "1"}, "cart": {"redemptionCode": SAME_CODE}}
+    for store, card in ((acme, acme_card), (globex, globex_card)):
+        status, found = await store.call("POST", "/native/giftcards/_search", search)
+        assert status == 200 and [f["id"] for f in found] == [card["id"]]
+
+    # The env pair is the default tenant's: it sees neither store's cards.
+    assert (await service.call("GET", f"/api/giftcards/{acme_card['id']}"))[0] == 404
+    assert (await service.call("POST", "/native/giftcards/_search", search))[1] == []
+
+    rows = await pool.fetch(
+        "select distinct stream_id, tenant_id from events where stream_id = any($1::text[])",
+        [acme_card["id"], globex_card["id"]],
+    )
+    assert {(r["stream_id"], r["tenant_id"]) for r in rows} == {(acme_card["id"], ACME), (globex_card["id"], GLOBEX)}
+
+
+async def test_each_tenant_registers_and_lists_its_own_providers(service, pool):
+    acme, globex = await store_of(service, pool, ACME), await store_of(service, pool, GLOBEX)
+    body = {"serviceUrl": "http://127.0.0.1:9/v1", "appKey": "k", "appToken": "t"}
+    assert (await acme.call("PUT", "/api/giftcardproviders/Ext", {**body, "caption": "acme's"}))[0] == 200
+    assert (await globex.call("PUT", "/api/giftcardproviders/Ext", {**body, "caption": "globex's"}))[0] == 200
+    assert (await acme.call("GET", "/api/giftcardproviders/Ext"))[1]["caption"] == "acme's"
+    assert (await globex.call("GET", "/api/giftcardproviders/Ext"))[1]["caption"] == "globex's"
+    assert (await service.call("GET", "/api/giftcardproviders/Ext"))[0] == 404, "the default tenant has none"
+    assert (await acme.call("DELETE", "/api/giftcardproviders/Ext"))[0] == 200
+    assert (await acme.call("GET", "/api/giftcardproviders/Ext"))[0] == 404
+    assert (await globex.call("GET", "/api/giftcardproviders/Ext"))[0] == 200, "removing one store's leaves the other's"
+
+
+async def issue_in(ledger: Ledger, tenant: str, relation_name: str) -> str:
+    with tenant_scope(tenant):
+        return str((await issue(ledger, relation_name=relation_name, profile_id="same-person")).card.id)
+
+
+async def test_row_level_security_refuses_unscoped_reads_as_the_service_role(ledger, service_role_url):  # noqa: F811
+    acme_card = await issue_in(ledger, ACME, "r")
+    globex_card = await issue_in(ledger, GLOBEX, "r")
+    connection = await asyncpg.connect(service_role_url)
+    try:
+        for table in TENANT_TABLES:  # a query that forgets its tenant, as the service runs it
+            assert await connection.fetchval(f"select count(*) from {table}") == 0, table
+        await connection.execute("select set_config('giftcard.tenant', $1, false)", ACME)
+        assert {r["stream_id"] for r in await connection.fetch("select stream_id from events")} == {acme_card}
+        assert await connection.fetchval("select count(*) from card_lookup where card_id = $1", globex_card) == 0
+        assert await connection.fetchval("select count(*) from personal_data_keys") == 1
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):  # nor may it write another store's row
+            await connection.execute(
+                "insert into card_lookup (card_id, code_hash, relation_name, profile_id, tenant_id)"
+                " values ('x', '\\x00', 'x', 'x', $1)",
+                GLOBEX,
+            )
+        await connection.execute("select set_config('giftcard.tenant', $1, false)", ALL_TENANTS)
+        assert await connection.fetchval("select count(distinct tenant_id) from events") == 2, "the operator's scope"
+    finally:
+        await connection.close()
+
+
+async def test_the_cache_of_one_process_never_hands_a_card_to_another_tenant(service_role_url, clock):  # noqa: F811
+    pool = await create_pool(service_role_url, size_min=1, size_max=2)
+    try:
+        await _cached_card_stays_in_its_tenant(Ledger(EventStore(pool), code_key=b"k" * 32, clock=clock))
+    finally:
+        await pool.close()
+
+
+async def _cached_card_stays_in_its_tenant(ledger: Ledger) -> None:
+    card_id = await issue_in(ledger, ACME, "r")
+    with tenant_scope(ACME):
+        assert (await ledger.card(card_id)).balance == 0  # cached now
+    with tenant_scope(GLOBEX), pytest.raises(CardNotFound):
+        await ledger.card(card_id)
+
+
+# ---- upgrading a single-store database in place -------------------------------------------------
+
+
+async def database_at_0015(server_url: str, name: str) -> str:
+    """A new database with the schema as it was before tenants (migrations 0001 to 0015)."""
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f"create database {name}")
+    finally:
+        await admin.close()
+    url = database_named(server_url, name)
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute(
+            "create table schema_migrations (version integer primary key, name text not null,"
+            " applied_at timestamptz not null default clock_timestamp())"
+        )
+        for version, migration, sql in migration_files():
+            if version <= 15:
+                await connection.execute(sql)
+                await connection.execute("insert into schema_migrations values ($1, $2)", version, migration)
+    finally:
+        await connection.close()
+    return url
+
+
+@pytest.mark.single_server("a database built migration by migration, not cloned onto the cluster")
+async def test_a_single_store_database_upgrades_in_place(server_url, clock):
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    url = await database_at_0015(server_url, name)
+    old_key, old_token = "giftcard-hub-0123456789ab", "an-operator-made-token"
+    pool = await create_pool(url, size_min=1, size_max=4)
+    try:
+        ledger = Ledger(EventStore(pool), code_key=b"k" * 32, clock=clock)
+        card_id = str((await issue(ledger, relation_name="before-tenants")).card.id)  # as the old release wrote it
+        await pool.execute(
+            "insert into api_keys (app_key, token_hash, audience) values ($1, $2, 'hub')",
+            old_key,
+            auth.token_hash(old_token),
+        )
+        async with pool.acquire() as connection:
+            assert "0016_tenants" in await upgrade(connection, default_tenant="oldstore")
+        assert await pool.fetchval("select array_agg(account) from tenants") == ["oldstore"]
+        for table in TENANT_TABLES[:-1]:
+            assert set(await pool.fetchval(f"select array_agg(distinct tenant_id) from {table}")) == {"oldstore"}
+    finally:
+        await pool.close()
+    async with services_on(url, clock=clock) as start:
+        service = await start(default_tenant="oldstore")
+        status, card, _ = await service.call("GET", f"/api/giftcards/{card_id}")  # the env pair: oldstore's
+        assert status == 200 and card["relationName"] == "before-tenants"
+        stored = Store(service, (old_key, old_token), (PROVIDER_KEY, PROVIDER_TOKEN))
+        assert (await stored.call("GET", f"/api/giftcards/{card_id}"))[0] == 200, "a stored key keeps working"
+        status, body, _ = await service.call("POST", "/api/giftcards", card_body("before-tenants"))
+        assert status == 409, "its relationNames are still taken in its own store"
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f"drop database {name} with (force)")
+    finally:
+        await admin.close()
+
+
+# ---- giftcard keys create --tenant ---------------------------------------------------------------
+
+
+def run_cli(database_url: str, *args: str):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GIFTCARD_DATABASE_URL": database_url}
+    return subprocess.run(
+        [sys.executable, "-m", "hub.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+async def test_keys_create_for_a_tenant(service, database_url, pool):
+    done = await asyncio.to_thread(run_cli, database_url, "keys", "create", "--tenant", ACME)
+    assert done.returncode == 0, done.stderr
+    lines = dict(line.split(": ", 1) for line in done.stdout.splitlines() if ": " in line)
+    store = Store(service, (lines["X-VTEX-API-AppKey"], lines["X-VTEX-API-AppToken"]), ("", ""))
+    await eventually(lambda: _answers(store, "GET", "/api/giftcards/00000000-0000-0000-0000-000000000000", 404))
+    status, card = await store.call("POST", "/api/giftcards", card_body("r"))
+    assert status == 200
+    with tenant_scope(ALL_TENANTS):
+        assert await pool.fetchval("select tenant_id from card_lookup where card_id = $1", card["id"]) == ACME
+    assert await pool.fetchval("select account from tenants where account = $1", ACME) == ACME
+    listing = await asyncio.to_thread(run_cli, database_url, "keys", "list")
+    assert f"{lines['X-VTEX-API-AppKey']}" in listing.stdout and ACME in listing.stdout
+
+
+def test_keys_create_refuses_a_tenant_that_is_no_account_name(database_url):
+    done = run_cli(database_url, "keys", "create", "--tenant", "Not An Account")
+    assert done.returncode == 2 and "'Not An Account' is not a VTEX account name" in done.stderr
+
+
+async def test_a_role_that_bypasses_row_level_security_serves_only_the_default_tenant(start_service, pool):
+    service = await start_service()  # as a superuser, which row-level security lets through
+    key, token = await auth.create_key(pool, auth.HUB, auth.ROLES, ACME)
+    store = Store(service, (key, token), ("", ""))
+    await asyncio.sleep(auth.KEY_REFRESH_S + 0.5)
+    status, body = await store.call("GET", "/api/giftcards/00000000-0000-0000-0000-000000000000")
+    assert status == 403 and body["error"]["code"] == "tenant_not_isolated" and "'acme'" in body["error"]["message"]
+    assert (await service.call("GET", "/api/giftcards/00000000-0000-0000-0000-000000000000"))[0] == 404
+
+
+async def test_each_source_counts_one_commit_order_for_every_tenant(ledger, service_role_url):  # noqa: F811
+    """The seq an event takes in its source counts every store's events, not only those in scope."""
+    pool = await create_pool(service_role_url, size_min=1, size_max=2)
+    try:
+        role_ledger = Ledger(EventStore(pool), code_key=b"k" * 32, clock=ledger.clock)
+        for i in range(40):  # 40 cards over 16 sources: stores take turns in most of them
+            await issue_in(role_ledger, (ACME, GLOBEX)[i % 2], f"r{i}")
+    finally:
+        await pool.close()
+    duplicates = await ledger.store.pool.fetchval(
+        "select count(*) from (select source, seq from events group by source, seq having count(*) > 1) d"
+    )
+    assert duplicates == 0
