@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from hub.http import auth
 from hub.http.state import METRICS, TENANT_LIMITS
 from hub.http.tenant_limits import CONCURRENCY_LIMITED, RATE_LIMITED
+from tests.cards import count_events
 from tests.conftest import services_on
 from tests.hub_process import HubProcess
 from tests.providers.faulty import Fault, start_faulty_provider
@@ -29,6 +30,7 @@ from tests.test_tenants import ACME, GLOBEX, Store, store_of
 log = logging.getLogger(__name__)
 
 UNKNOWN_CARD = "/api/giftcards/00000000-0000-0000-0000-000000000000"  # a read that answers 404 at once
+CARD = {"relationName": "gift", "caption": "c", "profileId": "p", "expiringDate": "2030-01-01T00:00:00Z"}
 
 
 async def set_limits(pool: asyncpg.Pool, account: str, max_rps: int | None, max_concurrent: int | None) -> None:
@@ -92,6 +94,9 @@ async def test_past_max_rps_a_store_gets_429_with_retry_after_and_another_store_
     assert status == 429 and body["error"]["code"] == RATE_LIMITED
     retry_after = int(headers["Retry-After"])
     assert retry_after >= 1
+    events = await count_events(pool)
+    status, body = await acme.call("POST", "/api/giftcards", CARD)
+    assert (status, body["error"]["code"]) == (429, RATE_LIMITED) and await count_events(pool) == events, "nothing done"
     await asyncio.sleep(retry_after)
     assert (await acme.call("GET", UNKNOWN_CARD))[0] == 404, "served again once Retry-After has passed"
 
@@ -235,8 +240,7 @@ async def _accepted(http, base_url: str, store: Store) -> None:
 
 async def _card_of(http, base_url: str, store: Store) -> str:
     await _accepted(http, base_url, store)
-    body = {"relationName": "flood", "caption": "c", "profileId": "p", "expiringDate": "2030-01-01T00:00:00Z"}
-    async with http.post(base_url + "/api/giftcards", json=body, headers=_hub_headers(store)) as response:
+    async with http.post(base_url + "/api/giftcards", json=CARD, headers=_hub_headers(store)) as response:
         assert response.status in (200, 201), await response.text()
         return (await response.json())["id"]
 
