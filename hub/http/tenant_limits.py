@@ -107,7 +107,10 @@ class TenantLimits:
 
     async def refresh(self, pool: asyncpg.Pool) -> None:
         with tenant_scope(ALL_TENANTS):  # the tenants table is the operator's: no row-level security
-            rows = await pool.fetch("select account, max_rps, max_concurrent from tenants order by created_at, account")
+            rows = await pool.fetch(
+                "select account, max_rps, max_concurrent from tenants where deleted_at is null "
+                "order by created_at, account"
+            )
         self.apply([(row["account"], row["max_rps"], row["max_concurrent"]) for row in rows])
 
     def apply(self, tenants: list[tuple[str, int | None, int | None]]) -> None:
