@@ -16,7 +16,6 @@ A tenant without a limit costs a dict lookup on the hot path.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Callable
@@ -27,8 +26,6 @@ from aiohttp import web
 from hub.errors import error_response
 from hub.metrics import Metrics
 from ledger.postgres.tenancy import ALL_TENANTS, tenant_scope
-
-log = logging.getLogger(__name__)
 
 RATE_LIMITED = "tenant_rate_limited"
 CONCURRENCY_LIMITED = "tenant_concurrency_limited"
@@ -134,7 +131,7 @@ class TenantLimits:
             self.metrics.observe_tenant_limited(tenant, CONCURRENCY_LIMITED)
             return too_many(
                 CONCURRENCY_LIMITED,
-                f"this store has {gate.in_flight} requests in flight, its limit "
+                f"this store already has {gate.in_flight} requests in flight, its limit "
                 f"(max_concurrent {gate.max_concurrent}, {gate.concurrent_max} per worker)",
                 CONCURRENCY_RETRY_AFTER_S,
             )
