@@ -57,6 +57,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     default_tenant: Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="a VTEX account name")] = (
         DEFAULT_TENANT
     )
+    # how long a suspended tenant's data is kept before `giftcard tenants delete` may remove it
+    tenant_retention_days: whole(ge=0, le=100 * 366) = 30
     native_provider_id: Annotated[str, Meta(min_length=1, max_length=100, description="a provider id")] = "VtexGiftCard"
     provider_app_key: text("an app key") | None = None
     provider_app_token: Secret | None = None
