@@ -21,8 +21,10 @@ import asyncpg
 import pytest
 
 from ledger.eventstore.store import EventStore, NewEvent
+from ledger.postgres.database import database_named
 from ledger.postgres.tenancy import ALL_TENANTS, tenant_scope
 from ledger.postgres.tenants import TENANT_TABLES
+from tests.conftest import TEMPLATE_DB
 from tests.giftcard_cli import giftcard
 from tests.test_db_roles import service_role_url  # noqa: F401 (a fixture)
 from tests.test_security import eventually
@@ -214,7 +216,13 @@ async def two_stores_with_everything(service, pool) -> tuple[Store, Store, dict[
     return stores[ACME], stores[GLOBEX], seen
 
 
-async def test_an_export_holds_its_tenant_only_and_verifies_on_its_own(service, pool, database_url, tmp_path):  # noqa: F811
+async def test_an_export_holds_its_tenant_only_and_verifies_on_its_own(
+    service,  # noqa: F811
+    pool,
+    database_url,
+    server_url,
+    tmp_path,
+):  # noqa: F811
     _, _, seen = await two_stores_with_everything(service, pool)
     folder = tmp_path / "acme-export"
     env = env_of(database_url)
@@ -252,6 +260,8 @@ async def test_an_export_holds_its_tenant_only_and_verifies_on_its_own(service, 
         out + err
     )[-2000:]
 
+    assert await rows_restored(server_url, folder) == await rows_of(pool, ACME), "the files load back with COPY"
+
     tamper_one_amount(folder / "events.csv", seen[ACME]["card"])
     code, out, _ = await giftcard({}, "audit", "verify", "--from", str(folder))
     assert code == 1
@@ -262,6 +272,26 @@ async def test_an_export_holds_its_tenant_only_and_verifies_on_its_own(service, 
     assert code == 2 and "is not an empty folder" in err
     code, _, err = await giftcard(env, "tenants", "export", "nobody", "--output", str(tmp_path / "n"))
     assert code == 2 and "no tenant 'nobody'" in err and not (tmp_path / "n").exists()
+
+
+async def rows_restored(server_url: str, folder: Path) -> dict[str, int]:
+    """Loads an export into a new database of the same schema, as ``\\copy … csv header`` would, and
+    counts the tenant's rows there (the database is dropped after)."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f"create database {name} template {TEMPLATE_DB}")
+        connection = await asyncpg.connect(database_named(server_url, name))
+        try:
+            await connection.copy_to_table("tenants", source=folder / "tenant.csv", format="csv", header=True)
+            for table in reversed(TENANT_TABLES):  # the tables referred to first
+                await connection.copy_to_table(table, source=folder / f"{table}.csv", format="csv", header=True)
+            return {table: await connection.fetchval(f"select count(*) from {table}") for table in TENANT_TABLES}
+        finally:
+            await connection.close()
+    finally:
+        await admin.execute(f"drop database if exists {name} with (force)")
+        await admin.close()
 
 
 def tamper_one_amount(path: Path, card_id: str) -> None:
@@ -300,6 +330,8 @@ async def test_delete_takes_a_suspension_and_its_retention_then_every_row_and_no
     assert code == 1 and f"may be deleted from {delete_after:%Y-%m-%d %H:%M:%S} UTC on" in err
     code, _, err = await giftcard(env, "tenants", "delete", ACME)
     assert code == 1 and "pass --yes" in err
+    code, _, err = await giftcard(env, "tenants", "delete", "default", "--yes")
+    assert code == 1 and "is the default tenant (GIFTCARD_DEFAULT_TENANT)" in err
     assert await rows_of(pool, ACME) == acme_rows, "nothing removed by a refusal"
 
     assert (await giftcard(env, "tenants", "suspend", ACME, "--retention-days", "0"))[0] == 0

@@ -227,12 +227,10 @@ def _verify_export_command(folder: Path, as_json: bool, print_each: Callable[[Fa
         print(_json.encode(render_report(report)).decode())
     else:
         verdict = "all hold" if report.ok else f"{report.failures_total} failure(s)"
-        of = (
-            ""
-            if manifest is None
-            else f" of tenant {manifest.account} (exported {manifest.exported_at:%Y-%m-%d %H:%M:%S})"
-        )
-        print(f"verified {report.events} event(s) in {report.streams} stream(s), {report.cards} card(s){of}: {verdict}")
+        print(f"verified {report.events} event(s) in {report.streams} stream(s), {report.cards} card(s)", end="")
+        if manifest is not None:
+            print(f" of tenant {manifest.account} (exported {manifest.exported_at:%Y-%m-%d %H:%M:%S} UTC)", end="")
+        print(f": {verdict}")
     return EXIT_OK if report.ok else EXIT_FAILED
 
 

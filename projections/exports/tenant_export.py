@@ -154,11 +154,11 @@ def _walk_events(path: Path, manifest: Manifest, report: VerifyReport, found: Ca
     chain: ChainWalk | None = None
     replay: CardReplay | None = None
     stream_id: str | None = None
-    for line, row in enumerate(_event_rows(path), start=2):  # line 1: the header
+    for record, row in enumerate(_event_rows(path), start=1):
         try:
             event = recorded_event(_as_stored(row), metadata={})
         except (KeyError, ValueError, msgspec.MsgspecError) as e:  # msgspec's decode errors are ValueErrors too
-            found(_export_failure(RULE_ROW, f"{EVENTS_FILE} line {line} is not an event: {e}"))
+            found(_export_failure(RULE_ROW, f"{EVENTS_FILE} record {record} is not an event: {e}"))
             continue
         if event.tenant != manifest.account:
             found(Failure(event.stream_id, event.version, event.position, RULE_TENANT, f"an event of {event.tenant!r}"))
