@@ -229,6 +229,7 @@ async def test_an_export_holds_its_tenant_only_and_verifies_on_its_own(
     code, out, err = await giftcard(env, "tenants", "export", ACME, "--output", str(folder))
     assert code == 0, err[-2000:]
     assert f"giftcard audit verify --from {folder}" in out
+    assert folder.stat().st_mode & 0o077 == 0, "the owner's only"
 
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["account"] == ACME and set(manifest["files"]) == {

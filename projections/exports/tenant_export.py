@@ -24,6 +24,7 @@ import hashlib
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -72,13 +73,12 @@ class ExportFolderRefused(Exception):
 
 
 async def export_tenant(pool: asyncpg.Pool, account: str, folder: Path) -> Manifest:
-    """Writes the tenant's export into ``folder`` (new or empty), through ``folder.partial``
-    renamed at the end: a failed export never leaves a folder that looks complete."""
+    """Writes the tenant's export into ``folder`` (new or empty), through a ``folder.partial-*``
+    beside it renamed at the end: a failed export never leaves a folder that looks complete."""
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise ExportFolderRefused(f"{folder} exists and is not an empty folder: name a new one")
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)  # what a failed run left
-    partial.mkdir(parents=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f"{folder.name}.partial-", dir=folder.parent))
     try:
         manifest = await _write_files(pool, account, partial)
         (partial / MANIFEST).write_bytes(msgspec.json.format(msgspec.json.encode(manifest)) + b"\n")
