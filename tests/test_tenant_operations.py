@@ -356,6 +356,18 @@ async def test_delete_takes_a_suspension_and_its_retention_then_every_row_and_no
         assert code == 1 and f"tenant {ACME!r} was deleted" in err, (command, err[-2000:])
 
 
+async def test_the_services_role_cannot_remove_a_tenant(pool, ledger, database_url, service_role_url):  # noqa: F811
+    await pool.execute("insert into tenants (account) values ($1)", GLOBEX)
+    await issue_in(ledger, GLOBEX, "kept")
+    assert (await giftcard(env_of(database_url), "tenants", "suspend", GLOBEX, "--retention-days", "0"))[0] == 0
+    before = await rows_of(pool, GLOBEX)
+    code, _, err = await giftcard(env_of(service_role_url), "tenants", "delete", GLOBEX, "--yes")
+    assert code == 1 and "nothing deleted: permission denied for table events" in err, err[-2000:]
+    assert "as the schema's owner" in err
+    assert await rows_of(pool, GLOBEX) == before
+    assert await pool.fetchval("select deleted_at from tenants where account = $1", GLOBEX) is None
+
+
 async def test_events_are_deleted_only_by_the_removal_of_a_tenant_past_its_retention(pool, ledger):
     await pool.execute("insert into tenants (account) values ($1)", GLOBEX)
     await issue_in(ledger, GLOBEX, "kept")

@@ -203,7 +203,17 @@ def tenants_delete(args: argparse.Namespace) -> int:
     if not args.yes and not _confirmed(args.account):
         print("nothing deleted", file=sys.stderr)
         return EXIT_REFUSED
-    removed = with_database(lambda pool: tenants.delete_tenant(pool, args.account, _actor()), args.settings.database)
+    try:
+        removed = with_database(
+            lambda pool: tenants.delete_tenant(pool, args.account, _actor()), args.settings.database
+        )
+    except asyncpg.InsufficientPrivilegeError as e:
+        print(
+            f"nothing deleted: {e.message}. Remove a tenant as the schema's owner (the role that runs "
+            "giftcard db upgrade): the service's role may never delete events",
+            file=sys.stderr,
+        )
+        return EXIT_REFUSED
     print(f"deleted tenant {args.account}: {sum(removed.values())} row(s) removed, logged in tenant_log")
     for table, count in removed.items():
         if count:
