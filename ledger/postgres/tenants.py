@@ -81,7 +81,7 @@ class Tenant(msgspec.Struct, frozen=True):
 
 
 class Limits(msgspec.Struct, frozen=True):
-    """What ``tenants set`` changes; a field left UNCHANGED is kept, None removes the limit."""
+    """What ``tenants set`` changes; a field left UNSET is kept, None removes the limit."""
 
     max_rps: int | None | msgspec.UnsetType = msgspec.UNSET
     max_concurrent: int | None | msgspec.UnsetType = msgspec.UNSET
@@ -113,7 +113,7 @@ async def log_act(
 
 
 async def record_act(pool: asyncpg.Pool, account: str, act: str, actor: str, detail: dict[str, Any]) -> None:
-    """An act done outside a transaction of its own (an export reads in a read-only one)."""
+    """An act logged on its own: an export reads in a read-only transaction, which cannot write the log."""
     async with pool.acquire() as connection:
         await log_act(connection, account, act, actor, detail)
 
@@ -129,8 +129,7 @@ async def create_tenant(connection: asyncpg.Connection, account: str, limits: Li
     )
     if inserted is None:
         existing = await _tenant(connection, account)
-        if existing.deleted_at is not None:
-            raise TenantRefused(f"tenant {account!r} was deleted on {existing.deleted_at:%Y-%m-%d %H:%M:%S %Z}")
+        _refuse_if_deleted(existing)
         raise TenantRefused(f"tenant {account!r} already exists (created {existing.created_at:%Y-%m-%d %H:%M:%S %Z})")
     await log_act(connection, account, CREATED, actor, given)
 
