@@ -160,12 +160,13 @@ def start_background_tasks(
     webhook_pool: asyncpg.Pool | None,
     rings: dict[str, auth.KeyRing],
     limits: TenantLimits,
+    states: auth.TenantStates,
     cipher: CredentialsCipher,
 ) -> list[asyncio.Task]:
     """What a hub process does besides answering requests; each kind may run in every process."""
     settings = app[SETTINGS]
     tasks = [
-        asyncio.create_task(auth.keep_refreshed(pool, [*rings.values(), limits])),
+        asyncio.create_task(auth.keep_refreshed(pool, [*rings.values(), limits, states])),
         asyncio.create_task(app[DIRECTORY].keep_refreshed()),
     ]
     if settings.hold_ttl_s > 0:
@@ -201,6 +202,7 @@ def create_app(
             auth.PROVIDER, settings.default_tenant, _pair(settings.provider_app_key, settings.provider_app_token)
         ),
     }
+    states = auth.TenantStates()
     metrics = Metrics()
     limits = TenantLimits(
         metrics,
@@ -217,7 +219,7 @@ def create_app(
             # Only with a replica: no request pays for a layer that would never add a header.
             *([read_pool.replica_lag_headers] if settings.replica_url else []),
             error_middleware,
-            auth.make_auth_middleware(rings),
+            auth.make_auth_middleware(rings, states),
             make_tenant_limits_middleware(limits),
         ],
     )
@@ -279,6 +281,7 @@ def create_app(
                     announce(ring.audience, pair)
                 await ring.refresh(pool)
             await limits.refresh(pool)
+            await states.refresh(pool)
             app[REGISTRY] = ProviderRegistry(store, cipher, settings.native_provider_id, settings.default_tenant)
             connector = aiohttp.TCPConnector(
                 limit=PROVIDER_CONNECTIONS_MAX, resolver=GuardedResolver(app[EGRESS]), use_dns_cache=False
@@ -288,7 +291,7 @@ def create_app(
                 app[DIRECTORY] = ProviderDirectory(app[REGISTRY], outbound)
                 with tenant_scope(ALL_TENANTS):  # the operator's work, for every store (tasks copy the scope)
                     await app[DIRECTORY].refresh()
-                    background = start_background_tasks(app, pool, webhook_pool, rings, limits, cipher)
+                    background = start_background_tasks(app, pool, webhook_pool, rings, limits, states, cipher)
                 yield
                 for task in background:
                     task.cancel()

@@ -61,6 +61,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     tenant_max_rps: whole(ge=1, le=1_000_000) | None = None
     tenant_max_concurrent: whole(ge=1, le=100_000) | None = None
     metrics_tenants_max: whole(ge=0, le=10_000) = 100  # stores with their own label in /metrics
+    # how long a suspended tenant's data is kept before `giftcard tenants delete` may remove it
+    tenant_retention_days: whole(ge=0, le=100 * 366) = 30
     native_provider_id: Annotated[str, Meta(min_length=1, max_length=100, description="a provider id")] = "VtexGiftCard"
     provider_app_key: text("an app key") | None = None
     provider_app_token: Secret | None = None

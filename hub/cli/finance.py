@@ -7,6 +7,9 @@ upgrading its schema: it is read-only) and say on stderr how far behind the prim
 they started; ``audit card`` reads the primary. The verdict of a verify run is recorded on the
 primary either way.
 
+``audit verify --from DIR`` checks a tenant's export (``giftcard tenants export``) from its files
+alone, with no database.
+
 Exit codes: 0 when everything holds (or the export is written); 1 when verify (or a card's audit)
 finds a failure, or the ledger cannot be turned into exact figures; 2 for a bad argument or an
 unknown card.
@@ -19,6 +22,7 @@ import contextlib
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,6 +61,7 @@ from projections.exports.export_files import (
     export_transactions,
     render_liabilities,
 )
+from projections.exports.tenant_export import verify_export
 from projections.exports.totals import Totals, major
 
 T = TypeVar("T")
@@ -87,6 +92,14 @@ def _add_audit(commands: argparse._SubParsersAction) -> None:
 
     check = sub.add_parser("verify", help="hash chains, invariants and read models; exit 1 naming every failure")
     check.add_argument("--json", action="store_true", help="one JSON report instead of lines")
+    check.add_argument(
+        "--from",
+        dest="from_export",
+        type=Path,
+        metavar="DIR",
+        help="check a tenant's export (giftcard tenants export) instead of the database: its files unchanged, "
+        "every stream's hash chain, every card's replay; no database is used",
+    )
     arguments.add_batch_size(check, "--batch-events-max", VERIFY_BATCH_EVENTS, "events per cursor fetch")
     check.set_defaults(run=verify_command)
 
@@ -174,6 +187,8 @@ def _print_card_audit(audit: CardAudit, provider: str) -> None:
 def verify_command(args: argparse.Namespace) -> int:
     settings = args.settings
     print_each = None if args.json else (lambda failure: print(f"FAIL {failure.line()}", flush=True))
+    if args.from_export is not None:
+        return _verify_export_command(args.from_export, args.json, print_each)
 
     # A walker process connects by URL: an embedded PostgreSQL (no GIFTCARD_DATABASE_URL) is walked by one.
     # On a replica the walkers import the snapshot verify exports there (a hot standby can, since PG 10).
@@ -203,6 +218,19 @@ def verify_command(args: argparse.Namespace) -> int:
         print(_json.encode(render_report(report)).decode())
     else:
         _print_verify_summary(report)
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _verify_export_command(folder: Path, as_json: bool, print_each: Callable[[Failure], None] | None) -> int:
+    manifest, report = verify_export(folder, print_each)
+    if as_json:
+        print(_json.encode(render_report(report)).decode())
+    else:
+        verdict = "all hold" if report.ok else f"{report.failures_total} failure(s)"
+        print(f"verified {report.events} event(s) in {report.streams} stream(s), {report.cards} card(s)", end="")
+        if manifest is not None:
+            print(f" of tenant {manifest.account} (exported {manifest.exported_at:%Y-%m-%d %H:%M:%S} UTC)", end="")
+        print(f": {verdict}")
     return EXIT_OK if report.ok else EXIT_FAILED
 
 

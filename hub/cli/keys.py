@@ -40,11 +40,12 @@ def account(value: str) -> str:
 def keys_create(args: argparse.Namespace) -> int:
     roles = tuple(args.role or auth.ROLES)
     tenant = args.tenant or args.settings.default_tenant
-    app_key, app_token = with_database(
-        lambda pool: auth.create_key(pool, args.audience, roles, tenant), args.settings.database
-    )
-    key_header, token_header = auth.HEADERS[args.audience]
-    print(f"{key_header}: {app_key}\n{token_header}: {app_token}\n(the token is shown once; only its hash is kept)")
+    try:
+        pair = with_database(lambda pool: auth.create_key(pool, args.audience, roles, tenant), args.settings.database)
+    except ValueError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    print(f"{auth.printed_pair(args.audience, pair)}\n(the token is shown once; only its hash is kept)")
     return 0
 
 

@@ -112,6 +112,20 @@ class KeyRing:
         }
 
 
+@dataclass
+class TenantStates:
+    """What each process knows of the tenants' states, refreshed beside the keys: the accounts
+    suspended (``giftcard tenants suspend``; a deleted tenant stays suspended), whose requests are
+    answered 403 ``tenant_suspended`` however good their credentials."""
+
+    name = "tenants' states"
+    suspended: frozenset[str] = frozenset()
+
+    async def refresh(self, pool: asyncpg.Pool) -> None:
+        rows = await pool.fetch("select account from tenants where suspended_at is not null")
+        self.suspended = frozenset(row["account"] for row in rows)
+
+
 # ---- operators' key management (giftcard keys create|list|revoke) ------------------------
 
 
@@ -119,25 +133,44 @@ async def create_key(
     pool: asyncpg.Pool, audience: str, roles: tuple[str, ...], tenant: str = DEFAULT_TENANT
 ) -> tuple[str, str]:
     """A new pair of ``tenant`` with these roles; the token is returned once and only its hash is
-    stored. The tenant is created with its first key."""
+    stored. The tenant is created with its first key; a deleted tenant takes none (ValueError)."""
+    async with pool.acquire() as connection, connection.transaction():
+        await connection.execute("insert into tenants (account) values ($1) on conflict do nothing", _account(tenant))
+        return await insert_key(connection, audience, roles, tenant)
+
+
+async def insert_key(
+    connection: asyncpg.Connection, audience: str, roles: tuple[str, ...], tenant: str
+) -> tuple[str, str]:
+    """``create_key`` inside the caller's transaction, for a tenant that exists."""
     unknown = set(roles) - ALL_ROLES
     if audience not in HEADERS or unknown or not roles:
         raise ValueError(f"audience must be one of {sorted(HEADERS)} and roles a non-empty subset of {list(ROLES)}")
-    if not is_account(tenant):
-        raise ValueError(f"tenant {tenant!r} is not a VTEX account name ({ACCOUNT.pattern})")
+    if await connection.fetchval("select deleted_at from tenants where account = $1", _account(tenant)) is not None:
+        raise ValueError(f"tenant {tenant!r} was deleted: it takes no new keys")
     app_key = f"giftcard-{audience}-{secrets.token_hex(6)}"
     app_token = secrets.token_urlsafe(TOKEN_BYTES)
-    async with pool.acquire() as connection, connection.transaction():
-        await connection.execute("insert into tenants (account) values ($1) on conflict do nothing", tenant)
-        await connection.execute(
-            "insert into api_keys (app_key, token_hash, audience, roles, tenant_id) values ($1, $2, $3, $4, $5)",
-            app_key,
-            token_hash(app_token),
-            audience,
-            sorted(roles),
-            tenant,
-        )
+    await connection.execute(
+        "insert into api_keys (app_key, token_hash, audience, roles, tenant_id) values ($1, $2, $3, $4, $5)",
+        app_key,
+        token_hash(app_token),
+        audience,
+        sorted(roles),
+        tenant,
+    )
     return app_key, app_token
+
+
+def _account(tenant: str) -> str:
+    if not is_account(tenant):
+        raise ValueError(f"tenant {tenant!r} is not a VTEX account name ({ACCOUNT.pattern})")
+    return tenant
+
+
+def printed_pair(audience: str, pair: tuple[str, str]) -> str:
+    """A new pair as ``keys create`` and ``tenants create`` print it: the headers a caller sends."""
+    key_header, token_header = HEADERS[audience]
+    return f"{key_header}: {pair[0]}\n{token_header}: {pair[1]}"
 
 
 async def list_keys(pool: asyncpg.Pool) -> list[asyncpg.Record]:
@@ -184,7 +217,7 @@ def announce(audience: str, pair: tuple[str, str]) -> None:
 
 
 class Refreshed(Protocol):
-    """What is read again from the database with the keys: key rings, tenant limits."""
+    """What is read again from the database with the keys: key rings, tenant limits and states."""
 
     name: str
 
@@ -253,9 +286,10 @@ def audit_page_refusal(status: int) -> web.Response:
     return web.Response(status=403, text=text)
 
 
-def make_auth_middleware(rings: dict[str, KeyRing]):
+def make_auth_middleware(rings: dict[str, KeyRing], states: TenantStates):
     """A request accepted runs in its key's tenant (``tenant_scope``): every statement it makes
-    sees that store's rows only. One without a key (health, metrics, the OpenAPI document) in none."""
+    sees that store's rows only. One without a key (health, metrics, the OpenAPI document) in none.
+    A suspended tenant's requests, rightly signed, are refused on every surface."""
 
     @web.middleware
     async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
@@ -263,7 +297,7 @@ def make_auth_middleware(rings: dict[str, KeyRing]):
             verdict, key = basic_verdict(rings[HUB], request.headers.get("Authorization"))
             if verdict.status != 200 or role_needed(request) not in verdict.roles:
                 return audit_page_refusal(verdict.status)
-            return await _handled_in_tenant(request, handler, key, verdict.tenant)
+            return await _handled_in_tenant(request, handler, key, verdict.tenant, states)
         audience = audience_of(request.path)
         if audience is None:
             return await handler(request)
@@ -281,12 +315,18 @@ def make_auth_middleware(rings: dict[str, KeyRing]):
         needed = role_needed(request)
         if needed not in verdict.roles:
             return error_response(403, "forbidden", f"this key lacks the {needed!r} role for {request.method}")
-        return await _handled_in_tenant(request, handler, request.headers[key_header], verdict.tenant)
+        return await _handled_in_tenant(request, handler, request.headers[key_header], verdict.tenant, states)
 
     return auth_middleware
 
 
-async def _handled_in_tenant(request: web.Request, handler, key: str | None, tenant: str) -> web.StreamResponse:
+async def _handled_in_tenant(
+    request: web.Request, handler, key: str | None, tenant: str, states: TenantStates
+) -> web.StreamResponse:
+    if tenant in states.suspended:
+        return error_response(
+            403, "tenant_suspended", f"the store {tenant!r} is suspended; its data is kept (ask the operator)"
+        )
     request["actor"] = key
     request["tenant"] = tenant
     with tenant_scope(tenant):
