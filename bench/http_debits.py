@@ -1028,20 +1028,21 @@ COSTS = (
 
 def cost_targets(cells: list[Cell]) -> list[dict[str, Any]]:
     """Each cost whose two servers ran, at every connection count: measured req/s over reference req/s."""
-    rate = {(c.server, c.connections): c.requests_per_s for c in cells}
+    cell_of = {(c.server, c.connections): c for c in cells}
     verdicts = []
     for cost in COSTS:
         for connections in sorted({c.connections for c in cells}):
-            measured, reference = rate.get((cost.measured, connections)), rate.get((cost.reference, connections))
+            measured, reference = cell_of.get((cost.measured, connections)), cell_of.get((cost.reference, connections))
             if measured and reference:
-                ratio = round(measured / reference, 3)
+                ratio = round(measured.requests_per_s / reference.requests_per_s, 3)
                 verdicts.append(
                     {
                         "cost": cost.what,
                         "servers": f"{cost.measured} / {cost.reference}",
+                        "stores": f"{measured.stores} / {reference.stores}",  # --tenants sets ours'
                         "connections": connections,
-                        "measured_requests_per_s": round(measured, 1),
-                        "reference_requests_per_s": round(reference, 1),
+                        "measured_requests_per_s": round(measured.requests_per_s, 1),
+                        "reference_requests_per_s": round(reference.requests_per_s, 1),
                         "ratio": ratio,
                         "target": TARGET_COST_RATIO,
                         "met": ratio >= TARGET_COST_RATIO,
@@ -1051,10 +1052,10 @@ def cost_targets(cells: list[Cell]) -> list[dict[str, Any]]:
 
 
 def format_cost_targets(verdicts: list[dict[str, Any]]) -> str:
-    lines = ["| cost | connections | ratio | req/s | target |", "|---|--:|--:|--:|---|"]
+    lines = ["| cost | connections | ratio | stores | req/s | target |", "|---|--:|--:|--:|--:|---|"]
     for v in verdicts:
         lines.append(
-            f"| {v['cost']} | {v['connections']} | {v['servers']} = {v['ratio']:.3f} "
+            f"| {v['cost']} | {v['connections']} | {v['servers']} = {v['ratio']:.3f} | {v['stores']} "
             f"| {v['measured_requests_per_s']:,.0f} / {v['reference_requests_per_s']:,.0f} "
             f"| >= {v['target']:g}: {met(v['met'])} |"
         )
