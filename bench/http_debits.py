@@ -1075,10 +1075,13 @@ def format_hub_targets(verdicts: list[dict[str, Any]]) -> str:
 
 
 def format_targets(verdicts: list[dict[str, Any]]) -> str:
+    def against(ratio: float | None, ok: bool) -> str:
+        return "not measured" if ratio is None else f"({ratio}x): {met(ok)}"
+
     return "\n".join(
         f"{v['server']} at {v['connections']} connections: >= {TARGET_VS_CONVENTIONAL:g}x conventional "
-        f"({v['vs_conventional']}x): {met(v['vs_conventional_met'])}; p99 < {TARGET_P99_MS:g} ms "
-        f"({v['p99_ms']} ms): {met(v['p99_met'])}; stretch, match lean ({v['vs_lean']}x): {met(v['matches_lean'])}"
+        f"{against(v['vs_conventional'], v['vs_conventional_met'])}; p99 < {TARGET_P99_MS:g} ms "
+        f"({v['p99_ms']} ms): {met(v['p99_met'])}; stretch, match lean {against(v['vs_lean'], v['matches_lean'])}"
         for v in verdicts
     )
 
