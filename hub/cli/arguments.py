@@ -10,6 +10,7 @@ from decimal import Decimal, InvalidOperation
 
 from ledger.domain.errors import DomainError
 from ledger.domain.money import exponent_of
+from ledger.postgres.tenancy import ACCOUNT, is_account
 
 
 def instant(value: str) -> datetime:
@@ -44,6 +45,13 @@ def amount(value: str) -> Decimal:
     if not parsed.is_finite() or parsed < 0:
         raise argparse.ArgumentTypeError(f"must be zero or more, got {value!r}")
     return parsed
+
+
+def account(value: str) -> str:
+    """A store (tenant), named by its VTEX account."""
+    if not is_account(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a VTEX account name ({ACCOUNT.pattern})")
+    return value
 
 
 def positive_int(value: str) -> int:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hub.cli.arguments import account
 from hub.http import auth
 from ledger.postgres.database import with_database
-from ledger.postgres.tenancy import ACCOUNT, is_account
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -29,12 +29,6 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     revoke = keys_commands.add_parser("revoke", help="revoke a pair by its app key")
     revoke.add_argument("app_key")
     revoke.set_defaults(run=keys_revoke)
-
-
-def account(value: str) -> str:
-    if not is_account(value):
-        raise argparse.ArgumentTypeError(f"{value!r} is not a VTEX account name ({ACCOUNT.pattern})")
-    return value
 
 
 def keys_create(args: argparse.Namespace) -> int:

@@ -30,6 +30,16 @@ def is_account(name: str) -> bool:
     return ACCOUNT.fullmatch(name) is not None
 
 
+class UnknownTenant(LookupError):
+    """An operator named a store this database does not hold."""
+
+
+async def require_tenant(pool: asyncpg.Pool, account: str) -> None:
+    """Raises ``UnknownTenant`` unless ``account`` is a store here (a misspelt name must not act on nothing, silently)."""
+    if not await pool.fetchval("select exists (select 1 from tenants where account = $1)", account):
+        raise UnknownTenant(f"no store (tenant) {account!r} in this database: `giftcard keys list` shows every key's")
+
+
 def current_scope() -> str:
     return _scope.get()
 
