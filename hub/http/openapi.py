@@ -246,7 +246,8 @@ _document_all(
 _REFUSALS = {
     400: "Malformed or invalid input: the error names what was wrong, and nothing was written",
     401: "No credentials: an empty body",
-    403: "Credentials not accepted (an empty body), or a key without the role this needs (the error names it)",
+    403: "Credentials not accepted (an empty body), or a key without the role this needs or naming another tenant"
+    " (the error names it)",
     404: "No such card, transaction, provider or subscription",
     409: "A requestId reused with another payload, or a name already taken",
     413: "The body is over the limit",
@@ -267,7 +268,7 @@ _WRITES = ("POST", "PUT", "DELETE")
 
 def refusal_statuses(method: str, path: str, operation: Operation) -> list[int]:
     """What a refused call answers, by what the route takes: the error middleware maps every failure."""
-    if auth.audience_of(path) is None:
+    if auth.audience_of(_without_account(path)) is None:
         return [503] if path == "/readyz" else []
     statuses = [400, 401, 403, 503]
     if _path_parameters(path):
@@ -329,7 +330,7 @@ def security(path: str) -> list[dict[str, list]] | None:
     """The credentials the auth middleware asks of this path (None: it asks none)."""
     if auth.is_audit_page(path):
         return [{"auditBasic": []}]
-    audience = auth.audience_of(path)
+    audience = auth.audience_of(_without_account(path))
     if audience == auth.PROVIDER:
         return [{"providerKey": [], "providerToken": []}]
     if audience == auth.HUB:
