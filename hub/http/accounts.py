@@ -57,19 +57,18 @@ def named_accounts(request: web.Request, settings: Settings) -> list[tuple[str, 
     named = []
     if "account" in request.match_info:
         named.append(("the path", request.match_info["account"]))
-    host_account = account_of_host(request.host, settings.account_host_domain)
-    if host_account is not None:
-        named.append(("the host", host_account))
+    if settings.account_host_domain:
+        host_account = account_of_host(request.host, settings.account_host_domain)
+        if host_account is not None:
+            named.append(("the host", host_account))
     if settings.account_query and "an" in request.query:
         named.append(("?an=", request.query["an"]))
     return named
 
 
-def account_of_host(host: str, domain: str | None) -> str | None:
+def account_of_host(host: str, domain: str) -> str | None:
     """``acme`` for ``acme.gift.example.com[:port]`` under the domain ``gift.example.com``; None for
     a host not under it (an address, the domain itself), which names no account."""
-    if not domain:
-        return None
     name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
     suffix = "." + domain.lower()
     name = name.lower().rstrip(".")
