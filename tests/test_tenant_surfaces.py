@@ -26,6 +26,7 @@ NATIVE = "VtexGiftCard"
 HUB = "/api/giftcardproviders"
 DOMAIN = "gift.test"
 PROJECTED_TIMEOUT_S = 30.0
+NOT_A_CARD = "00000000-0000-4000-8000-000000000000"
 
 
 @pytest.fixture
@@ -301,3 +302,30 @@ async def test_keys_create_operator(service, pool, service_role_url):  # noqa: F
     assert (await operator.call("GET", f"/api/audit/cards/{card}"))[0] == 200
     code, out, _ = await giftcard({"GIFTCARD_DATABASE_URL": service_role_url}, "keys", "list")
     assert any(pair["X-VTEX-API-AppKey"] in line and "(operator)" in line for line in out.splitlines())
+
+
+async def test_an_operators_roll_forward_of_one_tenant_links_to_that_tenants_movements(service, pool):
+    acme, globex = await store_of(service, pool, ACME), await store_of(service, pool, GLOBEX)
+    acme_card = (await funded_card(acme, "/api", "rolled", 12))["id"]
+    globex_card = (await funded_card(globex, "/api", "rolled", 99))["id"]
+    period = "from=2026-01-15&to=2026-01-15"
+    status, html = await page(service, f"/audit/rollforward?{period}&tenant=acme", (HUB_KEY, HUB_TOKEN))
+    assert status == 200
+    links = page_dom.parse(html).find_all(lambda n: n.tag == "a" and "movement=loaded" in n.attrs.get("href", ""))
+    assert [link.attrs["href"] for link in links] == [
+        f"/audit/rollforward/movements?{period}&tenant=acme&currency=USD&movement=loaded"
+    ]
+    status, html = await page(service, links[0].attrs["href"], (HUB_KEY, HUB_TOKEN))
+    assert status == 200 and acme_card in html and globex_card not in html
+    status, html = await page(service, f"/audit/rollforward/movements?{period}&currency=USD&movement=loaded",
+                              (HUB_KEY, HUB_TOKEN))  # fmt: skip
+    assert acme_card in html and globex_card in html, "naming no tenant, the operator reads every one"
+
+
+async def test_an_operator_cannot_name_a_tenant_the_database_does_not_keep_apart(start_service, pool):
+    service = await start_service()  # as a superuser, which row-level security lets through
+    await auth.create_key(pool, auth.HUB, auth.ROLES, ACME)  # the tenant exists
+    status, body, _ = await service.call("GET", f"/api/audit/cards/{NOT_A_CARD}?tenant=acme")
+    assert status == 403 and body["error"]["code"] == "tenant_not_isolated" and "'acme'" in body["error"]["message"]
+    status, body, _ = await service.call("GET", f"/api/audit/cards/{NOT_A_CARD}?tenant=default")
+    assert status == 404 and body["error"]["code"] != "tenant_not_found", "its own default tenant it may name"
