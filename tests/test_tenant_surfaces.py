@@ -210,6 +210,8 @@ async def test_a_tenants_key_reads_only_its_own_audit_and_an_operators_any(servi
     assert status == 200 and document.by_id("coverage").text() == "Every tenant (an operator's view)."
     rows = page_dom.rows(document, "total")
     assert {row.fields()["tenant"] for row in rows} == {ACME, GLOBEX}
+    links = {a.attrs["href"] for row in rows for a in row.find_all(lambda n: n.tag == "a")}
+    assert links == {"/audit?tenant=acme", "/audit?tenant=globex"}, "each tenant's row opens its own view"
     status, html = await page(service, "/audit?tenant=globex", operator.hub)
     assert [row.attrs["data-tenant"] for row in page_dom.rows(page_dom.parse(html), "total")] == [GLOBEX]
     assert (await page(service, f"/audit/cards/{acme_card}", operator.hub))[0] == 200
