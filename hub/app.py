@@ -20,7 +20,7 @@ from aiohttp import web
 from hub import webhooks
 from hub.config import Settings
 from hub.errors import error_middleware, error_response
-from hub.http import audit_api, auth, bulk_api, openapi, read_api, read_pool, webhooks_api
+from hub.http import accounts, audit_api, auth, bulk_api, openapi, read_api, read_pool, webhooks_api
 from hub.http.hub_api import HubHandlers
 from hub.http.native import NativeHandlers, json_response
 from hub.http.state import (
@@ -33,6 +33,7 @@ from hub.http.state import (
     REGISTRY,
     SETTINGS,
     TENANT_LIMITS,
+    TENANTS_ISOLATED,
     THROTTLE,
 )
 from hub.http.tenant_limits import TenantLimits, make_tenant_limits_middleware
@@ -55,7 +56,7 @@ from ledger.postgres.instance_keys import instance_key
 from ledger.postgres.migrate import upgrade
 from ledger.postgres.personal_data import PersonalData
 from ledger.postgres.replication import replication_status
-from ledger.postgres.tenancy import ALL_TENANTS, tenant_scope
+from ledger.postgres.tenancy import ALL_TENANTS, isolation_gap, tenant_scope
 from projections import checkpoints, read_models
 from projections.runner import ProjectionRunner
 
@@ -108,22 +109,16 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def tenants_isolated(pool: asyncpg.Pool) -> bool:
     """Whether row-level security keeps the tenants apart here. The service's statements do not
-    name their tenant, so without it (a superuser or BYPASSRLS role; the workers' tables on Citus)
-    only the default tenant's keys are served: the others' get 403 (see auth.KeyRing)."""
-    role, bypasses, events_secured = await pool.fetchrow(
-        """
-        select current_user, rolsuper or rolbypassrls,
-               (select relrowsecurity from pg_class where oid = 'events'::regclass)
-        from pg_roles where rolname = current_user
-        """
-    )
-    if bypasses or not events_secured:
+    name their tenant, so without it only the default tenant's keys are served: the others' get
+    403 (see auth.KeyRing)."""
+    gap = await isolation_gap(pool)
+    if gap is not None:
         log.warning(
             "row-level security does not keep tenants apart here (%s): only the default tenant is served; "
             "see the README's Many stores",
-            f"the database role {role} bypasses it" if bypasses else "the events are on Citus workers",
+            gap,
         )
-    return not bypasses and events_secured
+    return gap is None
 
 
 async def warn_unless_replicated(pool: asyncpg.Pool) -> None:
@@ -220,6 +215,7 @@ def create_app(
             *([read_pool.replica_lag_headers] if settings.replica_url else []),
             error_middleware,
             auth.make_auth_middleware(rings, states),
+            accounts.make_account_middleware(),
             make_tenant_limits_middleware(limits),
         ],
     )
@@ -254,6 +250,7 @@ def create_app(
                 await upgrade(connection, default_tenant=settings.default_tenant)
             await warn_unless_replicated(pool)
             isolated = await tenants_isolated(pool)
+            app[TENANTS_ISOLATED] = isolated
             app[POOL] = pool
             app[READ_POOL] = replica_pool if replica_pool is not None else pool
             store = EventStore(pool, observe_append=metrics.observe_append)
@@ -307,9 +304,13 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
-    app.router.add_routes(NativeHandlers(Surface.PROTOCOL, "/native").routes())
-    app.router.add_routes(NativeHandlers(Surface.GIFTCARD_API, "/api").routes())
-    app.router.add_routes(HubHandlers().routes())
+    vtex_surfaces = [
+        *NativeHandlers(Surface.PROTOCOL, "/native").routes(),
+        *NativeHandlers(Surface.GIFTCARD_API, "/api").routes(),
+        *HubHandlers().routes(),
+    ]
+    app.router.add_routes(vtex_surfaces)
+    app.router.add_routes(accounts.account_routes(vtex_surfaces))  # where a store's links point
     openapi.add_routes(app)
     app.router.add_routes(read_api.routes())
     app.router.add_routes(webhooks_api.routes())

@@ -41,7 +41,7 @@ class Store:
         self.service, self.hub, self.provider = service, hub, provider
 
     async def call(self, method: str, path: str, body=None):
-        if path.startswith("/native"):
+        if auth.audience_of(path) == auth.PROVIDER:  # /native/…, and /{account}/native/…
             headers = {"X-PROVIDER-API-AppKey": self.provider[0], "X-PROVIDER-API-AppToken": self.provider[1]}
         else:
             headers = {"X-VTEX-API-AppKey": self.hub[0], "X-VTEX-API-AppToken": self.hub[1]}

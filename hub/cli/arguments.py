@@ -37,6 +37,13 @@ def currency(value: str) -> str:
     return value
 
 
+def account(value: str) -> str:
+    """A tenant: a VTEX account name."""
+    if not is_account(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a VTEX account name ({ACCOUNT.pattern})")
+    return value
+
+
 def amount(value: str) -> Decimal:
     try:
         parsed = Decimal(value)

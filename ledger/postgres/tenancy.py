@@ -89,3 +89,27 @@ async def reset_fully(connection: ScopedConnection) -> None:
     """asyncpg's own release reset (it also drops the scope), for pools whose users leave session state."""
     await connection.reset()
     connection.forget_scope()
+
+
+async def isolation_gap(pool: asyncpg.Pool) -> str | None:
+    """Why row-level security does not keep the tenants apart for this pool's role (a superuser or
+    BYPASSRLS role; the events on Citus workers), or None when it does. The service's statements do
+    not name their tenant: without it, a scope narrows nothing."""
+    role, bypasses, events_secured = await pool.fetchrow(
+        """
+        select current_user, rolsuper or rolbypassrls,
+               (select relrowsecurity from pg_class where oid = 'events'::regclass)
+        from pg_roles where rolname = current_user
+        """
+    )
+    if bypasses:
+        return f"the database role {role} bypasses it"
+    if not events_secured:
+        return "the events are on Citus workers"
+    return None
+
+
+async def known_tenants(pool: asyncpg.Pool) -> list[str]:
+    """Every tenant not deleted, by account (the tenants table is the operator's: no row-level security)."""
+    rows = await pool.fetch("select account from tenants where deleted_at is null order by account")
+    return [row["account"] for row in rows]
