@@ -54,13 +54,6 @@ def amount(value: str) -> Decimal:
     return parsed
 
 
-def account(value: str) -> str:
-    """A store (tenant), named by its VTEX account."""
-    if not is_account(value):
-        raise argparse.ArgumentTypeError(f"{value!r} is not a VTEX account name ({ACCOUNT.pattern})")
-    return value
-
-
 def positive_int(value: str) -> int:
     number = int(value)
     if number < 1:

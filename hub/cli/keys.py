@@ -40,7 +40,10 @@ def keys_create(args: argparse.Namespace) -> int:
     roles = tuple(args.role or auth.ROLES)
     tenant = args.tenant or args.settings.default_tenant
     try:
-        pair = with_database(lambda pool: auth.create_key(pool, args.audience, roles, tenant, operator=args.operator), args.settings.database)
+        pair = with_database(
+            lambda pool: auth.create_key(pool, args.audience, roles, tenant, operator=args.operator),
+            args.settings.database,
+        )
     except ValueError as e:
         print(str(e), file=sys.stderr)
         return 1
