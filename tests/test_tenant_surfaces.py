@@ -282,6 +282,28 @@ async def test_exports_and_verify_cover_the_tenant_named_or_every_one(service, p
     assert page_dom.parse(html).by_id("verify-covered").text() == "over every tenant"
 
 
+async def test_the_month_close_reports_cover_the_tenant_named_or_every_one(service, pool, service_role_url, tmp_path):  # noqa: F811
+    acme, globex = await store_of(service, pool, ACME), await store_of(service, pool, GLOBEX)
+    for n in range(3):
+        await funded_card(acme, "/native", f"a{n}", 10 + n)
+    await funded_card(globex, "/native", "g", 100)
+    env = {"GIFTCARD_DATABASE_URL": service_role_url}
+    period = ("--from", "2026-01-01", "--to", "2026-01-31")
+
+    async def closing(*tenant: str) -> tuple[str, str]:
+        code, out, err = await giftcard(env, "finance", "rollforward", *period, *tenant)
+        assert code == 0, out + err
+        return out.splitlines()[0], next(line.split()[-1] for line in out.splitlines() if " closing " in line)
+
+    assert await closing("--tenant", ACME) == ("tenants: acme", "33.00")
+    assert await closing("--tenant", GLOBEX) == ("tenants: globex", "100.00")
+    assert await closing() == ("tenants: every tenant (3): acme, default, globex", "133.00")
+    code, out, err = await giftcard(
+        env, "finance", "dormant", "--as-of", "2026-01-31", "--years", "1", "--tenant", "nosuch"
+    )
+    assert code == 2 and "there is no tenant 'nosuch'" in err, out + err
+
+
 async def test_tenant_is_refused_where_it_names_none_or_cannot_narrow(service_role_url, database_url):  # noqa: F811
     code, _, err = await giftcard({"GIFTCARD_DATABASE_URL": service_role_url}, "audit", "verify", "--tenant", "nosuch")
     assert code == 2 and "there is no tenant 'nosuch'" in err

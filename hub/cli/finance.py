@@ -236,7 +236,7 @@ def verify_command(args: argparse.Namespace) -> int:
     if args.json:
         print(_json.encode({**render_report(report), "tenants": coverage.tenants}).decode())
     else:
-        _print_coverage(coverage)
+        print_coverage(coverage)
         _print_verify_summary(report)
     return EXIT_OK if report.ok else EXIT_FAILED
 
@@ -326,7 +326,7 @@ def export_transactions_command(args: argparse.Namespace) -> int:
         summary = {"output": str(args.output), "format": args.format, "rows": result.rows, "tenants": coverage.tenants}
         print(_json.encode({**summary, "totals": result.totals.render()}).decode())
     else:
-        _print_coverage(coverage)
+        print_coverage(coverage)
         print(f"exported {result.rows} row(s) to {args.output} ({args.format})")
         _print_totals(result.totals)
     return EXIT_OK
@@ -376,7 +376,7 @@ def export_liabilities_command(args: argparse.Namespace) -> int:
     if args.json:
         print(_json.encode(document).decode())
         return EXIT_OK
-    _print_coverage(coverage)
+    print_coverage(coverage)
     print(f"outstanding at the end of {document['asOf']} (UTC, before {document['cutoff']}):")
     for total in document["totals"]:
         print(f"  {total['currency']:<4} {total['outstanding']:>20}  over {total['cards']} card(s)")
@@ -442,7 +442,7 @@ def in_tenants(tenant: str | None, work: Callable[[asyncpg.Pool], Awaitable[T]])
     return scoped
 
 
-def _print_coverage(coverage: Coverage) -> None:
+def print_coverage(coverage: Coverage) -> None:
     if coverage.scope == ALL_TENANTS:
         print(f"tenants: every tenant ({len(coverage.tenants)}): {_named(coverage.tenants)}")
     else:
