@@ -10,11 +10,12 @@
 create or replace function events_refuse_change() returns trigger language plpgsql as $$
 begin
     -- Nested: a statement-level trigger (TRUNCATE) has no OLD row to read.
-    if tg_op = 'DELETE' then
-        if old.tenant_id = current_setting('giftcard.removing_tenant', true)
-           and exists (select 1 from tenants t
-                       where t.account = old.tenant_id and t.suspended_at is not null
-                         and t.delete_after <= clock_timestamp()) then
+    -- Nested again: the tenants table is read only once a removal is under way, as on a Citus
+    -- worker's shard, which has no tenants table, a refused change must still say "immutable".
+    if tg_op = 'DELETE' and old.tenant_id = current_setting('giftcard.removing_tenant', true) then
+        if exists (select 1 from tenants t
+                   where t.account = old.tenant_id and t.suspended_at is not null
+                     and t.delete_after <= clock_timestamp()) then
             return old;
         end if;
     end if;
