@@ -348,6 +348,28 @@ async def test_a_quiet_stores_webhook_batch_reads_none_of_another_stores_events(
         assert indexes_used(plan) == {"events_by_tenant"}
 
 
+async def test_a_quiet_stores_subscription_is_not_due_again_for_another_stores_events(ledger, service_role_url):  # noqa: F811
+    """Its short batch stands its checkpoint at the head the poll read first: without that, every poll
+    would take a turn for it (lock, load, read, unlock) as long as any other store writes."""
+    pool = await create_pool(service_role_url, size_min=1, size_max=2)
+    try:
+        async with receiving() as receiver, delivery_session(POLICY, FAST) as session:
+            with tenant_scope(ACME):
+                subscription = await subscribe(pool, receiver)
+            await append_noise(ledger.store, GLOBEX, 50)
+            with tenant_scope(ALL_TENANTS):
+                deliverer = Deliverer(pool, session, POLICY, CIPHER, FAST)
+                assert subscription.id in (await storage.due_subscriptions(pool, 10))[0]
+                assert await deliverer.run_once() == 0
+                assert subscription.id not in (await storage.due_subscriptions(pool, 10))[0]
+                acme_card = await issue_in(ledger, ACME, "later")
+                assert subscription.id in (await storage.due_subscriptions(pool, 10))[0]
+                assert await deliverer.run_once() == 1
+            assert [r.payload["cardId"] for r in receiver.first_receipts()] == [acme_card]
+    finally:
+        await pool.close()
+
+
 def _reads_commit_order(query: str) -> bool:
     return "from events where tenant_id" in query or "from events where source" in query
 

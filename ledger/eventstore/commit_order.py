@@ -89,6 +89,13 @@ class Checkpoint(msgspec.Struct, frozen=True):
             seqs[event.source] = max(seqs.get(event.source, 0), event.seq)
         return Checkpoint.of(seqs)
 
+    def joined(self, other: Checkpoint) -> Checkpoint:
+        """As far as either has read, source by source."""
+        seqs = self.as_dict()
+        for source, seq in other.seqs:
+            seqs[source] = max(seqs.get(source, 0), seq)
+        return Checkpoint.of(seqs)
+
     def behind(self, head: Checkpoint) -> int:
         """How many events lie between here and ``head``: seq numbers, so counting the few that
         refused appends left unused, and 0 exactly when nothing is left to read."""
