@@ -12,8 +12,9 @@ process (uvloop, raw keep-alive connections) posts the checkout's Debit body
 (``../shared/bench/debit-body.json``, each with the card's redemption code and a fresh
 requestId) at ``--connections`` connections; the server's CPU is read from /proc (every thread,
 nanoseconds) right before and after each run. A sample is one run of ``--debits`` Debits after a
-warm-up; the versions take turns, ``--repeats`` times, and each version's figure is its least
-sample (the one the machine disturbed least); the ratio of the two least samples is the result.
+warm-up; the versions take turns, ``--repeats`` times. The result is the median of the repeats' ratios
+(each repeat measures both versions back to back, so load that comes and goes over the whole
+benchmark cancels out), beside each version's least sample (the one the machine disturbed least).
 
 ``--baseline-rev REV`` runs the code of a git revision beside the working tree's: ``git archive``
 extracts it into a temporary directory, which its server imports first (nothing is checked out,
@@ -340,12 +341,19 @@ def profile(version: Version, client: Client, args: argparse.Namespace) -> dict[
     return summarize_profile(args.profile.read_text())
 
 
+def paired_ratios(current: Version, baseline: Version) -> list[float]:
+    """Each repeat's two runs were measured back to back: their ratio is the least disturbed by
+    load that comes and goes over a whole benchmark."""
+    return sorted(c / b for c, b in zip(current.samples_us, baseline.samples_us, strict=True))
+
+
 def ratio_line(current: Version, baseline: Version) -> str:
-    ratio = current.least_us / baseline.least_us
-    medians = statistics.median(current.samples_us) / statistics.median(baseline.samples_us)
+    least = current.least_us / baseline.least_us
+    paired = paired_ratios(current, baseline)
+    quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
     return (
-        f"{current.name} / {baseline.name}: {ratio:.3f} of the least samples ({100 * (ratio - 1):+.1f} %), "
-        f"{medians:.3f} of the medians"
+        f"{current.name} / {baseline.name}: {statistics.median(paired):.3f} the median of the repeats' ratios "
+        f"(quartiles {quartiles[0]:.3f} to {quartiles[2]:.3f}), {least:.3f} of the least samples"
     )
 
 
@@ -404,6 +412,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 }
                 for v in versions
             },
+            "paired_ratios": paired_ratios(*versions) if len(versions) == 2 else None,
             "profile": profiled,
         }
 
@@ -415,7 +424,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=16, help="client connections (default 16)")
     parser.add_argument("--debits", type=int, default=3000, help="Debits per measured run (default 3000)")
     parser.add_argument("--warmup-debits", type=int, default=500, help="Debits before each measured run (default 500)")
-    parser.add_argument("--repeats", type=int, default=5, help="measured runs per version (default 5)")
+    parser.add_argument("--repeats", type=int, default=9, help="measured runs per version (default 9)")
     parser.add_argument("--body", type=Path, default=CHECKOUT_BODY, help="the checkout's Debit body (JSON)")
     parser.add_argument("--profile", type=Path, metavar="FILE", help="also profile the working tree's server here")
     parser.add_argument(
