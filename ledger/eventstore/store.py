@@ -106,10 +106,15 @@ def chain_hash(previous_hash: bytes, stream_id: str, version: int, type_: str, d
 def _stream_is_at(stream_id: str, version: str, previous_hash: str) -> str:
     """The append guard on one server, its one definition: the stream is at ``version`` with
     ``previous_hash`` as its last hash (any stream is at version 0). The arguments are SQL
-    expressions. (On Citus, see _GUARDS_HELD.)"""
+    expressions. (On Citus, see _GUARDS_HELD.)
+
+    ``offset 0`` keeps it one index probe per row whatever the planner expects: without it,
+    PostgreSQL may turn the EXISTS into a hashed subplan (every event read into a hash table)
+    when it expects many rows to check against a small table, and a connection that planned
+    the statement so while the table was small keeps that plan as the table grows."""
     return (
         f"({version} = 0 or exists (select 1 from events p"
-        f" where p.stream_id = {stream_id} and p.version = {version} and p.hash = {previous_hash}))"
+        f" where p.stream_id = {stream_id} and p.version = {version} and p.hash = {previous_hash} offset 0))"
     )
 
 
