@@ -9,6 +9,8 @@ every ``ts`` is RFC 3339 in UTC (``2026-01-15T12:00:00.123Z``).
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import contextvars
 import functools
 import logging
@@ -120,7 +122,11 @@ class AccessLine(msgspec.Struct):
 
 class JsonAccessLogger(AbstractAccessLogger):
     """Encodes its line itself and writes it to stderr, where the other lines go: through
-    logging's records, filters and formatter, the line cost as much CPU as the Debit it logs."""
+    logging's records, filters and formatter, the line cost as much CPU as the Debit it logs.
+
+    The lines logged in one turn of the event loop go out together, in one write at the end of
+    that turn: a write per line, a system call each, was 14 µs of a checkout Debit's CPU (16
+    requests in flight answer several at a time, as their group commit returns)."""
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         if not self.logger.isEnabledFor(logging.INFO):
@@ -142,7 +148,25 @@ class JsonAccessLogger(AbstractAccessLogger):
             provider=match_info.get("provider_id") if match_info is not None else None,
             remote=request.remote,
         )
-        sys.stderr.write(_encoder.encode(line).decode() + "\n")
+        _pending_lines.append(_encoder.encode(line).decode())
+        if len(_pending_lines) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(write_pending_lines)
+            except RuntimeError:  # logged outside a loop: nothing would come back to write it
+                write_pending_lines()
+
+
+_pending_lines: list[str] = []  # access lines not written yet; see JsonAccessLogger
+
+
+def write_pending_lines() -> None:
+    if _pending_lines:
+        lines = "\n".join(_pending_lines) + "\n"
+        _pending_lines.clear()
+        sys.stderr.write(lines)
+
+
+atexit.register(write_pending_lines)  # a line logged in the loop's very last turn
 
 
 def _timestamp() -> str:

@@ -11,7 +11,17 @@ import pytest
 from ledger.domain.errors import ConcurrentUpdate, InvalidRequest
 from ledger.eventstore.codec import canonical_json
 from ledger.eventstore.commit_order import START
-from ledger.eventstore.store import GENESIS_HASH, ChainBroken, EventStore, NewEvent, StreamAppend, verify_chain
+from ledger.eventstore.store import (
+    _APPEND_EACH,
+    GENESIS_HASH,
+    ChainBroken,
+    EventStore,
+    NewEvent,
+    OneEvent,
+    StreamAppend,
+    _append_each_document,
+    verify_chain,
+)
 from tests.audit_ledgers import as_owner_bypassing_immutability
 
 pytestmark = pytest.mark.also_on_citus
@@ -272,3 +282,21 @@ async def test_append_many_inside_a_transaction_rolls_back_only_its_own_rows(sto
 async def test_append_many_takes_each_stream_once(store: EventStore):
     with pytest.raises(ValueError, match="at most once"):
         await store.append_many([StreamAppend("s1", 0, [ev(1)]), StreamAppend("s1", 1, [ev(2)])])
+
+
+@pytest.mark.single_server("the group commit's statement on Citus is a function run on each shard's worker")
+async def test_the_group_commit_checks_each_stream_by_an_index_probe_even_planned_on_a_small_table(
+    store: EventStore, pool: asyncpg.Pool
+):
+    # A connection keeps a generic plan made while the table was small: a guard planned then as a
+    # hashed subplan would read every event on every commit ever after.
+    await store.append_each([OneEvent(f"s{n}", 0, ev(n), GENESIS_HASH, b"h" * 32, None, None) for n in range(2000)])
+    async with pool.acquire() as connection:
+        await connection.execute("analyze events")
+        await connection.execute("set plan_cache_mode = force_generic_plan")
+        await connection.execute(f"prepare append_each(jsonb) as {_APPEND_EACH}")
+        document = _append_each_document([OneEvent("s1", 1, ev(2), b"h" * 32, b"i" * 32, None, None)])
+        literal = document.replace("'", "''")
+        plan = "\n".join(r[0] for r in await connection.fetch(f"explain execute append_each('{literal}')"))
+    assert "hashed SubPlan" not in plan
+    assert "Index Scan using events_stream_id_version_key" in plan

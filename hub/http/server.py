@@ -27,7 +27,7 @@ from aiohttp.http_exceptions import BadStatusLine, HttpProcessingError, InvalidH
 from aiohttp.web_protocol import RequestHandler
 
 from hub.errors import error_response
-from hub.http.native import is_json_media_type
+from hub.http.native import is_json_media_type, media_type_of
 from hub.logs import REFUSED_BY_PARSER
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,7 @@ def merge_json_content_types(data: bytes) -> bytes:
 
 def _names_json(content_type_line: bytes) -> bool:
     value = content_type_line[len(_CONTENT_TYPE_FIELD) :]
-    media = value.split(b";", 1)[0].strip().lower().decode("latin-1")
-    return is_json_media_type(media)
+    return is_json_media_type(media_type_of(value.decode("latin-1")))
 
 
 class JsonContentTypesParser:

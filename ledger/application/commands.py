@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import re
 import uuid
@@ -76,6 +77,15 @@ LOCK_STRIPES = 1024
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def new_id() -> str:
+    """A transaction's or operation's id: a random (version 4) UUID's 32 hex digits, as
+    ``uuid.uuid4().hex`` writes them, without the UUID object (a third of the cost)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # RFC 4122 variant
+    return raw.hex()
 
 
 class IssueCard(msgspec.Struct, kw_only=True):
@@ -205,7 +215,7 @@ class Ledger:
             raise errors.InvalidRequest(f"operation must be 'Credit' or 'Debit', got {operation!r}")
         card_id = parse_card_id(card_id)
         code_hash = await self._code_hash(card_id) if redemption_code else None
-        transaction_id = uuid.uuid4().hex
+        transaction_id = new_id()
 
         def decide(card: GiftCard) -> Transaction:
             check_redemption_code(redemption_code, code_hash, self.code_key)
@@ -260,7 +270,7 @@ class Ledger:
         metadata: dict[str, Any] | None,
     ) -> Operation:
         """A settlement or cancellation: the same shape of command, a different verb of the card."""
-        oid = uuid.uuid4().hex
+        oid = new_id()
 
         def decide(card: GiftCard) -> Operation:
             minor = to_minor(value, card.currency)
@@ -278,7 +288,7 @@ class Ledger:
         Safe to call from every process at once: the decision is taken on the card's fresh
         state and the append is guarded by the card's version and a per-transaction key.
         """
-        oid = f"void-{uuid.uuid4().hex}"
+        oid = f"void-{new_id()}"
 
         def decide(card: GiftCard) -> Operation | None:
             return card.void_expired_hold(transaction_id=transaction_id, oid=oid, hold_ttl=hold_ttl, now=self.clock())

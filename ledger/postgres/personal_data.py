@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import os
 import secrets
 import time
 from collections.abc import Iterable, Mapping
@@ -127,9 +128,14 @@ def identifiers_of(state: Mapping[str, Any]) -> list[str]:
     if isinstance(state.get(PROFILE), str) and state[PROFILE].strip():
         found.append(state[PROFILE])
     order_info = state.get(ORDER_INFO)
-    if isinstance(order_info, dict) and any(order_info.get(name) is not None for name in ORDER_INFO_PERSONAL):
+    if holds_personal(order_info):
         found.append(shopper_of(order_info))
     return found
+
+
+def holds_personal(order_info: Any) -> bool:
+    """Whether an event's ``order_info`` carries a personal field to seal."""
+    return isinstance(order_info, dict) and any(order_info.get(name) is not None for name in ORDER_INFO_PERSONAL)
 
 
 def shopper_of(order_info: Mapping[str, Any]) -> str:
@@ -204,28 +210,31 @@ class PersonalData:
         return cached
 
     def sealed(self, state: dict[str, Any]) -> dict[str, Any]:
-        """An event's state with its personal fields sealed (a copy; ``state`` is left as it was)."""
-        if not identifiers_of(state):
+        """An event's state with its personal fields sealed (a copy; ``state`` is left as it was).
+        The fields are found as ``identifiers_of`` finds them, each person's key looked up once."""
+        profile = state.get(PROFILE)
+        order_info = state.get(ORDER_INFO)
+        seals_profile = isinstance(profile, str) and bool(profile.strip())
+        seals_order_info = holds_personal(order_info)
+        if not (seals_profile or seals_order_info):
             return state
         state = dict(state)
-        profile = state.get(PROFILE)
-        if isinstance(profile, str) and profile.strip():
+        if seals_profile:
             state[PROFILE] = self.seal(profile, profile)
-        order_info = state.get(ORDER_INFO)
-        if isinstance(order_info, dict):
-            shopper = shopper_of(order_info)
+        if seals_order_info:
+            shopper = self._key_of(shopper_of(order_info))
             state[ORDER_INFO] = {
-                name: self.seal(shopper, value) if name in ORDER_INFO_PERSONAL and value is not None else value
+                name: _sealed(shopper, value) if name in ORDER_INFO_PERSONAL and value is not None else value
                 for name, value in order_info.items()
             }
         return state
 
     def seal(self, identifier: str, value: Any) -> dict[str, str]:
-        cached = self._of_subject[current_scope(), self.subject_of(identifier)]  # see prepare
-        assert cached.aead is not None
-        nonce = secrets.token_bytes(NONCE_BYTES)
-        ciphertext = cached.aead.encrypt(nonce, _json_encoder.encode(value), cached.key_id.encode())
-        return {"ct": base64.b64encode(nonce + ciphertext).decode(), "pii": cached.key_id}
+        return _sealed(self._key_of(identifier), value)
+
+    def _key_of(self, identifier: str) -> _Cached:
+        """The key new data of this person is sealed with (see ``prepare``, which made sure of it)."""
+        return self._of_subject[current_scope(), self.subject_of(identifier)]
 
     # ---- reading -------------------------------------------------------------------------------
 
@@ -304,6 +313,13 @@ class PersonalData:
         if len(cache) >= KEYS_CACHED_MAX:
             cache.clear()
         cache[name] = cached
+
+
+def _sealed(cached: _Cached, value: Any) -> dict[str, str]:
+    assert cached.aead is not None
+    nonce = os.urandom(NONCE_BYTES)  # what secrets.token_bytes returns, without its two Python calls
+    ciphertext = cached.aead.encrypt(nonce, _json_encoder.encode(value), cached.key_id.encode())
+    return {"ct": base64.b64encode(nonce + ciphertext).decode(), "pii": cached.key_id}
 
 
 def _decrypted(cached: _Cached, sealed: dict[str, str]) -> Any:
