@@ -96,8 +96,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def tenants_isolated(pool: asyncpg.Pool) -> bool:
     """Whether row-level security keeps the tenants apart here. The service's statements do not
-    name their tenant, so without it (a superuser or BYPASSRLS role; the workers' tables on Citus)
-    only the default tenant's keys are served: the others' get 403 (see auth.KeyRing)."""
+    name their tenant, so without it (a superuser or BYPASSRLS role; a table whose row security an
+    operator turned off) only the default tenant's keys are served: the others' get 403 (see
+    auth.KeyRing). On Citus it holds on the workers too (migration 0019, ledger.postgres.tenancy)."""
     role, bypasses, events_secured = await pool.fetchrow(
         """
         select current_user, rolsuper or rolbypassrls,
@@ -109,7 +110,7 @@ async def tenants_isolated(pool: asyncpg.Pool) -> bool:
         log.warning(
             "row-level security does not keep tenants apart here (%s): only the default tenant is served; "
             "see the README's Many stores",
-            f"the database role {role} bypasses it" if bypasses else "the events are on Citus workers",
+            f"the database role {role} bypasses it" if bypasses else "it is turned off on the events table",
         )
     return not bypasses and events_secured
 

@@ -15,6 +15,7 @@ the cluster, keep up through shard moves, and are held back by no other node's t
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -25,6 +26,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from hub.http import auth
 from ledger.application.bulk_issue import BatchDefaults, BatchRequest, BulkIssuer
 from ledger.application.commands import Ledger
 from ledger.domain.giftcard import DEBIT
@@ -348,27 +350,48 @@ async def move_shards_of(pool: asyncpg.Pool, cluster: CitusCluster, cards: list[
     return took
 
 
-async def test_shards_move_while_debits_flow_and_nothing_is_lost_or_doubled(
-    cluster, upgraded, citus_pool, http, tmp_path
+BIG, SMALL = "bigstore", "smallstore"
+
+
+def as_role(cluster: CitusCluster, role: str) -> str:
+    return f"postgresql://{role}@{cluster.coordinator.host_port}/{cluster.database}"
+
+
+async def store_client(pool: asyncpg.Pool, http, hub: HubProcess, tenant: str) -> NativeClient:
+    """A client of the native API with a new provider key of ``tenant`` (made before the hub starts: it reads them then)."""
+    key, token = await auth.create_key(pool, auth.PROVIDER, auth.ROLES, tenant)
+    return NativeClient(http, hub.base_url, {"X-PROVIDER-API-AppKey": key, "X-PROVIDER-API-AppToken": token})
+
+
+async def test_shards_move_while_two_stores_debit_and_nothing_is_lost_doubled_or_crossed(
+    cluster, upgraded, citus_pool, citus_service_role, http, tmp_path
 ):
-    hub = HubProcess(cluster.url(), tmp_path / "hub.log", env=HUB_ENV)
+    """A large store and a small one on a hub that runs as the service's role, so row-level security
+    on the workers is what keeps them apart. The shards of three of the large store's cards move to
+    the other worker while both stores' Debits flow: each Debit is applied once, in its own store."""
+    hub = HubProcess(as_role(cluster, citus_service_role), tmp_path / "hub.log", env=HUB_ENV)
+    big, small = [await store_client(citus_pool, http, hub, tenant) for tenant in (BIG, SMALL)]
     await hub.start()
     try:
-        client = NativeClient(http, hub.base_url)
-        cards, debits = await funded_load(client, 6, 4000, [Decimal("0.01")])  # outlasts the moves
+        big_cards, big_debits = await funded_load(big, 5, 3400, [Decimal("0.01")])  # outlasts the moves
+        small_cards, small_debits = await funded_load(small, 1, 600, [Decimal("0.01")])
+        for debit in small_debits:
+            debit.target = 1  # sent by the small store's client
+        debits = big_debits + small_debits
+        random.Random(23).shuffle(debits)  # the two stores' Debits interleaved
 
         async def move_when_flowing() -> tuple[list[float], int, int]:
             """The first move starts once Debits flow and must end while they still do."""
             await until_acknowledged(debits, 60, deadline_in(60))
             before = acknowledged_count(debits)
-            took = await move_shards_of(citus_pool, cluster, cards[:1])
+            took = await move_shards_of(citus_pool, cluster, big_cards[:1])
             during = acknowledged_count(debits)
-            return took + await move_shards_of(citus_pool, cluster, cards[1:3]), before, during
+            return took + await move_shards_of(citus_pool, cluster, big_cards[1:3]), before, during
 
         async with asyncio.timeout(SCENARIO_TIMEOUT_S * 2):
             async with asyncio.TaskGroup() as group:
                 group.create_task(
-                    send_all([client], debits, concurrency=32, policy=RetryPolicy(), deadline=deadline_in(150))
+                    send_all([big, small], debits, concurrency=32, policy=RetryPolicy(), deadline=deadline_in(150))
                 )
                 moving = group.create_task(move_when_flowing())
         took, acknowledged_before, acknowledged_after = moving.result()
@@ -376,11 +399,52 @@ async def test_shards_move_while_debits_flow_and_nothing_is_lost_or_doubled(
         assert acknowledged_before < acknowledged_after < len(debits), "the first move did not overlap the Debits"
         assert not any(d.server_errors for d in debits), [d.server_errors[0] for d in debits if d.server_errors][:3]
         assert all(d.acknowledged for d in debits), summary(debits)
-        await assert_ledger_consistent(citus_pool, client, debits, credits_of(cards, LOAD_CREDIT))
+        for client, cards, its_debits in ((big, big_cards, big_debits), (small, small_cards, small_debits)):
+            await assert_ledger_consistent(citus_pool, client, its_debits, credits_of(cards, LOAD_CREDIT))
+            await assert_read_models_caught_up(citus_pool, client, cards)
+        tenants = await citus_pool.fetch(
+            "select distinct stream_id, tenant_id from events where stream_id = any($1::text[])",
+            big_cards + small_cards,
+        )
+        assert {(r["stream_id"], r["tenant_id"]) for r in tenants} == {(c, BIG) for c in big_cards} | {
+            (c, SMALL) for c in small_cards
+        }
+        assert (await small.call("GET", f"/giftcards/{big_cards[0]}")).status == 404, "a moved card stays in its store"
         await assert_each_shard_is_a_source(citus_pool)
-        await assert_read_models_caught_up(citus_pool, client, cards)
     finally:
         await hub.stop()
+
+
+async def test_one_large_store_s_cards_spread_over_every_worker(cluster, citus_pool, citus_service_role):
+    """Cards, not stores, are distributed: a store with many more cards than the others has them on
+    every worker's shards. As the service's role, in one store's scope, the other's rows are not there."""
+    pool = await create_pool(as_role(cluster, citus_service_role), size_min=1, size_max=4)
+    try:
+        ledger = Ledger(EventStore(pool), code_key=b"k" * 32)
+        for tenant, count in ((BIG, 40), (SMALL, 2)):
+            await auth.create_key(citus_pool, auth.PROVIDER, auth.ROLES, tenant)  # the store exists
+            with tenant_scope(tenant):
+                for _ in range(count):
+                    await issue(ledger)
+        with tenant_scope(SMALL):
+            assert await pool.fetchval("select count(*) from events where tenant_id = $1", BIG) == 0
+            assert await pool.fetchval("select count(*) from card_lookup where tenant_id = $1", BIG) == 0
+        assert await pool.fetchval("select count(*) from events") == 0, "no scope, nothing"
+    finally:
+        await pool.close()
+    per_worker = await citus_pool.fetch(
+        """
+        select s.nodeport, count(distinct e.stream_id) as cards from events e
+        join citus_shards s on s.table_name = 'events'::regclass
+                           and s.shardid = get_shard_id_for_distribution_column('events', e.stream_id)
+        where e.tenant_id = $1 group by s.nodeport
+        """,
+        BIG,
+    )
+    print({row["nodeport"]: row["cards"] for row in per_worker})
+    assert sum(row["cards"] for row in per_worker) >= 40
+    # 40 cards over 8 shards on 2 workers: one worker holding none has odds of 1e-12.
+    assert {row["nodeport"] for row in per_worker} == {worker.port for worker in cluster.workers}
 
 
 async def streams_on_two_shards(pool: asyncpg.Pool) -> tuple[str, str]:
@@ -439,7 +503,9 @@ async def test_a_source_is_read_on_its_own_shard_alone(citus_pool, cluster):
         await locker.execute("begin; set local citus.enable_manual_changes_to_shards = on")
         await locker.execute(f"lock table {locked_shard} in access exclusive mode")
         async with asyncio.timeout(10):
-            rows = await citus_pool.fetch("select stream_id from source_events($1, $2, 0, 100000)", read_stream, source)
+            rows = await citus_pool.fetch(
+                "select stream_id from source_events($1, $2, 0, 100000, '*')", read_stream, source
+            )
         assert read_stream in {row["stream_id"] for row in rows}
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(1):
@@ -562,7 +628,7 @@ end
 $$
 """
 OLDER_SOURCE_HEAD = """
-create or replace function source_head(p_route text, p_source bigint) returns bigint language plpgsql stable as $$
+create or replace function source_head(p_route text, p_source bigint, p_scope text) returns bigint language plpgsql stable as $$
 begin
     return null;
 end
@@ -593,7 +659,7 @@ async def test_upgrade_of_a_running_cluster_installs_every_function_body_shipped
         )
         await connection.execute(OLDER_SOURCE_HEAD)
     older = OLDER_SOURCE_HEAD.split("$$")[1]
-    assert await bodies_on_every_node(cluster, "source_head(text, bigint)") == [older] * len(cluster.nodes)
+    assert await bodies_on_every_node(cluster, "source_head(text, bigint, text)") == [older] * len(cluster.nodes)
     store = EventStore(citus_pool)
     assert await store.head() == Checkpoint()  # the older body answers no head, on every worker
 
@@ -601,8 +667,8 @@ async def test_upgrade_of_a_running_cluster_installs_every_function_body_shipped
         done = await upgrade(connection)
 
     assert "source_head reads on the shard's worker" in done and "append_event dropped" in done
-    [shipped] = [f.body for f in distribution.FUNCTIONS if f.signature == "source_head(text, bigint)"]
-    assert await bodies_on_every_node(cluster, "source_head(text, bigint)") == [shipped] * len(cluster.nodes)
+    [shipped] = [f.body for f in distribution.FUNCTIONS if f.signature == "source_head(text, bigint, text)"]
+    assert await bodies_on_every_node(cluster, "source_head(text, bigint, text)") == [shipped] * len(cluster.nodes)
     retired = "append_event(text, integer, text, jsonb, jsonb, bytea, text, bytea)"
     assert await bodies_on_every_node(cluster, retired) == [None] * len(cluster.nodes)
     async with citus_pool.acquire() as connection:

@@ -6,6 +6,8 @@ role, a query that forgets its tenant finds nothing; a single-store database upg
 
 The service here runs as the role ``giftcard db grant`` sets up, as deployed: a superuser (the
 other suites' role) passes through row-level security, which is the point of these tests.
+Under ``--on-citus`` they run on a Citus cluster, where the rows of events, snapshots and
+card_lookup live on the workers and the boundary must hold there too.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from tests.test_security import ROOT, eventually
 ACME, GLOBEX = "acme", "globex"
 SAME_CODE = "SAME-C0DE-BTH5-XYZ7"  # in the codes' alphabet (no I, L, O, U)
 TENANT_TABLES = ("events", "card_lookup", "personal_data_keys", "api_keys", "providers")
+
+pytestmark = pytest.mark.also_on_citus
 
 
 class Store:
@@ -142,22 +146,30 @@ async def test_row_level_security_refuses_unscoped_reads_as_the_service_role(led
     globex_card = await issue_in(ledger, GLOBEX, "r")
     connection = await asyncpg.connect(service_role_url)
     try:
-        for table in TENANT_TABLES:  # a query that forgets its tenant, as the service runs it
+        for table in TENANT_TABLES:  # a query that forgets its tenant, on a session that never set one
             assert await connection.fetchval(f"select count(*) from {table}") == 0, table
-        await connection.execute("select set_config('giftcard.tenant', $1, false)", ACME)
-        assert {r["stream_id"] for r in await connection.fetch("select stream_id from events")} == {acme_card}
-        assert await connection.fetchval("select count(*) from card_lookup where card_id = $1", globex_card) == 0
-        assert await connection.fetchval("select count(*) from personal_data_keys") == 1
-        with pytest.raises(asyncpg.InsufficientPrivilegeError):  # nor may it write another store's row
-            await connection.execute(
-                "insert into card_lookup (card_id, code_hash, relation_name, profile_id, tenant_id)"
-                " values ('x', '\\x00', 'x', 'x', $1)",
-                GLOBEX,
-            )
-        await connection.execute("select set_config('giftcard.tenant', $1, false)", ALL_TENANTS)
-        assert await connection.fetchval("select count(distinct tenant_id) from events") == 2, "the operator's scope"
     finally:
         await connection.close()
+    pool = await create_pool(service_role_url, size_min=1, size_max=1)  # as the service runs its statements
+    try:
+        for table in TENANT_TABLES:  # no scope: nothing
+            assert await pool.fetchval(f"select count(*) from {table}") == 0, table
+        with tenant_scope(ACME):
+            assert {r["stream_id"] for r in await pool.fetch("select stream_id from events")} == {acme_card}
+            assert await pool.fetchval("select count(*) from card_lookup where card_id = $1", globex_card) == 0
+            assert await pool.fetchval("select count(*) from personal_data_keys") == 1
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):  # nor may it write another store's row
+                await pool.execute(
+                    "insert into card_lookup (card_id, code_hash, relation_name, profile_id, tenant_id)"
+                    " values ('x', '\\x00', 'x', 'x', $1)",
+                    GLOBEX,
+                )
+            async with pool.acquire() as connection, connection.transaction():  # inside a transaction too
+                assert await connection.fetchval("select count(distinct tenant_id) from events") == 1
+        with tenant_scope(ALL_TENANTS):
+            assert await pool.fetchval("select count(distinct tenant_id) from events") == 2, "the operator's scope"
+    finally:
+        await pool.close()
 
 
 async def test_the_cache_of_one_process_never_hands_a_card_to_another_tenant(service_role_url, clock):  # noqa: F811

@@ -13,6 +13,11 @@ Two changes the distribution needs and plain PostgreSQL does not:
 - the immutability triggers are row triggers on a distributed table, which Citus creates on every
   shard placement only with ``citus.enable_unsafe_triggers`` (ours touch no other table: safe), so
   an UPDATE, DELETE or TRUNCATE run directly on a worker's shard is refused as well.
+
+Row-level security (migration 0016) holds on the workers too: Citus creates the tables' policy and
+their ENABLE and FORCE on every shard, and the service takes its scope there (ledger.postgres.tenancy:
+SET LOCAL, which Citus sends on to the workers; the functions below, which run on a worker by
+themselves, take it as their last argument, p_scope).
 """
 
 from __future__ import annotations
@@ -27,13 +32,6 @@ CARD_TABLES = (("events", "stream_id"), ("snapshots", "stream_id"))
 # Copied to every node: small, read everywhere, and their uniqueness holds across every card
 # (a redemption code's hash, a relationName).
 REFERENCE_TABLES = ("card_lookup",)
-
-# The tables whose rows live on the workers are not under row-level security (migration 0016): a
-# worker never sees the scope the service sets in its coordinator session, so the service's role
-# would find nothing there, and an online shard move copies rows as the tables' owner, which
-# FORCE would hold to the policy (COPY FROM refuses row-level security). Such a deployment serves
-# only its default tenant (hub.app: tenants_isolated) until the scope reaches the workers.
-_WORKERS_WITHOUT_ROW_SECURITY = "alter table {table} disable row level security, no force row level security"
 
 # How PostgreSQL names the constraint in a unique violation's message (lc_messages in English).
 _CONSTRAINT_IN_MESSAGE = re.compile(r'unique constraint "([^"]+)"')
@@ -51,16 +49,18 @@ _DISTRIBUTION_METHOD = "select partmethod::text from pg_dist_partition where log
 # INSERT ... SELECT would go through its distributed INSERT ... SELECT machinery. The caller sends
 # the rows in stream order, so two writers never wait for each other in a cycle.
 # The JSON comes as text[] (see _APPEND_ON_ONE_SHARD in ledger.eventstore.store: why arrays go as text).
+# p_scope is the tenant scope (ledger.postgres.tenancy) the rows are written in, on the worker.
 _APPEND_EVENTS_FUNCTION = """
 create or replace function append_events(
     p_route text, p_stream_ids text[], p_expected integer[], p_types text[], p_data text[], p_metadata text[],
-    p_hashes bytea[], p_idempotency_keys text[], p_previous_hashes bytea[]
+    p_hashes bytea[], p_idempotency_keys text[], p_previous_hashes bytea[], p_scope text
 ) returns text[] language plpgsql as $$
 declare
     r record;
     inserted text;
     appended text[] := '{}';
 begin
+    perform set_config('giftcard.tenant', coalesce(p_scope, ''), true);
     for r in
         select * from unnest(p_stream_ids, p_expected, p_types, p_data, p_metadata, p_hashes, p_idempotency_keys,
                              p_previous_hashes)
@@ -84,7 +84,9 @@ begin
 end
 $$
 """
-_APPEND_EVENTS_SIGNATURE = "append_events(text, text[], integer[], text[], text[], text[], bytea[], text[], bytea[])"
+_APPEND_EVENTS_SIGNATURE = (
+    "append_events(text, text[], integer[], text[], text[], text[], bytea[], text[], bytea[], text)"
+)
 
 # Readers of the commit order on the cluster (ledger.eventstore.commit_order): a source is a shard, and its
 # events are read on the shard's worker, from the shard's own table (events_<shard id>), where a
@@ -94,12 +96,14 @@ _APPEND_EVENTS_SIGNATURE = "append_events(text, text[], integer[], text[], text[
 # read, by source, as before. Call them only as "select ... from source_events(...)" or
 # "select source_head(...)": Citus 13.2 delegates only those shapes, and the coordinator crashed on
 # the function in a subquery ("select count(*) from (select ... from source_events(...)) x").
+# p_scope is the tenant scope of the read, as in append_events.
 _SOURCE_EVENTS_FUNCTION = """
-create or replace function source_events(p_route text, p_source bigint, p_after bigint, p_limit integer)
+create or replace function source_events(p_route text, p_source bigint, p_after bigint, p_limit integer, p_scope text)
 returns setof events language plpgsql stable as $$
 declare
     shard regclass := to_regclass('events_' || p_source);
 begin
+    perform set_config('giftcard.tenant', coalesce(p_scope, ''), true);
     if shard is null then
         return query select * from events where source = p_source and seq > p_after order by seq limit p_limit;
     else
@@ -109,14 +113,16 @@ begin
 end
 $$
 """
-_SOURCE_EVENTS_SIGNATURE = "source_events(text, bigint, bigint, integer)"
+_SOURCE_EVENTS_SIGNATURE = "source_events(text, bigint, bigint, integer, text)"
 
 _SOURCE_HEAD_FUNCTION = """
-create or replace function source_head(p_route text, p_source bigint) returns bigint language plpgsql stable as $$
+create or replace function source_head(p_route text, p_source bigint, p_scope text)
+returns bigint language plpgsql stable as $$
 declare
     shard regclass := to_regclass('events_' || p_source);
     head bigint;
 begin
+    perform set_config('giftcard.tenant', coalesce(p_scope, ''), true);
     if shard is null then
         select max(seq) into head from events where source = p_source;
     else
@@ -126,7 +132,7 @@ begin
 end
 $$
 """
-_SOURCE_HEAD_SIGNATURE = "source_head(text, bigint)"
+_SOURCE_HEAD_SIGNATURE = "source_head(text, bigint, text)"
 
 
 class DistributedFunction(NamedTuple):
@@ -155,7 +161,13 @@ FUNCTIONS = (
     ),
 )
 # Functions an earlier release installed that nothing calls any more: (signature, name).
-RETIRED_FUNCTIONS = (("append_event(text, integer, text, jsonb, jsonb, bytea, text, bytea)", "append_event"),)
+RETIRED_FUNCTIONS = (
+    ("append_event(text, integer, text, jsonb, jsonb, bytea, text, bytea)", "append_event"),
+    # Before they took the tenant scope (p_scope) to the worker.
+    ("append_events(text, text[], integer[], text[], text[], text[], bytea[], text[], bytea[])", "append_events"),
+    ("source_events(text, bigint, bigint, integer)", "source_events"),
+    ("source_head(text, bigint)", "source_head"),
+)
 # A function is current when its stored source is the one shipped and Citus runs it on the workers
 # (distributed, with an argument to route by); null when it does not exist.
 _FUNCTION_CURRENT = """
@@ -229,11 +241,9 @@ async def distribute(connection: asyncpg.Connection) -> list[str]:
                 "select create_distributed_table($1, $2, colocate_with => $3)", table, column, colocate
             )
             done.append(f"{table} distributed by {column}")
-            await connection.execute(_WORKERS_WITHOUT_ROW_SECURITY.format(table=table))
     for table in REFERENCE_TABLES:
         if await _method(connection, table) is None:
             await connection.execute("select create_reference_table($1)", table)
-            await connection.execute(_WORKERS_WITHOUT_ROW_SECURITY.format(table=table))
             done.append(f"{table} copied to every node")
     outdated = await _functions_outdated(connection)
     # Every body, every time, over whatever an earlier release left: CREATE OR REPLACE on a
