@@ -421,21 +421,25 @@ async def test_one_large_store_s_cards_spread_over_every_worker(cluster, citus_p
     pool = await create_pool(as_role(cluster, citus_service_role), size_min=1, size_max=4)
     try:
         ledger = Ledger(EventStore(pool), code_key=b"k" * 32)
+        cards: dict[str, list[str]] = {}
         for tenant, count in ((BIG, 40), (SMALL, 2)):
             await auth.create_key(citus_pool, auth.PROVIDER, auth.ROLES, tenant)  # the store exists
             with tenant_scope(tenant):
-                for _ in range(count):
-                    await issue(ledger)
+                cards[tenant] = [str((await issue(ledger)).card.id) for _ in range(count)]
         with tenant_scope(SMALL):
-            assert await pool.fetchval("select count(*) from events where tenant_id = $1", BIG) == 0
-            assert await pool.fetchval("select count(*) from card_lookup where tenant_id = $1", BIG) == 0
+            for table, column in (("events", "stream_id"), ("card_lookup", "card_id")):
+                query = f"select count(*) from {table} where {column} = any($1::text[])"
+                assert await pool.fetchval(query, cards[BIG]) == 0, table
+                assert await pool.fetchval(query, cards[SMALL]) > 0, table
         assert await pool.fetchval("select count(*) from events") == 0, "no scope, nothing"
     finally:
         await pool.close()
-    cards = [r["stream_id"] for r in await citus_pool.fetch("select stream_id from events where tenant_id = $1", BIG)]
-    per_worker = Counter([(await shard_of(citus_pool, card_id))[1] for card_id in cards])
-    print(f"the large store's {len(cards)} cards per worker (port): {dict(per_worker)}")
-    assert len(cards) == 40
+    stored = await citus_pool.fetch(
+        "select distinct stream_id, tenant_id from events where stream_id = any($1)", cards[BIG]
+    )
+    assert {(r["stream_id"], r["tenant_id"]) for r in stored} == {(card_id, BIG) for card_id in cards[BIG]}
+    per_worker = Counter([(await shard_of(citus_pool, card_id))[1] for card_id in cards[BIG]])
+    print(f"the large store's cards per worker (port): {dict(per_worker)}")
     # 40 cards over 8 shards on 2 workers: one worker holding none has odds of 1e-12.
     assert set(per_worker) == {worker.port for worker in cluster.workers}
 
