@@ -568,6 +568,36 @@ async def test_db_grant_lets_the_service_role_run_the_ledger_and_never_rewrite_i
         await pool.close()
 
 
+WORKER_TABLES = ("events", "snapshots", "card_lookup")
+
+
+async def row_security_of_placements(pool: asyncpg.Pool) -> set[tuple[bool, bool]]:
+    """(enabled, forced) as every shard placement of the workers' tables holds it."""
+    found = set()
+    for table in WORKER_TABLES:
+        for row in await pool.fetch(
+            "select result from run_command_on_placements($1,"
+            " $$select relrowsecurity || ',' || relforcerowsecurity from pg_class where oid = '%s'::regclass$$)",
+            table,
+        ):
+            enabled, forced = row["result"].split(",")
+            found.add((enabled == "true", forced == "true"))
+    return found
+
+
+async def test_upgrade_turns_row_level_security_on_for_every_shard_of_a_cluster_distributed_before(citus_pool):
+    """An earlier release left row-level security off on the tables of the workers; migration 0019
+    turns it on, on every shard placement, not forced (see ledger.postgres.distribution)."""
+    async with citus_pool.acquire() as connection:
+        for table in WORKER_TABLES:
+            await connection.execute(f"alter table {table} disable row level security, no force row level security")
+        await connection.execute("delete from schema_migrations where version = 19")
+    assert await row_security_of_placements(citus_pool) == {(False, False)}
+    async with citus_pool.acquire() as connection:
+        assert "0019_row_security_on_citus_workers" in await upgrade(connection)
+    assert await row_security_of_placements(citus_pool) == {(True, False)}
+
+
 # Last in this file: it leaves the cluster with a third worker.
 async def test_a_worker_added_with_the_cli_takes_shards_by_rebalancing_and_serves_its_cards(
     cluster, citus_ledger, citus_pool

@@ -90,7 +90,8 @@ class ScopedConnection(asyncpg.Connection):
 
     On a Citus coordinator it also takes the scope to the workers: a transaction it starts sets it
     with SET LOCAL, and a statement outside a transaction that names a table of the workers runs in
-    one (BEGIN, SET LOCAL, the statement, COMMIT: three round trips more, on Citus only)."""
+    one (BEGIN, SET LOCAL, the statement, COMMIT: three round trips more, on Citus only). Not
+    executemany, COPY or cursors: run those in a transaction, as a cursor needs anyway."""
 
     __slots__ = ("_scope_held", "_on_citus")
 
@@ -103,24 +104,24 @@ class ScopedConnection(asyncpg.Connection):
             await self.execute("select set_config('giftcard.tenant', $1, false)", scope)
             self._scope_held = scope
 
-    def _scope_for_workers(self, query: str) -> str | None:
-        """The scope a statement outside a transaction must carry to the workers, or None."""
-        scope = getattr(self, "_scope_held", NO_TENANT)
-        if not getattr(self, "_on_citus", False) or scope == NO_TENANT or self._top_xact is not None:
-            return None
-        if self.is_in_transaction() or not _reaches_workers(query):
-            return None
-        return scope
+    def _scope_held_on_citus(self) -> str:
+        """The scope the workers must be given; empty on one server (the session's setting serves)."""
+        return (getattr(self, "_scope_held", None) or NO_TENANT) if getattr(self, "_on_citus", False) else NO_TENANT
+
+    def _runs_in_a_scoped_transaction(self, query: str) -> bool:
+        """Whether a statement must carry its scope to the workers and no transaction does it yet."""
+        if not self._scope_held_on_citus() or self._top_xact is not None or self.is_in_transaction():
+            return False
+        return _reaches_workers(query)
 
     async def _execute(self, query, args, limit, timeout, **options):
-        scope = self._scope_for_workers(query)
-        if scope is None:
+        if not self._runs_in_a_scoped_transaction(query):
             return await super()._execute(query, args, limit, timeout, **options)
         async with self.transaction():
             return await super()._execute(query, args, limit, timeout, **options)
 
     async def execute(self, query: str, *args, timeout: float | None = None) -> str:
-        if args or self._scope_for_workers(query) is None:  # with arguments it goes through _execute
+        if args or not self._runs_in_a_scoped_transaction(query):  # with arguments it goes through _execute
             return await super().execute(query, *args, timeout=timeout)
         async with self.transaction():
             return await super().execute(query, timeout=timeout)
@@ -131,8 +132,8 @@ class ScopedConnection(asyncpg.Connection):
 
     async def scope_transaction(self) -> None:
         """Just after BEGIN: the scope for the workers too (on one server the session's serves)."""
-        scope = getattr(self, "_scope_held", NO_TENANT)
-        if getattr(self, "_on_citus", False) and scope != NO_TENANT:
+        scope = self._scope_held_on_citus()
+        if scope:
             await super().execute(set_local_statement(scope))
 
     def forget_scope(self) -> None:
