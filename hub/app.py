@@ -23,7 +23,19 @@ from hub.errors import error_middleware, error_response
 from hub.http import audit_api, auth, bulk_api, openapi, read_api, read_pool, webhooks_api
 from hub.http.hub_api import HubHandlers
 from hub.http.native import NativeHandlers, json_response
-from hub.http.state import DIRECTORY, EGRESS, LEDGER, METRICS, POOL, READ_POOL, REGISTRY, SETTINGS, THROTTLE
+from hub.http.state import (
+    DIRECTORY,
+    EGRESS,
+    LEDGER,
+    METRICS,
+    POOL,
+    READ_POOL,
+    REGISTRY,
+    SETTINGS,
+    TENANT_LIMITS,
+    THROTTLE,
+)
+from hub.http.tenant_limits import TenantLimits, make_tenant_limits_middleware
 from hub.logs import CURRENT_REQUEST_ID
 from hub.metrics import Metrics, make_metrics_middleware, metrics_handler
 from hub.pages import audit as audit_pages
@@ -148,12 +160,13 @@ def start_background_tasks(
     pool: asyncpg.Pool,
     webhook_pool: asyncpg.Pool | None,
     rings: dict[str, auth.KeyRing],
+    limits: TenantLimits,
     cipher: CredentialsCipher,
 ) -> list[asyncio.Task]:
     """What a hub process does besides answering requests; each kind may run in every process."""
     settings = app[SETTINGS]
     tasks = [
-        asyncio.create_task(auth.keep_refreshed(pool, list(rings.values()))),
+        asyncio.create_task(auth.keep_refreshed(pool, [*rings.values(), limits])),
         asyncio.create_task(app[DIRECTORY].keep_refreshed()),
     ]
     if settings.hold_ttl_s > 0:
@@ -190,6 +203,13 @@ def create_app(
         ),
     }
     metrics = Metrics()
+    limits = TenantLimits(
+        metrics,
+        workers=settings.workers,
+        default_max_rps=settings.tenant_max_rps,
+        default_max_concurrent=settings.tenant_max_concurrent,
+        metrics_tenants_max=settings.metrics_tenants_max,
+    )
     app = web.Application(
         client_max_size=settings.body_bytes_max,
         middlewares=[
@@ -199,9 +219,11 @@ def create_app(
             *([read_pool.replica_lag_headers] if settings.replica_url else []),
             error_middleware,
             auth.make_auth_middleware(rings),
+            make_tenant_limits_middleware(limits),
         ],
     )
     app[METRICS] = metrics
+    app[TENANT_LIMITS] = limits
     app[SETTINGS] = settings
     cipher = cipher or CredentialsCipher(settings.secret_key)
     app[EGRESS] = EgressPolicy(settings.provider_allowlist)
@@ -257,6 +279,7 @@ def create_app(
                 if pair is not None:
                     announce(ring.audience, pair)
                 await ring.refresh(pool)
+            await limits.refresh(pool)
             app[REGISTRY] = ProviderRegistry(store, cipher, settings.native_provider_id, settings.default_tenant)
             connector = aiohttp.TCPConnector(
                 limit=PROVIDER_CONNECTIONS_MAX, resolver=GuardedResolver(app[EGRESS]), use_dns_cache=False
@@ -266,7 +289,7 @@ def create_app(
                 app[DIRECTORY] = ProviderDirectory(app[REGISTRY], outbound)
                 with tenant_scope(ALL_TENANTS):  # the operator's work, for every store (tasks copy the scope)
                     await app[DIRECTORY].refresh()
-                    background = start_background_tasks(app, pool, webhook_pool, rings, cipher)
+                    background = start_background_tasks(app, pool, webhook_pool, rings, limits, cipher)
                 yield
                 for task in background:
                     task.cancel()

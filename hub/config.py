@@ -57,6 +57,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     default_tenant: Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="a VTEX account name")] = (
         DEFAULT_TENANT
     )
+    # each store's limits where the tenants table sets none of its own; None: no limit
+    tenant_max_rps: whole(ge=1, le=1_000_000) | None = None
+    tenant_max_concurrent: whole(ge=1, le=100_000) | None = None
+    metrics_tenants_max: whole(ge=0, le=10_000) = 100  # stores with their own label in /metrics
     native_provider_id: Annotated[str, Meta(min_length=1, max_length=100, description="a provider id")] = "VtexGiftCard"
     provider_app_key: text("an app key") | None = None
     provider_app_token: Secret | None = None

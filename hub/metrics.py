@@ -4,6 +4,10 @@ Each application owns its registry, so several apps in one process (tests) do
 not share counters. With ``serve --workers N`` every worker writes to
 ``PROMETHEUS_MULTIPROC_DIR`` and any worker answers for all of them; gauges count
 live workers only (``livemax``: the supervisor marks a dead worker's files dead).
+
+Per-tenant counts keep a bounded label set: only the stores ``label_tenants`` names carry their
+own ``tenant`` label (``GIFTCARD_METRICS_TENANTS_MAX``, the first created); every other store's
+requests count under ``tenant="other"``.
 """
 
 from __future__ import annotations
@@ -17,12 +21,16 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0)
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+OTHER_TENANTS = "other"  # the label of every store without one of its own
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._tenants_labelled: frozenset[str] = frozenset()
+        self._tenant_children: dict[tuple[str, int], Counter] = {}  # (tenant, status // 100)
         r = self.registry
         self.requests = Counter(
             "giftcard_http_requests", "HTTP requests answered", ["method", "route", "status"], registry=r
@@ -53,6 +61,18 @@ class Metrics:
             ["provider"],
             registry=r,
             multiprocess_mode="livemax",
+        )
+        self.tenant_requests = Counter(
+            "giftcard_tenant_requests",
+            "HTTP requests answered per store (tenant), by status class",
+            ["tenant", "status_class"],
+            registry=r,
+        )
+        self.tenant_limited = Counter(
+            "giftcard_tenant_limited",
+            "Requests of a store refused 429 by its limits, by the limit",
+            ["tenant", "limit"],
+            registry=r,
         )
         self.append_seconds = Histogram(
             "giftcard_event_append_seconds", "Event store append latency", buckets=LATENCY_BUCKETS_S, registry=r
@@ -93,6 +113,31 @@ class Metrics:
         count.inc()
         latency.observe(seconds)
 
+    def label_tenants(self, tenants: list[str]) -> None:
+        """The stores that carry their own ``tenant`` label from now on; the rest count as "other"."""
+        labelled = frozenset(tenants)
+        if labelled != self._tenants_labelled:
+            self._tenants_labelled = labelled
+            self._tenant_children = {}
+
+    @property
+    def tenants_labelled(self) -> frozenset[str]:
+        return self._tenants_labelled
+
+    def tenant_label(self, tenant: str) -> str:
+        return tenant if tenant in self._tenants_labelled else OTHER_TENANTS
+
+    def observe_tenant_request(self, tenant: str, status: int) -> None:
+        key = (tenant, status // 100)
+        count = self._tenant_children.get(key)
+        if count is None:
+            status_class = STATUS_CLASSES[key[1] - 1] if 1 <= key[1] <= 5 else "5xx"
+            count = self._tenant_children[key] = self.tenant_requests.labels(self.tenant_label(tenant), status_class)
+        count.inc()
+
+    def observe_tenant_limited(self, tenant: str, limit: str) -> None:
+        self.tenant_limited.labels(self.tenant_label(tenant), limit).inc()
+
     def observe_append(self, seconds: float) -> None:
         self.append_seconds.observe(seconds)
 
@@ -125,6 +170,9 @@ def make_metrics_middleware(metrics: Metrics):
             route = request.match_info.route.resource
             label = route.canonical if route is not None else "unmatched"
             metrics.observe_request(request.method, label, status, time.perf_counter() - started)
+            tenant = request.get("tenant")  # set by the auth middleware once a key is accepted
+            if tenant is not None:
+                metrics.observe_tenant_request(tenant, status)
 
     return metrics_middleware
 

@@ -24,7 +24,7 @@ import logging
 import secrets
 import sys
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import asyncpg
 from aiohttp import web
@@ -79,6 +79,10 @@ class KeyRing:
     stored: dict[str, StoredKey] = field(default_factory=dict)
     # False where row-level security cannot keep the tenants apart (hub.app.tenants_isolated)
     other_tenants_served: bool = True
+
+    @property
+    def name(self) -> str:
+        return f"{self.audience} credentials"
 
     def verdict(self, key: str | None, token: str | None) -> Verdict:
         if not key or not token:
@@ -179,14 +183,22 @@ def announce(audience: str, pair: tuple[str, str]) -> None:
     )
 
 
-async def keep_refreshed(pool: asyncpg.Pool, rings: list[KeyRing]) -> None:
+class Refreshed(Protocol):
+    """What is read again from the database with the keys: key rings, tenant limits."""
+
+    name: str
+
+    async def refresh(self, pool: asyncpg.Pool) -> None: ...
+
+
+async def keep_refreshed(pool: asyncpg.Pool, refreshed: list[Refreshed]) -> None:
     while True:
         await asyncio.sleep(KEY_REFRESH_S)
-        for ring in rings:
+        for each in refreshed:
             try:
-                await ring.refresh(pool)
+                await each.refresh(pool)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                log.warning("could not refresh %s credentials; keeping the previous set", ring.audience)
+                log.warning("could not refresh %s; keeping the previous set", each.name)
 
 
 def audience_of(path: str) -> str | None:

@@ -237,6 +237,8 @@ _REFUSALS = {
     413: "The body is over the limit",
     415: "The body is not JSON",
     422: "A rule refused it (insufficient_funds, card_expired, over_settlement, ...)",
+    429: "Past the store's limit (tenant_rate_limited, tenant_concurrency_limited) or the code lookups' "
+    "(too_many_failed_lookups): retry after Retry-After",
     502: "The external provider failed or answered something unusable",
     503: "The ledger database is unavailable, or was busy with a conflicting write: retry after Retry-After",
     504: "The external provider did not answer in time",
@@ -254,7 +256,7 @@ def refusal_statuses(method: str, path: str, operation: Operation) -> list[int]:
     """What a refused call answers, by what the route takes: the error middleware maps every failure."""
     if auth.audience_of(path) is None:
         return [503] if path == "/readyz" else []
-    statuses = [400, 401, 403, 503]
+    statuses = [400, 401, 403, 429, 503]  # 429: every keyed request counts against its store's limits
     if _path_parameters(path):
         statuses.append(404)
     if method in _WRITES and not path.endswith("/_search"):
@@ -275,7 +277,7 @@ def _refusals(method: str, path: str, operation: Operation) -> dict[str, Any]:
         responses[str(status)] = {"description": _REFUSALS[status]}
         if status != 401:
             responses[str(status)]["content"] = {JSON: {"schema": {"$ref": "#/components/schemas/Error"}}}
-        if status == 503:
+        if status in (429, 503):
             responses[str(status)]["headers"] = {"Retry-After": {"schema": {"type": "integer"}}}
     return responses
 

@@ -6,6 +6,7 @@ import asyncpg
 from aiohttp import web
 
 from hub.config import Settings
+from hub.http.tenant_limits import TenantLimits
 from hub.metrics import Metrics
 from hub.providers.directory import ProviderDirectory
 from hub.providers.egress import EgressPolicy
@@ -23,3 +24,4 @@ DIRECTORY = web.AppKey("directory", ProviderDirectory)
 EGRESS = web.AppKey("egress", EgressPolicy)
 THROTTLE = web.AppKey("throttle", LookupThrottle)
 METRICS = web.AppKey("metrics", Metrics)
+TENANT_LIMITS = web.AppKey("tenant_limits", TenantLimits)
