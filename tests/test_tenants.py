@@ -136,6 +136,32 @@ async def test_each_tenant_registers_and_lists_its_own_providers(service, pool):
     assert (await globex.call("GET", "/api/giftcardproviders/Ext"))[0] == 200, "removing one store's leaves the other's"
 
 
+async def _lists_only(store: Store, cards: set[str]) -> bool:
+    status, body = await store.call("GET", "/api/ledger/balances")
+    return status == 200 and {item["cardId"] for item in body["items"]} == cards
+
+
+async def test_each_tenant_audits_and_lists_only_its_own_cards(service, pool):
+    """The auditor's API replays a store's own cards and finds no other's; the read models (the
+    read API, finance's exports) list each store's cards only, though one projection runner
+    projects every store's events."""
+    acme, globex = await store_of(service, pool, ACME), await store_of(service, pool, GLOBEX)
+    credit = {"operation": "Credit", "value": 30, "description": "load", "requestId": "r1"}
+    cards = {}
+    for name, store in ((ACME, acme), (GLOBEX, globex)):
+        status, card = await store.call("POST", "/native/giftcards", card_body("gift-1"))
+        assert status == 200, card
+        assert (await store.call("POST", f"/native/giftcards/{card['id']}/transactions", credit))[0] == 200
+        cards[name] = card["id"]
+    status, audit = await acme.call("GET", f"/api/audit/cards/{cards[ACME]}")
+    assert status == 200, audit
+    status, body = await globex.call("GET", f"/api/audit/cards/{cards[ACME]}")
+    assert status == 404 and body["error"]["code"] == "card_not_found"
+    await eventually(lambda: _lists_only(acme, {cards[ACME]}))
+    await eventually(lambda: _lists_only(globex, {cards[GLOBEX]}))
+    assert (await globex.call("GET", f"/api/ledger/balances/{cards[ACME]}"))[0] == 404
+
+
 async def issue_in(ledger: Ledger, tenant: str, relation_name: str) -> str:
     with tenant_scope(tenant):
         return str((await issue(ledger, relation_name=relation_name, profile_id="same-person")).card.id)
