@@ -7,6 +7,10 @@ Events stay immutable on every shard placement, also when a worker is written to
 concurrent Debits from ``giftcard serve`` nothing is spent twice; with a worker down, its cards
 answer 503 while the other worker's cards keep working, and they catch up when it returns.
 
+Two stores on the cluster stay apart on the workers (row-level security there, the scope taken
+along: see ledger.postgres.tenancy); a large store's cards spread over every worker, and shards
+holding them move under its Debits with nothing lost, doubled or crossed into the other store.
+
 The read side follows each shard's own commit order (ledger.eventstore.commit_order): every shard is a
 source whose events take an increasing seq on their worker, so projections run beside ``serve`` on
 the cluster, keep up through shard moves, and are held back by no other node's transactions.
@@ -661,6 +665,14 @@ begin
 end
 $$
 """
+# The form of source_head before it took the reader's tenant scope to the worker.
+SOURCE_HEAD_WITHOUT_SCOPE = """
+create or replace function source_head(p_route text, p_source bigint) returns bigint language plpgsql stable as $$
+begin
+    return null;
+end
+$$
+"""
 _BODY = "select prosrc from pg_proc where oid = to_regprocedure($1)"
 
 
@@ -685,6 +697,10 @@ async def test_upgrade_of_a_running_cluster_installs_every_function_body_shipped
             "append_event(text, integer, text, jsonb, jsonb, bytea, text, bytea)",
         )
         await connection.execute(OLDER_SOURCE_HEAD)
+        await connection.execute(SOURCE_HEAD_WITHOUT_SCOPE)
+        await connection.execute(
+            "select create_distributed_function($1, 'p_route', colocate_with => 'events')", "source_head(text, bigint)"
+        )
     older = OLDER_SOURCE_HEAD.split("$$")[1]
     assert await bodies_on_every_node(cluster, "source_head(text, bigint, text)") == [older] * len(cluster.nodes)
     store = EventStore(citus_pool)
@@ -698,6 +714,8 @@ async def test_upgrade_of_a_running_cluster_installs_every_function_body_shipped
     assert await bodies_on_every_node(cluster, "source_head(text, bigint, text)") == [shipped] * len(cluster.nodes)
     retired = "append_event(text, integer, text, jsonb, jsonb, bytea, text, bytea)"
     assert await bodies_on_every_node(cluster, retired) == [None] * len(cluster.nodes)
+    assert "source_head dropped" in done, "the form that took no tenant scope"
+    assert await bodies_on_every_node(cluster, "source_head(text, bigint)") == [None] * len(cluster.nodes)
     async with citus_pool.acquire() as connection:
         one_statement = await EventStore(connection).head()  # not delegated: reads every shard from here
         assert await upgrade(connection) == []  # current now: a second upgrade changes nothing
