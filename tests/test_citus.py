@@ -58,7 +58,11 @@ from tests.test_faults import (
     summary,
 )
 
-pytestmark = pytest.mark.skipif(citus_missing() is not None, reason=str(citus_missing()))
+# On a cluster of its own, with or without --on-citus (which then runs it beside the suites it puts on Citus).
+pytestmark = [
+    pytest.mark.skipif(citus_missing() is not None, reason=str(citus_missing())),
+    pytest.mark.also_on_citus,
+]
 
 SCENARIO_TIMEOUT_S = 90
 # The hub on the coordinator with its read side: the projection runner follows every shard.
