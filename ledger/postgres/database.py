@@ -167,9 +167,6 @@ def connect_options(statement_timeout_s: float = STATEMENT_TIMEOUT_S) -> dict[st
             # (the service has no use for the hiding: it never lists tables). Elsewhere a harmless
             # placeholder setting.
             "citus.override_table_visibility": "off",
-            # On Citus, a SET LOCAL reaches the workers: how the tenant scope gets there
-            # (ledger.postgres.tenancy). Elsewhere a placeholder too.
-            "citus.propagate_set_commands": "local",
         },
     }
 

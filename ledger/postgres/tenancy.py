@@ -8,8 +8,8 @@ connection the service's pools hand out carries the scope of the task that acqui
 (``ScopedConnection``); with no scope at all it carries the empty scope, which sees nothing.
 
 On Citus the rows of events, snapshots and card_lookup live on the workers, whose sessions never
-see the coordinator's setting: Citus carries a ``SET LOCAL`` to them (``citus.propagate_set_commands
-= 'local'``, see ledger.postgres.database.connect_options) but nothing set for the session. So
+see the coordinator's setting: Citus carries a ``SET LOCAL`` to them (with
+``citus.propagate_set_commands = 'local'``) but nothing set for the session. So
 there a statement that names one of those tables runs inside a transaction that sets the scope
 with ``SET LOCAL`` (see ``ScopedConnection``), and the functions Citus runs on a worker take the
 scope as an argument (ledger.postgres.distribution). A statement that slips through both finds the
@@ -78,10 +78,15 @@ def _reaches_workers(query: str) -> bool:
 
 def set_local_statement(scope: str) -> str:
     """The scope for the current transaction only, as a plain SET LOCAL: the one form Citus sends
-    on to the workers (no parameters in a utility statement: the scope's alphabet needs no quoting)."""
+    on to the workers (no parameters in a utility statement: the scope's alphabet needs no quoting).
+
+    Citus sends on a SET LOCAL only while ``citus.propagate_set_commands`` is 'local', and then the
+    whole text of the statement's query: so this one turns it on, for this transaction only, in the
+    same text (a worker runs both). Not for every session: a SET LOCAL in a query of several
+    statements would take the others along (an exported snapshot's id, which no worker knows)."""
     if not _SCOPE.fullmatch(scope):
         raise ValueError(f"{scope!r} is not a tenant scope")
-    return f"set local giftcard.tenant = '{scope}'"
+    return f"set local citus.propagate_set_commands = 'local'; set local giftcard.tenant = '{scope}'"
 
 
 class ScopedConnection(asyncpg.Connection):
