@@ -347,11 +347,16 @@ async def create_migrated_database(server_url: str, name: str) -> str:
     return url
 
 
-async def create_bench_database(server_url: str, name: str) -> str:
-    """A fresh migrated database with a scratch schema per contender."""
+async def create_bench_database(server_url: str, name: str, without_index: str | None = None) -> str:
+    """A fresh migrated database with a scratch schema per contender; ``without_index``, an index of
+    events, dropped first (the raw contender's copy then lacks it too)."""
     url = await create_migrated_database(server_url, name)
     connection = await asyncpg.connect(url)
     try:
+        if without_index is not None:
+            await connection.execute(
+                await connection.fetchval("select format('drop index %I', $1::text)", without_index)
+            )
         # LIKE ... INCLUDING ALL copies columns, defaults, identity, constraints and indexes (not
         # the immutability triggers, which never fire on insert): the raw contender writes the
         # very row shape our append writes, so the gap between them is the append's own cost.
@@ -438,7 +443,7 @@ async def run_level(url: str, writers: int, rounds: int, timing: Timing) -> Resu
 
 
 async def run(server_url: str, args: argparse.Namespace) -> tuple[list[Result], dict[str, str]]:
-    url = await create_bench_database(server_url, args.bench_database)
+    url = await create_bench_database(server_url, args.bench_database, args.without_index)
     try:
         facts = await server_facts(url)
         timing = Timing(warmup=args.warmup, slice=args.seconds / args.rounds)
@@ -482,6 +487,7 @@ def report(args: argparse.Namespace, results: list[Result], facts: dict[str, Any
         "cpus": os.cpu_count(),
         "server": facts,
         "event_bytes": len(debited_event()[0]),
+        "without_index": args.without_index,
         "results": [r.as_dict() for r in results],
         "targets": targets(results),
     }
@@ -504,6 +510,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated concurrency levels (default 1,8,32,64)",
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write every figure and ratio here")
+    parser.add_argument(
+        "--without-index",
+        metavar="NAME",
+        help="drop this index of events after migrating: what it costs the writers, against a run without "
+        "this option (alternate the two runs on a shared machine)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds, args.rounds, args.warmup = 1.0, 1, 0.3

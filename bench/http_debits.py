@@ -7,6 +7,12 @@ ours-hub       the same server, but the Debits go through the hub, to
                ``/api/giftcardproviders/VtexGiftCard/giftcards/{id}/transactions`` with the hub-consumer
                headers: the hub's forwarding overhead, reported as a share of ours' throughput;
 ours-w2        the same with ``--workers 2``, measured only when ``giftcard serve`` offers it;
+ours-rls       ours run as the database role ``giftcard db grant`` sets up, one store: what
+               row-level security costs (issue 23), reported as ours-rls / ours;
+ours-100t      the same role, the 1,000 cards spread round-robin over 100 stores (tenants), each
+               Debit sent with its card's store's keys: issue 23's "100 tenants", as ours-100t / ours;
+ours-plain     ours with shoppers' personal data stored unsealed (``bench.unsealed_serve``, a
+               bench-only wrapper): what sealing costs (issue 24), reported as ours / ours-plain;
 conventional   ``bench.baselines.eventsourcing_app``: the eventsourcing library's stock
                PostgreSQL application behind aiohttp, on a thread pool;
 lean           ``bench.baselines.lean_update_app``: one guarded UPDATE and one idempotency row
@@ -18,7 +24,9 @@ contender parses whole; every server runs on uvloop. Our servers run as shipped:
 and a webhook subscription delivering every Debit to a sink on loopback (``bench.webhook_sink``).
 
 Each server runs alone, as a subprocess on 127.0.0.1, against a fresh database of its own on the
-same PostgreSQL server, with 1,000 cards it created and credited itself. wrk then sends Debits of
+same PostgreSQL server, with 1,000 cards it created and credited itself. ``--tenants N`` spreads
+ours' cards (and ours-hub's, ours-w2's, ours-plain's) over N stores the same way, N > 1 as the
+service's role; each store of ours with webhooks has its own subscription. wrk then sends Debits of
 0.01 to those cards round-robin, each with a unique requestId and the card's redemptionCode (as
 VTEX's checkout sends it, so ours checks it on every Debit; the baselines ignore it), at each connection count: a short
 warm-up, then a measured run. The whole sequence is repeated ``--rounds`` times, the servers taking
@@ -52,7 +60,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
@@ -61,7 +70,10 @@ from bench import event_store_appends
 from bench.arguments import int_list
 from bench.report import write_json
 from bench.webhook_sink import running_sink
-from ledger.postgres.database import database_named
+from hub.http import auth
+from ledger.postgres.database import create_pool, database_named
+from ledger.postgres.migrate import grant_service_role, upgrade
+from ledger.postgres.tenancy import ALL_TENANTS, tenant_scope
 
 CARDS = 1_000
 CARD_CREDIT = "1000000.00"  # a million of the checkout body's 1.00 Debits per card: no run comes near it
@@ -77,10 +89,13 @@ WRK_TIMEOUT_S = 5  # a request slower than this counts as a wrk timeout error
 TARGET_VS_CONVENTIONAL = 5.0  # the project's targets, checked at the highest connection count
 TARGET_P99_MS = 50.0
 TARGET_HUB_VS_DIRECT = 0.85  # the hub path keeps at least this share of the direct /native throughput
+TARGET_COST_RATIO = 0.95  # issues 23 and 24: many stores, and sealing personal data, each cost at most 5 %
+MANY_STORES = 100  # ours-100t's stores
 NATIVE_PROVIDER_ID = "VtexGiftCard"  # set explicitly for ours-hub, whatever the caller's environment says
 
 OURS, OURS_HUB, OURS_W2, CONVENTIONAL, LEAN = "ours", "ours-hub", "ours-w2", "conventional", "lean"
-OUR_SERVERS = (OURS, OURS_HUB, OURS_W2)
+OURS_RLS, OURS_100T, OURS_PLAIN = "ours-rls", "ours-100t", "ours-plain"
+OUR_SERVERS = (OURS, OURS_HUB, OURS_W2, OURS_RLS, OURS_100T, OURS_PLAIN)
 
 
 @dataclass(frozen=True)
@@ -91,8 +106,19 @@ class Timing:
 
 @dataclass(frozen=True)
 class Credentials:
+    """One store's pairs: the Provider Protocol's and the hub consumer's."""
+
     key: str
     token: str
+    hub_key: str
+    hub_token: str
+
+    @classmethod
+    def generated(cls) -> Credentials:
+        """The pairs service_env configures (the default store's): the hub's is a different key, so
+        the wrong audience's headers would be refused rather than silently accepted."""
+        key, token = "bench-" + secrets.token_hex(4), secrets.token_urlsafe(24)
+        return cls(key, token, key + "-hub", token)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -100,9 +126,24 @@ class Credentials:
 
     @property
     def hub_headers(self) -> dict[str, str]:
-        # The hub-consumer pair that service_env configures: a different key, so the wrong
-        # audience's headers would be refused rather than silently accepted.
-        return {"X-VTEX-API-AppKey": self.key + "-hub", "X-VTEX-API-AppToken": self.token}
+        return {"X-VTEX-API-AppKey": self.hub_key, "X-VTEX-API-AppToken": self.hub_token}
+
+
+@dataclass(frozen=True)
+class Role:
+    """The database role ``giftcard db grant`` sets up, made for this run: row-level security holds it."""
+
+    name: str
+    password: str
+
+    @classmethod
+    def generated(cls) -> Role:
+        return cls(f"giftcard_bench_{secrets.token_hex(4)}", secrets.token_urlsafe(18))
+
+    def url(self, url: str) -> str:
+        parts = urlsplit(url)
+        host = parts.netloc.rsplit("@", 1)[-1]
+        return urlunsplit((parts.scheme, f"{self.name}:{self.password}@{host}", *parts[2:]))
 
 
 @dataclass(frozen=True)
@@ -142,6 +183,7 @@ class Cell:
     vs_conventional: float | None = None
     vs_lean: float | None = None
     hub_vs_direct: float | None = None  # ours-hub only: its req/s over ours' at the same connection count
+    stores: int = 1  # the stores (tenants) its cards were spread over
 
 
 @dataclass(frozen=True)
@@ -151,10 +193,21 @@ class Server:
     name: str
     database: str
     command: Callable[[int, str], list[str]]  # (port, database url) -> argv
-    # (base url, credentials) -> each card's id and redemption code ("" where the server has none)
-    seed: Callable[[str, Credentials], Awaitable[list[tuple[str, str]]]]
+    # (base url, each store's credentials) -> each card's id, redemption code ("" where the server
+    # has none) and store (its index in the credentials)
+    seed: Callable[[str, list[Credentials]], Awaitable[list[Card]]]
     env: dict[str, str] = field(default_factory=dict)
     route: Route = DIRECT
+    stores: int = 1  # over how many stores (tenants) the cards are spread
+    # Run as the service's role (``Role``): row-level security holds it, as deployed. Without it
+    # (the bench's own role, a superuser) only the default store is served, so stores > 1 need it.
+    isolated: bool = False
+
+
+class Card(NamedTuple):
+    id: str
+    code: str
+    store: int  # index into the stores' credentials
 
 
 # ---- the servers --------------------------------------------------------------------------------
@@ -181,9 +234,14 @@ def ours(
     extra_env: list[str],
     workers: int | None = None,
     route: Route = DIRECT,
+    stores: int = 1,
+    isolated: bool = False,
+    program: list[str] | None = None,
 ) -> Server:
+    """``program``: the ``giftcard`` command line to run (default this virtualenv's)."""
+
     def command(port: int, url: str) -> list[str]:
-        argv = [*giftcard_command(), "serve", "--host", HOST, "--port", str(port)]
+        argv = [*(program or giftcard_command()), "serve", "--host", HOST, "--port", str(port)]
         return argv + ["--workers", str(workers)] if workers else argv
 
     # The webhook sink is on loopback, which the egress policy refuses unless allowed.
@@ -195,7 +253,9 @@ def ours(
     }
     if route is VIA_HUB:
         env["GIFTCARD_NATIVE_PROVIDER_ID"] = NATIVE_PROVIDER_ID  # the id the hub path names
-    return Server(name, database, command, seed_ours, env=env, route=route)
+    return Server(
+        name, database, command, seed_ours, env=env, route=route, stores=stores, isolated=isolated or stores > 1
+    )
 
 
 def service_env(credentials: Credentials, extra: list[str] | None = None) -> dict[str, str]:
@@ -203,8 +263,8 @@ def service_env(credentials: Credentials, extra: list[str] | None = None) -> dic
     return {
         "GIFTCARD_PROVIDER_APP_KEY": credentials.key,
         "GIFTCARD_PROVIDER_APP_TOKEN": credentials.token,
-        "GIFTCARD_APP_KEY": credentials.key + "-hub",
-        "GIFTCARD_APP_TOKEN": credentials.token,
+        "GIFTCARD_APP_KEY": credentials.hub_key,
+        "GIFTCARD_APP_TOKEN": credentials.hub_token,
         **dict(item.split("=", 1) for item in extra or []),
     }
 
@@ -217,12 +277,16 @@ def baseline(name: str, module: str, database: str, credentials: Credentials) ->
 
 
 def contenders(args: argparse.Namespace, credentials: Credentials) -> list[Server]:
-    prefix = args.bench_database
-    servers = [ours(OURS, prefix, credentials, args.ours_env)]
-    # Right after ours in every round, so the two paths are measured as close together as possible.
-    servers.append(ours(OURS_HUB, f"{prefix}_hub", credentials, args.ours_env, route=VIA_HUB))
+    prefix, stores = args.bench_database, args.tenants
+    servers = [ours(OURS, prefix, credentials, args.ours_env, stores=stores)]
+    # Right after ours in every round, so each ratio to ours compares runs as close together as possible.
+    servers.append(ours(OURS_HUB, f"{prefix}_hub", credentials, args.ours_env, route=VIA_HUB, stores=stores))
+    servers.append(ours(OURS_RLS, f"{prefix}_rls", credentials, args.ours_env, isolated=True))
+    servers.append(ours(OURS_100T, f"{prefix}_100t", credentials, args.ours_env, stores=MANY_STORES))
+    unsealed = [sys.executable, "-m", "bench.unsealed_serve"]
+    servers.append(ours(OURS_PLAIN, f"{prefix}_plain", credentials, args.ours_env, stores=stores, program=unsealed))
     if args.workers_variant:
-        servers.append(ours(OURS_W2, f"{prefix}_w2", credentials, args.ours_env, workers=2))
+        servers.append(ours(OURS_W2, f"{prefix}_w2", credentials, args.ours_env, workers=2, stores=stores))
     servers.append(baseline(CONVENTIONAL, "bench.baselines.eventsourcing_app", f"{prefix}_es", credentials))
     servers.append(baseline(LEAN, "bench.baselines.lean_update_app", f"{prefix}_lean", credentials))
     return [s for s in servers if s.name in args.servers]
@@ -231,47 +295,50 @@ def contenders(args: argparse.Namespace, credentials: Credentials) -> list[Serve
 # ---- seeding: every server creates and credits its own cards ----------------------------------
 
 
-async def seed_ours(base_url: str, credentials: Credentials) -> list[tuple[str, str]]:
-    """1,000 cards through the service's own Provider Protocol: create, then one Credit each."""
-    async with aiohttp.ClientSession(base_url, headers=credentials.headers) as session:
+async def seed_ours(base_url: str, stores: list[Credentials]) -> list[Card]:
+    """1,000 cards through the service's own Provider Protocol, round-robin over the stores, each
+    with its store's keys: create, then one Credit each."""
+    async with aiohttp.ClientSession(base_url) as session:
         limit = asyncio.Semaphore(SEED_CONCURRENCY)
 
-        async def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
-            async with limit, session.post(path, json=body) as response:
+        async def post(path: str, body: dict[str, Any], credentials: Credentials) -> dict[str, Any]:
+            async with limit, session.post(path, json=body, headers=credentials.headers) as response:
                 if response.status != 200:
                     raise RuntimeError(f"seeding: POST {path} answered {response.status}: {await response.text()}")
                 return await response.json()
 
-        async def card(i: int) -> tuple[str, str]:
+        async def card(i: int) -> Card:
+            store = i % len(stores)
             created = await post(
                 "/native/giftcards",
                 {"relationName": f"bench-{i}", "caption": "bench", "profileId": f"bench-{i}@example.com"},
+                stores[store],
             )
             credit = {"operation": "Credit", "value": float(CARD_CREDIT), "description": "seed", "requestId": "seed"}
-            await post(f"/native/giftcards/{created['id']}/transactions", credit)
-            return created["id"], created["redemptionCode"]
+            await post(f"/native/giftcards/{created['id']}/transactions", credit, stores[store])
+            return Card(created["id"], created["redemptionCode"], store)
 
         return list(await asyncio.gather(*(card(i) for i in range(CARDS))))
 
 
-async def subscribe(base_url: str, credentials: Credentials, url: str) -> None:
-    """Our service as shipped delivers webhooks: a subscription to every Debit, to the bench's sink."""
-    async with (
-        aiohttp.ClientSession(base_url, headers=credentials.hub_headers) as session,
-        session.post("/api/webhooks", json={"url": url, "events": ["card.debited"]}) as response,
-    ):
-        if response.status != 200:
-            raise RuntimeError(f"subscribing: answered {response.status}: {await response.text()}")
+async def subscribe(base_url: str, stores: list[Credentials], url: str) -> None:
+    """Our service as shipped delivers webhooks: each store subscribes to every Debit of its own, to the bench's sink."""
+    async with aiohttp.ClientSession(base_url) as session:
+        for credentials in stores:
+            body = {"url": url, "events": ["card.debited"]}
+            async with session.post("/api/webhooks", json=body, headers=credentials.hub_headers) as response:
+                if response.status != 200:
+                    raise RuntimeError(f"subscribing: answered {response.status}: {await response.text()}")
 
 
-async def seed_baseline(base_url: str, credentials: Credentials) -> list[tuple[str, str]]:
-    """The baselines create and credit their cards in-process, behind one seed route."""
-    async with aiohttp.ClientSession(base_url, headers=credentials.headers) as session:
+async def seed_baseline(base_url: str, stores: list[Credentials]) -> list[Card]:
+    """The baselines create and credit their cards in-process, behind one seed route (one store)."""
+    async with aiohttp.ClientSession(base_url, headers=stores[0].headers) as session:
         body = {"cards": CARDS, "value": float(CARD_CREDIT)}
         async with session.post("/bench/seed", json=body) as response:
             if response.status != 200:
                 raise RuntimeError(f"seeding: answered {response.status}: {await response.text()}")
-            return [(card_id, "") for card_id in (await response.json())["ids"]]
+            return [Card(card_id, "", 0) for card_id in (await response.json())["ids"]]
 
 
 # ---- processes ----------------------------------------------------------------------------------
@@ -364,6 +431,50 @@ def recreate_database(server_url: str, name: str) -> str:
 
 def drop_database(server_url: str, name: str) -> None:
     asyncio.run(admin_execute(server_url, f"drop database if exists {name} with (force)"))
+
+
+def prepare_stores(url: str, server: Server, credentials: Credentials, role: Role) -> tuple[list[Credentials], str]:
+    """Each store's credentials, and the URL the server runs with. One store of the bench's own role:
+    the environment's pairs, and the database as it is (the server brings its schema current).
+    Otherwise, as the schema's owner: the schema, the service's role granted on it (``giftcard db
+    grant``), and stores ``bench-000``... with their pairs (``giftcard keys create --tenant``)."""
+    if not server.isolated:
+        return [credentials], url
+    return asyncio.run(_created_stores(url, server.stores, role)), role.url(url)
+
+
+async def _created_stores(url: str, count: int, role: Role) -> list[Credentials]:
+    pool = await create_pool(url, size_min=1, size_max=2)
+    try:
+        with tenant_scope(ALL_TENANTS):
+            async with pool.acquire() as connection:
+                await upgrade(connection)
+                await grant_service_role(connection, role.name)
+            stores = []
+            for number in range(count):
+                tenant = f"bench-{number:03d}"
+                provider = await auth.create_key(pool, auth.PROVIDER, auth.ROLES, tenant)
+                hub = await auth.create_key(pool, auth.HUB, auth.ROLES, tenant)
+                stores.append(Credentials(*provider, *hub))
+            return stores
+    finally:
+        await pool.close()
+
+
+@contextmanager
+def service_role(server_url: str, role: Role, needed: bool) -> Iterator[None]:
+    """``role`` as a login role of the server (roles are the cluster's, not a database's) while the
+    block runs, when ``needed``."""
+    if not needed:
+        yield
+        return
+    asyncio.run(admin_execute(server_url, f"create role {role.name} login password '{role.password}'"))
+    try:
+        yield
+    finally:
+        # Its grants went with the bench's databases; one left over by a killed run keeps it.
+        with suppress(asyncpg.PostgresError):
+            asyncio.run(admin_execute(server_url, f"drop role if exists {role.name}"))
 
 
 def checkpoint(server_url: str) -> None:
@@ -474,9 +585,13 @@ def postgres_uid() -> int | None:
 
 # Each wrk thread has its own Lua state: ``setup`` (main state) hands each one its number, and a
 # request's card and requestId come from (thread, counter), so no two requests share a requestId
-# and consecutive requests go to different cards. ``done`` prints the figures as one JSON line.
+# and consecutive requests go to different cards. A card names its store, whose headers (keys)
+# go with its Debits: one table per store, built once. ``done`` prints the figures as one JSON line.
 LUA_TEMPLATE = r"""
 -- generated by bench/http_debits.py
+local stores = {
+%(stores)s
+}
 local cards = {
 %(cards)s
 }
@@ -486,8 +601,6 @@ local body_head = %(body_head)s
 local body_middle = %(body_middle)s
 local body_tail = %(body_tail)s
 wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-%(headers)s
 
 local next_tid = 0
 function setup(thread)
@@ -505,7 +618,7 @@ function request()
   counter = counter + 1
   local card = cards[((counter * nthreads + tid) %% n) + 1]
   local body = body_head .. card[2] .. body_middle .. prefix .. "-" .. tid .. "-" .. counter .. body_tail
-  return wrk.format(nil, "%(path_head)s" .. card[1] .. "%(path_tail)s", nil, body)
+  return wrk.format(nil, "%(path_head)s" .. card[1] .. "%(path_tail)s", stores[card[3]], body)
 end
 
 function done(summary, latency, requests)
@@ -521,19 +634,21 @@ end
 
 
 def write_lua_script(
-    directory: Path, cards: list[tuple[str, str]], credentials: Credentials, route: Route, body: CheckoutBody
+    directory: Path, cards: list[Card], stores: list[Credentials], route: Route, body: CheckoutBody
 ) -> Path:
     path = directory / "debits.lua"
-    rows = ",\n".join(f'{{"{card_id}", "{code}"}}' for card_id, code in cards)
-    headers = "\n".join(f'wrk.headers["{name}"] = "{value}"' for name, value in route.headers(credentials).items())
+    rows = ",\n".join(f'{{"{card.id}", "{card.code}", {card.store + 1}}}' for card in cards)  # Lua counts from 1
+    # wrk.format takes a request's headers whole (only Host is added): the content type goes in each table.
+    headers = [{**route.headers(credentials), "Content-Type": "application/json"} for credentials in stores]
+    tables = ",\n".join("{" + ", ".join(f'["{k}"] = "{v}"' for k, v in h.items()) + "}" for h in headers)
     # The route as the text around a placeholder id, so the Lua side only concatenates.
     path_head, path_tail = route.transactions("\0").split("\0")
     head, middle, tail = (lua_string(part) for part in body.parts)
     path.write_text(
         LUA_TEMPLATE
         % {
+            "stores": tables,
             "cards": rows,
-            "headers": headers,
             "path_head": path_head,
             "path_tail": path_tail,
             "body_head": head,
@@ -615,13 +730,17 @@ def measure_server(
 ) -> list[Cell]:
     url = recreate_database(server_url, server.database)
     try:
-        with running(server, url, work) as (process, base_url):
+        stores, serve_url = prepare_stores(url, server, credentials, args.role)
+        with running(server, serve_url, work) as (process, base_url):
             started = time.monotonic()
-            cards = asyncio.run(asyncio.wait_for(server.seed(base_url, credentials), SEED_TIMEOUT_S))
-            log(f"{server.name}: {len(cards)} cards created and credited in {time.monotonic() - started:.1f} s")
+            cards = asyncio.run(asyncio.wait_for(server.seed(base_url, stores), SEED_TIMEOUT_S))
+            log(
+                f"{server.name}: {len(cards)} cards in {len(stores)} store(s) created and credited "
+                f"in {time.monotonic() - started:.1f} s"
+            )
             if server.name in OUR_SERVERS and args.webhook_sink is not None:
-                asyncio.run(subscribe(base_url, credentials, args.webhook_sink.url))
-            script = write_lua_script(work, cards, credentials, server.route, CheckoutBody.read(args.body))
+                asyncio.run(subscribe(base_url, stores, args.webhook_sink.url))
+            script = write_lua_script(work, cards, stores, server.route, CheckoutBody.read(args.body))
             cells = []
             for connections in args.connections:
                 checkpoint(server_url)
@@ -644,6 +763,7 @@ def measure_server(
                     args.wrk_threads,
                 )
                 cell = cell_of(server.name, connections, figures)
+                cell.stores = len(stores)
                 cell.busy_cores_before, cell.cpu = (
                     busy_before,
                     cpu_use(before, cpu_sample(process.pid, args.postgres_uid, server.database)),
@@ -827,13 +947,13 @@ def table(cells: list[Cell]) -> str:
         return f"{100 * value:.1f} %" if value is not None else "-"
 
     lines = [
-        "| server | connections | req/s | p50 ms | p99 ms | non-2xx | ratio vs conventional | ratio vs lean "
+        "| server | stores | connections | req/s | p50 ms | p99 ms | non-2xx | ratio vs conventional | ratio vs lean "
         "| hub / direct |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for c in sorted(cells, key=row_order):
         lines.append(
-            f"| {c.server} | {c.connections} | {c.requests_per_s:,.0f} | {c.p50_ms:.2f} | {c.p99_ms:.2f} "
+            f"| {c.server} | {c.stores} | {c.connections} | {c.requests_per_s:,.0f} | {c.p50_ms:.2f} | {c.p99_ms:.2f} "
             f"| {c.non_2xx} | {ratio(c.vs_conventional)} | {ratio(c.vs_lean)} | {share(c.hub_vs_direct)} |"
         )
     return "\n".join(lines)
@@ -891,6 +1011,57 @@ def hub_targets(cells: list[Cell]) -> list[dict[str, Any]]:
     ]
 
 
+class Cost(NamedTuple):
+    """What a feature costs: the throughput of the server that has it over the same server's without it."""
+
+    what: str
+    measured: str  # the server that pays for it
+    reference: str  # the same server without it
+
+
+COSTS = (
+    Cost(f"{MANY_STORES} stores (issue 23)", OURS_100T, OURS),
+    Cost("row-level security, one store (issue 23)", OURS_RLS, OURS),
+    Cost("sealing personal data (issue 24)", OURS, OURS_PLAIN),
+)
+
+
+def cost_targets(cells: list[Cell]) -> list[dict[str, Any]]:
+    """Each cost whose two servers ran, at every connection count: measured req/s over reference req/s."""
+    cell_of = {(c.server, c.connections): c for c in cells}
+    verdicts = []
+    for cost in COSTS:
+        for connections in sorted({c.connections for c in cells}):
+            measured, reference = cell_of.get((cost.measured, connections)), cell_of.get((cost.reference, connections))
+            if measured and reference:
+                ratio = round(measured.requests_per_s / reference.requests_per_s, 3)
+                verdicts.append(
+                    {
+                        "cost": cost.what,
+                        "servers": f"{cost.measured} / {cost.reference}",
+                        "stores": f"{measured.stores} / {reference.stores}",  # --tenants sets ours'
+                        "connections": connections,
+                        "measured_requests_per_s": round(measured.requests_per_s, 1),
+                        "reference_requests_per_s": round(reference.requests_per_s, 1),
+                        "ratio": ratio,
+                        "target": TARGET_COST_RATIO,
+                        "met": ratio >= TARGET_COST_RATIO,
+                    }
+                )
+    return verdicts
+
+
+def format_cost_targets(verdicts: list[dict[str, Any]]) -> str:
+    lines = ["| cost | connections | ratio | stores | req/s | target |", "|---|--:|--:|--:|--:|---|"]
+    for v in verdicts:
+        lines.append(
+            f"| {v['cost']} | {v['connections']} | {v['servers']} = {v['ratio']:.3f} | {v['stores']} "
+            f"| {v['measured_requests_per_s']:,.0f} / {v['reference_requests_per_s']:,.0f} "
+            f"| >= {v['target']:g}: {met(v['met'])} |"
+        )
+    return "\n".join(lines)
+
+
 def met(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
@@ -904,10 +1075,13 @@ def format_hub_targets(verdicts: list[dict[str, Any]]) -> str:
 
 
 def format_targets(verdicts: list[dict[str, Any]]) -> str:
+    def against(ratio: float | None, ok: bool) -> str:
+        return "not measured" if ratio is None else f"({ratio}x): {met(ok)}"
+
     return "\n".join(
         f"{v['server']} at {v['connections']} connections: >= {TARGET_VS_CONVENTIONAL:g}x conventional "
-        f"({v['vs_conventional']}x): {met(v['vs_conventional_met'])}; p99 < {TARGET_P99_MS:g} ms "
-        f"({v['p99_ms']} ms): {met(v['p99_met'])}; stretch, match lean ({v['vs_lean']}x): {met(v['matches_lean'])}"
+        f"{against(v['vs_conventional'], v['vs_conventional_met'])}; p99 < {TARGET_P99_MS:g} ms "
+        f"({v['p99_ms']} ms): {met(v['p99_met'])}; stretch, match lean {against(v['vs_lean'], v['matches_lean'])}"
         for v in verdicts
     )
 
@@ -954,6 +1128,8 @@ def report(args: argparse.Namespace, cells: list[Cell], facts: dict[str, str], s
         "results": [asdict(c) for c in cells],
         "targets": targets(cells),
         "hub_targets": hub_targets(cells),
+        "tenants": args.tenants,
+        "cost_targets": cost_targets(cells),
         "profile": getattr(args, "profile_result", None),
     }
 
@@ -1003,8 +1179,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--servers",
         type=lambda s: s.split(","),
         default=[OURS, OURS_HUB, OURS_W2, CONVENTIONAL, LEAN],
-        help="comma-separated subset of ours,ours-hub,ours-w2,conventional,lean "
-        "(ours-hub's ratio to direct needs ours in the same run)",
+        help=f"comma-separated subset of {','.join([*OUR_SERVERS, CONVENTIONAL, LEAN])} "
+        "(every ratio to ours needs ours in the same run; default: all but ours-rls, ours-100t and ours-plain, "
+        "which issues 23 and 24 measure: --servers ours,ours-rls,ours-100t,ours-plain)",
+    )
+    parser.add_argument(
+        "--tenants",
+        type=int,
+        default=1,
+        metavar="N",
+        help="spread the cards of ours (and ours-hub, ours-w2, ours-plain) round-robin over N stores, each with "
+        "its own keys; N > 1 runs them as the service's database role (default 1: the default store, as today)",
     )
     parser.add_argument(
         "--wrk-threads",
@@ -1040,6 +1225,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.servers) - {*OUR_SERVERS, CONVENTIONAL, LEAN}
     if unknown:  # a misspelt name would otherwise just measure nothing
         parser.error(f"--servers: unknown {', '.join(sorted(unknown))}")
+    if not 1 <= args.tenants <= CARDS:
+        parser.error(f"--tenants: between 1 and {CARDS} (the cards), got {args.tenants}")
     if args.quick:
         args.seconds, args.warmup, args.rounds = 4.0, 1.0, 1
     return args
@@ -1061,14 +1248,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     for note in skipped:
         log(f"skipped {note}")
-    credentials = Credentials(key="bench-" + secrets.token_hex(4), token=secrets.token_urlsafe(24))
+    credentials = Credentials.generated()
     facts = server_facts(args.database_url)
+    servers = contenders(args, credentials)
+    args.role = Role.generated()
     every_round: list[Cell] = []
-    with tempfile.TemporaryDirectory(prefix="giftcard-http-bench-") as tmp, running_sink() as sink:
+    with (
+        tempfile.TemporaryDirectory(prefix="giftcard-http-bench-") as tmp,
+        running_sink() as sink,
+        service_role(args.database_url, args.role, any(s.isolated for s in servers)),
+    ):
         args.webhook_sink = None if args.no_webhooks else sink
         for number in range(args.rounds):
             log(f"round {number + 1} of {args.rounds}")
-            for server in contenders(args, credentials):
+            for server in servers:
                 cells = measure_server(server, args.database_url, args, Path(tmp), credentials, profile=number == 0)
                 for cell in cells:
                     cell.round = number
@@ -1086,6 +1279,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_targets(figures["targets"]))
     if figures["hub_targets"]:
         print(format_hub_targets(figures["hub_targets"]))
+    if figures["cost_targets"]:
+        print()
+        print(format_cost_targets(figures["cost_targets"]))
     if any(c.non_2xx or c.socket_errors for c in cells):
         print("WARNING: some requests failed (non-2xx or socket errors): the figures above are not clean")
     write_json(args.json, figures)

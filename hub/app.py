@@ -20,7 +20,7 @@ from aiohttp import web
 from hub import webhooks
 from hub.config import Settings
 from hub.errors import error_middleware, error_response
-from hub.http import audit_api, auth, bulk_api, openapi, read_api, read_pool, webhooks_api
+from hub.http import accounts, audit_api, auth, bulk_api, openapi, read_api, read_pool, webhooks_api
 from hub.http.hub_api import HubHandlers
 from hub.http.native import NativeHandlers, json_response
 from hub.http.state import (
@@ -33,6 +33,7 @@ from hub.http.state import (
     REGISTRY,
     SETTINGS,
     TENANT_LIMITS,
+    TENANTS_ISOLATED,
     THROTTLE,
 )
 from hub.http.tenant_limits import TenantLimits, make_tenant_limits_middleware
@@ -55,7 +56,7 @@ from ledger.postgres.instance_keys import instance_key
 from ledger.postgres.migrate import upgrade
 from ledger.postgres.personal_data import PersonalData
 from ledger.postgres.replication import replication_status
-from ledger.postgres.tenancy import ALL_TENANTS, tenant_scope
+from ledger.postgres.tenancy import ALL_TENANTS, isolation_gap, tenant_scope
 from projections import checkpoints, read_models
 from projections.runner import ProjectionRunner
 
@@ -108,23 +109,16 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def tenants_isolated(pool: asyncpg.Pool) -> bool:
     """Whether row-level security keeps the tenants apart here. The service's statements do not
-    name their tenant, so without it (a superuser or BYPASSRLS role; a table whose row security an
-    operator turned off) only the default tenant's keys are served: the others' get 403 (see
-    auth.KeyRing). On Citus it holds on the workers too (migration 0019, ledger.postgres.tenancy)."""
-    role, bypasses, events_secured = await pool.fetchrow(
-        """
-        select current_user, rolsuper or rolbypassrls,
-               (select relrowsecurity from pg_class where oid = 'events'::regclass)
-        from pg_roles where rolname = current_user
-        """
-    )
-    if bypasses or not events_secured:
+    name their tenant, so without it only the default tenant's keys are served: the others' get
+    403 (see auth.KeyRing)."""
+    gap = await isolation_gap(pool)
+    if gap is not None:
         log.warning(
             "row-level security does not keep tenants apart here (%s): only the default tenant is served; "
             "see the README's Many stores",
-            f"the database role {role} bypasses it" if bypasses else "it is turned off on the events table",
+            gap,
         )
-    return not bypasses and events_secured
+    return gap is None
 
 
 async def warn_unless_replicated(pool: asyncpg.Pool) -> None:
@@ -161,12 +155,13 @@ def start_background_tasks(
     webhook_pool: asyncpg.Pool | None,
     rings: dict[str, auth.KeyRing],
     limits: TenantLimits,
+    states: auth.TenantStates,
     cipher: CredentialsCipher,
 ) -> list[asyncio.Task]:
     """What a hub process does besides answering requests; each kind may run in every process."""
     settings = app[SETTINGS]
     tasks = [
-        asyncio.create_task(auth.keep_refreshed(pool, [*rings.values(), limits])),
+        asyncio.create_task(auth.keep_refreshed(pool, [*rings.values(), limits, states])),
         asyncio.create_task(app[DIRECTORY].keep_refreshed()),
     ]
     if settings.hold_ttl_s > 0:
@@ -202,6 +197,7 @@ def create_app(
             auth.PROVIDER, settings.default_tenant, _pair(settings.provider_app_key, settings.provider_app_token)
         ),
     }
+    states = auth.TenantStates()
     metrics = Metrics()
     limits = TenantLimits(
         metrics,
@@ -218,7 +214,8 @@ def create_app(
             # Only with a replica: no request pays for a layer that would never add a header.
             *([read_pool.replica_lag_headers] if settings.replica_url else []),
             error_middleware,
-            auth.make_auth_middleware(rings),
+            auth.make_auth_middleware(rings, states),
+            accounts.make_account_middleware(),
             make_tenant_limits_middleware(limits),
         ],
     )
@@ -253,6 +250,7 @@ def create_app(
                 await upgrade(connection, default_tenant=settings.default_tenant)
             await warn_unless_replicated(pool)
             isolated = await tenants_isolated(pool)
+            app[TENANTS_ISOLATED] = isolated
             app[POOL] = pool
             app[READ_POOL] = replica_pool if replica_pool is not None else pool
             store = EventStore(pool, observe_append=metrics.observe_append)
@@ -280,6 +278,7 @@ def create_app(
                     announce(ring.audience, pair)
                 await ring.refresh(pool)
             await limits.refresh(pool)
+            await states.refresh(pool)
             app[REGISTRY] = ProviderRegistry(store, cipher, settings.native_provider_id, settings.default_tenant)
             connector = aiohttp.TCPConnector(
                 limit=PROVIDER_CONNECTIONS_MAX, resolver=GuardedResolver(app[EGRESS]), use_dns_cache=False
@@ -289,7 +288,7 @@ def create_app(
                 app[DIRECTORY] = ProviderDirectory(app[REGISTRY], outbound)
                 with tenant_scope(ALL_TENANTS):  # the operator's work, for every store (tasks copy the scope)
                     await app[DIRECTORY].refresh()
-                    background = start_background_tasks(app, pool, webhook_pool, rings, limits, cipher)
+                    background = start_background_tasks(app, pool, webhook_pool, rings, limits, states, cipher)
                 yield
                 for task in background:
                     task.cancel()
@@ -305,9 +304,13 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
-    app.router.add_routes(NativeHandlers(Surface.PROTOCOL, "/native").routes())
-    app.router.add_routes(NativeHandlers(Surface.GIFTCARD_API, "/api").routes())
-    app.router.add_routes(HubHandlers().routes())
+    vtex_surfaces = [
+        *NativeHandlers(Surface.PROTOCOL, "/native").routes(),
+        *NativeHandlers(Surface.GIFTCARD_API, "/api").routes(),
+        *HubHandlers().routes(),
+    ]
+    app.router.add_routes(vtex_surfaces)
+    app.router.add_routes(accounts.account_routes(vtex_surfaces))  # where a store's links point
     openapi.add_routes(app)
     app.router.add_routes(read_api.routes())
     app.router.add_routes(webhooks_api.routes())

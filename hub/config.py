@@ -23,6 +23,7 @@ from ledger.postgres.database import REQUEST_STATEMENT_TIMEOUT_S, Database, show
 from ledger.postgres.tenancy import DEFAULT_TENANT
 
 PREFIX = "GIFTCARD_"
+_DOMAIN = r"^(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -61,6 +62,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     tenant_max_rps: whole(ge=1, le=1_000_000) | None = None
     tenant_max_concurrent: whole(ge=1, le=100_000) | None = None
     metrics_tenants_max: whole(ge=0, le=10_000) = 100  # stores with their own label in /metrics
+    # how long a suspended tenant's data is kept before `giftcard tenants delete` may remove it
+    tenant_retention_days: whole(ge=0, le=100 * 366) = 30
     native_provider_id: Annotated[str, Meta(min_length=1, max_length=100, description="a provider id")] = "VtexGiftCard"
     provider_app_key: text("an app key") | None = None
     provider_app_token: Secret | None = None
@@ -96,6 +99,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     public_url: Annotated[str, Meta(description="a public URL")] | None = None
     # CIDRs whose X-Forwarded-Proto/Host are believed
     trusted_proxies: Annotated[tuple[str, ...], Meta(description="a comma-separated list of CIDRs")] = ()
+    # {account}.{this domain} names the request's account (hub.http.accounts); None: the host names none
+    account_host_domain: Annotated[str, Meta(pattern=_DOMAIN, description="a domain name")] | None = None
+    account_query: Switch = False  # whether VTEX's ?an={account} names the request's account
     # Not from the environment: set by `giftcard serve` (its --workers) and by tests.
     workers: int = 1
     shutdown_timeout_s: float = 10.0
@@ -179,6 +185,10 @@ def parse_currency(value: str) -> str:
     return value.strip()
 
 
+def parse_domain(value: str) -> str:
+    return value.strip().lower().rstrip(".")
+
+
 def parse_list(value: str) -> tuple[str, ...]:
     return tuple(entry.strip() for entry in value.split(",") if entry.strip())
 
@@ -192,6 +202,7 @@ _TEXT_FORMS: dict[str, Callable[[str], object]] = {
     "provider_allowlist": parse_list,
     "public_url": parse_public_url,
     "trusted_proxies": parse_trusted_proxies,
+    "account_host_domain": parse_domain,
 }
 _VARIABLES = {"hold_ttl_s": PREFIX + "HOLD_TTL"}  # a duration with its unit written in the value
 _NOT_FROM_ENVIRONMENT = ("workers", "shutdown_timeout_s")

@@ -228,7 +228,9 @@ class Service:
         self.app = app
 
     def headers(self, path: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-        if path.startswith("/native"):
+        from hub.http.auth import PROVIDER, audience_of
+
+        if audience_of(path) == PROVIDER:  # /native/…, and /{account}/native/…
             auth = {"X-PROVIDER-API-AppKey": PROVIDER_KEY, "X-PROVIDER-API-AppToken": PROVIDER_TOKEN}
         else:
             auth = {"X-VTEX-API-AppKey": HUB_KEY, "X-VTEX-API-AppToken": HUB_TOKEN}

@@ -725,3 +725,33 @@ async def test_upgrade_of_a_running_cluster_installs_every_function_body_shipped
         assert await upgrade(connection) == []  # current now: a second upgrade changes nothing
     assert await EventStore(citus_pool).head() == one_statement
     assert set((await store.shards_of(cards)).values()) <= set(one_statement.as_dict())
+
+
+# Every shard of events that holds the index of migration 0021 ('%s' is each shard's table).
+_SHARDS_INDEXED_BY_TENANT = """
+select result from run_command_on_shards('events',
+    $$select count(*) from pg_indexes where tablename = '%s' and indexdef like '%%(tenant_id, source, seq)'$$)
+"""
+
+
+async def test_upgrade_of_a_running_cluster_indexes_each_stores_events_on_every_shard(citus_ledger, citus_pool):
+    """Migration 0021 applied to a cluster whose events are distributed already: the index reaches
+    every shard. A store's reads name it, so on the workers it finds its own events, and another
+    store none, also for a role that row-level security lets through (this superuser)."""
+    store = EventStore(citus_pool)
+    before = await store.head()
+    cards = {str((await issue(citus_ledger)).card.id) for _ in range(4)}
+    async with citus_pool.acquire() as connection:
+        await connection.execute("drop index events_by_tenant")
+        await connection.execute("delete from schema_migrations where version = 21")
+        assert await upgrade(connection) == ["0021_events_by_tenant"]
+        indexed = [row["result"] for row in await connection.fetch(_SHARDS_INDEXED_BY_TENANT)]
+    assert len(indexed) > 1 and set(indexed) == {"1"}
+
+    everyone_head = await store.head()
+    with tenant_scope(DEFAULT_TENANT):
+        assert {e.stream_id for e in await store.read_all(before, 1000)} == cards
+        assert await store.head() == everyone_head  # every event here is the default tenant's
+    with tenant_scope("acme"):
+        assert await store.read_all(before, 1000) == [] and await store.head() == Checkpoint()
+        assert await store.next_recorded_at(before) is None

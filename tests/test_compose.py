@@ -71,7 +71,7 @@ def test_default_services_leave_the_ha_and_citus_profiles_out():
     default = {"postgres", "migrate", "hub", "projections"}
     assert default <= set(found)
     for name, block in found.items():
-        in_a_profile = re.search(r"^    profiles:\n    - (ha|citus)$", block, re.M) is not None
+        in_a_profile = re.search(r"^    profiles:\n    - (ha|citus|tools)$", block, re.M) is not None
         assert in_a_profile == (name not in default), (name, block)
 
 
@@ -137,6 +137,20 @@ def test_migrations_run_once_as_the_owner_and_the_service_as_the_granted_role():
     script = (ROOT / "deploy/postgres/create-app-role.sh").read_text()
     assert "create role giftcard_app login password :'password';" in script
     assert 'password="$GIFTCARD_APP_DB_PASSWORD"' in script
+
+
+def test_the_operators_tools_run_as_the_owner_and_every_service_names_the_default_tenant():
+    """``docker-compose --profile tools run --rm admin tenants create ACCOUNT`` (README, Many stores):
+    as the schema's owner, since removing a store deletes rows the service's role may not."""
+    done = config({**SECRETS, "GIFTCARD_DEFAULT_TENANT": "acme"}, "tools")
+    assert done.returncode == 0, done.stderr
+    found = services(done)
+    admin = found["admin"]
+    assert setting(admin, "GIFTCARD_DATABASE_URL") == "postgresql://giftcard:pw@postgres:5432/giftcard"
+    assert re.search(r"^    entrypoint:\n    - giftcard$", admin, re.M), admin
+    assert re.search(r"^    restart: .?no.?$", admin, re.M), admin
+    for name in ("hub", "projections", "admin"):
+        assert setting(found[name], "GIFTCARD_DEFAULT_TENANT") == "acme", name
 
 
 @pytest.mark.parametrize(

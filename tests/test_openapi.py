@@ -171,6 +171,20 @@ async def test_real_answers_match_their_declared_schemas(service):
         answer = await check.call("POST", template + "/giftcards/_search", 200, found, **ids)
         assert found_card["id"] in json.dumps(answer)
     await check.call("POST", "/api/giftcards/_batches", 200, {"count": 2, "value": 10})
+    # The same operations behind the account, where a store's links point (the env pair's own tenant).
+    account = {"account": service.app[SETTINGS].default_tenant}
+    await card_flow(check, "/{account}/native", {**card, "relationName": "r-native-a"}, **account)
+    expiring = {"expiringDate": "2030-01-01T00:00:00Z"}
+    await card_flow(check, "/{account}/api", {**card, "relationName": "r-api-a", **expiring}, **account)
+    hub_in_account = "/{account}" + HUB
+    await card_flow(
+        check, hub_in_account + "/{provider_id}", {**card, "relationName": "r-hub-a"}, provider_id=native, **account
+    )
+    for template in ("/{account}/native", "/{account}/api", hub_in_account + "/{provider_id}"):
+        await check.call("POST", template + "/giftcards/_search", 200, found, provider_id=native, **account)
+    await check.call("GET", hub_in_account, 200, **account)
+    await check.call("GET", hub_in_account + "/{provider_id}", 200, provider_id=native, **account)
+    await check.call("POST", hub_in_account + "/_search", 200, found, **account)
 
     async with start_reference_provider() as provider:
         registration = {
@@ -189,6 +203,7 @@ async def test_real_answers_match_their_declared_schemas(service):
         await check.call(
             "GET", HUB + "/{provider_id}/giftcards/{card_id}", 200, provider_id="Acme", card_id=created["id"]
         )
+        await check.call("PUT", hub_in_account + "/{provider_id}", 200, registration, provider_id="Acme", **account)
         await check.call("DELETE", HUB + "/{provider_id}", 200, provider_id="Acme")
         await check.call("DELETE", HUB + "/{provider_id}", 404, provider_id="Acme")
 
@@ -305,7 +320,7 @@ async def test_documented_query_filters_are_read_and_checked(service):
             filters += 1
             status, answer, _ = await service.call("GET", f"{target}?{name}={bad_value(parameter['schema'])}")
             assert status == 400 and name in answer["error"]["message"], (path, name, status, answer)
-    assert filters == 13  # balances 2, transactions 6, daily totals 4, the audit's asOf
+    assert filters == 14  # balances 2, transactions 6, daily totals 4, the audit's asOf and tenant
 
 
 async def test_unknown_provider_answers_in_the_error_shape(service):

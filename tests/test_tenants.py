@@ -13,16 +13,20 @@ card_lookup live on the workers and the boundary must hold there too.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 import asyncpg
 import pytest
 
 from hub.http import auth
+from hub.providers.egress import EgressPolicy
+from hub.webhooks import storage
+from hub.webhooks.delivery import Deliverer, delivery_session
 from ledger.application import commands
 from ledger.application.commands import Ledger
 from ledger.domain.errors import CardNotFound
-from ledger.eventstore.store import EventStore
+from ledger.eventstore.store import EventStore, NewEvent, StreamAppend
 from ledger.postgres.database import create_pool, database_named
 from ledger.postgres.migrate import migration_files, upgrade
 from ledger.postgres.tenancy import ALL_TENANTS, tenant_scope
@@ -30,9 +34,11 @@ from tests.cards import issue
 from tests.conftest import PROVIDER_KEY, PROVIDER_TOKEN, services_on
 from tests.test_db_roles import as_user, service_role_url  # noqa: F401 (a fixture)
 from tests.test_security import ROOT, eventually
+from tests.test_webhooks import CIPHER, FAST, SETTINGS, receiving, subscribe
 
 ACME, GLOBEX = "acme", "globex"
 SAME_CODE = "SAME-C0DE-BTH5-XYZ7"  # in the codes' alphabet (no I, L, O, U)
+POLICY = EgressPolicy(SETTINGS.provider_allowlist)
 TENANT_TABLES = ("events", "card_lookup", "personal_data_keys", "api_keys", "providers")
 
 pytestmark = pytest.mark.also_on_citus
@@ -45,7 +51,7 @@ class Store:
         self.service, self.hub, self.provider = service, hub, provider
 
     async def call(self, method: str, path: str, body=None):
-        if path.startswith("/native"):
+        if auth.audience_of(path) == auth.PROVIDER:  # /native/…, and /{account}/native/…
             headers = {"X-PROVIDER-API-AppKey": self.provider[0], "X-PROVIDER-API-AppToken": self.provider[1]}
         else:
             headers = {"X-VTEX-API-AppKey": self.hub[0], "X-VTEX-API-AppToken": self.hub[1]}
@@ -333,3 +339,119 @@ async def test_each_source_counts_one_commit_order_for_every_tenant(ledger, serv
         "select count(*) from (select source, seq from events group by source, seq having count(*) > 1) d"
     )
     assert duplicates == 0
+
+
+# ---- a store's webhook reads -------------------------------------------------------------------
+
+OTHER_STORES_EVENTS = 2000
+ROWS_EXAMINED_MAX = 50  # a quiet store's batch: an index probe or two per source, none of the other store's rows
+
+
+async def test_a_quiet_stores_webhook_batch_reads_none_of_another_stores_events(ledger, service_role_url):  # noqa: F811
+    """acme's subscription stands behind 2,000 events of globex. Its batch, its lag and its listing
+    read acme's rows alone, through events_by_tenant (migration 0021): row-level security would
+    hand back the same rows, but only after reading globex's and dropping them, at every poll.
+    Measured by EXPLAIN (ANALYZE) of the very statements the deliverer sent, as the service's role."""
+    pool = await create_pool(service_role_url, size_min=2, size_max=2)
+    sent = await statements_logged(pool)
+    try:
+        async with receiving() as receiver:
+            with tenant_scope(ACME):
+                subscription = await subscribe(pool, receiver)
+                store = EventStore(pool)
+                checkpoint = (await storage.get(pool, subscription.id)).checkpoint
+            await append_noise(ledger.store, GLOBEX, OTHER_STORES_EVENTS)
+            acme_card = await issue_in(ledger, ACME, "quiet")
+            [acme_event] = await ledger.store.read_stream(acme_card)
+            with tenant_scope(ACME):
+                assert await store.next_recorded_at(checkpoint) == acme_event.recorded_at, "acme's lag: its event"
+            del sent[:]
+
+            async with delivery_session(POLICY, FAST) as session:
+                deliverer = Deliverer(pool, session, POLICY, CIPHER, FAST)
+                assert (await deliverer.deliver_batch(subscription.id)).handled == 1
+                assert (await deliverer.deliver_batch(subscription.id)).handled == 0
+            with tenant_scope(ACME):
+                [listed] = await storage.list_subscriptions(pool)
+            assert [r.payload["cardId"] for r in receiver.first_receipts()] == [acme_card] and listed.lag_events == 0
+
+            reads = [logged for logged in list(sent) if _reads_commit_order(logged.query)]
+            with tenant_scope(ACME):
+                plans = [await explained(pool, logged) for logged in reads]
+    finally:
+        await pool.close()
+    assert len(plans) == 3, "two batches' reads and the listing's head"
+    for plan in plans:
+        assert rows_examined(plan) <= ROWS_EXAMINED_MAX, (rows_examined(plan), indexes_used(plan))
+        assert indexes_used(plan) == {"events_by_tenant"}
+
+
+async def test_a_quiet_stores_subscription_is_not_due_again_for_another_stores_events(ledger, service_role_url):  # noqa: F811
+    """Its short batch stands its checkpoint at the head the poll read first: without that, every poll
+    would take a turn for it (lock, load, read, unlock) as long as any other store writes."""
+    pool = await create_pool(service_role_url, size_min=1, size_max=2)
+    try:
+        async with receiving() as receiver, delivery_session(POLICY, FAST) as session:
+            with tenant_scope(ACME):
+                subscription = await subscribe(pool, receiver)
+            await append_noise(ledger.store, GLOBEX, 50)
+            with tenant_scope(ALL_TENANTS):
+                deliverer = Deliverer(pool, session, POLICY, CIPHER, FAST)
+                assert subscription.id in (await storage.due_subscriptions(pool, 10))[0]
+                assert await deliverer.run_once() == 0
+                assert subscription.id not in (await storage.due_subscriptions(pool, 10))[0]
+                acme_card = await issue_in(ledger, ACME, "later")
+                assert subscription.id in (await storage.due_subscriptions(pool, 10))[0]
+                assert await deliverer.run_once() == 1
+            assert [r.payload["cardId"] for r in receiver.first_receipts()] == [acme_card]
+    finally:
+        await pool.close()
+
+
+def _reads_commit_order(query: str) -> bool:
+    return "from events where tenant_id" in query or "from events where source" in query
+
+
+async def statements_logged(pool: asyncpg.Pool) -> list:
+    """Every statement the pool's connections send from now on (asyncpg's LoggedQuery: query, args)."""
+    sent: list = []
+    connections = [await pool.acquire() for _ in range(pool.get_max_size())]
+    for connection in connections:
+        connection.add_query_logger(sent.append)
+        await pool.release(connection)
+    return sent
+
+
+async def explained(pool: asyncpg.Pool, logged) -> dict:
+    async with pool.acquire() as connection:
+        text = await connection.fetchval(
+            "explain (analyze, buffers, format json) " + logged.query, *logged.args, column=0
+        )
+    return json.loads(text)[0]["Plan"]
+
+
+def rows_examined(plan: dict) -> float:
+    """Rows of events the plan's scans read: those they returned and those a filter dropped (row-level
+    security's among them); EXPLAIN gives both per loop."""
+    own = 0.0
+    if plan.get("Relation Name") == "events":
+        read = (
+            plan["Actual Rows"] + plan.get("Rows Removed by Filter", 0) + plan.get("Rows Removed by Index Recheck", 0)
+        )
+        own = read * plan["Actual Loops"]
+    return own + sum(rows_examined(child) for child in plan.get("Plans", []))
+
+
+def indexes_used(plan: dict) -> set[str]:
+    own = {plan["Index Name"]} if "Index Name" in plan else set()
+    return own.union(*(indexes_used(child) for child in plan.get("Plans", [])))
+
+
+async def append_noise(store: EventStore, tenant: str, count: int) -> None:
+    """``count`` events of ``tenant``, one a stream over every source; a webhook never renders them."""
+    with tenant_scope(tenant):
+        for first in range(0, count, 1000):
+            appends = [
+                StreamAppend(f"noise-{n}", 0, [NewEvent("test.Noise", b"{}")]) for n in range(first, first + 1000)
+            ]
+            await store.append_many(appends)

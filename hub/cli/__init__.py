@@ -1,7 +1,7 @@
 """The ``giftcard`` command line: every subcommand, one module each, each a thin call into the
 layer that does the work (``ledger``, ``projections``, ``hub.webhooks``, ``hub.http.auth``, ``hub.app``).
 
-``serve``, ``db``, ``keys``, ``demo``, ``bench``, ``projections`` (the read models), ``finance``
+``serve``, ``db``, ``keys``, ``tenants``, ``demo``, ``bench``, ``projections`` (the read models), ``finance``
 (``audit`` and ``export``), ``close`` (the ``finance`` group: closing the month), ``webhooks``,
 ``batches`` (``cards issue``) and ``privacy`` each add their commands
 with ``add_commands``. ``python -m hub.cli`` is the same as ``giftcard``.
@@ -18,11 +18,11 @@ import logging
 import sys
 from importlib.metadata import version
 
-from hub.cli import batches, bench, close, db, demo, finance, keys, privacy, projections, serve, webhooks
+from hub.cli import batches, bench, close, db, demo, finance, keys, privacy, projections, serve, tenants, webhooks
 from hub.config import SettingRefused, Settings, parse_database_url
 from hub.logs import configure_logging
 
-COMMAND_MODULES = (serve, db, demo, bench, keys, projections, finance, close, webhooks, batches, privacy)
+COMMAND_MODULES = (serve, db, demo, bench, keys, tenants, projections, finance, close, webhooks, batches, privacy)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 EXIT_USAGE = 2
 

@@ -10,6 +10,7 @@ from decimal import Decimal, InvalidOperation
 
 from ledger.domain.errors import DomainError
 from ledger.domain.money import exponent_of
+from ledger.postgres.tenancy import ACCOUNT, is_account
 
 
 def instant(value: str) -> datetime:
@@ -33,6 +34,13 @@ def currency(value: str) -> str:
         exponent_of(value)
     except DomainError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def account(value: str) -> str:
+    """A tenant: a VTEX account name."""
+    if not is_account(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a VTEX account name ({ACCOUNT.pattern})")
     return value
 
 

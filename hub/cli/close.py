@@ -4,6 +4,9 @@ Thin calls into ``projections.finance``, which walks the card events once per re
 exports, they read ``GIFTCARD_REPLICA_URL`` when it is set, and show a progress bar when stderr is
 a terminal. The expiry policy and the chart of accounts come from ``GIFTCARD_FINANCE_CONFIG``.
 
+``--tenant ACCOUNT`` reports on that store alone (in its scope, as ``export`` does); without it a
+report covers every store, and its first line says which.
+
 Exit codes: 0 when the report is written; 1 when the ledger cannot be turned into exact figures
 (``audit verify`` names why); 2 for a bad argument or configuration.
 """
@@ -20,7 +23,7 @@ import asyncpg
 import msgspec
 
 from hub.cli import arguments
-from hub.cli.finance import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from hub.cli.finance import EXIT_FAILED, EXIT_OK, EXIT_USAGE, TenantRefused, add_tenant, in_tenants, print_coverage
 from hub.cli.progress import progress_bar
 from ledger.postgres.replication import with_read_database
 from projections.exports.export_files import LedgerInconsistent, LiabilityFile, count_card_events
@@ -47,24 +50,28 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     rollforward.add_argument(
         "--csv", type=Path, metavar="FILE", help="also write it as CSV (currency, line, count, amount)"
     )
+    add_tenant(rollforward)
     rollforward.set_defaults(run=rollforward_command)
 
     journal = sub.add_parser("journal", help="double-entry lines for an accounting system, balanced per entry")
     _add_period(journal)
     journal.add_argument("--format", choices=JOURNAL_FORMATS, default="csv", help="default csv")
     journal.add_argument("--output", type=Path, required=True, help="the file to write")
+    add_tenant(journal)
     journal.set_defaults(run=journal_command)
 
     breakage = sub.add_parser("breakage", help="the breakage rate from the ledger's history, and what is recognised")
     breakage.add_argument("--as-of", type=arguments.day, required=True, help="a date (UTC): as at its end")
     breakage.add_argument("--method", choices=METHODS, default=PROPORTIONAL, help="default proportional")
     breakage.add_argument("--json", type=Path, metavar="FILE", help="also write the report and its inputs as JSON")
+    add_tenant(breakage)
     breakage.set_defaults(run=breakage_command)
 
     dormant = sub.add_parser("dormant", help="cards with value and no shopper activity for N years")
     dormant.add_argument("--as-of", type=arguments.day, required=True, help="a date (UTC): as at its end")
     dormant.add_argument("--years", type=arguments.bounded_int(1, 100), required=True, help="years without activity")
     dormant.add_argument("--output", type=Path, help="also write one row per dormant card (CSV) to this file")
+    add_tenant(dormant)
     dormant.set_defaults(run=dormant_command)
 
 
@@ -185,10 +192,17 @@ def _run(
             return await report(pool, config, bar.update)
 
     try:
-        return EXIT_OK, with_read_database(work, args.settings.database, args.settings.replica_url)
+        coverage, result = with_read_database(
+            in_tenants(args.tenant, work), args.settings.database, args.settings.replica_url
+        )
+    except TenantRefused as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_USAGE, None
     except LedgerInconsistent as e:
         print(str(e), file=sys.stderr)
         return EXIT_FAILED, None
+    print_coverage(coverage)
+    return EXIT_OK, result
 
 
 def _print_roll_forward(document: dict[str, Any]) -> None:

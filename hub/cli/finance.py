@@ -7,6 +7,13 @@ upgrading its schema: it is read-only) and say on stderr how far behind the prim
 they started; ``audit card`` reads the primary. The verdict of a verify run is recorded on the
 primary either way.
 
+``audit verify --from DIR`` checks a tenant's export (``giftcard tenants export``) from its files
+alone, with no database.
+
+``--tenant ACCOUNT`` runs a command in that tenant's scope only (row-level security then shows it
+nothing of another tenant); without it a command covers every tenant, as the operator's tools do.
+Either way it says which tenants it covered.
+
 Exit codes: 0 when everything holds (or the export is written); 1 when verify (or a card's audit)
 finds a failure, or the ledger cannot be turned into exact figures; 2 for a bad argument or an
 unknown card.
@@ -19,6 +26,8 @@ import contextlib
 import shutil
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +41,7 @@ from ledger.domain.errors import CardNotFound
 from ledger.eventstore.store import EventStore
 from ledger.postgres.database import Database, with_database
 from ledger.postgres.replication import with_read_database
+from ledger.postgres.tenancy import ALL_TENANTS, isolation_gap, known_tenants, tenant_scope
 from projections.audit.auditors import (
     VERIFY_BATCH_EVENTS,
     VERIFY_WALKERS_MAX,
@@ -57,6 +67,7 @@ from projections.exports.export_files import (
     export_transactions,
     render_liabilities,
 )
+from projections.exports.tenant_export import verify_export
 from projections.exports.totals import Totals, major
 
 T = TypeVar("T")
@@ -87,7 +98,16 @@ def _add_audit(commands: argparse._SubParsersAction) -> None:
 
     check = sub.add_parser("verify", help="hash chains, invariants and read models; exit 1 naming every failure")
     check.add_argument("--json", action="store_true", help="one JSON report instead of lines")
+    check.add_argument(
+        "--from",
+        dest="from_export",
+        type=Path,
+        metavar="DIR",
+        help="check a tenant's export (giftcard tenants export) instead of the database: its files unchanged, "
+        "every stream's hash chain, every card's replay; no database is used",
+    )
     arguments.add_batch_size(check, "--batch-events-max", VERIFY_BATCH_EVENTS, "events per cursor fetch")
+    add_tenant(check)
     check.set_defaults(run=verify_command)
 
 
@@ -113,6 +133,7 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
     transactions.add_argument("--json", action="store_true", help="print the summary (rows, totals) as JSON")
     what = "events per cursor fetch and Parquet row group"
     arguments.add_batch_size(transactions, "--batch-rows", EXPORT_BATCH_ROWS, what)
+    add_tenant(transactions)
     transactions.set_defaults(run=export_transactions_command)
 
     liabilities = sub.add_parser("liabilities", help="outstanding balance per card, total per currency")
@@ -120,6 +141,7 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
     liabilities.add_argument("--output", type=Path, help="also write one row per card with a balance to this file")
     liabilities.add_argument("--format", choices=LIABILITY_FORMATS, default="csv", help="of --output (default csv)")
     liabilities.add_argument("--json", action="store_true", help="print the totals as JSON")
+    add_tenant(liabilities)
     liabilities.set_defaults(run=export_liabilities_command)
 
 
@@ -174,6 +196,8 @@ def _print_card_audit(audit: CardAudit, provider: str) -> None:
 def verify_command(args: argparse.Namespace) -> int:
     settings = args.settings
     print_each = None if args.json else (lambda failure: print(f"FAIL {failure.line()}", flush=True))
+    if args.from_export is not None:
+        return _verify_export_command(args.from_export, args.json, print_each)
 
     # A walker process connects by URL: an embedded PostgreSQL (no GIFTCARD_DATABASE_URL) is walked by one.
     # On a replica the walkers import the snapshot verify exports there (a hot standby can, since PG 10).
@@ -181,7 +205,12 @@ def verify_command(args: argparse.Namespace) -> int:
     database_url = replica_url or settings.database_url
     started_at = datetime.now(UTC)
 
-    async def work(pool: asyncpg.Pool) -> VerifyReport:
+    async def work(pool: asyncpg.Pool) -> tuple[Coverage, VerifyReport]:
+        coverage = await covered_tenants(pool, args.tenant)
+        with tenant_scope(coverage.scope):
+            return coverage, await walk(pool, coverage)
+
+    async def walk(pool: asyncpg.Pool, coverage: Coverage) -> VerifyReport:
         async with progress_bar(pool, "verify", _count_events) as bar:
             report = await verify(
                 pool,
@@ -193,16 +222,35 @@ def verify_command(args: argparse.Namespace) -> int:
                 walkers=VERIFY_WALKERS_MAX if database_url else 1,
             )
         if replica_url is None:
-            await _record_verify_run(pool, report, started_at)
+            with tenant_scope(coverage.recorded_as):
+                await _record_verify_run(pool, report, started_at)
         return report
 
-    report = with_read_database(work, settings.database, replica_url)
+    try:
+        coverage, report = with_read_database(work, settings.database, replica_url)
+    except TenantRefused as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_USAGE
     if replica_url is not None:  # a replica is read-only: the verdict is kept on the primary
-        _record_verify_run_on_primary(report, started_at, settings.database)
+        _record_verify_run_on_primary(report, started_at, settings.database, coverage.recorded_as)
     if args.json:
+        print(_json.encode({**render_report(report), "tenants": coverage.tenants}).decode())
+    else:
+        print_coverage(coverage)
+        _print_verify_summary(report)
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _verify_export_command(folder: Path, as_json: bool, print_each: Callable[[Failure], None] | None) -> int:
+    manifest, report = verify_export(folder, print_each)
+    if as_json:
         print(_json.encode(render_report(report)).decode())
     else:
-        _print_verify_summary(report)
+        verdict = "all hold" if report.ok else f"{report.failures_total} failure(s)"
+        print(f"verified {report.events} event(s) in {report.streams} stream(s), {report.cards} card(s)", end="")
+        if manifest is not None:
+            print(f" of tenant {manifest.account} (exported {manifest.exported_at:%Y-%m-%d %H:%M:%S} UTC)", end="")
+        print(f": {verdict}")
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
@@ -217,10 +265,15 @@ async def _record_verify_run(pool: asyncpg.Pool, report: VerifyReport, started_a
     print(f"recorded as verify run {run_id} (shown on GET /audit)", file=sys.stderr)
 
 
-def _record_verify_run_on_primary(report: VerifyReport, started_at: datetime, primary: Database) -> None:
+def _record_verify_run_on_primary(report: VerifyReport, started_at: datetime, primary: Database, scope: str) -> None:
     """After reading a replica; a primary out of reach loses only the record, as a refused write does."""
+
+    async def record(pool: asyncpg.Pool) -> None:
+        with tenant_scope(scope):
+            await _record_verify_run(pool, report, started_at)
+
     try:
-        with_database(lambda pool: _record_verify_run(pool, report, started_at), primary, pool_size_max=1)
+        with_database(record, primary, pool_size_max=1)
     except (OSError, TimeoutError, asyncpg.PostgresError) as e:
         print(f"warning: this run's result was not recorded for GET /audit: {e}", file=sys.stderr)
 
@@ -260,14 +313,20 @@ def export_transactions_command(args: argparse.Namespace) -> int:
             )
 
     try:
-        result = with_read_database(work, args.settings.database, args.settings.replica_url)
+        coverage, result = with_read_database(
+            in_tenants(args.tenant, work), args.settings.database, args.settings.replica_url
+        )
+    except TenantRefused as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_USAGE
     except LedgerInconsistent as e:
         print(str(e), file=sys.stderr)
         return EXIT_FAILED
     if args.json:
-        summary = {"output": str(args.output), "format": args.format, "rows": result.rows}
+        summary = {"output": str(args.output), "format": args.format, "rows": result.rows, "tenants": coverage.tenants}
         print(_json.encode({**summary, "totals": result.totals.render()}).decode())
     else:
+        print_coverage(coverage)
         print(f"exported {result.rows} row(s) to {args.output} ({args.format})")
         _print_totals(result.totals)
     return EXIT_OK
@@ -304,20 +363,96 @@ def export_liabilities_command(args: argparse.Namespace) -> int:
         return result
 
     try:
-        result = with_read_database(work, args.settings.database, args.settings.replica_url)
+        coverage, result = with_read_database(
+            in_tenants(args.tenant, work), args.settings.database, args.settings.replica_url
+        )
+    except TenantRefused as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_USAGE
     except LedgerInconsistent as e:
         print(str(e), file=sys.stderr)
         return EXIT_FAILED
-    document = render_liabilities(result)
+    document = {**render_liabilities(result), "tenants": coverage.tenants}
     if args.json:
         print(_json.encode(document).decode())
         return EXIT_OK
+    print_coverage(coverage)
     print(f"outstanding at the end of {document['asOf']} (UTC, before {document['cutoff']}):")
     for total in document["totals"]:
         print(f"  {total['currency']:<4} {total['outstanding']:>20}  over {total['cards']} card(s)")
     if not document["totals"]:
         print("  nothing outstanding")
     return EXIT_OK
+
+
+# ---- which tenants a command covers ---------------------------------------------------------------
+
+TENANTS_NAMED_MAX = 20  # a deployment of hundreds of stores: the first ones named, the rest counted
+
+
+class TenantRefused(Exception):
+    """--tenant names no tenant, or one that row-level security cannot keep apart here (exit 2)."""
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """The tenants a command reads (``scope``), and as whose a verify run is recorded: a run over every
+    tenant is the operator's (ALL_TENANTS), but the one tenant's when there is only one."""
+
+    tenants: list[str]
+    scope: str
+
+    @property
+    def recorded_as(self) -> str:
+        return self.tenants[0] if len(self.tenants) == 1 else self.scope
+
+
+def add_tenant(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tenant",
+        type=arguments.account,
+        metavar="ACCOUNT",
+        help="only this tenant's (VTEX account's) data, in its scope; default: every tenant",
+    )
+
+
+async def covered_tenants(pool: asyncpg.Pool, tenant: str | None) -> Coverage:
+    known = await known_tenants(pool)
+    if tenant is None:
+        return Coverage(known, ALL_TENANTS)
+    if tenant not in known:
+        raise TenantRefused(f"there is no tenant {tenant!r} (the tenants: {_named(known)})")
+    gap = await isolation_gap(pool)
+    if gap is not None:  # the scope would narrow nothing: every tenant's rows would be read as this one's
+        raise TenantRefused(
+            f"--tenant needs row-level security, and it does not keep tenants apart here ({gap}): "
+            "run as the role `giftcard db grant` sets up (--database-url), see the README's Many stores"
+        )
+    return Coverage([tenant], tenant)
+
+
+def in_tenants(tenant: str | None, work: Callable[[asyncpg.Pool], Awaitable[T]]):
+    """``work`` in the scope of ``tenant`` (every tenant when None), returning the coverage with its result."""
+
+    async def scoped(pool: asyncpg.Pool) -> tuple[Coverage, T]:
+        coverage = await covered_tenants(pool, tenant)
+        with tenant_scope(coverage.scope):
+            return coverage, await work(pool)
+
+    return scoped
+
+
+def print_coverage(coverage: Coverage) -> None:
+    if coverage.scope == ALL_TENANTS:
+        print(f"tenants: every tenant ({len(coverage.tenants)}): {_named(coverage.tenants)}")
+    else:
+        print(f"tenants: {coverage.scope}")
+
+
+def _named(tenants: list[str]) -> str:
+    shown = ", ".join(tenants[:TENANTS_NAMED_MAX])
+    more = len(tenants) - TENANTS_NAMED_MAX
+    return f"{shown} and {more} more" if more > 0 else shown or "none"
 
 
 # ---- plumbing ----------------------------------------------------------------------------------------

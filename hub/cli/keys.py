@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hub.cli.arguments import account
 from hub.http import auth
 from ledger.postgres.database import with_database
-from ledger.postgres.tenancy import ACCOUNT, is_account
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -24,6 +24,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         metavar="ACCOUNT",
         help="the store (VTEX account) it acts for; created with its first key (default GIFTCARD_DEFAULT_TENANT)",
     )
+    create.add_argument(
+        "--operator",
+        action="store_true",
+        help="an operator's pair: it may also read every tenant's audit (the auditor's pages and audit API)",
+    )
     create.set_defaults(run=keys_create)
     keys_commands.add_parser("list", help="list pairs (never their tokens)").set_defaults(run=keys_list)
     revoke = keys_commands.add_parser("revoke", help="revoke a pair by its app key")
@@ -31,20 +36,18 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     revoke.set_defaults(run=keys_revoke)
 
 
-def account(value: str) -> str:
-    if not is_account(value):
-        raise argparse.ArgumentTypeError(f"{value!r} is not a VTEX account name ({ACCOUNT.pattern})")
-    return value
-
-
 def keys_create(args: argparse.Namespace) -> int:
     roles = tuple(args.role or auth.ROLES)
     tenant = args.tenant or args.settings.default_tenant
-    app_key, app_token = with_database(
-        lambda pool: auth.create_key(pool, args.audience, roles, tenant), args.settings.database
-    )
-    key_header, token_header = auth.HEADERS[args.audience]
-    print(f"{key_header}: {app_key}\n{token_header}: {app_token}\n(the token is shown once; only its hash is kept)")
+    try:
+        pair = with_database(
+            lambda pool: auth.create_key(pool, args.audience, roles, tenant, operator=args.operator),
+            args.settings.database,
+        )
+    except ValueError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    print(f"{auth.printed_pair(args.audience, pair)}\n(the token is shown once; only its hash is kept)")
     return 0
 
 
@@ -54,6 +57,7 @@ def keys_list(args: argparse.Namespace) -> int:
     for row in rows:
         revoked = row["revoked_at"].strftime("%Y-%m-%d %H:%M:%S") if row["revoked_at"] else "-"
         roles = ",".join(row["roles"]) + (" (bootstrap)" if row["bootstrap"] else "")
+        roles += " (operator)" if row["operator"] else ""
         print(
             f"{row['app_key']:<34} {row['tenant_id']:<20} {row['audience']:<9} {roles:<10} "
             f"{row['created_at']:%Y-%m-%d %H:%M:%S}  {revoked}"

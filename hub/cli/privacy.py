@@ -9,10 +9,14 @@ from pathlib import Path
 
 import asyncpg
 
+from hub.cli.arguments import account
 from hub.wire import encode
 from ledger.eventstore.store import EventStore
 from ledger.postgres.database import with_database
 from ledger.postgres.personal_data import PersonalData, export, forget
+from ledger.postgres.tenancy import UnknownTenant, require_tenant
+
+EXIT_OK, EXIT_USAGE = 0, 2
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -22,10 +26,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "forget", help="destroy a person's data keys: their personal data reads as erased from then on"
     )
     _add_profile(erase)
+    _add_tenant(erase, "forget in this store only")
     erase.add_argument("--actor", default=None, help="who asks, recorded with the erasure (default: the OS user)")
     erase.set_defaults(run=privacy_forget)
     access = privacy_commands.add_parser("export", help="write everything held about a person, as JSON")
     _add_profile(access)
+    _add_tenant(access, "export what this store holds only")
     access.add_argument("--output", type=Path, default=None, help="file to write (default: standard output)")
     access.set_defaults(run=privacy_export)
 
@@ -40,6 +46,12 @@ def _add_profile(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_tenant(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--tenant", type=account, metavar="ACCOUNT", help=f"{what} (VTEX account; default: every store)"
+    )
+
+
 def _identifier(value: str) -> str:
     if not value.strip():
         raise argparse.ArgumentTypeError("must not be empty")
@@ -50,28 +62,47 @@ def privacy_forget(args: argparse.Namespace) -> int:
     actor = args.actor or getpass.getuser()
 
     async def work(pool: asyncpg.Pool):
-        return await forget(EventStore(pool), PersonalData(pool, args.settings.secret_key), args.profile, actor)
+        if args.tenant:
+            await require_tenant(pool, args.tenant)
+        personal = PersonalData(pool, args.settings.secret_key)
+        return await forget(EventStore(pool), personal, args.profile, actor, args.tenant)
 
-    forgotten = with_database(work, args.settings.database)
-    if forgotten.erasure is None:
-        print("nothing held for that person any more (already forgotten, or never seen): nothing written")
-        return 0
+    try:
+        done = with_database(work, args.settings.database)
+    except UnknownTenant as e:
+        print(f"refused: {e}; nothing written", file=sys.stderr)
+        return EXIT_USAGE
+    where = f"in store {args.tenant}" if args.tenant else "in any store"
+    if not done:
+        print(f"nothing held for that person any more {where} (already forgotten, or never seen): nothing written")
+        return EXIT_OK
+    for forgotten in done:
+        print(
+            f"store {forgotten.tenant}: forgot {forgotten.keys_destroyed} data key(s) and "
+            f"{forgotten.owners_erased} card owner lookup(s); recorded as {forgotten.erasure} (by {actor})"
+        )
     print(
-        f"forgot {forgotten.keys_destroyed} data key(s) and {forgotten.owners_erased} card owner lookup(s); "
-        f"recorded as {forgotten.erasure} (by {actor}); every hub process reads the data as erased "
-        f"within GIFTCARD_PRIVACY_POLL_S ({args.settings.privacy_poll_s:g} s)"
+        f"acted in {len(done)} store(s): {', '.join(f.tenant for f in done)}; every hub process reads the data "
+        f"as erased within GIFTCARD_PRIVACY_POLL_S ({args.settings.privacy_poll_s:g} s)"
     )
-    return 0
+    return EXIT_OK
 
 
 def privacy_export(args: argparse.Namespace) -> int:
     async def work(pool: asyncpg.Pool):
-        return await export(EventStore(pool), PersonalData(pool, args.settings.secret_key), args.profile)
+        if args.tenant:
+            await require_tenant(pool, args.tenant)
+        personal = PersonalData(pool, args.settings.secret_key)
+        return await export(EventStore(pool), personal, args.profile, args.tenant)
 
-    document = encode(with_database(work, args.settings.database))
+    try:
+        document = encode(with_database(work, args.settings.database))
+    except UnknownTenant as e:
+        print(f"refused: {e}", file=sys.stderr)
+        return EXIT_USAGE
     if args.output is None:
         sys.stdout.buffer.write(document + b"\n")
     else:
         args.output.write_bytes(document + b"\n")
         print(f"wrote {args.output}", file=sys.stderr)
-    return 0
+    return EXIT_OK

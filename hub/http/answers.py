@@ -30,6 +30,9 @@ def wire_name(field: str) -> str:
 
 
 class Link(msgspec.Struct, rename=wire_name):
+    """A path on this service, as VTEX's relative hrefs: ``/native/giftcards/{id}`` for the default
+    tenant, ``/{account}/native/giftcards/{id}`` for another (``hub.http.accounts``)."""
+
     href: str
 
 

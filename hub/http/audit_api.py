@@ -1,11 +1,13 @@
 """Audit over HTTP: one card's history replayed, with its state at an instant (hub-consumer credentials).
 
-``GET /api/audit/cards/{card_id}?asOf=ISO8601`` answers what ``giftcard audit card --json``
+``GET /api/audit/cards/{card_id}?asOf=ISO8601[&tenant=ACCOUNT]`` answers what ``giftcard audit card --json``
 prints: every event of the card, replayed through the domain, with the balance after each,
 the card's state as of the instant (effective time: the ledger's clock inside each event,
 which the hash chain covers), and every failure of its hash chain or invariants. It reads the
 card's own events, so it is strongly consistent, on the primary; with ``GIFTCARD_REPLICA_URL``
-set it reads the replica and states that replica's lag (``hub.http.read_pool``). ``audit verify`` walks
+set it reads the replica and states that replica's lag (``hub.http.read_pool``). The card is looked
+for in the key's tenant, or, for an operator's key, in the tenant ``?tenant=`` names or in every one
+(``hub.http.accounts``). ``audit verify`` walks
 the whole ledger and is a CLI command only: it is not bounded by a request's time.
 """
 
@@ -32,7 +34,7 @@ openapi.document(
         "Audit",
         "A card's events replayed with the balance after each, its state as of asOf, and any failure",
         answer=CardAudit,
-        query=(openapi.AS_OF,),
+        query=(openapi.AS_OF, openapi.TENANT),
     ),
 )
 

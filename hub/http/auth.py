@@ -21,6 +21,7 @@ import base64
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 import sys
 from dataclasses import dataclass, field
@@ -55,17 +56,20 @@ def token_hash(token: str) -> bytes:
 
 
 class Verdict(NamedTuple):
-    """What a presented pair earns: 200 with the key's roles and tenant, 401 when absent, 403 when wrong."""
+    """What a presented pair earns: 200 with the key's roles and tenant, 401 when absent, 403 when wrong.
+    An operator's key may also read every tenant's audit (``hub.http.accounts``)."""
 
     status: int
     roles: frozenset[str] = frozenset()
     tenant: str = NO_TENANT
+    operator: bool = False
 
 
 class StoredKey(NamedTuple):
     token_hash: bytes
     roles: frozenset[str]
     tenant: str
+    operator: bool = False
 
 
 @dataclass
@@ -91,58 +95,98 @@ class KeyRing:
             key_ok = hmac.compare_digest(key.encode(), self.configured[0].encode())
             token_ok = hmac.compare_digest(token.encode(), self.configured[1].encode())
             if key_ok and token_ok:
-                # the environment's pair bootstraps everything else
-                return Verdict(200, ALL_ROLES, self.default_tenant)
+                # the environment's pair bootstraps everything else: the deployment's own, an operator's
+                return Verdict(200, ALL_ROLES, self.default_tenant, operator=True)
         expected = self.stored.get(key)
         if expected is not None and hmac.compare_digest(token_hash(token), expected.token_hash):
             if expected.tenant != self.default_tenant and not self.other_tenants_served:
                 return Verdict(403, tenant=expected.tenant)
-            return Verdict(200, expected.roles, expected.tenant)
+            return Verdict(200, expected.roles, expected.tenant, expected.operator)
         return Verdict(403)
 
     async def refresh(self, pool: asyncpg.Pool) -> None:
         with tenant_scope(ALL_TENANTS):  # a key names its tenant: every tenant's keys are read to learn it
             rows = await pool.fetch(
-                "select app_key, token_hash, roles, tenant_id from api_keys where audience = $1 and revoked_at is null",
+                "select app_key, token_hash, roles, tenant_id, operator from api_keys"
+                " where audience = $1 and revoked_at is null",
                 self.audience,
             )
         self.stored = {
-            row["app_key"]: StoredKey(bytes(row["token_hash"]), frozenset(row["roles"]), row["tenant_id"])
+            row["app_key"]: StoredKey(
+                bytes(row["token_hash"]), frozenset(row["roles"]), row["tenant_id"], row["operator"]
+            )
             for row in rows
         }
+
+
+@dataclass
+class TenantStates:
+    """What each process knows of the tenants' states, refreshed beside the keys: the accounts
+    suspended (``giftcard tenants suspend``; a deleted tenant stays suspended), whose requests are
+    answered 403 ``tenant_suspended`` however good their credentials."""
+
+    name = "tenants' states"
+    suspended: frozenset[str] = frozenset()
+
+    async def refresh(self, pool: asyncpg.Pool) -> None:
+        rows = await pool.fetch("select account from tenants where suspended_at is not null")
+        self.suspended = frozenset(row["account"] for row in rows)
 
 
 # ---- operators' key management (giftcard keys create|list|revoke) ------------------------
 
 
 async def create_key(
-    pool: asyncpg.Pool, audience: str, roles: tuple[str, ...], tenant: str = DEFAULT_TENANT
+    pool: asyncpg.Pool, audience: str, roles: tuple[str, ...], tenant: str = DEFAULT_TENANT, *, operator: bool = False
 ) -> tuple[str, str]:
-    """A new pair of ``tenant`` with these roles; the token is returned once and only its hash is
-    stored. The tenant is created with its first key."""
+    """A new pair of ``tenant`` with these roles (an ``operator``'s also reads every tenant's audit);
+    the token is returned once and only its hash is stored. The tenant is created with its first key;
+    a deleted tenant takes none (ValueError)."""
+    async with pool.acquire() as connection, connection.transaction():
+        await connection.execute("insert into tenants (account) values ($1) on conflict do nothing", _account(tenant))
+        return await insert_key(connection, audience, roles, tenant, operator=operator)
+
+
+async def insert_key(
+    connection: asyncpg.Connection, audience: str, roles: tuple[str, ...], tenant: str, *, operator: bool = False
+) -> tuple[str, str]:
+    """``create_key`` inside the caller's transaction, for a tenant that exists."""
     unknown = set(roles) - ALL_ROLES
     if audience not in HEADERS or unknown or not roles:
         raise ValueError(f"audience must be one of {sorted(HEADERS)} and roles a non-empty subset of {list(ROLES)}")
-    if not is_account(tenant):
-        raise ValueError(f"tenant {tenant!r} is not a VTEX account name ({ACCOUNT.pattern})")
+    if await connection.fetchval("select deleted_at from tenants where account = $1", _account(tenant)) is not None:
+        raise ValueError(f"tenant {tenant!r} was deleted: it takes no new keys")
     app_key = f"giftcard-{audience}-{secrets.token_hex(6)}"
     app_token = secrets.token_urlsafe(TOKEN_BYTES)
-    async with pool.acquire() as connection, connection.transaction():
-        await connection.execute("insert into tenants (account) values ($1) on conflict do nothing", tenant)
-        await connection.execute(
-            "insert into api_keys (app_key, token_hash, audience, roles, tenant_id) values ($1, $2, $3, $4, $5)",
-            app_key,
-            token_hash(app_token),
-            audience,
-            sorted(roles),
-            tenant,
-        )
+    await connection.execute(
+        "insert into api_keys (app_key, token_hash, audience, roles, tenant_id, operator)"
+        " values ($1, $2, $3, $4, $5, $6)",
+        app_key,
+        token_hash(app_token),
+        audience,
+        sorted(roles),
+        tenant,
+        operator,
+    )
     return app_key, app_token
+
+
+def _account(tenant: str) -> str:
+    if not is_account(tenant):
+        raise ValueError(f"tenant {tenant!r} is not a VTEX account name ({ACCOUNT.pattern})")
+    return tenant
+
+
+def printed_pair(audience: str, pair: tuple[str, str]) -> str:
+    """A new pair as ``keys create`` and ``tenants create`` print it: the headers a caller sends."""
+    key_header, token_header = HEADERS[audience]
+    return f"{key_header}: {pair[0]}\n{token_header}: {pair[1]}"
 
 
 async def list_keys(pool: asyncpg.Pool) -> list[asyncpg.Record]:
     return await pool.fetch(
-        "select app_key, tenant_id, audience, roles, bootstrap, created_at, revoked_at from api_keys order by created_at"
+        "select app_key, tenant_id, audience, roles, bootstrap, operator, created_at, revoked_at"
+        " from api_keys order by created_at"
     )
 
 
@@ -184,7 +228,7 @@ def announce(audience: str, pair: tuple[str, str]) -> None:
 
 
 class Refreshed(Protocol):
-    """What is read again from the database with the keys: key rings, tenant limits."""
+    """What is read again from the database with the keys: key rings, tenant limits and states."""
 
     name: str
 
@@ -202,6 +246,7 @@ async def keep_refreshed(pool: asyncpg.Pool, refreshed: list[Refreshed]) -> None
 
 
 def audience_of(path: str) -> str | None:
+    path = without_account(path)  # /{account}/native/…, /{account}/api/…: the links a store's answers carry
     if path == "/native" or path.startswith("/native/"):
         return PROVIDER
     if path.startswith("/api/"):
@@ -214,6 +259,16 @@ def role_needed(request: web.Request) -> str:
     if request.method in ("GET", "HEAD") or request.path.endswith("/_search"):
         return VIEW
     return EDIT
+
+
+# A store's links carry its account first, as VTEX's do: /{account}/native/giftcards/{id} (hub.http.accounts).
+ACCOUNT_PREFIX = re.compile(r"/([a-z0-9][a-z0-9-]{0,62})(?=/(?:native|api)(?:/|$))")
+
+
+def without_account(path: str) -> str:
+    """``path`` without a leading ``/{account}`` before ``/native`` or ``/api``."""
+    prefix = ACCOUNT_PREFIX.match(path)
+    return path[prefix.end() :] if prefix else path
 
 
 # ---- the auditor's pages: a browser sends HTTP Basic (RFC 7617), not X-VTEX-API headers ------------
@@ -253,9 +308,10 @@ def audit_page_refusal(status: int) -> web.Response:
     return web.Response(status=403, text=text)
 
 
-def make_auth_middleware(rings: dict[str, KeyRing]):
+def make_auth_middleware(rings: dict[str, KeyRing], states: TenantStates):
     """A request accepted runs in its key's tenant (``tenant_scope``): every statement it makes
-    sees that store's rows only. One without a key (health, metrics, the OpenAPI document) in none."""
+    sees that store's rows only. One without a key (health, metrics, the OpenAPI document) in none.
+    A suspended tenant's requests, rightly signed, are refused on every surface."""
 
     @web.middleware
     async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
@@ -263,7 +319,7 @@ def make_auth_middleware(rings: dict[str, KeyRing]):
             verdict, key = basic_verdict(rings[HUB], request.headers.get("Authorization"))
             if verdict.status != 200 or role_needed(request) not in verdict.roles:
                 return audit_page_refusal(verdict.status)
-            return await _handled_in_tenant(request, handler, key, verdict.tenant)
+            return await _handled_in_tenant(request, handler, key, verdict, states)
         audience = audience_of(request.path)
         if audience is None:
             return await handler(request)
@@ -281,13 +337,20 @@ def make_auth_middleware(rings: dict[str, KeyRing]):
         needed = role_needed(request)
         if needed not in verdict.roles:
             return error_response(403, "forbidden", f"this key lacks the {needed!r} role for {request.method}")
-        return await _handled_in_tenant(request, handler, request.headers[key_header], verdict.tenant)
+        return await _handled_in_tenant(request, handler, request.headers[key_header], verdict, states)
 
     return auth_middleware
 
 
-async def _handled_in_tenant(request: web.Request, handler, key: str | None, tenant: str) -> web.StreamResponse:
+async def _handled_in_tenant(
+    request: web.Request, handler, key: str | None, verdict: Verdict, states: TenantStates
+) -> web.StreamResponse:
+    if verdict.tenant in states.suspended:
+        return error_response(
+            403, "tenant_suspended", f"the store {verdict.tenant!r} is suspended; its data is kept (ask the operator)"
+        )
     request["actor"] = key
-    request["tenant"] = tenant
-    with tenant_scope(tenant):
+    request["tenant"] = verdict.tenant
+    request["operator"] = verdict.operator
+    with tenant_scope(verdict.tenant):
         return await handler(request)

@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from hub.http.accounts import link_base
 from hub.http.native import event_metadata, json_response, read_body
 from hub.http.state import LEDGER, SETTINGS
 from hub.providers.native import Hrefs, default_expiry
@@ -33,8 +34,6 @@ ROUTE = "/api/giftcards/_batches"
 # One request, one transaction, one answer holding every code (about 210 bytes a card): 10,000
 # cards took 2.8 s and answered 2.1 MB on a loaded 2-core machine. Larger batches: the command line.
 BATCH_CARDS_PER_REQUEST_MAX = 10_000
-
-_HREFS = Hrefs("/api")
 
 
 async def create_batch(request: web.Request) -> web.Response:
@@ -61,10 +60,10 @@ async def create_batch(request: web.Request) -> web.Response:
     )
     metadata = {**event_metadata(request), "batchId": batch.batch_id}
     outcome = await BulkIssuer(ledger).issue_in_one_transaction(batch, defaults, metadata=metadata)
-    return json_response(render_outcome(outcome))
+    return json_response(render_outcome(outcome, Hrefs(link_base(request, "/api"))))
 
 
-def render_outcome(outcome: BatchOutcome) -> dict[str, Any]:
+def render_outcome(outcome: BatchOutcome, hrefs: Hrefs) -> dict[str, Any]:
     terms = outcome.terms
     answer: dict[str, Any] = {
         "batchId": terms.batch_id,
@@ -82,7 +81,7 @@ def render_outcome(outcome: BatchOutcome) -> dict[str, Any]:
                 "id": card.card_id,
                 "relationName": card.relation_name,
                 "redemptionCode": card.redemption_code,
-                "_self": {"href": _HREFS.card(card.card_id)},
+                "_self": {"href": hrefs.card(card.card_id)},
             }
             for card in outcome.cards
         ],

@@ -21,6 +21,7 @@ import msgspec
 from aiohttp import web
 
 from hub.errors import ApiError
+from hub.http.accounts import link_base
 from hub.http.native import card_operation_routes, event_metadata, json_response, read_body
 from hub.http.state import DIRECTORY, EGRESS, LEDGER, REGISTRY, SETTINGS, THROTTLE
 from hub.paging import content_range, page_of, parse_rest_range, unranged_means_whole
@@ -52,18 +53,19 @@ class ProviderPut(msgspec.Struct, rename="camel"):
     app_token: str | None = None
 
 
-def provider_href(provider_id: str) -> str:
-    return f"{PROVIDERS}/{provider_id}"
+def provider_href(request: web.Request, provider_id: str) -> str:
+    """``/api/giftcardproviders/{id}``, behind the account of a tenant other than the default one."""
+    return f"{link_base(request, PROVIDERS)}/{provider_id}"
 
 
-def hub_hrefs(provider_id: str) -> Hrefs:
-    return Hrefs(provider_href(provider_id))
+def hub_hrefs(request: web.Request, provider_id: str) -> Hrefs:
+    return Hrefs(provider_href(request, provider_id))
 
 
 # ---- rendering -------------------------------------------------------------------------
 
 
-def render_provider(registered: RegisteredProvider) -> dict[str, Any]:
+def render_provider(request: web.Request, registered: RegisteredProvider) -> dict[str, Any]:
     """A provider as VTEX shows one: a registration without a caption has no ``caption`` key, as in
     VTEX's examples, rather than a ``null`` where clients expect a string."""
     spec = registered.spec
@@ -75,7 +77,7 @@ def render_provider(registered: RegisteredProvider) -> dict[str, Any]:
         **caption,
         "preAuthEnabled": spec.pre_auth_enabled,
         "cancelEnabled": spec.cancel_enabled,
-        "_self": {"href": provider_href(spec.id)},
+        "_self": {"href": provider_href(request, spec.id)},
     }
 
 
@@ -83,17 +85,17 @@ def render_native_provider(request: web.Request) -> dict[str, Any]:
     native_id = request.app[SETTINGS].native_provider_id
     return {
         "id": native_id,
-        "serviceUrl": f"{_public_base_url(request)}/native",
+        "serviceUrl": _public_base_url(request) + link_base(request, "/native"),
         "oauthProvider": "vtex",
         "caption": "Gift card",
         "preAuthEnabled": True,
         "cancelEnabled": True,
-        "_self": {"href": provider_href(native_id)},
+        "_self": {"href": provider_href(request, native_id)},
     }
 
 
-def link_card(card: dict[str, Any], provider_id: str) -> dict[str, Any]:
-    hrefs = hub_hrefs(provider_id)
+def link_card(request: web.Request, card: dict[str, Any], provider_id: str) -> dict[str, Any]:
+    hrefs = hub_hrefs(request, provider_id)
     card_id = str(card.get("id", ""))
     link = {"href": hrefs.transactions(card_id)}
     return {
@@ -105,14 +107,16 @@ def link_card(card: dict[str, Any], provider_id: str) -> dict[str, Any]:
     }
 
 
-def link_transaction_ref(ref: dict[str, Any], provider_id: str, card_id: str) -> dict[str, Any]:
+def link_transaction_ref(request: web.Request, ref: dict[str, Any], provider_id: str, card_id: str) -> dict[str, Any]:
     """``{provider, cardId, id, _self}``: typed hub clients read ``provider`` on every transaction item."""
-    href = hub_hrefs(provider_id).transaction(card_id, str(ref.get("id", "")))
+    href = hub_hrefs(request, provider_id).transaction(card_id, str(ref.get("id", "")))
     return {**ref, "provider": provider_id, "cardId": card_id, "_self": {"href": href}}
 
 
-def link_transaction(detail: dict[str, Any], provider_id: str, card_id: str, transaction_id: str) -> dict[str, Any]:
-    href = hub_hrefs(provider_id).transaction(card_id, transaction_id)
+def link_transaction(
+    request: web.Request, detail: dict[str, Any], provider_id: str, card_id: str, transaction_id: str
+) -> dict[str, Any]:
+    href = hub_hrefs(request, provider_id).transaction(card_id, transaction_id)
     return {
         **detail,
         "settlement": {"href": f"{href}/settlements"},
@@ -235,7 +239,9 @@ class HubHandlers:
         window = parse_rest_range(request.headers.get("REST-Range"))
         directory = request.app[DIRECTORY]
         await directory.refresh()
-        everything = [render_native_provider(request)] + [render_provider(r) for r in directory.registered.values()]
+        everything = [render_native_provider(request)] + [
+            render_provider(request, r) for r in directory.registered.values()
+        ]
         page = page_of(everything, window)
         return json_response(page, content_range(window, len(page), len(everything)))
 
@@ -248,7 +254,7 @@ class HubHandlers:
         registered = directory.registered.get(provider_id)
         if registered is None:
             raise ProviderNotFound(f"gift card provider {provider_id!r} not found")
-        return json_response(render_provider(registered))
+        return json_response(render_provider(request, registered))
 
     async def put_provider(self, request: web.Request) -> web.Response:
         provider_id = request.match_info["provider_id"]
@@ -271,7 +277,7 @@ class HubHandlers:
         await request.app[EGRESS].check_url(spec.service_url)
         registered = await request.app[REGISTRY].put(spec, credentials, metadata=event_metadata(request))
         await request.app[DIRECTORY].refresh()
-        return json_response(render_provider(registered))
+        return json_response(render_provider(request, registered))
 
     async def delete_provider(self, request: web.Request) -> web.Response:
         await request.app[REGISTRY].remove(request.match_info["provider_id"], metadata=event_metadata(request))
@@ -286,7 +292,7 @@ class HubHandlers:
         settings = request.app[SETTINGS]
         if provider_id == settings.native_provider_id:
             return NativeProvider(
-                request.app[LEDGER], settings, hub_hrefs(provider_id), request.app[THROTTLE], request["actor"]
+                request.app[LEDGER], settings, hub_hrefs(request, provider_id), request.app[THROTTLE], request["actor"]
             )
         external = request.app[DIRECTORY].external(provider_id)
         if external is None:
@@ -308,7 +314,7 @@ class HubHandlers:
         created = await port.create_card(body, event_metadata(request))
         if isinstance(port, ExternalProvider):
             created = await completed_card(port, created)
-        card = link_card(created, provider_id)
+        card = link_card(request, created, provider_id)
         card.setdefault("discount", False)
         return json_response(card)
 
@@ -317,7 +323,7 @@ class HubHandlers:
         body = await read_body(request)
         decode(body, SearchRequest)
         items, headers = await port.search(body, request.headers.get("REST-Range"))
-        return json_response([self._search_item(item, provider_id) for item in items], headers)
+        return json_response([self._search_item(request, item, provider_id) for item in items], headers)
 
     async def search_everywhere(self, request: web.Request) -> web.Response:
         """Our extension: ``_search`` on every provider at once, merged, with each one's outcome."""
@@ -340,19 +346,20 @@ class HubHandlers:
             report.update(status=status, error={"code": e.code, "message": e.message}, count=0)
             found = []
         else:
-            found = [self._search_item(item, provider_id) for item in found]
+            found = [self._search_item(request, item, provider_id) for item in found]
             report.update(status="ok", count=len(found))
         report["latencyMs"] = round((time.monotonic() - started) * 1000, 1)
         return found, report
 
     @staticmethod
-    def _search_item(item: dict[str, Any], provider_id: str) -> dict[str, Any]:
-        return {**item, "provider": provider_id, "_self": {"href": hub_hrefs(provider_id).card(str(item.get("id")))}}
+    def _search_item(request: web.Request, item: dict[str, Any], provider_id: str) -> dict[str, Any]:
+        href = hub_hrefs(request, provider_id).card(str(item.get("id")))
+        return {**item, "provider": provider_id, "_self": {"href": href}}
 
     async def get_card(self, request: web.Request) -> web.Response:
         provider_id, port = await self.routed(request)
         card = await port.get_card(request.match_info["card_id"])
-        return json_response(link_card(card, provider_id))
+        return json_response(link_card(request, card, provider_id))
 
     async def list_transactions(self, request: web.Request) -> web.Response:
         """Paged by the hub: the Provider Protocol pages no transaction list, so the provider's
@@ -362,7 +369,7 @@ class HubHandlers:
         card_id = request.match_info["card_id"]
         refs = await port.list_transactions(card_id)
         page, headers = unranged_means_whole(request.headers.get("REST-Range"), refs)
-        return json_response([link_transaction_ref(ref, provider_id, card_id) for ref in page], headers)
+        return json_response([link_transaction_ref(request, ref, provider_id, card_id) for ref in page], headers)
 
     async def create_transaction(self, request: web.Request) -> web.Response:
         provider_id, port = await self.routed(request)
@@ -370,13 +377,13 @@ class HubHandlers:
         body = await read_body(request)
         decode(body, CreateTransactionRequest)
         ref = await port.create_transaction(card_id, body, event_metadata(request))
-        return json_response(link_transaction_ref(ref, provider_id, card_id))
+        return json_response(link_transaction_ref(request, ref, provider_id, card_id))
 
     async def get_transaction(self, request: web.Request) -> web.Response:
         provider_id, port = await self.routed(request)
         card_id, transaction_id = request.match_info["card_id"], request.match_info["transaction_id"]
         detail = await port.get_transaction(card_id, transaction_id)
-        return json_response(link_transaction(detail, provider_id, card_id, transaction_id))
+        return json_response(link_transaction(request, detail, provider_id, card_id, transaction_id))
 
     async def get_authorization(self, request: web.Request) -> web.Response:
         _, port = await self.routed(request)

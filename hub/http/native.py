@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from hub.http.accounts import link_base
 from hub.http.state import LEDGER, SETTINGS, THROTTLE
 from hub.paging import parse_rest_range, unranged_means_whole
 from hub.providers.native import Hrefs, NativeProvider, Surface
@@ -61,11 +62,12 @@ class NativeHandlers:
 
     def __init__(self, surface: Surface, base: str) -> None:
         self.surface = surface
-        self.hrefs = Hrefs(base)
+        self.base = base
 
     def provider(self, request: web.Request) -> NativeProvider:
+        hrefs = Hrefs(link_base(request, self.base))
         return NativeProvider(
-            request.app[LEDGER], request.app[SETTINGS], self.hrefs, request.app[THROTTLE], request["actor"]
+            request.app[LEDGER], request.app[SETTINGS], hrefs, request.app[THROTTLE], request["actor"]
         )
 
     async def search(self, request: web.Request) -> web.Response:
@@ -131,7 +133,7 @@ class NativeHandlers:
         return json_response(await self.provider(request).cancel(*_ids(request), body, event_metadata(request)))
 
     def routes(self) -> list[web.RouteDef]:
-        return card_operation_routes(f"{self.hrefs.base}/giftcards", self)
+        return card_operation_routes(f"{self.base}/giftcards", self)
 
 
 def card_operation_routes(cards: str, handlers: Any) -> list[web.RouteDef]:

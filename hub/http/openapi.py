@@ -20,6 +20,7 @@ from aiohttp import web
 
 from hub import paging, wire
 from hub.http import answers, auth, read_api
+from hub.http.accounts import ACCOUNT_PARAMETER
 from hub.http.hub_api import ProviderPut
 from hub.webhooks.wire import CreateWebhookRequest, ReplayWebhookRequest
 from ledger.domain.giftcard import OPERATIONS as TRANSACTION_OPERATIONS
@@ -65,7 +66,12 @@ def document(method: str, path: str, operation: Operation) -> None:
 
 
 def describe(method: str, path: str) -> Operation | None:
-    return OPERATIONS.get((method, path))
+    """A route under ``/{account}`` (hub.http.accounts) is the same operation as the one without it."""
+    return OPERATIONS.get((method, path)) or OPERATIONS.get((method, _without_account(path)))
+
+
+def _without_account(path: str) -> str:
+    return path.removeprefix(ACCOUNT_PARAMETER)
 
 
 # ---- query parameters, as the handlers read them -----------------------------------------
@@ -80,7 +86,16 @@ FROM_DAY = Query("from", {"type": "string", "format": "date"}, "The period's fir
 TO_DAY = Query("to", {"type": "string", "format": "date"}, "The period's last UTC day, included (YYYY-MM-DD)")
 CACHE_BUSTER = Query("ts", {"type": "string"}, "VTEX's cache buster: accepted and ignored")
 ACCOUNT = Query(
-    "an", {"type": "string"}, "VTEX's account name, as VTEX's own hub client sends it: accepted and ignored"
+    "an",
+    {"type": "string"},
+    "VTEX's account name, as VTEX's own hub client sends it: ignored, unless GIFTCARD_ACCOUNT_QUERY is set;"
+    " then it must be the key's tenant (403 tenant_mismatch)",
+)
+TENANT = Query(
+    "tenant",
+    {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,62}$"},
+    "The tenant (VTEX account) to read: a tenant's key may name only its own; an operator's any one,"
+    " and without it reads every tenant",
 )
 
 
@@ -215,13 +230,13 @@ _AUDITOR = "Auditor's view"
 _document_all(
     "/audit",
     [
-        ("GET", "", Operation(_AUDITOR, "HTML: ledger totals, liability per currency over time, the last audit verify's result", answer=HTML)),
+        ("GET", "", Operation(_AUDITOR, "HTML: ledger totals, liability per currency over time, the last audit verify's result", answer=HTML, query=(TENANT,))),
         ("GET", "/cards", Operation(_AUDITOR, "HTML form target: redirects ?card=ID to that card's page", answer=None, success=303, query=(
             Query("card", {"type": "string", "minLength": 1}, "The card id to open"),), note="See Other: Location is the card's page")),
-        ("GET", "/cards/{card_id}", Operation(_AUDITOR, "HTML: a card's timeline, balance chart and state", answer=HTML, query=(AS_OF,))),
-        ("GET", "/rollforward", Operation(_AUDITOR, "HTML: the liability roll-forward of a period, per currency, each figure linked to its movements", answer=HTML, query=(FROM_DAY, TO_DAY))),
+        ("GET", "/cards/{card_id}", Operation(_AUDITOR, "HTML: a card's timeline, balance chart and state", answer=HTML, query=(AS_OF, TENANT))),
+        ("GET", "/rollforward", Operation(_AUDITOR, "HTML: the liability roll-forward of a period, per currency, each figure linked to its movements", answer=HTML, query=(FROM_DAY, TO_DAY, TENANT))),
         ("GET", "/rollforward/movements", Operation(_AUDITOR, "HTML: the movements behind one roll-forward figure", answer=HTML, query=(
-            FROM_DAY, TO_DAY, CURRENCY, Query("movement", _TEXT, "The movement: loaded, redeemed, expired_to_breakage, ...")))),
+            FROM_DAY, TO_DAY, CURRENCY, Query("movement", _TEXT, "The movement: loaded, redeemed, expired_to_breakage, ..."), TENANT))),
     ],
 )  # fmt: skip
 
@@ -231,7 +246,8 @@ _document_all(
 _REFUSALS = {
     400: "Malformed or invalid input: the error names what was wrong, and nothing was written",
     401: "No credentials: an empty body",
-    403: "Credentials not accepted (an empty body), or a key without the role this needs (the error names it)",
+    403: "Credentials not accepted (an empty body), or a key without the role this needs or naming another tenant"
+    " (the error names it)",
     404: "No such card, transaction, provider or subscription",
     409: "A requestId reused with another payload, or a name already taken",
     413: "The body is over the limit",
@@ -254,7 +270,7 @@ _WRITES = ("POST", "PUT", "DELETE")
 
 def refusal_statuses(method: str, path: str, operation: Operation) -> list[int]:
     """What a refused call answers, by what the route takes: the error middleware maps every failure."""
-    if auth.audience_of(path) is None:
+    if auth.audience_of(_without_account(path)) is None:
         return [503] if path == "/readyz" else []
     statuses = [400, 401, 403, 429, 503]  # 429: every keyed request counts against its store's limits
     if _path_parameters(path):
@@ -263,7 +279,9 @@ def refusal_statuses(method: str, path: str, operation: Operation) -> list[int]:
         statuses += [409, 422]
     if operation.body is not None:
         statuses += [413, 415]
-    if path.startswith("/api/giftcardproviders/{provider_id}/"):  # routed to the provider, maybe an external one
+    if _without_account(path).startswith(
+        "/api/giftcardproviders/{provider_id}/"
+    ):  # routed to the provider, maybe an external one
         statuses += [502, 504]
     return sorted(statuses)
 
@@ -314,7 +332,7 @@ def security(path: str) -> list[dict[str, list]] | None:
     """The credentials the auth middleware asks of this path (None: it asks none)."""
     if auth.is_audit_page(path):
         return [{"auditBasic": []}]
-    audience = auth.audience_of(path)
+    audience = auth.audience_of(_without_account(path))
     if audience == auth.PROVIDER:
         return [{"providerKey": [], "providerToken": []}]
     if audience == auth.HUB:
@@ -394,6 +412,7 @@ def _parameters(method: str, path: str, operation: Operation) -> list[dict[str, 
 
 def _vtex_query(method: str, path: str) -> tuple[Query, ...]:
     """What VTEX appends to its calls: ``?ts=`` to GETs of a provider, ``?an=`` to its own APIs."""
+    path = _without_account(path)
     vtex_surface = path.startswith(("/native/", "/api/giftcards", "/api/giftcardproviders"))
     if not vtex_surface:
         return ()

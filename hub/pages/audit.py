@@ -31,6 +31,7 @@ from hub.pages.rendering import amount_text, decimal_text, html_response
 from ledger.application.commands import parse_card_id
 from ledger.domain.errors import DomainError
 from ledger.eventstore.store import EventStore
+from ledger.postgres.tenancy import ALL_TENANTS, current_scope
 from projections.audit.auditors import audit_card
 from projections.audit.overview import LIABILITY_DAYS_MAX, GroupTotals, Overview, read_overview
 from projections.audit.verify_runs import RecordedFailure, VerifyRun
@@ -44,7 +45,7 @@ CARD_ID_CHARS_MAX = 64  # a UUID is 36; the form's field is free text
 async def overview_page(request: web.Request) -> web.Response:
     native = request.app[SETTINGS].native_provider_id
     overview = await read_overview(await read_pool(request), native)
-    return page(request, "overview.html.j2", **overview_context(overview))
+    return page(request, "overview.html.j2", **overview_context(overview, current_scope()))
 
 
 async def card_page(request: web.Request) -> web.Response:
@@ -87,15 +88,23 @@ def routes() -> list[web.RouteDef]:
 # ---- the overview -------------------------------------------------------------------------------
 
 
-def overview_context(overview: Overview) -> dict[str, object]:
-    """What ``overview.html.j2`` shows: figures as text, charts placed, links resolved."""
+def overview_context(overview: Overview, scope: str) -> dict[str, object]:
+    """What ``overview.html.j2`` shows: figures as text, charts placed, links resolved. An operator's
+    view of every tenant (``scope`` ALL_TENANTS, ``hub.http.accounts``) names each row's tenant."""
+    tenants = sorted({group.tenant for group in overview.totals})
     return {
+        "tenants": tenants if scope == ALL_TENANTS and len(tenants) > 1 else None,
+        "coverage": _coverage_text(scope),
         "verify": verify_context(overview.latest_verify),
         "freshness": _freshness_text(overview.freshness),
         "totals": [_totals_row(group) for group in overview.totals],
         "liability_charts": _liability_charts(overview),
         "liability_days_max": LIABILITY_DAYS_MAX,
     }
+
+
+def _coverage_text(scope: str) -> str:
+    return "Every tenant (an operator's view)." if scope == ALL_TENANTS else f"Tenant {scope}."
 
 
 # ---- the last audit verify ----------------------------------------------------------------------
@@ -113,6 +122,7 @@ def verify_context(run: VerifyRun | None) -> dict[str, object]:
         return {"run": None}
     return {
         "run": run,
+        "covered": "every tenant" if run.tenant_id == ALL_TENANTS else f"tenant {run.tenant_id}",
         "took_s": (run.finished_at - run.started_at).total_seconds(),
         "failures": [FailureRow(failure, _card_of(failure.stream_id)) for failure in run.failures],
         "more_failures": run.failures_total - len(run.failures),

@@ -11,6 +11,8 @@ takes what the command takes, so the command stays the tool for a full close.
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from aiohttp import web
 
 from hub.errors import status_of
@@ -40,7 +42,7 @@ async def rollforward_page(request: web.Request) -> web.Response:
         return page(request, "rollforward.html.j2", period=None, document=None, query="")
     result = await roll_forward(await read_pool(request), period, config)
     document = render_roll_forward(result)
-    return page(request, "rollforward.html.j2", period=period, document=document, query=_query(period))
+    return page(request, "rollforward.html.j2", period=period, document=document, query=_query(request, period))
 
 
 async def movements_page(request: web.Request) -> web.Response:
@@ -63,7 +65,7 @@ async def movements_page(request: web.Request) -> web.Response:
         movement=kind,
         found=found,
         rows_max=MOVEMENT_ROWS_MAX,
-        query=_query(period),
+        query=_query(request, period),
     )
 
 
@@ -99,5 +101,8 @@ def _movement(request: web.Request) -> str:
     return kind
 
 
-def _query(period: Period) -> str:
-    return f"from={period.first_day.isoformat()}&to={period.last_day.isoformat()}"
+def _query(request: web.Request, period: Period) -> str:
+    """The period, and the tenant asked for (hub.http.accounts): a figure's movements are of the same tenants."""
+    tenant = request.query.get("tenant")
+    named = f"&tenant={quote(tenant, safe='')}" if tenant else ""
+    return f"from={period.first_day.isoformat()}&to={period.last_day.isoformat()}{named}"

@@ -34,7 +34,7 @@ from hub.webhooks import storage
 from hub.webhooks.signing import EVENT_TYPE_HEADER, is_standard, signed_headers
 from hub.webhooks.subscriptions import open_secrets
 from ledger.domain.topics import stored_types
-from ledger.eventstore.commit_order import Checkpoint
+from ledger.eventstore.commit_order import START, Checkpoint
 from ledger.eventstore.store import EventStore, RecordedEvent
 from ledger.postgres.credentials_cipher import CredentialsCipher
 from ledger.postgres.database import DATABASE_ERRORS
@@ -181,6 +181,8 @@ class Deliverer:
         self._running: dict[str, asyncio.Task[int]] = {}
         self._paused_until: dict[str, float] = {}
         self._told_to_rotate: set[str] = set()
+        # Every store's head as the last poll read it, before the batches it started (see _deliver_locked).
+        self._head_seen = START
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -210,14 +212,18 @@ class Deliverer:
         total = 0
         while True:
             handled = 0
-            for subscription_id in await storage.due_subscriptions(self.pool, SUBSCRIPTIONS_LISTED_MAX):
+            for subscription_id in await self._due():
                 handled += await self._take_turn(subscription_id)
             if handled == 0:
                 return total
             total += handled
 
+    async def _due(self) -> list[str]:
+        due, self._head_seen = await storage.due_subscriptions(self.pool, SUBSCRIPTIONS_LISTED_MAX)
+        return due
+
     async def _start_due(self) -> None:
-        due = await storage.due_subscriptions(self.pool, SUBSCRIPTIONS_LISTED_MAX)
+        due = await self._due()
         now = time.monotonic()
         self._paused_until = {key: until for key, until in self._paused_until.items() if until > now}
         for subscription_id in due:
@@ -302,9 +308,15 @@ class Deliverer:
             delivered = batch.done.past([event])
             await storage.advance(connection, subscription.id, batch.committed, delivered, delivered=1)
             batch.committed = batch.done = delivered
+        more = len(events) == self.options.batch_events_max
+        if not more:
+            # A short batch holds every event of this store up to the head read before it, so the
+            # checkpoint may stand there: a quiet store's subscription is not due again at every poll
+            # for other stores' events (its reads see only its own; see migration 0021).
+            batch.done = batch.done.joined(self._head_seen)
         if batch.done != batch.committed:
             await storage.advance(connection, subscription.id, batch.committed, batch.done, delivered=0)
-        return Progress(len(events), more=len(events) == self.options.batch_events_max)
+        return Progress(len(events), more=more)
 
     async def _failed(
         self,

@@ -282,12 +282,14 @@ async def request_retry(pool: asyncpg.Pool, subscription_id: str | None) -> int:
 # ---- delivery ------------------------------------------------------------------------------
 
 
-async def due_subscriptions(pool: asyncpg.Pool, limit: int) -> list[str]:
+async def due_subscriptions(pool: asyncpg.Pool, limit: int) -> tuple[list[str], Checkpoint]:
     """Subscriptions with something to do now: events after their checkpoint, or dead letters an
-    operator asked to retry; and not waiting out a backoff."""
+    operator asked to retry; and not waiting out a backoff. With the head they were compared to,
+    read in the caller's scope (every store's, for a deliverer) before any of their batches."""
     rows = await pool.fetch(_NOT_WAITING)
     head = await EventStore(pool).head()
-    return [row["id"] for row in rows if row["retry"] or Checkpoint.from_json(row["checkpoint"]).behind(head)][:limit]
+    due = [row["id"] for row in rows if row["retry"] or Checkpoint.from_json(row["checkpoint"]).behind(head)]
+    return due[:limit], head
 
 
 async def tenant_of(pool: asyncpg.Pool, subscription_id: str) -> str | None:

@@ -19,6 +19,13 @@ On Citus a source is read where it lives: ``EventStore.read_all`` calls ledger.p
 against the shard's own table. A read of ``events`` by source from the coordinator (the statements
 below, still used inside a transaction) is sent to every shard, since ``source`` is not the
 distribution column.
+
+A reader in one store's scope (a webhook subscription's batch) reads that store's events alone:
+the statements below then name the tenant (``one_tenant``), so that each range is one of the index
+``events_by_tenant (tenant_id, source, seq)`` (migration 0021). Row-level security would give the same
+rows, but only by reading every store's events in the range and dropping the others': a quiet
+store's reader, whose checkpoint moves only past its own events, would read the whole log written
+since. Readers of every store (projections) keep the ranges of ``events_source_order``.
 """
 
 from __future__ import annotations
@@ -82,6 +89,13 @@ class Checkpoint(msgspec.Struct, frozen=True):
             seqs[event.source] = max(seqs.get(event.source, 0), event.seq)
         return Checkpoint.of(seqs)
 
+    def joined(self, other: Checkpoint) -> Checkpoint:
+        """As far as either has read, source by source."""
+        seqs = self.as_dict()
+        for source, seq in other.seqs:
+            seqs[source] = max(seqs.get(source, 0), seq)
+        return Checkpoint.of(seqs)
+
     def behind(self, head: Checkpoint) -> int:
         """How many events lie between here and ``head``: seq numbers, so counting the few that
         refused appends left unused, and 0 exactly when nothing is left to read."""
@@ -117,37 +131,55 @@ async def shards(connection: Connection) -> Sequence[int]:
     return [row[0] for row in await connection.fetch(_SHARD_SOURCES)]
 
 
-def read_after_statement(columns: str, source_count: int) -> str:
+def read_after_statement(columns: str, source_count: int, *, one_tenant: bool = False) -> str:
     """The next events after a checkpoint, ``limit`` at most, ordered by (seq, source).
 
     One index range per source, each cut at the limit, then merged: the result holds a prefix of
     each source's events after its checkpoint, whatever the mix. Parameters: the limit, then each
-    source and the seq read from it. A per-source subquery, not one join, because on Citus the
-    source is not the distribution column: each range is its own query over the shards.
+    source and the seq read from it, then with ``one_tenant`` the tenant. A per-source subquery,
+    not one join, because on Citus the source is not the distribution column: each range is its
+    own query over the shards.
     """
+    tenant = _tenant_is(2 * source_count + 2) if one_tenant else ""
     ranges = " union all ".join(
-        f"(select {columns} from events where source = ${2 * i + 2} and seq > ${2 * i + 3} order by seq limit $1)"
+        f"(select {columns} from events where {tenant}source = ${2 * i + 2} and seq > ${2 * i + 3}"
+        " order by seq limit $1)"
         for i in range(source_count)
     )
     return f"select * from ({ranges}) e order by seq, source limit $1"
 
 
-def heads_statement(source_count: int) -> str:
-    """Each source's last seq: one index probe a source."""
+def heads_statement(source_count: int, *, one_tenant: bool = False) -> str:
+    """Each source's last seq (with ``one_tenant``, the tenant's last there): one index probe a source.
+    Parameters: the sources, then with ``one_tenant`` the tenant."""
+    tenant = _tenant_is(source_count + 1) if one_tenant else ""
     probes = " union all ".join(
-        f"(select ${i + 1}::bigint as source, max(seq) as seq from events where source = ${i + 1})"
+        f"(select ${i + 1}::bigint as source, max(seq) as seq from events where {tenant}source = ${i + 1})"
         for i in range(source_count)
     )
     return f"select source, seq from ({probes}) h where seq is not null"
 
 
-def next_after_statement(source_count: int) -> str:
-    """When the oldest event after a checkpoint was recorded: the event at seq + 1 in each source."""
-    probes = " union all ".join(
-        f"(select recorded_at from events where source = ${2 * i + 1} and seq = ${2 * i + 2} + 1)"
-        for i in range(source_count)
-    )
+def next_after_statement(source_count: int, *, one_tenant: bool = False) -> str:
+    """When the oldest event after a checkpoint was recorded: the event at seq + 1 in each source;
+    with ``one_tenant``, the tenant's first event past seq (seq + 1 is as likely another store's).
+    Parameters: each source and the seq read from it, then with ``one_tenant`` the tenant."""
+    tenant = _tenant_is(2 * source_count + 1) if one_tenant else ""
+
+    def probe(i: int) -> str:
+        source, seq = f"${2 * i + 1}", f"${2 * i + 2}"
+        if one_tenant:
+            return (
+                f"(select recorded_at from events where {tenant}source = {source} and seq > {seq} order by seq limit 1)"
+            )
+        return f"(select recorded_at from events where source = {source} and seq = {seq} + 1)"
+
+    probes = " union all ".join(probe(i) for i in range(source_count))
     return f"select min(recorded_at) from ({probes}) n"
+
+
+def _tenant_is(parameter: int) -> str:
+    return f"tenant_id = ${parameter} and "
 
 
 def after_arguments(checkpoint: Checkpoint, among: Sequence[int]) -> list[int]:

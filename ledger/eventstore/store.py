@@ -26,7 +26,7 @@ from ledger.eventstore.codec import decode_canonical
 from ledger.eventstore.commit_order import START, Checkpoint
 from ledger.postgres.database import acquire_for_commit
 from ledger.postgres.distribution import is_distributed
-from ledger.postgres.tenancy import DEFAULT_TENANT, current_scope, scope_of, tenant_scope
+from ledger.postgres.tenancy import DEFAULT_TENANT, current_scope, is_account, scope_of, tenant_scope
 
 GENESIS_HASH = b""
 
@@ -365,6 +365,18 @@ class EventStore:
 Reader = asyncpg.Connection | asyncpg.Pool
 
 
+def one_tenant_in_scope() -> str | None:
+    """The store a reader of the commit order is scoped to, when it is exactly one; else None
+    (every store's work, a group commit's few stores, or no scope, which sees nothing)."""
+    scope = current_scope()
+    return scope if is_account(scope) else None
+
+
+def _named(tenant: str | None) -> list[str]:
+    """The tenant parameter of a commit-order statement: there only when the statement names one."""
+    return [] if tenant is None else [tenant]
+
+
 async def _append_many_or_nothing(
     backend: OneServerBackend,
     connection: asyncpg.Connection,
@@ -455,19 +467,26 @@ class OneServerBackend:
         """The rows of ``args`` (see _APPEND_MANY) whose stream's guard holds, inserted."""
         return await connection.fetch(_APPEND_MANY, *args)
 
+    # Readers of the commit order: in one store's scope they name it (see ledger.eventstore.commit_order).
     async def read_all(self, after: Checkpoint, limit: int, reader: Reader) -> list[RecordedEvent]:
+        tenant = one_tenant_in_scope()
         arguments = commit_order.after_arguments(after, await self.sources(reader))
-        statement = commit_order.read_after_statement(_COLUMNS, len(arguments) // 2)
-        return [recorded_event(row) for row in await reader.fetch(statement, limit, *arguments)]
+        statement = commit_order.read_after_statement(_COLUMNS, len(arguments) // 2, one_tenant=tenant is not None)
+        rows = await reader.fetch(statement, limit, *arguments, *_named(tenant))
+        return [recorded_event(row) for row in rows]
 
     async def head(self, reader: Reader) -> Checkpoint:
+        tenant = one_tenant_in_scope()
         found = await self.sources(reader)
-        rows = await reader.fetch(commit_order.heads_statement(len(found)), *found)
+        statement = commit_order.heads_statement(len(found), one_tenant=tenant is not None)
+        rows = await reader.fetch(statement, *found, *_named(tenant))
         return Checkpoint.of({row["source"]: row["seq"] for row in rows})
 
     async def next_recorded_at(self, after: Checkpoint, reader: Reader) -> datetime | None:
+        tenant = one_tenant_in_scope()
         arguments = commit_order.after_arguments(after, await self.sources(reader))
-        return await reader.fetchval(commit_order.next_after_statement(len(arguments) // 2), *arguments)
+        statement = commit_order.next_after_statement(len(arguments) // 2, one_tenant=tenant is not None)
+        return await reader.fetchval(statement, *arguments, *_named(tenant))
 
     async def source_of(self, stream_id: str) -> int:
         return await self.pool.fetchval(_LANE_OF, stream_id)
@@ -654,8 +673,10 @@ class CitusBackend(OneServerBackend):
         (ledger.postgres.distribution's source_events, source_head) to the shard's worker. None where a read
         must be one statement instead: on a connection (a statement cannot run side by side with
         others there, and inside a transaction block Citus would not route the call); and where
-        ``after`` names a source that is no shard any more (a shard split since)."""
-        if not isinstance(reader, asyncpg.Pool):
+        ``after`` names a source that is no shard any more (a shard split since); and in one store's
+        scope, where the statement names the store, so each shard finds that store's rows by index
+        (the functions read a source whole)."""
+        if not isinstance(reader, asyncpg.Pool) or one_tenant_in_scope() is not None:
             return None
         if any(source not in shards for source, _ in after.seqs):
             return None

@@ -36,7 +36,7 @@ from ledger.domain.giftcard import GiftCard
 from ledger.domain.snapshot import take_snapshot
 from ledger.eventstore.store import EventStore, NewEvent
 from ledger.postgres.instance_keys import instance_key
-from ledger.postgres.tenancy import current_scope
+from ledger.postgres.tenancy import current_scope, tenant_scope
 
 PROFILE = "profile_id"
 ORDER_INFO = "order_info"
@@ -332,22 +332,43 @@ def without_personal(state: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- the person's rights: erasure and access ----------------------------------------------------
+#
+# Each statement below runs in the scope of the store it acts for *and* names that store: an
+# operator's tool may run as a role row-level security does not hold (a superuser), and on Citus
+# card_lookup and events are outside it (ledger.postgres.distribution), while the same person's
+# subject is the same in every store. Erasing another store's data is not left to the role.
 
+_TENANTS_HOLDING = """
+select tenant_id from personal_data_keys where subject = any($1::text[]) and wrapped_key is not null
+union
+select tenant_id from card_lookup where profile_id = any($2::text[])
+order by 1
+"""
 _DESTROY_KEYS = """
 update personal_data_keys set wrapped_key = null, forgotten_at = clock_timestamp()
-where subject = any($1::text[]) and wrapped_key is not null
+where subject = any($1::text[]) and wrapped_key is not null and tenant_id = $2
 returning key_id
 """
 # card_lookup names a card's owner by subject (or, for cards issued before 0015, in clear).
-_ERASE_OWNERS = "update card_lookup set profile_id = '' where profile_id = any($1::text[])"
+_ERASE_OWNERS = "update card_lookup set profile_id = '' where profile_id = any($1::text[]) and tenant_id = $2"
+# $2: one store, or null for every store in scope.
 _KEYS_OF_SUBJECTS = """
-select key_id, created_at, forgotten_at from personal_data_keys where subject = any($1::text[]) order by created_at
+select key_id, created_at, forgotten_at, tenant_id from personal_data_keys
+where subject = any($1::text[]) and ($2::text is null or tenant_id = $2)
+order by created_at
+"""
+_CARDS_OWNED = """
+select card_id, tenant_id from card_lookup
+where profile_id = any($1::text[]) and ($2::text is null or tenant_id = $2)
+order by card_id
 """
 # Events holding a sealed field under one of $2's keys, or (written before 0015) the person's
-# identifiers ($3, normalized) in clear. A scan of the card events: an operator's command, not a request's.
+# identifiers ($3, normalized) in clear; $4 as above. A scan of the card events: an operator's
+# command, not a request's.
 _EVENTS_OF_PERSON = """
-select stream_id, version, type, data::text as data, recorded_at from events
+select stream_id, version, type, data::text as data, recorded_at, tenant_id from events
 where type = any($1::text[])
+  and ($4::text is null or tenant_id = $4)
   and (data -> 'profile_id' ->> 'pii' = any($2::text[])
        or data -> 'order_info' -> 'clientProfile' ->> 'pii' = any($2::text[])
        or data -> 'order_info' -> 'shipping' ->> 'pii' = any($2::text[])
@@ -358,24 +379,49 @@ order by stream_id, version
 
 
 class Forgotten(NamedTuple):
+    tenant: str  # the store it was done in
     keys_destroyed: int
     owners_erased: int  # card_lookup rows that named the person as a card's owner
-    erasure: str | None  # the stream of the PersonalDataForgotten event; None when nothing was held any more
+    erasure: str  # the stream of that store's PersonalDataForgotten event
 
 
-async def forget(store: EventStore, personal: PersonalData, identifiers: list[str], actor: str) -> Forgotten:
+def _owner_names(subjects: list[str], identifiers: list[str]) -> list[str]:
+    """How card_lookup may name the person as a card's owner."""
+    return subjects + [normalized(i) for i in identifiers] + list(identifiers)
+
+
+async def forget(
+    store: EventStore, personal: PersonalData, identifiers: list[str], actor: str, tenant: str | None = None
+) -> list[Forgotten]:
     """Destroys every key of the people ``identifiers`` name and erases their cards' owner lookups,
-    recorded by a ``PersonalDataForgotten`` event (who and when, no personal data) in the same
-    transaction. Idempotent: a person with nothing left to destroy writes nothing."""
+    in store ``tenant``, or with None in every store holding any of it: one transaction per store,
+    in its scope, recorded by a ``PersonalDataForgotten`` event of that store (who and when, no
+    personal data). Idempotent: a store with nothing left to destroy writes nothing (and is not listed)."""
     subjects = await personal.subjects_of(identifiers)
-    owners = subjects + [normalized(i) for i in identifiers] + list(identifiers)
+    owners = _owner_names(subjects, identifiers)
+    tenants = (
+        [tenant] if tenant else [r["tenant_id"] for r in await store.pool.fetch(_TENANTS_HOLDING, subjects, owners)]
+    )
+    done = []
+    for account in tenants:
+        with tenant_scope(account):
+            forgotten = await _forget_in_store(store, personal, account, subjects, owners, actor)
+        if forgotten is not None:
+            done.append(forgotten)
+    return done
+
+
+async def _forget_in_store(
+    store: EventStore, personal: PersonalData, tenant: str, subjects: list[str], owners: list[str], actor: str
+) -> Forgotten | None:
     async with store.pool.acquire() as connection, connection.transaction():
-        key_ids = [r["key_id"] for r in await connection.fetch(_DESTROY_KEYS, subjects)]
-        owners_erased = int((await connection.execute(_ERASE_OWNERS, owners)).split()[-1])
+        key_ids = [r["key_id"] for r in await connection.fetch(_DESTROY_KEYS, subjects, tenant)]
+        owners_erased = int((await connection.execute(_ERASE_OWNERS, owners, tenant)).split()[-1])
         if not key_ids and not owners_erased:
-            return Forgotten(0, 0, None)
+            return None
         data = {"keys_destroyed": len(key_ids), "owners_erased": owners_erased, "actor": actor}
         erasure = f"{FORGOTTEN_STREAM_PREFIX}{secrets.token_hex(16)}"
+        # The event is the store's own (its tenant_id is the scope's): the store's export and audit hold it.
         await store.append(
             erasure,
             0,
@@ -384,27 +430,36 @@ async def forget(store: EventStore, personal: PersonalData, identifiers: list[st
             connection=connection,
         )
     personal.drop_keys(key_ids)
-    return Forgotten(len(key_ids), owners_erased, erasure)
+    return Forgotten(tenant, len(key_ids), owners_erased, erasure)
 
 
-async def export(store: EventStore, personal: PersonalData, identifiers: list[str]) -> dict[str, Any]:
-    """Everything held about the people ``identifiers`` name (the right of access), opened."""
-    subjects = await personal.subjects_of(identifiers)
-    keys = await store.pool.fetch(_KEYS_OF_SUBJECTS, subjects)
-    key_ids = [k["key_id"] for k in keys]
-    cards = await store.pool.fetch(
-        "select card_id from card_lookup where profile_id = any($1::text[]) order by card_id",
-        subjects + [normalized(i) for i in identifiers] + list(identifiers),
-    )
-    rows = await store.pool.fetch(
-        _EVENTS_OF_PERSON, PERSONAL_EVENT_TYPES, key_ids, [normalized(i) for i in identifiers]
-    )
-    return {
-        "identifiers": identifiers,
-        "keys": [{"createdAt": k["created_at"].isoformat(), "forgottenAt": _iso(k["forgotten_at"])} for k in keys],
-        "cardsOwned": [r["card_id"] for r in cards],
-        "events": [await _exported_event(personal, row, set(key_ids)) for row in rows],
-    }
+async def export(
+    store: EventStore, personal: PersonalData, identifiers: list[str], tenant: str | None = None
+) -> dict[str, Any]:
+    """Everything held about the people ``identifiers`` name (the right of access), opened: in store
+    ``tenant``, or with None in every store the caller's scope sees; each part names its store."""
+    with tenant_scope(tenant or current_scope()):
+        subjects = await personal.subjects_of(identifiers)
+        keys = await store.pool.fetch(_KEYS_OF_SUBJECTS, subjects, tenant)
+        key_ids = [k["key_id"] for k in keys]
+        cards = await store.pool.fetch(_CARDS_OWNED, _owner_names(subjects, identifiers), tenant)
+        rows = await store.pool.fetch(
+            _EVENTS_OF_PERSON, PERSONAL_EVENT_TYPES, key_ids, [normalized(i) for i in identifiers], tenant
+        )
+        return {
+            "identifiers": identifiers,
+            "tenant": tenant,  # null: every store
+            "keys": [
+                {
+                    "tenant": k["tenant_id"],
+                    "createdAt": k["created_at"].isoformat(),
+                    "forgottenAt": _iso(k["forgotten_at"]),
+                }
+                for k in keys
+            ],
+            "cardsOwned": [{"tenant": r["tenant_id"], "cardId": r["card_id"]} for r in cards],
+            "events": [await _exported_event(personal, row, set(key_ids)) for row in rows],
+        }
 
 
 async def _exported_event(personal: PersonalData, row: asyncpg.Record, own_keys: set[str]) -> dict[str, Any]:
@@ -422,6 +477,7 @@ async def _exported_event(personal: PersonalData, row: asyncpg.Record, own_keys:
             if value is not None and (not is_sealed(value) or value["pii"] in own_keys):
                 held[name] = await personal.open(value)
     return {
+        "tenant": row["tenant_id"],
         "cardId": row["stream_id"],
         "version": row["version"],
         "type": row["type"].rsplit(".", 1)[-1],

@@ -40,6 +40,16 @@ def is_account(name: str) -> bool:
     return ACCOUNT.fullmatch(name) is not None
 
 
+class UnknownTenant(LookupError):
+    """An operator named a store this database does not hold."""
+
+
+async def require_tenant(pool: asyncpg.Pool, account: str) -> None:
+    """Raises ``UnknownTenant`` unless ``account`` is a store here (a misspelt name must not act on nothing, silently)."""
+    if not await pool.fetchval("select exists (select 1 from tenants where account = $1)", account):
+        raise UnknownTenant(f"no store (tenant) {account!r} in this database: `giftcard keys list` shows every key's")
+
+
 def current_scope() -> str:
     return _scope.get()
 
@@ -163,3 +173,28 @@ async def reset_fully(connection: ScopedConnection) -> None:
     """asyncpg's own release reset (it also drops the scope), for pools whose users leave session state."""
     await connection.reset()
     connection.forget_scope()
+
+
+async def isolation_gap(pool: asyncpg.Pool) -> str | None:
+    """Why row-level security does not keep the tenants apart for this pool's role (a superuser or
+    BYPASSRLS role; an operator who turned it off on the events table), or None when it does. On Citus
+    it holds on the workers too (migration 0019, ScopedConnection). The service's statements do
+    not name their tenant: without it, a scope narrows nothing."""
+    role, bypasses, events_secured = await pool.fetchrow(
+        """
+        select current_user, rolsuper or rolbypassrls,
+               (select relrowsecurity from pg_class where oid = 'events'::regclass)
+        from pg_roles where rolname = current_user
+        """
+    )
+    if bypasses:
+        return f"the database role {role} bypasses it"
+    if not events_secured:
+        return "it is turned off on the events table"
+    return None
+
+
+async def known_tenants(pool: asyncpg.Pool) -> list[str]:
+    """Every tenant not deleted, by account (the tenants table is the operator's: no row-level security)."""
+    rows = await pool.fetch("select account from tenants where deleted_at is null order by account")
+    return [row["account"] for row in rows]

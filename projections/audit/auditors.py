@@ -39,6 +39,7 @@ from ledger.eventstore.commit_order import Checkpoint
 from ledger.eventstore.store import EventStore, RecordedEvent
 from ledger.postgres.database import connect_options
 from ledger.postgres.personal_data import snapshot_of
+from ledger.postgres.tenancy import current_scope
 from projections import events as ev
 from projections.audit.read_models import (
     CARDS_PER_CHECK_MAX,
@@ -457,7 +458,8 @@ async def verify(
         mine, *others = await _shares(connection, walkers)
         with ProcessPoolExecutor(max(len(others), 1), mp_context=multiprocessing.get_context("spawn")) as executor:
             snapshot = await connection.fetchval("select pg_export_snapshot()") if others else None
-            options = (native_provider_id, checkpoints, batch_events_max, cards_per_check_max)
+            # A walker's connection is its own: it reads in the scope of this one (ledger.postgres.tenancy).
+            options = (native_provider_id, checkpoints, batch_events_max, cards_per_check_max, current_scope())
             loop = asyncio.get_running_loop()
             walking = [
                 loop.run_in_executor(executor, _walk_share, database_url, snapshot, share, *options) for share in others
@@ -539,6 +541,7 @@ async def _walk_share_in(
     checkpoints: dict[str, Checkpoint],
     batch_events_max: int,
     cards_per_check_max: int,
+    scope: str,
 ) -> _ShareWalked:
     report = VerifyReport()
     # The same limits as the pool the first share is walked through (ledger.postgres.database.create_pool).
@@ -546,6 +549,7 @@ async def _walk_share_in(
     try:
         async with connection.transaction(isolation="repeatable_read", readonly=True):
             await connection.execute(f"set transaction snapshot '{snapshot}'; {_SESSION}")
+            await connection.execute("select set_config('giftcard.tenant', $1, true)", scope)
             models = ReadModelCheck(
                 connection, native, checkpoints, report.add, cards_per_check_max=cards_per_check_max
             )

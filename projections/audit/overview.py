@@ -1,7 +1,7 @@
 """What the auditor's overview (``GET /audit``) reads, in one read-only snapshot.
 
-- the ledger's totals: the ``daily_totals`` read model summed over every day, per provider and
-  currency (flows gross, as ``/api/ledger/daily-totals`` counts them), with the outstanding
+- the ledger's totals: the ``daily_totals`` read model summed over every day, per tenant, provider
+  and currency (the tenants in scope: one, or every one for an operator) (flows gross, as ``/api/ledger/daily-totals`` counts them), with the outstanding
   liability of native cards (the running sum of their balance changes);
 - that liability at the end of each of the last ``LIABILITY_DAYS_MAX`` days, per currency:
   the very figure ``/api/ledger/daily-totals`` answers (``daily_totals.list_totals``);
@@ -24,13 +24,13 @@ from projections.models import daily_totals
 LIABILITY_DAYS_MAX = 366  # a year of days (and a leap day) per chart
 
 _TOTALS = """
-select provider, currency,
+select tenant_id, provider, currency,
        sum(cards_issued) as cards_issued, sum(transactions) as transactions, sum(loaded) as loaded,
        sum(redeemed) as redeemed, sum(unclassified) as unclassified, sum(settled) as settled,
        sum(cancelled) as cancelled, sum(balance_change) as balance_change
 from read_daily_totals
-group by provider, currency
-order by provider, currency nulls first
+group by tenant_id, provider, currency
+order by tenant_id, provider, currency nulls first
 """
 
 _LAST_DAY = "select max(day) from read_daily_totals"
@@ -38,9 +38,10 @@ _LAST_DAY = "select max(day) from read_daily_totals"
 
 @dataclass(frozen=True)
 class GroupTotals:
-    """One provider's figures in one currency over every day projected (minor units of ``currency``;
-    10^-4 units when it is None: an external provider's, whose currency the hub does not record)."""
+    """One tenant's provider's figures in one currency over every day projected (minor units of
+    ``currency``; 10^-4 units when it is None: an external provider's, whose currency the hub does not record)."""
 
+    tenant: str
     provider: str
     currency: str | None
     cards_issued: int
@@ -73,6 +74,7 @@ async def read_overview(pool: asyncpg.Pool, native_provider_id: str) -> Overview
 def _group(row: asyncpg.Record, native_provider_id: str) -> GroupTotals:
     native = row["provider"] == native_provider_id
     return GroupTotals(
+        tenant=row["tenant_id"],
         provider=row["provider"],
         currency=row["currency"],
         cards_issued=int(row["cards_issued"]),

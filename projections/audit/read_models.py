@@ -114,10 +114,12 @@ select provider, count(value) as transactions, coalesce(sum(value), 0) as value,
 from read_transactions where source = 'forwarded' group by provider order by provider
 """
 
+# Summed over the tenants in scope, as the replay counts every card it walks (one tenant, or every one).
 _DAILY_TOTALS = """
-select day, currency, provider, cards_issued, transactions, loaded, redeemed, unclassified, settled, cancelled,
-       balance_change
-from read_daily_totals order by day, provider, currency
+select day, currency, provider, sum(cards_issued)::bigint as cards_issued, sum(transactions)::bigint as transactions,
+       sum(loaded)::bigint as loaded, sum(redeemed)::bigint as redeemed, sum(unclassified)::bigint as unclassified,
+       sum(settled)::bigint as settled, sum(cancelled)::bigint as cancelled, sum(balance_change)::bigint as balance_change
+from read_daily_totals group by day, currency, provider order by day, provider, currency
 """
 
 _FLOW_NAMES = [f.name for f in fields(Flows)]

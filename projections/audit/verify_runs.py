@@ -15,19 +15,20 @@ import asyncpg
 import msgspec
 
 from ledger.postgres.rows import from_row
+from ledger.postgres.tenancy import current_scope
 from projections.audit.auditors import VerifyReport, render_report
 
 FAILURES_RECORDED_MAX = 20  # the page shows these; the command prints every one
 
 _INSERT = """
 insert into verify_runs
-    (started_at, finished_at, ok, events, streams, cards, failures_total, failures, totals, read_models)
-values ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9::jsonb, $10::jsonb)
+    (started_at, finished_at, ok, events, streams, cards, failures_total, failures, totals, read_models, tenant_id)
+values ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9::jsonb, $10::jsonb, $11)
 returning id
 """
 
 _LATEST = """
-select id, started_at, finished_at, ok, events, streams, cards, failures_total,
+select id, tenant_id, started_at, finished_at, ok, events, streams, cards, failures_total,
        failures::text as failures, totals::text as totals, read_models::text as read_models
 from verify_runs order by finished_at desc, id desc limit 1
 """
@@ -61,6 +62,7 @@ class RecordedReadModel(msgspec.Struct, rename="camel", frozen=True):
 
 class VerifyRun(msgspec.Struct, frozen=True):
     id: int
+    tenant_id: str  # the tenant it walked; ALL_TENANTS ('*'): every one, which only an operator sees
     started_at: datetime
     finished_at: datetime
     ok: bool
@@ -74,7 +76,8 @@ class VerifyRun(msgspec.Struct, frozen=True):
 
 
 async def record_run(pool: asyncpg.Pool, report: VerifyReport, started_at: datetime, finished_at: datetime) -> int:
-    """Stores a finished run's summary; returns its id."""
+    """Stores a finished run's summary as the run of the tenant in scope (or of every tenant: the
+    operator's, migration 0020); returns its id."""
     rendered = render_report(report)
     return await pool.fetchval(
         _INSERT,
@@ -88,6 +91,7 @@ async def record_run(pool: asyncpg.Pool, report: VerifyReport, started_at: datet
         _encoder.encode(rendered["failures"][:FAILURES_RECORDED_MAX]).decode(),
         _encoder.encode(rendered["totals"]).decode(),
         _encoder.encode(rendered["readModels"]).decode(),
+        current_scope(),
     )
 
 

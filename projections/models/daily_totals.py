@@ -107,9 +107,15 @@ _CARDS_ISSUED, _TRANSACTIONS, _LOADED, _REDEEMED, _UNCLASSIFIED, _SETTLED, _CANC
 # today), so that a quiet day still shows the liability carried over from the day before.
 
 _ROWS = """
-with flows as (
-    select * from read_daily_totals
+with flows as (  -- summed over the tenants in scope: one for a store, every one for an operator
+    select day, provider, currency,
+           sum(cards_issued)::bigint as cards_issued, sum(transactions)::bigint as transactions,
+           sum(loaded)::bigint as loaded, sum(redeemed)::bigint as redeemed,
+           sum(unclassified)::bigint as unclassified, sum(settled)::bigint as settled,
+           sum(cancelled)::bigint as cancelled, sum(balance_change)::bigint as balance_change
+    from read_daily_totals
     where ($1::text is null or currency = $1) and ($2::text is null or provider = $2)
+    group by day, provider, currency
 ), groups as (
     select provider, currency, min(day) as first_day from flows group by provider, currency
 ), calendar as (
