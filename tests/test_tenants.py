@@ -347,6 +347,9 @@ OTHER_STORES_EVENTS = 2000
 ROWS_EXAMINED_MAX = 50  # a quiet store's batch: an index probe or two per source, none of the other store's rows
 
 
+@pytest.mark.single_server(
+    "a plan read by EXPLAIN: on Citus it is the coordinator's, the shards' indexes are not in it"
+)
 async def test_a_quiet_stores_webhook_batch_reads_none_of_another_stores_events(ledger, service_role_url):  # noqa: F811
     """acme's subscription stands behind 2,000 events of globex. Its batch, its lag and its listing
     read acme's rows alone, through events_by_tenant (migration 0021): row-level security would
