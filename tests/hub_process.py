@@ -151,9 +151,10 @@ class Answer:
 class NativeClient:
     """The few /native Provider Protocol calls the fault scenarios need."""
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str) -> None:
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, headers: dict[str, str] | None = None) -> None:
         self.session = session
         self.base_url = base_url
+        self.headers = headers or PROVIDER_HEADERS  # the env pair's (the default tenant's), unless a store's
 
     async def call(self, method: str, path: str, body: Any = None, *, timeout_s: float | None = None) -> Answer:
         timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s else None
@@ -161,7 +162,7 @@ class NativeClient:
             method,
             self.base_url + "/native" + path,
             json=body,
-            headers=PROVIDER_HEADERS,
+            headers=self.headers,
             timeout=timeout,
         ) as response:
             body = await response.json(content_type=None) if await response.read() else None

@@ -7,6 +7,10 @@ Events stay immutable on every shard placement, also when a worker is written to
 concurrent Debits from ``giftcard serve`` nothing is spent twice; with a worker down, its cards
 answer 503 while the other worker's cards keep working, and they catch up when it returns.
 
+Two stores on the cluster stay apart on the workers (row-level security there, the scope taken
+along: see ledger.postgres.tenancy); a large store's cards spread over every worker, and shards
+holding them move under its Debits with nothing lost, doubled or crossed into the other store.
+
 The read side follows each shard's own commit order (ledger.eventstore.commit_order): every shard is a
 source whose events take an increasing seq on their worker, so projections run beside ``serve`` on
 the cluster, keep up through shard moves, and are held back by no other node's transactions.
@@ -15,6 +19,7 @@ the cluster, keep up through shard moves, and are held back by no other node's t
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -25,6 +30,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from hub.http import auth
 from ledger.application.bulk_issue import BatchDefaults, BatchRequest, BulkIssuer
 from ledger.application.commands import Ledger
 from ledger.domain.giftcard import DEBIT
@@ -52,7 +58,11 @@ from tests.test_faults import (
     summary,
 )
 
-pytestmark = pytest.mark.skipif(citus_missing() is not None, reason=str(citus_missing()))
+# On a cluster of its own, with or without --on-citus (which then runs it beside the suites it puts on Citus).
+pytestmark = [
+    pytest.mark.skipif(citus_missing() is not None, reason=str(citus_missing())),
+    pytest.mark.also_on_citus,
+]
 
 SCENARIO_TIMEOUT_S = 90
 # The hub on the coordinator with its read side: the projection runner follows every shard.
@@ -348,27 +358,48 @@ async def move_shards_of(pool: asyncpg.Pool, cluster: CitusCluster, cards: list[
     return took
 
 
-async def test_shards_move_while_debits_flow_and_nothing_is_lost_or_doubled(
-    cluster, upgraded, citus_pool, http, tmp_path
+BIG, SMALL = "bigstore", "smallstore"
+
+
+def as_role(cluster: CitusCluster, role: str) -> str:
+    return f"postgresql://{role}@{cluster.coordinator.host_port}/{cluster.database}"
+
+
+async def store_client(pool: asyncpg.Pool, http, hub: HubProcess, tenant: str) -> NativeClient:
+    """A client of the native API with a new provider key of ``tenant`` (made before the hub starts: it reads them then)."""
+    key, token = await auth.create_key(pool, auth.PROVIDER, auth.ROLES, tenant)
+    return NativeClient(http, hub.base_url, {"X-PROVIDER-API-AppKey": key, "X-PROVIDER-API-AppToken": token})
+
+
+async def test_shards_move_while_two_stores_debit_and_nothing_is_lost_doubled_or_crossed(
+    cluster, upgraded, citus_pool, citus_service_role, http, tmp_path
 ):
-    hub = HubProcess(cluster.url(), tmp_path / "hub.log", env=HUB_ENV)
+    """A large store and a small one on a hub that runs as the service's role, so row-level security
+    on the workers is what keeps them apart. The shards of three of the large store's cards move to
+    the other worker while both stores' Debits flow: each Debit is applied once, in its own store."""
+    hub = HubProcess(as_role(cluster, citus_service_role), tmp_path / "hub.log", env=HUB_ENV)
+    big, small = [await store_client(citus_pool, http, hub, tenant) for tenant in (BIG, SMALL)]
     await hub.start()
     try:
-        client = NativeClient(http, hub.base_url)
-        cards, debits = await funded_load(client, 6, 4000, [Decimal("0.01")])  # outlasts the moves
+        big_cards, big_debits = await funded_load(big, 5, 3400, [Decimal("0.01")])  # outlasts the moves
+        small_cards, small_debits = await funded_load(small, 1, 600, [Decimal("0.01")])
+        for debit in small_debits:
+            debit.target = 1  # sent by the small store's client
+        debits = big_debits + small_debits
+        random.Random(23).shuffle(debits)  # the two stores' Debits interleaved
 
         async def move_when_flowing() -> tuple[list[float], int, int]:
             """The first move starts once Debits flow and must end while they still do."""
             await until_acknowledged(debits, 60, deadline_in(60))
             before = acknowledged_count(debits)
-            took = await move_shards_of(citus_pool, cluster, cards[:1])
+            took = await move_shards_of(citus_pool, cluster, big_cards[:1])
             during = acknowledged_count(debits)
-            return took + await move_shards_of(citus_pool, cluster, cards[1:3]), before, during
+            return took + await move_shards_of(citus_pool, cluster, big_cards[1:3]), before, during
 
         async with asyncio.timeout(SCENARIO_TIMEOUT_S * 2):
             async with asyncio.TaskGroup() as group:
                 group.create_task(
-                    send_all([client], debits, concurrency=32, policy=RetryPolicy(), deadline=deadline_in(150))
+                    send_all([big, small], debits, concurrency=32, policy=RetryPolicy(), deadline=deadline_in(150))
                 )
                 moving = group.create_task(move_when_flowing())
         took, acknowledged_before, acknowledged_after = moving.result()
@@ -376,11 +407,49 @@ async def test_shards_move_while_debits_flow_and_nothing_is_lost_or_doubled(
         assert acknowledged_before < acknowledged_after < len(debits), "the first move did not overlap the Debits"
         assert not any(d.server_errors for d in debits), [d.server_errors[0] for d in debits if d.server_errors][:3]
         assert all(d.acknowledged for d in debits), summary(debits)
-        await assert_ledger_consistent(citus_pool, client, debits, credits_of(cards, LOAD_CREDIT))
+        for client, cards, its_debits in ((big, big_cards, big_debits), (small, small_cards, small_debits)):
+            await assert_ledger_consistent(citus_pool, client, its_debits, credits_of(cards, LOAD_CREDIT))
+            await assert_read_models_caught_up(citus_pool, client, cards)
+        tenants = await citus_pool.fetch(
+            "select distinct stream_id, tenant_id from events where stream_id = any($1::text[])",
+            big_cards + small_cards,
+        )
+        assert {(r["stream_id"], r["tenant_id"]) for r in tenants} == {(c, BIG) for c in big_cards} | {
+            (c, SMALL) for c in small_cards
+        }
+        assert (await small.call("GET", f"/giftcards/{big_cards[0]}")).status == 404, "a moved card stays in its store"
         await assert_each_shard_is_a_source(citus_pool)
-        await assert_read_models_caught_up(citus_pool, client, cards)
     finally:
         await hub.stop()
+
+
+async def test_one_large_store_s_cards_spread_over_every_worker(cluster, citus_pool, citus_service_role):
+    """Cards, not stores, are distributed: a store with many more cards than the others has them on
+    every worker's shards. As the service's role, in one store's scope, the other's rows are not there."""
+    pool = await create_pool(as_role(cluster, citus_service_role), size_min=1, size_max=4)
+    try:
+        ledger = Ledger(EventStore(pool), code_key=b"k" * 32)
+        cards: dict[str, list[str]] = {}
+        for tenant, count in ((BIG, 40), (SMALL, 2)):
+            await auth.create_key(citus_pool, auth.PROVIDER, auth.ROLES, tenant)  # the store exists
+            with tenant_scope(tenant):
+                cards[tenant] = [str((await issue(ledger)).card.id) for _ in range(count)]
+        with tenant_scope(SMALL):
+            for table, column in (("events", "stream_id"), ("card_lookup", "card_id")):
+                query = f"select count(*) from {table} where {column} = any($1::text[])"
+                assert await pool.fetchval(query, cards[BIG]) == 0, table
+                assert await pool.fetchval(query, cards[SMALL]) > 0, table
+        assert await pool.fetchval("select count(*) from events") == 0, "no scope, nothing"
+    finally:
+        await pool.close()
+    stored = await citus_pool.fetch(
+        "select distinct stream_id, tenant_id from events where stream_id = any($1)", cards[BIG]
+    )
+    assert {(r["stream_id"], r["tenant_id"]) for r in stored} == {(card_id, BIG) for card_id in cards[BIG]}
+    per_worker = Counter([(await shard_of(citus_pool, card_id))[1] for card_id in cards[BIG]])
+    print(f"the large store's cards per worker (port): {dict(per_worker)}")
+    # 40 cards over 8 shards on 2 workers: one worker holding none has odds of 1e-12.
+    assert set(per_worker) == {worker.port for worker in cluster.workers}
 
 
 async def streams_on_two_shards(pool: asyncpg.Pool) -> tuple[str, str]:
@@ -439,7 +508,9 @@ async def test_a_source_is_read_on_its_own_shard_alone(citus_pool, cluster):
         await locker.execute("begin; set local citus.enable_manual_changes_to_shards = on")
         await locker.execute(f"lock table {locked_shard} in access exclusive mode")
         async with asyncio.timeout(10):
-            rows = await citus_pool.fetch("select stream_id from source_events($1, $2, 0, 100000)", read_stream, source)
+            rows = await citus_pool.fetch(
+                "select stream_id from source_events($1, $2, 0, 100000, '*')", read_stream, source
+            )
         assert read_stream in {row["stream_id"] for row in rows}
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(1):
@@ -505,6 +576,36 @@ async def test_db_grant_lets_the_service_role_run_the_ledger_and_never_rewrite_i
         await pool.close()
 
 
+WORKER_TABLES = ("events", "snapshots", "card_lookup")
+
+
+async def row_security_of_placements(pool: asyncpg.Pool) -> set[tuple[bool, bool]]:
+    """(enabled, forced) as every shard placement of the workers' tables holds it."""
+    found = set()
+    for table in WORKER_TABLES:
+        for row in await pool.fetch(
+            "select result from run_command_on_placements($1,"
+            " $$select relrowsecurity || ',' || relforcerowsecurity from pg_class where oid = '%s'::regclass$$)",
+            table,
+        ):
+            enabled, forced = row["result"].split(",")
+            found.add((enabled == "true", forced == "true"))
+    return found
+
+
+async def test_upgrade_turns_row_level_security_on_for_every_shard_of_a_cluster_distributed_before(citus_pool):
+    """An earlier release left row-level security off on the tables of the workers; migration 0019
+    turns it on, on every shard placement, not forced (see ledger.postgres.distribution)."""
+    async with citus_pool.acquire() as connection:
+        for table in WORKER_TABLES:
+            await connection.execute(f"alter table {table} disable row level security, no force row level security")
+        await connection.execute("delete from schema_migrations where version = 19")
+    assert await row_security_of_placements(citus_pool) == {(False, False)}
+    async with citus_pool.acquire() as connection:
+        assert "0019_row_security_on_citus_workers" in await upgrade(connection)
+    assert await row_security_of_placements(citus_pool) == {(True, False)}
+
+
 # Last in this file: it leaves the cluster with a third worker.
 async def test_a_worker_added_with_the_cli_takes_shards_by_rebalancing_and_serves_its_cards(
     cluster, citus_ledger, citus_pool
@@ -562,6 +663,14 @@ end
 $$
 """
 OLDER_SOURCE_HEAD = """
+create or replace function source_head(p_route text, p_source bigint, p_scope text) returns bigint language plpgsql stable as $$
+begin
+    return null;
+end
+$$
+"""
+# The form of source_head before it took the reader's tenant scope to the worker.
+SOURCE_HEAD_WITHOUT_SCOPE = """
 create or replace function source_head(p_route text, p_source bigint) returns bigint language plpgsql stable as $$
 begin
     return null;
@@ -592,8 +701,12 @@ async def test_upgrade_of_a_running_cluster_installs_every_function_body_shipped
             "append_event(text, integer, text, jsonb, jsonb, bytea, text, bytea)",
         )
         await connection.execute(OLDER_SOURCE_HEAD)
+        await connection.execute(SOURCE_HEAD_WITHOUT_SCOPE)
+        await connection.execute(
+            "select create_distributed_function($1, 'p_route', colocate_with => 'events')", "source_head(text, bigint)"
+        )
     older = OLDER_SOURCE_HEAD.split("$$")[1]
-    assert await bodies_on_every_node(cluster, "source_head(text, bigint)") == [older] * len(cluster.nodes)
+    assert await bodies_on_every_node(cluster, "source_head(text, bigint, text)") == [older] * len(cluster.nodes)
     store = EventStore(citus_pool)
     assert await store.head() == Checkpoint()  # the older body answers no head, on every worker
 
@@ -601,10 +714,12 @@ async def test_upgrade_of_a_running_cluster_installs_every_function_body_shipped
         done = await upgrade(connection)
 
     assert "source_head reads on the shard's worker" in done and "append_event dropped" in done
-    [shipped] = [f.body for f in distribution.FUNCTIONS if f.signature == "source_head(text, bigint)"]
-    assert await bodies_on_every_node(cluster, "source_head(text, bigint)") == [shipped] * len(cluster.nodes)
+    [shipped] = [f.body for f in distribution.FUNCTIONS if f.signature == "source_head(text, bigint, text)"]
+    assert await bodies_on_every_node(cluster, "source_head(text, bigint, text)") == [shipped] * len(cluster.nodes)
     retired = "append_event(text, integer, text, jsonb, jsonb, bytea, text, bytea)"
     assert await bodies_on_every_node(cluster, retired) == [None] * len(cluster.nodes)
+    assert "source_head dropped" in done, "the form that took no tenant scope"
+    assert await bodies_on_every_node(cluster, "source_head(text, bigint)") == [None] * len(cluster.nodes)
     async with citus_pool.acquire() as connection:
         one_statement = await EventStore(connection).head()  # not delegated: reads every shard from here
         assert await upgrade(connection) == []  # current now: a second upgrade changes nothing
@@ -621,8 +736,8 @@ select result from run_command_on_shards('events',
 
 async def test_upgrade_of_a_running_cluster_indexes_each_stores_events_on_every_shard(citus_ledger, citus_pool):
     """Migration 0021 applied to a cluster whose events are distributed already: the index reaches
-    every shard. A store's reads name it, so on the workers (no row-level security there) it finds
-    its own events, and another store none."""
+    every shard. A store's reads name it, so on the workers it finds its own events, and another
+    store none, also for a role that row-level security lets through (this superuser)."""
     store = EventStore(citus_pool)
     before = await store.head()
     cards = {str((await issue(citus_ledger)).card.id) for _ in range(4)}

@@ -155,7 +155,6 @@ class InStore:
         return *(await self.store.call(method, path, body)), None
 
 
-@pytest.mark.single_server("two stores over HTTP need row-level security, which Citus does not apply to events yet")
 async def test_forget_and_export_with_a_tenant_act_in_that_store_only(
     service_role_url,  # noqa: F811
     pool,

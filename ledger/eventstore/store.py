@@ -558,7 +558,7 @@ where p.stream_id = g.stream_id and p.version = g.version and p.hash = g.hash
 # Every array goes as text[]: asyncpg knows only text[] and oid[] of its own and looks any other
 # array type up on each new connection, a catalog query that took seconds on a loaded coordinator.
 _APPEND_ON_ONE_SHARD = (
-    "select append_events($1, $2, $3::text[]::integer[], $4, $5, $6, $7::text[]::bytea[], $8, $9::text[]::bytea[])"
+    "select append_events($1, $2, $3::text[]::integer[], $4, $5, $6, $7::text[]::bytea[], $8, $9::text[]::bytea[], $10)"
 )
 
 # Which shard of events holds each stream: Citus's own hash of the id against its shard ranges,
@@ -570,9 +570,10 @@ SHARDS_REMEMBERED_MAX = 100_000
 
 # The commit order on Citus, read on the worker of each shard (ledger.postgres.distribution's source_events
 # and source_head, routed by their first argument; see CitusBackend._routes_to).
-_SOURCE_EVENTS = f"select {_COLUMNS} from source_events($1, $2, $3, $4)"
-_SOURCE_HEAD = "select source_head($1, $2)"
-_SOURCE_NEXT_AT = "select recorded_at from source_events($1, $2, $3, 1)"
+# Each takes the reader's tenant scope last: it runs on the worker, where the coordinator's session is not.
+_SOURCE_EVENTS = f"select {_COLUMNS} from source_events($1, $2, $3, $4, $5)"
+_SOURCE_HEAD = "select source_head($1, $2, $3)"
+_SOURCE_NEXT_AT = "select recorded_at from source_events($1, $2, $3, 1, $4)"
 # A batch reads at most this many rounds of shares (a round: a call per shard, side by side): one
 # when every shard has events to give, one more each time those that gave fewer leave their part.
 READ_ROUNDS_MAX = 4
@@ -621,6 +622,7 @@ class CitusBackend(OneServerBackend):
                 ["\\x" + a.hash.hex() for a in group],
                 [a.idempotency_key for a in group],
                 ["\\x" + a.previous_hash.hex() for a in group],
+                current_scope(),
             )
 
     async def shards_of(self, stream_ids: Sequence[str]) -> dict[str, int]:
@@ -665,7 +667,7 @@ class CitusBackend(OneServerBackend):
         for _ in range(READ_ROUNDS_MAX):
             share = -(-(limit - len(rows)) // len(wanting))
             answers = await asyncio.gather(
-                *(pool.fetch(_SOURCE_EVENTS, routes[s], s, after_seq[s], share) for s in wanting)
+                *(pool.fetch(_SOURCE_EVENTS, routes[s], s, after_seq[s], share, current_scope()) for s in wanting)
             )
             full = []
             for source, found in zip(wanting, answers, strict=True):
@@ -684,7 +686,7 @@ class CitusBackend(OneServerBackend):
         routes = await self._routes_to(reader, found)
         if routes is None:
             return await super().head(reader)
-        seqs = await asyncio.gather(*(reader.fetchval(_SOURCE_HEAD, routes[s], s) for s in found))
+        seqs = await asyncio.gather(*(reader.fetchval(_SOURCE_HEAD, routes[s], s, current_scope()) for s in found))
         return Checkpoint.of({source: seq for source, seq in zip(found, seqs, strict=True) if seq is not None})
 
     async def next_recorded_at(self, after: Checkpoint, reader: Reader) -> datetime | None:
@@ -692,7 +694,10 @@ class CitusBackend(OneServerBackend):
         routes = await self._routes_to(reader, found, after)
         if routes is None:
             return await super().next_recorded_at(after, reader)
-        recorded = await asyncio.gather(*(reader.fetchval(_SOURCE_NEXT_AT, routes[s], s, after.seq(s)) for s in found))
+        scope = current_scope()
+        recorded = await asyncio.gather(
+            *(reader.fetchval(_SOURCE_NEXT_AT, routes[s], s, after.seq(s), scope) for s in found)
+        )
         return min((at for at in recorded if at is not None), default=None)
 
     async def _routes_to(

@@ -13,6 +13,11 @@ Two changes the distribution needs and plain PostgreSQL does not:
 - the immutability triggers are row triggers on a distributed table, which Citus creates on every
   shard placement only with ``citus.enable_unsafe_triggers`` (ours touch no other table: safe), so
   an UPDATE, DELETE or TRUNCATE run directly on a worker's shard is refused as well.
+
+Row-level security (migrations 0016, 0019) holds on the workers too: Citus creates the tables'
+policy and their ENABLE on every shard, and the service takes its scope there (ledger.postgres.tenancy:
+SET LOCAL, which Citus sends on to the workers; the functions below, which run on a worker by
+themselves, take it as their last argument, p_scope). Not FORCE, as on one server: see _OWNER_NOT_HELD.
 """
 
 from __future__ import annotations
@@ -28,18 +33,31 @@ CARD_TABLES = (("events", "stream_id"), ("snapshots", "stream_id"))
 # (a redemption code's hash, a relationName).
 REFERENCE_TABLES = ("card_lookup",)
 
-# The tables whose rows live on the workers are not under row-level security (migration 0016): a
-# worker never sees the scope the service sets in its coordinator session, so the service's role
-# would find nothing there, and an online shard move copies rows as the tables' owner, which
-# FORCE would hold to the policy (COPY FROM refuses row-level security). Such a deployment serves
-# only its default tenant (hub.app: tenants_isolated) until the scope reaches the workers.
-_WORKERS_WITHOUT_ROW_SECURITY = "alter table {table} disable row level security, no force row level security"
+# An online shard move replicates the rows written meanwhile as a role Citus makes a member of the
+# tables' owner, and PostgreSQL's logical replication refuses to apply to a table whose row-level
+# security holds for that role: with FORCE the move waited until its timeout. So on the cluster the
+# owner is not held to the policy (a superuser never is anyway); the service's role, which is not
+# the owner (giftcard db grant), is.
+_OWNER_NOT_HELD = "alter table {table} no force row level security"
 
 # How PostgreSQL names the constraint in a unique violation's message (lc_messages in English).
 _CONSTRAINT_IN_MESSAGE = re.compile(r'unique constraint "([^"]+)"')
 _CITUS_INSTALLED = "select exists (select 1 from pg_extension where extname = 'citus')"
 # partmethod: 'h' hash-distributed, 'n' a reference table.
 _DISTRIBUTION_METHOD = "select partmethod::text from pg_dist_partition where logicalrelid = $1::regclass"
+
+# The first lines of every function below: p_scope for the rest of the transaction, as a SET LOCAL,
+# which Citus sends on to the nodes the function's statements reach. Usually the call runs on the
+# worker of its shard, and they reach only that shard there; but the coordinator runs the call itself
+# inside a transaction block or while the shard's placement changes, and a worker whose shard has
+# just moved away reaches the shard's new worker: set_config alone would hold on the first node only.
+# Citus sends on a SET LOCAL run in a transaction block, a DO block or a function called from
+# another; in a function called by a client's statement, as these are, it does not: hence the DO.
+# A SET makes the functions volatile (PostgreSQL refuses one in a stable function).
+_SCOPE_FOR_THE_TRANSACTION = """\
+    perform set_config('citus.propagate_set_commands', 'local', true);
+    execute format('do %L', format('begin set local giftcard.tenant = %L; end', coalesce(p_scope, '')));
+"""
 
 # Group commit on the cluster: one event for each of many streams that all live on the shard of
 # p_route, in one call delegated to that shard's worker, so the whole group is one local
@@ -51,17 +69,18 @@ _DISTRIBUTION_METHOD = "select partmethod::text from pg_dist_partition where log
 # INSERT ... SELECT would go through its distributed INSERT ... SELECT machinery. The caller sends
 # the rows in stream order, so two writers never wait for each other in a cycle.
 # The JSON comes as text[] (see _APPEND_ON_ONE_SHARD in ledger.eventstore.store: why arrays go as text).
+# p_scope is the tenant scope (ledger.postgres.tenancy) the rows are written in.
 _APPEND_EVENTS_FUNCTION = """
 create or replace function append_events(
     p_route text, p_stream_ids text[], p_expected integer[], p_types text[], p_data text[], p_metadata text[],
-    p_hashes bytea[], p_idempotency_keys text[], p_previous_hashes bytea[]
+    p_hashes bytea[], p_idempotency_keys text[], p_previous_hashes bytea[], p_scope text
 ) returns text[] language plpgsql as $$
 declare
     r record;
     inserted text;
     appended text[] := '{}';
 begin
-    for r in
+{scope_for_the_transaction}    for r in
         select * from unnest(p_stream_ids, p_expected, p_types, p_data, p_metadata, p_hashes, p_idempotency_keys,
                              p_previous_hashes)
             as u(stream_id, expected, type, data, metadata, hash, idempotency_key, previous_hash)
@@ -83,8 +102,10 @@ begin
     return appended;
 end
 $$
-"""
-_APPEND_EVENTS_SIGNATURE = "append_events(text, text[], integer[], text[], text[], text[], bytea[], text[], bytea[])"
+""".replace("{scope_for_the_transaction}", _SCOPE_FOR_THE_TRANSACTION)
+_APPEND_EVENTS_SIGNATURE = (
+    "append_events(text, text[], integer[], text[], text[], text[], bytea[], text[], bytea[], text)"
+)
 
 # Readers of the commit order on the cluster (ledger.eventstore.commit_order): a source is a shard, and its
 # events are read on the shard's worker, from the shard's own table (events_<shard id>), where a
@@ -94,13 +115,14 @@ _APPEND_EVENTS_SIGNATURE = "append_events(text, text[], integer[], text[], text[
 # read, by source, as before. Call them only as "select ... from source_events(...)" or
 # "select source_head(...)": Citus 13.2 delegates only those shapes, and the coordinator crashed on
 # the function in a subquery ("select count(*) from (select ... from source_events(...)) x").
+# p_scope is the tenant scope of the read, as in append_events.
 _SOURCE_EVENTS_FUNCTION = """
-create or replace function source_events(p_route text, p_source bigint, p_after bigint, p_limit integer)
-returns setof events language plpgsql stable as $$
+create or replace function source_events(p_route text, p_source bigint, p_after bigint, p_limit integer, p_scope text)
+returns setof events language plpgsql as $$
 declare
     shard regclass := to_regclass('events_' || p_source);
 begin
-    if shard is null then
+{scope_for_the_transaction}    if shard is null then
         return query select * from events where source = p_source and seq > p_after order by seq limit p_limit;
     else
         return query execute format('select * from %s where source = $1 and seq > $2 order by seq limit $3', shard)
@@ -108,16 +130,17 @@ begin
     end if;
 end
 $$
-"""
-_SOURCE_EVENTS_SIGNATURE = "source_events(text, bigint, bigint, integer)"
+""".replace("{scope_for_the_transaction}", _SCOPE_FOR_THE_TRANSACTION)
+_SOURCE_EVENTS_SIGNATURE = "source_events(text, bigint, bigint, integer, text)"
 
 _SOURCE_HEAD_FUNCTION = """
-create or replace function source_head(p_route text, p_source bigint) returns bigint language plpgsql stable as $$
+create or replace function source_head(p_route text, p_source bigint, p_scope text)
+returns bigint language plpgsql as $$
 declare
     shard regclass := to_regclass('events_' || p_source);
     head bigint;
 begin
-    if shard is null then
+{scope_for_the_transaction}    if shard is null then
         select max(seq) into head from events where source = p_source;
     else
         execute format('select max(seq) from %s where source = $1', shard) into head using p_source;
@@ -125,8 +148,8 @@ begin
     return head;
 end
 $$
-"""
-_SOURCE_HEAD_SIGNATURE = "source_head(text, bigint)"
+""".replace("{scope_for_the_transaction}", _SCOPE_FOR_THE_TRANSACTION)
+_SOURCE_HEAD_SIGNATURE = "source_head(text, bigint, text)"
 
 
 class DistributedFunction(NamedTuple):
@@ -155,7 +178,13 @@ FUNCTIONS = (
     ),
 )
 # Functions an earlier release installed that nothing calls any more: (signature, name).
-RETIRED_FUNCTIONS = (("append_event(text, integer, text, jsonb, jsonb, bytea, text, bytea)", "append_event"),)
+RETIRED_FUNCTIONS = (
+    ("append_event(text, integer, text, jsonb, jsonb, bytea, text, bytea)", "append_event"),
+    # Before they took the tenant scope (p_scope) to the worker.
+    ("append_events(text, text[], integer[], text[], text[], text[], bytea[], text[], bytea[])", "append_events"),
+    ("source_events(text, bigint, bigint, integer)", "source_events"),
+    ("source_head(text, bigint)", "source_head"),
+)
 # A function is current when its stored source is the one shipped and Citus runs it on the workers
 # (distributed, with an argument to route by); null when it does not exist.
 _FUNCTION_CURRENT = """
@@ -228,12 +257,12 @@ async def distribute(connection: asyncpg.Connection) -> list[str]:
             await connection.execute(
                 "select create_distributed_table($1, $2, colocate_with => $3)", table, column, colocate
             )
+            await connection.execute(_OWNER_NOT_HELD.format(table=table))
             done.append(f"{table} distributed by {column}")
-            await connection.execute(_WORKERS_WITHOUT_ROW_SECURITY.format(table=table))
     for table in REFERENCE_TABLES:
         if await _method(connection, table) is None:
             await connection.execute("select create_reference_table($1)", table)
-            await connection.execute(_WORKERS_WITHOUT_ROW_SECURITY.format(table=table))
+            await connection.execute(_OWNER_NOT_HELD.format(table=table))
             done.append(f"{table} copied to every node")
     outdated = await _functions_outdated(connection)
     # Every body, every time, over whatever an earlier release left: CREATE OR REPLACE on a

@@ -6,16 +6,26 @@ context variable: a request runs in its key's tenant, a group commit in the list
 tenants, the operator's work (background loops, command-line tools) in ``ALL_TENANTS``. Every
 connection the service's pools hand out carries the scope of the task that acquired it
 (``ScopedConnection``); with no scope at all it carries the empty scope, which sees nothing.
+
+On Citus the rows of events, snapshots and card_lookup live on the workers, whose sessions never
+see the coordinator's setting: Citus carries a ``SET LOCAL`` to them (with
+``citus.propagate_set_commands = 'local'``) but nothing set for the session. So
+there a statement that names one of those tables runs inside a transaction that sets the scope
+with ``SET LOCAL`` (see ``ScopedConnection``), and the functions Citus runs on a worker take the
+scope as an argument (ledger.postgres.distribution). A statement that slips through both finds the
+workers' setting unset, which is the empty scope: it sees nothing, it never sees too much.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import re
 from collections.abc import Iterable, Iterator
 
 import asyncpg
+import asyncpg.transaction
 
 DEFAULT_TENANT = "default"
 ALL_TENANTS = "*"
@@ -62,22 +72,96 @@ def scope_of(tenants: Iterable[str]) -> str:
     return ALL_TENANTS if ALL_TENANTS in tenants else ",".join(sorted(tenants))
 
 
+# What a scope may hold: account names, the commas between them, ALL_TENANTS.
+_SCOPE = re.compile(r"[a-z0-9,*-]*")
+_CITUS_INSTALLED = "select exists (select 1 from pg_extension where extname = 'citus')"
+# The tables whose rows Citus keeps on the workers (ledger.postgres.distribution's CARD_TABLES and
+# REFERENCE_TABLES; a reference table's writes reach every node). As a word: source_events( and
+# append_events( carry their scope themselves.
+_ON_WORKERS = re.compile(r"\b(events|snapshots|card_lookup)\b")
+
+
+@functools.lru_cache(maxsize=4096)
+def _reaches_workers(query: str) -> bool:
+    return _ON_WORKERS.search(query) is not None
+
+
+def set_local_statement(scope: str) -> str:
+    """The scope for the current transaction only, as a plain SET LOCAL: the one form Citus sends
+    on to the workers (no parameters in a utility statement: the scope's alphabet needs no quoting).
+
+    Citus sends on a SET LOCAL only while ``citus.propagate_set_commands`` is 'local', and then the
+    whole text of the statement's query: so this one turns it on, for this transaction only, in the
+    same text (a worker runs both). Not for every session: a SET LOCAL in a query of several
+    statements would take the others along (an exported snapshot's id, which no worker knows)."""
+    if not _SCOPE.fullmatch(scope):
+        raise ValueError(f"{scope!r} is not a tenant scope")
+    return f"set local citus.propagate_set_commands = 'local'; set local giftcard.tenant = '{scope}'"
+
+
 class ScopedConnection(asyncpg.Connection):
     """A pooled connection that remembers the scope its session holds, so that acquiring it again
-    for the same scope (the usual case: one store, or one store's burst) costs no statement."""
+    for the same scope (the usual case: one store, or one store's burst) costs no statement.
 
-    __slots__ = ("_scope_held",)
+    On a Citus coordinator it also takes the scope to the workers: a transaction it starts sets it
+    with SET LOCAL, and a statement outside a transaction that names a table of the workers runs in
+    one (BEGIN, SET LOCAL, the statement, COMMIT: three round trips more, on Citus only). Not
+    executemany, COPY or cursors: run those in a transaction, as a cursor needs anyway."""
+
+    __slots__ = ("_scope_held", "_on_citus")
 
     async def enter_scope(self, scope: str) -> None:
+        if getattr(self, "_on_citus", None) is None:
+            self._on_citus = await self.fetchval(_CITUS_INSTALLED)  # once per connection
         if getattr(self, "_scope_held", None) != scope:
             # Session-level on purpose: it stays for the next acquire, and is changed before any
             # statement of another scope (this runs on every acquire).
             await self.execute("select set_config('giftcard.tenant', $1, false)", scope)
             self._scope_held = scope
 
+    def _scope_held_on_citus(self) -> str:
+        """The scope the workers must be given; empty on one server (the session's setting serves)."""
+        return (getattr(self, "_scope_held", None) or NO_TENANT) if getattr(self, "_on_citus", False) else NO_TENANT
+
+    def _runs_in_a_scoped_transaction(self, query: str) -> bool:
+        """Whether a statement must carry its scope to the workers and no transaction does it yet."""
+        if not self._scope_held_on_citus() or self._top_xact is not None or self.is_in_transaction():
+            return False
+        return _reaches_workers(query)
+
+    async def _execute(self, query, args, limit, timeout, **options):
+        if not self._runs_in_a_scoped_transaction(query):
+            return await super()._execute(query, args, limit, timeout, **options)
+        async with self.transaction():
+            return await super()._execute(query, args, limit, timeout, **options)
+
+    async def execute(self, query: str, *args, timeout: float | None = None) -> str:
+        if args or not self._runs_in_a_scoped_transaction(query):  # with arguments it goes through _execute
+            return await super().execute(query, *args, timeout=timeout)
+        async with self.transaction():
+            return await super().execute(query, timeout=timeout)
+
+    def transaction(self, *, isolation=None, readonly=False, deferrable=False) -> asyncpg.transaction.Transaction:
+        self._check_open()
+        return _ScopedTransaction(self, isolation, readonly, deferrable)
+
+    async def scope_transaction(self) -> None:
+        """Just after BEGIN: the scope for the workers too (on one server the session's serves)."""
+        scope = self._scope_held_on_citus()
+        if scope:
+            await super().execute(set_local_statement(scope))
+
     def forget_scope(self) -> None:
         """After a reset (RESET ALL) the session holds no scope any more."""
         self._scope_held = None
+
+
+class _ScopedTransaction(asyncpg.transaction.Transaction):
+    async def start(self) -> None:
+        outermost = self._connection._top_xact is None
+        await super().start()
+        if outermost:
+            await self._connection.scope_transaction()
 
 
 async def enter_current_scope(connection: asyncpg.pool.PoolConnectionProxy) -> None:
@@ -93,7 +177,8 @@ async def reset_fully(connection: ScopedConnection) -> None:
 
 async def isolation_gap(pool: asyncpg.Pool) -> str | None:
     """Why row-level security does not keep the tenants apart for this pool's role (a superuser or
-    BYPASSRLS role; the events on Citus workers), or None when it does. The service's statements do
+    BYPASSRLS role; an operator who turned it off on the events table), or None when it does. On Citus
+    it holds on the workers too (migration 0019, ScopedConnection). The service's statements do
     not name their tenant: without it, a scope narrows nothing."""
     role, bypasses, events_secured = await pool.fetchrow(
         """
@@ -105,7 +190,7 @@ async def isolation_gap(pool: asyncpg.Pool) -> str | None:
     if bypasses:
         return f"the database role {role} bypasses it"
     if not events_secured:
-        return "the events are on Citus workers"
+        return "it is turned off on the events table"
     return None
 
 
