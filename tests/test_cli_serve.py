@@ -10,13 +10,16 @@ import signal
 import socket
 import sys
 from datetime import UTC, datetime, timedelta
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
 
+from hub.cli.projections import START_RETRY_S, _pools_once_reachable
 from hub.cli.serve import BACKGROUND_NICENESS
+from hub.config import Settings
 from tests.conftest import HUB_KEY, HUB_TOKEN
 from tests.providers.serving import serve as serve_app
 
@@ -422,3 +425,45 @@ async def test_webhooks_are_delivered_by_serves_background_process_not_a_web_wor
             await stop_serve(process)
         finally:
             await kill_serve(process)
+
+
+# ---- serve's background process rides out a database that is not there yet ----------------------
+
+
+async def test_the_background_process_waits_for_a_database_not_reachable_yet(database_url):
+    """serve may start while its database is down (a failover under way): its web workers ride that
+    out, and so must the background process (projections, webhooks), which nothing would start again.
+    The database is reached through a port that refuses connections until a forwarder opens it."""
+    target = urlsplit(database_url)
+    socket_folder = parse_qs(target.query).get("host", [None])[0]  # the embedded server listens on a socket
+    port = free_port()
+    through_port = urlunsplit(target._replace(netloc=f"{target.username}@127.0.0.1:{port}", query=""))
+    reaching = asyncio.create_task(_pools_once_reachable(through_port, Settings(run_webhooks=True)))
+    await asyncio.sleep(2.5 * START_RETRY_S)
+    assert not reaching.done(), "it gave up while the database could not be reached"
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if socket_folder:
+            upstream = asyncio.open_unix_connection(f"{socket_folder}/.s.PGSQL.{target.port or 5432}")
+        else:
+            upstream = asyncio.open_connection(target.hostname, target.port or 5432)
+        upstream_reader, upstream_writer = await upstream
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer), return_exceptions=True)
+
+    forwarder = await asyncio.start_server(forward, "127.0.0.1", port)
+    try:
+        pool, webhook_pool = await asyncio.wait_for(reaching, 30)
+        try:
+            assert await pool.fetchval("select count(*) from schema_migrations") > 0
+            assert await webhook_pool.fetchval("select 1") == 1
+        finally:
+            await asyncio.gather(pool.close(), webhook_pool.close())
+    finally:
+        forwarder.close()

@@ -24,7 +24,7 @@ from hub.cli import arguments
 from hub.cli.progress import progress_bar
 from hub.config import Settings
 from hub.webhooks import run_deliveries
-from ledger.postgres.database import create_pool, with_database
+from ledger.postgres.database import DATABASE_ERRORS, create_pool, with_database
 from ledger.postgres.migrate import upgrade
 from ledger.postgres.tenancy import ALL_TENANTS, tenant_scope
 from projections import checkpoints, names, read_model, read_models
@@ -33,6 +33,8 @@ from projections.rebuild import RebuildInProgress, count_events, rebuild
 from projections.runner import BATCH_EVENTS_MAX, POLL_INTERVAL_S, ProjectionRunner
 
 log = logging.getLogger(__name__)
+# How long the background process waits before it tries again to reach the database at its start.
+START_RETRY_S = 1.0
 T = TypeVar("T")
 
 
@@ -113,28 +115,44 @@ def run_beside_serve(database_url: str, settings: Settings, serve_pid: int) -> N
     """
 
     async def work() -> None:
-        pool = await create_pool(database_url, size_min=1, size_max=4)
-        webhook_pool = (
-            await create_pool(database_url, size_min=1, size_max=WEBHOOK_POOL_SIZE_MAX)
-            if settings.run_webhooks
-            else None
-        )
+        pool, webhook_pool = await _pools_once_reachable(database_url, settings)
         try:
             with tenant_scope(ALL_TENANTS):  # one process for every store's read models and webhooks
-                async with pool.acquire() as connection:
-                    await upgrade(connection, default_tenant=settings.default_tenant)
                 jobs = []
                 if settings.run_projections:
                     jobs.append(ProjectionRunner(pool, read_models(settings.native_provider_id)).run_forever())
                 if webhook_pool is not None:
                     jobs.append(run_deliveries(webhook_pool, settings, asyncio.Event()))
-                await _until_signalled(_while_alive(serve_pid, _all_of(jobs)))
+                await _all_of(jobs)
         finally:
             if webhook_pool is not None:
                 await webhook_pool.close()
             await pool.close()
 
-    asyncio.run(work())
+    asyncio.run(_until_signalled(_while_alive(serve_pid, work())))
+
+
+async def _pools_once_reachable(database_url: str, settings: Settings) -> tuple[asyncpg.Pool, asyncpg.Pool | None]:
+    """The background process's pools, the schema checked; retried while the database cannot be
+    reached (serve may start during a failover, or just before one: its web workers ride it out,
+    and so must this process, which nothing would start again)."""
+    while True:
+        pools: list[asyncpg.Pool] = []
+        try:
+            pools.append(await create_pool(database_url, size_min=1, size_max=4))
+            if settings.run_webhooks:
+                pools.append(await create_pool(database_url, size_min=1, size_max=WEBHOOK_POOL_SIZE_MAX))
+            with tenant_scope(ALL_TENANTS):
+                async with pools[0].acquire() as connection:
+                    await upgrade(connection, default_tenant=settings.default_tenant)
+            return pools[0], (pools[1] if settings.run_webhooks else None)
+        except DATABASE_ERRORS as e:
+            for pool in pools:
+                pool.terminate()
+            log.warning(
+                "projections and webhooks cannot reach the database (%r); trying again in %g s", e, START_RETRY_S
+            )
+            await asyncio.sleep(START_RETRY_S)
 
 
 def status_command(args: argparse.Namespace) -> int:
