@@ -30,6 +30,8 @@ from ledger.eventstore.store import EventStore, NewEvent, StreamAppend
 from ledger.postgres.database import create_pool, database_named
 from ledger.postgres.migrate import migration_files, upgrade
 from ledger.postgres.tenancy import ALL_TENANTS, tenant_scope
+from projections import read_models
+from projections.runner import ProjectionRunner
 from tests.cards import issue
 from tests.conftest import PROVIDER_KEY, PROVIDER_TOKEN, services_on
 from tests.test_db_roles import as_user, service_role_url  # noqa: F401 (a fixture)
@@ -407,6 +409,30 @@ async def test_a_quiet_stores_subscription_is_not_due_again_for_another_stores_e
                 assert subscription.id in (await storage.due_subscriptions(pool, 10))[0]
                 assert await deliverer.run_once() == 1
             assert [r.payload["cardId"] for r in receiver.first_receipts()] == [acme_card]
+    finally:
+        await pool.close()
+
+
+async def test_the_projection_runner_applies_a_batch_store_by_store_not_run_by_run(ledger, service_role_url):  # noqa: F811
+    """Many stores' Debits interleave in the commit order; applied run by run, a batch would cost a
+    scope and a statement per read model for nearly every event. Each store's part still lands in
+    that store's rows only."""
+    cards = {ACME: set(), GLOBEX: set()}
+    for n in range(24):  # over the lanes of the commit order, so the two stores' events interleave
+        tenant = (ACME, GLOBEX)[n % 2]
+        cards[tenant].add(await issue_in(ledger, tenant, f"interleaved-{n}"))
+    pool = await create_pool(service_role_url, size_min=1, size_max=2)
+    sent = await statements_logged(pool)
+    try:
+        with tenant_scope(ALL_TENANTS):
+            runner = ProjectionRunner(pool, read_models("VtexGiftCard"))
+            assert await runner.catch_up() > 0
+        scopes = [logged for logged in sent if "set_config('giftcard.tenant', $1, true)" in logged.query]
+        assert len(scopes) == 2 * len(runner.projections), [logged.args for logged in scopes]
+        for tenant, own in cards.items():
+            with tenant_scope(tenant):
+                listed = {row["card_id"] for row in await pool.fetch("select card_id from read_card_balances")}
+            assert own <= listed and not (listed & cards[GLOBEX if tenant == ACME else ACME]), tenant
     finally:
         await pool.close()
 
