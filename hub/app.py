@@ -37,7 +37,7 @@ from hub.http.state import (
     THROTTLE,
 )
 from hub.http.tenant_limits import TenantLimits, make_tenant_limits_middleware
-from hub.logs import CURRENT_REQUEST_ID
+from hub.logs import CURRENT_REQUEST_ID, REQUEST_ID
 from hub.metrics import Metrics, make_metrics_middleware, metrics_handler
 from hub.pages import audit as audit_pages
 from hub.pages import rollforward as rollforward_pages
@@ -74,7 +74,7 @@ async def request_id_middleware(request: web.Request, handler) -> web.StreamResp
     """Carries the caller's correlation id (VTEX sends ``x-vtex-operation-id``) into events and logs."""
     given = request.headers.get("X-Request-Id") or request.headers.get("x-vtex-operation-id") or ""
     request_id = given[:REQUEST_ID_CHARS_MAX] if given.isprintable() and given else new_request_id()
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     token = CURRENT_REQUEST_ID.set(request_id)
     try:
         response = await handler(request)

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import msgspec
 from aiohttp.abc import AbstractAccessLogger
-from aiohttp.web import BaseRequest, StreamResponse
+from aiohttp.web import BaseRequest, RequestKey, StreamResponse
 from pythonjsonlogger.json import JsonFormatter
 
 LOG_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -100,7 +100,9 @@ def configure_logging(level: int = logging.INFO, *, readable: bool = False) -> N
 
 # Marks a request no parser accepted (hub.http.server): it never reached the router, so it has no
 # match_info, and asking for it fails.
-REFUSED_BY_PARSER = "refused_by_parser"
+REFUSED_BY_PARSER = RequestKey("refused_by_parser", str)
+# The request id every log line of the request names (hub.app: the caller's X-Request-Id, or a new one).
+REQUEST_ID = RequestKey("request_id", str)
 
 
 class AccessLine(msgspec.Struct):
@@ -139,7 +141,7 @@ class JsonAccessLogger(AbstractAccessLogger):
             level="INFO",
             name=self.logger.name,
             message="request",
-            request_id=request.get("request_id"),
+            request_id=request.get(REQUEST_ID),
             method=request.method,
             path=request.path,
             route=resource.canonical if resource is not None else None,

@@ -19,6 +19,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from hub.http.auth import TENANT
+
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0)
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 OTHER_TENANTS = "other"  # the label of every store without one of its own
@@ -170,7 +172,7 @@ def make_metrics_middleware(metrics: Metrics):
             route = request.match_info.route.resource
             label = route.canonical if route is not None else "unmatched"
             metrics.observe_request(request.method, label, status, time.perf_counter() - started)
-            tenant = request.get("tenant")  # set by the auth middleware once a key is accepted
+            tenant = request.get(TENANT)  # set by the auth middleware once a key is accepted
             if tenant is not None:
                 metrics.observe_tenant_request(tenant, status)
 

@@ -45,7 +45,7 @@ def account_routes(routes: list[web.RouteDef]) -> list[web.RouteDef]:
 def link_base(request: web.Request, base: str) -> str:
     """``base`` (``/native``, ``/api``, ``/api/giftcardproviders``) as the links of the request's
     tenant start: behind its account, but the default tenant's as they always were."""
-    tenant = request["tenant"]
+    tenant = request[auth.TENANT]
     return base if tenant == request.app[SETTINGS].default_tenant else f"/{tenant}{base}"
 
 
@@ -91,7 +91,7 @@ def make_account_middleware():
 
     @web.middleware
     async def account_middleware(request: web.Request, handler) -> web.StreamResponse:
-        tenant = request.get("tenant")
+        tenant = request.get(auth.TENANT)
         if tenant is None:  # no key asked (health, metrics, the OpenAPI document)
             return await handler(request)
         named = named_accounts(request, request.app[SETTINGS])
@@ -127,8 +127,8 @@ async def _audited(request: web.Request, handler, named: list[tuple[str, str]]) 
                 f"tenant must be a VTEX account name ({ACCOUNT.pattern}), got {asked!r}",
             )
         named = [*named, ("?tenant=", asked)]
-    tenant = request["tenant"]
-    if not request["operator"]:
+    tenant = request[auth.TENANT]
+    if not request[auth.OPERATOR]:
         for where, account in named:
             if account != tenant:
                 return _mismatch(request, tenant, where, account)

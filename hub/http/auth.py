@@ -45,6 +45,12 @@ EDIT = "edit"
 ROLES = (VIEW, EDIT)
 ALL_ROLES = frozenset(ROLES)
 
+# What an accepted request carries for its handlers: the key that asked (None for the auditor's
+# pages' Basic credentials refused), its tenant, and whether the key is an operator's.
+ACTOR = web.RequestKey("actor", str | None)
+TENANT = web.RequestKey("tenant", str)
+OPERATOR = web.RequestKey("operator", bool)
+
 HEADERS = {
     HUB: ("X-VTEX-API-AppKey", "X-VTEX-API-AppToken"),
     PROVIDER: ("X-PROVIDER-API-AppKey", "X-PROVIDER-API-AppToken"),
@@ -349,8 +355,8 @@ async def _handled_in_tenant(
         return error_response(
             403, "tenant_suspended", f"the store {verdict.tenant!r} is suspended; its data is kept (ask the operator)"
         )
-    request["actor"] = key
-    request["tenant"] = verdict.tenant
-    request["operator"] = verdict.operator
+    request[ACTOR] = key
+    request[TENANT] = verdict.tenant
+    request[OPERATOR] = verdict.operator
     with tenant_scope(verdict.tenant):
         return await handler(request)

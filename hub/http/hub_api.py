@@ -22,6 +22,7 @@ from aiohttp import web
 
 from hub.errors import ApiError
 from hub.http.accounts import link_base
+from hub.http.auth import ACTOR
 from hub.http.native import card_operation_routes, event_metadata, json_response, read_body
 from hub.http.state import DIRECTORY, EGRESS, LEDGER, REGISTRY, SETTINGS, THROTTLE
 from hub.paging import content_range, page_of, parse_rest_range, unranged_means_whole
@@ -292,7 +293,7 @@ class HubHandlers:
         settings = request.app[SETTINGS]
         if provider_id == settings.native_provider_id:
             return NativeProvider(
-                request.app[LEDGER], settings, hub_hrefs(request, provider_id), request.app[THROTTLE], request["actor"]
+                request.app[LEDGER], settings, hub_hrefs(request, provider_id), request.app[THROTTLE], request[ACTOR]
             )
         external = request.app[DIRECTORY].external(provider_id)
         if external is None:

@@ -18,7 +18,9 @@ from typing import Any
 from aiohttp import web
 
 from hub.http.accounts import link_base
+from hub.http.auth import ACTOR
 from hub.http.state import LEDGER, SETTINGS, THROTTLE
+from hub.logs import REQUEST_ID
 from hub.paging import parse_rest_range, unranged_means_whole
 from hub.providers.native import Hrefs, NativeProvider, Surface
 from hub.wire import encode
@@ -57,7 +59,7 @@ async def read_body(request: web.Request) -> bytes:
 
 
 def event_metadata(request: web.Request) -> dict[str, Any]:
-    return {"requestId": request.get("request_id"), "actor": request.get("actor"), "route": request.path}
+    return {"requestId": request.get(REQUEST_ID), "actor": request.get(ACTOR), "route": request.path}
 
 
 # ---- handlers ----------------------------------------------------------------------
@@ -73,9 +75,7 @@ class NativeHandlers:
 
     def provider(self, request: web.Request) -> NativeProvider:
         hrefs = Hrefs(link_base(request, self.base))
-        return NativeProvider(
-            request.app[LEDGER], request.app[SETTINGS], hrefs, request.app[THROTTLE], request["actor"]
-        )
+        return NativeProvider(request.app[LEDGER], request.app[SETTINGS], hrefs, request.app[THROTTLE], request[ACTOR])
 
     async def search(self, request: web.Request) -> web.Response:
         body = await read_body(request)

@@ -24,6 +24,7 @@ import asyncpg
 from aiohttp import web
 
 from hub.errors import error_response
+from hub.http.auth import TENANT
 from hub.metrics import Metrics
 from ledger.postgres.tenancy import ALL_TENANTS, tenant_scope
 
@@ -158,7 +159,7 @@ def make_tenant_limits_middleware(limits: TenantLimits):
 
     @web.middleware
     async def tenant_limits_middleware(request: web.Request, handler) -> web.StreamResponse:
-        tenant = request.get("tenant")
+        tenant = request.get(TENANT)
         gate = limits.gates.get(tenant)  # type: ignore[arg-type]
         if gate is None:  # no limit (nearly every store), or no tenant (health, metrics)
             return await handler(request)
