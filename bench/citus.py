@@ -79,8 +79,8 @@ def citus_cluster() -> Iterator[CitusCluster]:
 def measure(name: str, url: str, args: argparse.Namespace, work: Path, credentials: Credentials) -> dict:
     server = ours(name, DATABASE, credentials, extra_env=[])
     with running(server, url, work) as (_, base_url):
-        cards = asyncio.run(seed_ours(base_url, credentials))
-        script = write_lua_script(work, cards, credentials, server.route, CheckoutBody.read(CHECKOUT_BODY))
+        cards = asyncio.run(seed_ours(base_url, [credentials]))
+        script = write_lua_script(work, cards, [credentials], server.route, CheckoutBody.read(CHECKOUT_BODY))
         run_wrk(base_url, script, CONNECTIONS, args.warmup, f"warm-{name}", WRK_THREADS)
         cell = cell_of(name, CONNECTIONS, run_wrk(base_url, script, CONNECTIONS, args.seconds, name, WRK_THREADS))
     print(f"  {name:<8} {cell.requests_per_s:>8,.0f} req/s  p99 {cell.p99_ms:7.2f} ms  non-2xx {cell.non_2xx}")
@@ -92,8 +92,8 @@ def move_one_shard_under_load(args: argparse.Namespace, work: Path, credentials:
     with citus_cluster() as cluster:
         server = ours("citus", DATABASE, credentials, extra_env=[])
         with running(server, cluster.url(), work) as (_, base_url):
-            cards = asyncio.run(seed_ours(base_url, credentials))
-            script = write_lua_script(work, cards, credentials, server.route, CheckoutBody.read(CHECKOUT_BODY))
+            cards = asyncio.run(seed_ours(base_url, [credentials]))
+            script = write_lua_script(work, cards, [credentials], server.route, CheckoutBody.read(CHECKOUT_BODY))
             load = threading.Thread(
                 target=run_wrk, args=(base_url, script, CONNECTIONS, args.seconds + 10, "move", WRK_THREADS)
             )
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped: {missing}", file=sys.stderr)
         return 2
     args = parse_args(argv)
-    credentials = Credentials("bench-key", "bench-token")
+    credentials = Credentials.generated()
     work = Path(tempfile.mkdtemp(prefix="giftcard-bench-citus-"))  # wrk scripts and server logs, kept for reading
     rounds: dict[str, list[dict]] = {"one": [], "citus": []}
     for n in range(1, args.rounds + 1):

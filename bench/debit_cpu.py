@@ -47,7 +47,7 @@ from typing import Any
 import asyncpg
 
 from bench.arguments import add_database_url
-from bench.event_store_appends import database_server, drop_database
+from bench.event_store_appends import database_server, drop_database, recreate_database
 from bench.http_debits import (
     CHECKOUT_BODY,
     HOST,
@@ -61,7 +61,6 @@ from bench.http_debits import (
     wait_ready,
 )
 from bench.report import write_json
-from ledger.postgres.database import database_named
 
 REPO = Path(__file__).resolve().parents[1]
 DATABASE_PREFIX = "giftcard_debit_cpu"
@@ -119,16 +118,6 @@ def baseline_tree(rev: str, directory: Path) -> Iterator[Path]:
     yield tree
 
 
-async def recreate_database(server_url: str, name: str) -> str:
-    await drop_database(server_url, name)
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f"create database {name}")
-    finally:
-        await admin.close()
-    return database_named(server_url, name)
-
-
 @contextmanager
 def running_server(version: Version, server_url: str, credentials: Credentials, work: Path) -> Iterator[None]:
     """The version's web worker on a loopback port, seeded with its cards, until the block ends."""
@@ -156,7 +145,7 @@ def running_server(version: Version, server_url: str, credentials: Credentials, 
         asyncio.run(wait_ready(process, base_url, log_path))
         check_serves_tree(log_path, version.tree)
         version.pid = process.pid
-        version.cards = asyncio.run(seed_ours(base_url, credentials))
+        version.cards = asyncio.run(seed_ours(base_url, [credentials]))
         say(f"{version.name}: serving {version.tree} on port {version.port}, {len(version.cards)} cards")
         yield
     finally:
@@ -266,7 +255,7 @@ async def send_load(load: Load, headers: dict[str, str], parts: tuple[str, str, 
     sent = iter(range(load.debits))
 
     def request(n: int) -> bytes:
-        card_id, code = load.cards[n % len(load.cards)]
+        card_id, code, _ = load.cards[n % len(load.cards)]
         body = f"{head}{code}{middle}{load.tag}-{n}{tail}".encode()
         return (
             f"POST /native/giftcards/{card_id}/transactions HTTP/1.1\r\nHost: {HOST}\r\n"
@@ -370,7 +359,7 @@ def say(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    credentials = Credentials("debit-cpu-key", "debit-cpu-token")
+    credentials = Credentials.generated()
     body = CheckoutBody.read(args.body)
     with ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="giftcard-debit-cpu-")))

@@ -332,13 +332,7 @@ def database_server(url: str | None) -> Iterator[str]:
 async def create_migrated_database(server_url: str, name: str) -> str:
     """A fresh database beside the configured one (any left by an earlier run is dropped), migrated:
     where each benchmark that writes through the ledger starts. Answers its URL."""
-    await drop_database(server_url, name)
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f"create database {name}")
-    finally:
-        await admin.close()
-    url = database_named(server_url, name)
+    url = await recreate_database(server_url, name)
     connection = await asyncpg.connect(url)
     try:
         await upgrade(connection)
@@ -373,6 +367,17 @@ async def create_bench_database(server_url: str, name: str, without_index: str |
     finally:
         await connection.close()
     return url
+
+
+async def recreate_database(server_url: str, name: str) -> str:
+    """An empty database of that name (any left by an earlier run is dropped); answers its URL."""
+    await drop_database(server_url, name)
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f"create database {name}")
+    finally:
+        await admin.close()
+    return database_named(server_url, name)
 
 
 async def drop_database(server_url: str, name: str) -> None:
