@@ -484,3 +484,71 @@ async def append_noise(store: EventStore, tenant: str, count: int) -> None:
                 StreamAppend(f"noise-{n}", 0, [NewEvent("test.Noise", b"{}")]) for n in range(first, first + 1000)
             ]
             await store.append_many(appends)
+
+
+# ---- every store's reads of the commit order, as the service's role ----------------------------
+
+NOISE_EVENTS = 3200  # 200 a source
+ROWS_READ_MAX = 3  # a source's last row, or the few after a checkpoint; a scan reads the source's 200
+
+
+@pytest.mark.single_server("plans read by auto_explain on the coordinator; a shard's are its worker's")
+async def test_every_stores_reads_of_the_commit_order_take_the_index_with_no_statistics(
+    ledger, database_url, service_role_url
+):  # noqa: F811
+    """Row-level security hides from the planner how many rows its policy lets through. With no
+    statistics on events (a young table; tenant_id right after migration 0016), 0016's policy was
+    expected to let none through, and a source was read whole, then sorted, for the last seq an
+    append takes (events_take_seq) and for the head and the next batch of every store's readers: a
+    cost growing with the log, paid in every appending transaction. With 0023's policy, and the
+    head as the last row rather than max(seq), each is a short range of the index (source, seq).
+    Every statement's plan, nested ones included, as auto_explain reports it, as the service's role."""
+    await append_noise(ledger.store, GLOBEX, NOISE_EVENTS)
+    role = asyncpg_role(service_role_url)
+    connection = await asyncpg.connect(database_url)
+    plans: list[dict] = []
+    try:
+        await connection.execute("delete from pg_statistic where starelid = 'events'::regclass")
+        await connection.execute(
+            "load 'auto_explain'; set auto_explain.log_min_duration = 0; set auto_explain.log_analyze = on;"
+            " set auto_explain.log_timing = off; set auto_explain.log_nested_statements = on;"
+            " set auto_explain.log_format = json; set client_min_messages = log;"
+            f" set role {role}; set giftcard.tenant = '*'"
+        )
+        connection.add_log_listener(lambda _, message: plans.append(message.message))
+        store = EventStore(connection)
+        with tenant_scope(ALL_TENANTS):
+            head = await store.head(connection)
+            near_head = type(head).of({source: seq - 2 for source, seq in head.seqs})
+            assert len(await store.read_all(near_head, 100, connection=connection)) == 2 * len(head.seqs)
+        await connection.execute(
+            "set giftcard.tenant = 'globex';"
+            " insert into events (stream_id, version, type, data, metadata, hash)"
+            " values ('one-more', 1, 'test.Noise', '{}', '{}', '\\x00')"
+        )
+    finally:
+        await connection.close()
+    read = {}
+    for message in plans:
+        text = message[message.index("{") :]
+        plan = json.loads(text)
+        read[plan["Query Text"].strip()] = plan["Plan"]
+    probes = {query: plan for query, plan in read.items() if query.startswith("select") and _scans_events(plan)}
+    assert {_probe_kind(query) for query in probes} == {"append", "head", "batch"}, list(probes)
+    for query, plan in probes.items():
+        assert rows_examined(plan) <= ROWS_READ_MAX * len(head.seqs), (query, rows_examined(plan))
+        assert indexes_used(plan) == {"events_source_order"}, (query, indexes_used(plan))
+
+
+def _scans_events(plan: dict) -> bool:
+    return plan.get("Relation Name") == "events" or any(_scans_events(child) for child in plan.get("Plans", []))
+
+
+def _probe_kind(query: str) -> str:
+    if "from public.events" in query:
+        return "append"  # events_take_seq's, in the insert's transaction
+    return "head" if "seq desc limit 1" in query else "batch"
+
+
+def asyncpg_role(url: str) -> str:
+    return url.split("//", 1)[1].split("@", 1)[0].split(":", 1)[0]
