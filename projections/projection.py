@@ -4,6 +4,10 @@ A projection's ``apply`` runs inside the runner's batch transaction, on the conn
 given, and must not commit: its writes and the checkpoint move together or not at all. It
 must not read other projections' tables either, since each one advances (and is rebuilt)
 on its own.
+
+A batch holds many stores' events and is applied in every store's scope (ALL_TENANTS): a
+``BatchedProjection``'s runs write rows that name each its store, taken from its event; a
+handler runs in its event's store's scope (``handle_in_its_store``).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import asyncpg
 
 from ledger.eventstore.store import RecordedEvent
+from ledger.postgres.tenancy import ALL_TENANTS
 
 Handler = Callable[[asyncpg.Connection, RecordedEvent], Awaitable[None]]
 
@@ -37,7 +42,18 @@ class Projection:
         for event in events:
             handler = handlers.get(event.name)
             if handler is not None:
-                await handler(connection, event)
+                await handle_in_its_store(connection, handler, event)
+
+
+async def handle_in_its_store(connection: asyncpg.Connection, handler: Handler, event: RecordedEvent) -> None:
+    """A handler's statements run in its event's store's scope, whose rows they write without naming
+    it (the column's default) and alone see; then the batch's scope, every store's, again."""
+    await connection.execute(_SCOPE_FOR_THE_TRANSACTION, event.tenant)
+    await handler(connection, event)
+    await connection.execute(_SCOPE_FOR_THE_TRANSACTION, ALL_TENANTS)
+
+
+_SCOPE_FOR_THE_TRANSACTION = "select set_config('giftcard.tenant', $1, true)"
 
 
 class BatchedProjection(Projection):
@@ -68,7 +84,7 @@ class BatchedProjection(Projection):
             if run:
                 await self.apply_run(connection, run)
                 run = []
-            await handler(connection, event)
+            await handle_in_its_store(connection, handler, event)
         if run:
             await self.apply_run(connection, run)
 

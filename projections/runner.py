@@ -69,17 +69,6 @@ class SharedRead:
     events: list[RecordedEvent]
 
 
-def by_tenant(events: list[RecordedEvent]) -> dict[str, list[RecordedEvent]]:
-    """A batch's events store by store, each store's in their order. No read-model row is two
-    stores' (row-level security keeps them apart), so one store's events may be applied before
-    another's that came earlier: a part per store, not per run of one store's events, which many
-    stores' Debits interleaved would make nearly one per event."""
-    parts: dict[str, list[RecordedEvent]] = {}
-    for event in events:
-        parts.setdefault(event.tenant, []).append(event)
-    return parts
-
-
 class ProjectionRunner:
     def __init__(
         self,
@@ -125,11 +114,7 @@ class ProjectionRunner:
                 events = await self.store.read_all(after, limit, connection=connection)
             if not events:
                 return 0
-            for tenant, of_tenant in by_tenant(events).items():
-                # The rows a store's events make are that store's: its scope for this part of the
-                # transaction gives them its tenant_id (the column's default), and hides every other's.
-                await connection.execute("select set_config('giftcard.tenant', $1, true)", tenant)
-                await projection.apply(connection, of_tenant)
+            await projection.apply(connection, events)  # every store's, in every store's scope
             await checkpoints.advance(connection, projection.name, after, events)
         if self.on_batch is not None:
             self.on_batch(projection.name, len(events))

@@ -26,7 +26,7 @@ from ledger.eventstore.codec import decode_canonical
 from ledger.eventstore.commit_order import START, Checkpoint
 from ledger.postgres.database import acquire_for_commit
 from ledger.postgres.distribution import is_distributed
-from ledger.postgres.tenancy import DEFAULT_TENANT, current_scope, is_account, scope_of, tenant_scope
+from ledger.postgres.tenancy import ALL_TENANTS, DEFAULT_TENANT, current_scope, is_account, tenant_scope
 
 GENESIS_HASH = b""
 
@@ -103,18 +103,20 @@ def chain_hash(previous_hash: bytes, stream_id: str, version: int, type_: str, d
     return hashlib.sha256(previous_hash + event_bytes(stream_id, version, type_, data)).digest()
 
 
-def _stream_is_at(stream_id: str, version: str, previous_hash: str) -> str:
+def _stream_is_at(stream_id: str, version: str, previous_hash: str, tenant: str | None = None) -> str:
     """The append guard on one server, its one definition: the stream is at ``version`` with
-    ``previous_hash`` as its last hash (any stream is at version 0). The arguments are SQL
-    expressions. (On Citus, see _GUARDS_HELD.)
+    ``previous_hash`` as its last hash (any stream is at version 0), and with ``tenant``, its events
+    are that store's. The arguments are SQL expressions. (On Citus, see _GUARDS_HELD.)
 
     ``offset 0`` keeps it one index probe per row whatever the planner expects: without it,
     PostgreSQL may turn the EXISTS into a hashed subplan (every event read into a hash table)
     when it expects many rows to check against a small table, and a connection that planned
     the statement so while the table was small keeps that plan as the table grows."""
+    same_store = f" and p.tenant_id = {tenant}" if tenant else ""
     return (
         f"({version} = 0 or exists (select 1 from events p"
-        f" where p.stream_id = {stream_id} and p.version = {version} and p.hash = {previous_hash} offset 0))"
+        f" where p.stream_id = {stream_id} and p.version = {version} and p.hash = {previous_hash}{same_store}"
+        " offset 0))"
     )
 
 
@@ -423,14 +425,20 @@ returning position
 # The rows come as one JSON document (see _append_each_document), each event's data inside it as the
 # very JSON its hash covers: one parameter to encode, where nine arrays cost asyncpg a type check of
 # every element (a Python-level isinstance against an abstract base class, about 70 a statement).
+# Each row is its store's, and may extend only a stream of that store: the statement runs in every
+# store's scope (one set_config fewer per commit than a scope of exactly its stores, which changes
+# with nearly every group when many stores write, and which, made of the rows' own tenants, checked
+# nothing a row could not claim), so the guard compares the stream's tenant with the row's.
 _APPEND_EACH = f"""
 insert into events (stream_id, version, type, data, metadata, hash, idempotency_key, tenant_id)
-select r.stream_id, r.expected + 1, r.type, r.data, r.metadata, decode(r.hash, 'hex'), r.key,
-       coalesce(nullif(nullif(r.tenant, ''), '*'), default_tenant())
-from jsonb_to_recordset($1::jsonb)
-    as r(stream_id text, expected int, type text, data jsonb, metadata jsonb, hash text, key text, previous text,
-         tenant text)
-where {_stream_is_at("r.stream_id", "r.expected", "decode(r.previous, 'hex')")}
+select r.stream_id, r.expected + 1, r.type, r.data, r.metadata, decode(r.hash, 'hex'), r.key, r.tenant
+from (
+    select r.*, coalesce(nullif(nullif(r.tenant_named, ''), '*'), default_tenant()) as tenant
+    from jsonb_to_recordset($1::jsonb)
+        as r(stream_id text, expected int, type text, data jsonb, metadata jsonb, hash text, key text, previous text,
+             tenant_named text)
+) r
+where {_stream_is_at("r.stream_id", "r.expected", "decode(r.previous, 'hex')", "r.tenant")}
 order by event_lane(r.stream_id), r.stream_id
 on conflict do nothing
 returning stream_id
@@ -448,7 +456,7 @@ class _AppendEachRow(msgspec.Struct):
     hash: str  # hex
     key: str | None
     previous: str  # hex
-    tenant: str
+    tenant_named: str
 
 
 _document_encoder = msgspec.json.Encoder()
@@ -485,9 +493,9 @@ class OneServerBackend:
         self._lanes: Sequence[int] | None = None  # learnt at the first read: one server's lanes never change
 
     async def append_each(self, appends: Sequence[OneEvent]) -> set[str]:
-        # Several stores' rows in one statement: each names its tenant, and the statement runs in
-        # the scope of exactly those tenants, so row-level security still checks every row.
-        with tenant_scope(scope_of(a.tenant for a in appends)):
+        # Several stores' rows in one statement: each names its tenant, and the guard holds each to
+        # its stream's (see _APPEND_EACH).
+        with tenant_scope(ALL_TENANTS):
             async with acquire_for_commit(self.pool) as connection:
                 rows = await connection.fetch(_APPEND_EACH, _append_each_document(appends))
         return {row["stream_id"] for row in rows}

@@ -2,8 +2,9 @@
 
 Row-level security (migration 0016) shows a statement only the rows whose ``tenant_id`` is in
 the setting ``giftcard.tenant``. The service keeps that setting in step with ``tenant_scope``, a
-context variable: a request runs in its key's tenant, a group commit in the list of its Debits'
-tenants, the operator's work (background loops, command-line tools) in ``ALL_TENANTS``. Every
+context variable: a request runs in its key's tenant, the operator's work (background loops,
+command-line tools) and a group commit of several stores' Debits (each row naming its own, see
+ledger.eventstore.store's _APPEND_EACH) in ``ALL_TENANTS``. Every
 connection the service's pools hand out carries the scope of the task that acquired it
 (``ScopedConnection``); with no scope at all it carries the empty scope, which sees nothing.
 
@@ -22,7 +23,7 @@ import contextlib
 import contextvars
 import functools
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import asyncpg
 import asyncpg.transaction
@@ -56,8 +57,7 @@ def current_scope() -> str:
 
 @contextlib.contextmanager
 def tenant_scope(scope: str) -> Iterator[None]:
-    """Statements on connections acquired inside run for ``scope``: one account, several joined
-    by commas (``scope_of``), or ALL_TENANTS."""
+    """Statements on connections acquired inside run for ``scope``: one account, or ALL_TENANTS."""
     token = _scope.set(scope)
     try:
         yield
@@ -65,15 +65,8 @@ def tenant_scope(scope: str) -> Iterator[None]:
         _scope.reset(token)
 
 
-def scope_of(tenants: Iterable[str]) -> str:
-    """The scope of a statement that writes rows of all these tenants, each row naming its own
-    (a row written in the operator's scope names ALL_TENANTS, and is the default tenant's)."""
-    tenants = set(tenants)
-    return ALL_TENANTS if ALL_TENANTS in tenants else ",".join(sorted(tenants))
-
-
-# What a scope may hold: account names, the commas between them, ALL_TENANTS.
-_SCOPE = re.compile(r"[a-z0-9,*-]*")
+# What a scope may hold: an account name, ALL_TENANTS, nothing.
+_SCOPE = re.compile(r"[a-z0-9*-]*")
 _CITUS_INSTALLED = "select exists (select 1 from pg_extension where extname = 'citus')"
 # The tables whose rows Citus keeps on the workers (ledger.postgres.distribution's CARD_TABLES and
 # REFERENCE_TABLES; a reference table's writes reach every node). As a word: source_events( and

@@ -27,17 +27,20 @@ NAME = "card_balances"
 
 # Cards issued in the run, with what the run did to them already in (last_activity_at: the latest of
 # the issue and the run's events).
+# Rows of a batch that spans many stores name each their store (the runner applies it in every store's
+# scope), which each takes from its event.
 _INSERT_CARDS = """
 insert into read_card_balances
-    (card_id, currency, relation_name, emission_date, expiring_date, issued_at,
+    (card_id, currency, relation_name, emission_date, expiring_date, issued_at, tenant_id,
      available, credited, debited, authorized, settled, last_activity_at)
 select * from unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::timestamptz[],
-                     $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::timestamptz[])
+                     $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[],
+                     $13::timestamptz[])
 """
 
 _REMEMBER_TRANSACTIONS = """
-insert into read_card_balance_transactions (card_id, transaction_id, operation)
-select * from unnest($1::text[], $2::text[], $3::text[])
+insert into read_card_balance_transactions (card_id, transaction_id, operation, tenant_id)
+select * from unnest($1::text[], $2::text[], $3::text[], $4::text[])
 """
 
 _OPERATIONS_OF = """
@@ -98,9 +101,9 @@ class CardBalances(BatchedProjection):
     async def apply_run(self, connection: asyncpg.Connection, events: Sequence[RecordedEvent]) -> None:
         """The card events' effect in five statements: new cards, new transactions, the directions of
         earlier transactions settled or cancelled here, then every touched card's sums at once."""
-        cards: list[tuple[str, str, str, datetime, datetime, datetime]] = []
+        cards: list[tuple[str, str, str, datetime, datetime, datetime, str]] = []
         operations: dict[tuple[str, str], str] = {}  # created in this run
-        created: list[tuple[str, str, str]] = []
+        created: list[tuple[str, str, str, str]] = []
         moves: list[tuple[RecordedEvent, Any]] = []  # settlements and cancellations, in order
         deltas: dict[str, list[Any]] = {}
 
@@ -117,13 +120,13 @@ class CardBalances(BatchedProjection):
                 card = ev.decode(event, ev.Issued)
                 cards.append((
                     event.stream_id, card.currency, card.relation_name, ev.instant(card.emission_date),
-                    ev.instant(card.expiring_date), ev.instant(card.issued_at),
+                    ev.instant(card.expiring_date), ev.instant(card.issued_at), event.tenant,
                 ))  # fmt: skip
             elif event.name in (ev.CREDITED, ev.DEBITED):
                 c = ev.decode(event, ev.TransactionCreated)
                 operation = ev.OPERATION_OF[event.name]
                 operations[(event.stream_id, c.transaction_id)] = operation
-                created.append((event.stream_id, c.transaction_id, operation))
+                created.append((event.stream_id, c.transaction_id, operation, event.tenant))
                 d = delta(event.stream_id, ev.instant(c.date))
                 if event.name == ev.CREDITED:
                     d[_AVAILABLE] += c.value

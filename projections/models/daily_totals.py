@@ -79,10 +79,15 @@ on conflict do nothing returning true
 
 # ---- a run of native events, set-based (apply_run): flows summed per day and currency ----------
 
-_REMEMBER_CARDS = "insert into read_daily_totals_cards (card_id, currency) select * from unnest($1::text[], $2::text[])"
-_REMEMBER_TRANSACTIONS = """
-insert into read_daily_totals_transactions (card_id, transaction_id, operation)
+# Rows of a batch that spans many stores name each their store (the runner applies it in every store's
+# scope): a card's and a transaction's by its event, a day's by its card's.
+_REMEMBER_CARDS = """
+insert into read_daily_totals_cards (card_id, currency, tenant_id)
 select * from unnest($1::text[], $2::text[], $3::text[])
+"""
+_REMEMBER_TRANSACTIONS = """
+insert into read_daily_totals_transactions (card_id, transaction_id, operation, tenant_id)
+select * from unnest($1::text[], $2::text[], $3::text[], $4::text[])
 """
 _CURRENCIES_OF = "select card_id, currency from read_daily_totals_cards where card_id = any($1::text[])"
 _OPERATIONS_OF = """
@@ -91,11 +96,15 @@ from read_daily_totals_transactions t
 join unnest($1::text[], $2::text[]) as k(card_id, transaction_id) using (card_id, transaction_id)
 """
 _ADD_ALL = f"""
-{_INTO} select d.day, d.currency, $1, d.cards_issued, d.transactions, d.loaded, d.redeemed, d.unclassified, d.settled,
-               d.cancelled, d.balance_change
-from unnest($2::date[], $3::text[], $4::int[], $5::int[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[],
-            $10::bigint[], $11::bigint[])
-    as d(day, currency, cards_issued, transactions, loaded, redeemed, unclassified, settled, cancelled, balance_change)
+insert into read_daily_totals as t
+    (tenant_id, day, currency, provider, cards_issued, transactions, loaded, redeemed, unclassified, settled,
+     cancelled, balance_change)
+select d.tenant_id, d.day, d.currency, $1, d.cards_issued, d.transactions, d.loaded, d.redeemed, d.unclassified,
+       d.settled, d.cancelled, d.balance_change
+from unnest($2::text[], $3::date[], $4::text[], $5::int[], $6::int[], $7::bigint[], $8::bigint[], $9::bigint[],
+            $10::bigint[], $11::bigint[], $12::bigint[])
+    as d(tenant_id, day, currency, cards_issued, transactions, loaded, redeemed, unclassified, settled, cancelled,
+         balance_change)
 {_ACCUMULATE}
 """
 
@@ -171,20 +180,22 @@ class DailyTotals(BatchedProjection):
         """The card events' effect in at most five statements: cards, transactions, the currencies and
         directions of earlier ones this run needs, then each (day, currency)'s summed flows at once."""
         currencies: dict[str, str] = {}  # of cards issued in this run, then of every card it needs
-        cards: list[tuple[str, str]] = []
+        cards: list[tuple[str, str, str]] = []
         operations: dict[tuple[str, str], str] = {}
-        created_here: list[tuple[str, str, str]] = []
+        created_here: list[tuple[str, str, str, str]] = []
         decoded: list[tuple[RecordedEvent, object]] = []
         for event in events:
             if event.name == ev.ISSUED:
                 card = ev.decode(event, ev.Issued)
                 currencies[event.stream_id] = card.currency
-                cards.append((event.stream_id, card.currency))
+                cards.append((event.stream_id, card.currency, event.tenant))
                 decoded.append((event, card))
             elif event.name in (ev.CREDITED, ev.DEBITED):
                 created = ev.decode(event, ev.TransactionCreated)
                 operations[(event.stream_id, created.transaction_id)] = ev.OPERATION_OF[event.name]
-                created_here.append((event.stream_id, created.transaction_id, ev.OPERATION_OF[event.name]))
+                created_here.append(
+                    (event.stream_id, created.transaction_id, ev.OPERATION_OF[event.name], event.tenant)
+                )
                 decoded.append((event, created))
             else:
                 decoded.append((event, ev.decode(event, ev.Settled if event.name == ev.SETTLED else ev.Cancelled)))
@@ -200,16 +211,16 @@ class DailyTotals(BatchedProjection):
             rows = await connection.fetch(_OPERATIONS_OF, [k[0] for k in earlier], [k[1] for k in earlier])
             operations.update({(r["card_id"], r["transaction_id"]): r["operation"] for r in rows})
 
-        flows: dict[tuple[date, str], list[int]] = {}
+        flows: dict[tuple[str, date, str], list[int]] = {}  # (tenant, day, currency)
         for event, m in decoded:
             currency = currencies.get(event.stream_id)
             if currency is None:
                 raise ProjectionBug(f"event {event.position} ({event.type} on {event.stream_id}): no such card")
             if event.name == ev.ISSUED:
-                f = flows.setdefault((ev.utc_day(ev.instant(m.issued_at)), currency), [0] * 8)
+                f = flows.setdefault((event.tenant, ev.utc_day(ev.instant(m.issued_at)), currency), [0] * 8)
                 f[_CARDS_ISSUED] += 1
                 continue
-            f = flows.setdefault((ev.utc_day(ev.instant(m.date)), currency), [0] * 8)
+            f = flows.setdefault((event.tenant, ev.utc_day(ev.instant(m.date)), currency), [0] * 8)
             if event.name == ev.CREDITED:
                 f[_TRANSACTIONS] += 1
                 f[_LOADED] += m.value
@@ -236,7 +247,7 @@ class DailyTotals(BatchedProjection):
             await connection.execute(_REMEMBER_TRANSACTIONS, *map(list, zip(*created_here, strict=True)))
         if flows:
             keys = list(flows)
-            columns = [[k[0] for k in keys], [k[1] for k in keys]] + [[f[i] for f in flows.values()] for i in range(8)]
+            columns = [[k[i] for k in keys] for i in range(3)] + [[f[i] for f in flows.values()] for i in range(8)]
             await connection.execute(_ADD_ALL, self.native, *columns)
 
     async def forwarded(self, connection: asyncpg.Connection, event: RecordedEvent) -> None:

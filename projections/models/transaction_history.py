@@ -63,14 +63,18 @@ set settled = t.settled + excluded.settled, cancelled = t.cancelled + excluded.c
 
 # ---- a run of native events, set-based (apply_run) ----------------------------------------------
 
-_REMEMBER_CARDS = "insert into read_history_cards (card_id, currency) select * from unnest($1::text[], $2::text[])"
+# Rows of a batch that spans many stores name each their store (the runner applies it in every store's
+# scope): a card's by its event, a transaction's by its card's row.
+_REMEMBER_CARDS = """
+insert into read_history_cards (card_id, currency, tenant_id) select * from unnest($1::text[], $2::text[], $3::text[])
+"""
 
 _INSERT_NATIVES = """
 insert into read_transactions
     (provider, card_id, transaction_id, source, operation, currency, value, settled, cancelled, released, refunded,
-     description, request_id, order_id, date, position)
+     description, request_id, order_id, date, position, tenant_id)
 select $1, n.card_id, n.transaction_id, 'ledger', n.operation, c.currency, n.value, n.settled, n.cancelled, n.released,
-       n.refunded, n.description, n.request_id, n.order_id, n.date, n.position
+       n.refunded, n.description, n.request_id, n.order_id, n.date, n.position, c.tenant_id
 from unnest($2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[],
             $10::text[], $11::text[], $12::text[], $13::timestamptz[], $14::bigint[])
     as n(card_id, transaction_id, operation, value, settled, cancelled, released, refunded, description, request_id,
@@ -89,10 +93,10 @@ where t.provider = $1 and t.card_id = d.card_id and t.transaction_id = d.transac
 
 _INSERT_OPERATIONS = """
 insert into read_transaction_operations
-    (provider, card_id, transaction_id, oid, kind, value, released, refunded, request_id, date, position)
+    (provider, card_id, transaction_id, oid, kind, value, released, refunded, request_id, date, position, tenant_id)
 select $1, o.* from unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::bigint[],
-                           $9::text[], $10::timestamptz[], $11::bigint[])
-    as o(card_id, transaction_id, oid, kind, value, released, refunded, request_id, date, position)
+                           $9::text[], $10::timestamptz[], $11::bigint[], $12::text[])
+    as o(card_id, transaction_id, oid, kind, value, released, refunded, request_id, date, position, tenant_id)
 """
 
 _SETTLED_AT = 4  # where settled, cancelled, released, refunded start in a row of _INSERT_NATIVES
@@ -145,13 +149,13 @@ class TransactionHistory(BatchedProjection):
         """The card events' effect in four statements: cards; the transactions created here, with the sums
         of their settlements and cancellations here already in; the settled, cancelled, released and
         refunded sums of every earlier transaction moved here; and the operations themselves."""
-        cards: list[tuple[str, str]] = []
+        cards: list[tuple[str, str, str]] = []
         created: dict[tuple[str, str], list[Any]] = {}  # row, with settled, cancelled, released, refunded
         sums: dict[tuple[str, str], list[int]] = {}  # of transactions created before this run
         operations: list[tuple[object, ...]] = []
         for event in events:
             if event.name == ev.ISSUED:
-                cards.append((event.stream_id, ev.decode(event, ev.Issued).currency))
+                cards.append((event.stream_id, ev.decode(event, ev.Issued).currency, event.tenant))
                 continue
             if event.name in (ev.CREDITED, ev.DEBITED):
                 c = ev.decode(event, ev.TransactionCreated)
@@ -168,14 +172,14 @@ class TransactionHistory(BatchedProjection):
                 moved = (m.value, 0, 0, 0)
                 operations.append((
                     event.stream_id, m.transaction_id, m.oid, SETTLEMENT, m.value, None, None, m.request_id,
-                    ev.instant(m.date), event.position,
+                    ev.instant(m.date), event.position, event.tenant,
                 ))  # fmt: skip
             else:
                 m = ev.decode(event, ev.Cancelled)
                 moved = (0, m.value, m.released, m.refunded)
                 operations.append((
                     event.stream_id, m.transaction_id, m.oid, CANCELLATION, m.value, m.released, m.refunded,
-                    m.request_id, ev.instant(m.date), event.position,
+                    m.request_id, ev.instant(m.date), event.position, event.tenant,
                 ))  # fmt: skip
             key = (event.stream_id, m.transaction_id)
             row = created.get(key)

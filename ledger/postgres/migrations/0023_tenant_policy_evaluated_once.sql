@@ -4,10 +4,11 @@
 -- every row a statement looked at: about 1 microsecond a row, which is 6 times what counting the rows
 -- costs, and a projection's batch updates read a whole read model when it is small enough to scan.
 -- Each reading of the setting is now a scalar subquery, which PostgreSQL runs once per statement
--- (an InitPlan) and hands to every row as a parameter. One store's scope, the common case, is a plain
--- equality; a list (a group commit of several stores) keeps the array. What the policy lets through
--- is unchanged: '*' every row, an account its rows, a list its accounts' rows, an empty or unset
--- scope none.
+-- (an InitPlan) and hands to every row as a parameter, and one store's scope a plain equality. No
+-- scope is a list any more: a group commit of several stores' Debits runs in every store's scope
+-- and holds each row to its stream's store itself (ledger.eventstore.store's _APPEND_EACH), where a
+-- list made of the rows' own tenants checked nothing a row could not claim. What the policy lets
+-- through is otherwise unchanged: '*' every row, an account its rows, an empty or unset scope none.
 --
 -- It also changes what the planner expects of the policy. 0016's form, with no statistics on
 -- tenant_id (a young table; the column 0016 added to an old one, until the next ANALYZE), was
@@ -34,8 +35,7 @@ begin
         execute format(
             $f$alter policy tenant_rows on %s
                    using ((select current_setting('giftcard.tenant', true) = '*')
-                          or tenant_id = (select current_setting('giftcard.tenant', true))
-                          or tenant_id = any ((select string_to_array(current_setting('giftcard.tenant', true), ','))::text[]))$f$,
+                          or tenant_id = (select current_setting('giftcard.tenant', true)))$f$,
             t);
     end loop;
 end
