@@ -799,7 +799,9 @@ def profile_under_load(pid: int, base_url: str, script: Path, args: argparse.Nam
     raw = work / f"{args.profile_server}.collapsed"
     seconds = args.profile_seconds
     spy = subprocess.Popen(
-        [py_spy, "record", "--pid", str(pid), "--duration", str(round(seconds)), "--rate", "250",
+        # --subprocesses: serve's background process (projections, webhooks) is its child, and about
+        # half the server's CPU under load (docs/benchmarks.md, "What row-level security cost").
+        [py_spy, "record", "--pid", str(pid), "--subprocesses", "--duration", str(round(seconds)), "--rate", "250",
          "--format", "raw", "--output", str(raw), "--nonblocking"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
