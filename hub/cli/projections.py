@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import asyncpg
-import uvloop
 from tqdm import tqdm
 
 from hub.app import WEBHOOK_POOL_SIZE_MAX
@@ -130,9 +129,10 @@ def run_beside_serve(database_url: str, settings: Settings, serve_pid: int) -> N
                 await webhook_pool.close()
             await pool.close()
 
-    # libuv's loop, as the web workers': this process writes a statement or a delivery for nearly
-    # every event, and asyncio's own transport spent a third of its time around those writes.
-    uvloop.run(_until_signalled(_while_alive(serve_pid, work())))
+    # asyncio's own loop: on uvloop (as the web workers run) Debits on a Citus cluster with two web
+    # workers waited past their deadline for the database (test_faults' several hub processes), why
+    # is not known yet; docs/benchmarks.md ("What row-level security cost") has the profile.
+    asyncio.run(_until_signalled(_while_alive(serve_pid, work())))
 
 
 async def _pools_once_reachable(database_url: str, settings: Settings) -> tuple[asyncpg.Pool, asyncpg.Pool | None]:
