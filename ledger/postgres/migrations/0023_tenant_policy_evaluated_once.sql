@@ -9,6 +9,8 @@
 -- and holds each row to its stream's store itself (ledger.eventstore.store's _APPEND_EACH), where a
 -- list made of the rows' own tenants checked nothing a row could not claim. What the policy lets
 -- through is otherwise unchanged: '*' every row, an account its rows, an empty or unset scope none.
+-- (A process of an earlier release, still naming a list, has its group commits of several stores
+-- refused, nothing written: stop those before this runs, as the README says.)
 --
 -- It also changes what the planner expects of the policy. 0016's form, with no statistics on
 -- tenant_id (a young table; the column 0016 added to an old one, until the next ANALYZE), was
