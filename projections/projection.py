@@ -7,7 +7,7 @@ on its own.
 
 A batch holds many stores' events and is applied in every store's scope (ALL_TENANTS): a
 ``BatchedProjection``'s runs write rows that name each its store, taken from its event; a
-handler runs in its event's store's scope (``handle_in_its_store``).
+handler runs in its event's store's scope (``BatchScope``).
 """
 
 from __future__ import annotations
@@ -39,21 +39,28 @@ class Projection:
 
     async def apply(self, connection: asyncpg.Connection, events: Sequence[RecordedEvent]) -> None:
         handlers = self.handlers()
+        scope = BatchScope(connection)
         for event in events:
             handler = handlers.get(event.name)
             if handler is not None:
-                await handle_in_its_store(connection, handler, event)
+                await scope.enter(event.tenant)
+                await handler(connection, event)
+        await scope.enter(ALL_TENANTS)
 
 
-async def handle_in_its_store(connection: asyncpg.Connection, handler: Handler, event: RecordedEvent) -> None:
-    """A handler's statements run in its event's store's scope, whose rows they write without naming
-    it (the column's default) and alone see; then the batch's scope, every store's, again."""
-    await connection.execute(_SCOPE_FOR_THE_TRANSACTION, event.tenant)
-    await handler(connection, event)
-    await connection.execute(_SCOPE_FOR_THE_TRANSACTION, ALL_TENANTS)
+class BatchScope:
+    """The scope a batch's transaction holds, changed only when it must: a handler's statements
+    run in its event's store's scope, whose rows they write without naming it (the column's
+    default) and alone see; a run's, and whatever follows the batch, in every store's."""
 
+    def __init__(self, connection: asyncpg.Connection) -> None:
+        self.connection = connection
+        self.held = ALL_TENANTS  # the runner's, and a rebuild's
 
-_SCOPE_FOR_THE_TRANSACTION = "select set_config('giftcard.tenant', $1, true)"
+    async def enter(self, scope: str) -> None:
+        if scope != self.held:
+            await self.connection.execute("select set_config('giftcard.tenant', $1, true)", scope)
+            self.held = scope
 
 
 class BatchedProjection(Projection):
@@ -73,6 +80,7 @@ class BatchedProjection(Projection):
 
     async def apply(self, connection: asyncpg.Connection, events: Sequence[RecordedEvent]) -> None:
         handlers = self.handlers()
+        scope = BatchScope(connection)
         run: list[RecordedEvent] = []
         for event in events:
             if event.name in self.batched:
@@ -82,9 +90,12 @@ class BatchedProjection(Projection):
             if handler is None:
                 continue
             if run:
+                await scope.enter(ALL_TENANTS)
                 await self.apply_run(connection, run)
                 run = []
-            await handle_in_its_store(connection, handler, event)
+            await scope.enter(event.tenant)
+            await handler(connection, event)
+        await scope.enter(ALL_TENANTS)
         if run:
             await self.apply_run(connection, run)
 

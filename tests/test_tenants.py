@@ -27,6 +27,7 @@ from hub.webhooks.delivery import Deliverer, delivery_session
 from ledger.application import commands
 from ledger.application.commands import Ledger
 from ledger.domain.errors import CardNotFound
+from ledger.eventstore.codec import canonical_json
 from ledger.eventstore.store import GENESIS_HASH, EventStore, NewEvent, OneEvent, StreamAppend, chain_hash
 from ledger.postgres.database import create_pool, database_named
 from ledger.postgres.migrate import migration_files, upgrade
@@ -476,6 +477,37 @@ async def test_the_projection_runner_applies_a_batch_of_many_stores_at_once(ledg
         await pool.close()
 
 
+async def test_a_stores_forwarded_calls_in_a_batch_take_its_scope_once(ledger, service_role_url):  # noqa: F811
+    """Forwarded calls are applied by handlers, in their store's scope, which writes their rows'
+    tenant: set once for a stretch of one store's events, and back to every store's once, not twice
+    an event. The rows are that store's alone."""
+    calls = [
+        NewEvent("ProviderCallForwarded", canonical_json(json.dumps({
+            "operation": "CreateGiftCardTransaction", "providerId": "Acme", "cardId": "7", "transactionId": f"t{n}",
+            "value": "2.5", "requestId": f"r{n}", "outcome": "ok", "httpStatus": 200, "latencyMs": 1.0,
+        })))
+        for n in range(4)
+    ]  # fmt: skip
+    with tenant_scope(ACME):
+        await ledger.store.append("forwarded-acme", 0, calls)  # one stream: one source, in a row
+    pool = await create_pool(service_role_url, size_min=1, size_max=2)
+    sent = await statements_logged(pool)
+    try:
+        with tenant_scope(ALL_TENANTS):
+            runner = ProjectionRunner(pool, read_models("VtexGiftCard"))
+            assert await runner.catch_up() > 0
+        scopes = [logged.args[0] for logged in sent if "set_config('giftcard.tenant', $1, true)" in logged.query]
+        with tenant_scope(ACME):
+            acme_rows = await pool.fetchval("select count(*) from read_transactions where provider = 'Acme'")
+        with tenant_scope(GLOBEX):
+            globex_rows = await pool.fetchval("select count(*) from read_transactions where provider = 'Acme'")
+    finally:
+        await pool.close()
+    # once in and once out in each of transaction_history and daily_totals (side by side); card_balances none
+    assert sorted(scopes) == sorted([ACME, ALL_TENANTS] * 2), scopes
+    assert (acme_rows, globex_rows) == (4, 0)
+
+
 def _reads_commit_order(query: str) -> bool:
     return "from events where tenant_id" in query or "from events where source" in query
 
@@ -545,7 +577,7 @@ async def test_every_stores_reads_of_the_commit_order_take_the_index_with_no_sta
     head as the last row rather than max(seq), each is a short range of the index (source, seq).
     Every statement's plan, nested ones included, as auto_explain reports it, as the service's role."""
     await append_noise(ledger.store, GLOBEX, NOISE_EVENTS)
-    role = asyncpg_role(service_role_url)
+    role = role_of(service_role_url)
     connection = await asyncpg.connect(database_url)
     plans: list[dict] = []
     try:
@@ -591,5 +623,5 @@ def _probe_kind(query: str) -> str:
     return "head" if "seq desc limit 1" in query else "batch"
 
 
-def asyncpg_role(url: str) -> str:
+def role_of(url: str) -> str:
     return url.split("//", 1)[1].split("@", 1)[0].split(":", 1)[0]
