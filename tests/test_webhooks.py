@@ -111,11 +111,14 @@ class Receiver:
     faults: list[str] = field(default_factory=list)  # the next requests' faults, in order: 500, reset, slow
     refuse: Callable[[dict[str, Any]], bool] | None = None  # always answer 500 to these
     delay_s: float = 0.0  # accept, but only after this long
+    on_request: Callable[[], Awaitable[None]] | None = None  # awaited as each request arrives
     in_flight: int = 0
     in_flight_max: int = 0
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
+        if self.on_request is not None:
+            await self.on_request()
         self.in_flight += 1
         self.in_flight_max = max(self.in_flight_max, self.in_flight)
         try:
@@ -554,6 +557,44 @@ async def test_a_deliverer_killed_mid_post_loses_nothing(pool, ledger, clock, st
 
     assert receiver.ids() == [expected[0].position] + [e.position for e in expected]  # at least once
     assert [r.event_id for r in receiver.first_receipts()] == [e.position for e in expected]
+
+
+async def test_a_batch_stores_its_checkpoint_once_not_per_event(pool, ledger, clock, store):
+    """The checkpoint moves at the end of a batch: no UPDATE and commit per delivered event."""
+    async with receiving() as receiver:
+        subscription = await subscribe(pool, receiver)
+        await write_cards(ledger, clock, 2, "once")
+        expected = await ledger_order(store, subscription.checkpoint)
+        stored_seen: list[Checkpoint] = []
+        receiver.on_request = lambda: _remember_checkpoint(pool, subscription.id, stored_seen)
+        async with delivering(pool, replace(FAST, batch_events_max=len(expected))):
+            await wait_for(lambda: _lag_is_zero(pool, subscription.id), "every event delivered")
+
+    assert receiver.ids() == [e.position for e in expected]
+    assert stored_seen == [subscription.checkpoint] * len(expected)  # one batch: stored after its last POST
+    listed = await storage.get(pool, subscription.id)
+    assert listed.delivered == len(expected) and listed.checkpoint == subscription.checkpoint.past(expected)
+
+
+async def _remember_checkpoint(pool: asyncpg.Pool, subscription_id: str, seen: list[Checkpoint]) -> None:
+    seen.append((await storage.get(pool, subscription_id)).checkpoint)
+
+
+async def test_a_deliverer_stopped_mid_batch_keeps_what_it_delivered(pool, ledger, clock, store):
+    async with receiving() as receiver:
+        subscription = await subscribe(pool, receiver)
+        await write_cards(ledger, clock, 2, "stop")
+        expected = await ledger_order(store, subscription.checkpoint)
+        receiver.faults = ["", "", "slow"]  # two accepted, then one the deliverer is stopped waiting for
+        async with delivering(pool, replace(FAST, timeout_s=5.0)) as first:
+            await wait_for(lambda: len(receiver.requests) == 3, "the third event sent")
+            first.cancel()
+        stopped_at = await storage.get(pool, subscription.id)
+        async with delivering(pool):
+            await wait_for(lambda: len(receiver.accepted) >= len(expected), "the rest")
+
+    assert stopped_at.checkpoint == subscription.checkpoint.past(expected[:2]) and stopped_at.delivered == 2
+    assert receiver.ids() == [e.position for e in expected]  # the two delivered ones not sent again
 
 
 def test_any_card_event_type_is_rendered_with_exact_amounts():

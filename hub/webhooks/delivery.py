@@ -3,13 +3,15 @@
 Per subscription, one batch at a time: take the subscription's advisory lock (a deliverer in
 another process that holds it is skipped, so one process sends a subscription's events at a
 time), read the events after its checkpoint in the gap-safe commit order, and POST those it
-wants, one after another. Each 2xx moves the checkpoint past that event; a failure blocks the
-subscription on that event (so every card's events arrive in ledger order), to be retried
-after an exponential backoff; after ``attempts_max`` failures the event is moved to the dead
-letters and delivery goes on with the next one.
+wants, one after another. The checkpoint moves once per batch, past every event a receiver
+took (an UPDATE and a commit per event cost the database more than the POST itself); a failure
+moves it up to the failing event and blocks the subscription there (so every card's events
+arrive in ledger order), to be retried after an exponential backoff; after ``attempts_max``
+failures the event is moved to the dead letters and delivery goes on with the next one.
 
-At least once: a deliverer that dies between a receiver's 2xx and the checkpoint update
-sends that event again. Receivers dedupe by ``webhook-id`` (the event's id, signed).
+At least once: a deliverer that dies after a receiver's 2xx and before its batch's checkpoint
+update sends those events again (a stopping deliverer saves what it delivered first).
+Receivers dedupe by ``webhook-id`` (the event's id, signed).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 
 USER_AGENT = "giftcard-webhooks/1"
 SUBSCRIPTIONS_LISTED_MAX = 1000  # due subscriptions read per round (more than may exist)
+STOP_SAVE_S = 1.0  # a cancelled batch's last try at storing its progress
 
 
 @dataclass(frozen=True)
@@ -159,7 +162,8 @@ class CardCurrencies:
 @dataclass
 class _Batch:
     committed: Checkpoint  # the checkpoint as stored
-    done: Checkpoint  # the last event handled; ahead of committed by filtered-out events only
+    done: Checkpoint  # past the last event handled (delivered or filtered out), not yet stored
+    delivered: int = 0  # events a receiver took since ``committed``
 
 
 class Deliverer:
@@ -295,19 +299,20 @@ class Deliverer:
         )
         await self.currencies.learn(connection, events)
         batch = _Batch(subscription.checkpoint, subscription.checkpoint)
-        for event in events:
-            public_type = public_events.public_type(event.type)
-            if public_type is None or not subscription.wants(public_type):
+        try:
+            for event in events:
+                public_type = public_events.public_type(event.type)
+                if public_type is not None and subscription.wants(public_type):
+                    body = public_events.render(event, self.currencies.of(event.stream_id))
+                    error = await self._post(subscription, signing_secrets, event.position, public_type, body)
+                    if error is not None:
+                        await self._failed(connection, subscription, batch, event, public_type, body, error)
+                        return Progress(_handled(events, batch.done), more=False)
+                    batch.delivered += 1
                 batch.done = batch.done.past([event])
-                continue
-            body = public_events.render(event, self.currencies.of(event.stream_id))
-            error = await self._post(subscription, signing_secrets, event.position, public_type, body)
-            if error is not None:
-                await self._failed(connection, subscription, batch, event, public_type, body, error)
-                return Progress(_handled(events, batch.done), more=False)
-            delivered = batch.done.past([event])
-            await storage.advance(connection, subscription.id, batch.committed, delivered, delivered=1)
-            batch.committed = batch.done = delivered
+        except asyncio.CancelledError:
+            await _save_on_stop(connection, subscription.id, batch)
+            raise
         more = len(events) == self.options.batch_events_max
         if not more:
             # A short batch holds every event of this store up to the head read before it, so the
@@ -315,7 +320,7 @@ class Deliverer:
             # for other stores' events (its reads see only its own; see migration 0021).
             batch.done = batch.done.joined(self._head_seen)
         if batch.done != batch.committed:
-            await storage.advance(connection, subscription.id, batch.committed, batch.done, delivered=0)
+            await storage.advance(connection, subscription.id, batch.committed, batch.done, batch.delivered)
         return Progress(len(events), more=more)
 
     async def _failed(
@@ -334,7 +339,16 @@ class Deliverer:
         attempts = earlier + 1
         if attempts >= self.options.attempts_max:
             await storage.dead_letter(
-                connection, subscription.id, batch.committed, event, public_type, body, attempts, error
+                connection,
+                subscription.id,
+                batch.committed,
+                batch.done,
+                batch.delivered,
+                event,
+                public_type,
+                body,
+                attempts,
+                error,
             )
             log.warning(
                 "webhook %s: event %d dead-lettered after %d attempts (%s)",
@@ -346,7 +360,7 @@ class Deliverer:
             return
         retry_in_s = self.options.backoff_s(attempts)
         await storage.record_failure(
-            connection, subscription.id, batch.committed, batch.done, attempts, retry_in_s, error
+            connection, subscription.id, batch.committed, batch.done, batch.delivered, attempts, retry_in_s, error
         )
         log.info(
             "webhook %s: event %d failed (attempt %d of %d: %s); retrying in %.2f s",
@@ -415,6 +429,20 @@ class Deliverer:
         except (aiohttp.ClientError, OSError) as e:
             described = f"{type(e).__name__}: {e}".replace(subscription.url, _host(subscription.url))
             return described[: self.options.error_chars_max]
+
+
+async def _save_on_stop(connection: asyncpg.Connection, subscription_id: str, batch: _Batch) -> None:
+    """Stores how far a cancelled batch got, so a deliverer stopped between two POSTs sends nothing twice.
+
+    Best effort, briefly: a connection cancelled mid-query cannot take it, and then the events after
+    the stored checkpoint are sent again (at least once)."""
+    if batch.done == batch.committed:
+        return
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(STOP_SAVE_S):
+            await asyncio.shield(
+                storage.advance(connection, subscription_id, batch.committed, batch.done, batch.delivered)
+            )
 
 
 def _handled(events: Sequence[RecordedEvent], done: Checkpoint) -> int:

@@ -145,7 +145,8 @@ where id = $1 and checkpoint = $2::jsonb
 _FAILED = """
 update webhook_subscriptions
 set checkpoint = $3::jsonb, attempts = $4,
-    next_attempt_at = clock_timestamp() + make_interval(secs => $5), last_error = $6
+    next_attempt_at = clock_timestamp() + make_interval(secs => $5), last_error = $6,
+    delivered = delivered + $7, last_delivered_at = case when $7 > 0 then clock_timestamp() else last_delivered_at end
 where id = $1 and checkpoint = $2::jsonb
 """
 
@@ -321,19 +322,16 @@ async def record_failure(
     connection: asyncpg.Connection,
     subscription_id: str,
     after: Checkpoint,
-    head: Checkpoint,
+    to: Checkpoint,
+    delivered: int,
     attempts: int,
     retry_in_s: float,
     error: str,
 ) -> None:
+    """Moves the checkpoint from ``after`` up to the failing event (``to``: past the ``delivered``
+    events of the batch before it) and schedules the retry."""
     status = await connection.execute(
-        _FAILED,
-        subscription_id,
-        after.to_json(),
-        head.to_json(),
-        attempts,
-        retry_in_s,
-        error,
+        _FAILED, subscription_id, after.to_json(), to.to_json(), attempts, retry_in_s, error, delivered
     )
     _check_moved(status, subscription_id, after)
 
@@ -342,13 +340,16 @@ async def dead_letter(
     connection: asyncpg.Connection,
     subscription_id: str,
     after: Checkpoint,
+    to: Checkpoint,
+    delivered: int,
     event: RecordedEvent,
     public_type: str,
     body: bytes,
     attempts: int,
     error: str,
 ) -> None:
-    """Sets the event aside and moves the checkpoint past it, in one transaction."""
+    """Sets the event aside and moves the checkpoint from ``after`` past it (``to`` is just before
+    it, past the ``delivered`` events of the batch), in one transaction."""
     async with connection.transaction():
         await connection.execute(
             _INSERT_DEAD_LETTER,
@@ -360,7 +361,7 @@ async def dead_letter(
             attempts,
             error,
         )
-        await advance(connection, subscription_id, after, after.past([event]), delivered=0)
+        await advance(connection, subscription_id, after, to.past([event]), delivered)
 
 
 async def retries_due(connection: asyncpg.Connection, subscription_id: str, limit: int) -> list[DeadLetter]:
