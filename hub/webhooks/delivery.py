@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
-import aiohttp
 import asyncpg
 
 from hub.config import Settings
-from hub.providers.egress import EgressPolicy, GuardedResolver, refuses_literal
+from hub.providers.egress import EgressPolicy, refuses_literal
 from hub.webhooks import events as public_events
 from hub.webhooks import storage
+from hub.webhooks.client import WebhookClient
 from hub.webhooks.signing import EVENT_TYPE_HEADER, is_standard, signed_headers
 from hub.webhooks.subscriptions import open_secrets
 from ledger.domain.topics import stored_types
@@ -122,13 +122,13 @@ async def run_deliveries(
 
 
 @contextlib.asynccontextmanager
-async def delivery_session(policy: EgressPolicy, options: DeliveryOptions) -> AsyncIterator[aiohttp.ClientSession]:
+async def delivery_session(policy: EgressPolicy, options: DeliveryOptions) -> AsyncIterator[WebhookClient]:
     """An HTTP client that connects only where the egress policy allows, checked at every connection."""
-    connector = aiohttp.TCPConnector(
-        limit=options.subscriptions_concurrent_max * 2, resolver=GuardedResolver(policy), use_dns_cache=False
-    )
-    async with aiohttp.ClientSession(connector=connector, headers={"User-Agent": USER_AGENT}) as session:
-        yield session
+    client = WebhookClient(policy, USER_AGENT)
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
 class CardCurrencies:
@@ -170,7 +170,7 @@ class Deliverer:
     def __init__(
         self,
         pool: asyncpg.Pool,
-        session: aiohttp.ClientSession,
+        session: WebhookClient,
         policy: EgressPolicy,
         cipher: CredentialsCipher,
         options: DeliveryOptions,
@@ -416,19 +416,16 @@ class Deliverer:
             # Signed afresh at every attempt: receivers refuse old timestamps.
             **signed_headers(signing_secrets, event_id, int(time.time()), body),
         }
-        timeout = aiohttp.ClientTimeout(total=self.options.timeout_s)
         try:
-            async with self.session.post(
-                subscription.url, data=body, headers=headers, allow_redirects=False, timeout=timeout
-            ) as response:
-                if 200 <= response.status < 300:
-                    return None
-                return f"HTTP {response.status} from {_host(subscription.url)}"
+            status = await self.session.post(subscription.url, headers, body, self.options.timeout_s)
         except TimeoutError:
             return f"no answer from {_host(subscription.url)} within {self.options.timeout_s:g} s"
-        except (aiohttp.ClientError, OSError) as e:
+        except (OSError, ValueError) as e:
             described = f"{type(e).__name__}: {e}".replace(subscription.url, _host(subscription.url))
             return described[: self.options.error_chars_max]
+        if 200 <= status < 300:
+            return None
+        return f"HTTP {status} from {_host(subscription.url)}"
 
 
 async def _save_on_stop(connection: asyncpg.Connection, subscription_id: str, batch: _Batch) -> None:
