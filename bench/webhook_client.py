@@ -1,8 +1,8 @@
 """A webhook delivery's CPU: the deliverer's own client beside aiohttp's, on one event loop.
 
 Both POST the same signed-size body with the deliverer's headers, one request at a time (as a
-subscription is delivered), to the benchmarks' webhook sink (``bench.webhook_sink``) running in a
-process of its own on loopback, so that the client's process pays for the client alone. The two
+subscription is delivered), to the benchmarks' webhook sink (``bench.webhook_sink``, a process of
+its own on loopback), so that the client's process pays for the client alone. The two
 take turns, ``--rounds`` times; each turn is a warm-up, then ``--posts`` POSTs timed by the
 process's CPU clock (``time.process_time``) and the wall clock. A figure is the median turn.
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
 import statistics
 import sys
 import time
@@ -45,12 +44,6 @@ def _headers() -> dict[str, str]:
         "X-Giftcard-Event": "card.debited",
         **signed_headers([SECRET], 123456, int(time.time()), BODY),
     }
-
-
-def _serve_sink(ready: Any, stop: Any) -> None:
-    with running_sink() as sink:
-        ready.send(sink.url)
-        stop.recv()
 
 
 async def _timed(post: Post, posts: int) -> tuple[float, float]:
@@ -90,20 +83,12 @@ CONTENDERS = {"aiohttp": turn_aiohttp, "ours": turn_ours}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    ready, ready_child = multiprocessing.Pipe()
-    stop, stop_child = multiprocessing.Pipe()
-    sink = multiprocessing.get_context("spawn").Process(target=_serve_sink, args=(ready_child, stop_child))
-    sink.start()
-    try:
-        url = ready.recv()
-        runner = uvloop.run if args.loop == "uvloop" else asyncio.run
-        turns: dict[str, list[tuple[float, float]]] = {name: [] for name in CONTENDERS}
+    runner = uvloop.run if args.loop == "uvloop" else asyncio.run
+    turns: dict[str, list[tuple[float, float]]] = {name: [] for name in CONTENDERS}
+    with running_sink() as sink:
         for _ in range(args.rounds):
             for name, turn in CONTENDERS.items():
-                turns[name].append(runner(turn(url, args.posts)))
-    finally:
-        stop.send(None)
-        sink.join(10)
+                turns[name].append(runner(turn(sink.url, args.posts)))
     figures = {
         name: {
             "cpu_us_per_post": statistics.median(cpu for cpu, _ in measured),
