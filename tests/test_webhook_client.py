@@ -16,7 +16,6 @@ from aiohttp import web
 
 from hub.providers.egress import EgressPolicy
 from hub.webhooks.client import ProtocolError, WebhookClient, target_of
-from tests.providers.serving import serve
 
 LOOPBACK_ALLOWED = EgressPolicy(("127.0.0.0/8",))
 HEADERS = {"Content-Type": "application/json", "webhook-id": "7"}
@@ -51,12 +50,20 @@ class Receiver:
 
 
 @asynccontextmanager
-async def receiving() -> AsyncIterator[tuple[Receiver, str]]:
+async def receiving(keepalive_timeout_s: float = 75.0) -> AsyncIterator[tuple[Receiver, str]]:
+    """A receiver on loopback, closing a connection idle for ``keepalive_timeout_s`` (aiohttp's default)."""
     receiver = Receiver()
     app = web.Application()
     app.router.add_post("/hooks", receiver.handle)
-    async with serve(app) as base_url:
-        yield receiver, base_url + "/hooks?tenant=acme"
+    runner = web.AppRunner(
+        app, keepalive_timeout=keepalive_timeout_s, shutdown_timeout=0.5, handler_cancellation=True, access_log=None
+    )
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield receiver, f"http://127.0.0.1:{runner.addresses[0][1]}/hooks?tenant=acme"
+    finally:
+        await runner.cleanup()
 
 
 @asynccontextmanager
@@ -87,27 +94,11 @@ async def test_a_connection_the_receiver_closes_or_asks_to_close_is_not_reused()
     assert len(set(receiver.peers)) == 2 and receiver.peers[1] == receiver.peers[2]
 
 
-def _app_at(receiver: Receiver) -> web.Application:
-    app = web.Application()
-    app.router.add_post("/hooks", receiver.handle)
-    return app
-
-
 async def test_an_idle_connection_the_receiver_closed_is_replaced_without_a_failure():
-    receiver = Receiver()
-    app = _app_at(receiver)
-    runner = web.AppRunner(app, keepalive_timeout=0.05, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}/hooks"
-    try:
-        async with client() as webhooks:
-            assert await webhooks.post(url, HEADERS, BODY, 5.0) == 204
-            await asyncio.sleep(0.3)  # the receiver's keep-alive ends; its close reaches the client
-            assert await webhooks.post(url, HEADERS, BODY, 5.0) == 204
-    finally:
-        await runner.cleanup()
+    async with receiving(keepalive_timeout_s=0.05) as (receiver, url), client() as webhooks:
+        assert await webhooks.post(url, HEADERS, BODY, 5.0) == 204
+        await asyncio.sleep(0.3)  # the receiver's keep-alive ends; its close reaches the client
+        assert await webhooks.post(url, HEADERS, BODY, 5.0) == 204
     assert len(set(receiver.peers)) == 2
 
 
