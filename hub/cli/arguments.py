@@ -54,6 +54,11 @@ def amount(value: str) -> Decimal:
     return parsed
 
 
+def add_tenant_filter(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--tenant ACCOUNT``: ``what`` the command does with that one store; without it, every store."""
+    parser.add_argument("--tenant", type=account, metavar="ACCOUNT", help=f"{what}; default: every store")
+
+
 def positive_int(value: str) -> int:
     number = int(value)
     if number < 1:

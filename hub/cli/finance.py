@@ -408,12 +408,7 @@ class Coverage:
 
 
 def add_tenant(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--tenant",
-        type=arguments.account,
-        metavar="ACCOUNT",
-        help="only this tenant's (VTEX account's) data, in its scope; default: every tenant",
-    )
+    arguments.add_tenant_filter(parser, "only this store's (VTEX account's) data, in its scope")
 
 
 async def covered_tenants(pool: asyncpg.Pool, tenant: str | None) -> Coverage:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import asyncpg
 
-from hub.cli.arguments import account
+from hub.cli.arguments import add_tenant_filter
 from hub.wire import encode
 from ledger.eventstore.store import EventStore
 from ledger.postgres.database import with_database
@@ -26,12 +26,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "forget", help="destroy a person's data keys: their personal data reads as erased from then on"
     )
     _add_profile(erase)
-    _add_tenant(erase, "forget in this store only")
+    add_tenant_filter(erase, "forget in this store (VTEX account) only")
     erase.add_argument("--actor", default=None, help="who asks, recorded with the erasure (default: the OS user)")
     erase.set_defaults(run=privacy_forget)
     access = privacy_commands.add_parser("export", help="write everything held about a person, as JSON")
     _add_profile(access)
-    _add_tenant(access, "export what this store holds only")
+    add_tenant_filter(access, "export what this store (VTEX account) holds only")
     access.add_argument("--output", type=Path, default=None, help="file to write (default: standard output)")
     access.set_defaults(run=privacy_export)
 
@@ -43,12 +43,6 @@ def _add_profile(parser: argparse.ArgumentParser) -> None:
         required=True,
         type=_identifier,
         help="the person's profileId or e-mail (or document); repeat to name one person by several",
-    )
-
-
-def _add_tenant(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument(
-        "--tenant", type=account, metavar="ACCOUNT", help=f"{what} (VTEX account; default: every store)"
     )
 
 
