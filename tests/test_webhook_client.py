@@ -155,6 +155,32 @@ async def test_an_answer_that_is_not_http_is_a_failure_not_a_status():
         await server.wait_closed()
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nthanks",  # the body ends with the connection
+        b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\ncut short",  # the status was said before the cut
+    ],
+    ids=["http-1.0-body-until-close", "interim-answer-first", "body-cut-short"],
+)
+async def test_raw_answers_give_their_final_status(answer):
+    async def answering(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(BODY)
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answering, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with client() as webhooks:
+            assert await webhooks.post(f"http://127.0.0.1:{port}/x", HEADERS, BODY, 5.0) == 200
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 def test_a_url_becomes_one_request_line_and_host_and_bad_ones_are_refused():
     assert target_of("https://hooks.example.com/in?a=1").request_line_and_host == (
         b"POST /in?a=1 HTTP/1.1\r\nHost: hooks.example.com\r\n"

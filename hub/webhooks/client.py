@@ -75,6 +75,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.answer: asyncio.Future[int] | None = None
         self.received_any = False
+        self.status: int | None = None  # the final answer's, once its headers are read
         self.reusable = False
         self.closed = False
 
@@ -93,15 +94,24 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.status is not None:  # a body that ends with the connection (HTTP/1.0), or cut short:
+            self._answered(self.status)  # the status was said, and it is all a delivery needs
+            return
         when = "mid-answer" if self.received_any else "before answering"
         self._fail(ConnectionResetError(f"the receiver closed the connection {when}"))
 
     # ---- httptools callbacks ----
 
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status >= 200:  # not an interim answer (100 Continue, 103 Early Hints): the final one follows
+            self.status = status
+
     def on_message_complete(self) -> None:
+        if self.status is None:
+            return
         self.reusable = self.parser.should_keep_alive()
-        if self.answer is not None and not self.answer.done():
-            self.answer.set_result(self.parser.get_status_code())
+        self._answered(self.status)
 
     # ----
 
@@ -110,6 +120,7 @@ class _Connection(asyncio.Protocol):
             raise ConnectionResetError("the connection is closed")
         self.answer = asyncio.get_running_loop().create_future()
         self.received_any = False
+        self.status = None
         self.reusable = False
         self.transport.write(request)
         return await self.answer
@@ -118,6 +129,10 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+
+    def _answered(self, status: int) -> None:
+        if self.answer is not None and not self.answer.done():
+            self.answer.set_result(status)
 
     def _fail(self, error: Exception) -> None:
         if self.answer is not None and not self.answer.done():
