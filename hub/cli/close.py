@@ -23,10 +23,9 @@ import asyncpg
 import msgspec
 
 from hub.cli import arguments
-from hub.cli.finance import EXIT_FAILED, EXIT_OK, EXIT_USAGE, TenantRefused, add_tenant, in_tenants, print_coverage
+from hub.cli.finance import EXIT_OK, EXIT_USAGE, ReadRefused, add_tenant, print_coverage, read_in_tenants
 from hub.cli.progress import progress_bar
-from ledger.postgres.replication import with_read_database
-from projections.exports.export_files import LedgerInconsistent, LiabilityFile, count_card_events
+from projections.exports.export_files import LiabilityFile, count_card_events
 from projections.exports.totals import major
 from projections.finance.breakage import METHODS, PROPORTIONAL, estimate_breakage, render_breakage
 from projections.finance.config import FinanceConfig, FinanceConfigError, finance_config_at
@@ -192,15 +191,9 @@ def _run(
             return await report(pool, config, bar.update)
 
     try:
-        coverage, result = with_read_database(
-            in_tenants(args.tenant, work), args.settings.database, args.settings.replica_url
-        )
-    except TenantRefused as e:
-        print(str(e), file=sys.stderr)
-        return EXIT_USAGE, None
-    except LedgerInconsistent as e:
-        print(str(e), file=sys.stderr)
-        return EXIT_FAILED, None
+        coverage, result = read_in_tenants(args, work)
+    except ReadRefused as e:
+        return e.said(), None
     print_coverage(coverage)
     return EXIT_OK, result
 

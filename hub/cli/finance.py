@@ -313,15 +313,9 @@ def export_transactions_command(args: argparse.Namespace) -> int:
             )
 
     try:
-        coverage, result = with_read_database(
-            in_tenants(args.tenant, work), args.settings.database, args.settings.replica_url
-        )
-    except TenantRefused as e:
-        print(str(e), file=sys.stderr)
-        return EXIT_USAGE
-    except LedgerInconsistent as e:
-        print(str(e), file=sys.stderr)
-        return EXIT_FAILED
+        coverage, result = read_in_tenants(args, work)
+    except ReadRefused as e:
+        return e.said()
     if args.json:
         summary = {"output": str(args.output), "format": args.format, "rows": result.rows, "tenants": coverage.tenants}
         print(_json.encode({**summary, "totals": result.totals.render()}).decode())
@@ -363,15 +357,9 @@ def export_liabilities_command(args: argparse.Namespace) -> int:
         return result
 
     try:
-        coverage, result = with_read_database(
-            in_tenants(args.tenant, work), args.settings.database, args.settings.replica_url
-        )
-    except TenantRefused as e:
-        print(str(e), file=sys.stderr)
-        return EXIT_USAGE
-    except LedgerInconsistent as e:
-        print(str(e), file=sys.stderr)
-        return EXIT_FAILED
+        coverage, result = read_in_tenants(args, work)
+    except ReadRefused as e:
+        return e.said()
     document = {**render_liabilities(result), "tenants": coverage.tenants}
     if args.json:
         print(_json.encode(document).decode())
@@ -424,6 +412,30 @@ async def covered_tenants(pool: asyncpg.Pool, tenant: str | None) -> Coverage:
             "run as the role `giftcard db grant` sets up (--database-url), see the README's Many stores"
         )
     return Coverage([tenant], tenant)
+
+
+class ReadRefused(Exception):
+    """A report not made: why (for stderr), and the exit code that says so."""
+
+    def __init__(self, why: str, exit_code: int) -> None:
+        super().__init__(why)
+        self.exit_code = exit_code
+
+    def said(self) -> int:
+        print(str(self), file=sys.stderr)
+        return self.exit_code
+
+
+def read_in_tenants(args: argparse.Namespace, work: Callable[[asyncpg.Pool], Awaitable[T]]) -> tuple[Coverage, T]:
+    """``work`` on the read database (the replica, when one is set) in the scope of ``args.tenant``
+    (every tenant's when None), with the tenants it covered. Raises ReadRefused: a ``--tenant`` it
+    cannot keep apart is a usage error; a ledger whose report would be wrong, a failure."""
+    try:
+        return with_read_database(in_tenants(args.tenant, work), args.settings.database, args.settings.replica_url)
+    except TenantRefused as e:
+        raise ReadRefused(str(e), EXIT_USAGE) from e
+    except LedgerInconsistent as e:
+        raise ReadRefused(str(e), EXIT_FAILED) from e
 
 
 def in_tenants(tenant: str | None, work: Callable[[asyncpg.Pool], Awaitable[T]]):
