@@ -33,7 +33,8 @@ warm-up, then a measured run. The whole sequence is repeated ``--rounds`` times,
 turns, and each row reports the server's median round, because a shared two-core machine makes
 any single round unreliable. Beside wrk's figures, /proc tells how many cores the server,
 PostgreSQL and the whole machine used, so a CPU-bound server and a disturbed cell show
-themselves. Servers are stopped at the end, also on error or Ctrl-C.
+themselves, and the sink's count how many webhooks our server delivered per Debit during the cell
+(under 1: its deliverer fell behind, and part of the cost of its webhooks came after the cell). Servers are stopped at the end, also on error or Ctrl-C.
 
     python -m bench.http_debits --database-url postgresql://postgres@127.0.0.1:5432/postgres
 """
@@ -184,6 +185,9 @@ class Cell:
     vs_lean: float | None = None
     hub_vs_direct: float | None = None  # ours-hub only: its req/s over ours' at the same connection count
     stores: int = 1  # the stores (tenants) its cards were spread over
+    # Webhook deliveries the sink received during the cell, per Debit answered: about 1 when the
+    # deliverer keeps up; less, and the cell left part of its webhooks' cost for after it.
+    webhooks_per_debit: float | None = None
 
 
 @dataclass(frozen=True)
@@ -754,6 +758,7 @@ def measure_server(
                     args.wrk_threads,
                 )
                 before = cpu_sample(process.pid, args.postgres_uid, server.database)
+                delivered_before = _delivered(server, args)
                 figures = run_wrk(
                     base_url,
                     script,
@@ -769,6 +774,8 @@ def measure_server(
                     cpu_use(before, cpu_sample(process.pid, args.postgres_uid, server.database)),
                 )
                 cell.server_cpu_ms_per_request = round(1000 * cell.cpu["server_cores"] / cell.requests_per_s, 3)
+                if delivered_before is not None and cell.requests:
+                    cell.webhooks_per_debit = round((_delivered(server, args) - delivered_before) / cell.requests, 3)
                 cells.append(cell)
                 log(describe(cell))
             if profile and server.name == args.profile_server and args.profile_seconds > 0:
@@ -778,12 +785,20 @@ def measure_server(
         drop_database(server_url, server.database)
 
 
+def _delivered(server: Server, args: argparse.Namespace) -> int | None:
+    """The sink's count so far, when this server delivers to it."""
+    if server.name not in OUR_SERVERS or args.webhook_sink is None:
+        return None
+    return args.webhook_sink.deliveries
+
+
 def describe(cell: Cell) -> str:
+    webhooks = "" if cell.webhooks_per_debit is None else f"  webhooks {cell.webhooks_per_debit:.2f}/Debit"
     return (
         f"  {cell.server:<13} {cell.connections:>3} conns  {cell.requests_per_s:>8,.0f} req/s  "
         f"p50 {cell.p50_ms:6.2f} ms  p99 {cell.p99_ms:7.2f} ms  non-2xx {cell.non_2xx}  socket errors {cell.socket_errors}  "
         f"cores: machine {cell.cpu['machine_cores']:.2f} server {cell.cpu['server_cores']:.2f} "
-        f"postgres {cell.cpu['postgres_cores']:.2f} (busy before {cell.busy_cores_before:.2f})"
+        f"postgres {cell.cpu['postgres_cores']:.2f} (busy before {cell.busy_cores_before:.2f}){webhooks}"
     )
 
 
@@ -965,14 +980,16 @@ def cpu_table(cells: list[Cell]) -> str:
     """Who used the two cores: a server near 1.0 core (one process) is CPU-bound; machine cores
     well above server + PostgreSQL + wrk (~0.2) means something else was running."""
     lines = [
-        "| server | connections | req/s each round | server cores | server CPU ms/req | PostgreSQL cores | machine cores | machine busy before |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| server | connections | req/s each round | server cores | server CPU ms/req | PostgreSQL cores | machine cores "
+        "| machine busy before | webhooks per Debit |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for c in sorted(cells, key=row_order):
         lines.append(
             f"| {c.server} | {c.connections} | {' / '.join(f'{r:,.0f}' for r in c.rounds_requests_per_s)} "
             f"| {c.cpu['server_cores']:.2f} | {c.server_cpu_ms_per_request:.2f} "
-            f"| {c.cpu['postgres_cores']:.2f} | {c.cpu['machine_cores']:.2f} | {c.busy_cores_before:.2f} |"
+            f"| {c.cpu['postgres_cores']:.2f} | {c.cpu['machine_cores']:.2f} | {c.busy_cores_before:.2f} "
+            f"| {'-' if c.webhooks_per_debit is None else f'{c.webhooks_per_debit:.2f}'} |"
         )
     return "\n".join(lines)
 
