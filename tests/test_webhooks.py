@@ -542,6 +542,21 @@ async def test_two_deliverers_never_send_one_subscription_at_once(pool, database
     assert receiver.in_flight_max == 1
 
 
+async def test_subscriptions_always_due_do_not_starve_the_others(pool, ledger, clock, store):
+    """One slot, one event a turn, three subscriptions with a backlog each: the slot goes round all
+    three, where it went to the first (by id) until its backlog was gone."""
+    async with receiving() as first, receiving() as second, receiving() as third:
+        receivers = [first, second, third]
+        for receiver in receivers:
+            await subscribe(pool, receiver)
+        await write_cards(ledger, clock, 2, "fair")
+        options = replace(FAST, subscriptions_concurrent_max=1, batch_events_max=1, batches_per_turn_max=1)
+        async with delivering(pool, options):
+            await wait_for(lambda: sum(len(r.accepted) for r in receivers) >= 6, "six deliveries")
+
+    assert all(len(receiver.accepted) >= 1 for receiver in receivers), [len(r.accepted) for r in receivers]
+
+
 async def test_a_deliverer_killed_mid_post_loses_nothing(pool, ledger, clock, store):
     async with receiving() as receiver:
         subscription = await subscribe(pool, receiver)

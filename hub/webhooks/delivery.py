@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -184,6 +184,11 @@ class Deliverer:
         self.currencies = CardCurrencies(options.cards_cached_max)
         self._running: dict[str, asyncio.Task[int]] = {}
         self._paused_until: dict[str, float] = {}
+        # Due subscriptions waiting for a slot, the one whose last turn began longest ago first, so
+        # that subscriptions always due (a busy store's) never starve the others (see _start_due).
+        self._waiting: deque[str] = deque()
+        self._turn_began: dict[str, float] = {}
+        self._stopping = False
         self._told_to_rotate: set[str] = set()
         # Every store's head as the last poll read it, before the batches it started (see _deliver_locked).
         self._head_seen = START
@@ -206,6 +211,7 @@ class Deliverer:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), wait_s)
         finally:
+            self._stopping = True
             tasks = list(self._running.values())
             for task in tasks:
                 task.cancel()  # an interrupted POST is sent again later: at least once
@@ -227,17 +233,30 @@ class Deliverer:
         return due
 
     async def _start_due(self) -> None:
+        """Queues the due subscriptions, fairly: each slot that frees takes the one whose last turn
+        began longest ago (never, first), so a few always-due subscriptions cannot hold every slot."""
         due = await self._due()
         now = time.monotonic()
         self._paused_until = {key: until for key, until in self._paused_until.items() if until > now}
-        for subscription_id in due:
-            if len(self._running) >= self.options.subscriptions_concurrent_max:
-                return
+        self._waiting = deque(sorted(due, key=lambda key: self._turn_began.get(key, 0.0)))
+        self._turn_began = {key: began for key, began in self._turn_began.items() if key in due or key in self._running}
+        self._fill_slots()
+
+    def _fill_slots(self) -> None:
+        now = time.monotonic()
+        while self._waiting and len(self._running) < self.options.subscriptions_concurrent_max:
+            subscription_id = self._waiting.popleft()
             if subscription_id in self._running or self._paused_until.get(subscription_id, 0.0) > now:
                 continue
+            self._turn_began[subscription_id] = now
             task = asyncio.create_task(self._take_turn(subscription_id))
             self._running[subscription_id] = task
-            task.add_done_callback(lambda _, key=subscription_id: self._running.pop(key, None))
+            task.add_done_callback(lambda _, key=subscription_id: self._turn_ended(key))
+
+    def _turn_ended(self, subscription_id: str) -> None:
+        self._running.pop(subscription_id, None)
+        if not self._stopping:
+            self._fill_slots()  # the next waiting subscription now, not at the next poll
 
     async def _take_turn(self, subscription_id: str) -> int:
         """A few batches of one subscription; never raises (but for cancellation): errors pause it."""
