@@ -33,7 +33,7 @@ from hub.providers.egress import EgressPolicy, refuses_literal
 from hub.webhooks import events as public_events
 from hub.webhooks import storage
 from hub.webhooks.client import WebhookClient
-from hub.webhooks.signing import EVENT_TYPE_HEADER, is_standard, signed_headers
+from hub.webhooks.signing import EVENT_TYPE_HEADER, Signer, is_standard
 from hub.webhooks.subscriptions import open_secrets
 from ledger.domain.topics import stored_types
 from ledger.eventstore.commit_order import START, Checkpoint
@@ -190,6 +190,7 @@ class Deliverer:
         self._turn_began: dict[str, float] = {}
         self._stopping = False
         self._told_to_rotate: set[str] = set()
+        self._literals_refused: dict[str, bool] = {}  # per URL: checked once, not at every POST
         # Every store's head as the last poll read it, before the batches it started (see _deliver_locked).
         self._head_seen = START
 
@@ -312,7 +313,8 @@ class Deliverer:
             return IDLE
         signing_secrets = open_secrets(self.cipher, subscription.id, subscription.sealed_secret)
         self._ask_for_rotation(subscription.id, signing_secrets)
-        await self._redeliver_dead_letters(connection, subscription, signing_secrets)
+        signer = Signer(signing_secrets)
+        await self._redeliver_dead_letters(connection, subscription, signer)
         events = await self.store.read_all(
             subscription.checkpoint, self.options.batch_events_max, connection=connection
         )
@@ -323,7 +325,7 @@ class Deliverer:
                 public_type = public_events.public_type(event.type)
                 if public_type is not None and subscription.wants(public_type):
                     body = public_events.render(event, self.currencies.of(event.stream_id))
-                    error = await self._post(subscription, signing_secrets, event.position, public_type, body)
+                    error = await self._post(subscription, signer, event.position, public_type, body)
                     if error is not None:
                         await self._failed(connection, subscription, batch, event, public_type, body, error)
                         return Progress(_handled(events, batch.done), more=False)
@@ -392,11 +394,11 @@ class Deliverer:
         )
 
     async def _redeliver_dead_letters(
-        self, connection: asyncpg.Connection, subscription: storage.Subscription, signing_secrets: Sequence[str]
+        self, connection: asyncpg.Connection, subscription: storage.Subscription, signer: Signer
     ) -> None:
         """One more attempt at each dead letter an operator asked to retry (out of ledger order, by nature)."""
         for letter in await storage.retries_due(connection, subscription.id, self.options.batch_events_max):
-            error = await self._post(subscription, signing_secrets, letter.position, letter.event_type, letter.body)
+            error = await self._post(subscription, signer, letter.position, letter.event_type, letter.body)
             if error is None:
                 await storage.redelivered(connection, letter)
                 log.info("webhook %s: dead letter %d redelivered", subscription.id, letter.position)
@@ -418,22 +420,30 @@ class Deliverer:
 
     # ---- HTTP ----------------------------------------------------------------------------------
 
+    def _refuses_literal(self, url: str) -> bool:
+        refused = self._literals_refused.get(url)
+        if refused is None:
+            if len(self._literals_refused) >= SUBSCRIPTIONS_LISTED_MAX:
+                self._literals_refused.clear()
+            refused = self._literals_refused[url] = refuses_literal(self.policy, url)
+        return refused
+
     async def _post(
         self,
         subscription: storage.Subscription,
-        signing_secrets: Sequence[str],
+        signer: Signer,
         event_id: int,
         public_type: str,
         body: bytes,
     ) -> str | None:
         """POSTs one signed body; None when the receiver answered 2xx, else what went wrong."""
-        if refuses_literal(self.policy, subscription.url):
+        if self._refuses_literal(subscription.url):
             return "url is an internal address the egress policy (GIFTCARD_PROVIDER_ALLOWLIST) refuses"
         headers = {
             "Content-Type": "application/json",
             EVENT_TYPE_HEADER: public_type,
             # Signed afresh at every attempt: receivers refuse old timestamps.
-            **signed_headers(signing_secrets, event_id, int(time.time()), body),
+            **signer.headers(event_id, int(time.time()), body),
         }
         try:
             status = await self.session.post(subscription.url, headers, body, self.options.timeout_s)

@@ -18,6 +18,7 @@ provider's credentials. Other events (calls forwarded to external providers) are
 
 from __future__ import annotations
 
+import functools
 from decimal import Decimal
 from typing import Any
 
@@ -121,6 +122,7 @@ def _public_fields(data: dict[str, Any]) -> dict[str, Any]:
     return {_camel(key): value for key, value in data.items() if key not in PRIVATE_FIELDS}
 
 
+@functools.cache  # the events' field names: a few dozen, each converted once per process
 def _camel(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(part[:1].upper() + part[1:] for part in rest)

@@ -70,21 +70,31 @@ def is_standard(secret: str) -> bool:
 
 
 def signed_headers(signing_secrets: Sequence[str], event_id: int, timestamp: int, body: bytes) -> dict[str, str]:
-    """Every signing header of one attempt at delivering ``body`` at ``timestamp`` (unix seconds).
+    """Every signing header of one attempt at delivering ``body`` at ``timestamp`` (unix seconds)."""
+    return Signer(signing_secrets).headers(event_id, timestamp, body)
+
+
+class Signer:
+    """Signs a subscription's deliveries with its secrets, their keys decoded once (not per event).
 
     The Standard Webhooks headers are left out when no secret holds a key: a receiver's library
     then says they are missing rather than that every signature is wrong.
     """
-    headers = {SIGNATURE_HEADER: sign(signing_secrets, timestamp, body), EVENT_ID_HEADER: str(event_id)}
-    keys = [key for key in map(standard_key, signing_secrets) if key is not None]
-    if keys:
-        message_id = str(event_id)
-        headers[WEBHOOK_ID_HEADER] = message_id
-        headers[WEBHOOK_TIMESTAMP_HEADER] = str(timestamp)
-        headers[WEBHOOK_SIGNATURE_HEADER] = " ".join(
-            standard_signature(key, message_id, timestamp, body) for key in keys
-        )
-    return headers
+
+    def __init__(self, signing_secrets: Sequence[str]) -> None:
+        self.secrets = tuple(signing_secrets)
+        self.keys = [key for key in map(standard_key, self.secrets) if key is not None]
+
+    def headers(self, event_id: int, timestamp: int, body: bytes) -> dict[str, str]:
+        headers = {SIGNATURE_HEADER: sign(self.secrets, timestamp, body), EVENT_ID_HEADER: str(event_id)}
+        if self.keys:
+            message_id = str(event_id)
+            headers[WEBHOOK_ID_HEADER] = message_id
+            headers[WEBHOOK_TIMESTAMP_HEADER] = str(timestamp)
+            headers[WEBHOOK_SIGNATURE_HEADER] = " ".join(
+                standard_signature(key, message_id, timestamp, body) for key in self.keys
+            )
+        return headers
 
 
 def standard_signature(key: bytes, message_id: str, timestamp: int, body: bytes) -> str:
