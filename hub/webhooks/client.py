@@ -1,10 +1,11 @@
 """The deliverer's HTTP client: one POST at a time per connection, over kept-alive HTTP/1.1.
 
 A delivery is a small POST whose answer matters only by its status. aiohttp's client, which the
-provider calls keep, spends about 160 µs of CPU on one (asyncio, loopback; 120 on uvloop); this
-client writes the request in one piece and lets llhttp (httptools, the parser uvicorn uses) read
-the answer, for about 60. With a delivery per Debit, the difference was a fifth of the service's
-CPU per Debit (docs/benchmarks.md, "Webhook deliveries without aiohttp's client").
+provider calls keep, spends about 130 µs of CPU on one (asyncio, loopback: ``python -m
+bench.webhook_client``); this client writes the request in one piece and lets llhttp (httptools,
+the parser uvicorn uses) read the answer, for about 50. With a webhook per Debit, that difference
+is a fifth of what the service spends on a Debit (docs/benchmarks.md, "Webhook deliveries: as
+cheap as their POST").
 
 What it keeps of aiohttp's client: the egress policy at every connection (every address a name
 resolves to is checked, IP literals too), TLS with the system's verification for ``https``,
