@@ -240,7 +240,8 @@ class Deliverer:
         now = time.monotonic()
         self._paused_until = {key: until for key, until in self._paused_until.items() if until > now}
         self._waiting = deque(sorted(due, key=lambda key: self._turn_began.get(key, 0.0)))
-        self._turn_began = {key: began for key, began in self._turn_began.items() if key in due or key in self._running}
+        known = {*due, *self._running}  # forget the rest: removed, or caught up
+        self._turn_began = {key: began for key, began in self._turn_began.items() if key in known}
         self._fill_slots()
 
     def _fill_slots(self) -> None:
