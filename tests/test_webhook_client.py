@@ -8,13 +8,22 @@ alive between deliveries, never reused once the receiver closed it or asked to.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from hub.providers.egress import EgressPolicy
+from hub.webhooks import client as client_module
 from hub.webhooks.client import ProtocolError, WebhookClient, target_of
 
 LOOPBACK_ALLOWED = EgressPolicy(("127.0.0.0/8",))
@@ -179,6 +188,65 @@ async def test_raw_answers_give_their_final_status(answer):
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_idle_connections_are_bounded_the_longest_idle_closed_first(monkeypatch):
+    monkeypatch.setattr(client_module, "IDLE_MAX", 2)
+    async with (
+        receiving() as (first, first_url),
+        receiving() as (second, second_url),
+        receiving() as (third, third_url),
+        client() as webhooks,
+    ):
+        for url in (first_url, second_url, third_url):
+            assert await webhooks.post(url, HEADERS, BODY, 5.0) == 204
+        assert webhooks.idle_connections == 2  # the first receiver's was closed for the third's
+        for url in (second_url, third_url, first_url):
+            assert await webhooks.post(url, HEADERS, BODY, 5.0) == 204
+    assert len(set(first.peers)) == 2  # a new connection after its first was closed
+    assert len(set(second.peers)) == 1 and len(set(third.peers)) == 1
+
+
+async def test_https_receivers_must_prove_their_name_with_a_trusted_certificate(tmp_path):
+    receiver = Receiver()
+    app = web.Application()
+    app.router.add_post("/hooks", receiver.handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.5, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=_self_signed_tls(tmp_path)).start()
+        url = f"https://127.0.0.1:{runner.addresses[0][1]}/hooks"
+        async with client() as webhooks:
+            with pytest.raises(ssl.SSLCertVerificationError):
+                await webhooks.post(url, HEADERS, BODY, 5.0)
+    finally:
+        await runner.cleanup()
+    assert receiver.bodies == []
+
+
+def _self_signed_tls(folder: Path) -> ssl.SSLContext:
+    """A server context whose certificate names 127.0.0.1 but that no authority signed."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(key, hashes.SHA256())
+    )
+    (folder / "cert.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(folder / "cert.pem", folder / "key.pem")
+    return context
 
 
 def test_a_url_becomes_one_request_line_and_host_and_bad_ones_are_refused():

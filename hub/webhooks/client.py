@@ -10,7 +10,9 @@ cheap as their POST").
 What it keeps of aiohttp's client: the egress policy at every connection (every address a name
 resolves to is checked, IP literals too), TLS with the system's verification for ``https``,
 redirects never followed (a 3xx is just a status), one deadline for connecting, writing and
-reading. A connection is reused only after a complete answer that allows it, and never once
+reading. At most 8 connections a receiver and 256 in all are kept idle (past that, the one idle
+the longest is closed: a deployment of many stores has a receiver per store). A connection is
+reused only after a complete answer that allows it, and never once
 the receiver has closed it; like aiohttp's, a POST is not sent twice by the client itself (a
 connection the receiver closes just as the POST goes out is a failed attempt, retried later).
 """
@@ -21,6 +23,7 @@ import asyncio
 import ipaddress
 import socket
 import ssl
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -31,6 +34,7 @@ import httptools
 from hub.providers.egress import EgressPolicy
 
 IDLE_PER_ORIGIN_MAX = 8  # kept-alive connections per receiver (the deliverer runs a few subscriptions at once)
+IDLE_MAX = 256  # in all: past it, the connection idle the longest is closed (a socket each, per store's receiver)
 
 
 class ProtocolError(OSError):
@@ -147,6 +151,7 @@ class WebhookClient:
         self.policy = policy
         self.user_agent = f"User-Agent: {user_agent}\r\n".encode("ascii")
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._idle_order: OrderedDict[_Connection, tuple[str, str, int]] = OrderedDict()  # longest idle first
         self._tls: ssl.SSLContext | None = None
 
     async def post(self, url: str, headers: Mapping[str, str], body: bytes, timeout_s: float) -> int:
@@ -157,11 +162,15 @@ class WebhookClient:
             connection = self._take_idle(target) or await self._connect(target)
             return await self._exchange(target, connection, request)
 
+    @property
+    def idle_connections(self) -> int:
+        return len(self._idle_order)
+
     async def close(self) -> None:
-        for connections in self._idle.values():
-            for connection in connections:
-                connection.close()
+        for connection in self._idle_order:
+            connection.close()
         self._idle.clear()
+        self._idle_order.clear()
 
     async def _exchange(self, target: Target, connection: _Connection, request: bytes) -> int:
         try:
@@ -170,17 +179,30 @@ class WebhookClient:
             connection.close()
             raise
         if connection.reusable and not connection.closed:
-            idle = self._idle.setdefault(target.origin, [])
-            if len(idle) < IDLE_PER_ORIGIN_MAX:
-                idle.append(connection)
-                return status
-        connection.close()
+            self._keep_idle(target.origin, connection)
+        else:
+            connection.close()
         return status
+
+    def _keep_idle(self, origin: tuple[str, str, int], connection: _Connection) -> None:
+        idle = self._idle.setdefault(origin, [])
+        if len(idle) >= IDLE_PER_ORIGIN_MAX:
+            connection.close()
+            return
+        if len(self._idle_order) >= IDLE_MAX:
+            oldest, its_origin = self._idle_order.popitem(last=False)
+            self._idle[its_origin].remove(oldest)
+            if not self._idle[its_origin]:
+                del self._idle[its_origin]
+            oldest.close()
+        idle.append(connection)
+        self._idle_order[connection] = origin
 
     def _take_idle(self, target: Target) -> _Connection | None:
         idle = self._idle.get(target.origin)
         while idle:
             connection = idle.pop()
+            del self._idle_order[connection]
             if not connection.closed:
                 return connection
         return None
@@ -197,10 +219,8 @@ class WebhookClient:
             except OSError as e:
                 last_error = e
                 continue
-            connection.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return connection
-        assert last_error is not None
-        raise last_error
+            return connection  # asyncio's TCP transports set TCP_NODELAY themselves
+        raise last_error or OSError(f"{target.host} has no address to connect to")
 
     async def _permitted_addresses(self, target: Target) -> list[str]:
         """The addresses of the receiver the egress policy allows (aiohttp's GuardedResolver's rule)."""
