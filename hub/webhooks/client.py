@@ -12,9 +12,9 @@ resolves to is checked, IP literals too), TLS with the system's verification for
 redirects never followed (a 3xx is just a status), one deadline for connecting, writing and
 reading. At most 8 connections a receiver and 256 in all are kept idle (past that, the one idle
 the longest is closed: a deployment of many stores has a receiver per store). A connection is
-reused only after a complete answer that allows it, and never once
-the receiver has closed it; like aiohttp's, a POST is not sent twice by the client itself (a
-connection the receiver closes just as the POST goes out is a failed attempt, retried later).
+reused only after a complete answer that allows it, and never once the receiver has closed it;
+like aiohttp's, a POST is not sent twice by the client itself (a connection the receiver closes
+just as the POST goes out is a failed attempt, retried later).
 """
 
 from __future__ import annotations
