@@ -304,6 +304,28 @@ async def test_an_event_a_projection_cannot_place_stops_that_projection_just_bef
     assert await pool.fetchval("select count(*) from read_card_balances") == len(issued_before)
 
 
+async def test_daily_totals_reads_a_cards_currency_once_per_runner(pool, ledger, clock, store):
+    """A card's currency never changes: after its first batch, the projection no longer asks
+    read_daily_totals_cards for it (here the row is gone, and a later batch still finds it);
+    a projection that never met the card does ask, and stops at the card it cannot place."""
+    [card_id] = await write_cards(ledger, clock, 1, "currency")
+    remembering = read_model("daily_totals", NATIVE)
+    first = await store.read_all(limit=1000)
+    async with pool.acquire() as connection, connection.transaction():
+        await remembering.apply(connection, first)
+    await pool.execute("delete from read_daily_totals_cards where card_id = $1", card_id)
+
+    await ledger.create_transaction(card_id, operation="Debit", value=Decimal(1), description="", request_id="again")
+    later = [e for e in await store.read_all(limit=1000) if e.position > first[-1].position]
+    async with pool.acquire() as connection, connection.transaction():
+        await remembering.apply(connection, later)
+    assert await pool.fetchval("select sum(redeemed) from read_daily_totals") == 3050 + 100
+
+    async with pool.acquire() as connection, connection.transaction():
+        with pytest.raises(ProjectionBug, match="no such card"):
+            await read_model("daily_totals", NATIVE).apply(connection, later)
+
+
 class Flaky(Probe):
     """A probe whose batches fail while they hold the event at ``fails_at`` (then it is fixed)."""
 

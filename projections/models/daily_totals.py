@@ -34,6 +34,7 @@ from projections.projection import BatchedProjection, Handler, ProjectionBug
 log = logging.getLogger(__name__)
 
 NAME = "daily_totals"
+CURRENCIES_REMEMBERED_MAX = 100_000  # cards, about 10 MB
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,10 @@ class DailyTotals(BatchedProjection):
 
     def __init__(self, native_provider_id: str) -> None:
         self.native = native_provider_id
+        # Cards' currencies seen by this instance: a card's never changes, so a batch reads from
+        # read_daily_totals_cards only those of cards it meets for the first time (that read was as
+        # costly as the balance update under row-level security). Forgotten all at once when full.
+        self._currencies: dict[str, str] = {}
 
     def handlers(self) -> dict[str, Handler]:
         return {ev.FORWARDED: self.forwarded}  # card events: apply_run, always
@@ -201,6 +206,8 @@ class DailyTotals(BatchedProjection):
                 decoded.append((event, ev.decode(event, ev.Settled if event.name == ev.SETTLED else ev.Cancelled)))
 
         unknown_cards = {e.stream_id for e, _ in decoded} - currencies.keys()
+        currencies.update({card: self._currencies[card] for card in unknown_cards & self._currencies.keys()})
+        unknown_cards -= self._currencies.keys()
         if unknown_cards:
             rows = await connection.fetch(_CURRENCIES_OF, list(unknown_cards))
             currencies.update({r["card_id"]: r["currency"] for r in rows})
@@ -241,6 +248,7 @@ class DailyTotals(BatchedProjection):
                 f[_CANCELLED] += m.value
                 f[_BALANCE_CHANGE] += m.value if operation == DEBIT else -m.value
 
+        self._remember(currencies)
         if cards:
             await connection.execute(_REMEMBER_CARDS, *map(list, zip(*cards, strict=True)))
         if created_here:
@@ -249,6 +257,11 @@ class DailyTotals(BatchedProjection):
             keys = list(flows)
             columns = [[k[i] for k in keys] for i in range(3)] + [[f[i] for f in flows.values()] for i in range(8)]
             await connection.execute(_ADD_ALL, self.native, *columns)
+
+    def _remember(self, currencies: dict[str, str]) -> None:
+        if len(self._currencies) + len(currencies) > CURRENCIES_REMEMBERED_MAX:
+            self._currencies.clear()
+        self._currencies.update(currencies)
 
     async def forwarded(self, connection: asyncpg.Connection, event: RecordedEvent) -> None:
         call = ev.decode(event, ev.Forwarded)
