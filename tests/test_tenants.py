@@ -456,13 +456,9 @@ async def test_the_projection_runner_applies_a_batch_of_many_stores_at_once(ledg
                 card, operation="Credit", value=Decimal(n + 1), description="x", request_id=f"r{n}"
             )
     pool = await create_pool(service_role_url, size_min=1, size_max=2)
-    sent = await statements_logged(pool)
     try:
-        with tenant_scope(ALL_TENANTS):
-            runner = ProjectionRunner(pool, read_models("VtexGiftCard"))
-            assert await runner.catch_up() > 0
-        scopes = [logged for logged in sent if "set_config('giftcard.tenant', $1, true)" in logged.query]
-        assert scopes == [], [logged.args for logged in scopes]
+        scopes = await scopes_set_catching_up(pool)
+        assert scopes == [], scopes
         loaded = {ACME: sum(n + 1 for n in range(0, 24, 2)), GLOBEX: sum(n + 1 for n in range(1, 24, 2))}
         for tenant, own in cards.items():
             with tenant_scope(tenant):
@@ -491,12 +487,8 @@ async def test_a_stores_forwarded_calls_in_a_batch_take_its_scope_once(ledger, s
     with tenant_scope(ACME):
         await ledger.store.append("forwarded-acme", 0, calls)  # one stream: one source, in a row
     pool = await create_pool(service_role_url, size_min=1, size_max=2)
-    sent = await statements_logged(pool)
     try:
-        with tenant_scope(ALL_TENANTS):
-            runner = ProjectionRunner(pool, read_models("VtexGiftCard"))
-            assert await runner.catch_up() > 0
-        scopes = [logged.args[0] for logged in sent if "set_config('giftcard.tenant', $1, true)" in logged.query]
+        scopes = await scopes_set_catching_up(pool)
         with tenant_scope(ACME):
             acme_rows = await pool.fetchval("select count(*) from read_transactions where provider = 'Acme'")
         with tenant_scope(GLOBEX):
@@ -510,6 +502,15 @@ async def test_a_stores_forwarded_calls_in_a_batch_take_its_scope_once(ledger, s
 
 def _reads_commit_order(query: str) -> bool:
     return "from events where tenant_id" in query or "from events where source" in query
+
+
+async def scopes_set_catching_up(pool: asyncpg.Pool) -> list[str]:
+    """A projection runner catches up every store's events on ``pool``; the scopes its batches set
+    on the way (BatchScope's statement), in the order sent."""
+    sent = await statements_logged(pool)
+    with tenant_scope(ALL_TENANTS):
+        assert await ProjectionRunner(pool, read_models("VtexGiftCard")).catch_up() > 0
+    return [logged.args[0] for logged in sent if "set_config('giftcard.tenant', $1, true)" in logged.query]
 
 
 async def statements_logged(pool: asyncpg.Pool) -> list:
