@@ -46,7 +46,7 @@ from bench.arguments import add_database_url
 from bench.event_store_appends import create_migrated_database, database_server, drop_database
 from bench.report import write_json
 from hub.providers.egress import EgressPolicy
-from hub.webhooks.delivery import Deliverer, DeliveryOptions, delivery_session
+from hub.webhooks.delivery import Deliverer, DeliveryOptions, delivery_client
 from hub.webhooks.subscriptions import create_subscription
 from ledger.eventstore import store as event_store
 from ledger.eventstore.store import EventStore, NewEvent, StreamAppend
@@ -173,8 +173,8 @@ async def one_round(url: str, role_url: str) -> dict[str, float]:
     options = DeliveryOptions()
     try:
         with tenant_scope(ALL_TENANTS):  # as the deliverer runs in serve
-            async with delivery_session(POLICY, options) as session:
-                deliverer = Deliverer(pool, session, POLICY, CIPHER, options)
+            async with delivery_client(POLICY) as client:
+                deliverer = Deliverer(pool, client, CIPHER, options)
                 started = time.perf_counter()
                 handled = await deliverer.run_once()
                 elapsed = time.perf_counter() - started

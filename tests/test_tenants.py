@@ -23,7 +23,7 @@ import pytest
 from hub.http import auth
 from hub.providers.egress import EgressPolicy
 from hub.webhooks import storage
-from hub.webhooks.delivery import Deliverer, delivery_session
+from hub.webhooks.delivery import Deliverer, delivery_client
 from ledger.application import commands
 from ledger.application.commands import Ledger
 from ledger.domain.errors import CardNotFound
@@ -400,8 +400,8 @@ async def test_a_quiet_stores_webhook_batch_reads_none_of_another_stores_events(
                 assert await store.next_recorded_at(checkpoint) == acme_event.recorded_at, "acme's lag: its event"
             del sent[:]
 
-            async with delivery_session(POLICY, FAST) as session:
-                deliverer = Deliverer(pool, session, POLICY, CIPHER, FAST)
+            async with delivery_client(POLICY) as client:
+                deliverer = Deliverer(pool, client, CIPHER, FAST)
                 assert (await deliverer.deliver_batch(subscription.id)).handled == 1
                 assert (await deliverer.deliver_batch(subscription.id)).handled == 0
             with tenant_scope(ACME):
@@ -424,12 +424,12 @@ async def test_a_quiet_stores_subscription_is_not_due_again_for_another_stores_e
     would take a turn for it (lock, load, read, unlock) as long as any other store writes."""
     pool = await create_pool(service_role_url, size_min=1, size_max=2)
     try:
-        async with receiving() as receiver, delivery_session(POLICY, FAST) as session:
+        async with receiving() as receiver, delivery_client(POLICY) as client:
             with tenant_scope(ACME):
                 subscription = await subscribe(pool, receiver)
             await append_noise(ledger.store, GLOBEX, 50)
             with tenant_scope(ALL_TENANTS):
-                deliverer = Deliverer(pool, session, POLICY, CIPHER, FAST)
+                deliverer = Deliverer(pool, client, CIPHER, FAST)
                 assert subscription.id in (await storage.due_subscriptions(pool, 10))[0]
                 assert await deliverer.run_once() == 0
                 assert subscription.id not in (await storage.due_subscriptions(pool, 10))[0]

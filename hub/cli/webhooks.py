@@ -17,7 +17,7 @@ import asyncpg
 from hub.http.webhooks_api import render_dead_letter, render_subscription
 from hub.providers.egress import EgressPolicy
 from hub.webhooks import storage
-from hub.webhooks.delivery import Deliverer, DeliveryOptions, delivery_session, run_deliveries
+from hub.webhooks.delivery import Deliverer, DeliveryOptions, delivery_client, run_deliveries
 from hub.webhooks.events import EVENT_TYPES
 from hub.webhooks.subscriptions import create_subscription, drop_previous_secret, rotate_secret
 from hub.wire import encode
@@ -175,8 +175,8 @@ def run_command(args: argparse.Namespace) -> int:
 
     async def once(pool: asyncpg.Pool) -> int:
         policy = EgressPolicy(settings.provider_allowlist)
-        async with delivery_session(policy, options) as session:
-            return await Deliverer(pool, session, policy, CredentialsCipher(settings.secret_key), options).run_once()
+        async with delivery_client(policy) as client:
+            return await Deliverer(pool, client, CredentialsCipher(settings.secret_key), options).run_once()
 
     async def until_signalled(pool: asyncpg.Pool) -> None:
         stop = asyncio.Event()

@@ -70,6 +70,16 @@ class EgressPolicy:
     def permits_hostname(self, hostname: str) -> bool:
         return hostname.lower().rstrip(".") in self.hostnames
 
+    def addresses_allowed(self, host: str, addresses: list[str]) -> list[str]:
+        """Those of ``host``'s addresses (or of the IP literal itself) a request may connect to, checked
+        at every connection (a name may resolve elsewhere by then); OSError when none is."""
+        if self.permits_hostname(host):
+            return addresses
+        allowed = [a for a in addresses if self.permits_address(ipaddress.ip_address(a.split("%")[0]))]
+        if not allowed:
+            raise OSError(f"{host} resolves only to internal addresses the hub may not call")
+        return allowed
+
     async def check_url(self, url: str) -> None:
         """Refuses a serviceUrl whose host is, or resolves to, an address the hub may not call."""
         host = urlsplit(url).hostname or ""
@@ -106,12 +116,8 @@ class GuardedResolver(AbstractResolver):
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         results = await self.inner.resolve(host, port, family)
-        if self.policy.permits_hostname(host):
-            return results
-        allowed = [r for r in results if self.policy.permits_address(ipaddress.ip_address(r["host"].split("%")[0]))]
-        if not allowed:
-            raise OSError(f"{host} resolves only to internal addresses the hub may not call")
-        return allowed
+        allowed = set(self.policy.addresses_allowed(host, [r["host"] for r in results]))
+        return [r for r in results if r["host"] in allowed]
 
     async def close(self) -> None:
         await self.inner.close()

@@ -223,23 +223,14 @@ class WebhookClient:
         raise last_error or OSError(f"{target.host} has no address to connect to")
 
     async def _permitted_addresses(self, target: Target) -> list[str]:
-        """The addresses of the receiver the egress policy allows (aiohttp's GuardedResolver's rule)."""
+        """The receiver's addresses the egress policy allows (the rule aiohttp's GuardedResolver applies)."""
         try:
-            literal = ipaddress.ip_address(target.host)
+            ipaddress.ip_address(target.host)
+            addresses = [target.host]  # an IP literal: no lookup, the same check
         except ValueError:
-            literal = None
-        if literal is not None:
-            if not self.policy.permits_address(literal):
-                raise OSError(f"{target.host} is an internal address the hub may not call")
-            return [target.host]
-        infos = await asyncio.get_running_loop().getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
-        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-        if self.policy.permits_hostname(target.host):
-            return addresses
-        allowed = [a for a in addresses if self.policy.permits_address(ipaddress.ip_address(a.split("%")[0]))]
-        if not allowed:
-            raise OSError(f"{target.host} resolves only to internal addresses the hub may not call")
-        return allowed
+            infos = await asyncio.get_running_loop().getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+            addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        return self.policy.addresses_allowed(target.host, addresses)
 
     def _tls_context(self) -> ssl.SSLContext:
         if self._tls is None:

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from hub.config import Settings
-from hub.providers.egress import EgressPolicy, refuses_literal
+from hub.providers.egress import EgressPolicy
 from hub.webhooks import events as public_events
 from hub.webhooks import storage
 from hub.webhooks.client import WebhookClient
@@ -116,13 +116,13 @@ async def run_deliveries(
     """
     options = options or DeliveryOptions.from_settings(settings)
     policy = EgressPolicy(settings.provider_allowlist)
-    async with delivery_session(policy, options) as session:
-        deliverer = Deliverer(pool, session, policy, cipher or CredentialsCipher(settings.secret_key), options)
+    async with delivery_client(policy) as client:
+        deliverer = Deliverer(pool, client, cipher or CredentialsCipher(settings.secret_key), options)
         await deliverer.run(stop)
 
 
 @contextlib.asynccontextmanager
-async def delivery_session(policy: EgressPolicy, options: DeliveryOptions) -> AsyncIterator[WebhookClient]:
+async def delivery_client(policy: EgressPolicy) -> AsyncIterator[WebhookClient]:
     """An HTTP client that connects only where the egress policy allows, checked at every connection."""
     client = WebhookClient(policy, USER_AGENT)
     try:
@@ -170,15 +170,13 @@ class Deliverer:
     def __init__(
         self,
         pool: asyncpg.Pool,
-        session: WebhookClient,
-        policy: EgressPolicy,
+        client: WebhookClient,
         cipher: CredentialsCipher,
         options: DeliveryOptions,
     ) -> None:
         self.pool = pool
         self.store = EventStore(pool)
-        self.session = session
-        self.policy = policy
+        self.client = client
         self.cipher = cipher
         self.options = options
         self.currencies = CardCurrencies(options.cards_cached_max)
@@ -190,7 +188,6 @@ class Deliverer:
         self._turn_began: dict[str, float] = {}
         self._stopping = False
         self._told_to_rotate: set[str] = set()
-        self._literals_refused: dict[str, bool] = {}  # per URL: checked once, not at every POST
         # Every store's head as the last poll read it, before the batches it started (see _deliver_locked).
         self._head_seen = START
 
@@ -421,14 +418,6 @@ class Deliverer:
 
     # ---- HTTP ----------------------------------------------------------------------------------
 
-    def _refuses_literal(self, url: str) -> bool:
-        refused = self._literals_refused.get(url)
-        if refused is None:
-            if len(self._literals_refused) >= SUBSCRIPTIONS_LISTED_MAX:
-                self._literals_refused.clear()
-            refused = self._literals_refused[url] = refuses_literal(self.policy, url)
-        return refused
-
     async def _post(
         self,
         subscription: storage.Subscription,
@@ -438,8 +427,6 @@ class Deliverer:
         body: bytes,
     ) -> str | None:
         """POSTs one signed body; None when the receiver answered 2xx, else what went wrong."""
-        if self._refuses_literal(subscription.url):
-            return "url is an internal address the egress policy (GIFTCARD_PROVIDER_ALLOWLIST) refuses"
         headers = {
             "Content-Type": "application/json",
             EVENT_TYPE_HEADER: public_type,
@@ -447,7 +434,7 @@ class Deliverer:
             **signer.headers(event_id, int(time.time()), body),
         }
         try:
-            status = await self.session.post(subscription.url, headers, body, self.options.timeout_s)
+            status = await self.client.post(subscription.url, headers, body, self.options.timeout_s)
         except TimeoutError:
             return f"no answer from {_host(subscription.url)} within {self.options.timeout_s:g} s"
         except (OSError, ValueError) as e:
