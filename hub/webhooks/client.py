@@ -65,9 +65,8 @@ def target_of(url: str) -> Target:
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in path):
         raise ValueError("a webhook url's path holds no spaces or control characters")
-    host_header = parts.hostname if port == default_port else f"{parts.hostname}:{port}"
-    if ":" in parts.hostname:  # an IPv6 literal keeps its brackets in the Host header
-        host_header = f"[{parts.hostname}]" + ("" if port == default_port else f":{port}")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname  # an IPv6 literal keeps its brackets
+    host_header = host if port == default_port else f"{host}:{port}"
     start = f"POST {path} HTTP/1.1\r\nHost: {host_header}\r\n".encode("ascii")
     return Target(parts.scheme, parts.hostname, port, start)
 

@@ -133,20 +133,24 @@ select {_SUBSCRIPTION_COLUMNS} from webhook_subscriptions s
 where s.id = $1 and (s.next_attempt_at is null or s.next_attempt_at <= clock_timestamp())
 """
 
-_ADVANCE = """
+
+def _count_delivered(n: str) -> str:
+    """The SET items that add ``n`` (a parameter) events to a subscription's deliveries."""
+    return f"delivered = delivered + {n}, last_delivered_at = case when {n} > 0 then clock_timestamp() else last_delivered_at end"
+
+
+_ADVANCE = f"""
 update webhook_subscriptions
-set checkpoint = $3::jsonb, attempts = 0, next_attempt_at = null, last_error = null,
-    delivered = delivered + $4, last_delivered_at = case when $4 > 0 then clock_timestamp() else last_delivered_at end
+set checkpoint = $3::jsonb, attempts = 0, next_attempt_at = null, last_error = null, {_count_delivered("$4")}
 where id = $1 and checkpoint = $2::jsonb
 """
 
 # A failure also moves the checkpoint up to just before the failing event (past the filtered-out
-# events before it), so that ``attempts`` always counts the failures of the event after it.
-_FAILED = """
+# and delivered events before it), so that ``attempts`` always counts the failures of the event after it.
+_FAILED = f"""
 update webhook_subscriptions
 set checkpoint = $3::jsonb, attempts = $4,
-    next_attempt_at = clock_timestamp() + make_interval(secs => $5), last_error = $6,
-    delivered = delivered + $7, last_delivered_at = case when $7 > 0 then clock_timestamp() else last_delivered_at end
+    next_attempt_at = clock_timestamp() + make_interval(secs => $5), last_error = $6, {_count_delivered("$7")}
 where id = $1 and checkpoint = $2::jsonb
 """
 
