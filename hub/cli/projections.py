@@ -129,9 +129,10 @@ def run_beside_serve(database_url: str, settings: Settings, serve_pid: int) -> N
                 await webhook_pool.close()
             await pool.close()
 
-    # asyncio's own loop: on uvloop (as the web workers run) Debits on a Citus cluster with two web
-    # workers waited past their deadline for the database (test_faults' several hub processes), why
-    # is not known yet; docs/benchmarks.md ("What row-level security cost") has the profile.
+    # asyncio's own loop, not uvloop as the web workers: on a slower machine, with uvloop here, Debits
+    # on a Citus cluster with two web workers waited past their deadline (test_faults' several hub
+    # processes; on a faster one it passed 4 times of 4, cause unknown), and the HTTP bench showed no
+    # gain from it, this process running niced (docs/benchmarks.md, "What row-level security cost").
     asyncio.run(_until_signalled(_while_alive(serve_pid, work())))
 
 
