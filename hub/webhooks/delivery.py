@@ -188,7 +188,8 @@ class Deliverer:
         self._turn_began: dict[str, float] = {}
         self._stopping = False
         self._told_to_rotate: set[str] = set()
-        # Every store's head as the last poll read it, before the batches it started (see _deliver_locked).
+        # Every store's head as the last poll read it: a turn started after the poll takes it along
+        # (see _deliver_locked); a turn already running keeps the one read before it began.
         self._head_seen = START
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -221,7 +222,7 @@ class Deliverer:
         while True:
             handled = 0
             for subscription_id in await self._due():
-                handled += await self._take_turn(subscription_id)
+                handled += await self._take_turn(subscription_id, self._head_seen)
             if handled == 0:
                 return total
             total += handled
@@ -248,7 +249,7 @@ class Deliverer:
             if subscription_id in self._running or self._paused_until.get(subscription_id, 0.0) > now:
                 continue
             self._turn_began[subscription_id] = now
-            task = asyncio.create_task(self._take_turn(subscription_id))
+            task = asyncio.create_task(self._take_turn(subscription_id, self._head_seen))
             self._running[subscription_id] = task
             task.add_done_callback(lambda _, key=subscription_id: self._turn_ended(key))
 
@@ -257,12 +258,12 @@ class Deliverer:
         if not self._stopping:
             self._fill_slots()  # the next waiting subscription now, not at the next poll
 
-    async def _take_turn(self, subscription_id: str) -> int:
+    async def _take_turn(self, subscription_id: str, head: Checkpoint) -> int:
         """A few batches of one subscription; never raises (but for cancellation): errors pause it."""
         handled = 0
         try:
             for _ in range(self.options.batches_per_turn_max):
-                progress = await self.deliver_batch(subscription_id)
+                progress = await self.deliver_batch(subscription_id, head)
                 handled += progress.handled
                 if not progress.more:
                     break
@@ -281,30 +282,31 @@ class Deliverer:
 
     # ---- one batch -----------------------------------------------------------------------------
 
-    async def deliver_batch(self, subscription_id: str) -> Progress:
+    async def deliver_batch(self, subscription_id: str, head: Checkpoint = START) -> Progress:
         """One batch under the subscription's lock; IDLE when another deliverer holds it.
 
-        It runs in the subscription's tenant: the events it reads are that store's alone."""
+        It runs in the subscription's tenant: the events it reads are that store's alone. ``head`` is
+        every store's head, read before this call: a short batch's checkpoint may stand there."""
         with tenant_scope(ALL_TENANTS):
             tenant = await storage.tenant_of(self.pool, subscription_id)
         if tenant is None:  # deleted meanwhile
             return IDLE
         with tenant_scope(tenant):
-            return await self._deliver_batch_in_tenant(subscription_id)
+            return await self._deliver_batch_in_tenant(subscription_id, head)
 
-    async def _deliver_batch_in_tenant(self, subscription_id: str) -> Progress:
+    async def _deliver_batch_in_tenant(self, subscription_id: str, head: Checkpoint) -> Progress:
         async with self.pool.acquire() as connection:
             if not await storage.try_lock(connection, subscription_id):
                 return IDLE
             try:
-                return await self._deliver_locked(connection, subscription_id)
+                return await self._deliver_locked(connection, subscription_id, head)
             finally:
                 # If this fails (the connection broke, or was cancelled mid-query), the pool's reset
                 # or the session's end releases the lock all the same.
                 with contextlib.suppress(*DATABASE_ERRORS):
                     await storage.unlock(connection, subscription_id)
 
-    async def _deliver_locked(self, connection: asyncpg.Connection, subscription_id: str) -> Progress:
+    async def _deliver_locked(self, connection: asyncpg.Connection, subscription_id: str, head: Checkpoint) -> Progress:
         # Loaded after the lock is held, so a deliverer that just finished a batch is never repeated.
         subscription = await storage.load_due(connection, subscription_id)
         if subscription is None:
@@ -336,8 +338,9 @@ class Deliverer:
         if not more:
             # A short batch holds every event of this store up to the head read before it, so the
             # checkpoint may stand there: a quiet store's subscription is not due again at every poll
-            # for other stores' events (its reads see only its own; see migration 0021).
-            batch.done = batch.done.joined(self._head_seen)
+            # for other stores' events (its reads see only its own; see migration 0021). Only that
+            # head: a poll made while this batch was POSTing read events the batch never saw.
+            batch.done = batch.done.joined(head)
         if batch.done != batch.committed:
             await storage.advance(connection, subscription.id, batch.committed, batch.done, batch.delivered)
         return Progress(len(events), more=more)
