@@ -19,6 +19,13 @@ Runners may run side by side (the one ``giftcard serve`` starts beside its worke
 ``giftcard projections run``): a runner that finds a projection locked skips it and
 moves on, so each batch is applied by exactly one of them. A projection whose batch fails
 backs off on its own; the others go on.
+
+Under steady load a round finds only what was written while the last one applied, a few dozen
+events, and every round pays the same fixed price (a read, then per projection a lock, a
+transaction and its commit). So a round that caught up waits out the rest of
+``round_interval_s`` before the next one: a few larger batches a second instead of many small
+ones, for at most that much more lag. A runner that is behind (its last read was a full batch)
+goes on at once.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ log = logging.getLogger(__name__)
 
 BATCH_EVENTS_MAX = 2_000  # a batch is a few set-based statements a table (see BatchedProjection)
 POLL_INTERVAL_S = 0.25
+ROUND_INTERVAL_S = 0.1  # at 800 events a second: 9 rounds a second instead of 27 (docs/benchmarks.md)
 FAILURE_BACKOFF_S = 0.5
 FAILURE_BACKOFF_MAX_S = 30.0
 
@@ -77,6 +85,7 @@ class ProjectionRunner:
         *,
         batch_events_max: int = BATCH_EVENTS_MAX,
         poll_interval_s: float = POLL_INTERVAL_S,
+        round_interval_s: float = ROUND_INTERVAL_S,
         failure_backoff_s: float = FAILURE_BACKOFF_S,
         on_batch: OnBatch | None = None,
     ) -> None:
@@ -87,6 +96,7 @@ class ProjectionRunner:
         self.projections = list(projections)
         self.batch_events_max = batch_events_max
         self.poll_interval_s = poll_interval_s
+        self.round_interval_s = round_interval_s
         self.failure_backoff_s = failure_backoff_s
         self.on_batch = on_batch
         self._health = {p.name: _Health(batch_events_max) for p in self.projections}
@@ -142,8 +152,11 @@ class ProjectionRunner:
                 await asyncio.sleep(self.failure_backoff_s or POLL_INTERVAL_S)
         try:
             while True:
+                began = time.monotonic()
                 if await self.run_round() <= 0:
                     await asyncio.sleep(self.poll_interval_s)
+                elif not self._behind():
+                    await asyncio.sleep(max(0.0, self.round_interval_s - (time.monotonic() - began)))
         finally:
             self._drop_read_ahead()
 
@@ -196,6 +209,10 @@ class ProjectionRunner:
             self._start_read_ahead(read.after.past(read.events), limit)
         applied = await asyncio.gather(*(self._run_due(p, read) for p in projections))
         return sum(applied)
+
+    def _behind(self) -> bool:
+        """Whether the last round read a full batch: a read ahead is started for exactly that."""
+        return self._read_ahead is not None
 
     def _start_read_ahead(self, after: Checkpoint, limit: int) -> None:
         self._drop_read_ahead()

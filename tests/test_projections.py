@@ -387,6 +387,41 @@ async def test_projections_at_different_checkpoints_share_reads_and_each_get_eve
     assert reads["shared"] < len(batches), "projections standing at the same checkpoint read the events once"
 
 
+async def test_a_runner_applies_a_steady_trickle_in_a_few_batches_and_a_backlog_at_once(pool, ledger, clock):
+    """A round that caught up waits out the rest of its interval, so that events written one by one
+    are applied a batch per interval, not a batch per write; a runner that is behind goes on at once."""
+    await pool.execute(PROBE_TABLE_SQL)
+    probe = Probe(PROBE, PROBE)
+    batches: list[int] = []
+    runner = ProjectionRunner(
+        pool, [probe], poll_interval_s=0.01, round_interval_s=0.5, on_batch=lambda _, count: batches.append(count)
+    )
+    running = asyncio.create_task(runner.run_forever())
+    try:
+        began = time.monotonic()
+        [card_id] = await write_cards(ledger, clock, 1, "trickle")
+        for n in range(30):
+            await ledger.create_transaction(
+                card_id, operation="Credit", value=Decimal(1), description="d", request_id=f"t{n}"
+            )
+            await asyncio.sleep(0.02)
+        written = time.monotonic() - began
+        await wait_for(all_caught_up(pool, [PROBE]), "the trickle applied")
+    finally:
+        running.cancel()
+    assert sum(batches) == EVENTS_PER_CARD + 30
+    assert len(batches) <= written / 0.5 + 2, (written, batches)  # without the interval: about one per write
+
+    await write_cards(ledger, clock, 4, "backlog")
+    behind = ProjectionRunner(pool, [probe], batch_events_max=5, round_interval_s=60.0)
+    running = asyncio.create_task(behind.run_forever())
+    try:
+        await wait_for(all_caught_up(pool, [PROBE]), "the backlog applied", timeout_s=20.0)  # full batches: no waiting
+    finally:
+        running.cancel()
+    assert await assert_each_event_once(pool, PROBE) == 5 * EVENTS_PER_CARD + 30
+
+
 async def test_a_shared_read_whose_checkpoint_moved_meanwhile_is_not_applied(pool, ledger, clock):
     """Another runner applied a batch between this round's read and its lock: the batch reads again."""
     await pool.execute(PROBE_TABLE_SQL)

@@ -30,7 +30,7 @@ from ledger.postgres.tenancy import ALL_TENANTS, tenant_scope
 from projections import checkpoints, names, read_model, read_models
 from projections.checkpoints import ProjectionStatus
 from projections.rebuild import RebuildInProgress, count_events, rebuild
-from projections.runner import BATCH_EVENTS_MAX, POLL_INTERVAL_S, ProjectionRunner
+from projections.runner import BATCH_EVENTS_MAX, POLL_INTERVAL_S, ROUND_INTERVAL_S, ProjectionRunner
 
 log = logging.getLogger(__name__)
 # How long the background process waits before it tries again to reach the database at its start.
@@ -51,6 +51,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         type=float,
         default=POLL_INTERVAL_S,
         help=f"wait when caught up (default {POLL_INTERVAL_S})",
+    )
+    run.add_argument(
+        "--round-interval-s",
+        type=float,
+        default=ROUND_INTERVAL_S,
+        help=f"under steady load, start a round at most this often, so that batches are larger (default {ROUND_INTERVAL_S})",
     )
     run.set_defaults(run=run_command)
 
@@ -84,6 +90,7 @@ def run_command(args: argparse.Namespace) -> int:
             read_models(args.settings.native_provider_id),
             batch_events_max=args.batch_events_max,
             poll_interval_s=args.poll_interval_s,
+            round_interval_s=args.round_interval_s,
             on_batch=on_batch,
         )
 
