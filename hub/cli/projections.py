@@ -150,7 +150,9 @@ async def _pools_once_reachable(database_url: str, settings: Settings) -> tuple[
     while True:
         pools: list[asyncpg.Pool] = []
         try:
-            pools.append(await create_pool(database_url, size_min=1, size_max=4))
+            # The runner and the migrations leave no session state (their locks and settings are the
+            # transaction's), so a release skips asyncpg's reset: a round trip per batch and read.
+            pools.append(await create_pool(database_url, size_min=1, size_max=4, session_state=False))
             if settings.run_webhooks:
                 pools.append(await create_pool(database_url, size_min=1, size_max=WEBHOOK_POOL_SIZE_MAX))
             with tenant_scope(ALL_TENANTS):
