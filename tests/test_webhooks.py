@@ -36,7 +36,7 @@ from hub.http import auth
 from hub.http.openapi import describe, route_path
 from hub.providers.egress import EgressPolicy
 from hub.webhooks import run_deliveries, storage
-from hub.webhooks.delivery import DeliveryOptions
+from hub.webhooks.delivery import Deliverer, DeliveryOptions, delivery_client
 from hub.webhooks.events import render
 from hub.webhooks.signing import (
     EVENT_ID_HEADER,
@@ -589,6 +589,21 @@ async def test_events_written_while_a_batch_is_posted_are_delivered_after_it(poo
             await wait_for(lambda: len(receiver.first_receipts()) == len(expected), "the events written during it")
 
     assert sorted(receiver.ids()) == sorted(e.position for e in expected)  # each once, none skipped
+
+
+async def test_a_polled_subscriptions_batch_does_not_look_up_its_store(pool, ledger, clock, store, monkeypatch):
+    """The poll lists each due subscription with its store: a batch does not ask again (with many
+    stores, that was a pool checkout and a query for every batch of every store)."""
+    async with receiving() as receiver:
+        await subscribe(pool, receiver)
+        await write_card(ledger, clock, "store")
+        asked: list[str] = []
+        tenant_of = storage.tenant_of
+        monkeypatch.setattr(storage, "tenant_of", lambda pool, key: asked.append(key) or tenant_of(pool, key))
+        async with delivery_client(EgressPolicy(SETTINGS.provider_allowlist)) as client:
+            assert await Deliverer(pool, client, CIPHER, FAST).run_once() == 5
+
+    assert asked == [] and len(receiver.accepted) == 5
 
 
 async def test_a_batch_stores_its_checkpoint_once_not_per_event(pool, ledger, clock, store):

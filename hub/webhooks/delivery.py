@@ -188,6 +188,9 @@ class Deliverer:
         self._turn_began: dict[str, float] = {}
         self._stopping = False
         self._told_to_rotate: set[str] = set()
+        # Each due subscription's store, as the last poll listed it (a subscription never changes
+        # store), so that a batch need not look it up.
+        self._tenant_of: dict[str, str] = {}
         # Every store's head as the last poll read it: a turn started after the poll takes it along
         # (see _deliver_locked); a turn already running keeps the one read before it began.
         self._head_seen = START
@@ -228,8 +231,8 @@ class Deliverer:
             total += handled
 
     async def _due(self) -> list[str]:
-        due, self._head_seen = await storage.due_subscriptions(self.pool, SUBSCRIPTIONS_LISTED_MAX)
-        return due
+        self._tenant_of, self._head_seen = await storage.due_subscriptions(self.pool, SUBSCRIPTIONS_LISTED_MAX)
+        return list(self._tenant_of)
 
     async def _start_due(self) -> None:
         """Queues the due subscriptions, fairly: each slot that frees takes the one whose last turn
@@ -287,9 +290,11 @@ class Deliverer:
 
         It runs in the subscription's tenant: the events it reads are that store's alone. ``head`` is
         every store's head, read before this call: a short batch's checkpoint may stand there."""
-        with tenant_scope(ALL_TENANTS):
-            tenant = await storage.tenant_of(self.pool, subscription_id)
-        if tenant is None:  # deleted meanwhile
+        tenant = self._tenant_of.get(subscription_id)
+        if tenant is None:  # not listed by the last poll (a deleted subscription is found in none)
+            with tenant_scope(ALL_TENANTS):
+                tenant = await storage.tenant_of(self.pool, subscription_id)
+        if tenant is None:
             return IDLE
         with tenant_scope(tenant):
             return await self._deliver_batch_in_tenant(subscription_id, head)

@@ -118,7 +118,7 @@ returning id
 # Subscriptions not waiting out a backoff: their places, and whether an operator asked to retry
 # dead letters (the deliverer compares the places with the head).
 _NOT_WAITING = """
-select s.id, s.checkpoint::text as checkpoint,
+select s.id, s.tenant_id, s.checkpoint::text as checkpoint,
        exists (select 1 from webhook_dead_letters d where d.subscription_id = s.id and d.retry_requested) as retry
 from webhook_subscriptions s
 where s.next_attempt_at is null or s.next_attempt_at <= clock_timestamp()
@@ -287,14 +287,15 @@ async def request_retry(pool: asyncpg.Pool, subscription_id: str | None) -> int:
 # ---- delivery ------------------------------------------------------------------------------
 
 
-async def due_subscriptions(pool: asyncpg.Pool, limit: int) -> tuple[list[str], Checkpoint]:
-    """Subscriptions with something to do now: events after their checkpoint, or dead letters an
-    operator asked to retry; and not waiting out a backoff. With the head they were compared to,
-    read in the caller's scope (every store's, for a deliverer) before any of their batches."""
+async def due_subscriptions(pool: asyncpg.Pool, limit: int) -> tuple[dict[str, str], Checkpoint]:
+    """Subscriptions with something to do now, each with its store: events after their checkpoint,
+    or dead letters an operator asked to retry; and not waiting out a backoff. With the head they
+    were compared to, read in the caller's scope (every store's, for a deliverer) before any of
+    their batches."""
     rows = await pool.fetch(_NOT_WAITING)
     head = await EventStore(pool).head()
-    due = [row["id"] for row in rows if row["retry"] or Checkpoint.from_json(row["checkpoint"]).behind(head)]
-    return due[:limit], head
+    due = [row for row in rows if row["retry"] or Checkpoint.from_json(row["checkpoint"]).behind(head)]
+    return {row["id"]: row["tenant_id"] for row in due[:limit]}, head
 
 
 async def tenant_of(pool: asyncpg.Pool, subscription_id: str) -> str | None:
