@@ -16,6 +16,7 @@ from decimal import Decimal
 import asyncpg
 import pytest
 
+from hub.cli import build_parser
 from ledger.application.commands import IssueCard, Ledger
 from ledger.eventstore.codec import canonical_json
 from ledger.eventstore.commit_order import START
@@ -732,6 +733,14 @@ async def test_cli_run_once_and_status(pool, ledger, clock, database_url):
     assert "caught up: 54 event(s) applied" in await giftcard("projections", "run", "--once")
     status = await giftcard("projections", "status", "--json")
     assert status.count('"lagEvents": 0') == 3 and status.count('"eventsApplied": 18') == 3
+
+
+@pytest.mark.parametrize("option", ["--poll-interval-s", "--round-interval-s"])
+@pytest.mark.parametrize("value", ["-1", "61", "soon"])
+def test_cli_run_refuses_an_interval_it_cannot_keep(option, value, capsys):
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["projections", "run", option, value])
+    assert exited.value.code == 2 and option in capsys.readouterr().err
 
 
 async def test_cli_status_fails_a_healthcheck_while_projections_lag(pool, ledger, clock, database_url):

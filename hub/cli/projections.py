@@ -38,6 +38,9 @@ START_RETRY_S = 1.0
 T = TypeVar("T")
 
 
+INTERVAL_S_MAX = 60.0  # a runner that waits longer between rounds lets its read models go stale
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Adds the ``projections`` command group."""
     group = commands.add_parser("projections", help="read models: run the projection runner, status, rebuild")
@@ -48,13 +51,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     _batch_option(run)
     run.add_argument(
         "--poll-interval-s",
-        type=float,
+        type=arguments.bounded_float(0.0, INTERVAL_S_MAX),
         default=POLL_INTERVAL_S,
         help=f"wait when caught up (default {POLL_INTERVAL_S})",
     )
     run.add_argument(
         "--round-interval-s",
-        type=float,
+        type=arguments.bounded_float(0.0, INTERVAL_S_MAX),
         default=ROUND_INTERVAL_S,
         help=f"under steady load, start a round at most this often, so that batches are larger (default {ROUND_INTERVAL_S})",
     )
