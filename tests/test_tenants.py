@@ -430,11 +430,11 @@ async def test_a_quiet_stores_subscription_is_not_due_again_for_another_stores_e
             await append_noise(ledger.store, GLOBEX, 50)
             with tenant_scope(ALL_TENANTS):
                 deliverer = Deliverer(pool, client, CIPHER, FAST)
-                assert subscription.id in (await storage.due_subscriptions(pool, 10))[0]
+                assert subscription.id in (await storage.due_subscriptions(pool))[0]
                 assert await deliverer.run_once() == 0
-                assert subscription.id not in (await storage.due_subscriptions(pool, 10))[0]
+                assert subscription.id not in (await storage.due_subscriptions(pool))[0]
                 acme_card = await issue_in(ledger, ACME, "later")
-                assert subscription.id in (await storage.due_subscriptions(pool, 10))[0]
+                assert subscription.id in (await storage.due_subscriptions(pool))[0]
                 assert await deliverer.run_once() == 1
             assert [r.payload["cardId"] for r in receiver.first_receipts()] == [acme_card]
     finally:

@@ -591,6 +591,23 @@ async def test_events_written_while_a_batch_is_posted_are_delivered_after_it(poo
     assert sorted(receiver.ids()) == sorted(e.position for e in expected)  # each once, none skipped
 
 
+async def test_every_due_subscription_is_listed_however_many(pool, ledger, clock):
+    """Many stores may hold more than a thousand subscriptions between them: the poll lists every
+    due one, where it kept the first 1,000 by id, and the rest never had a turn while those were due."""
+    many = 1_001
+    await pool.execute(
+        """
+        insert into webhook_subscriptions (id, url, secret, checkpoint)
+        select 'wh_many_' || lpad(n::text, 5, '0'), 'http://127.0.0.1:9/hooks', 'sealed', '{}'::jsonb
+        from generate_series(1, $1) n
+        """,
+        many,
+    )
+    await write_card(ledger, clock, "many")
+    due, _ = await storage.due_subscriptions(pool)
+    assert len(due) == many and "wh_many_01001" in due
+
+
 async def test_a_polled_subscriptions_batch_does_not_look_up_its_store(pool, ledger, clock, store, monkeypatch):
     """The poll lists each due subscription with its store: a batch does not ask again (with many
     stores, that was a pool checkout and a query for every batch of every store)."""

@@ -45,7 +45,6 @@ from ledger.postgres.tenancy import ALL_TENANTS, tenant_scope
 log = logging.getLogger(__name__)
 
 USER_AGENT = "giftcard-webhooks/1"
-SUBSCRIPTIONS_LISTED_MAX = 1000  # due subscriptions read per round (more than may exist)
 STOP_SAVE_S = 1.0  # a cancelled batch's last try at storing its progress
 
 
@@ -231,7 +230,7 @@ class Deliverer:
             total += handled
 
     async def _due(self) -> list[str]:
-        self._tenant_of, self._head_seen = await storage.due_subscriptions(self.pool, SUBSCRIPTIONS_LISTED_MAX)
+        self._tenant_of, self._head_seen = await storage.due_subscriptions(self.pool)
         return list(self._tenant_of)
 
     async def _start_due(self) -> None:

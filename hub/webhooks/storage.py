@@ -287,15 +287,16 @@ async def request_retry(pool: asyncpg.Pool, subscription_id: str | None) -> int:
 # ---- delivery ------------------------------------------------------------------------------
 
 
-async def due_subscriptions(pool: asyncpg.Pool, limit: int) -> tuple[dict[str, str], Checkpoint]:
-    """Subscriptions with something to do now, each with its store: events after their checkpoint,
-    or dead letters an operator asked to retry; and not waiting out a backoff. With the head they
-    were compared to, read in the caller's scope (every store's, for a deliverer) before any of
-    their batches."""
+async def due_subscriptions(pool: asyncpg.Pool) -> tuple[dict[str, str], Checkpoint]:
+    """Every subscription with something to do now, each with its store: events after its
+    checkpoint, or dead letters an operator asked to retry; and not waiting out a backoff. With
+    the head they were compared to, read in the caller's scope (every store's, for a deliverer)
+    before any of their batches. All of them, not the first few by id: the deliverer gives its
+    slots to the ones that waited longest, which a cut by id would starve."""
     rows = await pool.fetch(_NOT_WAITING)
     head = await EventStore(pool).head()
     due = [row for row in rows if row["retry"] or Checkpoint.from_json(row["checkpoint"]).behind(head)]
-    return {row["id"]: row["tenant_id"] for row in due[:limit]}, head
+    return {row["id"]: row["tenant_id"] for row in due}, head
 
 
 async def tenant_of(pool: asyncpg.Pool, subscription_id: str) -> str | None:
