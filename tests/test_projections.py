@@ -409,7 +409,7 @@ async def test_a_runner_applies_a_steady_trickle_in_a_few_batches_and_a_backlog_
         written = time.monotonic() - began
         await wait_for(all_caught_up(pool, [PROBE]), "the trickle applied")
     finally:
-        running.cancel()
+        await stopped(running)
     assert sum(batches) == EVENTS_PER_CARD + 30
     assert len(batches) <= written / 0.5 + 2, (written, batches)  # without the interval: about one per write
 
@@ -419,8 +419,14 @@ async def test_a_runner_applies_a_steady_trickle_in_a_few_batches_and_a_backlog_
     try:
         await wait_for(all_caught_up(pool, [PROBE]), "the backlog applied", timeout_s=20.0)  # full batches: no waiting
     finally:
-        running.cancel()
+        await stopped(running)
     assert await assert_each_event_once(pool, PROBE) == 5 * EVENTS_PER_CARD + 30
+
+
+async def stopped(task: asyncio.Task) -> None:
+    """Cancels ``task`` and waits until it has stopped (a batch it was applying rolls back)."""
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_a_shared_read_whose_checkpoint_moved_meanwhile_is_not_applied(pool, ledger, clock):

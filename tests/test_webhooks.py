@@ -583,7 +583,7 @@ async def test_events_written_while_a_batch_is_posted_are_delivered_after_it(poo
         await write_card(ledger, clock, "before")
         receiver.delay_s = 0.1  # five POSTs: half a second, many polls
         async with delivering(pool):
-            await wait_for(lambda: len(receiver.accepted) == 1, "the batch begun")
+            await wait_for(lambda: len(receiver.accepted) >= 1, "the batch begun")
             await write_card(ledger, clock, "during")
             expected = await ledger_order(store, subscription.checkpoint)
             await wait_for(lambda: len(receiver.first_receipts()) == len(expected), "the events written during it")
