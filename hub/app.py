@@ -233,9 +233,10 @@ def create_app(
             session_state=False,
             statement_timeout_s=settings.statement_timeout_s,
         )
-        # Webhook deliverers hold session-level advisory locks: they get a pool with the full reset.
+        # Webhook deliverers hold session-level advisory locks, never past a release: a connection
+        # whose lock cannot be released is closed (hub.webhooks.storage.subscription_lock).
         webhook_pool = (
-            await create_pool(database_url, size_min=1, size_max=WEBHOOK_POOL_SIZE_MAX)
+            await create_pool(database_url, size_min=1, size_max=WEBHOOK_POOL_SIZE_MAX, session_state=False)
             if settings.run_webhooks
             else None
         )

@@ -623,6 +623,70 @@ async def test_a_polled_subscriptions_batch_does_not_look_up_its_store(pool, led
     assert asked == [] and len(receiver.accepted) == 5
 
 
+async def test_a_batch_looks_for_dead_letters_to_retry_only_when_the_poll_found_some(
+    pool, ledger, clock, store, monkeypatch
+):
+    """The poll says which subscriptions have dead letters an operator asked to retry: the others'
+    batches do not ask (a query for every batch of every store; the retry itself is
+    test_after_attempts_max_failures_an_event_is_dead_lettered_and_delivery_goes_on)."""
+    async with receiving() as receiver:
+        await subscribe(pool, receiver)
+        await write_card(ledger, clock, "noretry")
+        looked: list[str] = []
+        retries_due = storage.retries_due
+        monkeypatch.setattr(
+            storage, "retries_due", lambda c, key, limit: looked.append(key) or retries_due(c, key, limit)
+        )
+        async with delivery_client(EgressPolicy(SETTINGS.provider_allowlist)) as client:
+            assert await Deliverer(pool, client, CIPHER, FAST).run_once() == 5
+
+    assert looked == [] and len(receiver.accepted) == 5
+
+
+async def test_a_lock_a_cancelled_batch_cannot_release_leaves_with_its_connection(database_url, monkeypatch):
+    """The webhook pools skip asyncpg's full release reset (which unlocks every advisory lock): a
+    batch cancelled again while it unlocks (a deliverer told to stop twice) must not hand its
+    connection back to the pool still holding the subscription's lock, or no deliverer would
+    take the subscription again."""
+    monkeypatch.setattr(storage, "_UNLOCK", "select pg_advisory_unlock($1, hashtext($2)) from pg_sleep(0.5)")
+    pool = await create_pool(database_url, size_min=1, size_max=1, session_state=False)
+    observer = await asyncpg.connect(database_url)
+    try:
+
+        async def batch() -> None:
+            async with pool.acquire() as connection, storage.subscription_lock(connection, "wh_cancelled") as held:
+                assert held
+                await connection.execute("select pg_sleep(30)")
+
+        task = asyncio.create_task(batch())
+        await wait_for(lambda: _advisory_locks(observer, 1), "the batch holding its lock")
+        task.cancel()  # in its statement: the lock is then being released...
+        await asyncio.sleep(0.2)
+        task.cancel()  # ...when the second one comes
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await wait_for(lambda: _advisory_locks(observer, 0), "the lock released")
+        async with pool.acquire() as connection, storage.subscription_lock(connection, "wh_cancelled") as held:
+            assert held and await _advisory_locks(observer, 1)
+    finally:
+        await observer.close()
+        await pool.close()
+
+
+async def _advisory_locks(connection: asyncpg.Connection, expected: int, subscription_id: str = "wh_cancelled") -> bool:
+    """Whether ``expected`` sessions hold the subscription's lock (a two-key lock: its keys as oids)."""
+    held = await connection.fetchval(
+        """
+        select count(*) from pg_locks
+        where locktype = 'advisory' and objsubid = 2 and granted
+          and classid::int8 = $1 and objid::int8 = hashtext($2)::int8 & 4294967295
+        """,
+        storage.LOCK_CLASS,
+        subscription_id,
+    )
+    return held == expected
+
+
 async def test_a_batch_stores_its_checkpoint_once_not_per_event(pool, ledger, clock, store):
     """The checkpoint moves at the end of a batch: no UPDATE and commit per delivered event."""
     async with receiving() as receiver:

@@ -154,10 +154,14 @@ async def _pools_once_reachable(database_url: str, settings: Settings) -> tuple[
         pools: list[asyncpg.Pool] = []
         try:
             # The runner and the migrations leave no session state (their locks and settings are the
-            # transaction's), so a release skips asyncpg's reset: a round trip per batch and read.
+            # transaction's), nor does the deliverer (its session locks never outlive a batch: see
+            # hub.webhooks.storage.subscription_lock), so a release skips asyncpg's reset: a round
+            # trip per batch and read.
             pools.append(await create_pool(database_url, size_min=1, size_max=4, session_state=False))
             if settings.run_webhooks:
-                pools.append(await create_pool(database_url, size_min=1, size_max=WEBHOOK_POOL_SIZE_MAX))
+                pools.append(
+                    await create_pool(database_url, size_min=1, size_max=WEBHOOK_POOL_SIZE_MAX, session_state=False)
+                )
             with tenant_scope(ALL_TENANTS):
                 async with pools[0].acquire() as connection:
                     await upgrade(connection, default_tenant=settings.default_tenant)

@@ -187,9 +187,9 @@ class Deliverer:
         self._turn_began: dict[str, float] = {}
         self._stopping = False
         self._told_to_rotate: set[str] = set()
-        # Each due subscription's store, as the last poll listed it (a subscription never changes
-        # store), so that a batch need not look it up.
-        self._tenant_of: dict[str, str] = {}
+        # Each due subscription's store (a subscription never changes store), so that a batch need not
+        # look it up, and whether dead letters wait for a retry, so that a batch asks only then.
+        self._listed: dict[str, storage.Due] = {}
         # Every store's head as the last poll read it: a turn started after the poll takes it along
         # (see _deliver_locked); a turn already running keeps the one read before it began.
         self._head_seen = START
@@ -230,8 +230,8 @@ class Deliverer:
             total += handled
 
     async def _due(self) -> list[str]:
-        self._tenant_of, self._head_seen = await storage.due_subscriptions(self.pool)
-        return list(self._tenant_of)
+        self._listed, self._head_seen = await storage.due_subscriptions(self.pool)
+        return list(self._listed)
 
     async def _start_due(self) -> None:
         """Queues the due subscriptions, fairly: each slot that frees takes the one whose last turn
@@ -289,28 +289,25 @@ class Deliverer:
 
         It runs in the subscription's tenant: the events it reads are that store's alone. ``head`` is
         every store's head, read before this call: a short batch's checkpoint may stand there."""
-        tenant = self._tenant_of.get(subscription_id)
-        if tenant is None:  # not listed by the last poll (a deleted subscription is found in none)
+        listed = self._listed.get(subscription_id)
+        if listed is None:  # not listed by the last poll (a deleted subscription is found in none)
             with tenant_scope(ALL_TENANTS):
                 tenant = await storage.tenant_of(self.pool, subscription_id)
-        if tenant is None:
+            listed = None if tenant is None else storage.Due(tenant, retry=True)
+        if listed is None:
             return IDLE
-        with tenant_scope(tenant):
-            return await self._deliver_batch_in_tenant(subscription_id, head)
+        with tenant_scope(listed.tenant_id):
+            return await self._deliver_batch_in_tenant(subscription_id, head, listed.retry)
 
-    async def _deliver_batch_in_tenant(self, subscription_id: str, head: Checkpoint) -> Progress:
-        async with self.pool.acquire() as connection:
-            if not await storage.try_lock(connection, subscription_id):
+    async def _deliver_batch_in_tenant(self, subscription_id: str, head: Checkpoint, retry: bool) -> Progress:
+        async with self.pool.acquire() as connection, storage.subscription_lock(connection, subscription_id) as held:
+            if not held:
                 return IDLE
-            try:
-                return await self._deliver_locked(connection, subscription_id, head)
-            finally:
-                # If this fails (the connection broke, or was cancelled mid-query), the pool's reset
-                # or the session's end releases the lock all the same.
-                with contextlib.suppress(*DATABASE_ERRORS):
-                    await storage.unlock(connection, subscription_id)
+            return await self._deliver_locked(connection, subscription_id, head, retry)
 
-    async def _deliver_locked(self, connection: asyncpg.Connection, subscription_id: str, head: Checkpoint) -> Progress:
+    async def _deliver_locked(
+        self, connection: asyncpg.Connection, subscription_id: str, head: Checkpoint, retry: bool
+    ) -> Progress:
         # Loaded after the lock is held, so a deliverer that just finished a batch is never repeated.
         subscription = await storage.load_due(connection, subscription_id)
         if subscription is None:
@@ -318,7 +315,8 @@ class Deliverer:
         signing_secrets = open_secrets(self.cipher, subscription.id, subscription.sealed_secret)
         self._ask_for_rotation(subscription.id, signing_secrets)
         signer = Signer(signing_secrets)
-        await self._redeliver_dead_letters(connection, subscription, signer)
+        if retry:
+            await self._redeliver_dead_letters(connection, subscription, signer)
         events = await self.store.read_all(
             subscription.checkpoint, self.options.batch_events_max, connection=connection
         )

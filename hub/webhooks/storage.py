@@ -9,9 +9,11 @@ across HTTP calls.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import NamedTuple
 
 import asyncpg
 
@@ -58,6 +60,13 @@ class Subscription:
 
     def wants(self, public_type: str) -> bool:
         return self.event_types is None or public_type in self.event_types
+
+
+class Due(NamedTuple):
+    """A subscription the poll found with something to do."""
+
+    tenant_id: str
+    retry: bool  # an operator asked to retry some of its dead letters
 
 
 @dataclass(frozen=True)
@@ -287,7 +296,7 @@ async def request_retry(pool: asyncpg.Pool, subscription_id: str | None) -> int:
 # ---- delivery ------------------------------------------------------------------------------
 
 
-async def due_subscriptions(pool: asyncpg.Pool) -> tuple[dict[str, str], Checkpoint]:
+async def due_subscriptions(pool: asyncpg.Pool) -> tuple[dict[str, Due], Checkpoint]:
     """Every subscription with something to do now, each with its store: events after its
     checkpoint, or dead letters an operator asked to retry; and not waiting out a backoff. With
     the head they were compared to, read in the caller's scope (every store's, for a deliverer)
@@ -296,19 +305,40 @@ async def due_subscriptions(pool: asyncpg.Pool) -> tuple[dict[str, str], Checkpo
     rows = await pool.fetch(_NOT_WAITING)
     head = await EventStore(pool).head()
     due = [row for row in rows if row["retry"] or Checkpoint.from_json(row["checkpoint"]).behind(head)]
-    return {row["id"]: row["tenant_id"] for row in due}, head
+    return {row["id"]: Due(row["tenant_id"], row["retry"]) for row in due}, head
 
 
 async def tenant_of(pool: asyncpg.Pool, subscription_id: str) -> str | None:
     return await pool.fetchval("select tenant_id from webhook_subscriptions where id = $1", subscription_id)
 
 
-async def try_lock(connection: asyncpg.Connection, subscription_id: str) -> bool:
-    return await connection.fetchval(_TRY_LOCK, LOCK_CLASS, subscription_id)
+@contextlib.asynccontextmanager
+async def subscription_lock(connection: asyncpg.Connection, subscription_id: str) -> AsyncIterator[bool]:
+    """The subscription's session-level advisory lock for the block; False: another deliverer holds it.
+
+    The lock never outlives the block on a pooled connection: the webhook pools skip asyncpg's
+    full release reset (with it, two round trips more per batch: the reset, then the tenant scope
+    set again), so when the lock cannot be released for sure (the connection broke, or the task
+    was cancelled in the middle of a statement) the connection is closed, which releases it."""
+    held: bool | None = None  # unknown until the server answers
+    try:
+        held = await connection.fetchval(_TRY_LOCK, LOCK_CLASS, subscription_id)
+        yield held
+    finally:
+        if held is not False:
+            await _release(connection, subscription_id, held)
 
 
-async def unlock(connection: asyncpg.Connection, subscription_id: str) -> None:
-    await connection.fetchval(_UNLOCK, LOCK_CLASS, subscription_id)
+async def _release(connection: asyncpg.Connection, subscription_id: str, held: bool | None) -> None:
+    released = False
+    try:
+        if held:
+            released = await connection.fetchval(_UNLOCK, LOCK_CLASS, subscription_id)
+    except Exception:  # the connection broke: closed below
+        pass
+    finally:
+        if not released:  # also when cancelled again while unlocking (a deliverer told to stop)
+            connection.terminate()
 
 
 async def load_due(connection: asyncpg.Connection, subscription_id: str) -> Subscription | None:
