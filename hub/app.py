@@ -65,7 +65,6 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 2.0
 REQUEST_ID_CHARS_MAX = 128
 PROVIDER_CONNECTIONS_MAX = 256
-WEBHOOK_POOL_SIZE_MAX = 6  # up to 4 subscriptions delivering at once, each holding one
 REPLICA_POOL_SIZE_MAX = 5  # listings, audit pages: few at once, each a short read
 
 
@@ -233,13 +232,7 @@ def create_app(
             session_state=False,
             statement_timeout_s=settings.statement_timeout_s,
         )
-        # Webhook deliverers hold session-level advisory locks, never past a release: a connection
-        # whose lock cannot be released is closed (hub.webhooks.storage.subscription_lock).
-        webhook_pool = (
-            await create_pool(database_url, size_min=1, size_max=WEBHOOK_POOL_SIZE_MAX, session_state=False)
-            if settings.run_webhooks
-            else None
-        )
+        webhook_pool = await webhooks.create_delivery_pool(database_url) if settings.run_webhooks else None
         # No connection opened at start (size_min 0): a replica that is down fails only what reads it.
         replica_pool = (
             await create_pool(settings.replica_url, size_min=0, size_max=REPLICA_POOL_SIZE_MAX, session_state=False)

@@ -19,11 +19,10 @@ from typing import TypeVar
 import asyncpg
 from tqdm import tqdm
 
-from hub.app import WEBHOOK_POOL_SIZE_MAX
 from hub.cli import arguments
 from hub.cli.progress import progress_bar
 from hub.config import Settings
-from hub.webhooks import run_deliveries
+from hub.webhooks import create_delivery_pool, run_deliveries
 from ledger.postgres.database import DATABASE_ERRORS, create_pool, with_database
 from ledger.postgres.migrate import upgrade
 from ledger.postgres.tenancy import ALL_TENANTS, tenant_scope
@@ -154,14 +153,10 @@ async def _pools_once_reachable(database_url: str, settings: Settings) -> tuple[
         pools: list[asyncpg.Pool] = []
         try:
             # The runner and the migrations leave no session state (their locks and settings are the
-            # transaction's), nor does the deliverer (its session locks never outlive a batch: see
-            # hub.webhooks.storage.subscription_lock), so a release skips asyncpg's reset: a round
-            # trip per batch and read.
+            # transaction's), so a release skips asyncpg's reset: a round trip per batch and read.
             pools.append(await create_pool(database_url, size_min=1, size_max=4, session_state=False))
             if settings.run_webhooks:
-                pools.append(
-                    await create_pool(database_url, size_min=1, size_max=WEBHOOK_POOL_SIZE_MAX, session_state=False)
-                )
+                pools.append(await create_delivery_pool(database_url))
             with tenant_scope(ALL_TENANTS):
                 async with pools[0].acquire() as connection:
                     await upgrade(connection, default_tenant=settings.default_tenant)

@@ -39,12 +39,13 @@ from ledger.domain.topics import stored_types
 from ledger.eventstore.commit_order import START, Checkpoint
 from ledger.eventstore.store import EventStore, RecordedEvent
 from ledger.postgres.credentials_cipher import CredentialsCipher
-from ledger.postgres.database import DATABASE_ERRORS
+from ledger.postgres.database import DATABASE_ERRORS, create_pool
 from ledger.postgres.tenancy import ALL_TENANTS, tenant_scope
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = "giftcard-webhooks/1"
+POOL_SIZE_MAX = 6  # up to 4 subscriptions delivering at once, each holding one
 STOP_SAVE_S = 1.0  # a cancelled batch's last try at storing its progress
 
 
@@ -118,6 +119,13 @@ async def run_deliveries(
     async with delivery_client(policy) as client:
         deliverer = Deliverer(pool, client, cipher or CredentialsCipher(settings.secret_key), options)
         await deliverer.run(stop)
+
+
+async def create_delivery_pool(database_url: str) -> asyncpg.Pool:
+    """The deliverers' pool. Its connections skip asyncpg's full release reset although a batch
+    holds a session-level lock: ``storage.subscription_lock`` closes a connection whose lock it
+    cannot be sure it released, so none goes back to the pool holding one."""
+    return await create_pool(database_url, size_min=1, size_max=POOL_SIZE_MAX, session_state=False)
 
 
 @contextlib.asynccontextmanager
@@ -290,12 +298,12 @@ class Deliverer:
         It runs in the subscription's tenant: the events it reads are that store's alone. ``head`` is
         every store's head, read before this call: a short batch's checkpoint may stand there."""
         listed = self._listed.get(subscription_id)
-        if listed is None:  # not listed by the last poll (a deleted subscription is found in none)
+        if listed is None:  # not listed by the last poll: look its store up, and ask for retries
             with tenant_scope(ALL_TENANTS):
                 tenant = await storage.tenant_of(self.pool, subscription_id)
-            listed = None if tenant is None else storage.Due(tenant, retry=True)
-        if listed is None:
-            return IDLE
+            if tenant is None:  # deleted
+                return IDLE
+            listed = storage.Due(tenant, retry=True)
         with tenant_scope(listed.tenant_id):
             return await self._deliver_batch_in_tenant(subscription_id, head, listed.retry)
 
