@@ -348,6 +348,7 @@ async def test_a_failing_receiver_recovers_and_gets_everything_in_order(pool, le
             await wait_for(
                 lambda: {r.event_id for r in receiver.accepted} >= {e.position for e in expected}, "recovery"
             )
+            await wait_for(lambda: _lag_is_zero(pool, subscription.id), "the recovered checkpoint stored")
 
     assert receiver.bad_signatures == 0
     assert [r.event_id for r in receiver.first_receipts()] == [e.position for e in expected]
@@ -723,6 +724,32 @@ async def test_a_deliverer_stopped_mid_batch_keeps_what_it_delivered(pool, ledge
 
     assert stopped_at.checkpoint == subscription.checkpoint.past(expected[:2]) and stopped_at.delivered == 2
     assert receiver.ids() == [e.position for e in expected]  # the two delivered ones not sent again
+
+
+async def test_a_deliverer_stopped_while_storing_its_checkpoint_stores_it(pool, ledger, clock, store, monkeypatch):
+    """Stopped after its last POST, while the batch's checkpoint is being stored: the stop stores it
+    all the same, so a deliverer started again sends none of those events twice."""
+    async with receiving() as receiver:
+        subscription = await subscribe(pool, receiver)
+        await write_card(ledger, clock, "storing")
+        expected = await ledger_order(store, subscription.checkpoint)
+        storing = asyncio.Event()
+        advance = storage.advance
+
+        async def slow_first_advance(*args: Any) -> None:
+            if not storing.is_set():
+                storing.set()
+                await asyncio.sleep(30)
+            await advance(*args)
+
+        monkeypatch.setattr(storage, "advance", slow_first_advance)
+        async with delivering(pool) as first:
+            await wait_for(storing.is_set, "the batch storing its checkpoint")
+            first.cancel()
+        stopped_at = await storage.get(pool, subscription.id)
+
+    assert receiver.ids() == [e.position for e in expected]
+    assert stopped_at.delivered == len(expected) and stopped_at.lag_events == 0
 
 
 def test_any_card_event_type_is_rendered_with_exact_amounts():

@@ -330,6 +330,7 @@ class Deliverer:
         )
         await self.currencies.learn(connection, events)
         batch = _Batch(subscription.checkpoint, subscription.checkpoint)
+        more = len(events) == self.options.batch_events_max
         try:
             for event in events:
                 public_type = public_events.public_type(event.type)
@@ -341,18 +342,17 @@ class Deliverer:
                         return Progress(_handled(events, batch.done), more=False)
                     batch.delivered += 1
                 batch.done = batch.done.past([event])
-        except asyncio.CancelledError:
+            if not more:
+                # A short batch holds every event of this store up to the head read before it, so the
+                # checkpoint may stand there: a quiet store's subscription is not due again at every poll
+                # for other stores' events (its reads see only its own; see migration 0021). Only that
+                # head: a poll made while this batch was POSTing read events the batch never saw.
+                batch.done = batch.done.joined(head)
+            if batch.done != batch.committed:
+                await storage.advance(connection, subscription.id, batch.committed, batch.done, batch.delivered)
+        except asyncio.CancelledError:  # between two POSTs, or while the checkpoint was being stored
             await _save_on_stop(connection, subscription.id, batch)
             raise
-        more = len(events) == self.options.batch_events_max
-        if not more:
-            # A short batch holds every event of this store up to the head read before it, so the
-            # checkpoint may stand there: a quiet store's subscription is not due again at every poll
-            # for other stores' events (its reads see only its own; see migration 0021). Only that
-            # head: a poll made while this batch was POSTing read events the batch never saw.
-            batch.done = batch.done.joined(head)
-        if batch.done != batch.committed:
-            await storage.advance(connection, subscription.id, batch.committed, batch.done, batch.delivered)
         return Progress(len(events), more=more)
 
     async def _failed(
