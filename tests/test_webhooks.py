@@ -19,7 +19,7 @@ import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from decimal import Decimal
@@ -66,6 +66,7 @@ from ledger.eventstore.commit_order import Checkpoint
 from ledger.eventstore.store import EventStore, RecordedEvent
 from ledger.postgres.credentials_cipher import CredentialsCipher, SecretKeyMissing
 from ledger.postgres.database import create_pool
+from ledger.postgres.tenancy import DEFAULT_TENANT
 from tests.conftest import TEST_SECRET_KEY, Clock
 from tests.providers.serving import serve
 
@@ -646,7 +647,7 @@ async def test_a_batch_looks_for_dead_letters_to_retry_only_when_the_poll_found_
 
 async def test_a_lock_a_cancelled_batch_cannot_release_leaves_with_its_connection(database_url, monkeypatch):
     """The webhook pools skip asyncpg's full release reset (which unlocks every advisory lock): a
-    batch cancelled again while it unlocks (a deliverer told to stop twice) must not hand its
+    slot cancelled again while it unlocks (a deliverer told to stop twice) must not hand its
     connection back to the pool still holding the subscription's lock, or no deliverer would
     take the subscription again."""
     monkeypatch.setattr(storage, "_UNLOCK", "select pg_advisory_unlock($1, hashtext($2)) from pg_sleep(0.5)")
@@ -655,9 +656,13 @@ async def test_a_lock_a_cancelled_batch_cannot_release_leaves_with_its_connectio
     try:
 
         async def batch() -> None:
-            async with pool.acquire() as connection, storage.subscription_lock(connection, "wh_cancelled") as held:
-                assert held
-                await connection.execute("select pg_sleep(30)")
+            async with pool.acquire() as connection:
+                lock = storage.SlotLock(connection)
+                try:
+                    assert await lock.take("wh_cancelled", DEFAULT_TENANT)
+                    await connection.execute("select pg_sleep(30)")
+                finally:
+                    await lock.release()
 
         task = asyncio.create_task(batch())
         await wait_for(lambda: _advisory_locks(observer, 1), "the batch holding its lock")
@@ -667,11 +672,44 @@ async def test_a_lock_a_cancelled_batch_cannot_release_leaves_with_its_connectio
         with pytest.raises(asyncio.CancelledError):
             await task
         await wait_for(lambda: _advisory_locks(observer, 0), "the lock released")
-        async with pool.acquire() as connection, storage.subscription_lock(connection, "wh_cancelled") as held:
-            assert held and await _advisory_locks(observer, 1)
+        async with pool.acquire() as connection:
+            lock = storage.SlotLock(connection)
+            assert await lock.take("wh_cancelled", DEFAULT_TENANT) and await _advisory_locks(observer, 1)
+            await lock.release()
     finally:
         await observer.close()
         await pool.close()
+
+
+async def test_a_slot_hands_its_lock_from_one_subscription_to_the_next_in_one_statement(
+    database_url, pool, ledger, clock, store
+):
+    """A slot delivers the waiting subscriptions one after another on one connection: the previous
+    one's unlock, the next one's store and its lock go in one statement (three round trips a batch
+    were, with many stores), and no lock outlives the slot."""
+    logged: list[str] = []
+    slot_pool = await create_pool(database_url, size_min=2, size_max=2, session_state=False)  # the slot's, the poll's
+    observer = await asyncpg.connect(database_url)
+    try:
+        async with slot_pool.acquire() as one, slot_pool.acquire() as other:
+            for connection in (one, other):
+                connection.add_query_logger(lambda query: logged.append(query.query))
+        async with AsyncExitStack() as stack:
+            receivers = [await stack.enter_async_context(receiving()) for _ in range(3)]
+            subscriptions = [await subscribe(pool, receiver) for receiver in receivers]
+            await write_card(ledger, clock, "handover")
+            async with delivery_client(EgressPolicy(SETTINGS.provider_allowlist)) as client:
+                assert await Deliverer(slot_pool, client, CIPHER, FAST).run_once() == 3 * 5
+        assert [len(receiver.accepted) for receiver in receivers] == [5, 5, 5]
+        for subscription in subscriptions:
+            assert await _advisory_locks(observer, 0, subscription.id)
+    finally:
+        await observer.close()
+        await slot_pool.close()
+    hand_overs = [q for q in logged if "pg_try_advisory_lock" in q]
+    unlocks_alone = [q for q in logged if "pg_advisory_unlock" in q and q not in hand_overs]
+    assert len(hand_overs) == 3 and all("set_config" in q and "pg_advisory_unlock" in q for q in hand_overs)
+    assert len(unlocks_alone) == 1  # the last subscription's, as the slot ends
 
 
 async def _advisory_locks(connection: asyncpg.Connection, expected: int, subscription_id: str = "wh_cancelled") -> bool:

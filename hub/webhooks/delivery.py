@@ -2,7 +2,7 @@
 
 Per subscription, one batch at a time: take the subscription's advisory lock (a deliverer in
 another process that holds it is skipped, so one process sends a subscription's events at a
-time), read the events after its checkpoint in the gap-safe commit order, and POST those it
+time; a slot hands its lock from one subscription to the next, see storage.SlotLock), read the events after its checkpoint in the gap-safe commit order, and POST those it
 wants, one after another. The checkpoint moves once per batch, past every event a receiver
 took (an UPDATE and a commit per event cost the database more than the POST itself); a failure
 moves it up to the failing event and blocks the subscription there (so every card's events
@@ -122,9 +122,9 @@ async def run_deliveries(
 
 
 async def create_delivery_pool(database_url: str) -> asyncpg.Pool:
-    """The deliverers' pool. Its connections skip asyncpg's full release reset although a batch
-    holds a session-level lock: ``storage.subscription_lock`` closes a connection whose lock it
-    cannot be sure it released, so none goes back to the pool holding one."""
+    """The deliverers' pool. Its connections skip asyncpg's full release reset although a slot
+    holds a session-level lock: ``storage.SlotLock`` closes a connection whose lock it cannot be
+    sure it released, so none goes back to the pool holding one."""
     return await create_pool(database_url, size_min=1, size_max=POOL_SIZE_MAX, session_state=False)
 
 
@@ -187,7 +187,8 @@ class Deliverer:
         self.cipher = cipher
         self.options = options
         self.currencies = CardCurrencies(options.cards_cached_max)
-        self._running: dict[str, asyncio.Task[int]] = {}
+        self._slots: set[asyncio.Task[int]] = set()  # each one delivering subscriptions, one after another
+        self._running: set[str] = set()  # the subscriptions in a slot's turn now
         self._paused_until: dict[str, float] = {}
         # Due subscriptions waiting for a slot, the one whose last turn began longest ago first, so
         # that subscriptions always due (a busy store's) never starve the others (see _start_due).
@@ -221,7 +222,7 @@ class Deliverer:
                     await asyncio.wait_for(stop.wait(), wait_s)
         finally:
             self._stopping = True
-            tasks = list(self._running.values())
+            tasks = list(self._slots)
             for task in tasks:
                 task.cancel()  # an interrupted POST is sent again later: at least once
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -230,9 +231,8 @@ class Deliverer:
         """Delivers until nothing is due, without waiting out backoffs; returns the events handled."""
         total = 0
         while True:
-            handled = 0
-            for subscription_id in await self._due():
-                handled += await self._take_turn(subscription_id, self._head_seen)
+            self._waiting = deque(await self._due())
+            handled = await self._work_slot(waits_out_pauses=False)
             if handled == 0:
                 return total
             total += handled
@@ -253,27 +253,58 @@ class Deliverer:
         self._fill_slots()
 
     def _fill_slots(self) -> None:
-        now = time.monotonic()
-        while self._waiting and len(self._running) < self.options.subscriptions_concurrent_max:
-            subscription_id = self._waiting.popleft()
-            if subscription_id in self._running or self._paused_until.get(subscription_id, 0.0) > now:
-                continue
-            self._turn_began[subscription_id] = now
-            task = asyncio.create_task(self._take_turn(subscription_id, self._head_seen))
-            self._running[subscription_id] = task
-            task.add_done_callback(lambda _, key=subscription_id: self._turn_ended(key))
+        while self._waiting and len(self._slots) < self.options.subscriptions_concurrent_max:
+            slot = asyncio.create_task(self._work_slot())
+            self._slots.add(slot)
+            slot.add_done_callback(self._slot_ended)
 
-    def _turn_ended(self, subscription_id: str) -> None:
-        self._running.pop(subscription_id, None)
+    def _slot_ended(self, slot: asyncio.Task[int]) -> None:
+        self._slots.discard(slot)
         if not self._stopping:
-            self._fill_slots()  # the next waiting subscription now, not at the next poll
+            self._fill_slots()  # subscriptions queued by a poll while this slot was finishing
 
-    async def _take_turn(self, subscription_id: str, head: Checkpoint) -> int:
-        """A few batches of one subscription; never raises (but for cancellation): errors pause it."""
+    def _next_waiting(self, waits_out_pauses: bool) -> str | None:
+        now = time.monotonic()
+        while self._waiting:
+            subscription_id = self._waiting.popleft()
+            paused = waits_out_pauses and self._paused_until.get(subscription_id, 0.0) > now
+            if subscription_id not in self._running and not paused:
+                self._turn_began[subscription_id] = now
+                return subscription_id
+        return None
+
+    async def _work_slot(self, *, waits_out_pauses: bool = True) -> int:
+        """One slot: a turn of each waiting subscription, one after another, on one connection (and
+        one lock, handed on); returns the events handled. Never raises (but for cancellation)."""
+        handled = 0
+        try:
+            with tenant_scope(ALL_TENANTS):  # until the first hand-over enters a store
+                async with self.pool.acquire() as connection:
+                    lock = storage.SlotLock(connection)
+                    try:
+                        while lock.usable and not self._stopping:
+                            subscription_id = self._next_waiting(waits_out_pauses)
+                            if subscription_id is None:
+                                break
+                            self._running.add(subscription_id)
+                            try:
+                                handled += await self._take_turn(lock, subscription_id, self._head_seen)
+                            finally:
+                                self._running.discard(subscription_id)
+                    finally:
+                        await lock.release()
+        except DATABASE_ERRORS as e:
+            self._waiting.clear()  # the next poll queues them again (no slot retries at once, in a loop)
+            log.warning("webhook deliverer cannot reach the database (%r); trying again", e)
+        return handled
+
+    async def _take_turn(self, lock: storage.SlotLock, subscription_id: str, head: Checkpoint) -> int:
+        """A few batches of one subscription; never raises (but for cancellation): errors pause it,
+        and a slot whose connection broke ends (``lock.usable``)."""
         handled = 0
         try:
             for _ in range(self.options.batches_per_turn_max):
-                progress = await self.deliver_batch(subscription_id, head)
+                progress = await self._deliver_batch_on(lock, subscription_id, head)
                 handled += progress.handled
                 if not progress.more:
                     break
@@ -293,10 +324,21 @@ class Deliverer:
     # ---- one batch -----------------------------------------------------------------------------
 
     async def deliver_batch(self, subscription_id: str, head: Checkpoint = START) -> Progress:
-        """One batch under the subscription's lock; IDLE when another deliverer holds it.
+        """One batch, on a connection and under a lock of its own; IDLE when another deliverer holds it.
 
-        It runs in the subscription's tenant: the events it reads are that store's alone. ``head`` is
-        every store's head, read before this call: a short batch's checkpoint may stand there."""
+        ``head`` is every store's head, read before this call: a short batch's checkpoint may stand there."""
+        with tenant_scope(ALL_TENANTS):
+            async with self.pool.acquire() as connection:
+                lock = storage.SlotLock(connection)
+                try:
+                    return await self._deliver_batch_on(lock, subscription_id, head)
+                finally:
+                    await lock.release()
+
+    async def _deliver_batch_on(self, lock: storage.SlotLock, subscription_id: str, head: Checkpoint) -> Progress:
+        """One batch, under the subscription's lock (taken from the slot's, unless held already).
+
+        It runs in the subscription's tenant: the events it reads are that store's alone."""
         listed = self._listed.get(subscription_id)
         if listed is None:  # not listed by the last poll: look its store up, and ask for retries
             with tenant_scope(ALL_TENANTS):
@@ -304,14 +346,10 @@ class Deliverer:
             if tenant is None:  # deleted
                 return IDLE
             listed = storage.Due(tenant, retry=True)
+        if lock.held != subscription_id and not await lock.take(subscription_id, listed.tenant_id):
+            return IDLE
         with tenant_scope(listed.tenant_id):
-            return await self._deliver_batch_in_tenant(subscription_id, head, listed.retry)
-
-    async def _deliver_batch_in_tenant(self, subscription_id: str, head: Checkpoint, retry: bool) -> Progress:
-        async with self.pool.acquire() as connection, storage.subscription_lock(connection, subscription_id) as held:
-            if not held:
-                return IDLE
-            return await self._deliver_locked(connection, subscription_id, head, retry)
+            return await self._deliver_locked(lock.connection, subscription_id, head, listed.retry)
 
     async def _deliver_locked(
         self, connection: asyncpg.Connection, subscription_id: str, head: Checkpoint, retry: bool

@@ -67,6 +67,8 @@ def tenant_scope(scope: str) -> Iterator[None]:
 
 # What a scope may hold: an account name, ALL_TENANTS, nothing.
 _SCOPE = re.compile(r"[a-z0-9*-]*")
+# The session's scope, from a statement's first parameter: see ScopedConnection.fetchrow_entering_scope.
+ENTER_SCOPE = "set_config('giftcard.tenant', $1, false) as scope"
 _CITUS_INSTALLED = "select exists (select 1 from pg_extension where extname = 'citus')"
 # The tables whose rows Citus keeps on the workers (ledger.postgres.distribution's CARD_TABLES and
 # REFERENCE_TABLES; a reference table's writes reach every node). As a word: source_events( and
@@ -111,6 +113,17 @@ class ScopedConnection(asyncpg.Connection):
             # statement of another scope (this runs on every acquire).
             await self.execute("select set_config('giftcard.tenant', $1, false)", scope)
             self._scope_held = scope
+
+    async def fetchrow_entering_scope(self, scope: str, query: str, *args: object) -> asyncpg.Record:
+        """``query`` with ``scope`` as its $1, which it enters with ENTER_SCOPE (among its columns):
+        the scope and a first statement in one round trip, for a connection that moves between
+        stores on every use (a webhook slot's). The statements after it run in ``scope``."""
+        if not _SCOPE.fullmatch(scope):
+            raise ValueError(f"{scope!r} is not a tenant scope")
+        self._scope_held = None  # unknown until it answers
+        row = await self.fetchrow(query, scope, *args)
+        self._scope_held = scope
+        return row
 
     def _scope_held_on_citus(self) -> str:
         """The scope the workers must be given; empty on one server (the session's setting serves)."""
