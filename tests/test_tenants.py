@@ -614,6 +614,33 @@ async def test_every_stores_reads_of_the_commit_order_take_the_index_with_no_sta
         assert indexes_used(plan) == {"events_source_order"}, (query, indexes_used(plan))
 
 
+@pytest.mark.single_server("a shard's probe (on a worker) is EXECUTEd: its table's name is the shard's")
+async def test_an_appends_probe_of_its_sources_last_seq_is_planned_once_per_connection(
+    ledger,
+    database_url,
+    service_role_url,  # noqa: F811
+):
+    """Every appending transaction reads its sources' last seq (events_take_seq). Planned afresh at
+    each append (EXECUTE), with the row-level security policy in the plan, that was up to a tenth of
+    PostgreSQL's work per Debit; the connection now keeps one generic plan for it."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        await connection.execute(f"set role {role_of(service_role_url)}; set giftcard.tenant = 'globex'")
+        for n in range(8):  # more than the five custom plans PostgreSQL tries before a generic one
+            await connection.execute(
+                "insert into events (stream_id, version, type, data, metadata, hash)"
+                f" values ('planned-once-{n}', 1, 'test.Noise', '{{}}', '{{}}', '\\x00')"
+            )
+        await connection.execute("reset role")  # the view is a superuser's; the session's plans stay
+        kept = await connection.fetch(
+            "select name, ident from pg_backend_memory_contexts"
+            " where name in ('CachedPlanSource', 'CachedPlan') and ident like 'select seq %from public.events%'"
+        )
+    finally:
+        await connection.close()
+    assert sorted(row["name"] for row in kept) == ["CachedPlan", "CachedPlanSource"], kept
+
+
 def _scans_events(plan: dict) -> bool:
     return plan.get("Relation Name") == "events" or any(_scans_events(child) for child in plan.get("Plans", []))
 
