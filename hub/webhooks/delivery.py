@@ -2,8 +2,9 @@
 
 Per subscription, one batch at a time: take the subscription's advisory lock (a deliverer in
 another process that holds it is skipped, so one process sends a subscription's events at a
-time; a slot hands its lock from one subscription to the next, see storage.SlotLock), read the events after its checkpoint in the gap-safe commit order, and POST those it
-wants, one after another. The checkpoint moves once per batch, past every event a receiver
+time; each of a process's slots hands its lock from one subscription to the next, see
+storage.SlotLock), read the events after its checkpoint in the gap-safe commit order, and POST
+those it wants, one after another. The checkpoint moves once per batch, past every event a receiver
 took (an UPDATE and a commit per event cost the database more than the POST itself); a failure
 moves it up to the failing event and blocks the subscription there (so every card's events
 arrive in ledger order), to be retried after an exponential backoff; after ``attempts_max``
