@@ -279,21 +279,16 @@ class Deliverer:
         one lock, handed on); returns the events handled. Never raises (but for cancellation)."""
         handled = 0
         try:
-            with tenant_scope(ALL_TENANTS):  # until the first hand-over enters a store
-                async with self.pool.acquire() as connection:
-                    lock = storage.SlotLock(connection)
+            async with self._slot_lock() as lock:
+                while lock.usable and not self._stopping:
+                    subscription_id = self._next_waiting(waits_out_pauses)
+                    if subscription_id is None:
+                        break
+                    self._running.add(subscription_id)
                     try:
-                        while lock.usable and not self._stopping:
-                            subscription_id = self._next_waiting(waits_out_pauses)
-                            if subscription_id is None:
-                                break
-                            self._running.add(subscription_id)
-                            try:
-                                handled += await self._take_turn(lock, subscription_id, self._head_seen)
-                            finally:
-                                self._running.discard(subscription_id)
+                        handled += await self._take_turn(lock, subscription_id, self._head_seen)
                     finally:
-                        await lock.release()
+                        self._running.discard(subscription_id)
         except DATABASE_ERRORS as e:
             self._waiting.clear()  # the next poll queues them again (no slot retries at once, in a loop)
             log.warning("webhook deliverer cannot reach the database (%r); trying again", e)
@@ -328,11 +323,17 @@ class Deliverer:
         """One batch, on a connection and under a lock of its own; IDLE when another deliverer holds it.
 
         ``head`` is every store's head, read before this call: a short batch's checkpoint may stand there."""
-        with tenant_scope(ALL_TENANTS):
+        async with self._slot_lock() as lock:
+            return await self._deliver_batch_on(lock, subscription_id, head)
+
+    @contextlib.asynccontextmanager
+    async def _slot_lock(self) -> AsyncIterator[storage.SlotLock]:
+        """A connection of the pool and its subscription lock, released (or the connection closed) after."""
+        with tenant_scope(ALL_TENANTS):  # until the first hand-over enters a store
             async with self.pool.acquire() as connection:
                 lock = storage.SlotLock(connection)
                 try:
-                    return await self._deliver_batch_on(lock, subscription_id, head)
+                    yield lock
                 finally:
                     await lock.release()
 

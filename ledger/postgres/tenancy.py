@@ -111,7 +111,7 @@ class ScopedConnection(asyncpg.Connection):
         if getattr(self, "_scope_held", None) != scope:
             # Session-level on purpose: it stays for the next acquire, and is changed before any
             # statement of another scope (this runs on every acquire).
-            await self.execute("select set_config('giftcard.tenant', $1, false)", scope)
+            await self.execute(f"select {ENTER_SCOPE}", scope)
             self._scope_held = scope
 
     async def fetchrow_entering_scope(self, scope: str, query: str, *args: object) -> asyncpg.Record:
