@@ -119,14 +119,16 @@ def baseline_tree(rev: str, directory: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def running_server(version: Version, server_url: str, credentials: Credentials, work: Path) -> Iterator[None]:
-    """The version's web worker on a loopback port, seeded with its cards, until the block ends."""
+def running_server(
+    version: Version, server_url: str, credentials: Credentials, work: Path, *, keep_database: bool = False
+) -> Iterator[None]:
+    """The version's web worker on a loopback port, seeded with its cards, until the block ends
+    (and its database with it, unless ``keep_database``)."""
     url = version.url = asyncio.run(recreate_database(server_url, version.database))
     version.port = free_port()
     env = {
         **os.environ,
-        **service_env(credentials),
-        "GIFTCARD_SECRET_KEY": credentials.token + "-secret",  # personal data sealed as in production
+        **serve_env(credentials),
         "GIFTCARD_DATABASE_URL": url,
         "PYTHONPATH": str(version.tree),  # before the editable install's finder: this tree's code runs
     }
@@ -150,7 +152,18 @@ def running_server(version: Version, server_url: str, credentials: Credentials, 
         yield
     finally:
         stop(process)
-        asyncio.run(drop_database(server_url, version.database))
+        if not keep_database:
+            asyncio.run(drop_database(server_url, version.database))
+
+
+def serve_env(credentials: Credentials) -> dict[str, str]:
+    """What serve's processes share: the keys, and the secret that seals personal data and webhook secrets
+    as in production; the webhook sink is on loopback, which the egress policy refuses unless allowed."""
+    return {
+        **service_env(credentials),
+        "GIFTCARD_SECRET_KEY": credentials.token + "-secret",
+        "GIFTCARD_PROVIDER_ALLOWLIST": "127.0.0.0/8",
+    }
 
 
 def check_serves_tree(log_path: Path, tree: Path) -> None:
