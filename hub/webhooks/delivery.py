@@ -170,8 +170,16 @@ class CardCurrencies:
 @dataclass
 class _Batch:
     committed: Checkpoint  # the checkpoint as stored
-    done: Checkpoint  # past the last event handled (delivered or filtered out), not yet stored
+    events: Sequence[RecordedEvent]  # read after ``committed``
+    handled: int = 0  # how many of ``events``, from the first, were delivered or filtered out
     delivered: int = 0  # events a receiver took since ``committed``
+    head: Checkpoint = START  # where every event of the store up to it is handled too (a short batch's)
+
+    @property
+    def done(self) -> Checkpoint:
+        """Past the last event handled, not yet stored: worked out when asked for (a failure, a stop,
+        the batch's end), not at every event."""
+        return self.committed.past(self.events[: self.handled]).joined(self.head)
 
 
 class Deliverer:
@@ -369,7 +377,7 @@ class Deliverer:
             subscription.checkpoint, self.options.batch_events_max, connection=connection
         )
         await self.currencies.learn(connection, events)
-        batch = _Batch(subscription.checkpoint, subscription.checkpoint)
+        batch = _Batch(subscription.checkpoint, events)
         more = len(events) == self.options.batch_events_max
         try:
             for event in events:
@@ -379,17 +387,18 @@ class Deliverer:
                     error = await self._post(subscription, signer, event.position, public_type, body)
                     if error is not None:
                         await self._failed(connection, subscription, batch, event, public_type, body, error)
-                        return Progress(_handled(events, batch.done), more=False)
+                        return Progress(batch.handled, more=False)
                     batch.delivered += 1
-                batch.done = batch.done.past([event])
+                batch.handled += 1
             if not more:
                 # A short batch holds every event of this store up to the head read before it, so the
                 # checkpoint may stand there: a quiet store's subscription is not due again at every poll
                 # for other stores' events (its reads see only its own; see migration 0021). Only that
                 # head: a poll made while this batch was POSTing read events the batch never saw.
-                batch.done = batch.done.joined(head)
-            if batch.done != batch.committed:
-                await storage.advance(connection, subscription.id, batch.committed, batch.done, batch.delivered)
+                batch.head = head
+            done = batch.done
+            if done != batch.committed:
+                await storage.advance(connection, subscription.id, batch.committed, done, batch.delivered)
         except asyncio.CancelledError:  # between two POSTs, or while the checkpoint was being stored
             await _save_on_stop(connection, subscription.id, batch)
             raise
@@ -407,14 +416,15 @@ class Deliverer:
     ) -> None:
         # The stored count belongs to the event just after the stored checkpoint: this one, unless
         # the batch got past other events first.
-        earlier = subscription.attempts if batch.done == subscription.checkpoint else 0
+        done = batch.done
+        earlier = subscription.attempts if done == subscription.checkpoint else 0
         attempts = earlier + 1
         if attempts >= self.options.attempts_max:
             await storage.dead_letter(
                 connection,
                 subscription.id,
                 batch.committed,
-                batch.done,
+                done,
                 batch.delivered,
                 event,
                 public_type,
@@ -432,7 +442,7 @@ class Deliverer:
             return
         retry_in_s = self.options.backoff_s(attempts)
         await storage.record_failure(
-            connection, subscription.id, batch.committed, batch.done, batch.delivered, attempts, retry_in_s, error
+            connection, subscription.id, batch.committed, done, batch.delivered, attempts, retry_in_s, error
         )
         log.info(
             "webhook %s: event %d failed (attempt %d of %d: %s); retrying in %.2f s",
@@ -503,17 +513,14 @@ async def _save_on_stop(connection: asyncpg.Connection, subscription_id: str, ba
 
     Best effort, briefly: a connection cancelled mid-query cannot take it, and then the events after
     the stored checkpoint are sent again (at least once)."""
-    if batch.done == batch.committed:
+    done = batch.done
+    if done == batch.committed:
         return
     with contextlib.suppress(Exception):
         async with asyncio.timeout(STOP_SAVE_S):
             await asyncio.shield(
-                storage.advance(connection, subscription_id, batch.committed, batch.done, batch.delivered)
+                storage.advance(connection, subscription_id, batch.committed, done, batch.delivered)
             )
-
-
-def _handled(events: Sequence[RecordedEvent], done: Checkpoint) -> int:
-    return sum(1 for event in events if done.covers(event))
 
 
 def _host(url: str) -> str:
