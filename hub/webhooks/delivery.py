@@ -518,9 +518,7 @@ async def _save_on_stop(connection: asyncpg.Connection, subscription_id: str, ba
         return
     with contextlib.suppress(Exception):
         async with asyncio.timeout(STOP_SAVE_S):
-            await asyncio.shield(
-                storage.advance(connection, subscription_id, batch.committed, done, batch.delivered)
-            )
+            await asyncio.shield(storage.advance(connection, subscription_id, batch.committed, done, batch.delivered))
 
 
 def _host(url: str) -> str:
