@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import secrets
 from collections.abc import Sequence
@@ -84,34 +83,46 @@ class Signer:
     def __init__(self, signing_secrets: Sequence[str]) -> None:
         self.secrets = tuple(signing_secrets)
         self.keys = [key for key in map(standard_key, self.secrets) if key is not None]
+        self._secret_bytes = [secret.encode() for secret in self.secrets]
 
     def headers(self, event_id: int, timestamp: int, body: bytes) -> dict[str, str]:
-        headers = {SIGNATURE_HEADER: sign(self.secrets, timestamp, body), EVENT_ID_HEADER: str(event_id)}
+        message_id = str(event_id)
+        # What the deprecated header signs, "{timestamp}.{body}", is the end of what Standard Webhooks
+        # signs, "{id}.{timestamp}.{body}": the body is copied into a message once for each.
+        signed = b"%d.%s" % (timestamp, body)
+        headers = {
+            SIGNATURE_HEADER: _deprecated_header(self._secret_bytes, timestamp, signed),
+            EVENT_ID_HEADER: message_id,
+        }
         if self.keys:
-            message_id = str(event_id)
+            standard = b"%d.%s" % (event_id, signed)
             headers[WEBHOOK_ID_HEADER] = message_id
             headers[WEBHOOK_TIMESTAMP_HEADER] = str(timestamp)
             headers[WEBHOOK_SIGNATURE_HEADER] = " ".join(
-                standard_signature(key, message_id, timestamp, body) for key in self.keys
+                f"{SCHEME},{base64.b64encode(_hmac(key, standard)).decode()}" for key in self.keys
             )
         return headers
 
 
-def standard_signature(key: bytes, message_id: str, timestamp: int, body: bytes) -> str:
-    signed = hmac.new(key, b"%s.%d.%s" % (message_id.encode(), timestamp, body), hashlib.sha256).digest()
-    return f"{SCHEME},{base64.b64encode(signed).decode()}"
+def _hmac(key: bytes, message: bytes) -> bytes:
+    return hmac.digest(key, message, "sha256")  # OpenSSL's one-shot HMAC: no HMAC object built in Python
 
 
 # ---- the deprecated header ---------------------------------------------------------------------
 
 
 def mac(secret: str, timestamp: int, body: bytes) -> str:
-    return hmac.new(secret.encode(), b"%d.%s" % (timestamp, body), hashlib.sha256).hexdigest()
+    return _hmac(secret.encode(), b"%d.%s" % (timestamp, body)).hex()
 
 
 def sign(signing_secrets: Sequence[str], timestamp: int, body: bytes) -> str:
     """The ``X-Giftcard-Signature`` value for ``body`` sent at ``timestamp`` (unix seconds)."""
-    macs = ",".join(f"{SCHEME}={mac(secret, timestamp, body)}" for secret in signing_secrets)
+    return _deprecated_header([secret.encode() for secret in signing_secrets], timestamp, b"%d.%s" % (timestamp, body))
+
+
+def _deprecated_header(secrets_bytes: Sequence[bytes], timestamp: int, signed: bytes) -> str:
+    """``signed`` is ``f"{timestamp}.{body}"``."""
+    macs = ",".join(f"{SCHEME}={_hmac(secret, signed).hex()}" for secret in secrets_bytes)
     return f"t={timestamp},{macs}"
 
 
