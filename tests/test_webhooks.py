@@ -18,6 +18,7 @@ import secrets
 import socket
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -36,7 +37,7 @@ from hub.http import auth
 from hub.http.openapi import describe, route_path
 from hub.providers.egress import EgressPolicy
 from hub.webhooks import run_deliveries, storage
-from hub.webhooks.delivery import Deliverer, DeliveryOptions, delivery_client
+from hub.webhooks.delivery import CardCurrencies, Deliverer, DeliveryOptions, delivery_client
 from hub.webhooks.events import render
 from hub.webhooks.signing import (
     EVENT_ID_HEADER,
@@ -788,6 +789,36 @@ async def test_a_deliverer_stopped_while_storing_its_checkpoint_stores_it(pool, 
 
     assert receiver.ids() == [e.position for e in expected]
     assert stopped_at.delivered == len(expected) and stopped_at.lag_events == 0
+
+
+class _CardsNeverWalked(OrderedDict):
+    """Remembered currencies that refuse to be walked: looking cards up is all a batch may do."""
+
+    def keys(self) -> Any:
+        raise AssertionError("a batch walked every card remembered")
+
+    def __iter__(self) -> Any:
+        raise AssertionError("a batch walked every card remembered")
+
+
+async def test_a_batch_looks_its_cards_currencies_up_without_walking_every_card_remembered(pool):
+    """The currencies of up to 10,000 cards are remembered; a batch of a few events asked for the
+    set of its cards minus all of them, which walks all of them: 0.2 ms a batch on a small machine,
+    with a hundred stores' batches every second."""
+    from datetime import UTC, datetime
+
+    currencies = CardCurrencies(cards_max=1000)
+    currencies._known = _CardsNeverWalked((f"card-{n}", "BRL") for n in range(1000))
+    debited = [
+        RecordedEvent(
+            position=n, source=0, seq=n, stream_id=f"card-{n}", version=2, type="GiftCard.Debited",
+            data=b'{"value":100}', metadata={}, recorded_at=datetime(2026, 1, 2, tzinfo=UTC), hash=b"",
+        )
+        for n in (3, 5, 999)
+    ]  # fmt: skip
+    async with pool.acquire() as connection:
+        await currencies.learn(connection, debited)
+    assert [currencies.of(e.stream_id) for e in debited] == ["BRL"] * 3
 
 
 def test_any_card_event_type_is_rendered_with_exact_amounts():

@@ -154,7 +154,11 @@ class CardCurrencies:
             currency = public_events.currency_of_issue(event)
             if currency is not None:
                 self._remember(event.stream_id, currency)
-        missing = sorted({e.stream_id for e in events if public_events.needs_card_currency(e)} - self._known.keys())
+        # Looked up card by card: a set minus the keys would walk every card known, at every batch.
+        known = self._known
+        missing = sorted(
+            {e.stream_id for e in events if e.stream_id not in known and public_events.needs_card_currency(e)}
+        )
         if missing:
             found = await storage.card_currencies(connection, missing, stored_types(public_events.ISSUED))
             for card_id, currency in found.items():
