@@ -43,6 +43,9 @@ select shardid from pg_dist_shard where logicalrelid = 'events'::regclass order 
 _LANES = "select generate_series(0, event_lanes() - 1)"
 
 
+_seqs_decoder = msgspec.json.Decoder(dict[int, int])  # {"source": seq}: msgspec reads the keys as integers
+
+
 class Sequenced(Protocol):
     source: int
     seq: int
@@ -59,7 +62,7 @@ class Checkpoint(msgspec.Struct, frozen=True):
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Checkpoint:
-        return cls.of({int(source): seq for source, seq in msgspec.json.decode(text, type=dict[str, int]).items()})
+        return cls.of(_seqs_decoder.decode(text))
 
     def to_json(self) -> str:
         return msgspec.json.encode(self.render()).decode()
