@@ -48,12 +48,15 @@ from bench.debit_cpu import (
     baseline_tree,
     check_serves_tree,
     cpu_ns,
+    paired_ratios,
+    ratio_line,
     running_server,
     say,
     serve_env,
     stop,
+    tree_script,
 )
-from bench.event_store_appends import database_server, drop_database
+from bench.event_store_appends import database_server, drop_database, recreate_database
 from bench.http_debits import CHECKOUT_BODY, CheckoutBody, Credentials, subscribe
 from bench.report import write_json
 from bench.webhook_sink import running_sink
@@ -64,22 +67,17 @@ READY_TIMEOUT_S = 60.0
 CAUGHT_UP_TIMEOUT_S = 600.0
 POLL_S = 0.05
 
-# serve's background process (hub/cli/projections.py run_beside_serve) without its start-up checks,
-# from whichever tree is first on PYTHONPATH: it says "ready" with its pools open, and starts when
-# told, so that the CPU counted is the work's.
-BACKGROUND_SCRIPT = """
-import asyncio, logging, sys
-import hub
+# serve's background process (hub/cli/projections.py run_beside_serve) without its start-up checks:
+# it says "ready" with its pools open, and starts when told, so that the CPU counted is the work's.
+BACKGROUND_SCRIPT = tree_script(
+    """
+import asyncio
 from hub.config import Settings
-from hub.logs import configure_logging
 from hub.webhooks import create_delivery_pool, run_deliveries
 from ledger.postgres.database import create_pool
 from ledger.postgres.tenancy import ALL_TENANTS, tenant_scope
 from projections import read_models
 from projections.runner import ProjectionRunner
-
-configure_logging(logging.WARNING)
-print("serving the code of", hub.__file__, file=sys.stderr, flush=True)
 
 async def main(url):
     settings = Settings.from_env()
@@ -92,7 +90,9 @@ async def main(url):
         await asyncio.gather(runner.run_forever(), run_deliveries(webhook_pool, settings, asyncio.Event()))
 
 asyncio.run(main(sys.argv[1]))
-"""
+""",
+    log_level="WARNING",
+)
 
 
 @dataclass
@@ -101,6 +101,10 @@ class Run:
     tree: Path
     samples_us: list[float] = field(default_factory=list)  # the background's CPU per Debit, one per run
     database_us: list[float] = field(default_factory=list)  # its PostgreSQL backends' CPU per Debit
+
+    @property
+    def least_us(self) -> float:
+        return min(self.samples_us)
 
 
 def fill(
@@ -121,16 +125,6 @@ def fill(
     return version.database
 
 
-async def copy_of(server_url: str, template: str, name: str) -> str:
-    connection = await asyncpg.connect(server_url)
-    try:
-        await connection.execute(f'drop database if exists "{name}" with (force)')
-        await connection.execute(f'create database "{name}" template "{template}"')
-    finally:
-        await connection.close()
-    return server_url.rsplit("/", 1)[0] + "/" + name
-
-
 async def lag(url: str) -> int:
     """Events some read model has still to apply."""
     connection = await asyncpg.connect(url)
@@ -147,7 +141,7 @@ def measure(
     run: Run, server_url: str, template: str, credentials: Credentials, sink: Any, args: argparse.Namespace, work: Path
 ) -> None:
     database = f"{DATABASE_PREFIX}_run"
-    url = asyncio.run(copy_of(server_url, template, database))
+    url = asyncio.run(recreate_database(server_url, database, template=template))
     env = {**os.environ, **serve_env(credentials), "GIFTCARD_DATABASE_URL": url, "PYTHONPATH": str(run.tree)}
     log_path = work / f"{run.name.split()[0]}-background.log"
     with log_path.open("wb") as log:
@@ -185,13 +179,9 @@ def measure(
 def describe(run: Run) -> str:
     samples = " ".join(f"{s:.0f}" for s in run.samples_us)
     return (
-        f"{run.name:<9} least {min(run.samples_us):6.1f} µs/Debit  median {statistics.median(run.samples_us):6.1f}"
+        f"{run.name:<9} least {run.least_us:6.1f} µs/Debit  median {statistics.median(run.samples_us):6.1f}"
         f"  (every run: {samples}); PostgreSQL's backends median {statistics.median(run.database_us):.0f} µs/Debit"
     )
-
-
-def paired_ratios(current: Run, baseline: Run) -> list[float]:
-    return sorted(c / b for c, b in zip(current.samples_us, baseline.samples_us, strict=True))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -217,18 +207,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         say("")
         for one in runs:
             say(describe(one))
-        ratios = paired_ratios(*runs) if len(runs) == 2 else None
-        if ratios:
-            quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-            say(
-                f"{runs[0].name} / {runs[1].name}: {statistics.median(ratios):.3f} the median of the repeats' ratios"
-                f" (quartiles {quartiles[0]:.3f} to {quartiles[2]:.3f})"
-            )
+        if len(runs) == 2:
+            say(ratio_line(*runs))
         return {
             "debits": args.debits,
             "load_average": os.getloadavg(),
             "versions": {r.name: {"samples_us": r.samples_us, "database_us": r.database_us} for r in runs},
-            "paired_ratios": ratios,
+            "paired_ratios": paired_ratios(*runs) if len(runs) == 2 else None,
         }
 
 

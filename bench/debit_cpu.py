@@ -68,21 +68,30 @@ CLIENT_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 15.0
 PROFILE_RATE_HZ = 250
 
-# The web worker of ``giftcard serve``, started from whichever tree is first on PYTHONPATH. Written
-# against what every recent revision has (run_worker, Settings.from_env), so a baseline runs it too.
-SERVER_SCRIPT = """
+
+def tree_script(body: str, log_level: str = "INFO") -> str:
+    """A script run from whichever tree is first on PYTHONPATH: it logs as serve does, then says
+    whose code it imported (``check_serves_tree`` reads that line), then runs ``body``."""
+    return f"""
 import logging, sys
-import msgspec
 import hub
-from hub.cli.serve import run_worker
-from hub.config import Settings
 from hub.logs import configure_logging
 
-configure_logging(logging.INFO)
+configure_logging(logging.{log_level})
 print("serving the code of", hub.__file__, file=sys.stderr, flush=True)
+{body}"""
+
+
+# The web worker of ``giftcard serve``. Written against what every recent revision has (run_worker,
+# Settings.from_env), so a baseline runs it too.
+SERVER_SCRIPT = tree_script("""
+import msgspec
+from hub.cli.serve import run_worker
+from hub.config import Settings
+
 settings = msgspec.structs.replace(Settings.from_env(), run_projections=False, run_webhooks=False, workers=1)
 run_worker(settings, sys.argv[1], sys.argv[2], int(sys.argv[3]), reuse_port=False)
-"""
+""")
 
 
 # ---- the servers: one per code version ---------------------------------------------------------

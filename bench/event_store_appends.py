@@ -369,12 +369,13 @@ async def create_bench_database(server_url: str, name: str, without_index: str |
     return url
 
 
-async def recreate_database(server_url: str, name: str) -> str:
-    """An empty database of that name (any left by an earlier run is dropped); answers its URL."""
+async def recreate_database(server_url: str, name: str, *, template: str | None = None) -> str:
+    """An empty database of that name, or a copy of ``template`` (any left by an earlier run is
+    dropped); answers its URL."""
     await drop_database(server_url, name)
     admin = await asyncpg.connect(server_url)
     try:
-        await admin.execute(f"create database {name}")
+        await admin.execute(f"create database {name}" + (f" template {template}" if template else ""))
     finally:
         await admin.close()
     return database_named(server_url, name)
