@@ -38,7 +38,6 @@ from typing import Any
 
 import asyncpg
 
-from bench.arguments import add_database_url
 from bench.debit_cpu import (
     REPO,
     Client,
@@ -48,6 +47,7 @@ from bench.debit_cpu import (
     baseline_tree,
     check_serves_tree,
     cpu_ns,
+    paired_arguments,
     paired_ratios,
     ratio_line,
     running_server,
@@ -57,13 +57,12 @@ from bench.debit_cpu import (
     tree_script,
 )
 from bench.event_store_appends import database_server, drop_database, recreate_database
-from bench.http_debits import CHECKOUT_BODY, CheckoutBody, Credentials, subscribe
+from bench.http_debits import CheckoutBody, Credentials, subscribe
 from bench.report import write_json
 from bench.webhook_sink import running_sink
 
 DATABASE_PREFIX = "giftcard_background_cpu"
 CONNECTIONS = 16
-READY_TIMEOUT_S = 60.0
 CAUGHT_UP_TIMEOUT_S = 600.0
 POLL_S = 0.05
 
@@ -125,16 +124,11 @@ def fill(
     return version.database
 
 
-async def lag(url: str) -> int:
-    """Events some read model has still to apply."""
-    connection = await asyncpg.connect(url)
-    try:
-        return await connection.fetchval(
-            "select count(*) from projection_checkpoints c, events e"
-            " where e.seq > coalesce((c.checkpoint::jsonb ->> e.source::text)::bigint, 0)"
-        )
-    finally:
-        await connection.close()
+# Events some read model has still to apply.
+_LAG = """
+select count(*) from projection_checkpoints c, events e
+where e.seq > coalesce((c.checkpoint::jsonb ->> e.source::text)::bigint, 0)
+"""
 
 
 def measure(
@@ -158,22 +152,39 @@ def measure(
         if process.stdout.readline().strip() != b"ready":
             raise RuntimeError(f"{run.name}: the background process did not start (see {log_path})")
         check_serves_tree(log_path, run.tree)
-        delivered_before = sink.deliveries
-        before, backends_before = cpu_ns(process.pid), backends_cpu_ns(database)
-        process.stdin.write(b"go\n")
-        process.stdin.flush()
-        deadline = time.monotonic() + CAUGHT_UP_TIMEOUT_S
-        while sink.deliveries - delivered_before < args.debits or asyncio.run(lag(url)) > 0:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{run.name}: the background process did not catch up (see {log_path})")
-            time.sleep(POLL_S)
-        spent_ns = cpu_ns(process.pid) - before
-        backends_ns = sum(ns - backends_before.get(pid, 0) for pid, ns in backends_cpu_ns(database).items())
+        try:
+            spent_ns, backends_ns = asyncio.run(caught_up_cost(process, database, url, sink, args.debits))
+        except RuntimeError as e:
+            raise RuntimeError(f"{run.name}: {e} (see {log_path})") from e
     finally:
         stop(process)
         asyncio.run(drop_database(server_url, database))
     run.samples_us.append(spent_ns / 1000 / args.debits)
     run.database_us.append(backends_ns / 1000 / args.debits)
+
+
+async def caught_up_cost(process: subprocess.Popen, database: str, url: str, sink: Any, debits: int) -> tuple[int, int]:
+    """The background process's CPU and its database's backends' CPU (ns) from "go" until every read
+    model has applied every event and the sink has every Debit. One connection watches, kept open,
+    its backend left out of the count."""
+    watcher = await asyncpg.connect(url)
+    try:
+        watcher_pid = watcher.get_server_pid()
+        delivered_before = sink.deliveries
+        before, backends_before = cpu_ns(process.pid), backends_cpu_ns(database)
+        process.stdin.write(b"go\n")
+        process.stdin.flush()
+        deadline = time.monotonic() + CAUGHT_UP_TIMEOUT_S
+        while sink.deliveries - delivered_before < debits or await watcher.fetchval(_LAG) > 0:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the background process did not catch up")
+            await asyncio.sleep(POLL_S)
+        spent_ns = cpu_ns(process.pid) - before
+        backends_after = backends_cpu_ns(database)
+    finally:
+        await watcher.close()
+    backends_after.pop(watcher_pid, None)
+    return spent_ns, sum(ns - backends_before.get(pid, 0) for pid, ns in backends_after.items())
 
 
 def describe(run: Run) -> str:
@@ -218,21 +229,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_database_url(parser, "the PostgreSQL server to create the benchmark's databases on")
-    parser.add_argument("--baseline-rev", help="a git revision to measure beside the working tree, e.g. main")
+    parser = paired_arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--debits", type=int, default=10_000, help="Debits in the backlog (default 10,000)")
     parser.add_argument("--repeats", type=int, default=5, help="measured runs per version (default 5)")
-    parser.add_argument("--body", type=Path, default=CHECKOUT_BODY, help="the checkout's Debit body (JSON)")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write every figure here")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = run(args)
-    if args.json:
-        write_json(args.json, result)
+    write_json(args.json, run(args))  # only with --json
     return 0
 
 

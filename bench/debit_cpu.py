@@ -428,30 +428,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def paired_arguments(description: str) -> argparse.ArgumentParser:
+    """The options of a benchmark that measures the working tree beside a revision, on the checkout's Debit."""
+    parser = argparse.ArgumentParser(description=description)
     add_database_url(parser, "the PostgreSQL server to create the benchmark's databases on")
     parser.add_argument("--baseline-rev", help="a git revision to measure beside the working tree, e.g. main")
+    parser.add_argument("--body", type=Path, default=CHECKOUT_BODY, help="the checkout's Debit body (JSON)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write every figure here")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = paired_arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--connections", type=int, default=16, help="client connections (default 16)")
     parser.add_argument("--debits", type=int, default=3000, help="Debits per measured run (default 3000)")
     parser.add_argument("--warmup-debits", type=int, default=500, help="Debits before each measured run (default 500)")
     parser.add_argument("--repeats", type=int, default=9, help="measured runs per version (default 9)")
-    parser.add_argument("--body", type=Path, default=CHECKOUT_BODY, help="the checkout's Debit body (JSON)")
     parser.add_argument("--profile", type=Path, metavar="FILE", help="also profile the working tree's server here")
     parser.add_argument(
         "--native",
         action="store_true",
         help="the profile shows native frames (C, Cython) too; py-spy then pauses the server at each sample",
     )
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write every figure here")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = run(args)
-    if args.json:
-        write_json(args.json, result)
+    write_json(args.json, run(args))  # only with --json
     return 0
 
 
