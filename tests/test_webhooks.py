@@ -561,6 +561,21 @@ async def test_subscriptions_always_due_do_not_starve_the_others(pool, ledger, c
     assert all(len(receiver.accepted) >= 1 for receiver in receivers), [len(r.accepted) for r in receivers]
 
 
+async def test_a_subscription_behind_takes_another_turn_before_the_next_poll(pool, ledger, clock, store):
+    """A turn is two events here and the next poll a minute away: the backlog goes out turn after
+    turn, where it stopped after the first turn's two events until the next poll (a busy store's
+    subscription was held to a turn's events a poll interval, 2,000 a second as shipped)."""
+    async with receiving() as receiver:
+        subscription = await subscribe(pool, receiver)
+        await write_cards(ledger, clock, 4, "backlog")
+        expected = await ledger_order(store, subscription.checkpoint)
+        options = replace(FAST, batch_events_max=1, batches_per_turn_max=2, poll_interval_s=60.0)
+        async with delivering(pool, options):
+            await wait_for(lambda: len(receiver.accepted) >= len(expected), "the whole backlog, in one poll")
+
+    assert receiver.ids() == [e.position for e in expected]
+
+
 async def test_a_deliverer_killed_mid_post_loses_nothing(pool, ledger, clock, store):
     async with receiving() as receiver:
         subscription = await subscribe(pool, receiver)

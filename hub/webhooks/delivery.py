@@ -288,7 +288,11 @@ class Deliverer:
 
     async def _work_slot(self, *, waits_out_pauses: bool = True) -> int:
         """One slot: a turn of each waiting subscription, one after another, on one connection (and
-        one lock, handed on); returns the events handled. Never raises (but for cancellation)."""
+        one lock, handed on); returns the events handled. Never raises (but for cancellation).
+
+        A subscription still behind after its turn queues again, behind the others waiting: were it
+        left for the next poll, one subscription could never get more than a turn's events a poll
+        interval (1,000 every 0.5 s), however busy its store and idle the deliverer."""
         handled = 0
         try:
             async with self._slot_lock() as lock:
@@ -298,18 +302,23 @@ class Deliverer:
                         break
                     self._running.add(subscription_id)
                     try:
-                        handled += await self._take_turn(lock, subscription_id, self._head_seen)
+                        progress = await self._take_turn(lock, subscription_id, self._head_seen)
                     finally:
                         self._running.discard(subscription_id)
+                    handled += progress.handled
+                    if progress.more:
+                        self._waiting.append(subscription_id)
         except DATABASE_ERRORS as e:
             self._waiting.clear()  # the next poll queues them again (no slot retries at once, in a loop)
             log.warning("webhook deliverer cannot reach the database (%r); trying again", e)
         return handled
 
-    async def _take_turn(self, lock: storage.SlotLock, subscription_id: str, head: Checkpoint) -> int:
-        """A few batches of one subscription; never raises (but for cancellation): errors pause it,
-        and a slot whose connection broke ends (``lock.usable``)."""
+    async def _take_turn(self, lock: storage.SlotLock, subscription_id: str, head: Checkpoint) -> Progress:
+        """A few batches of one subscription; ``more`` when its last one was full (it is behind).
+        Never raises (but for cancellation): errors pause it, and a slot whose connection broke ends
+        (``lock.usable``)."""
         handled = 0
+        progress = IDLE
         try:
             for _ in range(self.options.batches_per_turn_max):
                 progress = await self._deliver_batch_on(lock, subscription_id, head)
@@ -320,6 +329,7 @@ class Deliverer:
             raise
         except storage.SubscriptionMoved as e:
             log.info("webhook batch stopped: %s", e)
+            progress = IDLE
         except Exception:
             # A database outage, a missing GIFTCARD_SECRET_KEY, an event that cannot be rendered
             # (a bug): say so loudly and try again later; the checkpoint stays before the event.
@@ -327,7 +337,8 @@ class Deliverer:
             log.exception(
                 "webhook subscription %s failed; retrying in %.1f s", subscription_id, self.options.failure_pause_s
             )
-        return handled
+            progress = IDLE
+        return Progress(handled, progress.more)
 
     # ---- one batch -----------------------------------------------------------------------------
 
