@@ -576,6 +576,34 @@ async def test_a_subscription_behind_takes_another_turn_before_the_next_poll(poo
     assert receiver.ids() == [e.position for e in expected]
 
 
+async def test_polls_come_less_often_when_more_stores_are_due_than_the_pace_allows(pool, ledger, clock, monkeypatch):
+    """Six subscriptions due, four polled turns a second at most: the first poll's turns deliver every
+    one, and the next poll waits 1.5 s, where polls came every 0.02 s (a turn each time for every
+    subscription with a new event: a cost per store per poll, whatever the events)."""
+    polls = 0
+    listed = storage.due_subscriptions
+
+    async def counted(pool: asyncpg.Pool) -> Any:
+        nonlocal polls
+        polls += 1
+        return await listed(pool)
+
+    monkeypatch.setattr(storage, "due_subscriptions", counted)
+    async with AsyncExitStack() as stack:
+        receivers = [await stack.enter_async_context(receiving()) for _ in range(6)]
+        for receiver in receivers:
+            await subscribe(pool, receiver)
+        await write_card(ledger, clock, "paced")
+        began = time.monotonic()
+        async with delivering(pool, replace(FAST, polled_turns_per_s_max=4.0)):
+            await wait_for(lambda: all(r.accepted for r in receivers), "every subscription's event")
+            await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - began)))
+            polls_in_a_second = polls
+
+    assert polls_in_a_second == 1
+    assert DeliveryOptions().poll_wait_s(1) == 0.5 and DeliveryOptions().poll_wait_s(300) == 3.0
+
+
 async def test_a_deliverer_killed_mid_post_loses_nothing(pool, ledger, clock, store):
     async with receiving() as receiver:
         subscription = await subscribe(pool, receiver)

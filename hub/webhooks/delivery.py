@@ -61,6 +61,10 @@ class DeliveryOptions:
     batch_events_max: int = 100  # events read per batch (filtered-out ones included)
     batches_per_turn_max: int = 10  # then the subscription yields its slot to the others
     poll_interval_s: float = 0.5  # how often due subscriptions are looked for
+    # Turns the polls start, a second at most: a turn costs the database four statements however few
+    # events it carries, so with more stores due at each poll than this allows, the polls come less
+    # often (100 busy stores: a poll a second, their batches twice as large; docs/benchmarks.md).
+    polled_turns_per_s_max: float = 100.0
     subscriptions_concurrent_max: int = 4  # each one delivering holds a database connection
     failure_pause_s: float = 5.0  # after an unexpected error (database down) before trying again
     cards_cached_max: int = 10_000  # card currencies remembered
@@ -72,6 +76,8 @@ class DeliveryOptions:
             raise ValueError("attempts, batch sizes and concurrency must be at least 1")
         if min(self.backoff_base_s, self.backoff_max_s, self.timeout_s, self.poll_interval_s) <= 0:
             raise ValueError("backoff, timeout and poll interval must be positive seconds")
+        if self.polled_turns_per_s_max <= 0:
+            raise ValueError("polled_turns_per_s_max must be positive")
         if self.cards_cached_max < self.batch_events_max:  # a batch's cards must all stay remembered
             raise ValueError("cards_cached_max must be at least batch_events_max")
 
@@ -81,6 +87,10 @@ class DeliveryOptions:
         No jitter: one deliverer at a time retries a subscription, so there is no herd to spread.
         """
         return min(self.backoff_max_s, self.backoff_base_s * 2.0 ** min(attempts - 1, 64))
+
+    def poll_wait_s(self, due: int) -> float:
+        """Wait after a poll that found ``due`` subscriptions due, before the next poll."""
+        return max(self.poll_interval_s, due / self.polled_turns_per_s_max)
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: object) -> DeliveryOptions:
@@ -224,7 +234,7 @@ class Deliverer:
             while not stop.is_set():
                 wait_s = self.options.poll_interval_s
                 try:
-                    await self._start_due()
+                    wait_s = self.options.poll_wait_s(await self._start_due())
                 except DATABASE_ERRORS as e:
                     log.warning("webhook deliverer cannot list subscriptions (%r); trying again", e)
                     wait_s = self.options.failure_pause_s
@@ -254,9 +264,10 @@ class Deliverer:
         self._listed, self._head_seen = await storage.due_subscriptions(self.pool)
         return list(self._listed)
 
-    async def _start_due(self) -> None:
+    async def _start_due(self) -> int:
         """Queues the due subscriptions, fairly: each slot that frees takes the one whose last turn
-        began longest ago (never, first), so a few always-due subscriptions cannot hold every slot."""
+        began longest ago (never, first), so a few always-due subscriptions cannot hold every slot.
+        Returns how many were due."""
         due = await self._due()
         now = time.monotonic()
         self._paused_until = {key: until for key, until in self._paused_until.items() if until > now}
@@ -264,6 +275,7 @@ class Deliverer:
         known = {*due, *self._running}  # forget the rest: removed, or caught up
         self._turn_began = {key: began for key, began in self._turn_began.items() if key in known}
         self._fill_slots()
+        return len(due)
 
     def _fill_slots(self) -> None:
         while self._waiting and len(self._slots) < self.options.subscriptions_concurrent_max:
