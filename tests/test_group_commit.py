@@ -4,6 +4,7 @@ is still judged alone: a lost race or a bad request fails only its own command."
 from __future__ import annotations
 
 import asyncio
+import json
 from decimal import Decimal
 
 import asyncpg
@@ -11,7 +12,7 @@ import pytest
 
 from ledger.application.commands import CommandTimedOut, Ledger
 from ledger.domain import errors
-from ledger.eventstore.store import EventStore, verify_chain
+from ledger.eventstore.store import _APPEND_EACH, EventStore, verify_chain
 from ledger.postgres.database import create_pool
 from tests.cards import count_events, issue
 
@@ -203,3 +204,36 @@ async def test_a_connection_whose_commit_timed_out_is_closed_not_returned_to_the
     finally:
         await blocker.close()
         await pool.close()
+
+
+def indexes_read(plan: dict) -> set[str]:
+    own = {plan["Index Name"]} if "Index Name" in plan else set()
+    return own.union(*(indexes_read(child) for child in plan.get("Plans", [])))
+
+
+@pytest.mark.single_server("one server's append guard; a Citus shard's is checked apart (_GUARDS_HELD)")
+async def test_the_append_guard_finds_a_stream_by_its_key_alone(database_url, store):
+    """The group commit's guard (is the stream's event at the expected version the one with the
+    previous hash, of the row's store?) finds that event by ``(stream_id, version)`` and nothing
+    else. Taken out of the planner's reach (the index marked invalid, in a transaction rolled back),
+    the key leaves the guard no index at all; where the store stood in the subquery's WHERE, the
+    guard walked ``events_by_tenant`` instead, every event of the store, per appended row: a
+    backend under load was seen ANDing that walk with the key's probe, a tenth of the Debits a
+    second (docs/benchmarks.md, "The collapse again")."""
+    statement = f"explain (format json) {_APPEND_EACH}"
+    connection = await asyncpg.connect(database_url)
+    try:
+        await connection.execute("set plan_cache_mode = force_generic_plan")
+        usual = json.loads(await connection.fetchval(statement, "[]"))[0]["Plan"]
+        hidden = connection.transaction()
+        await hidden.start()
+        await connection.execute(
+            "update pg_index set indisvalid = false where indexrelid = 'events_stream_id_version_key'::regclass"
+        )
+        without_the_key = json.loads(await connection.fetchval(statement, "[]"))[0]["Plan"]
+        await hidden.rollback()
+    finally:
+        await connection.close()
+
+    assert indexes_read(usual) == {"events_stream_id_version_key"}
+    assert indexes_read(without_the_key) == set()

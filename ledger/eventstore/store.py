@@ -108,15 +108,16 @@ def _stream_is_at(stream_id: str, version: str, previous_hash: str, tenant: str 
     ``previous_hash`` as its last hash (any stream is at version 0), and with ``tenant``, its events
     are that store's. The arguments are SQL expressions. (On Citus, see _GUARDS_HELD.)
 
-    ``offset 0`` keeps it one index probe per row whatever the planner expects: without it,
-    PostgreSQL may turn the EXISTS into a hashed subplan (every event read into a hash table)
-    when it expects many rows to check against a small table, and a connection that planned
-    the statement so while the table was small keeps that plan as the table grows."""
+    The stream's key alone finds the row, and the hash and the store are tested on it, in the select
+    list: no index but ``(stream_id, version)`` can serve the subquery, whatever the planner believes.
+    With the store in its WHERE, a backend was seen under load ANDing the key's probe with a bitmap
+    of every index entry of the store (``events_by_tenant``): a walk of the table per appended row,
+    kept as long as that plan was (docs/benchmarks.md, "The collapse again"). A scalar subquery is
+    never hashed either, which an EXISTS could be (every event read into a hash table)."""
     same_store = f" and p.tenant_id = {tenant}" if tenant else ""
     return (
-        f"({version} = 0 or exists (select 1 from events p"
-        f" where p.stream_id = {stream_id} and p.version = {version} and p.hash = {previous_hash}{same_store}"
-        " offset 0))"
+        f"({version} = 0 or coalesce((select p.hash = {previous_hash}{same_store} from events p"
+        f" where p.stream_id = {stream_id} and p.version = {version}), false))"
     )
 
 
