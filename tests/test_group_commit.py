@@ -15,6 +15,7 @@ from ledger.domain import errors
 from ledger.eventstore.store import _APPEND_EACH, EventStore, verify_chain
 from ledger.postgres.database import create_pool
 from tests.cards import count_events, issue
+from tests.plans import indexes_used
 
 pytestmark = pytest.mark.also_on_citus
 
@@ -206,11 +207,6 @@ async def test_a_connection_whose_commit_timed_out_is_closed_not_returned_to_the
         await pool.close()
 
 
-def indexes_read(plan: dict) -> set[str]:
-    own = {plan["Index Name"]} if "Index Name" in plan else set()
-    return own.union(*(indexes_read(child) for child in plan.get("Plans", [])))
-
-
 @pytest.mark.single_server("one server's append guard; a Citus shard's is checked apart (_GUARDS_HELD)")
 async def test_the_append_guard_finds_a_stream_by_its_key_alone(database_url, store):
     """The group commit's guard (is the stream's event at the expected version the one with the
@@ -235,5 +231,5 @@ async def test_the_append_guard_finds_a_stream_by_its_key_alone(database_url, st
     finally:
         await connection.close()
 
-    assert indexes_read(usual) == {"events_stream_id_version_key"}
-    assert indexes_read(without_the_key) == set()
+    assert indexes_used(usual) == {"events_stream_id_version_key"}
+    assert indexes_used(without_the_key) == set()

@@ -36,6 +36,7 @@ from projections import read_models
 from projections.runner import ProjectionRunner
 from tests.cards import issue
 from tests.conftest import PROVIDER_KEY, PROVIDER_TOKEN, services_on
+from tests.plans import indexes_used, rows_examined
 from tests.test_db_roles import as_user, service_role_url  # noqa: F401 (a fixture)
 from tests.test_security import ROOT, eventually
 from tests.test_webhooks import CIPHER, FAST, SETTINGS, receiving, subscribe
@@ -529,23 +530,6 @@ async def explained(pool: asyncpg.Pool, logged) -> dict:
             "explain (analyze, buffers, format json) " + logged.query, *logged.args, column=0
         )
     return json.loads(text)[0]["Plan"]
-
-
-def rows_examined(plan: dict) -> float:
-    """Rows of events the plan's scans read: those they returned and those a filter dropped (row-level
-    security's among them); EXPLAIN gives both per loop."""
-    own = 0.0
-    if plan.get("Relation Name") == "events":
-        read = (
-            plan["Actual Rows"] + plan.get("Rows Removed by Filter", 0) + plan.get("Rows Removed by Index Recheck", 0)
-        )
-        own = read * plan["Actual Loops"]
-    return own + sum(rows_examined(child) for child in plan.get("Plans", []))
-
-
-def indexes_used(plan: dict) -> set[str]:
-    own = {plan["Index Name"]} if "Index Name" in plan else set()
-    return own.union(*(indexes_used(child) for child in plan.get("Plans", [])))
 
 
 async def append_noise(store: EventStore, tenant: str, count: int) -> None:
