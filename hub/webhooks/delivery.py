@@ -232,7 +232,6 @@ class Deliverer:
         """Starts a task per due subscription (up to the concurrency limit) every poll, until ``stop``."""
         try:
             while not stop.is_set():
-                wait_s = self.options.poll_interval_s
                 try:
                     wait_s = self.options.poll_wait_s(await self._start_due())
                 except DATABASE_ERRORS as e:
@@ -330,18 +329,17 @@ class Deliverer:
         Never raises (but for cancellation): errors pause it, and a slot whose connection broke ends
         (``lock.usable``)."""
         handled = 0
-        progress = IDLE
         try:
             for _ in range(self.options.batches_per_turn_max):
                 progress = await self._deliver_batch_on(lock, subscription_id, head)
                 handled += progress.handled
                 if not progress.more:
                     break
+            return Progress(handled, progress.more)
         except asyncio.CancelledError:
             raise
         except storage.SubscriptionMoved as e:
             log.info("webhook batch stopped: %s", e)
-            progress = IDLE
         except Exception:
             # A database outage, a missing GIFTCARD_SECRET_KEY, an event that cannot be rendered
             # (a bug): say so loudly and try again later; the checkpoint stays before the event.
@@ -349,8 +347,7 @@ class Deliverer:
             log.exception(
                 "webhook subscription %s failed; retrying in %.1f s", subscription_id, self.options.failure_pause_s
             )
-            progress = IDLE
-        return Progress(handled, progress.more)
+        return Progress(handled, more=False)
 
     # ---- one batch -----------------------------------------------------------------------------
 
