@@ -287,6 +287,7 @@ def create_app(
                 for task in background:
                     task.cancel()
                 await asyncio.gather(*background, return_exceptions=True)
+                await app[LEDGER].snapshots_saved()  # before the pool closes under its writer
         finally:
             if replica_pool is not None:
                 await replica_pool.close()

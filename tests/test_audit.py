@@ -228,6 +228,7 @@ async def test_verify_compares_each_snapshot_with_the_replay_at_its_version(stor
     without touching an event."""
     ledger = Ledger(store, code_key=b"k" * 32, clock=clock, snapshot_interval_events=4)
     history = await write_history(ledger, clock)  # the USD card reaches version 6: a snapshot at 4
+    await ledger.snapshots_saved()
     assert await pool.fetchval("select version from snapshots where stream_id = $1", history.usd) == 4
     assert (await verify(pool, NATIVE)).ok
 

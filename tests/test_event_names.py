@@ -76,7 +76,9 @@ async def test_new_events_are_stored_under_stable_names(ledger: Ledger, clock, p
 
 async def test_a_card_the_module_path_release_wrote_loads_takes_commands_and_verifies(store, clock, pool):
     await insert_release_card(pool)
-    card = await Ledger(store, code_key=b"k" * 32, clock=clock).card(release_rows.STREAM_ID)
+    loader = Ledger(store, code_key=b"k" * 32, clock=clock)
+    card = await loader.card(release_rows.STREAM_ID)
+    await loader.snapshots_saved()
     assert (card.version, card.balance, card.currency) == (7, 8450, "USD")
     assert card.transactions["t-held"].voided_at == "2025-03-09T12:00:00+00:00"
     assert card.transactions["t-debit"].settled == 2000 and card.transactions["t-debit"].refunded == 450
@@ -101,7 +103,9 @@ async def test_a_card_the_module_path_release_wrote_loads_takes_commands_and_ver
     )
     assert await pool.fetchval("select count(*) from events where stream_id = $1", release_rows.STREAM_ID) == 8
 
-    reloaded = await Ledger(store, code_key=b"k" * 32, clock=clock).card(release_rows.STREAM_ID)  # both spellings
+    reloader = Ledger(store, code_key=b"k" * 32, clock=clock)
+    reloaded = await reloader.card(release_rows.STREAM_ID)  # both spellings
+    await reloader.snapshots_saved()
     assert (reloaded.version, reloaded.balance) == (8, 8000)
     rebuilt = await pool.fetchrow("select version, state from snapshots where stream_id = $1", release_rows.STREAM_ID)
     assert rebuilt["version"] == 8 and msgspec.msgpack.decode(rebuilt["state"])["schema"] == SNAPSHOT_SCHEMA

@@ -231,12 +231,50 @@ async def test_snapshots_make_long_histories_load_from_the_tail(ledger: Ledger, 
     await tx(ledger, card_id, "Credit", "1000", "load")
     for i in range(250):
         await tx(ledger, card_id, "Debit", "1", f"d{i}")
+    await ledger.snapshots_saved()
     assert await pool.fetchval("select version from snapshots where stream_id = $1", card_id) == 200
     fresh = Ledger(store, code_key=ledger.code_key, clock=clock)
     card = await fresh.card(card_id)
     assert card.version == 252
     assert card.balance == 75000
     verify_chain(await store.read_stream(card_id))
+
+
+class HeldSnapshots(EventStore):
+    """A real store whose snapshot writes wait until ``released`` is set, each write's size noted."""
+
+    def __init__(self, pool) -> None:
+        super().__init__(pool)
+        self.released = asyncio.Event()
+        self.writes: list[int] = []
+
+    async def save_snapshots(self, snapshots) -> None:
+        await self.released.wait()
+        self.writes.append(len(snapshots))
+        await super().save_snapshots(snapshots)
+
+
+async def test_a_command_that_makes_its_snapshot_due_answers_before_it_is_written(pool, clock):
+    store = HeldSnapshots(pool)
+    ledger = Ledger(store, code_key=b"k" * 32, clock=clock, snapshot_interval_events=2)
+    card_id = str((await issue(ledger)).card.id)
+    await asyncio.wait_for(tx(ledger, card_id, "Credit", "10", "c"), timeout=10)  # version 2: a snapshot due
+    assert await pool.fetchval("select count(*) from snapshots") == 0
+    store.released.set()
+    await ledger.snapshots_saved()
+    assert await pool.fetchval("select version from snapshots where stream_id = $1", card_id) == 2
+    assert (await Ledger(store, code_key=b"k" * 32, clock=clock).card(card_id)).balance == 1000
+
+
+async def test_snapshots_due_together_are_written_together(pool, clock):
+    store = HeldSnapshots(pool)
+    ledger = Ledger(store, code_key=b"k" * 32, clock=clock, snapshot_interval_events=2)
+    cards = [str((await issue(ledger)).card.id) for _ in range(20)]
+    await asyncio.gather(*(tx(ledger, card_id, "Credit", "10", "c") for card_id in cards))
+    store.released.set()
+    await ledger.snapshots_saved()
+    assert sum(store.writes) == 20 and len(store.writes) <= 2, store.writes  # the first one due, then the rest
+    assert await pool.fetchval("select count(*) from snapshots where version = 2") == 20
 
 
 async def test_card_as_of_replays_history_to_an_instant(ledger: Ledger, pool):

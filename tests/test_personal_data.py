@@ -265,6 +265,7 @@ async def test_snapshots_hold_the_owner_sealed_and_still_check_ownership(store: 
         await writer.create_transaction(
             card_id, operation="Credit", value=Decimal(5), description="l", request_id=f"{n}"
         )
+    await writer.snapshots_saved()
     state = await pool.fetchval("select state from snapshots where stream_id = $1", card_id)
     assert state is not None and ANA.encode() not in state
 

@@ -217,6 +217,24 @@ async def test_the_cache_of_one_process_never_hands_a_card_to_another_tenant(ser
         await pool.close()
 
 
+async def test_snapshots_written_together_are_each_their_cards_store(service_role_url, clock):  # noqa: F811
+    pool = await create_pool(service_role_url, size_min=1, size_max=2)
+    try:
+        ledger = Ledger(EventStore(pool), code_key=b"k" * 32, clock=clock, snapshot_interval_events=2)
+        cards = {tenant: await issue_in(ledger, tenant, "r") for tenant in (ACME, GLOBEX)}
+        for tenant, card_id in cards.items():  # version 2 makes each card's snapshot due, in its store
+            with tenant_scope(tenant):
+                await ledger.create_transaction(
+                    card_id, operation="Credit", value=Decimal(1), description="", request_id="r"
+                )
+        await ledger.snapshots_saved()  # one writer, for both stores
+        with tenant_scope(ALL_TENANTS):
+            rows = await pool.fetch("select stream_id, tenant_id from snapshots")
+        assert {row["stream_id"]: row["tenant_id"] for row in rows} == {card: t for t, card in cards.items()}
+    finally:
+        await pool.close()
+
+
 async def _cached_card_stays_in_its_tenant(ledger: Ledger) -> None:
     card_id = await issue_in(ledger, ACME, "r")
     with tenant_scope(ACME):

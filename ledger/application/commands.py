@@ -54,8 +54,9 @@ from ledger.domain.snapshot import restore_snapshot
 from ledger.eventstore.codec import domain_event, new_mapper
 from ledger.eventstore.group_commit import GroupCommitter
 from ledger.eventstore.group_read import GroupReader
+from ledger.eventstore.snapshot_writer import SnapshotWriter
 from ledger.eventstore.store import GENESIS_HASH, EventStore, KnownTail, NewEvent, RecordedEvent, verify_chain
-from ledger.postgres.database import DATABASE_ERRORS, acquire_for_commit
+from ledger.postgres.database import acquire_for_commit
 from ledger.postgres.distribution import violates
 from ledger.postgres.personal_data import PROFILE, PersonalData, is_sealed, sealed_from_text, snapshot_of
 from ledger.postgres.tenancy import current_scope
@@ -159,6 +160,7 @@ class Ledger:
         self._locks = [asyncio.Lock() for _ in range(LOCK_STRIPES)]
         self._committer = GroupCommitter(store)
         self._reader = GroupReader(store)
+        self._snapshots = SnapshotWriter(store)
         self.shared_cards = shared_cards
         self.deadline_s = deadline_s
         self.races_lost = 0  # appends refused because another writer moved the card first
@@ -392,7 +394,7 @@ class Ledger:
                     self._forget(card_id)  # the cached card holds an event that was never stored
                     raise
                 self._remember(card_id, loaded)
-                await self._snapshot_if_due(card_id, loaded, len(pending))
+                self._snapshot_if_due(card_id, loaded, len(pending))
                 return result
         raise errors.ConcurrentUpdate(f"card {card_id} is changing too fast; retry the request")
 
@@ -432,7 +434,7 @@ class Ledger:
                 raise errors.CardNotFound(f"gift card {card_id!r} not found")
             loaded = await self._opened(self._replay(None, events, GENESIS_HASH))
             if snapshot is not None:
-                await self._save_snapshot(stream_id, loaded)  # rebuilt in today's schema
+                self._save_snapshot(stream_id, loaded)  # rebuilt in today's schema
             return loaded
         version, last_hash, _ = snapshot
         card.profile_id = sealed_from_text(card.profile_id)
@@ -474,23 +476,20 @@ class Ledger:
         assert card is not None
         return _Loaded(card, last_hash)
 
-    async def _snapshot_if_due(self, card_id: str, loaded: _Loaded, appended: int) -> None:
+    def _snapshot_if_due(self, card_id: str, loaded: _Loaded, appended: int) -> None:
         version = loaded.card.version
         if version // self.snapshot_interval_events == (version - appended) // self.snapshot_interval_events:
             return
-        await self._save_snapshot(card_id, loaded)
+        self._save_snapshot(card_id, loaded)
 
-    async def _save_snapshot(self, card_id: str, loaded: _Loaded) -> None:
-        version = loaded.card.version
-        try:
-            await self.store.save_snapshot(
-                card_id, version, loaded.last_hash, snapshot_of(loaded.card, loaded.profile_sealed)
-            )
-        except DATABASE_ERRORS:
-            # The command (or load) is already done and a snapshot is a disposable cache: a connection
-            # cut here (InterfaceError, or asyncpg's InternalClientError race, see hub.errors) must
-            # not turn its answer into an error.
-            log.warning("snapshot of card %s at version %d not saved", card_id, version, exc_info=True)
+    def _save_snapshot(self, card_id: str, loaded: _Loaded) -> None:
+        """Taken now, written later: no command waits for a cache (see ledger.eventstore.snapshot_writer)."""
+        state = snapshot_of(loaded.card, loaded.profile_sealed)
+        self._snapshots.save_later(card_id, loaded.card.version, loaded.last_hash, state)
+
+    async def snapshots_saved(self) -> None:
+        """Returns once the snapshots of the commands answered so far are written (or given up)."""
+        await self._snapshots.saved()
 
     # ---- deadline, cache and locks -----------------------------------------------
 

@@ -346,22 +346,11 @@ class EventStore:
 
     # ---- snapshots ----------------------------------------------------------
 
-    async def save_snapshot(self, stream_id: str, version: int, hash_: bytes, state: bytes) -> None:
-        # excluded.taken_at is the column's default, clock_timestamp(), taken for the new row:
-        # Citus refuses a volatile function in DO UPDATE SET on a distributed table.
-        await self.pool.execute(
-            """
-            insert into snapshots (stream_id, version, hash, state) values ($1, $2, $3, $4)
-            on conflict (stream_id) do update
-                set version = excluded.version, hash = excluded.hash, state = excluded.state,
-                    taken_at = excluded.taken_at
-                where snapshots.version < excluded.version
-            """,
-            stream_id,
-            version,
-            hash_,
-            state,
-        )
+    async def save_snapshots(self, snapshots: Sequence[tuple[str, int, bytes, bytes]]) -> None:
+        """Stores each ``(stream_id, version, hash, state)`` as its stream's snapshot, in one
+        transaction, unless the stream's snapshot is already as recent."""
+        async with acquire_for_commit(self.pool) as connection, connection.transaction():
+            await connection.executemany(_SAVE_SNAPSHOT, snapshots)
 
     async def load_snapshot(self, stream_id: str) -> tuple[int, bytes, bytes] | None:
         row = await self.pool.fetchrow("select version, hash, state from snapshots where stream_id = $1", stream_id)
@@ -369,6 +358,15 @@ class EventStore:
             return None
         return row["version"], row["hash"], row["state"]
 
+
+# excluded.taken_at is the column's default, clock_timestamp(), taken for the new row: Citus
+# refuses a volatile function in DO UPDATE SET on a distributed table.
+_SAVE_SNAPSHOT = """
+insert into snapshots (stream_id, version, hash, state) values ($1, $2, $3, $4)
+on conflict (stream_id) do update
+    set version = excluded.version, hash = excluded.hash, state = excluded.state, taken_at = excluded.taken_at
+    where snapshots.version < excluded.version
+"""
 
 Reader = asyncpg.Connection | asyncpg.Pool
 
