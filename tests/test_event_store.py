@@ -18,6 +18,7 @@ from ledger.eventstore.store import (
     EventStore,
     NewEvent,
     OneEvent,
+    Snapshot,
     StreamAppend,
     _append_each_document,
     verify_chain,
@@ -223,8 +224,8 @@ async def test_appends_in_repeatable_read_are_refused(store: EventStore, pool: a
 
 
 async def test_snapshots_keep_only_the_newest(store: EventStore):
-    await store.save_snapshots([("s1", 200, b"h2", b'{"v":2}'), ("s2", 100, b"h3", b'{"v":3}')])
-    await store.save_snapshots([("s1", 100, b"h1", b'{"v":1}')])
+    await store.save_snapshots([Snapshot("s1", 200, b"h2", b'{"v":2}'), Snapshot("s2", 100, b"h3", b'{"v":3}')])
+    await store.save_snapshots([Snapshot("s1", 100, b"h1", b'{"v":1}')])
     assert await store.load_snapshot("s1") == (200, b"h2", b'{"v":2}')
     assert await store.load_snapshot("s2") == (100, b"h3", b'{"v":3}')
     assert await store.load_snapshot("other") is None

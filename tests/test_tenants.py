@@ -28,7 +28,7 @@ from ledger.application import commands
 from ledger.application.commands import Ledger
 from ledger.domain.errors import CardNotFound
 from ledger.eventstore.codec import canonical_json
-from ledger.eventstore.store import GENESIS_HASH, EventStore, NewEvent, OneEvent, StreamAppend, chain_hash
+from ledger.eventstore.store import GENESIS_HASH, EventStore, NewEvent, OneEvent, Snapshot, StreamAppend, chain_hash
 from ledger.postgres.database import create_pool, database_named
 from ledger.postgres.migrate import migration_files, upgrade
 from ledger.postgres.tenancy import ALL_TENANTS, tenant_scope
@@ -231,6 +231,11 @@ async def test_snapshots_written_together_are_each_their_cards_store(service_rol
         with tenant_scope(ALL_TENANTS):
             rows = await pool.fetch("select stream_id, tenant_id from snapshots")
         assert {row["stream_id"]: row["tenant_id"] for row in rows} == {card: t for t, card in cards.items()}
+        # A newer snapshot that names another store never replaces a card's.
+        await ledger.store.save_snapshots([Snapshot(cards[ACME], 9, b"h", b"s", GLOBEX)])
+        with tenant_scope(ALL_TENANTS):
+            kept = await pool.fetchrow("select version, tenant_id from snapshots where stream_id = $1", cards[ACME])
+        assert tuple(kept) == (2, ACME)
     finally:
         await pool.close()
 

@@ -1,11 +1,12 @@
-"""Snapshots written behind the commands that make them due, many to a round trip.
+"""Snapshots written behind the commands that make them due, many to a transaction.
 
 A snapshot is a cache of a card's state at a version: the events stay the truth, and a card
 with no snapshot, or an older one, loads all the same from its events. So no command waits for
 one. A command that makes its card's snapshot due answers once its event is committed, and one
-writer task stores what it was handed, a batch to a transaction. When every hundredth Debit of a
-card waited for a statement and a commit of its own, those Debits were the slowest hundredth of
-a checkout's load: its p99 (docs/benchmarks.md, "Snapshots off the Debit's path").
+writer task stores what it was handed, a batch to a transaction, whatever stores the cards are
+of. When every hundredth Debit of a card waited for a statement and a commit of its own, those
+Debits were the slowest hundredth of a checkout's load: its p99 (docs/benchmarks.md, "Snapshots
+off the Debit's path").
 
 A batch that cannot be written is logged and dropped: its cards load from a few more events
 until a later snapshot takes their place.
@@ -16,24 +17,16 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from collections.abc import Iterator
-from typing import NamedTuple
 
-from ledger.eventstore.store import EventStore
+from ledger.eventstore.store import EventStore, Snapshot
 from ledger.postgres.database import DATABASE_ERRORS
-from ledger.postgres.tenancy import current_scope, tenant_scope
+from ledger.postgres.tenancy import current_scope
 
 log = logging.getLogger(__name__)
 
+# Small batches: a burst of snapshots (a card's state grows with its transactions) then reaches
+# the WAL between the group commits, not as one long write ahead of them.
 BATCH_SNAPSHOTS_MAX = 32
-
-
-class Snapshot(NamedTuple):
-    stream_id: str
-    version: int
-    hash: bytes
-    state: bytes
-    scope: str  # the tenant scope of the command that made it due: its row is that store's
 
 
 class SnapshotWriter:
@@ -44,8 +37,8 @@ class SnapshotWriter:
         self._writing: asyncio.Task[None] | None = None
 
     def save_later(self, stream_id: str, version: int, hash_: bytes, state: bytes) -> None:
-        """Hands a snapshot over, in the caller's tenant scope; an older one of the same stream
-        still waiting is replaced."""
+        """Hands a snapshot over, as the caller's store's; an older one of the same stream still
+        waiting is replaced."""
         waiting = self._due.get(stream_id)
         if waiting is None or waiting.version < version:
             self._due[stream_id] = Snapshot(stream_id, version, hash_, state, current_scope())
@@ -63,24 +56,18 @@ class SnapshotWriter:
     async def _write_while_due(self) -> None:
         try:
             while self._due:
-                for scope, snapshots in self._next_batch():
-                    await self._write(scope, snapshots)
+                await self._write(self._next_batch())
         finally:
             self._writing = None
 
-    def _next_batch(self) -> Iterator[tuple[str, list[Snapshot]]]:
-        """Up to ``batch_max`` of the oldest snapshots waiting, by tenant scope, each scope's in
-        stream order (two processes' writers then lock the rows they share in the same order)."""
+    def _next_batch(self) -> list[Snapshot]:
+        """Up to ``batch_max`` of the oldest snapshots waiting, in stream order (two processes'
+        writers then lock the rows they share in the same order)."""
         streams = list(self._due)[: self.batch_max]
-        by_scope: dict[str, list[Snapshot]] = {}
-        for stream_id in sorted(streams):
-            snapshot = self._due.pop(stream_id)
-            by_scope.setdefault(snapshot.scope, []).append(snapshot)
-        return iter(by_scope.items())
+        return [self._due.pop(stream_id) for stream_id in sorted(streams)]
 
-    async def _write(self, scope: str, snapshots: list[Snapshot]) -> None:
+    async def _write(self, snapshots: list[Snapshot]) -> None:
         try:
-            with tenant_scope(scope):
-                await self.store.save_snapshots([(s.stream_id, s.version, s.hash, s.state) for s in snapshots])
+            await self.store.save_snapshots(snapshots)
         except DATABASE_ERRORS:
             log.warning("%d snapshots not saved; their cards load from their events", len(snapshots), exc_info=True)

@@ -60,6 +60,16 @@ class OneEvent(NamedTuple):
     tenant: str = DEFAULT_TENANT
 
 
+class Snapshot(NamedTuple):
+    """A stream's state at ``version`` (``hash`` its last event's), for ``save_snapshots``."""
+
+    stream_id: str
+    version: int
+    hash: bytes
+    state: bytes
+    tenant: str = DEFAULT_TENANT  # the store whose card it is, as OneEvent's
+
+
 class KnownTail(NamedTuple):
     """The last event a reader holds of a stream, by version and hash."""
 
@@ -346,11 +356,12 @@ class EventStore:
 
     # ---- snapshots ----------------------------------------------------------
 
-    async def save_snapshots(self, snapshots: Sequence[tuple[str, int, bytes, bytes]]) -> None:
-        """Stores each ``(stream_id, version, hash, state)`` as its stream's snapshot, in one
-        transaction, unless the stream's snapshot is already as recent."""
-        async with acquire_for_commit(self.pool) as connection, connection.transaction():
-            await connection.executemany(_SAVE_SNAPSHOT, snapshots)
+    async def save_snapshots(self, snapshots: Sequence[Snapshot]) -> None:
+        """Stores each as its stream's snapshot, unless the stream's stored one is as recent: one
+        transaction, whatever stores they are of (each row names its own, as a group commit's)."""
+        with tenant_scope(ALL_TENANTS):
+            async with acquire_for_commit(self.pool) as connection, connection.transaction():
+                await connection.executemany(_SAVE_SNAPSHOT, snapshots)
 
     async def load_snapshot(self, stream_id: str) -> tuple[int, bytes, bytes] | None:
         row = await self.pool.fetchrow("select version, hash, state from snapshots where stream_id = $1", stream_id)
@@ -362,10 +373,11 @@ class EventStore:
 # excluded.taken_at is the column's default, clock_timestamp(), taken for the new row: Citus
 # refuses a volatile function in DO UPDATE SET on a distributed table.
 _SAVE_SNAPSHOT = """
-insert into snapshots (stream_id, version, hash, state) values ($1, $2, $3, $4)
+insert into snapshots (stream_id, version, hash, state, tenant_id)
+values ($1, $2, $3, $4, coalesce(nullif(nullif($5, ''), '*'), default_tenant()))
 on conflict (stream_id) do update
     set version = excluded.version, hash = excluded.hash, state = excluded.state, taken_at = excluded.taken_at
-    where snapshots.version < excluded.version
+    where snapshots.version < excluded.version and snapshots.tenant_id = excluded.tenant_id
 """
 
 Reader = asyncpg.Connection | asyncpg.Pool
