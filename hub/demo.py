@@ -70,6 +70,7 @@ async def fill(
             await one_card(ledger, rng, n, counts)
         except DomainError:
             counts["refused"] += 1  # a realistic refusal (e.g. insufficient funds): nothing written
+    await ledger.snapshots_saved()
     registered = await register_partner(pool, native_id, base_url, CredentialsCipher(secret_key))
     return DemoSummary(cards=cards, partner_registered=registered, **counts)
 
