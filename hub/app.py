@@ -63,6 +63,9 @@ from projections.runner import ProjectionRunner
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 2.0
+# How long a stopping worker waits for the snapshots still to write: a cache, not worth holding a
+# stop for while the database is unreachable (each batch would wait for a connection's timeout).
+SNAPSHOTS_DRAIN_S = 5.0
 REQUEST_ID_CHARS_MAX = 128
 PROVIDER_CONNECTIONS_MAX = 256
 REPLICA_POOL_SIZE_MAX = 5  # listings, audit pages: few at once, each a short read
@@ -287,7 +290,12 @@ def create_app(
                 for task in background:
                     task.cancel()
                 await asyncio.gather(*background, return_exceptions=True)
-                await app[LEDGER].snapshots_saved()  # before the pool closes under its writer
+                try:  # before the pool closes under its writer
+                    await asyncio.wait_for(app[LEDGER].snapshots_saved(), SNAPSHOTS_DRAIN_S)
+                except TimeoutError:
+                    log.warning(
+                        "snapshots still to write after %.0f s; the cards load from their events", SNAPSHOTS_DRAIN_S
+                    )
         finally:
             if replica_pool is not None:
                 await replica_pool.close()
