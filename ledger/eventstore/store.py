@@ -370,11 +370,18 @@ class EventStore:
         return row["version"], row["hash"], row["state"]
 
 
+def _store_named(scope: str) -> str:
+    """The store a row written in ``scope`` (an SQL expression) belongs to, in a statement run for
+    every store: the account the scope names, or the default tenant where it names none (no scope,
+    or every store's), as the tables' column defaults have it."""
+    return f"coalesce(nullif(nullif({scope}, ''), '*'), default_tenant())"
+
+
 # excluded.taken_at is the column's default, clock_timestamp(), taken for the new row: Citus
 # refuses a volatile function in DO UPDATE SET on a distributed table.
-_SAVE_SNAPSHOT = """
+_SAVE_SNAPSHOT = f"""
 insert into snapshots (stream_id, version, hash, state, tenant_id)
-values ($1, $2, $3, $4, coalesce(nullif(nullif($5, ''), '*'), default_tenant()))
+values ($1, $2, $3, $4, {_store_named("$5")})
 on conflict (stream_id) do update
     set version = excluded.version, hash = excluded.hash, state = excluded.state, taken_at = excluded.taken_at
     where snapshots.version < excluded.version and snapshots.tenant_id = excluded.tenant_id
@@ -444,7 +451,7 @@ _APPEND_EACH = f"""
 insert into events (stream_id, version, type, data, metadata, hash, idempotency_key, tenant_id)
 select r.stream_id, r.expected + 1, r.type, r.data, r.metadata, decode(r.hash, 'hex'), r.key, r.tenant
 from (
-    select r.*, coalesce(nullif(nullif(r.tenant_named, ''), '*'), default_tenant()) as tenant
+    select r.*, {_store_named("r.tenant_named")} as tenant
     from jsonb_to_recordset($1::jsonb)
         as r(stream_id text, expected int, type text, data jsonb, metadata jsonb, hash text, key text, previous text,
              tenant_named text)
