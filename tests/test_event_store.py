@@ -13,6 +13,7 @@ from ledger.eventstore.codec import canonical_json
 from ledger.eventstore.commit_order import START
 from ledger.eventstore.store import (
     _APPEND_EACH,
+    _READ_STREAMS_AFTER,
     GENESIS_HASH,
     ChainBroken,
     EventStore,
@@ -302,3 +303,20 @@ async def test_the_group_commit_checks_each_stream_by_an_index_probe_even_planne
         plan = "\n".join(r[0] for r in await connection.fetch(f"explain execute append_each('{literal}')"))
     assert "hashed SubPlan" not in plan
     assert "Index Scan using events_stream_id_version_key" in plan
+
+
+@pytest.mark.single_server("a Citus worker plans each shard's read on its own")
+async def test_catching_cards_up_reads_each_stream_by_its_key_even_planned_before_any_statistics(
+    store: EventStore, pool: asyncpg.Pool
+):
+    # Several workers catch their cached cards up with this read. Planned as a plain join before the
+    # table's first ANALYZE (a new deployment), it hashed the streams and scanned every event, on
+    # every read, for as long as the connection kept that plan.
+    await store.append_each([OneEvent(f"s{n}", 0, ev(n), GENESIS_HASH, b"h" * 32, None, None) for n in range(2000)])
+    async with pool.acquire() as connection:
+        assert await connection.fetchval("select reltuples from pg_class where relname = 'events'") < 0  # never analyzed
+        await connection.execute("set plan_cache_mode = force_generic_plan")
+        await connection.execute(f"prepare tails(text[], int[]) as {_READ_STREAMS_AFTER}")
+        plan = "\n".join(r[0] for r in await connection.fetch("explain execute tails('{s1,s2}', '{1,1}')"))
+    assert "Seq Scan on events" not in plan
+    assert "events_stream_id_version_key" in plan

@@ -172,10 +172,17 @@ limit 1
 
 # Many streams' tails at once: each stream's events from the version given for it, that version's
 # own event included so that its hash can be compared with the one the caller knows.
+# Each stream is read on its own, by its key: a lateral subquery with an ORDER BY of its own is not
+# merged into the join, so it stays a nested loop whatever the planner believes. As a plain join, a
+# plan made while the table had no statistics yet (a new deployment's first minute) hashed the
+# streams and scanned the whole table each time, 2 ms a read and growing, kept by every connection's
+# prepared statement until the table was analyzed (docs/benchmarks.md, "Two workers").
 _READ_STREAMS_AFTER = f"""
-select {_COLUMNS} from events, unnest($1::text[], $2::int[]) as after(sid, known)
-where stream_id = after.sid and version >= after.known
-order by stream_id, version
+select tail.* from unnest($1::text[], $2::int[]) as after(sid, known)
+cross join lateral (
+    select {_COLUMNS} from events where stream_id = after.sid and version >= after.known order by version
+) tail
+order by tail.stream_id, tail.version
 """
 
 _metadata_decoder = msgspec.json.Decoder(dict[str, Any])
